@@ -1,0 +1,411 @@
+//! Handler tests: real events from `events/ingest-telemetry/` through the handler, over the
+//! embedded (SQLite, in-memory) ports; assertions on what was stored.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, Result};
+use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::error::StoreError;
+use fleet_shared::ingest::{decode_lines, ArchiveObject, QuarantineLine, Reason};
+use fleet_shared::model::{Device, DeviceRegistration, DeviceState, StoredReading, ThingName};
+use fleet_shared::ports::{
+    DeviceAdmin, DeviceRegistry, FleetQuery, Quarantine, RawArchive, TelemetrySink, WriteStatus,
+};
+use lambda_runtime::{Context, LambdaEvent};
+
+use super::*;
+
+const VALID_V1: &str = include_str!("../../../../events/ingest-telemetry/sqs-valid-v1.json");
+const VALID_V2: &str = include_str!("../../../../events/ingest-telemetry/sqs-valid-v2.json");
+const MIXED: &str = include_str!("../../../../events/ingest-telemetry/sqs-mixed-batch.json");
+const DUPLICATE: &str = include_str!("../../../../events/ingest-telemetry/sqs-duplicate-batch.json");
+const SPOOFED: &str = include_str!("../../../../events/ingest-telemetry/sqs-spoofed-thing.json");
+const SKEW: &str = include_str!("../../../../events/ingest-telemetry/sqs-clock-skew.json");
+const DIRECT_V1: &str = include_str!("../../../../events/ingest-telemetry/direct-v1.json");
+const DIRECT_MALFORMED: &str = include_str!("../../../../events/ingest-telemetry/direct-malformed.json");
+
+/// The events' arrival time is 2025-11-24T16:00:00Z; the handler runs a second later.
+fn fixed_clock() -> i64 {
+    1_764_000_001_000
+}
+
+async fn deps_with_fleet() -> Result<Deps<SqliteStore>> {
+    let store = SqliteStore::in_memory()?;
+    let reg = |class: &str, region: &str| DeviceRegistration {
+        class: class.into(),
+        region: region.into(),
+        fw: "1.4.0".into(),
+        registered_at_ms: 1_700_000_000_000,
+    };
+    store
+        .register(&[
+            (thing("sensor-001"), reg("env-sensor", "eu-west")),
+            (thing("sensor-002"), reg("env-sensor", "us-east")),
+            (thing("sensor-003"), reg("air-quality", "eu-west")),
+        ])
+        .await?;
+    Ok(Deps {
+        store,
+        policy: IngestPolicy::default(),
+        clock: fixed_clock,
+    })
+}
+
+fn thing(s: &str) -> ThingName {
+    ThingName::parse(s).expect("valid test thing name")
+}
+
+fn event(json: &str) -> Result<LambdaEvent<Box<RawValue>>> {
+    Ok(LambdaEvent::new(
+        RawValue::from_string(json.to_owned())?,
+        Context::default(),
+    ))
+}
+
+async fn sqs<S>(deps: &Deps<S>, json: &str) -> Result<SqsBatchResponse>
+where
+    S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
+{
+    match handle(deps, event(json)?).await? {
+        Response::Sqs(r) => Ok(r),
+        other => Err(anyhow!("expected an SQS response, got {other:?}")),
+    }
+}
+
+fn failed_ids(r: &SqsBatchResponse) -> Vec<&str> {
+    r.batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect()
+}
+
+async fn readings(store: &SqliteStore, t: &str) -> Result<Vec<StoredReading>> {
+    Ok(store.telemetry(&thing(t), 0, 1000).await?)
+}
+
+/// Reasons per quarantined message, by message id.
+async fn quarantine_by_message(store: &SqliteStore) -> Result<HashMap<String, Vec<Reason>>> {
+    Ok(store
+        .quarantined(0)
+        .await?
+        .into_iter()
+        .map(|q: QuarantineLine| (q.message_id, q.reasons.into_iter().map(|p| p.reason).collect()))
+        .collect())
+}
+
+fn msg(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+#[tokio::test]
+async fn stores_every_reading_of_a_valid_v1_batch() -> Result<()> {
+    // GIVEN a registered fleet
+    let deps = deps_with_fleet().await?;
+    // WHEN a batch of valid v1 messages arrives
+    let response = sqs(&deps, VALID_V1).await?;
+    // THEN nothing fails, every reading is stored and enriched
+    assert!(response.batch_item_failures.is_empty());
+    let s1 = readings(&deps.store, "sensor-001").await?;
+    let s2 = readings(&deps.store, "sensor-002").await?;
+    assert_eq!((s1.len(), s2.len()), (2, 2));
+    assert_eq!(s1[0].class, "env-sensor");
+    assert_eq!(s1[0].region.as_deref(), Some("eu-west"));
+    assert_eq!(s1[0].reading.metrics.len(), 2);
+    assert_eq!(s1[0].reading.time_ms, 1_763_999_999_880, "device time is kept");
+    // AND test traffic is tagged, not dropped
+    assert_eq!(s2.iter().filter(|r| r.reading.test).count(), 1);
+    // AND device state comes from the newest reading
+    let d1 = deps
+        .store
+        .device(&thing("sensor-001"))
+        .await?
+        .ok_or_else(|| anyhow!("no device"))?;
+    let state = d1.state.ok_or_else(|| anyhow!("no state"))?;
+    assert_eq!((state.seq, state.battery_pct), (1043, Some(86.0)));
+    assert_eq!(d1.registration.map(|r| r.class).as_deref(), Some("env-sensor"));
+    // AND the batch is archived as one object holding every line
+    let raw = deps.store.archive_objects("raw/").await?;
+    assert_eq!(raw.len(), 1);
+    assert_eq!(raw[0].lines, 4);
+    assert!(
+        raw[0].key.starts_with("raw/dt=2025-11-24/hour=16/"),
+        "{}",
+        raw[0].key
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn upcasts_v2_and_tags_unregistered_things() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    let response = sqs(&deps, VALID_V2).await?;
+    assert!(response.batch_item_failures.is_empty());
+    // v2 SenML entries become the same metrics as v1's map
+    let s3 = readings(&deps.store, "sensor-003").await?;
+    assert_eq!(s3.len(), 2);
+    let mut metrics: Vec<(&str, f64)> = s3[0]
+        .reading
+        .metrics
+        .iter()
+        .map(|m| (m.name.as_str(), m.value))
+        .collect();
+    metrics.sort_by(|a, b| a.0.cmp(b.0));
+    assert_eq!(
+        metrics,
+        [("co2_ppm", 612.0), ("hum_pct", 55.0), ("temp_c", 19.25)]
+    );
+    assert_eq!(s3[0].reading.schema_version, 2);
+    assert_eq!(s3[0].class, "air-quality");
+    // an unknown thing is stored, tagged unregistered, and now known to the registry
+    let stray = readings(&deps.store, "stray-900").await?;
+    assert_eq!(stray.len(), 1);
+    assert_eq!(stray[0].class, "unregistered");
+    assert!(stray[0].region.is_none());
+    let d = deps
+        .store
+        .device(&thing("stray-900"))
+        .await?
+        .ok_or_else(|| anyhow!("no device"))?;
+    assert!(d.registration.is_none());
+    assert_eq!(d.state.map(|s| s.seq), Some(5));
+    Ok(())
+}
+
+#[tokio::test]
+async fn quarantines_bad_records_and_stores_their_valid_neighbours() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    // WHEN a batch mixing 3 valid and 8 bad messages arrives
+    let response = sqs(&deps, MIXED).await?;
+    // THEN bad input is not retried
+    assert!(response.batch_item_failures.is_empty());
+    // AND every valid neighbour is stored
+    assert_eq!(readings(&deps.store, "sensor-001").await?.len(), 1);
+    assert_eq!(readings(&deps.store, "sensor-002").await?.len(), 1);
+    assert_eq!(readings(&deps.store, "sensor-003").await?.len(), 1);
+    // AND each bad message is quarantined with every reason
+    let q = quarantine_by_message(&deps.store).await?;
+    use Reason::*;
+    let expected: HashMap<String, Vec<Reason>> = [
+        (2, vec![MalformedJson]),
+        (4, vec![WrongType, MissingField]),
+        (5, vec![NonFiniteValue]),
+        (6, vec![TooManyMetrics]),
+        (7, vec![TimestampOutOfRange]),
+        (8, vec![UnsupportedVersion]),
+        (9, vec![InvalidThingName]),
+        (10, vec![WrongType, InvalidMetricName]),
+    ]
+    .into_iter()
+    .map(|(n, r)| (msg(n), r))
+    .collect();
+    assert_eq!(q, expected);
+    // AND the original bytes are kept
+    let lines = deps.store.quarantined(0).await?;
+    let truncated = lines
+        .iter()
+        .find(|l| l.message_id == msg(2))
+        .ok_or_else(|| anyhow!("missing"))?;
+    assert_eq!(
+        truncated.original(),
+        br#"{"v":1,"seq":2002,"boot":7,"ts":17640000"#.to_vec()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn replaying_a_duplicate_batch_leaves_identical_stored_state() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    // WHEN a batch holding an in-batch redelivery arrives, then the whole batch twice more
+    sqs(&deps, DUPLICATE).await?;
+    let rows_once = readings(&deps.store, "sensor-001").await?;
+    let device_once = deps.store.device(&thing("sensor-001")).await?;
+    let archive_once = deps.store.archive_objects("").await?;
+    for _ in 0..2 {
+        let r = sqs(&deps, DUPLICATE).await?;
+        assert!(r.batch_item_failures.is_empty());
+    }
+    // THEN the redelivered message is stored once
+    assert_eq!(rows_once.len(), 2);
+    let seqs: Vec<u64> = rows_once.iter().map(|r| r.reading.id.seq).collect();
+    assert_eq!(seqs, [3001, 3002]);
+    // AND replays change nothing: rows, last-seen, archive objects (same key, same bytes)
+    assert_eq!(readings(&deps.store, "sensor-001").await?, rows_once);
+    assert_eq!(deps.store.device(&thing("sensor-001")).await?, device_once);
+    let archive = deps.store.archive_objects("").await?;
+    assert_eq!(archive, archive_once);
+    assert_eq!(archive.len(), 1);
+    assert_eq!(decode_lines(&archive[0].body)?.len(), 3, "distinct messages only");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rejects_payload_whose_thing_disagrees_with_client_id_or_device_id() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    sqs(&deps, SPOOFED).await?;
+    let q = quarantine_by_message(&deps.store).await?;
+    assert_eq!(q.get(&msg(2)), Some(&vec![Reason::ThingMismatch]));
+    assert_eq!(q.get(&msg(3)), Some(&vec![Reason::ThingMismatch]));
+    assert_eq!(q.len(), 2);
+    // nothing was written under the claimed thing, the honest message is stored
+    assert!(readings(&deps.store, "sensor-002").await?.is_empty());
+    assert_eq!(readings(&deps.store, "sensor-001").await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn stores_skewed_readings_at_arrival_time_and_flags_them() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    sqs(&deps, SKEW).await?;
+    let s1 = readings(&deps.store, "sensor-001").await?;
+    let skewed = s1
+        .iter()
+        .find(|r| r.reading.id.seq == 5001)
+        .ok_or_else(|| anyhow!("missing"))?;
+    assert!(skewed.reading.flags.skew_corrected);
+    assert_eq!(skewed.reading.time_ms, skewed.reading.rx_ms);
+    assert_eq!(skewed.reading.device_time_ms, skewed.reading.rx_ms + 3_600_000);
+    // within the 5-minute tolerance: kept at device time, not flagged
+    let s2 = readings(&deps.store, "sensor-002").await?;
+    assert!(!s2[0].reading.flags.skew_corrected);
+    assert_eq!(s2[0].reading.time_ms, s2[0].reading.rx_ms + 240_000);
+    Ok(())
+}
+
+#[tokio::test]
+async fn direct_invocation_answers_with_counts() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    let Response::Direct(first) = handle(&deps, event(DIRECT_V1)?).await? else {
+        return Err(anyhow!("expected a direct response"));
+    };
+    assert_eq!(
+        first,
+        DirectResponse {
+            accepted: 1,
+            duplicates: 0,
+            quarantined: vec![]
+        }
+    );
+    // a retried invocation is a duplicate, not a second row
+    let Response::Direct(again) = handle(&deps, event(DIRECT_V1)?).await? else {
+        return Err(anyhow!("expected a direct response"));
+    };
+    assert_eq!((again.accepted, again.duplicates), (0, 1));
+    assert_eq!(readings(&deps.store, "sensor-001").await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn direct_invocation_reports_every_problem_of_a_bad_payload() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    let Response::Direct(r) = handle(&deps, event(DIRECT_MALFORMED)?).await? else {
+        return Err(anyhow!("expected a direct response"));
+    };
+    assert_eq!(r.accepted, 0);
+    assert_eq!(r.quarantined.len(), 1);
+    let got: Vec<(Reason, Option<&str>)> = r.quarantined[0]
+        .problems
+        .iter()
+        .map(|p| (p.reason, p.field.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Reason::WrongType, Some("seq")),
+            (Reason::MissingField, Some("ts")),
+            (Reason::NoMetrics, Some("m")),
+        ]
+    );
+    assert_eq!(r.quarantined[0].reason, "wrong_type");
+    Ok(())
+}
+
+/// The embedded store with a hot store that fails (transiently) for one thing.
+struct FailFor {
+    inner: SqliteStore,
+    thing: ThingName,
+}
+
+impl DeviceRegistry for FailFor {
+    async fn get_many(&self, t: &[ThingName]) -> Result<HashMap<ThingName, Device>, StoreError> {
+        self.inner.get_many(t).await
+    }
+    async fn record_states(&self, s: &[(ThingName, DeviceState)]) -> Vec<(ThingName, StoreError)> {
+        self.inner.record_states(s).await
+    }
+}
+impl TelemetrySink for FailFor {
+    async fn write(&self, readings: &[StoredReading]) -> Result<Vec<WriteStatus>, StoreError> {
+        let ok: Vec<StoredReading> = readings
+            .iter()
+            .filter(|r| r.reading.id.thing != self.thing)
+            .cloned()
+            .collect();
+        let mut written = self.inner.write(&ok).await?.into_iter();
+        Ok(readings
+            .iter()
+            .map(|r| {
+                if r.reading.id.thing == self.thing {
+                    WriteStatus::Failed("ThrottlingException".into())
+                } else {
+                    written.next().unwrap_or(WriteStatus::Failed("lost".into()))
+                }
+            })
+            .collect())
+    }
+}
+impl RawArchive for FailFor {
+    async fn put_raw(&self, o: &ArchiveObject) -> Result<(), StoreError> {
+        self.inner.put_raw(o).await
+    }
+}
+impl Quarantine for FailFor {
+    async fn put_quarantined(&self, l: &[QuarantineLine], r: i64) -> Result<(), StoreError> {
+        self.inner.put_quarantined(l, r).await
+    }
+}
+
+#[tokio::test]
+async fn reports_only_failed_message_ids() -> Result<()> {
+    // GIVEN a hot store that throttles writes for sensor-002
+    let fleet = deps_with_fleet().await?;
+    let deps = Deps {
+        store: FailFor {
+            inner: fleet.store.clone(),
+            thing: thing("sensor-002"),
+        },
+        policy: fleet.policy,
+        clock: fixed_clock,
+    };
+    // WHEN the valid v1 batch arrives
+    let response = sqs(&deps, VALID_V1).await?;
+    // THEN exactly sensor-002's two messages are reported for retry
+    assert_eq!(failed_ids(&response), [msg(2), msg(4)]);
+    // AND sensor-001's readings are stored, and its state recorded
+    assert_eq!(readings(&fleet.store, "sensor-001").await?.len(), 2);
+    let d2 = fleet
+        .store
+        .device(&thing("sensor-002"))
+        .await?
+        .ok_or_else(|| anyhow!("no device"))?;
+    assert!(d2.state.is_none(), "a failed device's state is not advanced");
+    Ok(())
+}
+
+#[tokio::test]
+async fn direct_invocation_returns_a_retryable_error_on_transient_failure() -> Result<()> {
+    let fleet = deps_with_fleet().await?;
+    let deps = Deps {
+        store: FailFor {
+            inner: fleet.store.clone(),
+            thing: thing("sensor-001"),
+        },
+        policy: fleet.policy,
+        clock: fixed_clock,
+    };
+    let err = handle(&deps, event(DIRECT_V1)?)
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("expected an error"))?;
+    assert_eq!(Diagnostic::from(err).error_type, "Retryable");
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Cold archive (S3): raw batches under `raw/`, quarantined payloads under `quarantine/`,
+//! one gzip NDJSON object per batch named by its content hash (a replay overwrites the same
+//! key with the same bytes).
+
+use aws_sdk_s3::primitives::ByteStream;
+
+use super::{classify, AwsStore};
+use crate::error::StoreError;
+use crate::ingest::archive::{decode_lines, quarantine_object, QUARANTINE_PREFIX};
+use crate::ingest::{ArchiveObject, QuarantineLine};
+use crate::ports::{Quarantine, RawArchive};
+use crate::time::utc_date_hour;
+
+impl AwsStore {
+    async fn put_object(&self, op: &'static str, object: &ArchiveObject) -> Result<(), StoreError> {
+        self.s3
+            .put_object()
+            .bucket(&self.resources.archive_bucket)
+            .key(&object.key)
+            .content_type("application/gzip")
+            .body(ByteStream::from(object.body.clone()))
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        Ok(())
+    }
+
+    /// Objects under `prefix`, every page.
+    pub async fn list_keys(
+        &self,
+        prefix: &str,
+        start_after: Option<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.resources.archive_bucket)
+            .prefix(prefix)
+            .set_start_after(start_after)
+            .into_paginator()
+            .send();
+        let mut keys = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("s3 list", e))?;
+            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+        }
+        Ok(keys)
+    }
+
+    pub async fn get_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let out = self
+            .s3
+            .get_object()
+            .bucket(&self.resources.archive_bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify("s3 get", e))?;
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::transient("s3 get body", e))?;
+        Ok(bytes.into_bytes().to_vec())
+    }
+
+    pub(crate) async fn list_quarantined(&self, since_ms: i64) -> Result<Vec<QuarantineLine>, StoreError> {
+        // Keys are partitioned by date: start listing at the first hour that can qualify.
+        let (date, hour) = utc_date_hour(since_ms);
+        let start_after = format!("{QUARANTINE_PREFIX}dt={date}/hour={:02}/", hour);
+        let mut out = Vec::new();
+        for key in self.list_keys(QUARANTINE_PREFIX, Some(start_after)).await? {
+            let body = self.get_object(&key).await?;
+            let lines =
+                decode_lines(&body).map_err(|e| StoreError::permanent("quarantine object decode", e))?;
+            for line in lines {
+                let q: QuarantineLine = serde_json::from_slice(&line)
+                    .map_err(|e| StoreError::permanent("quarantine line decode", e))?;
+                if q.received_ms >= since_ms {
+                    out.push(q);
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.received_ms, &a.message_id).cmp(&(b.received_ms, &b.message_id)));
+        Ok(out)
+    }
+}
+
+impl RawArchive for AwsStore {
+    async fn put_raw(&self, object: &ArchiveObject) -> Result<(), StoreError> {
+        self.put_object("s3 put raw", object).await
+    }
+}
+
+impl Quarantine for AwsStore {
+    async fn put_quarantined(&self, lines: &[QuarantineLine], received_ms: i64) -> Result<(), StoreError> {
+        match quarantine_object(lines, received_ms) {
+            Some(object) => self.put_object("s3 put quarantine", &object).await,
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! SQLite implementations of the ports. Identity and ordering rules match the AWS adapters:
+//! telemetry is keyed by `(thing, boot, seq)`, device state only moves forward in time.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::error::StoreError;
+use crate::ingest::archive::content_id;
+use crate::ingest::{ArchiveObject, QuarantineLine};
+use crate::model::{
+    Device, DeviceRegistration, DeviceState, MessageId, Metric, Reading, ReadingFlags, StoredReading,
+    ThingName,
+};
+use crate::ports::{
+    DeviceAdmin, DeviceRegistry, FleetQuery, Quarantine, RawArchive, TelemetrySink, WriteStatus,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    thing            TEXT PRIMARY KEY,
+    class            TEXT,
+    region           TEXT,
+    fw               TEXT,
+    registered_at_ms INTEGER,
+    last_ts_ms       INTEGER,
+    last_rx_ms       INTEGER,
+    boot             INTEGER,
+    seq              INTEGER,
+    battery_pct      REAL,
+    fw_reported      TEXT
+);
+CREATE TABLE IF NOT EXISTS telemetry (
+    thing          TEXT    NOT NULL,
+    boot           INTEGER NOT NULL,
+    seq            INTEGER NOT NULL,
+    time_ms        INTEGER NOT NULL,
+    device_time_ms INTEGER NOT NULL,
+    rx_ms          INTEGER NOT NULL,
+    class          TEXT    NOT NULL,
+    region         TEXT,
+    fw             TEXT,
+    test           INTEGER NOT NULL,
+    skew_corrected INTEGER NOT NULL,
+    schema_version INTEGER NOT NULL,
+    battery_pct    REAL,
+    uptime_s       INTEGER,
+    metrics        TEXT    NOT NULL, -- JSON object name -> number
+    PRIMARY KEY (thing, boot, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (thing, time_ms);
+CREATE TABLE IF NOT EXISTS archive (
+    key   TEXT PRIMARY KEY,
+    body  BLOB    NOT NULL, -- gzip NDJSON, byte-identical to the S3 object
+    lines INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id          TEXT PRIMARY KEY, -- sha256(message_id, body): redelivery does not add rows
+    received_ms INTEGER NOT NULL,
+    message_id  TEXT    NOT NULL,
+    thing       TEXT,
+    line        TEXT    NOT NULL  -- the QuarantineLine JSON
+);
+CREATE INDEX IF NOT EXISTS quarantine_by_time ON quarantine (received_ms);
+";
+
+/// All ports on one SQLite database. Cheap to clone; calls run on the blocking pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn sql_err(op: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| {
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        if busy {
+            StoreError::transient(op, e)
+        } else {
+            StoreError::permanent(op, e)
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database file and its schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::permanent("sqlite open", e))?;
+        }
+        let conn = Connection::open(path).map_err(sql_err("sqlite open"))?;
+        Self::init(conn)
+    }
+
+    /// A private in-memory database (tests, benchmarks).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory().map_err(sql_err("sqlite open"))?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql_err("sqlite pragma"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql_err("sqlite pragma"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql_err("sqlite pragma"))?;
+        conn.execute_batch(SCHEMA).map_err(sql_err("sqlite schema"))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Run `f` with the connection on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard).map_err(sql_err(op))
+        })
+        .await
+        .map_err(|e| StoreError::permanent(op, e))?
+    }
+
+    /// Archive objects stored under `prefix`, by key (tests, replay).
+    pub async fn archive_objects(&self, prefix: &str) -> Result<Vec<ArchiveObject>, StoreError> {
+        let like = format!("{prefix}%");
+        self.with("sqlite archive list", move |c| {
+            let mut st =
+                c.prepare_cached("SELECT key, body, lines FROM archive WHERE key LIKE ?1 ORDER BY key")?;
+            let rows = st.query_map([like], |r| {
+                Ok(ArchiveObject {
+                    key: r.get(0)?,
+                    body: r.get(1)?,
+                    lines: r.get::<_, i64>(2)? as usize,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+const DEVICE_COLUMNS: &str =
+    "thing, class, region, fw, registered_at_ms, last_ts_ms, last_rx_ms, boot, seq, battery_pct, fw_reported";
+
+fn device_from_row(r: &Row<'_>) -> rusqlite::Result<Device> {
+    let thing: String = r.get(0)?;
+    let thing = ThingName::parse(&thing).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    let registration = match (r.get::<_, Option<String>>(1)?, r.get::<_, Option<i64>>(4)?) {
+        (Some(class), Some(registered_at_ms)) => Some(DeviceRegistration {
+            class,
+            region: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+            fw: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+            registered_at_ms,
+        }),
+        _ => None,
+    };
+    let state = match r.get::<_, Option<i64>>(5)? {
+        Some(last_ts_ms) => Some(DeviceState {
+            last_ts_ms,
+            last_rx_ms: r.get::<_, Option<i64>>(6)?.unwrap_or(last_ts_ms),
+            boot: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u32,
+            seq: r.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
+            battery_pct: r.get(9)?,
+            fw: r.get(10)?,
+        }),
+        None => None,
+    };
+    Ok(Device {
+        thing,
+        registration,
+        state,
+    })
+}
+
+impl DeviceRegistry for SqliteStore {
+    async fn get_many(&self, things: &[ThingName]) -> Result<HashMap<ThingName, Device>, StoreError> {
+        let things = things.to_vec();
+        self.with("sqlite devices get", move |c| {
+            let mut st =
+                c.prepare_cached(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE thing = ?1"))?;
+            let mut out = HashMap::with_capacity(things.len());
+            for t in things {
+                if let Some(d) = st.query_row([t.as_str()], device_from_row).optional()? {
+                    out.insert(t, d);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_states(&self, states: &[(ThingName, DeviceState)]) -> Vec<(ThingName, StoreError)> {
+        let owned = states.to_vec();
+        let result = self
+            .with("sqlite devices state", move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut st = tx.prepare_cached(
+                        "INSERT INTO devices (thing, last_ts_ms, last_rx_ms, boot, seq, battery_pct, fw_reported)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT (thing) DO UPDATE SET
+                            last_ts_ms = excluded.last_ts_ms, last_rx_ms = excluded.last_rx_ms,
+                            boot = excluded.boot, seq = excluded.seq,
+                            battery_pct = COALESCE(excluded.battery_pct, devices.battery_pct),
+                            fw_reported = COALESCE(excluded.fw_reported, devices.fw_reported)
+                         WHERE devices.last_ts_ms IS NULL OR devices.last_ts_ms < excluded.last_ts_ms",
+                    )?;
+                    for (t, s) in &owned {
+                        st.execute(params![
+                            t.as_str(),
+                            s.last_ts_ms,
+                            s.last_rx_ms,
+                            s.boot,
+                            s.seq as i64,
+                            s.battery_pct,
+                            s.fw
+                        ])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await;
+        match result {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                let msg = e.to_string();
+                let kind = e.kind;
+                states
+                    .iter()
+                    .map(|(t, _)| {
+                        (
+                            t.clone(),
+                            StoreError {
+                                op: e.op,
+                                kind,
+                                source: msg.clone().into(),
+                            },
+                        )
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+impl TelemetrySink for SqliteStore {
+    async fn write(&self, readings: &[StoredReading]) -> Result<Vec<WriteStatus>, StoreError> {
+        let rows: Vec<(StoredReading, String)> = readings
+            .iter()
+            .map(|r| {
+                let metrics: serde_json::Map<String, serde_json::Value> = r
+                    .reading
+                    .metrics
+                    .iter()
+                    .map(|m| (m.name.clone(), m.value.into()))
+                    .collect();
+                (r.clone(), serde_json::Value::Object(metrics).to_string())
+            })
+            .collect();
+        self.with("sqlite telemetry write", move |c| {
+            let tx = c.transaction()?;
+            let mut out = Vec::with_capacity(rows.len());
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO telemetry (thing, boot, seq, time_ms, device_time_ms, rx_ms, class, region,
+                        fw, test, skew_corrected, schema_version, battery_pct, uptime_s, metrics)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                )?;
+                for (s, metrics) in &rows {
+                    let r = &s.reading;
+                    let n = st.execute(params![
+                        r.id.thing.as_str(),
+                        r.id.boot,
+                        r.id.seq as i64,
+                        r.time_ms,
+                        r.device_time_ms,
+                        r.rx_ms,
+                        s.class,
+                        s.region,
+                        r.fw,
+                        r.test,
+                        r.flags.skew_corrected,
+                        r.schema_version,
+                        r.battery_pct,
+                        r.uptime_s.map(|u| u as i64),
+                        metrics,
+                    ])?;
+                    out.push(if n == 1 { WriteStatus::Written } else { WriteStatus::Duplicate });
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl RawArchive for SqliteStore {
+    async fn put_raw(&self, object: &ArchiveObject) -> Result<(), StoreError> {
+        let o = object.clone();
+        self.with("sqlite archive put", move |c| {
+            c.prepare_cached("INSERT OR REPLACE INTO archive (key, body, lines) VALUES (?1, ?2, ?3)")?
+                .execute(params![o.key, o.body, o.lines as i64])
+                .map(drop)
+        })
+        .await
+    }
+}
+
+/// Stable id of a quarantined message: the same delivery never adds a second row.
+fn quarantine_id(line: &QuarantineLine) -> String {
+    let mut bytes = line.message_id.clone().into_bytes();
+    bytes.push(0);
+    bytes.extend(line.original());
+    content_id(&bytes)
+}
+
+impl Quarantine for SqliteStore {
+    async fn put_quarantined(&self, lines: &[QuarantineLine], _received_ms: i64) -> Result<(), StoreError> {
+        let rows: Vec<(String, QuarantineLine, String)> = lines
+            .iter()
+            .map(|l| {
+                let json =
+                    serde_json::to_string(l).map_err(|e| StoreError::permanent("quarantine encode", e))?;
+                Ok((quarantine_id(l), l.clone(), json))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        self.with("sqlite quarantine put", move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO quarantine (id, received_ms, message_id, thing, line) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (id, l, json) in &rows {
+                    st.execute(params![id, l.received_ms, l.message_id, l.thing, json])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+}
+
+impl DeviceAdmin for SqliteStore {
+    async fn register(&self, devices: &[(ThingName, DeviceRegistration)]) -> Result<(), StoreError> {
+        let devices = devices.to_vec();
+        self.with("sqlite devices register", move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO devices (thing, class, region, fw, registered_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (thing) DO UPDATE SET class = excluded.class, region = excluded.region,
+                        fw = excluded.fw, registered_at_ms = excluded.registered_at_ms",
+                )?;
+                for (t, r) in &devices {
+                    st.execute(params![t.as_str(), r.class, r.region, r.fw, r.registered_at_ms])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn device(&self, thing: &ThingName) -> Result<Option<Device>, StoreError> {
+        let thing = thing.clone();
+        self.with("sqlite device get", move |c| {
+            c.prepare_cached(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE thing = ?1"))?
+                .query_row([thing.as_str()], device_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn devices(&self) -> Result<Vec<Device>, StoreError> {
+        self.with("sqlite devices list", |c| {
+            let mut st = c.prepare_cached(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY thing"))?;
+            let rows = st.query_map([], device_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+fn reading_from_row(r: &Row<'_>) -> rusqlite::Result<StoredReading> {
+    let conv = |i, e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
+    };
+    let thing = ThingName::parse(&r.get::<_, String>(0)?).map_err(|e| conv(0, Box::new(e)))?;
+    let metrics: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&r.get::<_, String>(14)?).map_err(|e| conv(14, Box::new(e)))?;
+    let time_ms: i64 = r.get(3)?;
+    Ok(StoredReading {
+        reading: Reading {
+            id: MessageId {
+                thing,
+                boot: r.get::<_, i64>(1)? as u32,
+                seq: r.get::<_, i64>(2)? as u64,
+            },
+            time_ms,
+            device_time_ms: r.get(4)?,
+            rx_ms: r.get(5)?,
+            fw: r.get(8)?,
+            metrics: metrics
+                .into_iter()
+                .filter_map(|(name, v)| {
+                    Some(Metric {
+                        value: v.as_f64()?,
+                        name,
+                    })
+                })
+                .collect(),
+            battery_pct: r.get(12)?,
+            uptime_s: r.get::<_, Option<i64>>(13)?.map(|u| u as u64),
+            test: r.get(9)?,
+            flags: ReadingFlags {
+                skew_corrected: r.get(10)?,
+                late: false,
+            },
+            schema_version: r.get(11)?,
+        },
+        class: r.get(6)?,
+        region: r.get(7)?,
+    })
+}
+
+impl FleetQuery for SqliteStore {
+    async fn telemetry(
+        &self,
+        thing: &ThingName,
+        since_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let thing = thing.clone();
+        self.with("sqlite telemetry query", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT thing, boot, seq, time_ms, device_time_ms, rx_ms, class, region, fw, test, skew_corrected,
+                        schema_version, battery_pct, uptime_s, metrics
+                 FROM telemetry WHERE thing = ?1 AND time_ms >= ?2 ORDER BY time_ms, boot, seq LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![thing.as_str(), since_ms, limit as i64], reading_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn quarantined(&self, since_ms: i64) -> Result<Vec<QuarantineLine>, StoreError> {
+        self.with("sqlite quarantine query", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT line FROM quarantine WHERE received_ms >= ?1 ORDER BY received_ms, id",
+            )?;
+            let rows = st.query_map([since_ms], |r| {
+                let json: String = r.get(0)?;
+                serde_json::from_str(&json).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}

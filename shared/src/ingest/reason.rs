@@ -1,0 +1,114 @@
+//! The fixed vocabulary of reasons a payload is quarantined for.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | `malformed_json` | the bytes are not a JSON object |
+//! | `payload_too_large` | larger than IoT Core's 128 KiB message limit |
+//! | `unsupported_version` | `v` is not a known envelope version (1, 2) |
+//! | `missing_field` | a required field is absent or `null` |
+//! | `wrong_type` | a field has the wrong JSON type (e.g. a string seq) |
+//! | `invalid_thing_name` | the rule's `thing` is not a valid AWS IoT thing name |
+//! | `thing_mismatch` | `client_id` or the payload's own device id disagrees with the topic's thing (spoofing) |
+//! | `non_finite_value` | a metric is NaN or ±Infinity |
+//! | `invalid_metric_name` | a metric name breaks the naming rule, is reserved, or repeats |
+//! | `too_many_metrics` | more metrics than one hot-store record can carry |
+//! | `no_metrics` | the reading carries no metric at all |
+//! | `value_out_of_range` | a number outside its domain (battery beyond 0–100, seq beyond 2^63-1) |
+//! | `timestamp_out_of_range` | device or arrival time before 2000-01-01 or negative |
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    MalformedJson,
+    PayloadTooLarge,
+    UnsupportedVersion,
+    MissingField,
+    WrongType,
+    InvalidThingName,
+    ThingMismatch,
+    NonFiniteValue,
+    InvalidMetricName,
+    TooManyMetrics,
+    NoMetrics,
+    ValueOutOfRange,
+    TimestampOutOfRange,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 13] = [
+        Reason::MalformedJson,
+        Reason::PayloadTooLarge,
+        Reason::UnsupportedVersion,
+        Reason::MissingField,
+        Reason::WrongType,
+        Reason::InvalidThingName,
+        Reason::ThingMismatch,
+        Reason::NonFiniteValue,
+        Reason::InvalidMetricName,
+        Reason::TooManyMetrics,
+        Reason::NoMetrics,
+        Reason::ValueOutOfRange,
+        Reason::TimestampOutOfRange,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::MalformedJson => "malformed_json",
+            Reason::PayloadTooLarge => "payload_too_large",
+            Reason::UnsupportedVersion => "unsupported_version",
+            Reason::MissingField => "missing_field",
+            Reason::WrongType => "wrong_type",
+            Reason::InvalidThingName => "invalid_thing_name",
+            Reason::ThingMismatch => "thing_mismatch",
+            Reason::NonFiniteValue => "non_finite_value",
+            Reason::InvalidMetricName => "invalid_metric_name",
+            Reason::TooManyMetrics => "too_many_metrics",
+            Reason::NoMetrics => "no_metrics",
+            Reason::ValueOutOfRange => "value_out_of_range",
+            Reason::TimestampOutOfRange => "timestamp_out_of_range",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One thing wrong with a payload: the reason code, the field it concerns, and a human detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub reason: Reason,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub field: Option<String>,
+    pub detail: String,
+}
+
+impl Problem {
+    pub fn new(reason: Reason, field: impl Into<Option<String>>, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_names_match_the_documented_codes() -> serde_json::Result<()> {
+        for r in Reason::ALL {
+            assert_eq!(serde_json::to_string(&r)?, format!("\"{}\"", r.as_str()));
+            assert_eq!(serde_json::from_str::<Reason>(&format!("\"{r}\""))?, r);
+        }
+        Ok(())
+    }
+}
