@@ -1,1 +1,100 @@
-fn main() {}
+//! fleetctl: Fleetline's operator CLI. Embedded backend (SQLite) by default; set
+//! `FLEET_BACKEND=aws` and the functions' variables to work against AWS.
+
+#![recursion_limit = "256"]
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fleetctl", version, about = "Operate a Fleetline IoT fleet backend")]
+pub struct Cli {
+    /// SQLite file of the embedded backend (ignored with FLEET_BACKEND=aws).
+    #[arg(long, global = true, env = "FLEET_DB", default_value = "fleetline.sqlite")]
+    pub db: PathBuf,
+    /// Print stable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Register, list and inspect devices.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+    /// A device's stored readings, oldest first.
+    Telemetry {
+        thing: String,
+        /// RFC 3339 time (2025-11-24T16:00:00Z) or a duration ago (15m, 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Quarantined payloads and why.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
+    /// Feed sample events (SQS batches or single rule payloads, as in events/) through the
+    /// ingest pipeline and print what was stored.
+    Ingest {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DevicesCommand {
+    /// Register (or re-register) a device.
+    Register {
+        thing: String,
+        #[arg(long)]
+        class: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        fw: String,
+    },
+    /// Every known device: registered, or seen only through its telemetry.
+    List,
+    /// One device: registration and last reported state.
+    Show { thing: String },
+}
+
+#[derive(Subcommand)]
+pub enum QuarantineCommand {
+    /// Quarantined messages, oldest first.
+    List {
+        /// RFC 3339 time or a duration ago; default: everything.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match commands::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader went away (`fleetctl ... | head`): not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -127,3 +127,6 @@ pub(crate) async fn backoff(attempt: u32) {
     let ms = (25u64 << attempt.min(6)).min(1_000);
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
+
+#[cfg(test)]
+mod mock_tests;

@@ -1,0 +1,179 @@
+//! Printing: stable JSON with `--json`, aligned tables without.
+
+use std::path::Path;
+
+use anyhow::Result;
+use fleet_shared::ingest::{BatchOutcome, QuarantineLine};
+use fleet_shared::model::{Device, StoredReading};
+use fleet_shared::time::rfc3339_ms;
+use serde_json::json;
+
+/// Write one line to stdout; a closed pipe (`| head`) surfaces as an error, not a panic.
+fn emit(line: &str) -> Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "{line}")?;
+    Ok(())
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    emit(&serde_json::to_string_pretty(v)?)
+}
+
+/// Print rows under a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        emit(padded.join("  ").trim_end())
+    };
+    line(header.to_vec())?;
+    for row in rows {
+        line(row.iter().map(String::as_str).collect())?;
+    }
+    Ok(())
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn device_row(d: &Device) -> Vec<String> {
+    let reg = d.registration.as_ref();
+    let state = d.state.as_ref();
+    vec![
+        d.thing.to_string(),
+        d.class().to_owned(),
+        opt(d.region()),
+        opt(state.and_then(|s| s.fw.as_deref()).or(reg.map(|r| r.fw.as_str()))),
+        opt(state.and_then(|s| s.battery_pct)),
+        opt(state.map(|s| rfc3339_ms(s.last_rx_ms))),
+    ]
+}
+
+const DEVICE_HEADER: [&str; 6] = ["THING", "CLASS", "REGION", "FW", "BATTERY", "LAST SEEN"];
+
+pub fn devices(devices: &[Device], json: bool) -> Result<()> {
+    if json {
+        return print_json(&devices);
+    }
+    table(
+        &DEVICE_HEADER,
+        &devices.iter().map(device_row).collect::<Vec<_>>(),
+    )
+}
+
+pub fn device(d: &Device, json: bool) -> Result<()> {
+    if json {
+        return print_json(d);
+    }
+    table(&DEVICE_HEADER, &[device_row(d)])
+}
+
+pub fn readings(readings: &[StoredReading], json: bool) -> Result<()> {
+    if json {
+        return print_json(&readings);
+    }
+    let rows: Vec<Vec<String>> = readings
+        .iter()
+        .map(|s| {
+            let r = &s.reading;
+            let mut flags = Vec::new();
+            if r.flags.skew_corrected {
+                flags.push("skew");
+            }
+            if r.test {
+                flags.push("test");
+            }
+            vec![
+                rfc3339_ms(r.time_ms),
+                format!("{}/{}", r.id.boot, r.id.seq),
+                s.class.clone(),
+                r.metrics
+                    .iter()
+                    .map(|m| format!("{}={}", m.name, m.value))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                opt(r.battery_pct),
+                flags.join(","),
+            ]
+        })
+        .collect();
+    table(
+        &["TIME", "BOOT/SEQ", "CLASS", "METRICS", "BATTERY", "FLAGS"],
+        &rows,
+    )
+}
+
+pub fn quarantine(lines: &[QuarantineLine], json: bool) -> Result<()> {
+    if json {
+        return print_json(&lines);
+    }
+    let rows: Vec<Vec<String>> = lines
+        .iter()
+        .map(|q| {
+            vec![
+                rfc3339_ms(q.received_ms),
+                opt(q.thing.as_deref()),
+                q.reasons
+                    .iter()
+                    .map(|p| p.reason.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                q.reasons
+                    .iter()
+                    .map(|p| p.detail.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ]
+        })
+        .collect();
+    table(&["RECEIVED", "THING", "REASONS", "DETAIL"], &rows)
+}
+
+pub fn ingest_outcome(file: &Path, o: &BatchOutcome, json: bool) -> Result<()> {
+    let quarantined: Vec<_> = o
+        .quarantined
+        .iter()
+        .map(|q| json!({"message_id": q.message_id, "reasons": q.problems.iter().map(|p| p.reason).collect::<Vec<_>>()}))
+        .collect();
+    let summary = json!({
+        "file": file.display().to_string(),
+        "messages": o.messages,
+        "accepted": o.accepted,
+        "duplicates": o.duplicates,
+        "late": o.late,
+        "skew_corrected": o.skew_corrected,
+        "unregistered": o.unregistered,
+        "quarantined": quarantined,
+        "failed": o.failed.len(),
+    });
+    if json {
+        return print_json(&summary);
+    }
+    emit(&format!(
+        "{}: {} messages, {} accepted, {} duplicates, {} quarantined, {} failed (skew-corrected {}, late {}, unregistered {})",
+        file.display(),
+        o.messages,
+        o.accepted,
+        o.duplicates,
+        o.quarantined.len(),
+        o.failed.len(),
+        o.skew_corrected,
+        o.late,
+        o.unregistered
+    ))?;
+    for q in &o.quarantined {
+        let reasons: Vec<&str> = q.problems.iter().map(|p| p.reason.as_str()).collect();
+        emit(&format!("  quarantined {}: {}", q.message_id, reasons.join(", ")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! Adapter tests for responses a moto server never produces: Timestream RejectedRecords and
+//! throttling, DynamoDB UnprocessedItems / UnprocessedKeys and conditional-check failures,
+//! Timestream query pagination. Scripted with aws-smithy-mocks.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::operation::batch_get_item::BatchGetItemOutput;
+use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::error::ConditionalCheckFailedException;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_timestreamquery::operation::query::QueryOutput;
+use aws_sdk_timestreamquery::types::{ColumnInfo, Datum, Row};
+use aws_sdk_timestreamwrite::operation::write_records::{WriteRecordsError, WriteRecordsOutput};
+use aws_sdk_timestreamwrite::types::error::{RejectedRecordsException, ThrottlingException};
+use aws_sdk_timestreamwrite::types::RejectedRecord;
+use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
+
+use super::AwsStore;
+use crate::config::AwsResources;
+use crate::model::{
+    DeviceRegistration, DeviceState, MessageId, Metric, Reading, ReadingFlags, StoredReading, ThingName,
+};
+use crate::ports::{DeviceAdmin, DeviceRegistry, FleetQuery, TelemetrySink, WriteStatus};
+
+fn resources() -> AwsResources {
+    AwsResources {
+        devices_table: "Devices".into(),
+        telemetry_database: "fleet".into(),
+        telemetry_table: "telemetry".into(),
+        archive_bucket: "archive".into(),
+    }
+}
+
+/// A store whose clients answer only from the given rules.
+fn store(ddb: &[&Rule], ts: &[&Rule], tsq: &[&Rule]) -> AwsStore {
+    AwsStore::from_clients(
+        mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, ddb),
+        mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, ts),
+        mock_client!(aws_sdk_timestreamquery, RuleMode::MatchAny, tsq),
+        mock_client!(aws_sdk_s3, RuleMode::MatchAny, &[]),
+        resources(),
+    )
+}
+
+fn thing(n: usize) -> ThingName {
+    ThingName::parse(&format!("dev-{n:04}")).expect("valid")
+}
+
+fn reading(n: usize) -> StoredReading {
+    StoredReading {
+        reading: Reading {
+            id: MessageId {
+                thing: thing(n % 7),
+                boot: 1,
+                seq: n as u64,
+            },
+            time_ms: 1_764_000_000_000 + n as i64,
+            device_time_ms: 1_764_000_000_000 + n as i64,
+            rx_ms: 1_764_000_000_100 + n as i64,
+            fw: Some("1.0.0".into()),
+            metrics: vec![Metric {
+                name: "temp_c".into(),
+                value: 20.0 + n as f64,
+            }],
+            battery_pct: Some(80.0),
+            uptime_s: Some(60),
+            test: false,
+            flags: ReadingFlags::default(),
+            schema_version: 1,
+        },
+        class: "env".into(),
+        region: Some("eu".into()),
+    }
+}
+
+fn rejected(index: i32, reason: &str, existing: Option<i64>) -> RejectedRecord {
+    RejectedRecord::builder()
+        .record_index(index)
+        .reason(reason)
+        .set_existing_version(existing)
+        .build()
+}
+
+#[tokio::test]
+async fn rejected_records_fail_only_the_affected_readings_and_duplicates_are_not_failures() {
+    // GIVEN Timestream rejects 3 of 5 records: one identical existing, one too old, one invalid
+    let rule = mock!(aws_sdk_timestreamwrite::Client::write_records).then_error(|| {
+        WriteRecordsError::RejectedRecordsException(
+            RejectedRecordsException::builder()
+                .rejected_records(rejected(
+                    1,
+                    "A record with the same dimensions, time and measure name exists",
+                    Some(1),
+                ))
+                .rejected_records(rejected(
+                    2,
+                    "The record timestamp is outside the retention period of the magnetic store",
+                    None,
+                ))
+                .rejected_records(rejected(4, "Dimension value exceeds the limit", None))
+                .build(),
+        )
+    });
+    let s = store(&[], &[&rule], &[]);
+    // WHEN
+    let statuses = s
+        .write(&(0..5).map(reading).collect::<Vec<_>>())
+        .await
+        .expect("statuses");
+    // THEN
+    assert_eq!(statuses[0], WriteStatus::Written);
+    assert_eq!(statuses[1], WriteStatus::Duplicate);
+    assert_eq!(statuses[2], WriteStatus::TooLate);
+    assert_eq!(statuses[3], WriteStatus::Written);
+    assert!(matches!(&statuses[4], WriteStatus::Failed(r) if r.contains("Dimension value")));
+}
+
+#[tokio::test]
+async fn writes_timestream_in_chunks_of_100_and_throttling_fails_only_its_chunk() {
+    // GIVEN the request carrying the last 50 records is throttled
+    let ok = mock!(aws_sdk_timestreamwrite::Client::write_records)
+        .match_requests(|r| r.records().len() == 100)
+        .then_output(|| WriteRecordsOutput::builder().build());
+    let throttled = mock!(aws_sdk_timestreamwrite::Client::write_records)
+        .match_requests(|r| r.records().len() == 50)
+        .then_error(|| {
+            WriteRecordsError::ThrottlingException(
+                ThrottlingException::builder()
+                    .message("slow down")
+                    .build()
+                    .expect("message set"),
+            )
+        });
+    let s = store(&[], &[&ok, &throttled], &[]);
+    // WHEN 250 readings are written
+    let statuses = s
+        .write(&(0..250).map(reading).collect::<Vec<_>>())
+        .await
+        .expect("statuses");
+    // THEN 3 requests (100 + 100 + 50); exactly the last 50 failed
+    assert_eq!(ok.num_calls(), 2);
+    assert!(throttled.num_calls() >= 1);
+    assert_eq!(statuses.len(), 250);
+    assert!(statuses[..200].iter().all(|s| *s == WriteStatus::Written));
+    assert!(statuses[200..]
+        .iter()
+        .all(|s| matches!(s, WriteStatus::Failed(_))));
+}
+
+fn unprocessed_put() -> HashMap<String, Vec<aws_sdk_dynamodb::types::WriteRequest>> {
+    let put = aws_sdk_dynamodb::types::PutRequest::builder()
+        .item("thing", AttributeValue::S("dev-0000".into()))
+        .item("item", AttributeValue::S("registration".into()))
+        .build()
+        .expect("item set");
+    HashMap::from([(
+        "Devices".to_owned(),
+        vec![aws_sdk_dynamodb::types::WriteRequest::builder()
+            .put_request(put)
+            .build()],
+    )])
+}
+
+fn registration() -> DeviceRegistration {
+    DeviceRegistration {
+        class: "env".into(),
+        region: "eu".into(),
+        fw: "1.0.0".into(),
+        registered_at_ms: 1,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn resubmits_dynamodb_unprocessed_items_with_backoff() {
+    // GIVEN the first BatchWriteItem leaves one item unprocessed, the second takes it
+    let rule = mock!(aws_sdk_dynamodb::Client::batch_write_item)
+        .sequence()
+        .output(|| {
+            BatchWriteItemOutput::builder()
+                .set_unprocessed_items(Some(unprocessed_put()))
+                .build()
+        })
+        .output(|| BatchWriteItemOutput::builder().build())
+        .repeatedly()
+        .build();
+    let s = store(&[&rule], &[], &[]);
+    // WHEN 30 devices are registered (25 + 5 per request)
+    let devices: Vec<_> = (0..30).map(|n| (thing(n), registration())).collect();
+    s.register(&devices).await.expect("registered");
+    // THEN 2 chunks + 1 resubmission
+    assert_eq!(rule.num_calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn gives_up_with_a_transient_error_when_items_stay_unprocessed() {
+    let rule = mock!(aws_sdk_dynamodb::Client::batch_write_item)
+        .sequence()
+        .output(|| {
+            BatchWriteItemOutput::builder()
+                .set_unprocessed_items(Some(unprocessed_put()))
+                .build()
+        })
+        .repeatedly()
+        .build();
+    let s = store(&[&rule], &[], &[]);
+    let err = s
+        .register(&[(thing(0), registration())])
+        .await
+        .expect_err("must fail");
+    assert!(err.is_transient(), "{err}");
+    assert_eq!(rule.num_calls(), super::MAX_BATCH_ATTEMPTS as usize);
+}
+
+#[tokio::test(start_paused = true)]
+async fn resubmits_dynamodb_unprocessed_keys() {
+    let key = |item: &str| {
+        HashMap::from([
+            ("thing".to_owned(), AttributeValue::S("dev-0001".into())),
+            ("item".to_owned(), AttributeValue::S(item.into())),
+        ])
+    };
+    let registration_item = move || {
+        let mut i = key("registration");
+        i.insert("class".into(), AttributeValue::S("env".into()));
+        i.insert("region".into(), AttributeValue::S("eu".into()));
+        i.insert("fw".into(), AttributeValue::S("1.0.0".into()));
+        i.insert("registered_at_ms".into(), AttributeValue::N("1".into()));
+        i
+    };
+    let rule = mock!(aws_sdk_dynamodb::Client::batch_get_item)
+        .sequence()
+        .output(move || {
+            BatchGetItemOutput::builder()
+                .responses("Devices", vec![])
+                .unprocessed_keys(
+                    "Devices",
+                    KeysAndAttributes::builder()
+                        .keys(key("registration"))
+                        .build()
+                        .expect("keys set"),
+                )
+                .build()
+        })
+        .output(move || {
+            BatchGetItemOutput::builder()
+                .responses("Devices", vec![registration_item()])
+                .build()
+        })
+        .build();
+    let s = store(&[&rule], &[], &[]);
+    let devices = s.get_many(&[thing(1)]).await.expect("looked up");
+    assert_eq!(rule.num_calls(), 2);
+    assert_eq!(devices[&thing(1)].class(), "env");
+}
+
+#[tokio::test]
+async fn an_older_state_losing_the_condition_is_not_an_error() {
+    let newer_exists = mock!(aws_sdk_dynamodb::Client::update_item).then_error(|| {
+        UpdateItemError::ConditionalCheckFailedException(ConditionalCheckFailedException::builder().build())
+    });
+    let s = store(&[&newer_exists], &[], &[]);
+    let state = DeviceState {
+        last_ts_ms: 1,
+        last_rx_ms: 1,
+        boot: 1,
+        seq: 1,
+        battery_pct: None,
+        fw: None,
+    };
+    assert!(s.record_states(&[(thing(1), state)]).await.is_empty());
+    assert_eq!(newer_exists.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn reads_every_page_of_a_telemetry_query() {
+    let page = |seq: &str, token: Option<&str>| {
+        let columns = ["thing", "class", "measure_name", "time", "boot", "seq", "temp_c"]
+            .map(|n| ColumnInfo::builder().name(n).build());
+        let values = [
+            "dev-0001",
+            "env",
+            "telemetry",
+            "2025-11-24 16:00:00.000000001",
+            "1",
+            seq,
+            "21.5",
+        ];
+        QueryOutput::builder()
+            .query_id("q")
+            .set_column_info(Some(columns.to_vec()))
+            .rows(
+                Row::builder()
+                    .set_data(Some(
+                        values.map(|v| Datum::builder().scalar_value(v).build()).to_vec(),
+                    ))
+                    .build()
+                    .expect("data set"),
+            )
+            .set_next_token(token.map(str::to_owned))
+            .build()
+            .expect("query output")
+    };
+    let rule = mock!(aws_sdk_timestreamquery::Client::query)
+        .sequence()
+        .output(move || page("1", Some("next")))
+        .output(move || page("2", None))
+        .build();
+    let s = store(&[], &[], &[&rule]);
+    let readings = s.telemetry(&thing(1), 0, 10).await.expect("queried");
+    assert_eq!(rule.num_calls(), 2);
+    let seqs: Vec<u64> = readings.iter().map(|r| r.reading.id.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+}
