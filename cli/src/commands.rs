@@ -3,11 +3,12 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use fleet_shared::ingest::{ingest_batch, BatchOutcome, Inbound, IngestPorts};
+use fleet_shared::ingest::{
+    ingest_batch, messages_from_event, BatchOutcome, Inbound, IngestPorts, OwnedInbound,
+};
 use fleet_shared::model::{validate_label, DeviceRegistration, ThingName};
 use fleet_shared::ports::{DeviceAdmin, FleetQuery};
 use fleet_shared::{time, Config, Store};
-use serde_json::Value;
 
 use crate::output;
 use crate::{Cli, Command, DevicesCommand, QuarantineCommand};
@@ -104,38 +105,9 @@ fn parse_since(s: &str) -> Result<i64> {
 /// One events/ file: an SQS event (`Records[].body`) or one rule payload object.
 async fn ingest_file(store: &Store, config: &Config, file: &Path) -> Result<BatchOutcome> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let event: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
     let now = time::now_ms();
-    let owned: Vec<(String, i64, Vec<u8>)> = match event.get("Records").and_then(Value::as_array) {
-        Some(records) => records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let id = r["messageId"]
-                    .as_str()
-                    .map_or_else(|| format!("record-{i}"), str::to_owned);
-                let sent = r["attributes"]["SentTimestamp"]
-                    .as_str()
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(now);
-                (
-                    id,
-                    sent,
-                    r["body"].as_str().unwrap_or_default().as_bytes().to_vec(),
-                )
-            })
-            .collect(),
-        None => vec![(format!("file-{}", file.display()), now, text.into_bytes())],
-    };
-    let inbound: Vec<Inbound<'_>> = owned
-        .iter()
-        .map(|(id, sent, body)| Inbound {
-            message_id: id,
-            received_ms: *sent,
-            body,
-        })
-        .collect();
+    let owned = messages_from_event(&text, now).with_context(|| format!("{} is not JSON", file.display()))?;
+    let inbound: Vec<Inbound<'_>> = owned.iter().map(OwnedInbound::borrow).collect();
     let ports = IngestPorts {
         registry: store,
         sink: store,

@@ -5,10 +5,12 @@ pub mod archive;
 pub mod batch;
 pub mod envelope;
 pub mod reason;
+pub mod samples;
 pub mod service;
 
 pub use archive::{decode_lines, quarantine_object, raw_object, ArchiveObject, QuarantineLine};
 pub use batch::{plan, Inbound, Plan};
 pub use envelope::{decode, IngestPolicy, Rejection};
 pub use reason::{Problem, Reason};
+pub use samples::{messages_from_event, OwnedInbound};
 pub use service::{ingest_batch, BatchOutcome, FailedMessage, IngestPorts, QuarantinedMessage};

@@ -61,11 +61,15 @@ impl AwsStore {
             tokio::spawn(reload.reload_task());
             timestream_query = client;
         }
+        // Custom S3 endpoints (moto, MinIO) are addressed path-style; AWS itself virtual-host style.
+        let s3_config = aws_sdk_s3::config::Builder::from(config)
+            .force_path_style(overridden("AWS_ENDPOINT_URL_S3"))
+            .build();
         Ok(Self::from_clients(
             aws_sdk_dynamodb::Client::new(config),
             timestream,
             timestream_query,
-            aws_sdk_s3::Client::new(config),
+            aws_sdk_s3::Client::from_conf(s3_config),
             resources,
         ))
     }

@@ -1,0 +1,232 @@
+//! The port contract: behaviour every backend must show, written once and run against the
+//! embedded store (in-process) and the AWS adapters (on moto). Each check returns `Err` with
+//! what differed.
+
+use anyhow::{ensure, Context, Result};
+use fleet_shared::ingest::{raw_object, Problem, QuarantineLine, Reason};
+use fleet_shared::model::{
+    DeviceRegistration, DeviceState, MessageId, Metric, Reading, ReadingFlags, StoredReading, ThingName,
+};
+use fleet_shared::ports::{DeviceAdmin, DeviceRegistry, Quarantine, RawArchive, TelemetrySink, WriteStatus};
+
+use crate::ArchiveInspect;
+
+pub fn thing(n: usize) -> ThingName {
+    ThingName::parse(&format!("contract-{n:04}")).expect("valid thing name")
+}
+
+fn registration(class: &str) -> DeviceRegistration {
+    DeviceRegistration {
+        class: class.into(),
+        region: "eu-west".into(),
+        fw: "1.0.0".into(),
+        registered_at_ms: 1_700_000_000_000,
+    }
+}
+
+fn state(ts: i64, battery: Option<f64>) -> DeviceState {
+    DeviceState {
+        last_ts_ms: ts,
+        last_rx_ms: ts + 10,
+        boot: 1,
+        seq: ts as u64,
+        battery_pct: battery,
+        fw: Some("1.0.1".into()),
+    }
+}
+
+/// Registering more devices than one batch request holds; listing returns all, sorted.
+pub async fn registration_round_trips_and_lists_sorted<S: DeviceAdmin>(s: &S) -> Result<()> {
+    let devices: Vec<_> = (0..30).rev().map(|n| (thing(n), registration("env"))).collect();
+    s.register(&devices).await?;
+    let listed = s.devices().await?;
+    ensure!(
+        listed.len() == 30,
+        "listed {} devices, registered 30",
+        listed.len()
+    );
+    ensure!(
+        listed.windows(2).all(|w| w[0].thing < w[1].thing),
+        "not sorted by thing"
+    );
+    let one = s.device(&thing(7)).await?.context("device 7 missing")?;
+    ensure!(
+        one.registration == Some(registration("env")),
+        "registration differs: {:?}",
+        one.registration
+    );
+    s.register(&[(thing(7), registration("gateway"))]).await?;
+    let again = s.device(&thing(7)).await?.context("device 7 missing")?;
+    ensure!(
+        again.class() == "gateway",
+        "re-registration not applied: {}",
+        again.class()
+    );
+    ensure!(s.device(&thing(999)).await?.is_none(), "unknown device found");
+    Ok(())
+}
+
+/// The enrichment lookup spans several requests and omits unknown things.
+pub async fn enrichment_lookup_returns_known_and_omits_unknown<S: DeviceAdmin + DeviceRegistry>(
+    s: &S,
+) -> Result<()> {
+    let registered: Vec<_> = (100..160).map(|n| (thing(n), registration("env"))).collect();
+    s.register(&registered).await?;
+    let asked: Vec<ThingName> = (100..220).map(thing).collect();
+    let found = s.get_many(&asked).await?;
+    ensure!(found.len() == 60, "found {} of 60 registered", found.len());
+    ensure!(found.values().all(|d| d.class() == "env"), "wrong class");
+    ensure!(!found.contains_key(&thing(200)), "unknown thing returned");
+    Ok(())
+}
+
+/// Device state only moves forward in time; a missing battery keeps the last one.
+pub async fn device_state_only_moves_forward<S: DeviceAdmin + DeviceRegistry>(s: &S) -> Result<()> {
+    let t = thing(300);
+    s.register(&[(t.clone(), registration("env"))]).await?;
+    let failed = s.record_states(&[(t.clone(), state(2_000, Some(80.0)))]).await;
+    ensure!(failed.is_empty(), "state write failed: {failed:?}");
+    let failed = s.record_states(&[(t.clone(), state(1_000, Some(99.0)))]).await;
+    ensure!(
+        failed.is_empty(),
+        "an older state must be ignored, not fail: {failed:?}"
+    );
+    let d = s.device(&t).await?.context("device missing")?;
+    ensure!(
+        d.state == Some(state(2_000, Some(80.0))),
+        "older state applied: {:?}",
+        d.state
+    );
+    s.record_states(&[(t.clone(), state(3_000, None))]).await;
+    let d = s.device(&t).await?.context("device missing")?;
+    let st = d.state.context("no state")?;
+    ensure!(
+        st.last_ts_ms == 3_000 && st.battery_pct == Some(80.0),
+        "newer state wrong: {st:?}"
+    );
+    ensure!(
+        d.registration == Some(registration("env")),
+        "state write touched the registration"
+    );
+    // a thing only known from telemetry becomes a device without registration
+    let stray = thing(301);
+    s.record_states(&[(stray.clone(), state(5, None))]).await;
+    let d = s.device(&stray).await?.context("telemetry-only device missing")?;
+    ensure!(
+        d.registration.is_none() && d.state.is_some(),
+        "stray device wrong: {d:?}"
+    );
+    Ok(())
+}
+
+/// The same archive object written twice is one object with the same bytes.
+pub async fn archive_put_is_idempotent_by_key<S: RawArchive + ArchiveInspect>(s: &S) -> Result<()> {
+    let object = raw_object([&b"{\"a\":1}"[..], b"{\"b\":2}"], 1_764_000_000_000).context("object")?;
+    s.put_raw(&object).await?;
+    s.put_raw(&object).await?;
+    let stored = s.objects("raw/").await?;
+    ensure!(
+        stored.len() == 1,
+        "{} objects after two identical puts",
+        stored.len()
+    );
+    ensure!(
+        stored.get(&object.key) == Some(&object.body),
+        "stored bytes differ"
+    );
+    Ok(())
+}
+
+/// Quarantined lines come back once each, original bytes intact (UTF-8 or not).
+pub async fn quarantine_round_trips_lines_once<S: Quarantine>(
+    s: &S,
+    list: impl AsyncFn() -> Result<Vec<QuarantineLine>>,
+) -> Result<()> {
+    let problem = |r| vec![Problem::new(r, Some("m".into()), "detail")];
+    let lines = vec![
+        QuarantineLine::new(
+            "q-1",
+            1_764_000_000_000,
+            Some("t1".into()),
+            problem(Reason::NoMetrics),
+            b"{\"m\":{}}",
+        ),
+        QuarantineLine::new(
+            "q-2",
+            1_764_000_000_001,
+            None,
+            problem(Reason::MalformedJson),
+            &[0xff, 0x00, 0x7b],
+        ),
+    ];
+    s.put_quarantined(&lines, 1_764_000_000_000).await?;
+    s.put_quarantined(&lines, 1_764_000_000_000).await?;
+    let back = list().await?;
+    ensure!(back.len() == 2, "{} lines after putting 2 twice", back.len());
+    ensure!(back == lines, "lines differ: {back:?}");
+    ensure!(
+        back[1].original() == vec![0xff, 0x00, 0x7b],
+        "binary payload altered"
+    );
+    Ok(())
+}
+
+pub fn reading(n: usize) -> StoredReading {
+    StoredReading {
+        reading: Reading {
+            id: MessageId {
+                thing: thing(n % 10),
+                boot: 1,
+                seq: n as u64,
+            },
+            time_ms: 1_764_000_000_000 + n as i64,
+            device_time_ms: 1_764_000_000_000 + n as i64,
+            rx_ms: 1_764_000_000_100 + n as i64,
+            fw: Some("1.0.0".into()),
+            metrics: vec![
+                Metric {
+                    name: "temp_c".into(),
+                    value: 20.5,
+                },
+                Metric {
+                    name: "hum_pct".into(),
+                    value: 41.0,
+                },
+            ],
+            battery_pct: Some(77.0),
+            uptime_s: Some(3600),
+            test: n % 2 == 0,
+            flags: ReadingFlags::default(),
+            schema_version: 1,
+        },
+        class: "env".into(),
+        region: None,
+    }
+}
+
+/// A write over the per-request limit succeeds with one status per reading.
+pub async fn sink_takes_a_batch_over_the_request_limit<S: TelemetrySink>(s: &S) -> Result<()> {
+    let readings: Vec<_> = (0..250).map(reading).collect();
+    let statuses = s.write(&readings).await?;
+    ensure!(
+        statuses.len() == 250,
+        "{} statuses for 250 readings",
+        statuses.len()
+    );
+    let written = statuses.iter().filter(|s| **s == WriteStatus::Written).count();
+    ensure!(
+        written == 250,
+        "{written} of 250 written: {:?}",
+        statuses.iter().find(|s| **s != WriteStatus::Written)
+    );
+    // replaying can only ever be written (same record) or a duplicate, never a failure
+    let again = s.write(&readings).await?;
+    ensure!(
+        again
+            .iter()
+            .all(|s| matches!(s, WriteStatus::Written | WriteStatus::Duplicate)),
+        "replay failed: {:?}",
+        again.iter().find(|s| matches!(s, WriteStatus::Failed(_)))
+    );
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! AWS resources on the moto server started by `scripts/test.sh` (endpoint in
+//! `FLEET_TEST_AWS_ENDPOINT`, always a loopback address). Each call creates fresh, uniquely
+//! named resources, so tests can run in parallel against one server.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context, Result};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+};
+use fleet_shared::adapters::aws::AwsStore;
+use fleet_shared::config::AwsResources;
+
+pub const ENDPOINT_VAR: &str = "FLEET_TEST_AWS_ENDPOINT";
+
+/// The moto endpoint, refusing anything but loopback.
+pub fn endpoint() -> Result<String> {
+    let url = std::env::var(ENDPOINT_VAR).with_context(|| {
+        format!("{ENDPOINT_VAR} is not set: run the tests with scripts/test.sh, which starts moto")
+    })?;
+    let loopback = ["http://127.", "http://localhost:", "http://[::1]:"];
+    if !loopback.iter().any(|p| url.starts_with(p)) {
+        bail!("{ENDPOINT_VAR}={url} is not a loopback address");
+    }
+    Ok(url)
+}
+
+pub async fn sdk_config() -> Result<SdkConfig> {
+    let creds = aws_sdk_dynamodb::config::Credentials::new("testing", "testing", None, None, "moto");
+    Ok(aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint()?)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(creds)
+        .load()
+        .await)
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Create a Devices table, a Timestream database + table and a bucket, and a store on them.
+pub async fn fresh_store() -> Result<AwsStore> {
+    let config = sdk_config().await?;
+    let resources = AwsResources {
+        devices_table: unique("devices"),
+        telemetry_database: unique("fleet"),
+        telemetry_table: "telemetry".into(),
+        archive_bucket: unique("archive"),
+    };
+    create_resources(&config, &resources).await?;
+    Ok(AwsStore::from_sdk_config(&config, resources).await?)
+}
+
+/// The same resources `infra/template.yaml` declares (keys, Timestream table).
+pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()> {
+    let attr = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+    };
+    let key = |name: &str, kind| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+    };
+    aws_sdk_dynamodb::Client::new(config)
+        .create_table()
+        .table_name(&r.devices_table)
+        .attribute_definitions(attr("thing")?)
+        .attribute_definitions(attr("item")?)
+        .key_schema(key("thing", KeyType::Hash)?)
+        .key_schema(key("item", KeyType::Range)?)
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .context("create devices table")?;
+    let ts = aws_sdk_timestreamwrite::Client::new(config);
+    ts.create_database()
+        .database_name(&r.telemetry_database)
+        .send()
+        .await
+        .context("create timestream db")?;
+    ts.create_table()
+        .database_name(&r.telemetry_database)
+        .table_name(&r.telemetry_table)
+        .send()
+        .await
+        .context("create timestream table")?;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(config)
+            .force_path_style(true)
+            .build(),
+    );
+    s3.create_bucket()
+        .bucket(&r.archive_bucket)
+        .send()
+        .await
+        .context("create bucket")?;
+    Ok(())
+}
