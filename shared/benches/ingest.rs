@@ -1,1 +1,95 @@
+//! `cargo bench -p fleet-shared --bench ingest`
+//!
+//! ns/message of the full in-memory ingest pipeline — decode → validate → upcast → in-batch
+//! dedupe → enrich → encode the Timestream record and the archive line — next to
+//! `serde_json` parsing the same bytes into a `Value` and nothing else, and their ratio
+//! (target ≤ 2.0). Also printed: the per-message share of gzip + SHA-256 of the batch's
+//! archive object. Best of several rounds, so a busy machine inflates neither side.
 
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use fleet_shared::adapters::aws::timestream::record_for;
+use fleet_shared::ingest::archive::one_line;
+use fleet_shared::ingest::service::enrich;
+use fleet_shared::ingest::{plan, raw_object, IngestPolicy, OwnedInbound};
+use fleet_shared::model::{Device, DeviceRegistration, ThingName};
+use fleet_shared::sim;
+
+const DEVICES: usize = 100;
+const MESSAGES: usize = 1_000;
+const ROUNDS: usize = 15;
+const TARGET_RATIO: f64 = 2.0;
+const RX: i64 = 1_764_000_000_000;
+
+fn best_ns_per_message(mut f: impl FnMut()) -> f64 {
+    let mut best = Duration::MAX;
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        f();
+        best = best.min(start.elapsed());
+    }
+    best.as_nanos() as f64 / MESSAGES as f64
+}
+
+fn main() {
+    let batch = sim::fleet_batch(DEVICES, MESSAGES, RX, 42);
+    let bytes: usize = batch.iter().map(|m| m.body.len()).sum();
+    let devices: HashMap<ThingName, Device> = (0..DEVICES)
+        .map(|i| {
+            let thing = ThingName::parse(&sim::thing_name(i)).expect("valid");
+            let registration = DeviceRegistration {
+                class: "env-sensor".into(),
+                region: "eu-west".into(),
+                fw: "1.4.0".into(),
+                registered_at_ms: 1,
+            };
+            (
+                thing.clone(),
+                Device {
+                    thing,
+                    registration: Some(registration),
+                    state: None,
+                },
+            )
+        })
+        .collect();
+    let policy = IngestPolicy::default();
+
+    let parse_only = best_ns_per_message(|| {
+        for m in &batch {
+            black_box(serde_json::from_slice::<serde_json::Value>(black_box(&m.body)).expect("valid JSON"));
+        }
+    });
+
+    let pipeline = best_ns_per_message(|| {
+        let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
+        let p = plan(black_box(&inbound), &policy, RX + 5_000);
+        assert_eq!(p.readings.len(), MESSAGES);
+        for (r, &origin) in p.readings.iter().zip(&p.origin) {
+            let stored = enrich(r, devices.get(&r.id.thing));
+            black_box(record_for(&stored));
+            black_box(one_line(inbound[origin].body));
+        }
+    });
+
+    let archive_object = best_ns_per_message(|| {
+        black_box(raw_object(batch.iter().map(|m| m.body.as_slice()), RX).expect("non-empty"));
+    });
+
+    let ratio = pipeline / parse_only;
+    println!(
+        "ingest pipeline, {MESSAGES} messages from {DEVICES} devices (v1 and v2), {} bytes/message",
+        bytes / MESSAGES
+    );
+    println!("  serde_json parse only (Value)        {parse_only:>9.0} ns/message");
+    println!("  full pipeline (decode..record+line)  {pipeline:>9.0} ns/message");
+    println!(
+        "  ratio                                {ratio:>9.2}   (target <= {TARGET_RATIO:.1}) {}",
+        if ratio <= TARGET_RATIO { "PASS" } else { "FAIL" }
+    );
+    println!(
+        "  + archive object (gzip + sha256)     {archive_object:>9.0} ns/message (once per batch, amortised)"
+    );
+}

@@ -8,7 +8,7 @@
 //! | `FLEET_TELEMETRY_DB`, `FLEET_TELEMETRY_TABLE` | aws | Timestream database and table |
 //! | `FLEET_ARCHIVE_BUCKET` | aws | S3 bucket for `raw/` and `quarantine/` |
 //! | `FLEET_SKEW_TOLERANCE_S` | no (300) | device clock ahead of arrival by more than this is skew |
-//! | `FLEET_HOT_WINDOW_HOURS` | no (aws: 8760, embedded: unlimited) | how far back the hot store accepts writes (Timestream magnetic retention) |
+//! | `FLEET_HOT_WINDOW_DAYS` | no (aws: 365, embedded: unlimited) | how far back the hot store accepts writes (Timestream magnetic retention) |
 //!
 //! AWS endpoints follow the SDK's own `AWS_ENDPOINT_URL*` variables.
 
@@ -17,7 +17,8 @@ use std::path::PathBuf;
 use crate::ingest::IngestPolicy;
 
 /// A window no reading is older than (about 10,000 years): "the store takes any time".
-pub const UNLIMITED_WINDOW_HOURS: i64 = 10_000 * 8766;
+pub const UNLIMITED_WINDOW_DAYS: i64 = 10_000 * 366;
+const MS_PER_DAY: i64 = 86_400_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwsResources {
@@ -93,18 +94,18 @@ impl Config {
         };
         let defaults = IngestPolicy::default();
         // Timestream takes writes as far back as its magnetic retention; SQLite takes any time.
-        let default_window_hours = match backend {
-            Backend::Aws(_) => defaults.hot_window_ms / 3_600_000,
-            Backend::Embedded { .. } => UNLIMITED_WINDOW_HOURS,
+        let default_window_days = match backend {
+            Backend::Aws(_) => defaults.hot_window_ms / MS_PER_DAY,
+            Backend::Embedded { .. } => UNLIMITED_WINDOW_DAYS,
         };
         Ok(Config {
             backend,
             policy: IngestPolicy {
                 max_future_skew_ms: number("FLEET_SKEW_TOLERANCE_S", defaults.max_future_skew_ms / 1000)?
                     * 1000,
-                hot_window_ms: number("FLEET_HOT_WINDOW_HOURS", default_window_hours)?
-                    .min(UNLIMITED_WINDOW_HOURS)
-                    * 3_600_000,
+                hot_window_ms: number("FLEET_HOT_WINDOW_DAYS", default_window_days)?
+                    .min(UNLIMITED_WINDOW_DAYS)
+                    * MS_PER_DAY,
             },
         })
     }
@@ -154,7 +155,7 @@ mod tests {
             }
         );
         assert_eq!(c.policy.max_future_skew_ms, 60_000);
-        assert_eq!(c.policy.hot_window_ms, UNLIMITED_WINDOW_HOURS * 3_600_000);
+        assert_eq!(c.policy.hot_window_ms, UNLIMITED_WINDOW_DAYS * MS_PER_DAY);
         Ok(())
     }
 
@@ -163,13 +164,13 @@ mod tests {
         let err = Config::from_lookup(lookup(&[
             ("FLEET_BACKEND", "embedded"),
             ("FLEET_DB", "x"),
-            ("FLEET_HOT_WINDOW_HOURS", "a year"),
+            ("FLEET_HOT_WINDOW_DAYS", "a year"),
         ]))
         .unwrap_err();
         assert!(matches!(
             err,
             ConfigError::Invalid {
-                var: "FLEET_HOT_WINDOW_HOURS",
+                var: "FLEET_HOT_WINDOW_DAYS",
                 ..
             }
         ));

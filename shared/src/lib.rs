@@ -11,6 +11,7 @@
 //!   (SQLite; feature `embedded`) implementations of the same ports.
 //! - [`config`]: `Config::from_env()`; [`store`]: the backend it selects, built once per cold start.
 //! - [`metrics`]: CloudWatch Embedded Metric Format lines. [`time`]: UTC calendar helpers.
+//! - [`sim`]: simulated devices (deterministic telemetry for benches, load tests and demos).
 
 pub mod adapters;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod ports;
+pub mod sim;
 pub mod store;
 pub mod time;
 

@@ -195,7 +195,7 @@ pub fn reading(n: usize) -> StoredReading {
             ],
             battery_pct: Some(77.0),
             uptime_s: Some(3600),
-            test: n % 2 == 0,
+            test: n.is_multiple_of(2),
             flags: ReadingFlags::default(),
             schema_version: 1,
         },

@@ -99,7 +99,7 @@ pub fn quarantine_object(entries: &[QuarantineLine], received_ms: i64) -> Option
 
 /// JSON never needs a raw newline (inside strings they are escaped), so any CR/LF byte is
 /// whitespace between tokens: replacing it with a space keeps the JSON and makes one line.
-fn one_line(body: &[u8]) -> Vec<u8> {
+pub fn one_line(body: &[u8]) -> Vec<u8> {
     body.iter()
         .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
         .collect()

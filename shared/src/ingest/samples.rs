@@ -2,6 +2,7 @@
 //! (`Records[].body`) or one rule payload object. Used by `fleetctl ingest` and tests; the
 //! Lambda itself decodes its trigger with `aws_lambda_events`.
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::archive::content_id;
@@ -25,28 +26,58 @@ impl OwnedInbound {
     }
 }
 
+#[derive(Deserialize)]
+struct SqsEventText {
+    #[serde(rename = "Records")]
+    records: Vec<SqsRecordText>,
+}
+
+#[derive(Deserialize)]
+struct SqsRecordText {
+    #[serde(rename = "messageId")]
+    message_id: Option<String>,
+    #[serde(default)]
+    attributes: SqsAttributes,
+    #[serde(default)]
+    body: String,
+}
+
+#[derive(Default, Deserialize)]
+struct SqsAttributes {
+    #[serde(rename = "SentTimestamp")]
+    sent_timestamp: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(rename = "Records")]
+    records: Option<serde::de::IgnoredAny>,
+    rx_ms: Option<Value>,
+}
+
 /// The messages of one sample event; `now_ms` stands in for a missing `SentTimestamp`.
 pub fn messages_from_event(text: &str, now_ms: i64) -> Result<Vec<OwnedInbound>, serde_json::Error> {
-    let event: Value = serde_json::from_str(text)?;
-    Ok(match event.get("Records").and_then(Value::as_array) {
-        Some(records) => records
-            .iter()
+    let probe: Probe = serde_json::from_str(text)?;
+    if probe.records.is_some() {
+        let event: SqsEventText = serde_json::from_str(text)?;
+        return Ok(event
+            .records
+            .into_iter()
             .enumerate()
             .map(|(i, r)| OwnedInbound {
-                message_id: r["messageId"]
-                    .as_str()
-                    .map_or_else(|| format!("record-{i}"), str::to_owned),
-                received_ms: r["attributes"]["SentTimestamp"]
-                    .as_str()
+                message_id: r.message_id.unwrap_or_else(|| format!("record-{i}")),
+                received_ms: r
+                    .attributes
+                    .sent_timestamp
                     .and_then(|t| t.parse().ok())
                     .unwrap_or(now_ms),
-                body: r["body"].as_str().unwrap_or_default().as_bytes().to_vec(),
+                body: r.body.into_bytes(),
             })
-            .collect(),
-        None => vec![OwnedInbound {
-            message_id: format!("direct-{}", content_id(text.as_bytes())),
-            received_ms: event["rx_ms"].as_i64().unwrap_or(now_ms),
-            body: text.as_bytes().to_vec(),
-        }],
-    })
+            .collect());
+    }
+    Ok(vec![OwnedInbound {
+        message_id: format!("direct-{}", content_id(text.as_bytes())),
+        received_ms: probe.rx_ms.and_then(|v| v.as_i64()).unwrap_or(now_ms),
+        body: text.as_bytes().to_vec(),
+    }])
 }

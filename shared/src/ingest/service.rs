@@ -299,7 +299,8 @@ fn order_key(r: &Reading) -> (i64, u32, u64) {
     (r.time_ms, r.id.boot, r.id.seq)
 }
 
-fn enrich(r: &Reading, device: Option<&Device>) -> StoredReading {
+/// A reading as stored: tagged with its device's class and region, or `unregistered`.
+pub fn enrich(r: &Reading, device: Option<&Device>) -> StoredReading {
     let registration = device.and_then(|d| d.registration.as_ref());
     StoredReading {
         reading: r.clone(),

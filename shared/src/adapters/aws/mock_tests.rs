@@ -312,3 +312,36 @@ async fn reads_every_page_of_a_telemetry_query() {
     let seqs: Vec<u64> = readings.iter().map(|r| r.reading.id.seq).collect();
     assert_eq!(seqs, [1, 2]);
 }
+
+#[cfg(feature = "test-support")]
+#[tokio::test]
+async fn ingesting_1000_messages_from_100_devices_makes_the_target_api_calls() {
+    use super::counting::{ApiCalls, CountingAws};
+    use crate::ingest::{ingest_batch, IngestPolicy, IngestPorts, OwnedInbound};
+
+    // GIVEN 100 registered devices and one SQS batch of 1,000 messages from them
+    let aws = CountingAws::new((0..100).map(crate::sim::thing_name).collect());
+    let batch = crate::sim::fleet_batch(100, 1_000, 1_764_000_000_000, 1);
+    let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
+    let s = &aws.store;
+    // WHEN it is ingested
+    let ports = IngestPorts {
+        registry: s,
+        sink: s,
+        archive: s,
+        quarantine: s,
+    };
+    let outcome = ingest_batch(ports, &IngestPolicy::default(), 1_764_000_002_000, &inbound).await;
+    // THEN everything is stored with 10 WriteRecords, 1 PUT, 1 state write per device, and no dedupe writes
+    assert_eq!((outcome.accepted, outcome.unregistered), (1_000, 0));
+    assert_eq!(
+        aws.calls(),
+        ApiCalls {
+            batch_get_item: 2,
+            update_item: 100,
+            batch_write_item: 0,
+            write_records: 10,
+            put_object: 1
+        }
+    );
+}

@@ -2,6 +2,8 @@
 //! quarantine). SDK ↔ domain mapping happens only here. One `aws_config` load per process;
 //! every client derives from it. Endpoints follow the SDK's `AWS_ENDPOINT_URL*` variables.
 
+#[cfg(feature = "test-support")]
+pub mod counting;
 pub mod dynamodb;
 pub mod s3;
 pub mod timestream;

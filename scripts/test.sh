@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs every Fleetline test, on a fresh machine too. It installs what the tests need into
+# .venv (pinned in scripts/requirements-test.txt, from PyPI: moto[server], cargo-lambda,
+# cfn-lint), starts a moto server on a free loopback port, runs formatting, lint, the SAM
+# template check and all four test tiers, and stops what it started.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+venv="$root/.venv"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "test tools (.venv from scripts/requirements-test.txt)"
+if ! cmp -s scripts/requirements-test.txt "$venv/.installed" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+  cp scripts/requirements-test.txt "$venv/.installed"
+fi
+export PATH="$venv/bin:$PATH"
+cargo lambda --version
+
+step "moto server on loopback"
+mkdir -p target
+port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+moto_server -H 127.0.0.1 -p "$port" >target/moto.log 2>&1 &
+moto_pid=$!
+cleanup() { kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true; }
+trap cleanup EXIT
+export FLEET_TEST_AWS_ENDPOINT="http://127.0.0.1:$port"
+for _ in $(seq 1 100); do
+  if "$venv/bin/python" -c "import urllib.request as u; u.urlopen('$FLEET_TEST_AWS_ENDPOINT/moto-api/', timeout=1)" 2>/dev/null; then
+    break
+  fi
+  kill -0 "$moto_pid" 2>/dev/null || { cat target/moto.log; exit 1; }
+  sleep 0.2
+done
+echo "moto at $FLEET_TEST_AWS_ENDPOINT"
+
+step "format"
+cargo fmt --all -- --check
+
+step "lint (clippy, warnings are errors)"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+step "SAM template (cfn-lint)"
+cfn-lint infra/template.yaml
+
+step "tests: domain, handler, adapter (moto + mocks), end-to-end (cargo lambda)"
+cargo test --workspace --features fleet-shared/test-support --locked -- --include-ignored

@@ -1,0 +1,109 @@
+//! A call-counting AWS store: every client answers success from an aws-smithy-mocks rule, and
+//! each rule counts its calls. The real adapters run unchanged on top, so the counts are the
+//! API calls a deployment makes. Used by the cost report and the call-count tests.
+
+use std::collections::{HashMap, HashSet};
+
+use aws_sdk_dynamodb::operation::batch_get_item::BatchGetItemOutput;
+use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_s3::operation::put_object::PutObjectOutput;
+use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsOutput;
+use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
+
+use super::AwsStore;
+use crate::config::AwsResources;
+
+/// API calls made, by operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApiCalls {
+    pub batch_get_item: usize,
+    pub update_item: usize,
+    pub batch_write_item: usize,
+    pub write_records: usize,
+    pub put_object: usize,
+}
+
+pub struct CountingAws {
+    pub store: AwsStore,
+    batch_get_item: Rule,
+    update_item: Rule,
+    batch_write_item: Rule,
+    write_records: Rule,
+    put_object: Rule,
+}
+
+impl CountingAws {
+    /// A store where `registered` things have a registration (class `env-sensor`).
+    pub fn new(registered: HashSet<String>) -> Self {
+        let table = "Devices";
+        let batch_get_item =
+            mock!(aws_sdk_dynamodb::Client::batch_get_item).then_compute_output(move |req| {
+                let keys = req
+                    .request_items()
+                    .and_then(|r| r.get(table))
+                    .map(|k| k.keys().to_vec())
+                    .unwrap_or_default();
+                let items: Vec<HashMap<String, AttributeValue>> = keys
+                    .into_iter()
+                    .filter(|k| {
+                        let thing = k.get("thing").and_then(|v| v.as_s().ok());
+                        let item = k.get("item").and_then(|v| v.as_s().ok());
+                        item.is_some_and(|i| i == "registration")
+                            && thing.is_some_and(|t| registered.contains(t))
+                    })
+                    .map(|mut k| {
+                        k.insert("class".into(), AttributeValue::S("env-sensor".into()));
+                        k.insert("region".into(), AttributeValue::S("eu-west".into()));
+                        k.insert("fw".into(), AttributeValue::S("1.4.0".into()));
+                        k.insert("registered_at_ms".into(), AttributeValue::N("1".into()));
+                        k
+                    })
+                    .collect();
+                BatchGetItemOutput::builder().responses(table, items).build()
+            });
+        let update_item =
+            mock!(aws_sdk_dynamodb::Client::update_item).then_output(|| UpdateItemOutput::builder().build());
+        let batch_write_item = mock!(aws_sdk_dynamodb::Client::batch_write_item)
+            .then_output(|| BatchWriteItemOutput::builder().build());
+        let write_records = mock!(aws_sdk_timestreamwrite::Client::write_records)
+            .then_output(|| WriteRecordsOutput::builder().build());
+        let put_object =
+            mock!(aws_sdk_s3::Client::put_object).then_output(|| PutObjectOutput::builder().build());
+        let store = AwsStore::from_clients(
+            mock_client!(
+                aws_sdk_dynamodb,
+                RuleMode::MatchAny,
+                [&batch_get_item, &update_item, &batch_write_item]
+            ),
+            mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, [&write_records]),
+            mock_client!(aws_sdk_timestreamquery, RuleMode::MatchAny, &[]),
+            mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put_object]),
+            AwsResources {
+                devices_table: table.into(),
+                telemetry_database: "fleet".into(),
+                telemetry_table: "telemetry".into(),
+                archive_bucket: "archive".into(),
+            },
+        );
+        Self {
+            store,
+            batch_get_item,
+            update_item,
+            batch_write_item,
+            write_records,
+            put_object,
+        }
+    }
+
+    pub fn calls(&self) -> ApiCalls {
+        ApiCalls {
+            batch_get_item: self.batch_get_item.num_calls(),
+            update_item: self.update_item.num_calls(),
+            batch_write_item: self.batch_write_item.num_calls(),
+            write_records: self.write_records.num_calls(),
+            put_object: self.put_object.num_calls(),
+        }
+    }
+}
