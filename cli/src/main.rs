@@ -4,6 +4,8 @@
 #![recursion_limit = "256"]
 
 mod commands;
+mod demo;
+mod local;
 mod output;
 
 use std::path::PathBuf;
@@ -44,12 +46,57 @@ pub enum Command {
         #[command(subcommand)]
         command: QuarantineCommand,
     },
+    /// Run IoT Core on this machine: MQTT broker, the template's topic rules, the functions
+    /// in-process on the embedded backend, and an HTTP API + dashboard. Ctrl-C stops it cleanly.
+    Local {
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// The local stack plus simulated devices publishing over MQTT; ends with a report.
+    Demo {
+        #[command(flatten)]
+        stack: StackArgs,
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// How long devices publish (e.g. 60s, 2m).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Messages per second per device.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Keep the stack (and dashboard) up after the report, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// Feed sample events (SQS batches or single rule payloads, as in events/) through the
     /// ingest pipeline and print what was stored.
     Ingest {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+#[derive(clap::Args, Clone)]
+pub struct StackArgs {
+    /// Address every listener binds to.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+    /// MQTT 3.1.1 port.
+    #[arg(long, default_value_t = 1883)]
+    pub mqtt_port: u16,
+    /// MQTT 5 port.
+    #[arg(long, default_value_t = 1884)]
+    pub mqtt5_port: u16,
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// SAM template whose topic rules to run (default: infra/template.yaml if present, else built in).
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// Longest a local queue waits to fill a batch, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub batch_window_ms: u64,
 }
 
 #[derive(Subcommand)]

@@ -28,11 +28,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         emit(padded.join("  ").trim_end())
     };
     line(header.to_vec())?;
@@ -65,10 +61,7 @@ pub fn devices(devices: &[Device], json: bool) -> Result<()> {
     if json {
         return print_json(&devices);
     }
-    table(
-        &DEVICE_HEADER,
-        &devices.iter().map(device_row).collect::<Vec<_>>(),
-    )
+    table(&DEVICE_HEADER, &devices.iter().map(device_row).collect::<Vec<_>>())
 }
 
 pub fn device(d: &Device, json: bool) -> Result<()> {
@@ -97,20 +90,13 @@ pub fn readings(readings: &[StoredReading], json: bool) -> Result<()> {
                 rfc3339_ms(r.time_ms),
                 format!("{}/{}", r.id.boot, r.id.seq),
                 s.class.clone(),
-                r.metrics
-                    .iter()
-                    .map(|m| format!("{}={}", m.name, m.value))
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                r.metrics.iter().map(|m| format!("{}={}", m.name, m.value)).collect::<Vec<_>>().join(" "),
                 opt(r.battery_pct),
                 flags.join(","),
             ]
         })
         .collect();
-    table(
-        &["TIME", "BOOT/SEQ", "CLASS", "METRICS", "BATTERY", "FLAGS"],
-        &rows,
-    )
+    table(&["TIME", "BOOT/SEQ", "CLASS", "METRICS", "BATTERY", "FLAGS"], &rows)
 }
 
 pub fn quarantine(lines: &[QuarantineLine], json: bool) -> Result<()> {
@@ -123,16 +109,8 @@ pub fn quarantine(lines: &[QuarantineLine], json: bool) -> Result<()> {
             vec![
                 rfc3339_ms(q.received_ms),
                 opt(q.thing.as_deref()),
-                q.reasons
-                    .iter()
-                    .map(|p| p.reason.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                q.reasons
-                    .iter()
-                    .map(|p| p.detail.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                q.reasons.iter().map(|p| p.reason.as_str()).collect::<Vec<_>>().join(","),
+                q.reasons.iter().map(|p| p.detail.as_str()).collect::<Vec<_>>().join("; "),
             ]
         })
         .collect();

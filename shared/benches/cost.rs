@@ -6,7 +6,6 @@
 //! us-east-1 list prices below (on-demand, no free tier).
 
 use fleet_shared::adapters::aws::counting::CountingAws;
-use fleet_shared::ingest::{ingest_batch, IngestPolicy, IngestPorts, OwnedInbound};
 use fleet_shared::sim;
 
 const DEVICES: usize = 100;
@@ -30,15 +29,7 @@ const S3_PUT_PER_K: f64 = 0.005;
 async fn main() {
     let aws = CountingAws::new((0..DEVICES).map(sim::thing_name).collect());
     let batch = sim::fleet_batch(DEVICES, MESSAGES, 1_764_000_000_000, 1);
-    let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
-    let s = &aws.store;
-    let ports = IngestPorts {
-        registry: s,
-        sink: s,
-        archive: s,
-        quarantine: s,
-    };
-    let outcome = ingest_batch(ports, &IngestPolicy::default(), 1_764_000_002_000, &inbound).await;
+    let outcome = aws.ingest(&batch, 1_764_000_002_000).await;
     assert_eq!(outcome.accepted, MESSAGES, "{outcome:?}");
     let c = aws.calls();
 
@@ -83,14 +74,8 @@ async fn main() {
             batches * LAMBDA_SECONDS_PER_BATCH * LAMBDA_MEMORY_GB * LAMBDA_ARM_GB_SECOND,
         ),
         ("Timestream writes (1 record/message)", TIMESTREAM_WRITE_PER_M),
-        (
-            "DynamoDB state writes",
-            per_batch(c.update_item) / 1e6 * DYNAMODB_WRU_PER_M,
-        ),
-        (
-            "DynamoDB enrichment reads",
-            per_batch(DEVICES * 2) * 0.5 / 1e6 * DYNAMODB_RRU_PER_M,
-        ),
+        ("DynamoDB state writes", per_batch(c.update_item) / 1e6 * DYNAMODB_WRU_PER_M),
+        ("DynamoDB enrichment reads", per_batch(DEVICES * 2) * 0.5 / 1e6 * DYNAMODB_RRU_PER_M),
         ("S3 archive PUTs", per_batch(c.put_object) / 1e3 * S3_PUT_PER_K),
     ];
     println!("\nModelled cost per 1,000,000 messages (us-east-1 list prices, storage excluded):");

@@ -45,14 +45,7 @@ fn main() {
                 fw: "1.4.0".into(),
                 registered_at_ms: 1,
             };
-            (
-                thing.clone(),
-                Device {
-                    thing,
-                    registration: Some(registration),
-                    state: None,
-                },
-            )
+            (thing.clone(), Device { thing, registration: Some(registration), state: None })
         })
         .collect();
     let policy = IngestPolicy::default();

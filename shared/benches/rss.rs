@@ -8,7 +8,7 @@
 use std::process::Command;
 
 use fleet_shared::adapters::aws::counting::CountingAws;
-use fleet_shared::ingest::{ingest_batch, messages_from_event, IngestPolicy, IngestPorts, OwnedInbound};
+use fleet_shared::ingest::messages_from_event;
 use fleet_shared::sim;
 
 const MESSAGES: usize = 10_000;
@@ -46,15 +46,7 @@ async fn measure(path: &str) {
     let text = std::fs::read_to_string(path).expect("event file");
     let baseline = vm_hwm_mb();
     let owned = messages_from_event(&text, 1_764_000_002_000).expect("event JSON");
-    let inbound: Vec<_> = owned.iter().map(OwnedInbound::borrow).collect();
-    let s = &aws.store;
-    let ports = IngestPorts {
-        registry: s,
-        sink: s,
-        archive: s,
-        quarantine: s,
-    };
-    let outcome = ingest_batch(ports, &IngestPolicy::default(), 1_764_000_002_000, &inbound).await;
+    let outcome = aws.ingest(&owned, 1_764_000_002_000).await;
     assert_eq!(outcome.accepted, MESSAGES);
     let peak = vm_hwm_mb();
     println!(
@@ -72,10 +64,7 @@ async fn measure(path: &str) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--measure") {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(measure(&args[i + 1]));
         return;
     }

@@ -45,11 +45,7 @@ pub enum ConfigError {
     #[error("environment variable {0} is not set")]
     Missing(&'static str),
     #[error("environment variable {var}={value:?} is invalid: expected {expected}")]
-    Invalid {
-        var: &'static str,
-        value: String,
-        expected: &'static str,
-    },
+    Invalid { var: &'static str, value: String, expected: &'static str },
 }
 
 impl Config {
@@ -63,15 +59,11 @@ impl Config {
         let number = |k: &'static str, default: i64| -> Result<i64, ConfigError> {
             match get(k).filter(|v| !v.is_empty()) {
                 None => Ok(default),
-                Some(v) => v
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(ConfigError::Invalid {
-                        var: k,
-                        value: v,
-                        expected: "a positive integer",
-                    }),
+                Some(v) => v.parse::<i64>().ok().filter(|n| *n > 0).ok_or(ConfigError::Invalid {
+                    var: k,
+                    value: v,
+                    expected: "a positive integer",
+                }),
             }
         };
         let backend = match need("FLEET_BACKEND")?.as_str() {
@@ -81,9 +73,7 @@ impl Config {
                 telemetry_table: need("FLEET_TELEMETRY_TABLE")?,
                 archive_bucket: need("FLEET_ARCHIVE_BUCKET")?,
             }),
-            "embedded" => Backend::Embedded {
-                db_path: PathBuf::from(need("FLEET_DB")?),
-            },
+            "embedded" => Backend::Embedded { db_path: PathBuf::from(need("FLEET_DB")?) },
             other => {
                 return Err(ConfigError::Invalid {
                     var: "FLEET_BACKEND",
@@ -148,12 +138,7 @@ mod tests {
             ("FLEET_DB", "/tmp/x.sqlite"),
             ("FLEET_SKEW_TOLERANCE_S", "60"),
         ]))?;
-        assert_eq!(
-            c.backend,
-            Backend::Embedded {
-                db_path: "/tmp/x.sqlite".into()
-            }
-        );
+        assert_eq!(c.backend, Backend::Embedded { db_path: "/tmp/x.sqlite".into() });
         assert_eq!(c.policy.max_future_skew_ms, 60_000);
         assert_eq!(c.policy.hot_window_ms, UNLIMITED_WINDOW_DAYS * MS_PER_DAY);
         Ok(())
@@ -167,12 +152,6 @@ mod tests {
             ("FLEET_HOT_WINDOW_DAYS", "a year"),
         ]))
         .unwrap_err();
-        assert!(matches!(
-            err,
-            ConfigError::Invalid {
-                var: "FLEET_HOT_WINDOW_DAYS",
-                ..
-            }
-        ));
+        assert!(matches!(err, ConfigError::Invalid { var: "FLEET_HOT_WINDOW_DAYS", .. }));
     }
 }

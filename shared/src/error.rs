@@ -25,19 +25,11 @@ pub struct StoreError {
 
 impl StoreError {
     pub fn transient(op: &'static str, source: impl Into<BoxError>) -> Self {
-        Self {
-            op,
-            kind: ErrorKind::Transient,
-            source: source.into(),
-        }
+        Self { op, kind: ErrorKind::Transient, source: source.into() }
     }
 
     pub fn permanent(op: &'static str, source: impl Into<BoxError>) -> Self {
-        Self {
-            op,
-            kind: ErrorKind::Permanent,
-            source: source.into(),
-        }
+        Self { op, kind: ErrorKind::Permanent, source: source.into() }
     }
 
     pub fn is_transient(&self) -> bool {

@@ -103,11 +103,7 @@ mod tests {
         let outcome = BatchOutcome {
             messages: 5,
             accepted: 2,
-            quarantined: vec![
-                q(Reason::MalformedJson),
-                q(Reason::MalformedJson),
-                q(Reason::ThingMismatch),
-            ],
+            quarantined: vec![q(Reason::MalformedJson), q(Reason::MalformedJson), q(Reason::ThingMismatch)],
             ..BatchOutcome::default()
         };
         // WHEN
@@ -122,10 +118,7 @@ mod tests {
         let malformed: Value = serde_json::from_str(&lines[1])?;
         assert_eq!(malformed["Reason"], "malformed_json");
         assert_eq!(malformed["QuarantinedByReason"], 2.0);
-        assert_eq!(
-            malformed["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0][1],
-            "Reason"
-        );
+        assert_eq!(malformed["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0][1], "Reason");
         Ok(())
     }
 }

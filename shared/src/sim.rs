@@ -2,7 +2,7 @@
 //! benchmarks, cost reports, load tests and demos. A small xorshift generator keeps it
 //! reproducible without a randomness dependency.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::ingest::OwnedInbound;
 
@@ -35,23 +35,129 @@ pub fn thing_name(i: usize) -> String {
     format!("sim-{i:05}")
 }
 
-/// One simulated device's next message body (rule output: payload + thing, rx_ms, client_id).
-/// Even devices speak envelope v1, odd ones v2 (SenML).
-pub fn message_body(device: usize, seq: u64, rx_ms: i64, rng: &mut Rng) -> Vec<u8> {
-    let thing = thing_name(device);
-    let ts = rx_ms - 50 - (rng.unit() * 200.0) as i64;
+/// What one simulated device publishes (no rule fields). Even devices speak envelope v1,
+/// odd ones v2 (SenML).
+pub fn device_payload(device: usize, boot: u32, seq: u64, ts_ms: i64, battery: f64, rng: &mut Rng) -> Value {
     let temp = (200.0 + rng.unit() * 80.0).round() / 10.0;
     let hum = (350.0 + rng.unit() * 200.0).round() / 10.0;
-    let bat = 100 - (seq / 50 % 100) as i64;
-    let body = if device.is_multiple_of(2) {
-        json!({"v":1,"seq":seq,"boot":3,"ts":ts,"fw":"1.4.2","m":{"temp_c":temp,"hum_pct":hum,"pressure_hpa":1013.2},
-               "bat":bat,"up_s":seq * 10,"test":false,"thing":thing,"rx_ms":rx_ms,"client_id":thing})
+    let co2 = (4000.0 + rng.unit() * 4000.0).round() / 10.0;
+    let bat = (battery * 10.0).round() / 10.0;
+    if device.is_multiple_of(2) {
+        json!({"v":1,"seq":seq,"boot":boot,"ts":ts_ms,"fw":"1.4.2","m":{"temp_c":temp,"hum_pct":hum,"pressure_hpa":1013.2},
+               "bat":bat,"up_s":seq * 10,"test":false})
     } else {
-        json!({"v":2,"seq":seq,"boot":3,"bt":ts,"fw":"2.0.1",
-               "e":[{"n":"temp_c","v":temp,"u":"Cel"},{"n":"hum_pct","v":hum,"u":"%RH"},{"n":"co2_ppm","v":600,"u":"ppm"}],
-               "bat":bat,"up_s":seq * 10,"thing":thing,"rx_ms":rx_ms,"client_id":thing})
-    };
-    serde_json::to_vec(&body).expect("JSON values serialise")
+        json!({"v":2,"seq":seq,"boot":boot,"bt":ts_ms,"fw":"2.0.1",
+               "e":[{"n":"temp_c","v":temp,"u":"Cel"},{"n":"hum_pct","v":hum,"u":"%RH"},{"n":"co2_ppm","v":co2,"u":"ppm"}],
+               "bat":bat,"up_s":seq * 10})
+    }
+}
+
+/// What the telemetry rule adds to a payload: `thing`, `rx_ms`, `client_id`.
+pub fn rule_output(mut payload: Value, thing: &str, rx_ms: i64) -> Vec<u8> {
+    if let Value::Object(o) = &mut payload {
+        o.insert("thing".into(), thing.into());
+        o.insert("rx_ms".into(), rx_ms.into());
+        o.insert("client_id".into(), thing.into());
+    }
+    serde_json::to_vec(&payload).expect("JSON values serialise")
+}
+
+/// One simulated device's next message as the rule delivers it.
+pub fn message_body(device: usize, seq: u64, rx_ms: i64, rng: &mut Rng) -> Vec<u8> {
+    let ts = rx_ms - 50 - (rng.unit() * 200.0) as i64;
+    let battery = 100.0 - (seq / 50 % 100) as f64;
+    rule_output(device_payload(device, 3, seq, ts, battery, rng), &thing_name(device), rx_ms)
+}
+
+/// Malformed payload kinds a misbehaving device sends.
+const MALFORMED: [&str; 5] = [
+    r#"{"v":1,"seq":1,"boot":1,"ts":17640"#,
+    r#"{"v":1,"seq":1,"boot":1,"ts":1764000000000,"m":{"temp_c":NaN}}"#,
+    r#"{"v":1,"boot":1,"ts":1764000000000,"m":{"temp_c":"warm"}}"#,
+    r#"{"v":7,"seq":1,"boot":1,"ts":1764000000000,"m":{"temp_c":1}}"#,
+    r#"{"v":2,"seq":1,"boot":1,"bt":1764000000000,"e":[{"n":"temp c","v":1}]}"#,
+];
+
+/// How often a simulated device misbehaves, per message.
+#[derive(Debug, Clone, Copy)]
+pub struct Quirks {
+    pub reboot: f64,
+    pub duplicate: f64,
+    pub out_of_order: f64,
+    pub malformed: f64,
+}
+
+impl Default for Quirks {
+    fn default() -> Self {
+        Self { reboot: 0.002, duplicate: 0.01, out_of_order: 0.01, malformed: 0.005 }
+    }
+}
+
+/// A simulated device: boots, sequence numbers, battery drain, and the quirks of real ones
+/// (reboots, redelivered duplicates, out-of-order delivery, malformed payloads).
+#[derive(Debug, Clone)]
+pub struct DeviceSim {
+    pub index: usize,
+    pub thing: String,
+    boot: u32,
+    seq: u64,
+    battery: f64,
+    quirks: Quirks,
+    rng: Rng,
+    last: Option<Vec<u8>>,
+    held: Option<Vec<u8>>,
+}
+
+impl DeviceSim {
+    pub fn new(index: usize, quirks: Quirks, seed: u64) -> Self {
+        let mut rng = Rng::new(seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let battery = 60.0 + rng.unit() * 40.0;
+        Self {
+            index,
+            thing: thing_name(index),
+            boot: 1,
+            seq: 0,
+            battery,
+            quirks,
+            rng,
+            last: None,
+            held: None,
+        }
+    }
+
+    /// The payloads to publish at this tick, in order (usually one).
+    pub fn tick(&mut self, now_ms: i64) -> Vec<Vec<u8>> {
+        let q = self.quirks;
+        if self.rng.unit() < q.malformed {
+            let kind = (self.rng.next_u64() % MALFORMED.len() as u64) as usize;
+            return vec![MALFORMED[kind].as_bytes().to_vec()];
+        }
+        if self.last.is_some() && self.rng.unit() < q.duplicate {
+            return self.last.clone().into_iter().collect();
+        }
+        if self.rng.unit() < q.reboot {
+            self.boot += 1;
+            self.seq = 0;
+        }
+        self.seq += 1;
+        self.battery = (self.battery - 0.01).max(1.0);
+        let payload = device_payload(self.index, self.boot, self.seq, now_ms, self.battery, &mut self.rng);
+        let bytes = serde_json::to_vec(&payload).expect("JSON values serialise");
+        self.last = Some(bytes.clone());
+        if let Some(held) = self.held.take() {
+            return vec![bytes, held];
+        }
+        if self.rng.unit() < q.out_of_order {
+            self.held = Some(bytes);
+            return Vec::new();
+        }
+        vec![bytes]
+    }
+
+    /// A message held back for out-of-order delivery, if any (publish it before stopping).
+    pub fn flush(&mut self) -> Option<Vec<u8>> {
+        self.held.take()
+    }
 }
 
 /// A batch of `messages` valid messages spread round-robin over `devices` devices.
@@ -75,6 +181,33 @@ pub fn fleet_batch(devices: usize, messages: usize, rx_ms: i64, seed: u64) -> Ve
 mod tests {
     use super::*;
     use crate::ingest::{plan, IngestPolicy};
+
+    #[test]
+    fn a_quirky_device_sends_each_kind_of_trouble_and_nothing_else() {
+        let quirks = Quirks { reboot: 0.05, duplicate: 0.05, out_of_order: 0.05, malformed: 0.05 };
+        let mut d = DeviceSim::new(1, quirks, 9);
+        let mut sent: Vec<Vec<u8>> = (0..2_000).flat_map(|i| d.tick(1_764_000_000_000 + i)).collect();
+        sent.extend(d.flush());
+        let bodies: Vec<Vec<u8>> = sent
+            .iter()
+            .map(|p| {
+                let v: Value = serde_json::from_slice(p).unwrap_or(Value::Null);
+                rule_output(v, &d.thing, 1_764_000_010_000)
+            })
+            .collect();
+        let inbound: Vec<OwnedInbound> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| OwnedInbound { message_id: i.to_string(), received_ms: 0, body: b.clone() })
+            .collect();
+        let borrowed: Vec<_> = inbound.iter().map(OwnedInbound::borrow).collect();
+        let p = plan(&borrowed, &IngestPolicy::default(), 1_764_000_010_000);
+        assert!(!p.quarantined.is_empty() && !p.duplicates.is_empty());
+        assert_eq!(p.readings.len() + p.duplicates.len() + p.quarantined.len(), sent.len());
+        assert!(p.readings.iter().any(|r| r.id.boot > 1), "reboots");
+        let seqs: Vec<(u32, u64)> = p.readings.iter().map(|r| (r.id.boot, r.id.seq)).collect();
+        assert!(seqs.windows(2).any(|w| w[1] < w[0]), "out of order");
+    }
 
     #[test]
     fn simulated_batches_are_valid_distinct_and_reproducible() {

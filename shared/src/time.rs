@@ -13,12 +13,7 @@ pub fn utc_date_hour(ms: i64) -> (String, u32) {
 pub fn rfc3339_ms(ms: i64) -> String {
     let (date, hour) = utc_date_hour(ms);
     let secs_of_hour = ms.div_euclid(1000).rem_euclid(3600);
-    format!(
-        "{date}T{hour:02}:{:02}:{:02}.{:03}Z",
-        secs_of_hour / 60,
-        secs_of_hour % 60,
-        ms.rem_euclid(1000)
-    )
+    format!("{date}T{hour:02}:{:02}:{:02}.{:03}Z", secs_of_hour / 60, secs_of_hour % 60, ms.rem_euclid(1000))
 }
 
 /// Parse Timestream's `YYYY-MM-DD HH:MM:SS[.fffffffff]` (UTC) to Unix milliseconds.
@@ -64,9 +59,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// Milliseconds since the Unix epoch, from the system clock (handler boundaries only).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]
@@ -83,14 +76,8 @@ mod tests {
 
     #[test]
     fn parses_timestream_times() {
-        assert_eq!(
-            parse_timestream_time("2025-11-24 16:00:00.123001042"),
-            Some(1_764_000_000_123)
-        );
-        assert_eq!(
-            parse_timestream_time("2000-02-29 00:00:00"),
-            Some(951_782_400_000)
-        );
+        assert_eq!(parse_timestream_time("2025-11-24 16:00:00.123001042"), Some(1_764_000_000_123));
+        assert_eq!(parse_timestream_time("2000-02-29 00:00:00"), Some(951_782_400_000));
         assert_eq!(parse_timestream_time("1970-01-01 00:00:00.5"), Some(500));
         assert_eq!(parse_timestream_time("2025-13-01 00:00:00"), None);
         assert_eq!(parse_timestream_time("yesterday"), None);

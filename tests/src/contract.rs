@@ -40,28 +40,13 @@ pub async fn registration_round_trips_and_lists_sorted<S: DeviceAdmin>(s: &S) ->
     let devices: Vec<_> = (0..30).rev().map(|n| (thing(n), registration("env"))).collect();
     s.register(&devices).await?;
     let listed = s.devices().await?;
-    ensure!(
-        listed.len() == 30,
-        "listed {} devices, registered 30",
-        listed.len()
-    );
-    ensure!(
-        listed.windows(2).all(|w| w[0].thing < w[1].thing),
-        "not sorted by thing"
-    );
+    ensure!(listed.len() == 30, "listed {} devices, registered 30", listed.len());
+    ensure!(listed.windows(2).all(|w| w[0].thing < w[1].thing), "not sorted by thing");
     let one = s.device(&thing(7)).await?.context("device 7 missing")?;
-    ensure!(
-        one.registration == Some(registration("env")),
-        "registration differs: {:?}",
-        one.registration
-    );
+    ensure!(one.registration == Some(registration("env")), "registration differs: {:?}", one.registration);
     s.register(&[(thing(7), registration("gateway"))]).await?;
     let again = s.device(&thing(7)).await?.context("device 7 missing")?;
-    ensure!(
-        again.class() == "gateway",
-        "re-registration not applied: {}",
-        again.class()
-    );
+    ensure!(again.class() == "gateway", "re-registration not applied: {}", again.class());
     ensure!(s.device(&thing(999)).await?.is_none(), "unknown device found");
     Ok(())
 }
@@ -87,35 +72,19 @@ pub async fn device_state_only_moves_forward<S: DeviceAdmin + DeviceRegistry>(s:
     let failed = s.record_states(&[(t.clone(), state(2_000, Some(80.0)))]).await;
     ensure!(failed.is_empty(), "state write failed: {failed:?}");
     let failed = s.record_states(&[(t.clone(), state(1_000, Some(99.0)))]).await;
-    ensure!(
-        failed.is_empty(),
-        "an older state must be ignored, not fail: {failed:?}"
-    );
+    ensure!(failed.is_empty(), "an older state must be ignored, not fail: {failed:?}");
     let d = s.device(&t).await?.context("device missing")?;
-    ensure!(
-        d.state == Some(state(2_000, Some(80.0))),
-        "older state applied: {:?}",
-        d.state
-    );
+    ensure!(d.state == Some(state(2_000, Some(80.0))), "older state applied: {:?}", d.state);
     s.record_states(&[(t.clone(), state(3_000, None))]).await;
     let d = s.device(&t).await?.context("device missing")?;
     let st = d.state.context("no state")?;
-    ensure!(
-        st.last_ts_ms == 3_000 && st.battery_pct == Some(80.0),
-        "newer state wrong: {st:?}"
-    );
-    ensure!(
-        d.registration == Some(registration("env")),
-        "state write touched the registration"
-    );
+    ensure!(st.last_ts_ms == 3_000 && st.battery_pct == Some(80.0), "newer state wrong: {st:?}");
+    ensure!(d.registration == Some(registration("env")), "state write touched the registration");
     // a thing only known from telemetry becomes a device without registration
     let stray = thing(301);
     s.record_states(&[(stray.clone(), state(5, None))]).await;
     let d = s.device(&stray).await?.context("telemetry-only device missing")?;
-    ensure!(
-        d.registration.is_none() && d.state.is_some(),
-        "stray device wrong: {d:?}"
-    );
+    ensure!(d.registration.is_none() && d.state.is_some(), "stray device wrong: {d:?}");
     Ok(())
 }
 
@@ -125,15 +94,8 @@ pub async fn archive_put_is_idempotent_by_key<S: RawArchive + ArchiveInspect>(s:
     s.put_raw(&object).await?;
     s.put_raw(&object).await?;
     let stored = s.objects("raw/").await?;
-    ensure!(
-        stored.len() == 1,
-        "{} objects after two identical puts",
-        stored.len()
-    );
-    ensure!(
-        stored.get(&object.key) == Some(&object.body),
-        "stored bytes differ"
-    );
+    ensure!(stored.len() == 1, "{} objects after two identical puts", stored.len());
+    ensure!(stored.get(&object.key) == Some(&object.body), "stored bytes differ");
     Ok(())
 }
 
@@ -164,34 +126,21 @@ pub async fn quarantine_round_trips_lines_once<S: Quarantine>(
     let back = list().await?;
     ensure!(back.len() == 2, "{} lines after putting 2 twice", back.len());
     ensure!(back == lines, "lines differ: {back:?}");
-    ensure!(
-        back[1].original() == vec![0xff, 0x00, 0x7b],
-        "binary payload altered"
-    );
+    ensure!(back[1].original() == vec![0xff, 0x00, 0x7b], "binary payload altered");
     Ok(())
 }
 
 pub fn reading(n: usize) -> StoredReading {
     StoredReading {
         reading: Reading {
-            id: MessageId {
-                thing: thing(n % 10),
-                boot: 1,
-                seq: n as u64,
-            },
+            id: MessageId { thing: thing(n % 10), boot: 1, seq: n as u64 },
             time_ms: 1_764_000_000_000 + n as i64,
             device_time_ms: 1_764_000_000_000 + n as i64,
             rx_ms: 1_764_000_000_100 + n as i64,
             fw: Some("1.0.0".into()),
             metrics: vec![
-                Metric {
-                    name: "temp_c".into(),
-                    value: 20.5,
-                },
-                Metric {
-                    name: "hum_pct".into(),
-                    value: 41.0,
-                },
+                Metric { name: "temp_c".into(), value: 20.5 },
+                Metric { name: "hum_pct".into(), value: 41.0 },
             ],
             battery_pct: Some(77.0),
             uptime_s: Some(3600),
@@ -208,11 +157,7 @@ pub fn reading(n: usize) -> StoredReading {
 pub async fn sink_takes_a_batch_over_the_request_limit<S: TelemetrySink>(s: &S) -> Result<()> {
     let readings: Vec<_> = (0..250).map(reading).collect();
     let statuses = s.write(&readings).await?;
-    ensure!(
-        statuses.len() == 250,
-        "{} statuses for 250 readings",
-        statuses.len()
-    );
+    ensure!(statuses.len() == 250, "{} statuses for 250 readings", statuses.len());
     let written = statuses.iter().filter(|s| **s == WriteStatus::Written).count();
     ensure!(
         written == 250,
@@ -222,9 +167,7 @@ pub async fn sink_takes_a_batch_over_the_request_limit<S: TelemetrySink>(s: &S) 
     // replaying can only ever be written (same record) or a duplicate, never a failure
     let again = s.write(&readings).await?;
     ensure!(
-        again
-            .iter()
-            .all(|s| matches!(s, WriteStatus::Written | WriteStatus::Duplicate)),
+        again.iter().all(|s| matches!(s, WriteStatus::Written | WriteStatus::Duplicate)),
         "replay failed: {:?}",
         again.iter().find(|s| matches!(s, WriteStatus::Failed(_)))
     );

@@ -17,12 +17,7 @@ pub trait ArchiveInspect {
 
 impl ArchiveInspect for SqliteStore {
     async fn objects(&self, prefix: &str) -> Result<BTreeMap<String, Vec<u8>>> {
-        Ok(self
-            .archive_objects(prefix)
-            .await?
-            .into_iter()
-            .map(|o| (o.key, o.body))
-            .collect())
+        Ok(self.archive_objects(prefix).await?.into_iter().map(|o| (o.key, o.body)).collect())
     }
 }
 

@@ -38,11 +38,7 @@ pub async fn sdk_config() -> Result<SdkConfig> {
 
 fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Create a Devices table, a Timestream database + table and a bucket, and a store on them.
@@ -61,17 +57,9 @@ pub async fn fresh_store() -> Result<AwsStore> {
 /// The same resources `infra/template.yaml` declares (keys, Timestream table).
 pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()> {
     let attr = |name: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
+        AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build()
     };
-    let key = |name: &str, kind| {
-        KeySchemaElement::builder()
-            .attribute_name(name)
-            .key_type(kind)
-            .build()
-    };
+    let key = |name: &str, kind| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
     aws_sdk_dynamodb::Client::new(config)
         .create_table()
         .table_name(&r.devices_table)
@@ -84,11 +72,7 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .await
         .context("create devices table")?;
     let ts = aws_sdk_timestreamwrite::Client::new(config);
-    ts.create_database()
-        .database_name(&r.telemetry_database)
-        .send()
-        .await
-        .context("create timestream db")?;
+    ts.create_database().database_name(&r.telemetry_database).send().await.context("create timestream db")?;
     ts.create_table()
         .database_name(&r.telemetry_database)
         .table_name(&r.telemetry_table)
@@ -96,14 +80,8 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .await
         .context("create timestream table")?;
     let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(config)
-            .force_path_style(true)
-            .build(),
+        aws_sdk_s3::config::Builder::from(config).force_path_style(true).build(),
     );
-    s3.create_bucket()
-        .bucket(&r.archive_bucket)
-        .send()
-        .await
-        .context("create bucket")?;
+    s3.create_bucket().bucket(&r.archive_bucket).send().await.context("create bucket")?;
     Ok(())
 }

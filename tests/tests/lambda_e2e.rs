@@ -20,10 +20,7 @@ use serde_json::Value;
 const FIRST_INVOKE_DEADLINE: Duration = Duration::from_secs(900);
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
 }
 
 fn free_port() -> Result<u16> {
@@ -62,11 +59,7 @@ fn invoke(port: u16, event: &str) -> Result<Output> {
 
 fn invoke_json(port: u16, event: &str) -> Result<Value> {
     let out = invoke(port, event)?;
-    ensure!(
-        out.status.success(),
-        "invoke {event} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ensure!(out.status.success(), "invoke {event} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout)
         .with_context(|| format!("invoke output: {}", String::from_utf8_lossy(&out.stdout)))
 }
@@ -85,10 +78,7 @@ async fn cargo_lambda_invoke_stores_sample_events_in_the_embedded_backend() -> R
         registered_at_ms: 1,
     };
     store
-        .register(&[
-            (ThingName::parse("sensor-001")?, reg.clone()),
-            (ThingName::parse("sensor-002")?, reg),
-        ])
+        .register(&[(ThingName::parse("sensor-001")?, reg.clone()), (ThingName::parse("sensor-002")?, reg)])
         .await?;
 
     // AND the function running under cargo lambda watch
@@ -140,10 +130,7 @@ async fn cargo_lambda_invoke_stores_sample_events_in_the_embedded_backend() -> R
 
     // THEN no message is reported for retry
     for r in [&first, &mixed, &dup1, &dup2] {
-        ensure!(
-            r["batchItemFailures"] == serde_json::json!([]),
-            "unexpected failures: {r}"
-        );
+        ensure!(r["batchItemFailures"] == serde_json::json!([]), "unexpected failures: {r}");
     }
     ensure!(
         direct == serde_json::json!({"accepted": 1, "duplicates": 0, "quarantined": []}),
@@ -152,25 +139,12 @@ async fn cargo_lambda_invoke_stores_sample_events_in_the_embedded_backend() -> R
     // AND the database holds exactly what was sent, once
     let s1 = store.telemetry(&ThingName::parse("sensor-001")?, 0, 100).await?;
     let seqs: Vec<u64> = s1.iter().map(|r| r.reading.id.seq).collect();
-    ensure!(
-        seqs == [1042, 2001, 3001, 6001, 3002, 1043],
-        "sensor-001 seqs {seqs:?}"
-    );
+    ensure!(seqs == [1042, 2001, 3001, 6001, 3002, 1043], "sensor-001 seqs {seqs:?}");
     ensure!(s1.iter().all(|r| r.class == "env-sensor"), "enrichment missing");
     let quarantined = store.quarantined(0).await?;
-    ensure!(
-        quarantined.len() == 8,
-        "{} quarantined, expected the mixed batch's 8",
-        quarantined.len()
-    );
-    let state = store
-        .device(&ThingName::parse("sensor-001")?)
-        .await?
-        .and_then(|d| d.state)
-        .context("state")?;
-    ensure!(
-        state.seq == 1043,
-        "last-seen from the newest reading, got {state:?}"
-    );
+    ensure!(quarantined.len() == 8, "{} quarantined, expected the mixed batch's 8", quarantined.len());
+    let state =
+        store.device(&ThingName::parse("sensor-001")?).await?.and_then(|d| d.state).context("state")?;
+    ensure!(state.seq == 1043, "last-seen from the newest reading, got {state:?}");
     Ok(())
 }

@@ -18,12 +18,7 @@ const NOW: i64 = 1_764_000_001_000;
 async fn ingest(store: &AwsStore, event: &str) -> Result<BatchOutcome> {
     let owned: Vec<OwnedInbound> = messages_from_event(event, NOW)?;
     let inbound: Vec<_> = owned.iter().map(OwnedInbound::borrow).collect();
-    let ports = IngestPorts {
-        registry: store,
-        sink: store,
-        archive: store,
-        quarantine: store,
-    };
+    let ports = IngestPorts { registry: store, sink: store, archive: store, quarantine: store };
     Ok(ingest_batch(ports, &IngestPolicy::default(), NOW, &inbound).await)
 }
 
@@ -40,48 +35,26 @@ async fn mixed_batch_on_aws_adapters_stores_neighbours_quarantines_bad_and_repla
         registered_at_ms: 1,
     };
     let s1 = ThingName::parse("sensor-001")?;
-    store
-        .register(&[(s1.clone(), reg.clone()), (ThingName::parse("sensor-002")?, reg)])
-        .await?;
+    store.register(&[(s1.clone(), reg.clone()), (ThingName::parse("sensor-002")?, reg)]).await?;
 
     // WHEN the mixed batch is ingested
     let outcome = ingest(&store, MIXED).await?;
 
     // THEN 3 accepted, 8 quarantined, nothing failed; sensor-003 is unregistered
     ensure!(outcome.failed.is_empty(), "failed: {:?}", outcome.failed);
-    ensure!(
-        (outcome.accepted, outcome.quarantined.len(), outcome.unregistered) == (3, 8, 1),
-        "{outcome:?}"
-    );
+    ensure!((outcome.accepted, outcome.quarantined.len(), outcome.unregistered) == (3, 8, 1), "{outcome:?}");
     // AND S3 holds one raw object with the 3 valid bodies and one quarantine object with 8 lines
     let objects = store.objects("").await?;
-    let raw: Vec<_> = objects
-        .iter()
-        .filter(|(k, _)| k.starts_with("raw/dt=2025-11-24/hour=16/"))
-        .collect();
-    let quarantine: Vec<_> = objects
-        .iter()
-        .filter(|(k, _)| k.starts_with("quarantine/dt=2025-11-24/hour=16/"))
-        .collect();
-    ensure!(
-        raw.len() == 1 && quarantine.len() == 1,
-        "objects: {:?}",
-        objects.keys()
-    );
+    let raw: Vec<_> = objects.iter().filter(|(k, _)| k.starts_with("raw/dt=2025-11-24/hour=16/")).collect();
+    let quarantine: Vec<_> =
+        objects.iter().filter(|(k, _)| k.starts_with("quarantine/dt=2025-11-24/hour=16/")).collect();
+    ensure!(raw.len() == 1 && quarantine.len() == 1, "objects: {:?}", objects.keys());
     ensure!(decode_lines(raw[0].1)?.len() == 3, "raw lines");
     let q = store.quarantined(0).await?;
     ensure!(q.len() == 8, "{} quarantine lines", q.len());
-    ensure!(
-        q.iter()
-            .any(|l| l.reasons.iter().any(|p| p.reason == Reason::NonFiniteValue)),
-        "reasons kept"
-    );
+    ensure!(q.iter().any(|l| l.reasons.iter().any(|p| p.reason == Reason::NonFiniteValue)), "reasons kept");
     // AND the device state was recorded from the newest reading
-    let state = store
-        .device(&s1)
-        .await?
-        .and_then(|d| d.state)
-        .context("sensor-001 state")?;
+    let state = store.device(&s1).await?.and_then(|d| d.state).context("sensor-001 state")?;
     ensure!(state.seq == 2001, "state {state:?}");
 
     // WHEN the same batch is delivered again
@@ -89,9 +62,6 @@ async fn mixed_batch_on_aws_adapters_stores_neighbours_quarantines_bad_and_repla
     // THEN nothing fails and the archive is byte-identical (same keys, same objects)
     ensure!(again.failed.is_empty(), "replay failed: {:?}", again.failed);
     ensure!(store.objects("").await? == objects, "replay changed the archive");
-    ensure!(
-        store.device(&s1).await?.and_then(|d| d.state) == Some(state),
-        "replay changed last-seen"
-    );
+    ensure!(store.device(&s1).await?.and_then(|d| d.state) == Some(state), "replay changed last-seen");
     Ok(())
 }

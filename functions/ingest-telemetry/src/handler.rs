@@ -26,17 +26,15 @@ pub struct Deps<S> {
     pub policy: IngestPolicy,
     /// Milliseconds since the epoch; tests pass a fixed clock.
     pub clock: fn() -> i64,
+    /// Print CloudWatch EMF metric lines to stdout (on in Lambda; the local stack keeps its own counts).
+    pub emit_metrics: bool,
 }
 
 impl Deps<Store> {
     pub async fn from_env() -> Result<Self, lambda_runtime::Error> {
         let config = Config::from_env()?;
         let store = Store::connect(&config).await?;
-        Ok(Self {
-            store,
-            policy: config.policy,
-            clock: time::now_ms,
-        })
+        Ok(Self { store, policy: config.policy, clock: time::now_ms, emit_metrics: true })
     }
 }
 
@@ -78,10 +76,7 @@ impl From<HandlerError> for Diagnostic {
             HandlerError::Retryable(_) => "Retryable",
             HandlerError::InvalidEvent(_) => "InvalidEvent",
         };
-        Diagnostic {
-            error_type: error_type.to_owned(),
-            error_message: e.to_string(),
-        }
+        Diagnostic { error_type: error_type.to_owned(), error_message: e.to_string() }
     }
 }
 
@@ -101,13 +96,15 @@ where
     if probe.records.is_some() {
         let sqs: SqsEvent =
             serde_json::from_str(raw).map_err(|e| HandlerError::InvalidEvent(e.to_string()))?;
-        Ok(Response::Sqs(handle_sqs(deps, sqs).await))
+        Ok(Response::Sqs(process_sqs(deps, &sqs).await.0))
     } else {
         handle_direct(deps, raw.as_bytes()).await.map(Response::Direct)
     }
 }
 
-async fn handle_sqs<S>(deps: &Deps<S>, event: SqsEvent) -> SqsBatchResponse
+/// An SQS batch through the ingest use case: the batch response (exactly the messages to
+/// retry) and what happened to every message.
+pub async fn process_sqs<S>(deps: &Deps<S>, event: &SqsEvent) -> (SqsBatchResponse, BatchOutcome)
 where
     S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
 {
@@ -117,22 +114,18 @@ where
         .iter()
         .map(|m| Inbound {
             message_id: m.message_id.as_deref().unwrap_or_default(),
-            received_ms: m
-                .attributes
-                .get("SentTimestamp")
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(now),
+            received_ms: m.attributes.get("SentTimestamp").and_then(|t| t.parse().ok()).unwrap_or(now),
             body: m.body.as_deref().unwrap_or_default().as_bytes(),
         })
         .collect();
     let outcome = run(deps, now, &inbound).await;
     let mut response = SqsBatchResponse::default();
-    for f in outcome.failed {
+    for f in &outcome.failed {
         let mut failure = BatchItemFailure::default();
-        failure.item_identifier = f.message_id;
+        failure.item_identifier = f.message_id.clone();
         response.batch_item_failures.push(failure);
     }
-    response
+    (response, outcome)
 }
 
 async fn handle_direct<S>(deps: &Deps<S>, body: &[u8]) -> Result<DirectResponse, HandlerError>
@@ -147,20 +140,8 @@ where
     struct RxOnly {
         rx_ms: Option<i64>,
     }
-    let received_ms = serde_json::from_slice::<RxOnly>(body)
-        .ok()
-        .and_then(|r| r.rx_ms)
-        .unwrap_or(now);
-    let outcome = run(
-        deps,
-        now,
-        &[Inbound {
-            message_id: &message_id,
-            received_ms,
-            body,
-        }],
-    )
-    .await;
+    let received_ms = serde_json::from_slice::<RxOnly>(body).ok().and_then(|r| r.rx_ms).unwrap_or(now);
+    let outcome = run(deps, now, &[Inbound { message_id: &message_id, received_ms, body }]).await;
     if let Some(f) = outcome.failed.first() {
         return Err(HandlerError::Retryable(f.error.clone()));
     }
@@ -171,11 +152,7 @@ where
             .quarantined
             .into_iter()
             .map(|q| QuarantinedEntry {
-                reason: q
-                    .problems
-                    .first()
-                    .map(|p| p.reason.to_string())
-                    .unwrap_or_default(),
+                reason: q.problems.first().map(|p| p.reason.to_string()).unwrap_or_default(),
                 problems: q.problems,
             })
             .collect(),
@@ -208,8 +185,10 @@ where
         elapsed_ms,
         "batch ingested"
     );
-    for line in metrics::ingest_batch_lines(FUNCTION, &outcome, elapsed_ms, now) {
-        println!("{line}");
+    if deps.emit_metrics {
+        for line in metrics::ingest_batch_lines(FUNCTION, &outcome, elapsed_ms, now) {
+            println!("{line}");
+        }
     }
     outcome
 }

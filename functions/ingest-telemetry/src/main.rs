@@ -1,8 +1,7 @@
 //! ingest-telemetry: the Lambda entry point. Wiring only: tracing, deps once, run.
 #![recursion_limit = "256"]
 
-mod handler;
-
+use ingest_telemetry::handler;
 use lambda_runtime::{service_fn, Error};
 
 #[tokio::main]

@@ -55,23 +55,14 @@ impl QuarantineLine {
             Ok(s) => (Some(s.to_owned()), None),
             Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(body))),
         };
-        Self {
-            message_id: message_id.to_owned(),
-            received_ms,
-            thing,
-            reasons,
-            body,
-            body_b64,
-        }
+        Self { message_id: message_id.to_owned(), received_ms, thing, reasons, body, body_b64 }
     }
 
     /// The original payload bytes.
     pub fn original(&self) -> Vec<u8> {
         match (&self.body, &self.body_b64) {
             (Some(s), _) => s.as_bytes().to_vec(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .unwrap_or_default(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).unwrap_or_default(),
             (None, None) => Vec::new(),
         }
     }
@@ -88,10 +79,8 @@ pub fn raw_object<'a>(bodies: impl IntoIterator<Item = &'a [u8]>, received_ms: i
 
 /// Encode quarantined messages as the batch's quarantine object.
 pub fn quarantine_object(entries: &[QuarantineLine], received_ms: i64) -> Option<ArchiveObject> {
-    let mut lines: Vec<Vec<u8>> = entries
-        .iter()
-        .map(|e| serde_json::to_vec(e).expect("QuarantineLine serialises"))
-        .collect();
+    let mut lines: Vec<Vec<u8>> =
+        entries.iter().map(|e| serde_json::to_vec(e).expect("QuarantineLine serialises")).collect();
     lines.sort_unstable();
     lines.dedup();
     encode(QUARANTINE_PREFIX, &lines, received_ms)
@@ -100,9 +89,7 @@ pub fn quarantine_object(entries: &[QuarantineLine], received_ms: i64) -> Option
 /// JSON never needs a raw newline (inside strings they are escaped), so any CR/LF byte is
 /// whitespace between tokens: replacing it with a space keeps the JSON and makes one line.
 pub fn one_line(body: &[u8]) -> Vec<u8> {
-    body.iter()
-        .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
-        .collect()
+    body.iter().map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }).collect()
 }
 
 fn encode(prefix: &str, lines: &[Vec<u8>], received_ms: i64) -> Option<ArchiveObject> {
@@ -141,11 +128,7 @@ pub fn decode_lines(gz_body: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
     use std::io::Read;
     let mut ndjson = Vec::new();
     flate2::read::GzDecoder::new(gz_body).read_to_end(&mut ndjson)?;
-    Ok(ndjson
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect())
+    Ok(ndjson.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
 }
 
 #[cfg(test)]
@@ -164,10 +147,7 @@ mod tests {
         assert_eq!(a, b);
         assert!(a.key.starts_with("raw/dt=2025-11-24/hour=16/"), "{}", a.key);
         assert!(a.key.ends_with(".ndjson.gz"));
-        assert_eq!(
-            decode_lines(&a.body)?,
-            vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]
-        );
+        assert_eq!(decode_lines(&a.body)?, vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]);
         Ok(())
     }
 

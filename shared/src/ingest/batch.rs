@@ -41,12 +41,8 @@ pub struct Plan {
 impl Plan {
     /// Indices of every message carrying reading `r` (the original and its in-batch repeats).
     pub fn messages_of(&self, r: usize) -> impl Iterator<Item = usize> + '_ {
-        std::iter::once(self.origin[r]).chain(
-            self.duplicates
-                .iter()
-                .filter(move |(_, d)| *d == r)
-                .map(|(m, _)| *m),
-        )
+        std::iter::once(self.origin[r])
+            .chain(self.duplicates.iter().filter(move |(_, d)| *d == r).map(|(m, _)| *m))
     }
 }
 

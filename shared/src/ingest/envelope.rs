@@ -54,10 +54,7 @@ pub struct IngestPolicy {
 
 impl Default for IngestPolicy {
     fn default() -> Self {
-        Self {
-            max_future_skew_ms: 5 * 60 * 1000,
-            hot_window_ms: 365 * 24 * 3600 * 1000,
-        }
+        Self { max_future_skew_ms: 5 * 60 * 1000, hot_window_ms: 365 * 24 * 3600 * 1000 }
     }
 }
 
@@ -188,10 +185,7 @@ fn decode_lenient(body: &[u8], policy: &IngestPolicy, now_ms: i64) -> Result<Rea
 }
 
 fn malformed(detail: String) -> Rejection {
-    Rejection {
-        thing: None,
-        problems: vec![Problem::new(Reason::MalformedJson, None, detail)],
-    }
+    Rejection { thing: None, problems: vec![Problem::new(Reason::MalformedJson, None, detail)] }
 }
 
 /// Read one field; a present value of the wrong type is a `wrong_type` problem.
@@ -206,11 +200,7 @@ fn field<'v, T: Deserialize<'v>>(
         Some(v) => match T::deserialize(v) {
             Ok(t) => Some(t),
             Err(e) => {
-                problems.push(Problem::new(
-                    Reason::WrongType,
-                    name.to_owned(),
-                    format!("{name}: {e}"),
-                ));
+                problems.push(Problem::new(Reason::WrongType, name.to_owned(), format!("{name}: {e}")));
                 bad.push(name);
                 None
             }
@@ -219,10 +209,7 @@ fn field<'v, T: Deserialize<'v>>(
 }
 
 fn is_non_finite_word(s: &str) -> bool {
-    matches!(
-        s,
-        "NaN" | "nan" | "Infinity" | "-Infinity" | "inf" | "-inf" | "Inf" | "-Inf"
-    )
+    matches!(s, "NaN" | "nan" | "Infinity" | "-Infinity" | "inf" | "-inf" | "Inf" | "-Inf")
 }
 
 /// A metric value in the lenient path: a number, or the problem with it.
@@ -230,19 +217,11 @@ fn metric_value(path: String, v: &Value, problems: &mut Vec<Problem>) -> Option<
     match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) if is_non_finite_word(s) => {
-            problems.push(Problem::new(
-                Reason::NonFiniteValue,
-                path.clone(),
-                format!("{path} is {s}"),
-            ));
+            problems.push(Problem::new(Reason::NonFiniteValue, path.clone(), format!("{path} is {s}")));
             None
         }
         Value::Null => {
-            problems.push(Problem::new(
-                Reason::MissingField,
-                path.clone(),
-                format!("{path} is null"),
-            ));
+            problems.push(Problem::new(Reason::MissingField, path.clone(), format!("{path} is null")));
             None
         }
         other => {
@@ -268,10 +247,7 @@ fn lenient_m<'v>(
             let good = m
                 .iter()
                 .filter_map(|(k, v)| {
-                    Some((
-                        Cow::Borrowed(k.as_str()),
-                        metric_value(format!("m.{k}"), v, problems)?,
-                    ))
+                    Some((Cow::Borrowed(k.as_str()), metric_value(format!("m.{k}"), v, problems)?))
                 })
                 .collect();
             if problems.len() > before {
@@ -390,9 +366,7 @@ fn quote_non_finite_tokens(body: &[u8]) -> Option<Vec<u8>> {
             continue;
         }
         let rest = &body[i..];
-        if let Some(tok) = [&b"-Infinity"[..], b"Infinity", b"NaN"]
-            .into_iter()
-            .find(|t| rest.starts_with(t))
+        if let Some(tok) = [&b"-Infinity"[..], b"Infinity", b"NaN"].into_iter().find(|t| rest.starts_with(t))
         {
             out.push(b'"');
             out.extend_from_slice(tok);
@@ -416,9 +390,7 @@ fn valid_metric_name(name: &str) -> Result<(), String> {
         ));
     }
     if !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(format!(
-            "metric name {name:?} has characters outside [A-Za-z0-9_]"
-        ));
+        return Err(format!("metric name {name:?} has characters outside [A-Za-z0-9_]"));
     }
     if RESERVED_METRIC_NAMES.contains(&name) || name.starts_with("ts_") || name.starts_with("measure_value") {
         return Err(format!("metric name {name:?} is reserved"));
@@ -436,18 +408,11 @@ fn build(
 ) -> Result<Reading, Rejection> {
     let require = |present: bool, name: &'static str, problems: &mut Vec<Problem>| {
         if !present && !bad.contains(&name) {
-            problems.push(Problem::new(
-                Reason::MissingField,
-                name.to_owned(),
-                format!("{name} is required"),
-            ));
+            problems.push(Problem::new(Reason::MissingField, name.to_owned(), format!("{name} is required")));
         }
     };
     let raw_thing = wire.thing.map(str::to_owned);
-    let reject = |problems: Vec<Problem>| Rejection {
-        thing: raw_thing.clone(),
-        problems,
-    };
+    let reject = |problems: Vec<Problem>| Rejection { thing: raw_thing.clone(), problems };
 
     // Version first: the other fields only mean something under a known version.
     let version = match wire.v {
@@ -471,20 +436,12 @@ fn build(
     let thing = wire.thing.and_then(|t| match ThingName::parse(t) {
         Ok(t) => Some(t),
         Err(e) => {
-            problems.push(Problem::new(
-                Reason::InvalidThingName,
-                "thing".to_owned(),
-                e.to_string(),
-            ));
+            problems.push(Problem::new(Reason::InvalidThingName, "thing".to_owned(), e.to_string()));
             None
         }
     });
     if let Some(t) = wire.thing {
-        let own_id = if version == 1 {
-            ("dev", wire.dev)
-        } else {
-            ("bn", wire.bn)
-        };
+        let own_id = if version == 1 { ("dev", wire.dev) } else { ("bn", wire.bn) };
         for (name, claimed) in [("client_id", wire.client_id), own_id] {
             if let Some(c) = claimed.filter(|c| *c != t) {
                 problems.push(Problem::new(
@@ -506,11 +463,7 @@ fn build(
     }
 
     // Time.
-    let (ts_name, ts) = if version == 1 {
-        ("ts", wire.ts)
-    } else {
-        ("bt", wire.bt)
-    };
+    let (ts_name, ts) = if version == 1 { ("ts", wire.ts) } else { ("bt", wire.bt) };
     require(ts.is_some(), ts_name, &mut problems);
     require(wire.rx_ms.is_some(), "rx_ms", &mut problems);
     for (name, t) in [(ts_name, ts), ("rx_ms", wire.rx_ms)] {
@@ -526,8 +479,7 @@ fn build(
     // Metrics, upcast to one list.
     let metrics: Option<Vec<(Cow<'_, str>, Option<f64>)>> = if version == 1 {
         require(wire.m.is_some(), "m", &mut problems);
-        wire.m
-            .map(|m| m.0.into_iter().map(|(n, v)| (n, Some(v))).collect())
+        wire.m.map(|m| m.0.into_iter().map(|(n, v)| (n, Some(v))).collect())
     } else {
         require(wire.e.is_some(), "e", &mut problems);
         wire.e.map(|e| {
@@ -547,10 +499,7 @@ fn build(
                     };
                     if rec.v.is_none() {
                         let (reason, detail) = if rec.vs.is_some() || rec.vb.is_some() {
-                            (
-                                Reason::WrongType,
-                                format!("e[{i}] ({n}) must carry a numeric v, not vs/vb"),
-                            )
+                            (Reason::WrongType, format!("e[{i}] ({n}) must carry a numeric v, not vs/vb"))
                         } else {
                             (Reason::MissingField, format!("e[{i}].v is required"))
                         };
@@ -565,11 +514,7 @@ fn build(
     if let Some(metrics) = metrics {
         let field = if version == 1 { "m" } else { "e" };
         if metrics.is_empty() && !bad.contains(&field) {
-            problems.push(Problem::new(
-                Reason::NoMetrics,
-                field.to_owned(),
-                "no metrics in reading",
-            ));
+            problems.push(Problem::new(Reason::NoMetrics, field.to_owned(), "no metrics in reading"));
         }
         if metrics.len() > MAX_METRICS {
             problems.push(Problem::new(
@@ -581,11 +526,7 @@ fn build(
         out_metrics.reserve(metrics.len());
         for (i, (name, value)) in metrics.iter().enumerate() {
             if let Err(detail) = valid_metric_name(name) {
-                problems.push(Problem::new(
-                    Reason::InvalidMetricName,
-                    format!("{field}.{name}"),
-                    detail,
-                ));
+                problems.push(Problem::new(Reason::InvalidMetricName, format!("{field}.{name}"), detail));
             } else if metrics.len() <= MAX_METRICS && metrics[..i].iter().any(|(n, _)| n == name) {
                 problems.push(Problem::new(
                     Reason::InvalidMetricName,
@@ -599,10 +540,7 @@ fn build(
                     format!("{field}.{name}"),
                     format!("{name} is {v}"),
                 )),
-                Some(v) => out_metrics.push(Metric {
-                    name: name.clone().into_owned(),
-                    value: *v,
-                }),
+                Some(v) => out_metrics.push(Metric { name: name.clone().into_owned(), value: *v }),
                 None => {}
             }
         }
@@ -637,10 +575,7 @@ fn build(
                 battery_pct: wire.bat,
                 uptime_s: wire.up_s,
                 test: wire.test.unwrap_or(false),
-                flags: ReadingFlags {
-                    skew_corrected,
-                    late: time_ms < now_ms - policy.hot_window_ms,
-                },
+                flags: ReadingFlags { skew_corrected, late: time_ms < now_ms - policy.hot_window_ms },
                 schema_version: version,
             })
         }
@@ -686,20 +621,11 @@ mod tests {
         assert_eq!(
             r.metrics,
             vec![
-                Metric {
-                    name: "temp_c".into(),
-                    value: 21.5
-                },
-                Metric {
-                    name: "hum_pct".into(),
-                    value: 40.1
-                }
+                Metric { name: "temp_c".into(), value: 21.5 },
+                Metric { name: "hum_pct".into(), value: 40.1 }
             ]
         );
-        assert_eq!(
-            (r.battery_pct, r.uptime_s, r.test, r.schema_version),
-            (Some(87.0), Some(3600), false, 1)
-        );
+        assert_eq!((r.battery_pct, r.uptime_s, r.test, r.schema_version), (Some(87.0), Some(3600), false, 1));
         assert_eq!(r.flags, ReadingFlags::default());
     }
 
@@ -710,13 +636,7 @@ mod tests {
             RX - 100
         );
         let (a, b) = (ok(&v1("")), ok(&v2));
-        assert_eq!(
-            Reading {
-                schema_version: 1,
-                ..b
-            },
-            a
-        );
+        assert_eq!(Reading { schema_version: 1, ..b }, a);
     }
 
     #[test]
@@ -749,14 +669,8 @@ mod tests {
             reasons(&v1("").replace(r#""v":1"#, r#""v":3"#)),
             vec![(Reason::UnsupportedVersion, f("v"))]
         );
-        assert_eq!(
-            reasons(&v1("").replace(r#""v":1,"#, "")),
-            vec![(Reason::MissingField, f("v"))]
-        );
-        assert_eq!(
-            reasons(&v1("").replace(r#""v":1"#, r#""v":"1""#)),
-            vec![(Reason::WrongType, f("v"))]
-        );
+        assert_eq!(reasons(&v1("").replace(r#""v":1,"#, "")), vec![(Reason::MissingField, f("v"))]);
+        assert_eq!(reasons(&v1("").replace(r#""v":1"#, r#""v":"1""#)), vec![(Reason::WrongType, f("v"))]);
     }
 
     #[test]
@@ -775,13 +689,8 @@ mod tests {
 
     #[test]
     fn reports_wrong_types_without_also_calling_them_missing() {
-        let body = v1("")
-            .replace(r#""seq":1042"#, r#""seq":"1042""#)
-            .replace(r#""boot":7"#, r#""boot":-1"#);
-        assert_eq!(
-            reasons(&body),
-            vec![(Reason::WrongType, f("seq")), (Reason::WrongType, f("boot"))]
-        );
+        let body = v1("").replace(r#""seq":1042"#, r#""seq":"1042""#).replace(r#""boot":7"#, r#""boot":-1"#);
+        assert_eq!(reasons(&body), vec![(Reason::WrongType, f("seq")), (Reason::WrongType, f("boot"))]);
         let body = v1("").replace(r#""m":{"temp_c":21.5,"hum_pct":40.1}"#, r#""m":[21.5]"#);
         assert_eq!(reasons(&body), vec![(Reason::WrongType, f("m"))]);
         let body = v1("").replace(r#""temp_c":21.5"#, r#""temp_c":true"#);
@@ -796,10 +705,7 @@ mod tests {
         assert_eq!(reasons(&bad), vec![(Reason::InvalidThingName, f("thing"))]);
         let spoof = v1("").replace(r#""client_id":"sensor-001""#, r#""client_id":"sensor-002""#);
         assert_eq!(reasons(&spoof), vec![(Reason::ThingMismatch, f("client_id"))]);
-        assert_eq!(
-            reasons(&v1(r#","dev":"sensor-009""#)),
-            vec![(Reason::ThingMismatch, f("dev"))]
-        );
+        assert_eq!(reasons(&v1(r#","dev":"sensor-009""#)), vec![(Reason::ThingMismatch, f("dev"))]);
         assert_eq!(ok(&v1(r#","dev":"sensor-001""#)).id.thing.as_str(), "sensor-001");
     }
 
@@ -808,10 +714,7 @@ mod tests {
         let bare = v1("").replace("21.5", "NaN").replace("40.1", "-Infinity");
         assert_eq!(
             reasons(&bare),
-            vec![
-                (Reason::NonFiniteValue, f("m.temp_c")),
-                (Reason::NonFiniteValue, f("m.hum_pct"))
-            ]
+            vec![(Reason::NonFiniteValue, f("m.temp_c")), (Reason::NonFiniteValue, f("m.hum_pct"))]
         );
         let quoted = v1("").replace("21.5", r#""Infinity""#);
         assert_eq!(reasons(&quoted), vec![(Reason::NonFiniteValue, f("m.temp_c"))]);
@@ -822,22 +725,10 @@ mod tests {
     #[test]
     fn reports_bad_metric_names_counts_and_repeats() {
         let m = |body: &str| v1("").replace(r#""m":{"temp_c":21.5,"hum_pct":40.1}"#, body);
-        assert_eq!(
-            reasons(&m(r#""m":{"temp c":1}"#)),
-            vec![(Reason::InvalidMetricName, f("m.temp c"))]
-        );
-        assert_eq!(
-            reasons(&m(r#""m":{"1st":1}"#)),
-            vec![(Reason::InvalidMetricName, f("m.1st"))]
-        );
-        assert_eq!(
-            reasons(&m(r#""m":{"bat":1}"#)),
-            vec![(Reason::InvalidMetricName, f("m.bat"))]
-        );
-        assert_eq!(
-            reasons(&m(r#""m":{"a":1,"a":2}"#)),
-            vec![(Reason::InvalidMetricName, f("m.a"))]
-        );
+        assert_eq!(reasons(&m(r#""m":{"temp c":1}"#)), vec![(Reason::InvalidMetricName, f("m.temp c"))]);
+        assert_eq!(reasons(&m(r#""m":{"1st":1}"#)), vec![(Reason::InvalidMetricName, f("m.1st"))]);
+        assert_eq!(reasons(&m(r#""m":{"bat":1}"#)), vec![(Reason::InvalidMetricName, f("m.bat"))]);
+        assert_eq!(reasons(&m(r#""m":{"a":1,"a":2}"#)), vec![(Reason::InvalidMetricName, f("m.a"))]);
         let long = format!(r#""m":{{"{}":1}}"#, "a".repeat(MAX_METRIC_NAME_LEN + 1));
         assert_eq!(reasons(&m(&long))[0].0, Reason::InvalidMetricName);
         assert_eq!(reasons(&m(r#""m":{}"#)), vec![(Reason::NoMetrics, f("m"))]);
@@ -891,10 +782,7 @@ mod tests {
         );
         let r = ok(&ahead);
         assert!(r.flags.skew_corrected);
-        assert_eq!(
-            (r.time_ms, r.device_time_ms),
-            (RX, RX + policy.max_future_skew_ms + 1)
-        );
+        assert_eq!((r.time_ms, r.device_time_ms), (RX, RX + policy.max_future_skew_ms + 1));
         let within = v1("").replace(
             &format!(r#""ts":{}"#, RX - 100),
             &format!(r#""ts":{}"#, RX + policy.max_future_skew_ms),
@@ -904,14 +792,8 @@ mod tests {
 
     #[test]
     fn keeps_late_readings_at_device_time_and_flags_them() {
-        let policy = IngestPolicy {
-            max_future_skew_ms: 300_000,
-            hot_window_ms: 3_600_000,
-        };
-        let body = v1("").replace(
-            &format!(r#""ts":{}"#, RX - 100),
-            &format!(r#""ts":{}"#, RX - 7_200_000),
-        );
+        let policy = IngestPolicy { max_future_skew_ms: 300_000, hot_window_ms: 3_600_000 };
+        let body = v1("").replace(&format!(r#""ts":{}"#, RX - 100), &format!(r#""ts":{}"#, RX - 7_200_000));
         let r = decode(body.as_bytes(), &policy, NOW).expect("late data is valid");
         assert!(r.flags.late);
         assert_eq!(r.time_ms, RX - 7_200_000, "never re-stamped");

@@ -91,11 +91,7 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(reason: Reason, field: impl Into<Option<String>>, detail: impl Into<String>) -> Self {
-        Self {
-            reason,
-            field: field.into(),
-            detail: detail.into(),
-        }
+        Self { reason, field: field.into(), detail: detail.into() }
     }
 }
 

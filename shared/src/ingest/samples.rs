@@ -18,11 +18,7 @@ pub struct OwnedInbound {
 
 impl OwnedInbound {
     pub fn borrow(&self) -> Inbound<'_> {
-        Inbound {
-            message_id: &self.message_id,
-            received_ms: self.received_ms,
-            body: &self.body,
-        }
+        Inbound { message_id: &self.message_id, received_ms: self.received_ms, body: &self.body }
     }
 }
 
@@ -66,11 +62,7 @@ pub fn messages_from_event(text: &str, now_ms: i64) -> Result<Vec<OwnedInbound>,
             .enumerate()
             .map(|(i, r)| OwnedInbound {
                 message_id: r.message_id.unwrap_or_else(|| format!("record-{i}")),
-                received_ms: r
-                    .attributes
-                    .sent_timestamp
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(now_ms),
+                received_ms: r.attributes.sent_timestamp.and_then(|t| t.parse().ok()).unwrap_or(now_ms),
                 body: r.body.into_bytes(),
             })
             .collect());

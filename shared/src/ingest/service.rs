@@ -87,10 +87,7 @@ where
 {
     let mut plan = plan(messages, policy, now_ms);
     let received_ms = messages.iter().map(|m| m.received_ms).min().unwrap_or(now_ms);
-    let mut out = BatchOutcome {
-        messages: messages.len(),
-        ..BatchOutcome::default()
-    };
+    let mut out = BatchOutcome { messages: messages.len(), ..BatchOutcome::default() };
 
     // 1. Quarantine what cannot be stored, with its reasons and original bytes.
     if !plan.quarantined.is_empty() {
@@ -99,13 +96,7 @@ where
             .iter()
             .map(|q| {
                 let m = &messages[q.index];
-                QuarantineLine::new(
-                    m.message_id,
-                    m.received_ms,
-                    q.thing.clone(),
-                    q.problems.clone(),
-                    m.body,
-                )
+                QuarantineLine::new(m.message_id, m.received_ms, q.thing.clone(), q.problems.clone(), m.body)
             })
             .collect();
         let result = ports.quarantine.put_quarantined(&lines, received_ms).await;
@@ -116,10 +107,9 @@ where
                     thing: line.thing,
                     problems: q.problems.clone(),
                 }),
-                Err(e) => out.failed.push(FailedMessage {
-                    message_id: line.message_id,
-                    error: e.to_string(),
-                }),
+                Err(e) => {
+                    out.failed.push(FailedMessage { message_id: line.message_id, error: e.to_string() })
+                }
             }
         }
     }
@@ -147,12 +137,9 @@ where
                     }
                 }
                 Fate::Stored(WriteStatus::Duplicate) => out.duplicates += ids.count(),
-                Fate::Stored(WriteStatus::Failed(e)) | Fate::Failed(e) => {
-                    out.failed.extend(ids.by_ref().map(|message_id| FailedMessage {
-                        message_id,
-                        error: e.clone(),
-                    }))
-                }
+                Fate::Stored(WriteStatus::Failed(e)) | Fate::Failed(e) => out
+                    .failed
+                    .extend(ids.by_ref().map(|message_id| FailedMessage { message_id, error: e.clone() })),
                 Fate::Pending => unreachable!("store() settles every reading"),
             }
         }
@@ -194,18 +181,10 @@ where
             return Vec::new();
         }
     };
-    let stored: Vec<StoredReading> = readings
-        .iter()
-        .map(|r| enrich(r, devices.get(&r.id.thing)))
-        .collect();
+    let stored: Vec<StoredReading> = readings.iter().map(|r| enrich(r, devices.get(&r.id.thing))).collect();
 
     // 3. Archive first: it is the source of truth replays read.
-    let received_ms = plan
-        .origin
-        .iter()
-        .map(|&i| messages[i].received_ms)
-        .min()
-        .unwrap_or(now_ms);
+    let received_ms = plan.origin.iter().map(|&i| messages[i].received_ms).min().unwrap_or(now_ms);
     if let Some(object) = raw_object(plan.origin.iter().map(|&i| messages[i].body), received_ms) {
         if let Err(e) = ports.archive.put_raw(&object).await {
             fail_all(fate, &e);
@@ -214,9 +193,7 @@ where
     }
 
     // 4. Hot store, for what is not too old for it.
-    let hot: Vec<usize> = (0..stored.len())
-        .filter(|&i| !stored[i].reading.flags.late)
-        .collect();
+    let hot: Vec<usize> = (0..stored.len()).filter(|&i| !stored[i].reading.flags.late).collect();
     for (i, f) in fate.iter_mut().enumerate() {
         if stored[i].reading.flags.late {
             *f = Fate::Stored(WriteStatus::TooLate);
@@ -236,11 +213,7 @@ where
                 }
             }
             Ok(statuses) => {
-                let e = format!(
-                    "sink returned {} statuses for {} readings",
-                    statuses.len(),
-                    hot.len()
-                );
+                let e = format!("sink returned {} statuses for {} readings", statuses.len(), hot.len());
                 for &i in &hot {
                     fate[i] = Fate::Failed(e.clone());
                 }
@@ -257,10 +230,7 @@ where
     // 5. Device state: one coalesced write per device, from its newest stored reading.
     let mut newest: HashMap<&ThingName, &Reading> = HashMap::new();
     for (r, f) in readings.iter().zip(fate.iter()) {
-        if matches!(
-            f,
-            Fate::Stored(WriteStatus::Written | WriteStatus::Duplicate | WriteStatus::TooLate)
-        ) {
+        if matches!(f, Fate::Stored(WriteStatus::Written | WriteStatus::Duplicate | WriteStatus::TooLate)) {
             let e = newest.entry(&r.id.thing).or_insert(r);
             if order_key(r) > order_key(e) {
                 *e = r;

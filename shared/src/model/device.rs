@@ -22,16 +22,11 @@ pub struct InvalidLabel {
 pub fn validate_label(what: &'static str, value: &str) -> Result<(), InvalidLabel> {
     let ok = !value.is_empty()
         && value.len() <= MAX_LABEL_LEN
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
-        Err(InvalidLabel {
-            what,
-            value: value.to_owned(),
-        })
+        Err(InvalidLabel { what, value: value.to_owned() })
     }
 }
 
@@ -70,9 +65,7 @@ pub struct Device {
 
 impl Device {
     pub fn class(&self) -> &str {
-        self.registration
-            .as_ref()
-            .map_or(UNREGISTERED_CLASS, |r| r.class.as_str())
+        self.registration.as_ref().map_or(UNREGISTERED_CLASS, |r| r.class.as_str())
     }
 
     pub fn region(&self) -> Option<&str> {

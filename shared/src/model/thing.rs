@@ -28,8 +28,7 @@ impl ThingName {
     pub fn is_valid(s: &str) -> bool {
         !s.is_empty()
             && s.len() <= MAX_THING_NAME_LEN
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
     }
 
     pub fn as_str(&self) -> &str {

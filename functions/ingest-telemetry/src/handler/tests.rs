@@ -44,11 +44,7 @@ async fn deps_with_fleet() -> Result<Deps<SqliteStore>> {
             (thing("sensor-003"), reg("air-quality", "eu-west")),
         ])
         .await?;
-    Ok(Deps {
-        store,
-        policy: IngestPolicy::default(),
-        clock: fixed_clock,
-    })
+    Ok(Deps { store, policy: IngestPolicy::default(), clock: fixed_clock, emit_metrics: false })
 }
 
 fn thing(s: &str) -> ThingName {
@@ -56,10 +52,7 @@ fn thing(s: &str) -> ThingName {
 }
 
 fn event(json: &str) -> Result<LambdaEvent<Box<RawValue>>> {
-    Ok(LambdaEvent::new(
-        RawValue::from_string(json.to_owned())?,
-        Context::default(),
-    ))
+    Ok(LambdaEvent::new(RawValue::from_string(json.to_owned())?, Context::default()))
 }
 
 async fn sqs<S>(deps: &Deps<S>, json: &str) -> Result<SqsBatchResponse>
@@ -73,10 +66,7 @@ where
 }
 
 fn failed_ids(r: &SqsBatchResponse) -> Vec<&str> {
-    r.batch_item_failures
-        .iter()
-        .map(|f| f.item_identifier.as_str())
-        .collect()
+    r.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect()
 }
 
 async fn readings(store: &SqliteStore, t: &str) -> Result<Vec<StoredReading>> {
@@ -115,11 +105,7 @@ async fn stores_every_reading_of_a_valid_v1_batch() -> Result<()> {
     // AND test traffic is tagged, not dropped
     assert_eq!(s2.iter().filter(|r| r.reading.test).count(), 1);
     // AND device state comes from the newest reading
-    let d1 = deps
-        .store
-        .device(&thing("sensor-001"))
-        .await?
-        .ok_or_else(|| anyhow!("no device"))?;
+    let d1 = deps.store.device(&thing("sensor-001")).await?.ok_or_else(|| anyhow!("no device"))?;
     let state = d1.state.ok_or_else(|| anyhow!("no state"))?;
     assert_eq!((state.seq, state.battery_pct), (1043, Some(86.0)));
     assert_eq!(d1.registration.map(|r| r.class).as_deref(), Some("env-sensor"));
@@ -127,11 +113,7 @@ async fn stores_every_reading_of_a_valid_v1_batch() -> Result<()> {
     let raw = deps.store.archive_objects("raw/").await?;
     assert_eq!(raw.len(), 1);
     assert_eq!(raw[0].lines, 4);
-    assert!(
-        raw[0].key.starts_with("raw/dt=2025-11-24/hour=16/"),
-        "{}",
-        raw[0].key
-    );
+    assert!(raw[0].key.starts_with("raw/dt=2025-11-24/hour=16/"), "{}", raw[0].key);
     Ok(())
 }
 
@@ -143,17 +125,10 @@ async fn upcasts_v2_and_tags_unregistered_things() -> Result<()> {
     // v2 SenML entries become the same metrics as v1's map
     let s3 = readings(&deps.store, "sensor-003").await?;
     assert_eq!(s3.len(), 2);
-    let mut metrics: Vec<(&str, f64)> = s3[0]
-        .reading
-        .metrics
-        .iter()
-        .map(|m| (m.name.as_str(), m.value))
-        .collect();
+    let mut metrics: Vec<(&str, f64)> =
+        s3[0].reading.metrics.iter().map(|m| (m.name.as_str(), m.value)).collect();
     metrics.sort_by(|a, b| a.0.cmp(b.0));
-    assert_eq!(
-        metrics,
-        [("co2_ppm", 612.0), ("hum_pct", 55.0), ("temp_c", 19.25)]
-    );
+    assert_eq!(metrics, [("co2_ppm", 612.0), ("hum_pct", 55.0), ("temp_c", 19.25)]);
     assert_eq!(s3[0].reading.schema_version, 2);
     assert_eq!(s3[0].class, "air-quality");
     // an unknown thing is stored, tagged unregistered, and now known to the registry
@@ -161,11 +136,7 @@ async fn upcasts_v2_and_tags_unregistered_things() -> Result<()> {
     assert_eq!(stray.len(), 1);
     assert_eq!(stray[0].class, "unregistered");
     assert!(stray[0].region.is_none());
-    let d = deps
-        .store
-        .device(&thing("stray-900"))
-        .await?
-        .ok_or_else(|| anyhow!("no device"))?;
+    let d = deps.store.device(&thing("stray-900")).await?.ok_or_else(|| anyhow!("no device"))?;
     assert!(d.registration.is_none());
     assert_eq!(d.state.map(|s| s.seq), Some(5));
     Ok(())
@@ -201,14 +172,8 @@ async fn quarantines_bad_records_and_stores_their_valid_neighbours() -> Result<(
     assert_eq!(q, expected);
     // AND the original bytes are kept
     let lines = deps.store.quarantined(0).await?;
-    let truncated = lines
-        .iter()
-        .find(|l| l.message_id == msg(2))
-        .ok_or_else(|| anyhow!("missing"))?;
-    assert_eq!(
-        truncated.original(),
-        br#"{"v":1,"seq":2002,"boot":7,"ts":17640000"#.to_vec()
-    );
+    let truncated = lines.iter().find(|l| l.message_id == msg(2)).ok_or_else(|| anyhow!("missing"))?;
+    assert_eq!(truncated.original(), br#"{"v":1,"seq":2002,"boot":7,"ts":17640000"#.to_vec());
     Ok(())
 }
 
@@ -257,10 +222,7 @@ async fn stores_skewed_readings_at_arrival_time_and_flags_them() -> Result<()> {
     let deps = deps_with_fleet().await?;
     sqs(&deps, SKEW).await?;
     let s1 = readings(&deps.store, "sensor-001").await?;
-    let skewed = s1
-        .iter()
-        .find(|r| r.reading.id.seq == 5001)
-        .ok_or_else(|| anyhow!("missing"))?;
+    let skewed = s1.iter().find(|r| r.reading.id.seq == 5001).ok_or_else(|| anyhow!("missing"))?;
     assert!(skewed.reading.flags.skew_corrected);
     assert_eq!(skewed.reading.time_ms, skewed.reading.rx_ms);
     assert_eq!(skewed.reading.device_time_ms, skewed.reading.rx_ms + 3_600_000);
@@ -277,14 +239,7 @@ async fn direct_invocation_answers_with_counts() -> Result<()> {
     let Response::Direct(first) = handle(&deps, event(DIRECT_V1)?).await? else {
         return Err(anyhow!("expected a direct response"));
     };
-    assert_eq!(
-        first,
-        DirectResponse {
-            accepted: 1,
-            duplicates: 0,
-            quarantined: vec![]
-        }
-    );
+    assert_eq!(first, DirectResponse { accepted: 1, duplicates: 0, quarantined: vec![] });
     // a retried invocation is a duplicate, not a second row
     let Response::Direct(again) = handle(&deps, event(DIRECT_V1)?).await? else {
         return Err(anyhow!("expected a direct response"));
@@ -302,11 +257,8 @@ async fn direct_invocation_reports_every_problem_of_a_bad_payload() -> Result<()
     };
     assert_eq!(r.accepted, 0);
     assert_eq!(r.quarantined.len(), 1);
-    let got: Vec<(Reason, Option<&str>)> = r.quarantined[0]
-        .problems
-        .iter()
-        .map(|p| (p.reason, p.field.as_deref()))
-        .collect();
+    let got: Vec<(Reason, Option<&str>)> =
+        r.quarantined[0].problems.iter().map(|p| (p.reason, p.field.as_deref())).collect();
     assert_eq!(
         got,
         [
@@ -335,11 +287,8 @@ impl DeviceRegistry for FailFor {
 }
 impl TelemetrySink for FailFor {
     async fn write(&self, readings: &[StoredReading]) -> Result<Vec<WriteStatus>, StoreError> {
-        let ok: Vec<StoredReading> = readings
-            .iter()
-            .filter(|r| r.reading.id.thing != self.thing)
-            .cloned()
-            .collect();
+        let ok: Vec<StoredReading> =
+            readings.iter().filter(|r| r.reading.id.thing != self.thing).cloned().collect();
         let mut written = self.inner.write(&ok).await?.into_iter();
         Ok(readings
             .iter()
@@ -369,12 +318,10 @@ async fn reports_only_failed_message_ids() -> Result<()> {
     // GIVEN a hot store that throttles writes for sensor-002
     let fleet = deps_with_fleet().await?;
     let deps = Deps {
-        store: FailFor {
-            inner: fleet.store.clone(),
-            thing: thing("sensor-002"),
-        },
+        store: FailFor { inner: fleet.store.clone(), thing: thing("sensor-002") },
         policy: fleet.policy,
         clock: fixed_clock,
+        emit_metrics: false,
     };
     // WHEN the valid v1 batch arrives
     let response = sqs(&deps, VALID_V1).await?;
@@ -382,11 +329,7 @@ async fn reports_only_failed_message_ids() -> Result<()> {
     assert_eq!(failed_ids(&response), [msg(2), msg(4)]);
     // AND sensor-001's readings are stored, and its state recorded
     assert_eq!(readings(&fleet.store, "sensor-001").await?.len(), 2);
-    let d2 = fleet
-        .store
-        .device(&thing("sensor-002"))
-        .await?
-        .ok_or_else(|| anyhow!("no device"))?;
+    let d2 = fleet.store.device(&thing("sensor-002")).await?.ok_or_else(|| anyhow!("no device"))?;
     assert!(d2.state.is_none(), "a failed device's state is not advanced");
     Ok(())
 }
@@ -395,17 +338,12 @@ async fn reports_only_failed_message_ids() -> Result<()> {
 async fn direct_invocation_returns_a_retryable_error_on_transient_failure() -> Result<()> {
     let fleet = deps_with_fleet().await?;
     let deps = Deps {
-        store: FailFor {
-            inner: fleet.store.clone(),
-            thing: thing("sensor-001"),
-        },
+        store: FailFor { inner: fleet.store.clone(), thing: thing("sensor-001") },
         policy: fleet.policy,
         clock: fixed_clock,
+        emit_metrics: false,
     };
-    let err = handle(&deps, event(DIRECT_V1)?)
-        .await
-        .err()
-        .ok_or_else(|| anyhow!("expected an error"))?;
+    let err = handle(&deps, event(DIRECT_V1)?).await.err().ok_or_else(|| anyhow!("expected an error"))?;
     assert_eq!(Diagnostic::from(err).error_type, "Retryable");
     Ok(())
 }

@@ -14,6 +14,7 @@ use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
 
 use super::AwsStore;
 use crate::config::AwsResources;
+use crate::ingest::{ingest_batch, BatchOutcome, IngestPolicy, IngestPorts, OwnedInbound};
 
 /// API calls made, by operation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,14 +88,15 @@ impl CountingAws {
                 archive_bucket: "archive".into(),
             },
         );
-        Self {
-            store,
-            batch_get_item,
-            update_item,
-            batch_write_item,
-            write_records,
-            put_object,
-        }
+        Self { store, batch_get_item, update_item, batch_write_item, write_records, put_object }
+    }
+
+    /// Run one batch through the ingest use case on these adapters.
+    pub async fn ingest(&self, batch: &[OwnedInbound], now_ms: i64) -> BatchOutcome {
+        let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
+        let s = &self.store;
+        let ports = IngestPorts { registry: s, sink: s, archive: s, quarantine: s };
+        ingest_batch(ports, &IngestPolicy::default(), now_ms, &inbound).await
     }
 
     pub fn calls(&self) -> ApiCalls {

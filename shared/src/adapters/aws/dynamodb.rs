@@ -38,9 +38,7 @@ fn s(item: &Item, name: &str) -> Option<String> {
 }
 
 fn n<T: std::str::FromStr>(item: &Item, name: &str) -> Option<T> {
-    item.get(name)
-        .and_then(|v| v.as_n().ok())
-        .and_then(|v| v.parse().ok())
+    item.get(name).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok())
 }
 
 fn num(v: impl ToString) -> AttributeValue {
@@ -87,11 +85,7 @@ fn devices_from(items: impl IntoIterator<Item = Item>) -> HashMap<ThingName, Dev
         let Ok(thing) = ThingName::parse(&thing) else {
             continue;
         };
-        let d = out.entry(thing.clone()).or_insert(Device {
-            thing,
-            registration: None,
-            state: None,
-        });
+        let d = out.entry(thing.clone()).or_insert(Device { thing, registration: None, state: None });
         match kind.as_str() {
             REGISTRATION => d.registration = registration_from(&item),
             STATE => d.state = state_from(&item),
@@ -125,11 +119,7 @@ impl AwsStore {
             if let Some(mut responses) = out.responses {
                 items.extend(responses.remove(&table).unwrap_or_default());
             }
-            match out
-                .unprocessed_keys
-                .and_then(|mut u| u.remove(&table))
-                .filter(|k| !k.keys.is_empty())
-            {
+            match out.unprocessed_keys.and_then(|mut u| u.remove(&table)).filter(|k| !k.keys.is_empty()) {
                 None => return Ok(items),
                 Some(rest) => {
                     pending = rest;
@@ -137,10 +127,7 @@ impl AwsStore {
                 }
             }
         }
-        Err(StoreError::transient(
-            "dynamodb batch get",
-            "unprocessed keys remained after retries",
-        ))
+        Err(StoreError::transient("dynamodb batch get", "unprocessed keys remained after retries"))
     }
 
     /// BatchWriteItem of `requests` (≤ 25), resubmitting UnprocessedItems with backoff.
@@ -154,11 +141,7 @@ impl AwsStore {
                 .send()
                 .await
                 .map_err(|e| classify("dynamodb batch write", e))?;
-            match out
-                .unprocessed_items
-                .and_then(|mut u| u.remove(&table))
-                .filter(|r| !r.is_empty())
-            {
+            match out.unprocessed_items.and_then(|mut u| u.remove(&table)).filter(|r| !r.is_empty()) {
                 None => return Ok(()),
                 Some(rest) => {
                     requests = rest;
@@ -166,19 +149,11 @@ impl AwsStore {
                 }
             }
         }
-        Err(StoreError::transient(
-            "dynamodb batch write",
-            "unprocessed items remained after retries",
-        ))
+        Err(StoreError::transient("dynamodb batch write", "unprocessed items remained after retries"))
     }
 
     async fn update_state(&self, thing: &ThingName, s: &DeviceState) -> Result<(), StoreError> {
-        let mut set = vec![
-            "last_ts_ms = :t",
-            "last_rx_ms = :rx",
-            "boot = :boot",
-            "seq = :seq",
-        ];
+        let mut set = vec!["last_ts_ms = :t", "last_rx_ms = :rx", "boot = :boot", "seq = :seq"];
         let mut req = self
             .dynamodb
             .update_item()
@@ -197,17 +172,10 @@ impl AwsStore {
             set.push("fw_reported = :fw");
             req = req.expression_attribute_values(":fw", AttributeValue::S(fw.clone()));
         }
-        match req
-            .update_expression(format!("SET {}", set.join(", ")))
-            .send()
-            .await
-        {
+        match req.update_expression(format!("SET {}", set.join(", "))).send().await {
             Ok(_) => Ok(()),
             // A newer state is already stored: nothing to do, by design.
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
                 Ok(())
             }
             Err(e) => Err(classify("dynamodb update state", e)),
@@ -217,10 +185,8 @@ impl AwsStore {
 
 impl DeviceRegistry for AwsStore {
     async fn get_many(&self, things: &[ThingName]) -> Result<HashMap<ThingName, Device>, StoreError> {
-        let keys: Vec<Item> = things
-            .iter()
-            .flat_map(|t| [key(t.as_str(), REGISTRATION), key(t.as_str(), STATE)])
-            .collect();
+        let keys: Vec<Item> =
+            things.iter().flat_map(|t| [key(t.as_str(), REGISTRATION), key(t.as_str(), STATE)]).collect();
         let chunks: Vec<Vec<Item>> = keys.chunks(BATCH_GET_MAX_KEYS).map(<[Item]>::to_vec).collect();
         let results: Vec<Result<Vec<Item>, StoreError>> = stream::iter(chunks)
             .map(|chunk| self.batch_get(chunk))
@@ -240,10 +206,8 @@ impl DeviceRegistry for AwsStore {
             .iter()
             .map(|(t, s)| async move { self.update_state(t, s).await.err().map(|e| (t.clone(), e)) })
             .collect();
-        let results: Vec<Option<(ThingName, StoreError)>> = stream::iter(updates)
-            .buffer_unordered(MAX_CONCURRENT_REQUESTS)
-            .collect()
-            .await;
+        let results: Vec<Option<(ThingName, StoreError)>> =
+            stream::iter(updates).buffer_unordered(MAX_CONCURRENT_REQUESTS).collect().await;
         results.into_iter().flatten().collect()
     }
 }
@@ -284,19 +248,10 @@ impl DeviceAdmin for AwsStore {
     }
 
     async fn devices(&self) -> Result<Vec<Device>, StoreError> {
-        let mut pages = self
-            .dynamodb
-            .scan()
-            .table_name(self.devices_table())
-            .into_paginator()
-            .send();
+        let mut pages = self.dynamodb.scan().table_name(self.devices_table()).into_paginator().send();
         let mut items = Vec::new();
         while let Some(page) = pages.next().await {
-            items.extend(
-                page.map_err(|e| classify("dynamodb devices scan", e))?
-                    .items
-                    .unwrap_or_default(),
-            );
+            items.extend(page.map_err(|e| classify("dynamodb devices scan", e))?.items.unwrap_or_default());
         }
         let mut devices: Vec<Device> = devices_from(items).into_values().collect();
         devices.sort_by(|a, b| a.thing.cmp(&b.thing));

@@ -50,19 +50,12 @@ fn thing(n: usize) -> ThingName {
 fn reading(n: usize) -> StoredReading {
     StoredReading {
         reading: Reading {
-            id: MessageId {
-                thing: thing(n % 7),
-                boot: 1,
-                seq: n as u64,
-            },
+            id: MessageId { thing: thing(n % 7), boot: 1, seq: n as u64 },
             time_ms: 1_764_000_000_000 + n as i64,
             device_time_ms: 1_764_000_000_000 + n as i64,
             rx_ms: 1_764_000_000_100 + n as i64,
             fw: Some("1.0.0".into()),
-            metrics: vec![Metric {
-                name: "temp_c".into(),
-                value: 20.0 + n as f64,
-            }],
+            metrics: vec![Metric { name: "temp_c".into(), value: 20.0 + n as f64 }],
             battery_pct: Some(80.0),
             uptime_s: Some(60),
             test: false,
@@ -75,11 +68,7 @@ fn reading(n: usize) -> StoredReading {
 }
 
 fn rejected(index: i32, reason: &str, existing: Option<i64>) -> RejectedRecord {
-    RejectedRecord::builder()
-        .record_index(index)
-        .reason(reason)
-        .set_existing_version(existing)
-        .build()
+    RejectedRecord::builder().record_index(index).reason(reason).set_existing_version(existing).build()
 }
 
 #[tokio::test]
@@ -104,10 +93,7 @@ async fn rejected_records_fail_only_the_affected_readings_and_duplicates_are_not
     });
     let s = store(&[], &[&rule], &[]);
     // WHEN
-    let statuses = s
-        .write(&(0..5).map(reading).collect::<Vec<_>>())
-        .await
-        .expect("statuses");
+    let statuses = s.write(&(0..5).map(reading).collect::<Vec<_>>()).await.expect("statuses");
     // THEN
     assert_eq!(statuses[0], WriteStatus::Written);
     assert_eq!(statuses[1], WriteStatus::Duplicate);
@@ -126,26 +112,18 @@ async fn writes_timestream_in_chunks_of_100_and_throttling_fails_only_its_chunk(
         .match_requests(|r| r.records().len() == 50)
         .then_error(|| {
             WriteRecordsError::ThrottlingException(
-                ThrottlingException::builder()
-                    .message("slow down")
-                    .build()
-                    .expect("message set"),
+                ThrottlingException::builder().message("slow down").build().expect("message set"),
             )
         });
     let s = store(&[], &[&ok, &throttled], &[]);
     // WHEN 250 readings are written
-    let statuses = s
-        .write(&(0..250).map(reading).collect::<Vec<_>>())
-        .await
-        .expect("statuses");
+    let statuses = s.write(&(0..250).map(reading).collect::<Vec<_>>()).await.expect("statuses");
     // THEN 3 requests (100 + 100 + 50); exactly the last 50 failed
     assert_eq!(ok.num_calls(), 2);
     assert!(throttled.num_calls() >= 1);
     assert_eq!(statuses.len(), 250);
     assert!(statuses[..200].iter().all(|s| *s == WriteStatus::Written));
-    assert!(statuses[200..]
-        .iter()
-        .all(|s| matches!(s, WriteStatus::Failed(_))));
+    assert!(statuses[200..].iter().all(|s| matches!(s, WriteStatus::Failed(_))));
 }
 
 fn unprocessed_put() -> HashMap<String, Vec<aws_sdk_dynamodb::types::WriteRequest>> {
@@ -156,19 +134,12 @@ fn unprocessed_put() -> HashMap<String, Vec<aws_sdk_dynamodb::types::WriteReques
         .expect("item set");
     HashMap::from([(
         "Devices".to_owned(),
-        vec![aws_sdk_dynamodb::types::WriteRequest::builder()
-            .put_request(put)
-            .build()],
+        vec![aws_sdk_dynamodb::types::WriteRequest::builder().put_request(put).build()],
     )])
 }
 
 fn registration() -> DeviceRegistration {
-    DeviceRegistration {
-        class: "env".into(),
-        region: "eu".into(),
-        fw: "1.0.0".into(),
-        registered_at_ms: 1,
-    }
+    DeviceRegistration { class: "env".into(), region: "eu".into(), fw: "1.0.0".into(), registered_at_ms: 1 }
 }
 
 #[tokio::test(start_paused = true)]
@@ -176,11 +147,7 @@ async fn resubmits_dynamodb_unprocessed_items_with_backoff() {
     // GIVEN the first BatchWriteItem leaves one item unprocessed, the second takes it
     let rule = mock!(aws_sdk_dynamodb::Client::batch_write_item)
         .sequence()
-        .output(|| {
-            BatchWriteItemOutput::builder()
-                .set_unprocessed_items(Some(unprocessed_put()))
-                .build()
-        })
+        .output(|| BatchWriteItemOutput::builder().set_unprocessed_items(Some(unprocessed_put())).build())
         .output(|| BatchWriteItemOutput::builder().build())
         .repeatedly()
         .build();
@@ -196,18 +163,11 @@ async fn resubmits_dynamodb_unprocessed_items_with_backoff() {
 async fn gives_up_with_a_transient_error_when_items_stay_unprocessed() {
     let rule = mock!(aws_sdk_dynamodb::Client::batch_write_item)
         .sequence()
-        .output(|| {
-            BatchWriteItemOutput::builder()
-                .set_unprocessed_items(Some(unprocessed_put()))
-                .build()
-        })
+        .output(|| BatchWriteItemOutput::builder().set_unprocessed_items(Some(unprocessed_put())).build())
         .repeatedly()
         .build();
     let s = store(&[&rule], &[], &[]);
-    let err = s
-        .register(&[(thing(0), registration())])
-        .await
-        .expect_err("must fail");
+    let err = s.register(&[(thing(0), registration())]).await.expect_err("must fail");
     assert!(err.is_transient(), "{err}");
     assert_eq!(rule.num_calls(), super::MAX_BATCH_ATTEMPTS as usize);
 }
@@ -235,18 +195,11 @@ async fn resubmits_dynamodb_unprocessed_keys() {
                 .responses("Devices", vec![])
                 .unprocessed_keys(
                     "Devices",
-                    KeysAndAttributes::builder()
-                        .keys(key("registration"))
-                        .build()
-                        .expect("keys set"),
+                    KeysAndAttributes::builder().keys(key("registration")).build().expect("keys set"),
                 )
                 .build()
         })
-        .output(move || {
-            BatchGetItemOutput::builder()
-                .responses("Devices", vec![registration_item()])
-                .build()
-        })
+        .output(move || BatchGetItemOutput::builder().responses("Devices", vec![registration_item()]).build())
         .build();
     let s = store(&[&rule], &[], &[]);
     let devices = s.get_many(&[thing(1)]).await.expect("looked up");
@@ -260,14 +213,7 @@ async fn an_older_state_losing_the_condition_is_not_an_error() {
         UpdateItemError::ConditionalCheckFailedException(ConditionalCheckFailedException::builder().build())
     });
     let s = store(&[&newer_exists], &[], &[]);
-    let state = DeviceState {
-        last_ts_ms: 1,
-        last_rx_ms: 1,
-        boot: 1,
-        seq: 1,
-        battery_pct: None,
-        fw: None,
-    };
+    let state = DeviceState { last_ts_ms: 1, last_rx_ms: 1, boot: 1, seq: 1, battery_pct: None, fw: None };
     assert!(s.record_states(&[(thing(1), state)]).await.is_empty());
     assert_eq!(newer_exists.num_calls(), 1);
 }
@@ -277,23 +223,13 @@ async fn reads_every_page_of_a_telemetry_query() {
     let page = |seq: &str, token: Option<&str>| {
         let columns = ["thing", "class", "measure_name", "time", "boot", "seq", "temp_c"]
             .map(|n| ColumnInfo::builder().name(n).build());
-        let values = [
-            "dev-0001",
-            "env",
-            "telemetry",
-            "2025-11-24 16:00:00.000000001",
-            "1",
-            seq,
-            "21.5",
-        ];
+        let values = ["dev-0001", "env", "telemetry", "2025-11-24 16:00:00.000000001", "1", seq, "21.5"];
         QueryOutput::builder()
             .query_id("q")
             .set_column_info(Some(columns.to_vec()))
             .rows(
                 Row::builder()
-                    .set_data(Some(
-                        values.map(|v| Datum::builder().scalar_value(v).build()).to_vec(),
-                    ))
+                    .set_data(Some(values.map(|v| Datum::builder().scalar_value(v).build()).to_vec()))
                     .build()
                     .expect("data set"),
             )
@@ -317,21 +253,12 @@ async fn reads_every_page_of_a_telemetry_query() {
 #[tokio::test]
 async fn ingesting_1000_messages_from_100_devices_makes_the_target_api_calls() {
     use super::counting::{ApiCalls, CountingAws};
-    use crate::ingest::{ingest_batch, IngestPolicy, IngestPorts, OwnedInbound};
 
     // GIVEN 100 registered devices and one SQS batch of 1,000 messages from them
     let aws = CountingAws::new((0..100).map(crate::sim::thing_name).collect());
     let batch = crate::sim::fleet_batch(100, 1_000, 1_764_000_000_000, 1);
-    let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
-    let s = &aws.store;
     // WHEN it is ingested
-    let ports = IngestPorts {
-        registry: s,
-        sink: s,
-        archive: s,
-        quarantine: s,
-    };
-    let outcome = ingest_batch(ports, &IngestPolicy::default(), 1_764_000_002_000, &inbound).await;
+    let outcome = aws.ingest(&batch, 1_764_000_002_000).await;
     // THEN everything is stored with 10 WriteRecords, 1 PUT, 1 state write per device, and no dedupe writes
     assert_eq!((outcome.accepted, outcome.unregistered), (1_000, 0));
     assert_eq!(

@@ -84,13 +84,7 @@ impl AwsStore {
         s3: aws_sdk_s3::Client,
         resources: AwsResources,
     ) -> Self {
-        Self {
-            dynamodb,
-            timestream,
-            timestream_query,
-            s3,
-            resources,
-        }
+        Self { dynamodb, timestream, timestream_query, s3, resources }
     }
 }
 

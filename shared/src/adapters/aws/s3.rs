@@ -56,11 +56,7 @@ impl AwsStore {
             .send()
             .await
             .map_err(|e| classify("s3 get", e))?;
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::transient("s3 get body", e))?;
+        let bytes = out.body.collect().await.map_err(|e| StoreError::transient("s3 get body", e))?;
         Ok(bytes.into_bytes().to_vec())
     }
 

@@ -37,11 +37,7 @@ fn measure(name: &str, value: String, kind: MeasureValueType) -> MeasureValue {
 }
 
 fn dimension(name: &str, value: &str) -> Dimension {
-    Dimension::builder()
-        .name(name)
-        .value(value)
-        .build()
-        .expect("name and value are set")
+    Dimension::builder().name(name).value(value).build().expect("name and value are set")
 }
 
 /// A DOUBLE as Timestream reads it: plain decimal for everyday magnitudes, scientific
@@ -63,10 +59,7 @@ pub fn record_time_nanos(r: &Reading) -> i64 {
 /// value type MULTI and the time unit).
 pub fn record_for(s: &StoredReading) -> Record {
     let r = &s.reading;
-    let mut dims = vec![
-        dimension("thing", r.id.thing.as_str()),
-        dimension("class", &s.class),
-    ];
+    let mut dims = vec![dimension("thing", r.id.thing.as_str()), dimension("class", &s.class)];
     if let Some(region) = s.region.as_deref().filter(|v| !v.is_empty()) {
         dims.push(dimension("region", region));
     }
@@ -76,11 +69,7 @@ pub fn record_for(s: &StoredReading) -> Record {
     dims.push(dimension("test", if r.test { "true" } else { "false" }));
 
     let mut values: Vec<MeasureValue> = Vec::with_capacity(r.metrics.len() + 8);
-    values.extend(
-        r.metrics
-            .iter()
-            .map(|m| measure(&m.name, double(m.value), MeasureValueType::Double)),
-    );
+    values.extend(r.metrics.iter().map(|m| measure(&m.name, double(m.value), MeasureValueType::Double)));
     if let Some(b) = r.battery_pct {
         values.push(measure("bat", double(b), MeasureValueType::Double));
     }
@@ -90,18 +79,10 @@ pub fn record_for(s: &StoredReading) -> Record {
     values.push(measure("boot", r.id.boot.to_string(), MeasureValueType::Bigint));
     values.push(measure("seq", r.id.seq.to_string(), MeasureValueType::Bigint));
     values.push(measure("rx_ms", r.rx_ms.to_string(), MeasureValueType::Bigint));
-    values.push(measure(
-        "schema",
-        r.schema_version.to_string(),
-        MeasureValueType::Bigint,
-    ));
+    values.push(measure("schema", r.schema_version.to_string(), MeasureValueType::Bigint));
     if r.flags.skew_corrected {
         values.push(measure("skew", "true".into(), MeasureValueType::Boolean));
-        values.push(measure(
-            "device_ms",
-            r.device_time_ms.to_string(),
-            MeasureValueType::Bigint,
-        ));
+        values.push(measure("device_ms", r.device_time_ms.to_string(), MeasureValueType::Bigint));
     }
     Record::builder()
         .set_dimensions(Some(dims))
@@ -150,9 +131,8 @@ impl AwsStore {
                     // Records not listed were written.
                     let mut out = vec![WriteStatus::Written; chunk.len()];
                     for rr in ex.rejected_records() {
-                        if let Some(slot) = usize::try_from(rr.record_index())
-                            .ok()
-                            .and_then(|i| out.get_mut(i))
+                        if let Some(slot) =
+                            usize::try_from(rr.record_index()).ok().and_then(|i| out.get_mut(i))
                         {
                             *slot = rejected_status(rr.reason(), rr.existing_version());
                         }
@@ -174,10 +154,8 @@ impl TelemetrySink for AwsStore {
             .enumerate()
             .map(|(i, chunk)| async move { (i, self.write_chunk(chunk).await) })
             .collect();
-        let mut chunks: Vec<(usize, Vec<WriteStatus>)> = stream::iter(writes)
-            .buffer_unordered(MAX_CONCURRENT_REQUESTS)
-            .collect()
-            .await;
+        let mut chunks: Vec<(usize, Vec<WriteStatus>)> =
+            stream::iter(writes).buffer_unordered(MAX_CONCURRENT_REQUESTS).collect().await;
         chunks.sort_by_key(|(i, _)| *i);
         Ok(chunks.into_iter().flat_map(|(_, s)| s).collect())
     }
@@ -204,12 +182,7 @@ const OWN_COLUMNS: [&str; 15] = [
 
 /// One query result row (column name → scalar) back to a reading.
 pub(crate) fn reading_from_row(columns: &[(String, Option<String>)]) -> Option<StoredReading> {
-    let get = |name: &str| {
-        columns
-            .iter()
-            .find(|(c, _)| c == name)
-            .and_then(|(_, v)| v.as_deref())
-    };
+    let get = |name: &str| columns.iter().find(|(c, _)| c == name).and_then(|(_, v)| v.as_deref());
     let time_ms = parse_timestream_time(get("time")?)?;
     let rx_ms = get("rx_ms").and_then(|v| v.parse().ok()).unwrap_or(time_ms);
     let skew_corrected = get("skew") == Some("true");
@@ -227,25 +200,15 @@ pub(crate) fn reading_from_row(columns: &[(String, Option<String>)]) -> Option<S
             metrics: columns
                 .iter()
                 .filter(|(c, _)| !OWN_COLUMNS.contains(&c.as_str()))
-                .filter_map(|(c, v)| {
-                    Some(Metric {
-                        name: c.clone(),
-                        value: v.as_deref()?.parse().ok()?,
-                    })
-                })
+                .filter_map(|(c, v)| Some(Metric { name: c.clone(), value: v.as_deref()?.parse().ok()? }))
                 .collect(),
             battery_pct: get("bat").and_then(|v| v.parse().ok()),
             uptime_s: get("up_s").and_then(|v| v.parse().ok()),
             test: get("test") == Some("true"),
-            flags: ReadingFlags {
-                skew_corrected,
-                late: false,
-            },
+            flags: ReadingFlags { skew_corrected, late: false },
             schema_version: get("schema").and_then(|v| v.parse().ok()).unwrap_or(1),
         },
-        class: get("class")
-            .unwrap_or(crate::model::UNREGISTERED_CLASS)
-            .to_owned(),
+        class: get("class").unwrap_or(crate::model::UNREGISTERED_CLASS).to_owned(),
         region: get("region").map(str::to_owned),
     })
 }
@@ -276,11 +239,8 @@ impl AwsStore {
                 .send()
                 .await
                 .map_err(|e| classify("timestream query", e))?;
-            let names: Vec<String> = page
-                .column_info()
-                .iter()
-                .map(|c| c.name().unwrap_or_default().to_owned())
-                .collect();
+            let names: Vec<String> =
+                page.column_info().iter().map(|c| c.name().unwrap_or_default().to_owned()).collect();
             for row in page.rows() {
                 let columns: Vec<(String, Option<String>)> = names
                     .iter()
@@ -340,10 +300,7 @@ mod tests {
                 battery_pct: Some(99.999_999_999_999),
                 uptime_s: Some(u64::MAX),
                 test: true,
-                flags: ReadingFlags {
-                    skew_corrected: true,
-                    late: false,
-                },
+                flags: ReadingFlags { skew_corrected: true, late: false },
                 schema_version: 2,
             },
             class: "c".repeat(crate::model::MAX_LABEL_LEN),
@@ -354,38 +311,18 @@ mod tests {
     /// Timestream's record size: dimension names and values, the measure name, each measure's
     /// name plus its value size (8 bytes for BIGINT/DOUBLE, 1 for BOOLEAN), and 8 for time.
     fn record_bytes(r: &Record) -> usize {
-        let dims: usize = r
-            .dimensions()
-            .iter()
-            .map(|d| d.name().len() + d.value().len())
-            .sum();
+        let dims: usize = r.dimensions().iter().map(|d| d.name().len() + d.value().len()).sum();
         let measures: usize = r
             .measure_values()
             .iter()
-            .map(|m| {
-                m.name().len()
-                    + if m.r#type() == &MeasureValueType::Boolean {
-                        1
-                    } else {
-                        8
-                    }
-            })
+            .map(|m| m.name().len() + if m.r#type() == &MeasureValueType::Boolean { 1 } else { 8 })
             .sum();
         dims + measures + MEASURE_NAME.len() + 8
     }
 
     #[test]
     fn doubles_are_written_compactly_and_exactly() {
-        for v in [
-            21.5,
-            -0.25,
-            0.0,
-            1e-300,
-            -1.234_567_890_123_456_7e-300,
-            6.02e23,
-            1e15,
-            123_456.789,
-        ] {
+        for v in [21.5, -0.25, 0.0, 1e-300, -1.234_567_890_123_456_7e-300, 6.02e23, 1e15, 123_456.789] {
             let s = double(v);
             assert!(s.len() <= 24, "{s}");
             assert_eq!(s.parse::<f64>(), Ok(v));
@@ -406,18 +343,12 @@ mod tests {
 
     #[test]
     fn classifies_rejections() {
-        assert_eq!(
-            rejected_status(Some("The record already exists"), Some(1)),
-            WriteStatus::Duplicate
-        );
+        assert_eq!(rejected_status(Some("The record already exists"), Some(1)), WriteStatus::Duplicate);
         assert_eq!(
             rejected_status(Some("The record timestamp is outside the time range [..) of the data ingestion window / retention"), None),
             WriteStatus::TooLate
         );
-        assert!(matches!(
-            rejected_status(Some("Measure name too long"), None),
-            WriteStatus::Failed(_)
-        ));
+        assert!(matches!(rejected_status(Some("Measure name too long"), None), WriteStatus::Failed(_)));
     }
 
     #[test]
@@ -441,13 +372,7 @@ mod tests {
         let r = reading_from_row(&row).expect("row parses");
         assert_eq!(r.reading.time_ms, 1_764_000_000_123);
         assert_eq!(r.reading.id.seq, 1042);
-        assert_eq!(
-            r.reading.metrics,
-            vec![Metric {
-                name: "temp_c".into(),
-                value: 21.5
-            }]
-        );
+        assert_eq!(r.reading.metrics, vec![Metric { name: "temp_c".into(), value: 21.5 }]);
         assert_eq!(r.region, None);
         assert_eq!(r.reading.battery_pct, Some(87.0));
     }

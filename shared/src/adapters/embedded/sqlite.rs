@@ -102,16 +102,11 @@ impl SqliteStore {
     }
 
     fn init(conn: Connection) -> Result<Self, StoreError> {
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql_err("sqlite pragma"))?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql_err("sqlite pragma"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(sql_err("sqlite pragma"))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql_err("sqlite pragma"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql_err("sqlite pragma"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err("sqlite pragma"))?;
         conn.execute_batch(SCHEMA).map_err(sql_err("sqlite schema"))?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     /// Run `f` with the connection on the blocking pool.
@@ -129,6 +124,18 @@ impl SqliteStore {
         .map_err(|e| StoreError::permanent(op, e))?
     }
 
+    /// Quarantined messages counted by their first reason code.
+    pub async fn quarantine_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        self.with("sqlite quarantine counts", |c| {
+            let mut st = c.prepare_cached(
+                "SELECT json_extract(line, '$.reasons[0].reason') AS reason, count(*) FROM quarantine GROUP BY reason",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_default(), r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// Archive objects stored under `prefix`, by key (tests, replay).
     pub async fn archive_objects(&self, prefix: &str) -> Result<Vec<ArchiveObject>, StoreError> {
         let like = format!("{prefix}%");
@@ -136,11 +143,7 @@ impl SqliteStore {
             let mut st =
                 c.prepare_cached("SELECT key, body, lines FROM archive WHERE key LIKE ?1 ORDER BY key")?;
             let rows = st.query_map([like], |r| {
-                Ok(ArchiveObject {
-                    key: r.get(0)?,
-                    body: r.get(1)?,
-                    lines: r.get::<_, i64>(2)? as usize,
-                })
+                Ok(ArchiveObject { key: r.get(0)?, body: r.get(1)?, lines: r.get::<_, i64>(2)? as usize })
             })?;
             rows.collect()
         })
@@ -176,11 +179,7 @@ fn device_from_row(r: &Row<'_>) -> rusqlite::Result<Device> {
         }),
         None => None,
     };
-    Ok(Device {
-        thing,
-        registration,
-        state,
-    })
+    Ok(Device { thing, registration, state })
 }
 
 impl DeviceRegistry for SqliteStore {
@@ -238,16 +237,7 @@ impl DeviceRegistry for SqliteStore {
                 let kind = e.kind;
                 states
                     .iter()
-                    .map(|(t, _)| {
-                        (
-                            t.clone(),
-                            StoreError {
-                                op: e.op,
-                                kind,
-                                source: msg.clone().into(),
-                            },
-                        )
-                    })
+                    .map(|(t, _)| (t.clone(), StoreError { op: e.op, kind, source: msg.clone().into() }))
                     .collect()
             }
         }
@@ -259,12 +249,8 @@ impl TelemetrySink for SqliteStore {
         let rows: Vec<(StoredReading, String)> = readings
             .iter()
             .map(|r| {
-                let metrics: serde_json::Map<String, serde_json::Value> = r
-                    .reading
-                    .metrics
-                    .iter()
-                    .map(|m| (m.name.clone(), m.value.into()))
-                    .collect();
+                let metrics: serde_json::Map<String, serde_json::Value> =
+                    r.reading.metrics.iter().map(|m| (m.name.clone(), m.value.into())).collect();
                 (r.clone(), serde_json::Value::Object(metrics).to_string())
             })
             .collect();
@@ -402,31 +388,19 @@ fn reading_from_row(r: &Row<'_>) -> rusqlite::Result<StoredReading> {
     let time_ms: i64 = r.get(3)?;
     Ok(StoredReading {
         reading: Reading {
-            id: MessageId {
-                thing,
-                boot: r.get::<_, i64>(1)? as u32,
-                seq: r.get::<_, i64>(2)? as u64,
-            },
+            id: MessageId { thing, boot: r.get::<_, i64>(1)? as u32, seq: r.get::<_, i64>(2)? as u64 },
             time_ms,
             device_time_ms: r.get(4)?,
             rx_ms: r.get(5)?,
             fw: r.get(8)?,
             metrics: metrics
                 .into_iter()
-                .filter_map(|(name, v)| {
-                    Some(Metric {
-                        value: v.as_f64()?,
-                        name,
-                    })
-                })
+                .filter_map(|(name, v)| Some(Metric { value: v.as_f64()?, name }))
                 .collect(),
             battery_pct: r.get(12)?,
             uptime_s: r.get::<_, Option<i64>>(13)?.map(|u| u as u64),
             test: r.get(9)?,
-            flags: ReadingFlags {
-                skew_corrected: r.get(10)?,
-                late: false,
-            },
+            flags: ReadingFlags { skew_corrected: r.get(10)?, late: false },
             schema_version: r.get(11)?,
         },
         class: r.get(6)?,

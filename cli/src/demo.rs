@@ -1,0 +1,263 @@
+//! `fleetctl demo`: the local stack plus simulated devices as real MQTT clients, a live
+//! progress line, and a report whose counts must reconcile: every message a device
+//! published (and the broker acknowledged) is stored, absorbed as a duplicate, or quarantined.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fleet_shared::model::{DeviceRegistration, ThingName};
+use fleet_shared::ports::DeviceAdmin;
+use fleet_shared::sim::{DeviceSim, Quirks};
+use fleet_shared::time;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Serialize;
+
+use crate::local::{self, LocalOptions, LocalStack};
+
+const CLASSES: [&str; 3] = ["env-sensor", "air-quality", "gateway"];
+const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
+/// How long the report waits for the pipeline to settle what was acknowledged.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub devices: usize,
+    pub duration: Duration,
+    /// Messages per second per device.
+    pub rate: f64,
+    pub keep_running: bool,
+    pub seed: u64,
+    pub quirks: Quirks,
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    acked: AtomicU64,
+    connection_errors: AtomicU64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub devices: usize,
+    pub duration_s: f64,
+    pub rate_per_device: f64,
+    pub published: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub quarantined: u64,
+    pub quarantined_by_reason: std::collections::BTreeMap<String, u64>,
+    pub dead_lettered: u64,
+    pub reconciled: bool,
+    pub throughput_msgs_per_s: f64,
+    pub telemetry_freshness: f64,
+    pub latency_p50_ms: Option<u32>,
+    pub latency_p99_ms: Option<u32>,
+    pub dashboard: String,
+}
+
+async fn register(stack: &LocalStack, devices: usize) -> Result<()> {
+    let now = time::now_ms();
+    let regs: Vec<(ThingName, DeviceRegistration)> = (0..devices)
+        .map(|i| {
+            let reg = DeviceRegistration {
+                class: CLASSES[i % CLASSES.len()].into(),
+                region: REGIONS[(i / CLASSES.len()) % REGIONS.len()].into(),
+                fw: if i % 2 == 0 { "1.4.2".into() } else { "2.0.1".into() },
+                registered_at_ms: now,
+            };
+            Ok((ThingName::parse(&fleet_shared::sim::thing_name(i))?, reg))
+        })
+        .collect::<Result<_>>()?;
+    stack.store.register(&regs).await?;
+    Ok(())
+}
+
+/// One simulated device: connect, publish at `rate` until `stop`, then wait for every ack.
+async fn device(
+    mut sim: DeviceSim,
+    mqtt: std::net::SocketAddr,
+    period: Duration,
+    offset: Duration,
+    stop: Instant,
+    counters: Arc<Counters>,
+) {
+    let mut opts = MqttOptions::new(sim.thing.clone(), mqtt.ip().to_string(), mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(200);
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    let mine = Arc::new(AtomicU64::new(0));
+    let acked = Arc::clone(&mine);
+    let loop_counters = Arc::clone(&counters);
+    let events = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acked.fetch_add(1, Relaxed);
+                    loop_counters.acked.fetch_add(1, Relaxed);
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    loop_counters.connection_errors.fetch_add(1, Relaxed);
+                    tracing::debug!(error = %e, "device connection error; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    let topic = format!("dt/fleet/{}/telemetry", sim.thing);
+    tokio::time::sleep(offset).await;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut published = 0u64;
+    while Instant::now() < stop {
+        tick.tick().await;
+        for payload in sim.tick(time::now_ms()) {
+            if client.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await.is_ok() {
+                published += 1;
+                counters.published.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    if let Some(held) = sim.flush() {
+        if client.publish(topic.clone(), QoS::AtLeastOnce, false, held).await.is_ok() {
+            published += 1;
+            counters.published.fetch_add(1, Relaxed);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mine.load(Relaxed) < published && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), events).await;
+}
+
+fn progress(started: Instant, counters: &Counters, stack: &LocalStack) {
+    let s = stack.stats.snapshot(time::now_ms());
+    eprint!(
+        "\r  {:>5.1}s  sent {:>8}  stored {:>8}  duplicates {:>6}  quarantined {:>6}  {:>8.0} msgs/s   ",
+        started.elapsed().as_secs_f64(),
+        counters.acked.load(Relaxed),
+        s.stored,
+        s.duplicates,
+        s.quarantined,
+        s.messages_per_s
+    );
+}
+
+pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Result<()> {
+    if opts.devices == 0 || opts.rate <= 0.0 {
+        bail!("--devices and --rate must be positive");
+    }
+    let stack = local::start(&local_opts).await?;
+    register(&stack, opts.devices).await?;
+    let dashboard = format!("http://{}/", stack.http);
+    eprintln!(
+        "fleetline demo: {} devices x {} msg/s for {:?}; MQTT {} (3.1.1) / {} (5); dashboard {dashboard}",
+        opts.devices, opts.rate, opts.duration, stack.mqtt, stack.mqtt5
+    );
+
+    let counters = Arc::new(Counters::default());
+    let period = Duration::from_secs_f64(1.0 / opts.rate);
+    let started = Instant::now();
+    let stop = started + opts.duration;
+    let tasks: Vec<_> = (0..opts.devices)
+        .map(|i| {
+            let sim = DeviceSim::new(i, opts.quirks, opts.seed);
+            let offset = period.mul_f64(i as f64 / opts.devices as f64);
+            tokio::spawn(device(sim, stack.mqtt, period, offset, stop, Arc::clone(&counters)))
+        })
+        .collect();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    while !tasks.iter().all(|t| t.is_finished()) {
+        ticker.tick().await;
+        progress(started, &counters, &stack);
+    }
+    for t in tasks {
+        t.await.context("device task")?;
+    }
+    let publishing = started.elapsed();
+    // Wait for the pipeline to settle everything the broker acknowledged.
+    let acked = counters.acked.load(Relaxed);
+    let settle_deadline = Instant::now() + SETTLE_TIMEOUT;
+    while stack.stats.settled() < acked && Instant::now() < settle_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    progress(started, &counters, &stack);
+    eprintln!();
+
+    let now = time::now_ms();
+    let devices = stack.store.devices().await?;
+    let state = local::http::AppState {
+        store: stack.store.clone(),
+        stats: Arc::clone(&stack.stats),
+        started_ms: now,
+    };
+    let health = local::http::fleet_health(&devices, stack.store.quarantine_counts().await?, &state, now);
+    let s = stack.stats.snapshot(now);
+    let report = Report {
+        devices: opts.devices,
+        duration_s: publishing.as_secs_f64(),
+        rate_per_device: opts.rate,
+        published: acked,
+        stored: s.stored,
+        duplicates: s.duplicates,
+        quarantined: s.quarantined,
+        quarantined_by_reason: s.quarantined_by_reason.clone(),
+        dead_lettered: s.dead_lettered,
+        reconciled: acked == s.stored + s.duplicates + s.quarantined && s.dead_lettered == 0,
+        throughput_msgs_per_s: acked as f64 / publishing.as_secs_f64(),
+        telemetry_freshness: health.telemetry_freshness,
+        latency_p50_ms: s.latency_p50_ms,
+        latency_p99_ms: s.latency_p99_ms,
+        dashboard: dashboard.clone(),
+    };
+    print_report(&report, counters.connection_errors.load(Relaxed), json)?;
+
+    if opts.keep_running {
+        eprintln!("stack keeps running: dashboard {dashboard}; Ctrl-C to stop");
+        tokio::signal::ctrl_c().await?;
+    }
+    stack.shutdown().await?;
+    if !report.reconciled {
+        bail!("counts do not reconcile: published {} != stored + duplicates + quarantined", report.published);
+    }
+    Ok(())
+}
+
+fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let ms = |v: Option<u32>| v.map_or("-".into(), |v| format!("{v} ms"));
+    println!("Fleetline demo report");
+    println!(
+        "  devices x rate             {} x {} msg/s for {:.1} s",
+        r.devices, r.rate_per_device, r.duration_s
+    );
+    println!("  published (broker-acked)   {}", r.published);
+    println!("  stored                     {}", r.stored);
+    println!("  duplicates absorbed        {}", r.duplicates);
+    println!("  quarantined                {}", r.quarantined);
+    for (reason, n) in &r.quarantined_by_reason {
+        println!("    {reason:<24} {n}");
+    }
+    println!(
+        "  reconciliation             {} (published = stored + duplicates + quarantined{})",
+        if r.reconciled { "OK" } else { "MISMATCH" },
+        if r.dead_lettered > 0 { format!("; {} dead-lettered", r.dead_lettered) } else { String::new() }
+    );
+    println!("  throughput                 {:.0} msgs/s", r.throughput_msgs_per_s);
+    println!("  telemetry freshness        {:.0}% of registered devices", r.telemetry_freshness * 100.0);
+    println!("  latency (rx -> stored)     p50 {}, p99 {}", ms(r.latency_p50_ms), ms(r.latency_p99_ms));
+    if connection_errors > 0 {
+        println!("  MQTT connection errors     {connection_errors}");
+    }
+    println!("  dashboard                  {}", r.dashboard);
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! Reads the topic rules and their targets from `infra/template.yaml` — the same file that
+//! deploys — so the local rules engine runs exactly the rules the cloud runs.
+//!
+//! Each enabled `AWS::IoT::TopicRule` becomes a [`Rule`]: its SQL parsed (see [`super::sql`]) and
+//! its action resolved to the function it feeds in the cloud: an `Sqs` action to the function
+//! whose SQS event reads that queue (with the event's batch size), a `Lambda` action to that
+//! function. Anything else fails at start-up naming the rule and the construct.
+
+use std::path::Path;
+
+use serde_yaml_ng::Value;
+
+use super::sql::{self, Statement};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("parsing {path}: {source}")]
+    Parse { path: String, source: serde_yaml_ng::Error },
+    #[error("topic rule {rule}: {problem}")]
+    Rule { rule: String, problem: String },
+}
+
+/// Where a rule's output goes, locally as in the cloud.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// An SQS queue consumed by `function` in batches of up to `batch_size`.
+    Queue { queue: String, function: String, batch_size: usize },
+    /// A direct rule → Lambda invocation.
+    Function { function: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub sql: String,
+    pub statement: Statement,
+    pub targets: Vec<Target>,
+}
+
+/// A `!Ref X` / `!GetAtt X.Arn` (short or long form) reference's logical id.
+fn reference(v: &Value) -> Option<String> {
+    if let Value::Tagged(t) = v {
+        let target = t.value.as_str()?;
+        return Some(target.split('.').next()?.to_owned());
+    }
+    let m = v.as_mapping()?;
+    if let Some(r) = m.get("Ref").and_then(Value::as_str) {
+        return Some(r.to_owned());
+    }
+    match m.get("Fn::GetAtt")? {
+        Value::Sequence(s) => s.first()?.as_str().map(str::to_owned),
+        Value::String(s) => s.split('.').next().map(str::to_owned),
+        _ => None,
+    }
+}
+
+pub fn load(path: &Path) -> Result<Vec<Rule>, TemplateError> {
+    let p = path.display().to_string();
+    let text =
+        std::fs::read_to_string(path).map_err(|source| TemplateError::Read { path: p.clone(), source })?;
+    parse(&text).map_err(|e| match e {
+        TemplateError::Parse { source, .. } => TemplateError::Parse { path: p, source },
+        other => other,
+    })
+}
+
+pub fn parse(text: &str) -> Result<Vec<Rule>, TemplateError> {
+    let doc: Value = serde_yaml_ng::from_str(text)
+        .map_err(|source| TemplateError::Parse { path: "template".into(), source })?;
+    let empty = serde_yaml_ng::Mapping::new();
+    let resources = doc.get("Resources").and_then(Value::as_mapping).unwrap_or(&empty);
+    let typed = |ty: &'static str| {
+        resources
+            .iter()
+            .filter(move |(_, r)| r.get("Type").and_then(Value::as_str) == Some(ty))
+            .filter_map(|(id, r)| Some((id.as_str()?.to_owned(), r)))
+    };
+    // queue logical id -> (function logical id, batch size)
+    let consumers: Vec<(String, String, usize)> = typed("AWS::Serverless::Function")
+        .flat_map(|(function, r)| {
+            let events =
+                r.get("Properties").and_then(|p| p.get("Events")).and_then(Value::as_mapping).cloned();
+            events.unwrap_or_default().into_iter().filter_map(move |(_, e)| {
+                if e.get("Type").and_then(Value::as_str) != Some("SQS") {
+                    return None;
+                }
+                let props = e.get("Properties")?;
+                let queue = reference(props.get("Queue")?)?;
+                let batch = props.get("BatchSize").and_then(Value::as_u64).unwrap_or(10) as usize;
+                Some((queue, function.clone(), batch))
+            })
+        })
+        .collect();
+
+    let mut rules = Vec::new();
+    for (id, r) in typed("AWS::IoT::TopicRule") {
+        let fail = |problem: String| TemplateError::Rule { rule: id.clone(), problem };
+        let payload = r
+            .get("Properties")
+            .and_then(|p| p.get("TopicRulePayload"))
+            .ok_or_else(|| fail("no TopicRulePayload".into()))?;
+        if payload.get("RuleDisabled").and_then(Value::as_bool) == Some(true) {
+            continue;
+        }
+        match payload.get("AwsIotSqlVersion").and_then(Value::as_str) {
+            Some("2016-03-23") => {}
+            other => {
+                return Err(fail(format!("AwsIotSqlVersion {other:?} (only \"2016-03-23\" is supported)")))
+            }
+        }
+        let sql_text = payload.get("Sql").and_then(Value::as_str).ok_or_else(|| fail("no Sql".into()))?;
+        let statement = sql::parse(sql_text).map_err(|e| fail(e.to_string()))?;
+        let actions =
+            payload.get("Actions").and_then(Value::as_sequence).ok_or_else(|| fail("no Actions".into()))?;
+        let mut targets = Vec::new();
+        for action in actions {
+            let Some((kind, body)) = action.as_mapping().and_then(|m| m.iter().next()) else {
+                return Err(fail("an empty action".into()));
+            };
+            let kind = kind.as_str().unwrap_or_default();
+            match kind {
+                "Sqs" => {
+                    let queue = body
+                        .get("QueueUrl")
+                        .and_then(reference)
+                        .ok_or_else(|| fail("Sqs action without a !Ref QueueUrl".into()))?;
+                    let (_, function, batch_size) = consumers
+                        .iter()
+                        .find(|(q, _, _)| *q == queue)
+                        .ok_or_else(|| fail(format!("queue {queue} has no consuming function")))?;
+                    targets.push(Target::Queue {
+                        queue,
+                        function: function.clone(),
+                        batch_size: *batch_size,
+                    });
+                }
+                "Lambda" => {
+                    let function = body
+                        .get("FunctionArn")
+                        .and_then(reference)
+                        .ok_or_else(|| fail("Lambda action without a !GetAtt FunctionArn".into()))?;
+                    targets.push(Target::Function { function });
+                }
+                other => return Err(fail(format!("action {other} is not supported locally (Sqs, Lambda)"))),
+            }
+        }
+        rules.push(Rule { name: id, sql: sql_text.to_owned(), statement, targets });
+    }
+    rules.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEMPLATE: &str = include_str!("../../../infra/template.yaml");
+
+    #[test]
+    fn reads_the_deployed_telemetry_rule_and_its_consumer() -> Result<(), TemplateError> {
+        let rules = parse(TEMPLATE)?;
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].name, "TelemetryTopicRule");
+        assert_eq!(
+            rules[0].targets,
+            vec![Target::Queue {
+                queue: "TelemetryQueue".into(),
+                function: "IngestTelemetryFunction".into(),
+                batch_size: 1000
+            }]
+        );
+        Ok(())
+    }
+
+    fn one_rule(sql: &str, action: &str) -> String {
+        format!(
+            "Resources:\n  R:\n    Type: AWS::IoT::TopicRule\n    Properties:\n      TopicRulePayload:\n        AwsIotSqlVersion: '2016-03-23'\n        Sql: \"{sql}\"\n        Actions:\n          - {action}\n  F:\n    Type: AWS::Serverless::Function\n    Properties:\n      Events:\n        Q:\n          Type: SQS\n          Properties:\n            Queue: !GetAtt Q.Arn\n"
+        )
+    }
+
+    #[test]
+    fn fails_naming_the_rule_and_the_unsupported_construct() {
+        let err = parse(&one_rule("SELECT upper(x) AS y FROM 'a'", "Sqs: { QueueUrl: !Ref Q }")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "topic rule R: unsupported or invalid rule SQL: function upper() (at character 7)"
+        );
+        let err = parse(&one_rule("SELECT * FROM 'a'", "Republish: { Topic: x }")).unwrap_err();
+        assert!(err.to_string().contains("action Republish is not supported locally"), "{err}");
+        let err = parse(&one_rule("SELECT * FROM 'a'", "Sqs: { QueueUrl: !Ref Other }")).unwrap_err();
+        assert!(err.to_string().contains("queue Other has no consuming function"), "{err}");
+    }
+
+    #[test]
+    fn resolves_lambda_actions_and_default_batch_size() -> Result<(), TemplateError> {
+        let rules = parse(&one_rule("SELECT * FROM 'a'", "Lambda: { FunctionArn: !GetAtt F.Arn }"))?;
+        assert_eq!(rules[0].targets, vec![Target::Function { function: "F".into() }]);
+        let rules = parse(&one_rule("SELECT * FROM 'a'", "Sqs: { QueueUrl: { Ref: Q } }"))?;
+        assert_eq!(
+            rules[0].targets,
+            vec![Target::Queue { queue: "Q".into(), function: "F".into(), batch_size: 10 }]
+        );
+        Ok(())
+    }
+}
