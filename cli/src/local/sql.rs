@@ -302,9 +302,10 @@ impl Parser {
                 self.unexpected("an expression")
             }
             Tok::Ident(name) => {
+                let at = self.at();
                 self.pos += 1;
                 if self.eat_sym("(") {
-                    return self.function(&name);
+                    return self.function(&name, at);
                 }
                 match name.to_ascii_lowercase().as_str() {
                     "true" => return Ok(Expr::Literal(Value::Bool(true))),
@@ -330,7 +331,7 @@ impl Parser {
         }
     }
 
-    fn function(&mut self, name: &str) -> Result<Expr, SqlError> {
+    fn function(&mut self, name: &str, at: usize) -> Result<Expr, SqlError> {
         let e = match name.to_ascii_lowercase().as_str() {
             "topic" => match self.peek().cloned() {
                 Some(Tok::Num(n)) if n >= 1.0 && n.fract() == 0.0 => {
@@ -342,7 +343,7 @@ impl Parser {
             },
             "timestamp" => Expr::Timestamp,
             "clientid" => Expr::ClientId,
-            other => return self.err(format!("function {other}()")),
+            other => return Err(SqlError { construct: format!("function {other}()"), at }),
         };
         if !self.eat_sym(")") {
             return self.unexpected("`)`");
