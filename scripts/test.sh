@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every Fleetline test, on a fresh machine too. It installs what the tests need into
+# Runs every Fleetline test, on a fresh machine too. It installs what the tests need: into
 # .venv (pinned in scripts/requirements-test.txt, from PyPI: moto[server], cargo-lambda,
-# cfn-lint), starts a moto server on a free loopback port, runs formatting, lint, the SAM
-# template check and all four test tiers, and stops what it started.
+# cfn-lint) and, when missing, Debian's mosquitto-clients and chromium; starts a moto server
+# on a free loopback port; runs formatting, lint, the SAM template check and all four test
+# tiers; and stops what it started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -18,6 +19,18 @@ if ! cmp -s scripts/requirements-test.txt "$venv/.installed" 2>/dev/null; then
 fi
 export PATH="$venv/bin:$PATH"
 cargo lambda --version
+
+step "system tools (mosquitto_pub, chromium)"
+missing=()
+command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v mosquitto_pub chromium
 
 step "moto server on loopback"
 mkdir -p target
@@ -45,5 +58,5 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "SAM template (cfn-lint)"
 cfn-lint infra/template.yaml
 
-step "tests: domain, handler, adapter (moto + mocks), end-to-end (cargo lambda)"
+step "tests: domain, handler, adapter (moto + mocks), end-to-end (cargo lambda, fleetctl local, chromium)"
 cargo test --workspace --features fleet-shared/test-support --locked -- --include-ignored

@@ -130,6 +130,13 @@ pub enum QuarantineCommand {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rumqttd=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match commands::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader went away (`fleetctl ... | head`): not an error.

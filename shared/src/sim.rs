@@ -35,13 +35,51 @@ pub fn thing_name(i: usize) -> String {
     format!("sim-{i:05}")
 }
 
+/// What a device's sensors read: a noisy random walk around a per-device baseline.
+#[derive(Debug, Clone, Copy)]
+pub struct Sensors {
+    pub temp_c: f64,
+    pub hum_pct: f64,
+    pub co2_ppm: f64,
+}
+
+impl Sensors {
+    pub fn random(rng: &mut Rng) -> Self {
+        Self {
+            temp_c: 18.0 + rng.unit() * 8.0,
+            hum_pct: 35.0 + rng.unit() * 20.0,
+            co2_ppm: 420.0 + rng.unit() * 400.0,
+        }
+    }
+
+    /// One step: drift plus noise, pulled back towards plausible ranges.
+    pub fn step(&mut self, rng: &mut Rng) {
+        let mut walk = |v: &mut f64, noise: f64, lo: f64, hi: f64| {
+            *v += (rng.unit() - 0.5) * noise;
+            *v = v.clamp(lo, hi);
+        };
+        walk(&mut self.temp_c, 0.3, -20.0, 60.0);
+        walk(&mut self.hum_pct, 1.0, 5.0, 95.0);
+        walk(&mut self.co2_ppm, 15.0, 380.0, 5000.0);
+    }
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
 /// What one simulated device publishes (no rule fields). Even devices speak envelope v1,
 /// odd ones v2 (SenML).
-pub fn device_payload(device: usize, boot: u32, seq: u64, ts_ms: i64, battery: f64, rng: &mut Rng) -> Value {
-    let temp = (200.0 + rng.unit() * 80.0).round() / 10.0;
-    let hum = (350.0 + rng.unit() * 200.0).round() / 10.0;
-    let co2 = (4000.0 + rng.unit() * 4000.0).round() / 10.0;
-    let bat = (battery * 10.0).round() / 10.0;
+pub fn device_payload(
+    device: usize,
+    boot: u32,
+    seq: u64,
+    ts_ms: i64,
+    battery: f64,
+    sensors: &Sensors,
+) -> Value {
+    let (temp, hum, co2) = (round1(sensors.temp_c), round1(sensors.hum_pct), sensors.co2_ppm.round());
+    let bat = round1(battery);
     if device.is_multiple_of(2) {
         json!({"v":1,"seq":seq,"boot":boot,"ts":ts_ms,"fw":"1.4.2","m":{"temp_c":temp,"hum_pct":hum,"pressure_hpa":1013.2},
                "bat":bat,"up_s":seq * 10,"test":false})
@@ -66,7 +104,8 @@ pub fn rule_output(mut payload: Value, thing: &str, rx_ms: i64) -> Vec<u8> {
 pub fn message_body(device: usize, seq: u64, rx_ms: i64, rng: &mut Rng) -> Vec<u8> {
     let ts = rx_ms - 50 - (rng.unit() * 200.0) as i64;
     let battery = 100.0 - (seq / 50 % 100) as f64;
-    rule_output(device_payload(device, 3, seq, ts, battery, rng), &thing_name(device), rx_ms)
+    let sensors = Sensors::random(rng);
+    rule_output(device_payload(device, 3, seq, ts, battery, &sensors), &thing_name(device), rx_ms)
 }
 
 /// Malformed payload kinds a misbehaving device sends.
@@ -102,6 +141,7 @@ pub struct DeviceSim {
     boot: u32,
     seq: u64,
     battery: f64,
+    sensors: Sensors,
     quirks: Quirks,
     rng: Rng,
     last: Option<Vec<u8>>,
@@ -112,12 +152,14 @@ impl DeviceSim {
     pub fn new(index: usize, quirks: Quirks, seed: u64) -> Self {
         let mut rng = Rng::new(seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let battery = 60.0 + rng.unit() * 40.0;
+        let sensors = Sensors::random(&mut rng);
         Self {
             index,
             thing: thing_name(index),
             boot: 1,
             seq: 0,
             battery,
+            sensors,
             quirks,
             rng,
             last: None,
@@ -141,7 +183,8 @@ impl DeviceSim {
         }
         self.seq += 1;
         self.battery = (self.battery - 0.01).max(1.0);
-        let payload = device_payload(self.index, self.boot, self.seq, now_ms, self.battery, &mut self.rng);
+        self.sensors.step(&mut self.rng);
+        let payload = device_payload(self.index, self.boot, self.seq, now_ms, self.battery, &self.sensors);
         let bytes = serde_json::to_vec(&payload).expect("JSON values serialise");
         self.last = Some(bytes.clone());
         if let Some(held) = self.held.take() {

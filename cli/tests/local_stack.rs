@@ -1,0 +1,247 @@
+//! End-to-end tests of `fleetctl local`: the real binary on free loopback ports, real MQTT
+//! clients (`mosquitto_pub`), the HTTP API, and the dashboard in headless Chromium.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ sits in the workspace").to_path_buf()
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running `fleetctl local`, interrupted (Ctrl-C) and reaped on drop.
+struct Local {
+    child: Option<Child>,
+    mqtt: u16,
+    http: SocketAddr,
+    db: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Local {
+    fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let db = dir.path().join("fleet.sqlite");
+        let (mqtt, mqtt5, http) = (free_port()?, free_port()?, free_port()?);
+        let status = Command::new(FLEETCTL)
+            .arg("--db")
+            .arg(&db)
+            .args([
+                "devices",
+                "register",
+                "sensor-001",
+                "--class",
+                "env-sensor",
+                "--region",
+                "eu-west",
+                "--fw",
+                "1.4.2",
+            ])
+            .stdout(Stdio::null())
+            .status()?;
+        ensure!(status.success(), "registering a device failed");
+        let log = std::fs::File::create(dir.path().join("local.log"))?;
+        let child = Command::new(FLEETCTL)
+            .arg("--db")
+            .arg(&db)
+            .args(["local", "--mqtt-port", &mqtt.to_string(), "--mqtt5-port", &mqtt5.to_string()])
+            .args(["--http-port", &http.to_string(), "--template"])
+            .arg(workspace().join("infra/template.yaml"))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .spawn()?;
+        let local = Local { child: Some(child), mqtt, http: ([127, 0, 0, 1], http).into(), db, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while get(local.http, "/api/health").is_err() {
+            if Instant::now() > deadline {
+                bail!("fleetctl local did not answer on {}: {}", local.http, local.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(local)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.db.with_file_name("local.log")).unwrap_or_default()
+    }
+
+    fn publish(&self, thing: &str, payload: &str) -> Result<()> {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.mqtt.to_string(), "-q", "1", "-i", thing])
+            .args(["-t", &format!("dt/fleet/{thing}/telemetry"), "-m", payload])
+            .output()
+            .context("running mosquitto_pub (scripts/test.sh installs mosquitto-clients)")?;
+        ensure!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    /// Wait until the pipeline has settled `n` messages; returns the health document.
+    fn settled(&self, n: u64) -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let h: Value = serde_json::from_str(&get(self.http, "/api/health")?)?;
+            let p = &h["pipeline"];
+            let done = ["stored", "duplicates", "quarantined"]
+                .iter()
+                .map(|k| p[k].as_u64().unwrap_or(0))
+                .sum::<u64>();
+            if done >= n {
+                return Ok(h);
+            }
+            if Instant::now() > deadline {
+                bail!("only {done} of {n} messages settled: {h}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ctrl-C, then the exit status.
+    fn interrupt(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("fleetctl local did not stop after Ctrl-C: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; the body of a 200, an error otherwise.
+fn get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    Ok(body.to_owned())
+}
+
+fn valid(seq: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    format!(
+        r#"{{"v":1,"seq":{seq},"boot":1,"ts":{now},"fw":"1.4.2","m":{{"temp_c":21.5,"hum_pct":40.0}},"bat":88}}"#
+    )
+}
+
+#[test]
+#[ignore = "needs mosquitto_pub (mosquitto-clients), installed by scripts/test.sh"]
+fn mosquitto_pub_valid_duplicate_and_malformed_store_one_reading_and_quarantine_one() -> Result<()> {
+    // GIVEN fleetctl local on free ports with sensor-001 registered
+    let mut local = Local::start()?;
+    // WHEN a valid message, the same message again, and a malformed one are published over MQTT
+    let payload = valid(1);
+    local.publish("sensor-001", &payload)?;
+    local.publish("sensor-001", &payload)?;
+    local.publish("sensor-001", r#"{"v":1,"seq":"#)?;
+    // THEN exactly one reading is stored, one duplicate absorbed, one quarantined with its reason
+    let health = local.settled(3)?;
+    assert_eq!(health["pipeline"]["stored"], 1, "{health}");
+    assert_eq!(health["pipeline"]["duplicates"], 1, "{health}");
+    let readings: Value = serde_json::from_str(&get(local.http, "/api/devices/sensor-001/telemetry")?)?;
+    assert_eq!(readings.as_array().map(Vec::len), Some(1), "{readings}");
+    assert_eq!(readings[0]["class"], "env-sensor");
+    let quarantine: Value = serde_json::from_str(&get(local.http, "/api/quarantine")?)?;
+    assert_eq!(quarantine.as_array().map(Vec::len), Some(1), "{quarantine}");
+    assert_eq!(quarantine[0]["reasons"][0]["reason"], "malformed_json");
+    assert_eq!(quarantine[0]["body"], r#"{"v":1,"seq":"#);
+    let by_reason: Value = serde_json::from_str(&get(local.http, "/api/quarantine?reason=malformed_json")?)?;
+    assert_eq!(by_reason.as_array().map(Vec::len), Some(1));
+    assert_eq!(health["quarantined_by_reason"]["malformed_json"], 1);
+    // AND Ctrl-C stops the stack cleanly
+    let status = local.interrupt()?;
+    assert!(status.success(), "exit {status}: {}", local.log());
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs mosquitto_pub and Debian's chromium, installed by scripts/test.sh"]
+fn dashboard_shows_the_fleet_figures_in_headless_chromium() -> Result<()> {
+    let local = Local::start()?;
+    local.publish("sensor-001", &valid(7))?;
+    local.publish("stray-42", &valid(1))?;
+    local.publish("sensor-001", "not json at all")?;
+    local.settled(3)?;
+    let profile = tempfile::tempdir()?;
+    let dump = |path: &str| -> Result<String> {
+        let out = Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+            .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("--dump-dom")
+            .arg(format!("http://{}{path}", local.http))
+            .output()
+            .context("running chromium (scripts/test.sh installs it)")?;
+        ensure!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The fleet overview, as Chromium rendered it.
+    let dom = dump("/")?;
+    for figure in [
+        r#"id="devices-total">2<"#,
+        r#"id="devices-online">2<"#,
+        r#"id="telemetry-freshness">100%<"#,
+        r#"id="stored">2<"#,
+        r#"id="quarantined-total">1<"#,
+        r#"id="reason-malformed_json">1<"#,
+        r#"href="/devices/sensor-001""#,
+        r#"<td class="online">online</td>"#,
+    ] {
+        assert!(dom.contains(figure), "dashboard lacks {figure}:\n{dom}");
+    }
+    // A device page with its metrics charted as SVG.
+    let device = dump("/devices/sensor-001")?;
+    assert!(device.contains("<svg") && device.contains("temp_c"), "{device}");
+    Ok(())
+}
+
+#[test]
+fn refuses_to_start_on_a_rule_it_cannot_evaluate() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let template = dir.path().join("template.yaml");
+    std::fs::write(
+        &template,
+        "Resources:\n  BadRule:\n    Type: AWS::IoT::TopicRule\n    Properties:\n      TopicRulePayload:\n        AwsIotSqlVersion: '2016-03-23'\n        Sql: \"SELECT encode(*, 'base64') AS data FROM 'dt/#'\"\n        Actions: []\n",
+    )?;
+    let out = Command::new(FLEETCTL)
+        .arg("--db")
+        .arg(dir.path().join("x.sqlite"))
+        .args(["local", "--http-port", &free_port()?.to_string(), "--mqtt-port", &free_port()?.to_string()])
+        .args(["--mqtt5-port", &free_port()?.to_string(), "--template"])
+        .arg(&template)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("topic rule BadRule") && stderr.contains("function encode()"), "{stderr}");
+    Ok(())
+}
