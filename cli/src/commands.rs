@@ -24,8 +24,12 @@ fn config(cli: &Cli) -> Result<Config> {
     })?)
 }
 
-fn local_options(cli: &Cli, a: &crate::StackArgs) -> crate::local::LocalOptions {
-    crate::local::LocalOptions {
+fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<crate::local::LocalOptions> {
+    let config = config(cli)?;
+    if !matches!(config.backend, fleet_shared::Backend::Embedded { .. }) {
+        bail!("the local stack runs on the embedded backend: unset FLEET_BACKEND or set it to embedded");
+    }
+    Ok(crate::local::LocalOptions {
         bind: a.bind,
         mqtt_port: a.mqtt_port,
         mqtt5_port: a.mqtt5_port,
@@ -33,12 +37,13 @@ fn local_options(cli: &Cli, a: &crate::StackArgs) -> crate::local::LocalOptions 
         db: cli.db.clone(),
         template: a.template.clone(),
         batch_window: std::time::Duration::from_millis(a.batch_window_ms),
-    }
+        policy: config.policy,
+    })
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Local { stack } => return local(local_options(&cli, stack)).await,
+        Command::Local { stack } => return local(local_options(&cli, stack)?).await,
         Command::Demo { stack, devices, duration, rate, keep_running, seed } => {
             let opts = crate::demo::DemoOptions {
                 devices: *devices,
@@ -48,7 +53,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 seed: *seed,
                 quirks: fleet_shared::sim::Quirks::default(),
             };
-            return crate::demo::run(local_options(&cli, stack), opts, cli.json).await;
+            return crate::demo::run(local_options(&cli, stack)?, opts, cli.json).await;
         }
         _ => {}
     }

@@ -130,10 +130,12 @@ pub enum QuarantineCommand {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The demo expects quarantines and drives a live progress line: only errors by default.
+    let default_filter =
+        if matches!(cli.command, Command::Demo { .. }) { "error" } else { "warn,rumqttd=error" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,rumqttd=error".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -10,8 +10,10 @@ use plotters::prelude::*;
 
 use super::http::{FleetHealth, ONLINE_WINDOW_MS};
 
-/// Readings charted on a device page.
+/// Readings charted on a device page: the newest ones ...
 pub const CHART_POINTS: usize = 300;
+/// ... within this long before the device's newest reading.
+pub const CHART_SPAN_MS: i64 = 30 * 60_000;
 
 /// Escape text for HTML.
 pub fn esc(s: &str) -> String {

@@ -157,7 +157,9 @@ async fn page_device(State(state): State<AppState>, Path(t): Path<String>) -> Re
     let Some(device) = state.store.device(&thing).await? else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no device {thing}")));
     };
-    let readings = state.store.telemetry(&thing, 0, 100_000).await?;
+    // The readings up to the newest one, charted over the last stretch of time.
+    let since = device.state.as_ref().map_or(0, |s| s.last_ts_ms - dashboard::CHART_SPAN_MS);
+    let readings = state.store.telemetry(&thing, since, 50_000).await?;
     let tail = &readings[readings.len().saturating_sub(dashboard::CHART_POINTS)..];
     Ok(Html(dashboard::device_page(&device, tail, time::now_ms())).into_response())
 }

@@ -49,6 +49,8 @@ pub struct LocalOptions {
     pub template: Option<PathBuf>,
     /// Longest a local queue waits to fill a batch.
     pub batch_window: Duration,
+    /// The functions' time rules (from the same variables as in the cloud).
+    pub policy: IngestPolicy,
 }
 
 /// The functions the local stack can run, by SAM logical id.
@@ -147,7 +149,7 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     let stats = Arc::new(Stats::default());
     let deps = Arc::new(Deps {
         store: store.clone(),
-        policy: IngestPolicy { hot_window_ms: i64::MAX / 4, ..IngestPolicy::default() },
+        policy: opts.policy,
         clock: time::now_ms,
         emit_metrics: false,
     });
