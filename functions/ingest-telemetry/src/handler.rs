@@ -80,11 +80,24 @@ impl From<HandlerError> for Diagnostic {
     }
 }
 
-/// Just enough of an event to tell an SQS batch from a rule payload.
+/// Just enough of an event to tell an SQS batch from a rule payload (which may itself
+/// carry a field called `Records`).
 #[derive(Deserialize)]
 struct Probe {
     #[serde(rename = "Records")]
-    records: Option<serde::de::IgnoredAny>,
+    records: Vec<ProbeRecord>,
+}
+
+#[derive(Deserialize)]
+struct ProbeRecord {
+    #[serde(rename = "eventSource")]
+    event_source: Option<String>,
+}
+
+fn is_sqs_event(raw: &str) -> bool {
+    serde_json::from_str::<Probe>(raw).is_ok_and(|p| {
+        !p.records.is_empty() && p.records.iter().all(|r| r.event_source.as_deref() == Some("aws:sqs"))
+    })
 }
 
 pub async fn handle<S>(deps: &Deps<S>, event: LambdaEvent<Box<RawValue>>) -> Result<Response, HandlerError>
@@ -92,8 +105,7 @@ where
     S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
 {
     let raw = event.payload.get();
-    let probe: Probe = serde_json::from_str(raw).map_err(|e| HandlerError::InvalidEvent(e.to_string()))?;
-    if probe.records.is_some() {
+    if is_sqs_event(raw) {
         let sqs: SqsEvent =
             serde_json::from_str(raw).map_err(|e| HandlerError::InvalidEvent(e.to_string()))?;
         Ok(Response::Sqs(process_sqs(deps, &sqs).await.0))

@@ -347,3 +347,14 @@ async fn direct_invocation_returns_a_retryable_error_on_transient_failure() -> R
     assert_eq!(Diagnostic::from(err).error_type, "Retryable");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rule_payload_with_a_records_field_is_not_mistaken_for_an_sqs_batch() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    let payload = DIRECT_V1.trim_end().trim_end_matches('}').to_owned() + r#","Records":[{"x":1}]}"#;
+    let Response::Direct(r) = handle(&deps, event(&payload)?).await? else {
+        return Err(anyhow!("expected a direct response"));
+    };
+    assert_eq!((r.accepted, r.quarantined.len()), (1, 0));
+    Ok(())
+}
