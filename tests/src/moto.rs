@@ -41,17 +41,22 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Create a Devices table, a Timestream database + table and a bucket, and a store on them.
-pub async fn fresh_store() -> Result<AwsStore> {
-    let config = sdk_config().await?;
+/// Fresh, uniquely named resources (created on moto).
+pub async fn fresh_resources() -> Result<AwsResources> {
     let resources = AwsResources {
         devices_table: unique("devices"),
         telemetry_database: unique("fleet"),
         telemetry_table: "telemetry".into(),
         archive_bucket: unique("archive"),
     };
-    create_resources(&config, &resources).await?;
-    Ok(AwsStore::from_sdk_config(&config, resources).await?)
+    create_resources(&sdk_config().await?, &resources).await?;
+    Ok(resources)
+}
+
+/// Create a Devices table, a Timestream database + table and a bucket, and a store on them.
+pub async fn fresh_store() -> Result<AwsStore> {
+    let resources = fresh_resources().await?;
+    Ok(AwsStore::from_sdk_config(&sdk_config().await?, resources).await?)
 }
 
 /// The same resources `infra/template.yaml` declares (keys, Timestream table).
