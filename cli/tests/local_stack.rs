@@ -185,6 +185,34 @@ fn mosquitto_pub_valid_duplicate_and_malformed_store_one_reading_and_quarantine_
 }
 
 #[test]
+#[ignore = "needs mosquitto_pub (mosquitto-clients), installed by scripts/test.sh"]
+fn ctrl_c_right_after_publishing_loses_nothing_acknowledged() -> Result<()> {
+    // GIVEN 500 messages published at QoS 1 in one burst (mosquitto_pub exits once all are acked)
+    let mut local = Local::start()?;
+    let lines: String = (1..=500).map(|seq| valid(seq) + "\n").collect();
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &local.mqtt.to_string(), "-q", "1", "-i", "sensor-001", "-l"])
+        .args(["-t", "dt/fleet/sensor-001/telemetry"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("running mosquitto_pub")?;
+    publisher.stdin.take().context("stdin")?.write_all(lines.as_bytes())?;
+    ensure!(publisher.wait()?.success(), "mosquitto_pub failed");
+    // WHEN the stack is interrupted at once
+    let status = local.interrupt()?;
+    ensure!(status.success(), "exit {status}: {}", local.log());
+    // THEN every acknowledged message was stored before it exited
+    let out = Command::new(FLEETCTL)
+        .arg("--db")
+        .arg(&local.db)
+        .args(["--json", "telemetry", "sensor-001", "--limit", "1000"])
+        .output()?;
+    let readings: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(readings.as_array().map(Vec::len), Some(500), "{}", local.log());
+    Ok(())
+}
+
+#[test]
 #[ignore = "needs mosquitto_pub and Debian's chromium, installed by scripts/test.sh"]
 fn dashboard_shows_the_fleet_figures_in_headless_chromium() -> Result<()> {
     let local = Local::start()?;
