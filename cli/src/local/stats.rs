@@ -7,6 +7,9 @@ use std::sync::Mutex;
 use fleet_shared::ingest::{BatchOutcome, Reason};
 use serde::Serialize;
 
+/// Latency buckets (1 ms each); the last one collects everything slower.
+const LATENCY_BUCKETS: usize = 10_001;
+
 #[derive(Default)]
 pub struct Stats {
     /// Publishes that matched a rule and were handed to its target.
@@ -21,7 +24,9 @@ pub struct Stats {
     /// Messages that kept failing and went to the (local) dead-letter queue.
     pub dead_lettered: AtomicU64,
     by_reason: Mutex<BTreeMap<Reason, u64>>,
-    latencies_ms: Mutex<Vec<u32>>,
+    /// Latency histogram: one bucket per millisecond up to `LATENCY_BUCKETS - 1`, the last
+    /// bucket for anything slower. Bounded memory however long the stack runs.
+    latency_hist: Mutex<Vec<u64>>,
     /// `(ms, settled)` samples for a messages/s rate.
     samples: Mutex<VecDeque<(i64, u64)>>,
 }
@@ -63,7 +68,15 @@ impl Stats {
                 }
             }
         }
-        self.latencies_ms.lock().unwrap_or_else(|p| p.into_inner()).extend(latencies_ms);
+        {
+            let mut hist = self.latency_hist.lock().unwrap_or_else(|p| p.into_inner());
+            if hist.is_empty() {
+                hist.resize(LATENCY_BUCKETS, 0);
+            }
+            for ms in latencies_ms {
+                hist[(ms as usize).min(LATENCY_BUCKETS - 1)] += 1;
+            }
+        }
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         samples.push_back((now_ms, self.settled()));
         while samples.front().is_some_and(|(t, _)| *t < now_ms - 10_000) {
@@ -83,9 +96,21 @@ impl Stats {
     }
 
     pub fn snapshot(&self, now_ms: i64) -> Snapshot {
-        let mut lat = self.latencies_ms.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        lat.sort_unstable();
-        let pct = |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * p).round() as usize]);
+        let hist = self.latency_hist.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let total: u64 = hist.iter().sum();
+        // The smallest latency at or below which a share `p` of the messages settled.
+        let pct = |p: f64| {
+            let rank = ((total as f64 * p).ceil() as u64).max(1);
+            let mut seen = 0;
+            (total > 0).then(|| {
+                hist.iter()
+                    .position(|n| {
+                        seen += n;
+                        seen >= rank
+                    })
+                    .map_or(0, |i| i as u32)
+            })
+        };
         Snapshot {
             routed: self.routed.load(Relaxed),
             unrouted: self.unrouted.load(Relaxed),
@@ -105,5 +130,21 @@ impl Stats {
             latency_p50_ms: pct(0.50),
             latency_p99_ms: pct(0.99),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_the_histogram() {
+        let stats = Stats::default();
+        stats.record(&BatchOutcome::default(), (1..=100).map(|ms| ms as u32), 0);
+        let s = stats.snapshot(0);
+        assert_eq!((s.latency_p50_ms, s.latency_p99_ms), (Some(50), Some(99)));
+        stats.record(&BatchOutcome::default(), [60_000], 0);
+        assert_eq!(stats.snapshot(0).latency_p99_ms, Some(100), "slow outliers land in the last bucket");
+        assert_eq!(Stats::default().snapshot(0).latency_p50_ms, None);
     }
 }
