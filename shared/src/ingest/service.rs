@@ -122,12 +122,12 @@ where
             .await;
         let mut unknown: HashSet<&ThingName> = HashSet::new();
         for (r, f) in fate.iter().enumerate() {
-            let mut ids = plan.messages_of(r).map(|i| messages[i].message_id.to_owned());
+            let carriers = plan.messages_of(r).count();
             match f {
                 Fate::Stored(WriteStatus::Written | WriteStatus::TooLate) => {
                     let reading = &readings[r];
                     out.accepted += 1;
-                    out.duplicates += ids.count() - 1;
+                    out.duplicates += carriers - 1;
                     out.late += usize::from(matches!(f, Fate::Stored(WriteStatus::TooLate)));
                     out.skew_corrected += usize::from(reading.flags.skew_corrected);
                     out.test += usize::from(reading.test);
@@ -136,10 +136,13 @@ where
                         unknown.insert(&reading.id.thing);
                     }
                 }
-                Fate::Stored(WriteStatus::Duplicate) => out.duplicates += ids.count(),
-                Fate::Stored(WriteStatus::Failed(e)) | Fate::Failed(e) => out
-                    .failed
-                    .extend(ids.by_ref().map(|message_id| FailedMessage { message_id, error: e.clone() })),
+                Fate::Stored(WriteStatus::Duplicate) => out.duplicates += carriers,
+                Fate::Stored(WriteStatus::Failed(e)) | Fate::Failed(e) => {
+                    out.failed.extend(plan.messages_of(r).map(|i| FailedMessage {
+                        message_id: messages[i].message_id.to_owned(),
+                        error: e.clone(),
+                    }))
+                }
                 Fate::Pending => unreachable!("store() settles every reading"),
             }
         }
