@@ -86,11 +86,22 @@ pub struct LocalStack {
 
 fn load_rules(opts: &LocalOptions) -> Result<(Vec<Rule>, String)> {
     let default = Path::new("infra/template.yaml");
-    let (rules, source) = match &opts.template {
-        Some(p) => (template::load(p)?, p.display().to_string()),
-        None if default.exists() => (template::load(default)?, default.display().to_string()),
-        None => (template::parse(BUILT_IN_TEMPLATE)?, "built-in infra/template.yaml".to_owned()),
+    let (text, source) = match &opts.template {
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None if default.exists() => (std::fs::read_to_string(default)?, default.display().to_string()),
+        None => (BUILT_IN_TEMPLATE.to_owned(), "built-in infra/template.yaml".to_owned()),
     };
+    let rules = template::parse(&text).with_context(|| source.clone())?;
+    // Scheduled functions run on local timers once one has a local handler; until then a
+    // schedule stops start-up rather than being skipped silently.
+    if let Some(s) = template::schedules(&text).with_context(|| source.clone())?.first() {
+        known_function(&s.function)
+            .with_context(|| format!("schedule {} of {}", s.expression, s.function))?;
+        bail!("schedule {} of {}: timers have no scheduled handler to call yet", s.expression, s.function);
+    }
     for rule in &rules {
         for t in &rule.targets {
             match t {

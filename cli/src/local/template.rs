@@ -1,4 +1,4 @@
-//! Reads the topic rules and their targets from `infra/template.yaml` — the same file that
+//! Reads the topic rules (and schedules) from `infra/template.yaml` — the same file that
 //! deploys — so the local rules engine runs exactly the rules the cloud runs.
 //!
 //! Each enabled `AWS::IoT::TopicRule` becomes a [`Rule`]: its SQL parsed (see [`super::sql`]) and
@@ -6,16 +6,12 @@
 //! whose SQS event reads that queue (with the event's batch size), a `Lambda` action to that
 //! function. Anything else fails at start-up naming the rule and the construct.
 
-use std::path::Path;
-
 use serde_yaml_ng::Value;
 
 use super::sql::{self, Statement};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
-    #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
     #[error("parsing {path}: {source}")]
     Parse { path: String, source: serde_yaml_ng::Error },
     #[error("topic rule {rule}: {problem}")]
@@ -29,6 +25,67 @@ pub enum Target {
     Queue { queue: String, function: String, batch_size: usize },
     /// A direct rule → Lambda invocation.
     Function { function: String },
+}
+
+/// A function's `Schedule` event: a timer in the local stack.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    pub function: String,
+    pub expression: String,
+    pub every: std::time::Duration,
+}
+
+/// `rate(N minute|minutes|hour|hours|day|days)`; `cron(...)` is not supported locally.
+pub fn parse_rate(expression: &str) -> Result<std::time::Duration, String> {
+    let inner = expression
+        .strip_prefix("rate(")
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(|| format!("schedule {expression:?} is not supported locally (rate(...) only)"))?;
+    let (n, unit) = inner
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| format!("schedule {expression:?}: expected rate(N unit)"))?;
+    let n: u64 = n.parse().map_err(|_| format!("schedule {expression:?}: {n:?} is not a whole number"))?;
+    let secs = match unit.trim() {
+        "minute" | "minutes" => 60,
+        "hour" | "hours" => 3600,
+        "day" | "days" => 86_400,
+        other => return Err(format!("schedule {expression:?}: unknown unit {other:?}")),
+    };
+    if n == 0 {
+        return Err(format!("schedule {expression:?}: the rate must be positive"));
+    }
+    Ok(std::time::Duration::from_secs(n * secs))
+}
+
+/// Every `Schedule` event of every function in the template.
+pub fn schedules(text: &str) -> Result<Vec<Schedule>, TemplateError> {
+    let doc: Value = serde_yaml_ng::from_str(text)
+        .map_err(|source| TemplateError::Parse { path: "template".into(), source })?;
+    let mut out = Vec::new();
+    let Some(resources) = doc.get("Resources").and_then(Value::as_mapping) else { return Ok(out) };
+    for (id, r) in resources {
+        let (Some(function), Some(events)) =
+            (id.as_str(), r.get("Properties").and_then(|p| p.get("Events")).and_then(Value::as_mapping))
+        else {
+            continue;
+        };
+        for (_, e) in events {
+            if !matches!(e.get("Type").and_then(Value::as_str), Some("Schedule" | "ScheduleV2")) {
+                continue;
+            }
+            let expression = e
+                .get("Properties")
+                .and_then(|p| p.get("Schedule").or_else(|| p.get("ScheduleExpression")))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let every = parse_rate(&expression)
+                .map_err(|problem| TemplateError::Rule { rule: format!("{function} schedule"), problem })?;
+            out.push(Schedule { function: function.to_owned(), expression, every });
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -54,16 +111,6 @@ fn reference(v: &Value) -> Option<String> {
         Value::String(s) => s.split('.').next().map(str::to_owned),
         _ => None,
     }
-}
-
-pub fn load(path: &Path) -> Result<Vec<Rule>, TemplateError> {
-    let p = path.display().to_string();
-    let text =
-        std::fs::read_to_string(path).map_err(|source| TemplateError::Read { path: p.clone(), source })?;
-    parse(&text).map_err(|e| match e {
-        TemplateError::Parse { source, .. } => TemplateError::Parse { path: p, source },
-        other => other,
-    })
 }
 
 pub fn parse(text: &str) -> Result<Vec<Rule>, TemplateError> {
@@ -191,6 +238,19 @@ mod tests {
         assert!(err.to_string().contains("action Republish is not supported locally"), "{err}");
         let err = parse(&one_rule("SELECT * FROM 'a'", "Sqs: { QueueUrl: !Ref Other }")).unwrap_err();
         assert!(err.to_string().contains("queue Other has no consuming function"), "{err}");
+    }
+
+    #[test]
+    fn reads_schedules_and_rejects_what_it_cannot_time() -> Result<(), TemplateError> {
+        assert!(schedules(TEMPLATE)?.is_empty(), "no function has a schedule yet");
+        let t = "Resources:\n  HealthFunction:\n    Type: AWS::Serverless::Function\n    Properties:\n      Events:\n        Tick:\n          Type: Schedule\n          Properties:\n            Schedule: rate(5 minutes)\n";
+        let s = schedules(t)?;
+        assert_eq!((s[0].function.as_str(), s[0].every.as_secs()), ("HealthFunction", 300));
+        let err = schedules(&t.replace("rate(5 minutes)", "cron(0 12 * * ? *)")).unwrap_err();
+        assert!(err.to_string().contains("not supported locally"), "{err}");
+        assert_eq!(parse_rate("rate(1 day)").map(|d| d.as_secs()), Ok(86_400));
+        assert!(parse_rate("rate(0 minutes)").is_err() && parse_rate("rate(2 weeks)").is_err());
+        Ok(())
     }
 
     #[test]
