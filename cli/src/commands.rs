@@ -73,6 +73,18 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::quarantine(&store.quarantined(since_ms).await?, json)
         }
         Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
+        Command::Replay { prefix } => {
+            if !prefix.starts_with(fleet_shared::ingest::archive::RAW_PREFIX) {
+                bail!("--prefix {prefix:?} must lie under raw/");
+            }
+            let report =
+                fleet_shared::ingest::replay(&store, &store, &config.policy, time::now_ms(), &prefix).await?;
+            output::replay(&report, json)?;
+            if report.failed > 0 {
+                bail!("{} messages failed to store; replay again (it is idempotent)", report.failed);
+            }
+            Ok(())
+        }
         Command::Ingest { files } => {
             for file in &files {
                 let outcome = ingest_file(&store, &config, file).await?;

@@ -70,6 +70,13 @@ pub enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Re-ingest the raw archive (the source of truth) into the hot store, device state and
+    /// quarantine. Idempotent; also the path to a new hot store.
+    Replay {
+        /// Archive key prefix, e.g. raw/dt=2025-11-24/ (must lie under raw/).
+        #[arg(long, default_value = "raw/")]
+        prefix: String,
+    },
     /// Feed sample events (SQS batches or single rule payloads, as in events/) through the
     /// ingest pipeline and print what was stored.
     Ingest {

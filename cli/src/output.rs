@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use fleet_shared::ingest::{BatchOutcome, QuarantineLine};
+use fleet_shared::ingest::{BatchOutcome, QuarantineLine, ReplayReport};
 use fleet_shared::model::{Device, StoredReading};
 use fleet_shared::time::rfc3339_ms;
 use serde_json::json;
@@ -154,4 +154,14 @@ pub fn ingest_outcome(file: &Path, o: &BatchOutcome, json: bool) -> Result<()> {
         emit(&format!("  quarantined {}: {}", q.message_id, reasons.join(", ")))?;
     }
     Ok(())
+}
+
+pub fn replay(r: &ReplayReport, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    emit(&format!(
+        "replayed {} archive objects, {} messages: {} stored, {} duplicates, {} late, {} quarantined, {} failed",
+        r.objects, r.messages, r.accepted, r.duplicates, r.late, r.quarantined, r.failed
+    ))
 }

@@ -7,6 +7,7 @@
 //! | [`TelemetrySink`] | `timestream:WriteRecords` on the telemetry table (+ `DescribeEndpoints`) |
 //! | [`RawArchive`] | `s3:PutObject` on `raw/*` |
 //! | [`Quarantine`] | `s3:PutObject` on `quarantine/*` |
+//! | [`ArchiveReader`] | `s3:ListBucket`, `s3:GetObject` on `raw/*` (replay, operators) |
 //! | [`DeviceAdmin`] | `dynamodb:BatchWriteItem`, `Scan`, `GetItem` (operators, fleetctl) |
 //! | [`FleetQuery`] | `timestream:Select`, `s3:ListBucket`/`GetObject` on `quarantine/*` (operators) |
 
@@ -60,6 +61,14 @@ pub trait TelemetrySink: Send + Sync {
 /// The cold archive of raw payloads: the source of truth that replays read.
 pub trait RawArchive: Send + Sync {
     fn put_raw(&self, object: &ArchiveObject) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Reading the raw archive back: the source of truth a replay re-ingests.
+pub trait ArchiveReader: Send + Sync {
+    /// Keys of the archive objects under `prefix` (e.g. `raw/dt=2025-11-24/`), every page, in key order.
+    fn archive_keys(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// One object's bytes (gzip NDJSON).
+    fn archive_object(&self, key: &str) -> impl Future<Output = Result<Vec<u8>, StoreError>> + Send;
 }
 
 /// Where payloads that cannot be stored go, with their reasons.

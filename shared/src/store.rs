@@ -8,7 +8,8 @@ use crate::error::StoreError;
 use crate::ingest::{ArchiveObject, QuarantineLine};
 use crate::model::{Device, DeviceRegistration, DeviceState, StoredReading, ThingName};
 use crate::ports::{
-    DeviceAdmin, DeviceRegistry, FleetQuery, Quarantine, RawArchive, TelemetrySink, WriteStatus,
+    ArchiveReader, DeviceAdmin, DeviceRegistry, FleetQuery, Quarantine, RawArchive, TelemetrySink,
+    WriteStatus,
 };
 
 #[cfg(feature = "aws")]
@@ -78,6 +79,15 @@ impl TelemetrySink for Store {
 impl RawArchive for Store {
     async fn put_raw(&self, object: &ArchiveObject) -> Result<(), StoreError> {
         delegate!(self, s => s.put_raw(object).await)
+    }
+}
+
+impl ArchiveReader for Store {
+    async fn archive_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        delegate!(self, s => s.archive_keys(prefix).await)
+    }
+    async fn archive_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        delegate!(self, s => s.archive_object(key).await)
     }
 }
 

@@ -6,7 +6,7 @@
 use anyhow::{ensure, Result};
 use fleet_shared::ingest::{ingest_batch, messages_from_event, IngestPorts, OwnedInbound};
 use fleet_shared::{Config, Store};
-use fleet_tests::{moto, ArchiveInspect};
+use fleet_tests::{archive_objects, moto};
 
 const VALID_V1: &str = include_str!("../../events/ingest-telemetry/sqs-valid-v1.json");
 
@@ -39,6 +39,6 @@ async fn store_from_env_sends_every_client_to_the_endpoint_override() -> Result<
     ensure!(outcome.failed.is_empty(), "failed: {:?}", outcome.failed);
     ensure!(outcome.accepted == 4, "{outcome:?}");
     let Store::Aws(aws) = &store else { anyhow::bail!("FLEET_BACKEND=aws built another backend") };
-    ensure!(aws.objects("raw/").await?.len() == 1, "raw archive object missing");
+    ensure!(archive_objects(aws, "raw/").await?.len() == 1, "raw archive object missing");
     Ok(())
 }

@@ -104,7 +104,7 @@ async fn cargo_lambda_invoke_stores_sample_events_in_the_embedded_backend() -> R
         .process_group(0)
         .spawn()
         .context("starting cargo lambda watch (is cargo-lambda on PATH? scripts/test.sh installs it)")?;
-    let _watch = Watch(child);
+    let mut watch = Watch(child);
 
     // WHEN the valid batch is invoked (the first call waits for the build)
     let started = Instant::now();
@@ -113,11 +113,15 @@ async fn cargo_lambda_invoke_stores_sample_events_in_the_embedded_backend() -> R
         if out.status.success() {
             break serde_json::from_slice::<Value>(&out.stdout)?;
         }
+        let log = || std::fs::read_to_string(dir.path().join("watch.log")).unwrap_or_default();
+        if let Some(status) = watch.0.try_wait()? {
+            bail!("cargo lambda watch exited ({status}) before serving an invoke:\n{}", log());
+        }
         if started.elapsed() > FIRST_INVOKE_DEADLINE {
-            let log = std::fs::read_to_string(dir.path().join("watch.log")).unwrap_or_default();
             bail!(
-                "no successful invoke within {FIRST_INVOKE_DEADLINE:?}: {}\n{log}",
-                String::from_utf8_lossy(&out.stderr)
+                "no successful invoke within {FIRST_INVOKE_DEADLINE:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                log()
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;

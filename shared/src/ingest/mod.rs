@@ -5,6 +5,7 @@ pub mod archive;
 pub mod batch;
 pub mod envelope;
 pub mod reason;
+pub mod replay;
 pub mod samples;
 pub mod service;
 
@@ -12,5 +13,6 @@ pub use archive::{decode_lines, quarantine_object, raw_object, ArchiveObject, Qu
 pub use batch::{plan, Inbound, Plan};
 pub use envelope::{decode, IngestPolicy, Rejection};
 pub use reason::{Problem, Reason};
+pub use replay::{replay, ReplayReport};
 pub use samples::{messages_from_event, OwnedInbound};
 pub use service::{ingest_batch, BatchOutcome, FailedMessage, IngestPorts, QuarantinedMessage};

@@ -8,7 +8,7 @@ use super::{classify, AwsStore};
 use crate::error::StoreError;
 use crate::ingest::archive::{decode_lines, quarantine_object, QUARANTINE_PREFIX};
 use crate::ingest::{ArchiveObject, QuarantineLine};
-use crate::ports::{Quarantine, RawArchive};
+use crate::ports::{ArchiveReader, Quarantine, RawArchive};
 use crate::time::utc_date_hour;
 
 impl AwsStore {
@@ -85,6 +85,16 @@ impl AwsStore {
 impl RawArchive for AwsStore {
     async fn put_raw(&self, object: &ArchiveObject) -> Result<(), StoreError> {
         self.put_object("s3 put raw", object).await
+    }
+}
+
+impl ArchiveReader for AwsStore {
+    async fn archive_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.list_keys(prefix, None).await
+    }
+
+    async fn archive_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        self.get_object(key).await
     }
 }
 

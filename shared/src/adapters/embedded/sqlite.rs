@@ -15,7 +15,8 @@ use crate::model::{
     ThingName,
 };
 use crate::ports::{
-    DeviceAdmin, DeviceRegistry, FleetQuery, Quarantine, RawArchive, TelemetrySink, WriteStatus,
+    ArchiveReader, DeviceAdmin, DeviceRegistry, FleetQuery, Quarantine, RawArchive, TelemetrySink,
+    WriteStatus,
 };
 
 const SCHEMA: &str = "
@@ -299,6 +300,20 @@ impl RawArchive for SqliteStore {
             c.prepare_cached("INSERT OR REPLACE INTO archive (key, body, lines) VALUES (?1, ?2, ?3)")?
                 .execute(params![o.key, o.body, o.lines as i64])
                 .map(drop)
+        })
+        .await
+    }
+}
+
+impl ArchiveReader for SqliteStore {
+    async fn archive_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self.archive_objects(prefix).await?.into_iter().map(|o| o.key).collect())
+    }
+
+    async fn archive_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let key = key.to_owned();
+        self.with("sqlite archive get", move |c| {
+            c.prepare_cached("SELECT body FROM archive WHERE key = ?1")?.query_row([key], |r| r.get(0))
         })
         .await
     }
