@@ -10,7 +10,9 @@
 use std::time::Instant;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
-use fleet_shared::ingest::{ingest_batch, BatchOutcome, Inbound, IngestPolicy, IngestPorts, Problem};
+use fleet_shared::ingest::{
+    direct_message, ingest_batch, BatchOutcome, Inbound, IngestPolicy, IngestPorts, Problem,
+};
 use fleet_shared::ports::{DeviceRegistry, Quarantine, RawArchive, TelemetrySink};
 use fleet_shared::{metrics, time, Config, Store};
 use lambda_runtime::{Diagnostic, LambdaEvent};
@@ -145,15 +147,13 @@ where
     S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
 {
     let now = (deps.clock)();
-    // A stable id and time from the payload itself, so a retried invocation maps to the
-    // same archive keys and quarantine rows.
-    let message_id = format!("direct-{}", fleet_shared::ingest::archive::content_id(body));
     #[derive(Deserialize)]
     struct RxOnly {
         rx_ms: Option<i64>,
     }
-    let received_ms = serde_json::from_slice::<RxOnly>(body).ok().and_then(|r| r.rx_ms).unwrap_or(now);
-    let outcome = run(deps, now, &[Inbound { message_id: &message_id, received_ms, body }]).await;
+    let rx_ms = serde_json::from_slice::<RxOnly>(body).ok().and_then(|r| r.rx_ms);
+    let message = direct_message(body, rx_ms, now);
+    let outcome = run(deps, now, &[message.borrow()]).await;
     if let Some(f) = outcome.failed.first() {
         return Err(HandlerError::Retryable(f.error.clone()));
     }

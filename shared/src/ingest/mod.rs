@@ -14,5 +14,5 @@ pub use batch::{plan, Inbound, Plan};
 pub use envelope::{decode, IngestPolicy, Rejection};
 pub use reason::{Problem, Reason};
 pub use replay::{replay, ReplayReport};
-pub use samples::{messages_from_event, OwnedInbound};
+pub use samples::{direct_message, messages_from_event, OwnedInbound};
 pub use service::{ingest_batch, BatchOutcome, FailedMessage, IngestPorts, QuarantinedMessage};

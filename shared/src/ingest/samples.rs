@@ -67,9 +67,16 @@ pub fn messages_from_event(text: &str, now_ms: i64) -> Result<Vec<OwnedInbound>,
             })
             .collect());
     }
-    Ok(vec![OwnedInbound {
-        message_id: format!("direct-{}", content_id(text.as_bytes())),
-        received_ms: probe.rx_ms.and_then(|v| v.as_i64()).unwrap_or(now_ms),
-        body: text.as_bytes().to_vec(),
-    }])
+    Ok(vec![direct_message(text.as_bytes(), probe.rx_ms.and_then(|v| v.as_i64()), now_ms)])
+}
+
+/// A direct rule invocation's one message. Its id and time come from the payload itself
+/// (content hash, the rule's `rx_ms`), so a retried invocation maps to the same archive keys
+/// and quarantine rows.
+pub fn direct_message(body: &[u8], rx_ms: Option<i64>, now_ms: i64) -> OwnedInbound {
+    OwnedInbound {
+        message_id: format!("direct-{}", content_id(body)),
+        received_ms: rx_ms.unwrap_or(now_ms),
+        body: body.to_vec(),
+    }
 }

@@ -27,7 +27,11 @@ pub const MAX_CONCURRENT_REQUESTS: usize = 8;
 pub struct AwsStore {
     pub(crate) dynamodb: aws_sdk_dynamodb::Client,
     pub(crate) timestream: aws_sdk_timestreamwrite::Client,
-    pub(crate) timestream_query: aws_sdk_timestreamquery::Client,
+    /// Built on first use: only operators query, and a function should not pay for the
+    /// query endpoint discovery at every cold start.
+    timestream_query: tokio::sync::OnceCell<aws_sdk_timestreamquery::Client>,
+    /// The config the query client is built from (`None` when it was injected ready).
+    sdk_config: Option<std::sync::Arc<SdkConfig>>,
     pub(crate) s3: aws_sdk_s3::Client,
     pub(crate) resources: AwsResources,
 }
@@ -54,26 +58,42 @@ impl AwsStore {
             tokio::spawn(reload.reload_task());
             timestream = client;
         }
-        let mut timestream_query = aws_sdk_timestreamquery::Client::new(config);
-        if !overridden("AWS_ENDPOINT_URL_TIMESTREAM_QUERY") {
-            let (client, reload) = timestream_query
-                .with_endpoint_discovery_enabled()
-                .await
-                .map_err(|e| StoreError::transient("timestream-query endpoint discovery", e))?;
-            tokio::spawn(reload.reload_task());
-            timestream_query = client;
-        }
         // Custom S3 endpoints (moto, MinIO) are addressed path-style; AWS itself virtual-host style.
         let s3_config = aws_sdk_s3::config::Builder::from(config)
             .force_path_style(overridden("AWS_ENDPOINT_URL_S3"))
             .build();
-        Ok(Self::from_clients(
-            aws_sdk_dynamodb::Client::new(config),
+        Ok(Self {
+            dynamodb: aws_sdk_dynamodb::Client::new(config),
             timestream,
-            timestream_query,
-            aws_sdk_s3::Client::from_conf(s3_config),
+            timestream_query: tokio::sync::OnceCell::new(),
+            sdk_config: Some(std::sync::Arc::new(config.clone())),
+            s3: aws_sdk_s3::Client::from_conf(s3_config),
             resources,
-        ))
+        })
+    }
+
+    /// The Timestream query client, with endpoint discovery unless an endpoint override is set.
+    pub(crate) async fn query_client(&self) -> Result<&aws_sdk_timestreamquery::Client, StoreError> {
+        self.timestream_query
+            .get_or_try_init(|| async {
+                let config = self
+                    .sdk_config
+                    .as_ref()
+                    .ok_or_else(|| StoreError::permanent("timestream query", "no query client configured"))?;
+                let client = aws_sdk_timestreamquery::Client::new(config);
+                if config.endpoint_url().is_some()
+                    || std::env::var_os("AWS_ENDPOINT_URL_TIMESTREAM_QUERY").is_some()
+                {
+                    return Ok(client);
+                }
+                let (client, reload) = client
+                    .with_endpoint_discovery_enabled()
+                    .await
+                    .map_err(|e| StoreError::transient("timestream-query endpoint discovery", e))?;
+                tokio::spawn(reload.reload_task());
+                Ok(client)
+            })
+            .await
     }
 
     /// Build from ready clients (tests inject mocked or loopback clients here).
@@ -84,7 +104,14 @@ impl AwsStore {
         s3: aws_sdk_s3::Client,
         resources: AwsResources,
     ) -> Self {
-        Self { dynamodb, timestream, timestream_query, s3, resources }
+        Self {
+            dynamodb,
+            timestream,
+            timestream_query: tokio::sync::OnceCell::new_with(Some(timestream_query)),
+            sdk_config: None,
+            s3,
+            resources,
+        }
     }
 }
 

@@ -229,10 +229,10 @@ impl AwsStore {
             thing.as_str()
         );
         let mut out = Vec::new();
+        let client = self.query_client().await?;
         let mut token: Option<String> = None;
         for _ in 0..MAX_QUERY_PAGES {
-            let page = self
-                .timestream_query
+            let page = client
                 .query()
                 .query_string(&sql)
                 .set_next_token(token.take())
