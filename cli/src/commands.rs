@@ -1,32 +1,40 @@
-//! The commands: parse arguments into domain values, call the ports, print.
+//! The commands: parse arguments into domain values, build the ports the command uses on the
+//! configured backend (the functions' own variables; embedded SQLite by default), call them, print.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamQuery, TimestreamSink};
 use fleet_shared::ingest::{
-    ingest_batch, messages_from_event, BatchOutcome, Inbound, IngestPorts, OwnedInbound,
+    ingest_batch, messages_from_event, replay, BatchOutcome, Inbound, IngestPolicy, IngestPorts,
+    OwnedInbound, ReplayPorts,
 };
+use fleet_shared::lambda::Backend;
 use fleet_shared::model::{validate_label, DeviceRegistration, ThingName};
-use fleet_shared::ports::{DeviceAdmin, FleetQuery};
-use fleet_shared::{time, Config, Store};
+use fleet_shared::ports::{
+    ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, TelemetryQuery,
+    TelemetrySink,
+};
+use fleet_shared::{time, BackendKind, Env};
 
 use crate::output;
 use crate::{Cli, Command, DevicesCommand, QuarantineCommand};
 
-/// The functions' configuration, with the embedded backend as the default.
-fn config(cli: &Cli) -> Result<Config> {
+/// The functions' variables, with the embedded backend (on `--db`) as the default.
+fn env(cli: &Cli) -> Env {
     let db = cli.db.to_string_lossy().into_owned();
-    Ok(Config::from_lookup(|k| match std::env::var(k).ok() {
+    Env::from_fn(move |k| match std::env::var(k).ok() {
         Some(v) => Some(v),
         None if k == "FLEET_BACKEND" => Some("embedded".to_owned()),
         None if k == "FLEET_DB" => Some(db.clone()),
         None => None,
-    })?)
+    })
 }
 
 fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<crate::local::LocalOptions> {
-    let config = config(cli)?;
-    if !matches!(config.backend, fleet_shared::Backend::Embedded { .. }) {
+    let env = env(cli);
+    let kind = env.backend()?;
+    if !matches!(kind, BackendKind::Embedded { .. }) {
         bail!("the local stack runs on the embedded backend: unset FLEET_BACKEND or set it to embedded");
     }
     Ok(crate::local::LocalOptions {
@@ -37,7 +45,7 @@ fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<crate::local::LocalO
         db: cli.db.clone(),
         template: a.template.clone(),
         batch_window: std::time::Duration::from_millis(a.batch_window_ms),
-        policy: config.policy,
+        policy: IngestPolicy::from_env(&env, &kind)?,
     })
 }
 
@@ -51,48 +59,131 @@ pub async fn run(cli: Cli) -> Result<()> {
                 rate: *rate,
                 keep_running: *keep_running,
                 seed: *seed,
-                quirks: fleet_shared::sim::Quirks::default(),
+                quirks: fleet_shared::ingest::sim::Quirks::default(),
             };
             return crate::demo::run(local_options(&cli, stack)?, opts, cli.json).await;
         }
         _ => {}
     }
-    let config = config(&cli)?;
-    let store = Store::connect(&config).await?;
+    let env = env(&cli);
+    let kind = env.backend()?;
+    let policy = IngestPolicy::from_env(&env, &kind)?;
     let json = cli.json;
-    match cli.command {
-        Command::Devices { command } => devices(&store, command, json).await,
-        Command::Telemetry { thing, since, limit } => {
-            let thing = ThingName::parse(&thing)?;
-            let since_ms = since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
-            let readings = store.telemetry(&thing, since_ms, limit).await?;
-            output::readings(&readings, json)
-        }
-        Command::Quarantine { command: QuarantineCommand::List { since } } => {
-            let since_ms = since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
-            output::quarantine(&store.quarantined(since_ms).await?, json)
-        }
-        Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
-        Command::Replay { prefix } => {
-            if !prefix.starts_with(fleet_shared::ingest::archive::RAW_PREFIX) {
-                bail!("--prefix {prefix:?} must lie under raw/");
+    // Each command builds only the ports it uses, as a function would.
+    match Backend::connect(env).await? {
+        Backend::Aws(aws) => {
+            let (sdk, env) = (&aws.sdk, &aws.env);
+            match cli.command {
+                Command::Devices { command } => {
+                    devices(&DevicesTable::from_env(sdk, env)?, command, json).await
+                }
+                Command::Telemetry { thing, since, limit } => {
+                    telemetry(&TimestreamQuery::from_env(sdk, env)?, &thing, since, limit, json).await
+                }
+                Command::Quarantine { command } => {
+                    quarantine(&S3Archive::from_env(sdk, env)?, command, json).await
+                }
+                Command::Replay { prefix } => {
+                    let archive = S3Archive::from_env(sdk, env)?;
+                    let ports = ReplayPorts {
+                        registry: &DevicesTable::from_env(sdk, env)?,
+                        sink: &TimestreamSink::from_env(sdk, env).await?,
+                        quarantine: &archive,
+                        reader: &archive,
+                    };
+                    run_replay(ports, &policy, &prefix, json).await
+                }
+                Command::Ingest { files } => {
+                    let archive = S3Archive::from_env(sdk, env)?;
+                    let ports = IngestPorts {
+                        registry: &DevicesTable::from_env(sdk, env)?,
+                        sink: &TimestreamSink::from_env(sdk, env).await?,
+                        archive: &archive,
+                        quarantine: &archive,
+                    };
+                    ingest_files(ports, &policy, &files, json).await
+                }
+                Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }
-            let report =
-                fleet_shared::ingest::replay(&store, &store, &config.policy, time::now_ms(), &prefix).await?;
-            output::replay(&report, json)?;
-            if report.failed > 0 {
-                bail!("{} messages failed to store; replay again (it is idempotent)", report.failed);
-            }
-            Ok(())
         }
-        Command::Ingest { files } => {
-            for file in &files {
-                let outcome = ingest_file(&store, &config, file).await?;
-                output::ingest_outcome(file, &outcome, json)?;
+        Backend::Embedded(e) => {
+            let db = &e.db;
+            match cli.command {
+                Command::Devices { command } => devices(db, command, json).await,
+                Command::Telemetry { thing, since, limit } => telemetry(db, &thing, since, limit, json).await,
+                Command::Quarantine { command } => quarantine(db, command, json).await,
+                Command::Replay { prefix } => {
+                    let ports = ReplayPorts { registry: db, sink: db, quarantine: db, reader: db };
+                    run_replay(ports, &policy, &prefix, json).await
+                }
+                Command::Ingest { files } => {
+                    let ports = IngestPorts { registry: db, sink: db, archive: db, quarantine: db };
+                    ingest_files(ports, &policy, &files, json).await
+                }
+                Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }
-            Ok(())
         }
     }
+}
+
+async fn telemetry(
+    query: &impl TelemetryQuery,
+    thing: &str,
+    since: Option<String>,
+    limit: usize,
+    json: bool,
+) -> Result<()> {
+    let thing = ThingName::parse(thing)?;
+    let since_ms = since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
+    output::readings(&query.telemetry(&thing, since_ms, limit).await?, json)
+}
+
+async fn quarantine(reader: &impl QuarantineReader, command: QuarantineCommand, json: bool) -> Result<()> {
+    let QuarantineCommand::List { since } = command;
+    let since_ms = since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
+    output::quarantine(&reader.quarantined(since_ms).await?, json)
+}
+
+async fn run_replay<R, S, Q, X>(
+    ports: ReplayPorts<'_, R, S, Q, X>,
+    policy: &IngestPolicy,
+    prefix: &str,
+    json: bool,
+) -> Result<()>
+where
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    Q: Quarantine,
+    X: ArchiveReader,
+{
+    if !prefix.starts_with(fleet_shared::ingest::archive::RAW_PREFIX) {
+        bail!("--prefix {prefix:?} must lie under raw/");
+    }
+    let report = replay(ports, policy, time::now_ms(), prefix).await?;
+    output::replay(&report, json)?;
+    if report.failed > 0 {
+        bail!("{} messages failed to store; replay again (it is idempotent)", report.failed);
+    }
+    Ok(())
+}
+
+async fn ingest_files<R, S, A, Q>(
+    ports: IngestPorts<'_, R, S, A, Q>,
+    policy: &IngestPolicy,
+    files: &[std::path::PathBuf],
+    json: bool,
+) -> Result<()>
+where
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    A: RawArchive,
+    Q: Quarantine,
+{
+    for file in files {
+        let outcome = ingest_file(&ports, policy, file).await?;
+        output::ingest_outcome(file, &outcome, json)?;
+    }
+    Ok(())
 }
 
 async fn local(opts: crate::local::LocalOptions) -> Result<()> {
@@ -120,7 +211,7 @@ async fn local(opts: crate::local::LocalOptions) -> Result<()> {
     Ok(())
 }
 
-async fn devices(store: &Store, command: DevicesCommand, json: bool) -> Result<()> {
+async fn devices(store: &impl DeviceAdmin, command: DevicesCommand, json: bool) -> Result<()> {
     match command {
         DevicesCommand::Register { thing, class, region, fw } => {
             let thing = ThingName::parse(&thing)?;
@@ -146,9 +237,8 @@ async fn devices(store: &Store, command: DevicesCommand, json: bool) -> Result<(
 
 /// `--since`: an RFC 3339 time, or a duration before now.
 fn parse_since(s: &str) -> Result<i64> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-        let d = t.duration_since(std::time::UNIX_EPOCH).context("time before 1970")?;
-        return Ok(d.as_millis() as i64);
+    if let Some(ms) = time::parse_rfc3339(s) {
+        return Ok(ms);
     }
     let ago = humantime::parse_duration(s).with_context(|| {
         format!("--since {s:?}: expected an RFC 3339 time or a duration like 15m, 2h, 7d")
@@ -157,11 +247,26 @@ fn parse_since(s: &str) -> Result<i64> {
 }
 
 /// One events/ file: an SQS event (`Records[].body`) or one rule payload object.
-async fn ingest_file(store: &Store, config: &Config, file: &Path) -> Result<BatchOutcome> {
+async fn ingest_file<R, S, A, Q>(
+    ports: &IngestPorts<'_, R, S, A, Q>,
+    policy: &IngestPolicy,
+    file: &Path,
+) -> Result<BatchOutcome>
+where
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    A: RawArchive,
+    Q: Quarantine,
+{
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let now = time::now_ms();
-    let owned = messages_from_event(&text, now).with_context(|| format!("{} is not JSON", file.display()))?;
+    let owned = messages_from_event(&text, now);
     let inbound: Vec<Inbound<'_>> = owned.iter().map(OwnedInbound::borrow).collect();
-    let ports = IngestPorts { registry: store, sink: store, archive: store, quarantine: store };
-    Ok(ingest_batch(ports, &config.policy, now, &inbound).await)
+    let ports = IngestPorts {
+        registry: ports.registry,
+        sink: ports.sink,
+        archive: ports.archive,
+        quarantine: ports.quarantine,
+    };
+    Ok(ingest_batch(ports, policy, now, &inbound).await)
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use fleet_shared::ingest::sim::{DeviceSim, Quirks};
 use fleet_shared::model::{DeviceRegistration, ThingName};
 use fleet_shared::ports::DeviceAdmin;
-use fleet_shared::sim::{DeviceSim, Quirks};
 use fleet_shared::time;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
@@ -71,7 +71,7 @@ async fn register(stack: &LocalStack, devices: usize) -> Result<()> {
                 fw: if i % 2 == 0 { "1.4.2".into() } else { "2.0.1".into() },
                 registered_at_ms: now,
             };
-            Ok((ThingName::parse(&fleet_shared::sim::thing_name(i))?, reg))
+            Ok((ThingName::parse(&fleet_shared::ingest::sim::thing_name(i))?, reg))
         })
         .collect::<Result<_>>()?;
     stack.store.register(&regs).await?;

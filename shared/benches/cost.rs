@@ -6,7 +6,7 @@
 //! us-east-1 list prices below (on-demand, no free tier).
 
 use fleet_shared::adapters::aws::counting::CountingAws;
-use fleet_shared::sim;
+use fleet_shared::ingest::sim;
 
 const DEVICES: usize = 100;
 const MESSAGES: usize = 1_000;

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use fleet_shared::adapters::aws::timestream::record_for;
 use fleet_shared::ingest::archive::one_line;
 use fleet_shared::ingest::service::enrich;
+use fleet_shared::ingest::sim;
 use fleet_shared::ingest::{plan, raw_object, IngestPolicy, OwnedInbound};
 use fleet_shared::model::{Device, DeviceRegistration, ThingName};
-use fleet_shared::sim;
 
 const DEVICES: usize = 100;
 const MESSAGES: usize = 1_000;

@@ -1,29 +1,29 @@
-//! `fleet-shared`: Fleetline's domain types and rules, the ports they need, and the
-//! adapters that implement those ports on AWS and on the embedded (SQLite) backend.
+//! `fleet-shared`: Fleetline's domain types and rules, the ports they need, the adapters that
+//! implement those ports on AWS and on the embedded (SQLite) backend, and what every Lambda
+//! function shares.
 //!
 //! Map of the crate:
 //! - [`model`]: plain data: [`model::ThingName`], [`model::Reading`], [`model::Device`].
-//! - [`ingest`]: telemetry ingestion: envelope decode + upcast ([`ingest::envelope`]),
-//!   the reason-code vocabulary ([`ingest::reason`]), batch planning, archive encoding and
-//!   the use case driving the ports ([`ingest::service`]). Pure, except the use case's port calls.
+//! - [`ingest`]: telemetry ingestion (used by ingest-telemetry and operators only): envelope
+//!   decode + upcast, reason codes, the event rule, batch planning, archive encoding, the use
+//!   case over the ports, its metrics, replay, and (feature `sim`) simulated devices.
 //! - [`ports`]: small traits in domain types, one per capability / IAM grant.
-//! - [`adapters`]: `aws` (DynamoDB, Timestream, S3; feature `aws`) and `embedded`
-//!   (SQLite; feature `embedded`) implementations of the same ports.
-//! - [`config`]: `Config::from_env()`; [`store`]: the backend it selects, built once per cold start.
-//! - [`metrics`]: CloudWatch Embedded Metric Format lines. [`time`]: UTC calendar helpers.
-//! - [`sim`]: simulated devices (deterministic telemetry for benches, load tests and demos).
+//! - [`adapters`]: one AWS adapter per resource (feature `aws`), all from one `aws_config`
+//!   load; the SQLite implementation of the same ports (feature `embedded`), with migrations.
+//! - [`lambda`] (feature `lambda`): cold-start wiring, SQS partial-batch responses, `Diagnostic`s.
+//! - [`env`]: reading variables once, errors naming the missing one. [`error`]: typed store errors.
+//! - [`metrics`]: CloudWatch Embedded Metric Format lines. [`time`]: UTC time through `jiff`.
 
 pub mod adapters;
-pub mod config;
+pub mod env;
 pub mod error;
 pub mod ingest;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod metrics;
 pub mod model;
 pub mod ports;
-pub mod sim;
-pub mod store;
 pub mod time;
 
-pub use config::{Backend, Config, ConfigError};
+pub use env::{BackendKind, ConfigError, Env};
 pub use error::{ErrorKind, StoreError};
-pub use store::Store;

@@ -1,12 +1,12 @@
 //! CloudWatch Embedded Metric Format lines: metrics as structured log lines, no SDK call.
+//! Every function emits through [`emf_line`]; what it counts lives with its capability
+//! (e.g. `ingest::metrics`).
 
 use serde_json::{json, Map, Value};
 
-use crate::ingest::{BatchOutcome, Reason};
-
 pub const NAMESPACE: &str = "Fleetline";
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
     Count,
     Milliseconds,
@@ -44,81 +44,75 @@ pub fn emf_line(timestamp_ms: i64, dimensions: &[(&str, &str)], metrics: &[(&str
     Value::Object(root).to_string()
 }
 
-/// The per-batch ingest metrics: one line of totals, one line per quarantine reason.
-pub fn ingest_batch_lines(
-    function: &str,
-    outcome: &BatchOutcome,
-    duration_ms: f64,
-    timestamp_ms: i64,
-) -> Vec<String> {
-    let dims = [("Function", function)];
-    let mut lines = vec![emf_line(
-        timestamp_ms,
-        &dims,
-        &[
-            ("Messages", outcome.messages as f64, Unit::Count),
-            ("Accepted", outcome.accepted as f64, Unit::Count),
-            ("Duplicates", outcome.duplicates as f64, Unit::Count),
-            ("Quarantined", outcome.quarantined.len() as f64, Unit::Count),
-            ("SkewCorrected", outcome.skew_corrected as f64, Unit::Count),
-            ("Late", outcome.late as f64, Unit::Count),
-            ("UnknownDevices", outcome.unknown_devices as f64, Unit::Count),
-            ("Failed", outcome.failed.len() as f64, Unit::Count),
-            ("BatchDuration", duration_ms, Unit::Milliseconds),
-        ],
-    )];
-    let mut by_reason: Vec<(Reason, usize)> = Vec::new();
-    for q in &outcome.quarantined {
-        for p in &q.problems {
-            match by_reason.iter_mut().find(|(r, _)| *r == p.reason) {
-                Some((_, n)) => *n += 1,
-                None => by_reason.push((p.reason, 1)),
+/// One set of metrics sharing dimensions and a timestamp: one EMF line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricSet {
+    pub timestamp_ms: i64,
+    pub dimensions: Vec<(&'static str, String)>,
+    pub values: Vec<(&'static str, f64, Unit)>,
+}
+
+impl MetricSet {
+    pub fn to_emf_line(&self) -> String {
+        let dims: Vec<(&str, &str)> = self.dimensions.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        emf_line(self.timestamp_ms, &dims, &self.values)
+    }
+
+    pub fn dimension(&self, name: &str) -> Option<&str> {
+        self.dimensions.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Where a function's metrics go: stdout as EMF in Lambda (CloudWatch reads them from the
+/// log), a collector in the local stack (its dashboard counts them), nowhere in tests.
+#[derive(Clone, Default)]
+pub enum MetricsOut {
+    Stdout,
+    #[default]
+    Off,
+    Collect(std::sync::Arc<dyn Fn(&MetricSet) + Send + Sync>),
+}
+
+impl std::fmt::Debug for MetricsOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MetricsOut::Stdout => "Stdout",
+            MetricsOut::Off => "Off",
+            MetricsOut::Collect(_) => "Collect",
+        })
+    }
+}
+
+impl MetricsOut {
+    pub fn emit(&self, sets: &[MetricSet]) {
+        match self {
+            MetricsOut::Stdout => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                for s in sets {
+                    let _ = writeln!(out, "{}", s.to_emf_line());
+                }
             }
+            MetricsOut::Off => {}
+            MetricsOut::Collect(f) => sets.iter().for_each(|s| f(s)),
         }
     }
-    by_reason.sort();
-    for (reason, n) in by_reason {
-        lines.push(emf_line(
-            timestamp_ms,
-            &[("Function", function), ("Reason", reason.as_str())],
-            &[("QuarantinedByReason", n as f64, Unit::Count)],
-        ));
-    }
-    lines
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::{Problem, QuarantinedMessage};
 
     #[test]
-    fn emits_totals_and_one_line_per_quarantine_reason() -> anyhow::Result<()> {
-        // GIVEN a batch with two malformed messages and one spoofed one
-        let q = |r| QuarantinedMessage {
-            message_id: "m".into(),
-            thing: None,
-            problems: vec![Problem::new(r, None, "x")],
-        };
-        let outcome = BatchOutcome {
-            messages: 5,
-            accepted: 2,
-            quarantined: vec![q(Reason::MalformedJson), q(Reason::MalformedJson), q(Reason::ThingMismatch)],
-            ..BatchOutcome::default()
-        };
-        // WHEN
-        let lines = ingest_batch_lines("ingest-telemetry", &outcome, 12.5, 1_764_000_000_000);
-        // THEN
-        assert_eq!(lines.len(), 3);
-        let totals: Value = serde_json::from_str(&lines[0])?;
-        assert_eq!(totals["Accepted"], 2.0);
-        assert_eq!(totals["Quarantined"], 3.0);
-        assert_eq!(totals["BatchDuration"], 12.5);
-        assert_eq!(totals["_aws"]["CloudWatchMetrics"][0]["Namespace"], NAMESPACE);
-        let malformed: Value = serde_json::from_str(&lines[1])?;
-        assert_eq!(malformed["Reason"], "malformed_json");
-        assert_eq!(malformed["QuarantinedByReason"], 2.0);
-        assert_eq!(malformed["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0][1], "Reason");
+    fn declares_dimensions_and_metrics_in_the_emf_header() -> serde_json::Result<()> {
+        let line = emf_line(5, &[("Function", "f")], &[("Count", 2.0, Unit::Count)]);
+        let v: Value = serde_json::from_str(&line)?;
+        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0][0], "Function");
+        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"], "Count");
+        assert_eq!(
+            (v["Function"].as_str(), v["Count"].as_f64(), v["_aws"]["Timestamp"].as_i64()),
+            (Some("f"), Some(2.0), Some(5))
+        );
         Ok(())
     }
 }

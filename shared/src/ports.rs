@@ -1,20 +1,24 @@
-//! Ports: small traits in domain types, one per capability and IAM grant. The AWS and the
-//! embedded adapters implement the same traits and pass the same contract tests.
+//! Ports: small traits in domain types, one per capability and IAM grant. A function's `Deps`
+//! holds one field per port it uses, so its trait bounds read like its IAM statements in
+//! `infra/template.yaml`. The AWS and the embedded adapters implement the same traits and
+//! pass the same contract suite (`tests/src/contract.rs`).
 //!
-//! | trait | AWS grant (template) |
-//! |---|---|
-//! | [`DeviceRegistry`] | `dynamodb:BatchGetItem`, `dynamodb:UpdateItem` on the Devices table |
-//! | [`TelemetrySink`] | `timestream:WriteRecords` on the telemetry table (+ `DescribeEndpoints`) |
-//! | [`RawArchive`] | `s3:PutObject` on `raw/*` |
-//! | [`Quarantine`] | `s3:PutObject` on `quarantine/*` |
-//! | [`ArchiveReader`] | `s3:ListBucket`, `s3:GetObject` on `raw/*` (replay, operators) |
-//! | [`DeviceAdmin`] | `dynamodb:BatchWriteItem`, `Scan`, `GetItem` (operators, fleetctl) |
-//! | [`FleetQuery`] | `timestream:Select`, `s3:ListBucket`/`GetObject` on `quarantine/*` (operators) |
+//! | trait | AWS adapter | AWS grant (template) |
+//! |---|---|---|
+//! | [`DeviceRegistry`] | `DevicesTable` | `dynamodb:BatchGetItem`, `dynamodb:UpdateItem` on the Devices table |
+//! | [`DeviceAdmin`] | `DevicesTable` | `dynamodb:BatchWriteItem`, `Query`, `Scan` (operators, fleetctl) |
+//! | [`TelemetrySink`] | `TimestreamSink` | `timestream:WriteRecords` on the table (+ `DescribeEndpoints`) |
+//! | [`TelemetryQuery`] | `TimestreamQuery` | `timestream:Select` (operators) |
+//! | [`RawArchive`] | `S3Archive` | `s3:PutObject` on `raw/*` |
+//! | [`ArchiveReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `raw/*` (replay, operators) |
+//! | [`Quarantine`] | `S3Archive` | `s3:PutObject` on `quarantine/*` |
+//! | [`QuarantineReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `quarantine/*` (operators) |
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 
-use crate::error::StoreError;
+use crate::error::{ErrorKind, StoreError};
 use crate::ingest::{ArchiveObject, QuarantineLine};
 use crate::model::{Device, DeviceRegistration, DeviceState, StoredReading, ThingName};
 
@@ -28,7 +32,7 @@ pub trait DeviceRegistry: Send + Sync {
 
     /// Record each device's newest state, at most one write per device, never replacing a
     /// newer stored state (`last_ts_ms`). Creates the device item for unregistered things.
-    /// Returns the devices whose write failed.
+    /// Returns the devices whose write failed, each with a typed error.
     fn record_states(
         &self,
         states: &[(ThingName, DeviceState)],
@@ -36,26 +40,58 @@ pub trait DeviceRegistry: Send + Sync {
 }
 
 /// How the hot store took one reading.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WriteStatus {
-    /// Newly stored.
+    /// Newly stored (or an identical rewrite the store cannot tell apart).
     Written,
-    /// Already stored (same `(thing, boot, seq)`): nothing changed.
+    /// Already stored with the same content (same `(thing, boot, seq)`): nothing changed.
     Duplicate,
     /// Outside the time range the store accepts: kept in the archive only.
     TooLate,
-    /// Not stored; retrying may succeed.
-    Failed(String),
+    /// Not stored. The error's kind says what to do: transient → retry, permanent or
+    /// conflict → quarantine with the reason. Shared by every reading one request carried.
+    Refused(Arc<StoreError>),
+}
+
+impl WriteStatus {
+    pub fn is_stored(&self) -> bool {
+        matches!(self, WriteStatus::Written | WriteStatus::Duplicate | WriteStatus::TooLate)
+    }
+
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            WriteStatus::Refused(e) => Some(e.kind),
+            _ => None,
+        }
+    }
+}
+
+impl PartialEq for WriteStatus {
+    /// Refusals compare by kind (errors themselves have no equality).
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (WriteStatus::Refused(a), WriteStatus::Refused(b)) => a.kind == b.kind,
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
 }
 
 /// The hot time-series store.
 pub trait TelemetrySink: Send + Sync {
-    /// Write readings; the result has one status per input, in order. `Err` means no status
-    /// is known and every reading should be retried.
-    fn write(
+    /// Write readings; the result has one status per input, in order. A request-level
+    /// failure becomes a `Refused` status on every reading it carried.
+    fn write(&self, readings: &[StoredReading]) -> impl Future<Output = Vec<WriteStatus>> + Send;
+}
+
+/// Reading stored telemetry back (operators, dashboards).
+pub trait TelemetryQuery: Send + Sync {
+    /// A thing's readings with `time_ms >= since_ms`, oldest first, at most `limit`.
+    fn telemetry(
         &self,
-        readings: &[StoredReading],
-    ) -> impl Future<Output = Result<Vec<WriteStatus>, StoreError>> + Send;
+        thing: &ThingName,
+        since_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredReading>, StoreError>> + Send;
 }
 
 /// The cold archive of raw payloads: the source of truth that replays read.
@@ -80,6 +116,15 @@ pub trait Quarantine: Send + Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
+/// Reading the quarantine back (operators).
+pub trait QuarantineReader: Send + Sync {
+    /// Quarantined messages received at or after `since_ms`, oldest first.
+    fn quarantined(
+        &self,
+        since_ms: i64,
+    ) -> impl Future<Output = Result<Vec<QuarantineLine>, StoreError>> + Send;
+}
+
 /// Operator writes and reads of the device registry.
 pub trait DeviceAdmin: Send + Sync {
     fn register(
@@ -89,20 +134,4 @@ pub trait DeviceAdmin: Send + Sync {
     fn device(&self, thing: &ThingName) -> impl Future<Output = Result<Option<Device>, StoreError>> + Send;
     /// Every device, all pages, sorted by thing name.
     fn devices(&self) -> impl Future<Output = Result<Vec<Device>, StoreError>> + Send;
-}
-
-/// Operator reads of stored telemetry and quarantine.
-pub trait FleetQuery: Send + Sync {
-    /// A thing's readings with `time_ms >= since_ms`, oldest first, at most `limit`.
-    fn telemetry(
-        &self,
-        thing: &ThingName,
-        since_ms: i64,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<StoredReading>, StoreError>> + Send;
-    /// Quarantined messages received at or after `since_ms`, oldest first.
-    fn quarantined(
-        &self,
-        since_ms: i64,
-    ) -> impl Future<Output = Result<Vec<QuarantineLine>, StoreError>> + Send;
 }

@@ -9,8 +9,45 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
 };
-use fleet_shared::adapters::aws::AwsStore;
-use fleet_shared::config::AwsResources;
+use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamQuery, TimestreamSink};
+use fleet_shared::Env;
+
+use crate::contract::Ports;
+
+/// The resources the template declares, by name.
+#[derive(Debug, Clone)]
+pub struct AwsResources {
+    pub devices_table: String,
+    pub telemetry_database: String,
+    pub telemetry_table: String,
+    pub archive_bucket: String,
+}
+
+impl AwsResources {
+    /// The variables the template gives a function for these resources.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("FLEET_DEVICES_TABLE", self.devices_table.clone()),
+            ("FLEET_TELEMETRY_DB", self.telemetry_database.clone()),
+            ("FLEET_TELEMETRY_TABLE", self.telemetry_table.clone()),
+            ("FLEET_ARCHIVE_BUCKET", self.archive_bucket.clone()),
+        ]
+    }
+
+    pub fn env(&self) -> Env {
+        let vars = self.vars();
+        Env::from_fn(move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+    }
+}
+
+/// Every AWS adapter on one set of fresh resources.
+pub struct AwsAdapters {
+    pub resources: AwsResources,
+    pub devices: DevicesTable,
+    pub sink: TimestreamSink,
+    pub query: TimestreamQuery,
+    pub archive: S3Archive,
+}
 
 pub const ENDPOINT_VAR: &str = "FLEET_TEST_AWS_ENDPOINT";
 
@@ -53,10 +90,25 @@ pub async fn fresh_resources() -> Result<AwsResources> {
     Ok(resources)
 }
 
-/// Create a Devices table, a Timestream database + table and a bucket, and a store on them.
-pub async fn fresh_store() -> Result<AwsStore> {
+/// Create a Devices table, a Timestream database + table and a bucket, and every adapter on
+/// them, built as a function builds them (`from_env` with the template's variables).
+pub async fn fresh_adapters() -> Result<AwsAdapters> {
     let resources = fresh_resources().await?;
-    Ok(AwsStore::from_sdk_config(&sdk_config().await?, resources).await?)
+    let sdk = sdk_config().await?;
+    let env = resources.env();
+    Ok(AwsAdapters {
+        devices: DevicesTable::from_env(&sdk, &env)?,
+        sink: TimestreamSink::from_env(&sdk, &env).await?,
+        query: TimestreamQuery::from_env(&sdk, &env)?,
+        archive: S3Archive::from_env(&sdk, &env)?,
+        resources,
+    })
+}
+
+/// The contract's ports on fresh moto resources.
+pub async fn fresh_ports() -> Result<Ports<DevicesTable, TimestreamSink, S3Archive>> {
+    let a = fresh_adapters().await?;
+    Ok(Ports { devices: a.devices, sink: a.sink, archive: a.archive })
 }
 
 /// The same resources `infra/template.yaml` declares (keys, Timestream table).

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::model::{DeviceRegistration, ThingName};
-use fleet_shared::ports::{DeviceAdmin, FleetQuery};
+use fleet_shared::ports::{DeviceAdmin, QuarantineReader, TelemetryQuery};
 use serde_json::Value;
 
 const FIRST_INVOKE_DEADLINE: Duration = Duration::from_secs(900);
@@ -95,6 +95,9 @@ async fn cargo_lambda_invoke_stores_sample_events_in_the_embedded_backend() -> R
             &port.to_string(),
             "-p",
             "ingest-telemetry",
+            // The deployed bootstrap links only AWS; the embedded backend is a feature.
+            "--features",
+            "embedded",
         ])
         .arg("--manifest-path")
         .arg(workspace().join("Cargo.toml"))

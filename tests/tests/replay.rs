@@ -5,10 +5,10 @@ use anyhow::{ensure, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::ingest::ArchiveObject;
 use fleet_shared::ingest::{
-    ingest_batch, messages_from_event, replay, IngestPolicy, IngestPorts, OwnedInbound,
+    ingest_batch, messages_from_event, replay, IngestPolicy, IngestPorts, OwnedInbound, ReplayPorts,
 };
 use fleet_shared::model::{DeviceRegistration, ThingName};
-use fleet_shared::ports::{ArchiveReader, DeviceAdmin, FleetQuery, RawArchive};
+use fleet_shared::ports::{ArchiveReader, DeviceAdmin, RawArchive, TelemetryQuery};
 
 const EVENTS: [&str; 6] = [
     include_str!("../../events/ingest-telemetry/sqs-valid-v1.json"),
@@ -55,7 +55,7 @@ async fn the_raw_archive_alone_rebuilds_the_hot_store() -> Result<()> {
     // GIVEN a store that ingested every sample event
     let original = registered_store().await?;
     for event in EVENTS {
-        let owned = messages_from_event(event, NOW)?;
+        let owned = messages_from_event(event, NOW);
         let inbound: Vec<_> = owned.iter().map(OwnedInbound::borrow).collect();
         let ports =
             IngestPorts { registry: &original, sink: &original, archive: &original, quarantine: &original };
@@ -73,7 +73,8 @@ async fn the_raw_archive_alone_rebuilds_the_hot_store() -> Result<()> {
     }
 
     // WHEN the archive is replayed
-    let report = replay(&rebuilt, &rebuilt, &IngestPolicy::default(), NOW, "raw/").await?;
+    let ports = ReplayPorts { registry: &rebuilt, sink: &rebuilt, quarantine: &rebuilt, reader: &rebuilt };
+    let report = replay(ports, &IngestPolicy::default(), NOW, "raw/").await?;
 
     // THEN the hot store holds exactly the original readings
     ensure!(report.failed == 0 && report.quarantined == 0, "{report:?}");
@@ -81,7 +82,9 @@ async fn the_raw_archive_alone_rebuilds_the_hot_store() -> Result<()> {
     ensure!(all_readings(&rebuilt).await? == expected, "rebuilt readings differ");
 
     // AND replaying into the original changes nothing: every message is a duplicate
-    let again = replay(&original, &original, &IngestPolicy::default(), NOW, "raw/").await?;
+    let ports =
+        ReplayPorts { registry: &original, sink: &original, quarantine: &original, reader: &original };
+    let again = replay(ports, &IngestPolicy::default(), NOW, "raw/").await?;
     ensure!(again.accepted == 0 && again.duplicates == again.messages && again.failed == 0, "{again:?}");
     ensure!(all_readings(&original).await? == expected, "replay changed the original");
     Ok(())

@@ -19,7 +19,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::model::{Device, ThingName};
-use fleet_shared::ports::{DeviceAdmin, FleetQuery};
+use fleet_shared::ports::{DeviceAdmin, QuarantineReader, TelemetryQuery};
 use fleet_shared::time;
 use serde::{Deserialize, Serialize};
 
@@ -113,7 +113,7 @@ async fn api_devices(State(state): State<AppState>) -> Result<Json<Vec<Device>>,
 }
 
 #[derive(Deserialize)]
-struct TelemetryQuery {
+struct TelemetryParams {
     since_ms: Option<i64>,
     limit: Option<usize>,
 }
@@ -121,7 +121,7 @@ struct TelemetryQuery {
 async fn api_telemetry(
     State(state): State<AppState>,
     Path(t): Path<String>,
-    Query(q): Query<TelemetryQuery>,
+    Query(q): Query<TelemetryParams>,
 ) -> Result<Response, ApiError> {
     let readings =
         state.store.telemetry(&thing(&t)?, q.since_ms.unwrap_or(0), q.limit.unwrap_or(1000)).await?;

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::ingest::IngestPolicy;
+use fleet_shared::metrics::MetricsOut;
 use fleet_shared::time;
-use ingest_telemetry::handler::{self, Deps};
+use ingest_telemetry::handler::{self, EmbeddedDeps};
 use lambda_runtime::{Context as LambdaContext, LambdaEvent};
 use rumqttd::{Broker, Notification};
 use serde_json::Value;
@@ -158,12 +159,10 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     let (rules, template_source) = load_rules(opts)?;
     let store = SqliteStore::open(&opts.db)?;
     let stats = Arc::new(Stats::default());
-    let deps = Arc::new(Deps {
-        store: store.clone(),
-        policy: opts.policy,
-        clock: time::now_ms,
-        emit_metrics: false,
-    });
+    // The function's metrics feed the stack's counters, as its EMF lines feed CloudWatch.
+    let metric_stats = Arc::clone(&stats);
+    let metrics = MetricsOut::Collect(Arc::new(move |set| metric_stats.record_metrics(set)));
+    let deps = Arc::new(EmbeddedDeps::embedded(store.clone(), opts.policy, metrics));
 
     // HTTP first: a taken port fails before anything else starts.
     let http_listener = tokio::net::TcpListener::bind(SocketAddr::new(opts.bind, opts.http_port))
@@ -284,7 +283,7 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
 async fn route(
     rules: &[Rule],
     queues: &[(String, mpsc::UnboundedSender<Queued>)],
-    deps: &Deps<SqliteStore>,
+    deps: &EmbeddedDeps,
     stats: &Stats,
     topic: &str,
     payload: &[u8],
@@ -331,16 +330,11 @@ async fn route(
 }
 
 /// A rule → Lambda action: the handler's direct-invocation path, retried like Lambda's async retries.
-async fn invoke_direct(deps: &Deps<SqliteStore>, stats: &Stats, body: &str) {
+async fn invoke_direct(deps: &EmbeddedDeps, stats: &Stats, body: &str) {
     for attempt in 1..=3 {
         let Ok(raw) = serde_json::value::RawValue::from_string(body.to_owned()) else { return };
         match handler::handle(deps, LambdaEvent::new(raw, LambdaContext::default())).await {
-            Ok(handler::Response::Direct(r)) => {
-                stats.stored.fetch_add(r.accepted as u64, Relaxed);
-                stats.duplicates.fetch_add(r.duplicates as u64, Relaxed);
-                stats.quarantined.fetch_add(r.quarantined.len() as u64, Relaxed);
-                return;
-            }
+            // Counted from the function's metrics.
             Ok(_) => return,
             Err(e) => {
                 warn!(attempt, error = %e, "direct invocation failed");
@@ -358,7 +352,7 @@ async fn consume_queue(
     requeue: mpsc::UnboundedSender<Queued>,
     batch_size: usize,
     window: Duration,
-    deps: Arc<Deps<SqliteStore>>,
+    deps: Arc<EmbeddedDeps>,
     stats: Arc<Stats>,
     mut draining: watch::Receiver<bool>,
 ) {
@@ -387,7 +381,7 @@ async fn consume_queue(
 async fn deliver(
     batch: Vec<Queued>,
     requeue: &mpsc::UnboundedSender<Queued>,
-    deps: &Deps<SqliteStore>,
+    deps: &EmbeddedDeps,
     stats: &Stats,
 ) {
     let mut event = SqsEvent::default();
@@ -403,7 +397,25 @@ async fn deliver(
             m
         })
         .collect();
-    let (response, outcome) = handler::process_sqs(deps, &event).await;
+    // Invoked as Lambda invokes it: the event as JSON, the batch response back.
+    let response = match invoke_sqs(deps, &event).await {
+        Ok(r) => r,
+        Err(e) => {
+            // The whole invocation failed: SQS would redeliver every message.
+            warn!(error = %e, "queue batch invocation failed");
+            let mut all = SqsBatchResponse::default();
+            all.batch_item_failures = event
+                .records
+                .iter()
+                .map(|m| {
+                    let mut f = aws_lambda_events::event::sqs::BatchItemFailure::default();
+                    f.item_identifier = m.message_id.clone().unwrap_or_default();
+                    f
+                })
+                .collect();
+            all
+        }
+    };
     let failed: std::collections::HashSet<&str> =
         response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
     let now = time::now_ms();
@@ -421,7 +433,16 @@ async fn deliver(
             latencies.push((now - q.sent_ms).max(0) as u32);
         }
     }
-    stats.record(&outcome, latencies, now);
+    stats.record_latencies(latencies, now);
+}
+
+/// One SQS batch through the function's own entry point, as JSON in and out.
+async fn invoke_sqs(deps: &EmbeddedDeps, event: &SqsEvent) -> Result<SqsBatchResponse> {
+    let raw = serde_json::value::to_raw_value(event)?;
+    match handler::handle(deps, LambdaEvent::new(raw, LambdaContext::default())).await? {
+        handler::Response::Sqs(r) => Ok(r),
+        handler::Response::Direct(_) => bail!("an SQS event was answered as a direct invocation"),
+    }
 }
 
 impl LocalStack {

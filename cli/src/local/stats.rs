@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use fleet_shared::ingest::{BatchOutcome, Reason};
+use fleet_shared::metrics::MetricSet;
 use serde::Serialize;
 
 /// Latency buckets (1 ms each); the last one collects everything slower.
@@ -23,7 +23,7 @@ pub struct Stats {
     pub retried: AtomicU64,
     /// Messages that kept failing and went to the (local) dead-letter queue.
     pub dead_lettered: AtomicU64,
-    by_reason: Mutex<BTreeMap<Reason, u64>>,
+    by_reason: Mutex<BTreeMap<String, u64>>,
     /// Latency histogram: one bucket per millisecond up to `LATENCY_BUCKETS - 1`, the last
     /// bucket for anything slower. Bounded memory however long the stack runs.
     latency_hist: Mutex<Vec<u64>>,
@@ -56,18 +56,27 @@ impl Stats {
             + self.dead_lettered.load(Relaxed)
     }
 
-    pub fn record(&self, outcome: &BatchOutcome, latencies_ms: impl IntoIterator<Item = u32>, now_ms: i64) {
-        self.stored.fetch_add(outcome.accepted as u64, Relaxed);
-        self.duplicates.fetch_add(outcome.duplicates as u64, Relaxed);
-        self.quarantined.fetch_add(outcome.quarantined.len() as u64, Relaxed);
-        {
-            let mut by_reason = self.by_reason.lock().unwrap_or_else(|p| p.into_inner());
-            for q in &outcome.quarantined {
-                if let Some(p) = q.problems.first() {
-                    *by_reason.entry(p.reason).or_default() += 1;
+    /// Count what a function reported in its metrics, as CloudWatch would from its EMF lines:
+    /// `Accepted`, `Duplicates`, `Quarantined`, and `QuarantinedByReason` by its `Reason`.
+    pub fn record_metrics(&self, set: &MetricSet) {
+        for (name, value, _) in &set.values {
+            let n = value.max(0.0) as u64;
+            match *name {
+                "Accepted" => self.stored.fetch_add(n, Relaxed),
+                "Duplicates" => self.duplicates.fetch_add(n, Relaxed),
+                "Quarantined" => self.quarantined.fetch_add(n, Relaxed),
+                "QuarantinedByReason" => {
+                    let reason = set.dimension("Reason").unwrap_or("unknown").to_owned();
+                    *self.by_reason.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += n;
+                    0
                 }
-            }
+                _ => 0,
+            };
         }
+    }
+
+    /// Latencies of settled deliveries, and a sample for the messages/s rate.
+    pub fn record_latencies(&self, latencies_ms: impl IntoIterator<Item = u32>, now_ms: i64) {
         {
             let mut hist = self.latency_hist.lock().unwrap_or_else(|p| p.into_inner());
             if hist.is_empty() {
@@ -119,13 +128,7 @@ impl Stats {
             quarantined: self.quarantined.load(Relaxed),
             retried: self.retried.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
-            quarantined_by_reason: self
-                .by_reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|(r, n)| (r.to_string(), *n))
-                .collect(),
+            quarantined_by_reason: self.by_reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             messages_per_s: self.rate(now_ms),
             latency_p50_ms: pct(0.50),
             latency_p99_ms: pct(0.99),
@@ -140,11 +143,34 @@ mod tests {
     #[test]
     fn percentiles_come_from_the_histogram() {
         let stats = Stats::default();
-        stats.record(&BatchOutcome::default(), (1..=100).map(|ms| ms as u32), 0);
+        stats.record_latencies((1..=100).map(|ms| ms as u32), 0);
         let s = stats.snapshot(0);
         assert_eq!((s.latency_p50_ms, s.latency_p99_ms), (Some(50), Some(99)));
-        stats.record(&BatchOutcome::default(), [60_000], 0);
+        stats.record_latencies([60_000], 0);
         assert_eq!(stats.snapshot(0).latency_p99_ms, Some(100), "slow outliers land in the last bucket");
         assert_eq!(Stats::default().snapshot(0).latency_p50_ms, None);
+    }
+
+    #[test]
+    fn counts_come_from_the_functions_metrics() {
+        use fleet_shared::metrics::Unit;
+        let stats = Stats::default();
+        stats.record_metrics(&MetricSet {
+            timestamp_ms: 0,
+            dimensions: vec![("Function", "f".into())],
+            values: vec![
+                ("Accepted", 3.0, Unit::Count),
+                ("Quarantined", 1.0, Unit::Count),
+                ("Other", 9.0, Unit::Count),
+            ],
+        });
+        stats.record_metrics(&MetricSet {
+            timestamp_ms: 0,
+            dimensions: vec![("Function", "f".into()), ("Reason", "malformed_json".into())],
+            values: vec![("QuarantinedByReason", 1.0, Unit::Count)],
+        });
+        let s = stats.snapshot(0);
+        assert_eq!((s.stored, s.quarantined, s.duplicates), (3, 1, 0));
+        assert_eq!(s.quarantined_by_reason.get("malformed_json"), Some(&1));
     }
 }

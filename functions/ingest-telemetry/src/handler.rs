@@ -1,42 +1,96 @@
 //! Event → ingest use case → response.
 //!
-//! Two triggers feed this function:
-//! - SQS (the topic rule's queue): an `SqsEvent`; the answer is an `SqsBatchResponse` naming
-//!   exactly the messages that failed transiently. Quarantined messages are not retried.
+//! Two triggers feed this function (told apart by `fleet_shared::ingest::parse_event`):
+//! - SQS (the topic rule's queue): the answer is an `SqsBatchResponse` naming exactly the
+//!   messages that failed transiently. Quarantined messages are not retried.
 //! - A direct IoT rule → Lambda action: one JSON object; the answer is
 //!   `{"accepted":n,"duplicates":n,"quarantined":[{"reason":..}]}`, and a transient failure is
-//!   an error so Lambda retries the invocation.
+//!   an error (`errorType: Retryable`) so Lambda retries the invocation.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use aws_lambda_events::event::sqs::SqsBatchResponse;
+use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamSink};
+use fleet_shared::ingest::metrics::ingest_batch_metrics;
 use fleet_shared::ingest::{
-    direct_message, ingest_batch, BatchOutcome, Inbound, IngestPolicy, IngestPorts, Problem,
+    ingest_batch, parse_event, BatchOutcome, IngestPolicy, IngestPorts, OwnedInbound, Problem, Trigger,
 };
+use fleet_shared::lambda::{self, AwsBackend, ErrorType, StartupError};
+use fleet_shared::metrics::MetricsOut;
 use fleet_shared::ports::{DeviceRegistry, Quarantine, RawArchive, TelemetrySink};
-use fleet_shared::{metrics, time, Config, Store};
+use fleet_shared::{time, StoreError};
 use lambda_runtime::{Diagnostic, LambdaEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{info, warn};
 
-const FUNCTION: &str = "ingest-telemetry";
+pub const FUNCTION: &str = "ingest-telemetry";
 
-/// Everything the handler needs, built once per cold start.
-pub struct Deps<S> {
-    pub store: S,
+/// Everything the handler needs, built once per cold start: one field per port (the
+/// template grants exactly these), the time rules, the clock and where metrics go.
+pub struct Deps<R, S, A, Q> {
+    /// Devices table: enrichment lookup + last-seen state.
+    pub registry: R,
+    /// Hot store.
+    pub sink: S,
+    /// Raw archive (`raw/`).
+    pub archive: A,
+    /// Quarantine (`quarantine/`).
+    pub quarantine: Q,
     pub policy: IngestPolicy,
     /// Milliseconds since the epoch; tests pass a fixed clock.
     pub clock: fn() -> i64,
-    /// Print CloudWatch EMF metric lines to stdout (on in Lambda; the local stack keeps its own counts).
-    pub emit_metrics: bool,
+    pub metrics: MetricsOut,
 }
 
-impl Deps<Store> {
-    pub async fn from_env() -> Result<Self, lambda_runtime::Error> {
-        let config = Config::from_env()?;
-        let store = Store::connect(&config).await?;
-        Ok(Self { store, policy: config.policy, clock: time::now_ms, emit_metrics: true })
+impl Deps<DevicesTable, TimestreamSink, S3Archive, S3Archive> {
+    /// On AWS: the Devices table, the Timestream table and the archive bucket, each from its
+    /// own variable, all from the one `SdkConfig`.
+    pub async fn on_aws(aws: &AwsBackend) -> Result<Self, StartupError> {
+        let archive = S3Archive::from_env(&aws.sdk, &aws.env)?;
+        Ok(Self {
+            registry: DevicesTable::from_env(&aws.sdk, &aws.env)?,
+            sink: TimestreamSink::from_env(&aws.sdk, &aws.env).await?,
+            quarantine: archive.clone(),
+            archive,
+            policy: IngestPolicy::from_env(&aws.env, &fleet_shared::BackendKind::Aws)?,
+            clock: time::now_ms,
+            metrics: MetricsOut::Stdout,
+        })
+    }
+}
+
+#[cfg(feature = "embedded")]
+pub type EmbeddedDeps = Deps<
+    fleet_shared::adapters::embedded::SqliteStore,
+    fleet_shared::adapters::embedded::SqliteStore,
+    fleet_shared::adapters::embedded::SqliteStore,
+    fleet_shared::adapters::embedded::SqliteStore,
+>;
+
+#[cfg(feature = "embedded")]
+impl EmbeddedDeps {
+    /// On the embedded backend: every port on the one SQLite database.
+    pub fn on_embedded(e: &lambda::EmbeddedBackend) -> Result<Self, StartupError> {
+        let kind = fleet_shared::BackendKind::Embedded { db_path: Default::default() };
+        Ok(Self::embedded(e.db.clone(), IngestPolicy::from_env(&e.env, &kind)?, MetricsOut::Stdout))
+    }
+
+    pub fn embedded(
+        db: fleet_shared::adapters::embedded::SqliteStore,
+        policy: IngestPolicy,
+        metrics: MetricsOut,
+    ) -> Self {
+        Self {
+            registry: db.clone(),
+            sink: db.clone(),
+            archive: db.clone(),
+            quarantine: db,
+            policy,
+            clock: time::now_ms,
+            metrics,
+        }
     }
 }
 
@@ -64,98 +118,59 @@ pub enum Response {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// A downstream store failed; the invocation should be retried.
+    /// A downstream store failed transiently; the invocation should be retried.
     #[error("telemetry not stored, retry: {0}")]
-    Retryable(String),
-    /// The event is neither an SQS batch nor a rule payload object.
-    #[error("unrecognised event: {0}")]
-    InvalidEvent(String),
+    Retryable(#[source] Arc<StoreError>),
+}
+
+impl ErrorType for HandlerError {
+    fn error_type(&self) -> &'static str {
+        match self {
+            HandlerError::Retryable(_) => "Retryable",
+        }
+    }
 }
 
 impl From<HandlerError> for Diagnostic {
     fn from(e: HandlerError) -> Self {
-        let error_type = match e {
-            HandlerError::Retryable(_) => "Retryable",
-            HandlerError::InvalidEvent(_) => "InvalidEvent",
-        };
-        Diagnostic { error_type: error_type.to_owned(), error_message: e.to_string() }
+        lambda::diagnostic(&e)
     }
 }
 
-/// Just enough of an event to tell an SQS batch from a rule payload (which may itself
-/// carry a field called `Records`).
-#[derive(Deserialize)]
-struct Probe {
-    #[serde(rename = "Records")]
-    records: Vec<ProbeRecord>,
-}
-
-#[derive(Deserialize)]
-struct ProbeRecord {
-    #[serde(rename = "eventSource")]
-    event_source: Option<String>,
-}
-
-fn is_sqs_event(raw: &str) -> bool {
-    serde_json::from_str::<Probe>(raw).is_ok_and(|p| {
-        !p.records.is_empty() && p.records.iter().all(|r| r.event_source.as_deref() == Some("aws:sqs"))
-    })
-}
-
-pub async fn handle<S>(deps: &Deps<S>, event: LambdaEvent<Box<RawValue>>) -> Result<Response, HandlerError>
+pub async fn handle<R, S, A, Q>(
+    deps: &Deps<R, S, A, Q>,
+    event: LambdaEvent<Box<RawValue>>,
+) -> Result<Response, HandlerError>
 where
-    S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
-{
-    let raw = event.payload.get();
-    if is_sqs_event(raw) {
-        let sqs: SqsEvent =
-            serde_json::from_str(raw).map_err(|e| HandlerError::InvalidEvent(e.to_string()))?;
-        Ok(Response::Sqs(process_sqs(deps, &sqs).await.0))
-    } else {
-        handle_direct(deps, raw.as_bytes()).await.map(Response::Direct)
-    }
-}
-
-/// An SQS batch through the ingest use case: the batch response (exactly the messages to
-/// retry) and what happened to every message.
-pub async fn process_sqs<S>(deps: &Deps<S>, event: &SqsEvent) -> (SqsBatchResponse, BatchOutcome)
-where
-    S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    A: RawArchive,
+    Q: Quarantine,
 {
     let now = (deps.clock)();
-    let inbound: Vec<Inbound<'_>> = event
-        .records
-        .iter()
-        .map(|m| Inbound {
-            message_id: m.message_id.as_deref().unwrap_or_default(),
-            received_ms: m.attributes.get("SentTimestamp").and_then(|t| t.parse().ok()).unwrap_or(now),
-            body: m.body.as_deref().unwrap_or_default().as_bytes(),
-        })
-        .collect();
-    let outcome = run(deps, now, &inbound).await;
-    let mut response = SqsBatchResponse::default();
-    for f in &outcome.failed {
-        let mut failure = BatchItemFailure::default();
-        failure.item_identifier = f.message_id.clone();
-        response.batch_item_failures.push(failure);
+    match parse_event(event.payload.get(), now) {
+        Trigger::Sqs(messages) => {
+            let outcome = run(deps, now, &messages).await;
+            Ok(Response::Sqs(lambda::batch_response(outcome.failed.iter().map(|f| f.message_id.as_str()))))
+        }
+        Trigger::Direct(message) => direct(deps, now, message).await.map(Response::Direct),
     }
-    (response, outcome)
 }
 
-async fn handle_direct<S>(deps: &Deps<S>, body: &[u8]) -> Result<DirectResponse, HandlerError>
+async fn direct<R, S, A, Q>(
+    deps: &Deps<R, S, A, Q>,
+    now: i64,
+    message: OwnedInbound,
+) -> Result<DirectResponse, HandlerError>
 where
-    S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    A: RawArchive,
+    Q: Quarantine,
 {
-    let now = (deps.clock)();
-    #[derive(Deserialize)]
-    struct RxOnly {
-        rx_ms: Option<i64>,
-    }
-    let rx_ms = serde_json::from_slice::<RxOnly>(body).ok().and_then(|r| r.rx_ms);
-    let message = direct_message(body, rx_ms, now);
-    let outcome = run(deps, now, &[message.borrow()]).await;
-    if let Some(f) = outcome.failed.first() {
-        return Err(HandlerError::Retryable(f.error.clone()));
+    let outcome = run(deps, now, std::slice::from_ref(&message)).await;
+    if let Some(f) = outcome.failed.into_iter().next() {
+        return Err(HandlerError::Retryable(f.error));
     }
     Ok(DirectResponse {
         accepted: outcome.accepted,
@@ -171,22 +186,30 @@ where
     })
 }
 
-async fn run<S>(deps: &Deps<S>, now: i64, inbound: &[Inbound<'_>]) -> BatchOutcome
+/// One batch of messages through the ingest use case, logged and measured.
+pub async fn run<R, S, A, Q>(deps: &Deps<R, S, A, Q>, now: i64, messages: &[OwnedInbound]) -> BatchOutcome
 where
-    S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    A: RawArchive,
+    Q: Quarantine,
 {
     let started = Instant::now();
+    let inbound: Vec<_> = messages.iter().map(OwnedInbound::borrow).collect();
     let ports = IngestPorts {
-        registry: &deps.store,
-        sink: &deps.store,
-        archive: &deps.store,
-        quarantine: &deps.store,
+        registry: &deps.registry,
+        sink: &deps.sink,
+        archive: &deps.archive,
+        quarantine: &deps.quarantine,
     };
-    let outcome = ingest_batch(ports, &deps.policy, now, inbound).await;
+    let outcome = ingest_batch(ports, &deps.policy, now, &inbound).await;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     for q in &outcome.quarantined {
         warn!(message_id = %q.message_id, thing = q.thing.as_deref().unwrap_or("?"),
               reasons = ?q.problems.iter().map(|p| p.reason.as_str()).collect::<Vec<_>>(), "quarantined");
+    }
+    for f in &outcome.failed {
+        warn!(message_id = %f.message_id, error = %f.error, "not stored; will be retried");
     }
     info!(
         messages = outcome.messages,
@@ -197,11 +220,7 @@ where
         elapsed_ms,
         "batch ingested"
     );
-    if deps.emit_metrics {
-        for line in metrics::ingest_batch_lines(FUNCTION, &outcome, elapsed_ms, now) {
-            println!("{line}");
-        }
-    }
+    deps.metrics.emit(&ingest_batch_metrics(FUNCTION, &outcome, elapsed_ms, now));
     outcome
 }
 

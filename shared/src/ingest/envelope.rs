@@ -8,6 +8,7 @@
 //! before any rule runs. Decoding takes a fast typed path; only a payload that fails it is
 //! re-read leniently so that *every* problem can be reported, not just the first.
 
+use crate::env::{BackendKind, ConfigError, Env};
 use std::borrow::Cow;
 use std::fmt;
 
@@ -55,6 +56,30 @@ pub struct IngestPolicy {
 impl Default for IngestPolicy {
     fn default() -> Self {
         Self { max_future_skew_ms: 5 * 60 * 1000, hot_window_ms: 365 * 24 * 3600 * 1000 }
+    }
+}
+
+/// A window no reading is older than (about 10,000 years): "the store takes any time".
+pub const UNLIMITED_WINDOW_DAYS: i64 = 10_000 * 366;
+const MS_PER_DAY: i64 = 86_400_000;
+
+impl IngestPolicy {
+    /// `FLEET_SKEW_TOLERANCE_S` (default 300) and `FLEET_HOT_WINDOW_DAYS` (default: Timestream's
+    /// 365-day magnetic retention on AWS, unlimited on SQLite).
+    pub fn from_env(env: &Env, backend: &BackendKind) -> Result<Self, ConfigError> {
+        let defaults = IngestPolicy::default();
+        let default_window_days = match backend {
+            BackendKind::Aws => defaults.hot_window_ms / MS_PER_DAY,
+            BackendKind::Embedded { .. } => UNLIMITED_WINDOW_DAYS,
+        };
+        Ok(IngestPolicy {
+            max_future_skew_ms: env.positive("FLEET_SKEW_TOLERANCE_S", defaults.max_future_skew_ms / 1000)?
+                * 1000,
+            hot_window_ms: env
+                .positive("FLEET_HOT_WINDOW_DAYS", default_window_days)?
+                .min(UNLIMITED_WINDOW_DAYS)
+                * MS_PER_DAY,
+        })
     }
 }
 
@@ -585,6 +610,21 @@ fn build(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn policy_reads_its_variables_with_backend_defaults() -> Result<(), ConfigError> {
+        let env = Env::from_pairs(&[("FLEET_SKEW_TOLERANCE_S", "60")]);
+        let embedded = IngestPolicy::from_env(&env, &BackendKind::Embedded { db_path: "x".into() })?;
+        assert_eq!(embedded.max_future_skew_ms, 60_000);
+        assert_eq!(embedded.hot_window_ms, UNLIMITED_WINDOW_DAYS * MS_PER_DAY);
+        assert_eq!(IngestPolicy::from_env(&env, &BackendKind::Aws)?.hot_window_ms, 365 * MS_PER_DAY);
+        let bad = Env::from_pairs(&[("FLEET_HOT_WINDOW_DAYS", "a year")]);
+        assert!(matches!(
+            IngestPolicy::from_env(&bad, &BackendKind::Aws),
+            Err(ConfigError::Invalid { var: "FLEET_HOT_WINDOW_DAYS", .. })
+        ));
+        Ok(())
+    }
     use super::*;
 
     const RX: i64 = 1_764_000_000_000;

@@ -15,6 +15,8 @@
 //! | `no_metrics` | the reading carries no metric at all |
 //! | `value_out_of_range` | a number outside its domain (battery beyond 0–100, seq beyond 2^63-1) |
 //! | `timestamp_out_of_range` | device or arrival time before 2000-01-01 or negative |
+//! | `conflict` | the store already holds a different reading under the same `(thing, boot, seq)` |
+//! | `store_rejected` | a store refused the reading for good (validation, access, missing resource) |
 
 use std::fmt;
 
@@ -36,10 +38,12 @@ pub enum Reason {
     NoMetrics,
     ValueOutOfRange,
     TimestampOutOfRange,
+    Conflict,
+    StoreRejected,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 15] = [
         Reason::MalformedJson,
         Reason::PayloadTooLarge,
         Reason::UnsupportedVersion,
@@ -53,6 +57,8 @@ impl Reason {
         Reason::NoMetrics,
         Reason::ValueOutOfRange,
         Reason::TimestampOutOfRange,
+        Reason::Conflict,
+        Reason::StoreRejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +76,8 @@ impl Reason {
             Reason::NoMetrics => "no_metrics",
             Reason::ValueOutOfRange => "value_out_of_range",
             Reason::TimestampOutOfRange => "timestamp_out_of_range",
+            Reason::Conflict => "conflict",
+            Reason::StoreRejected => "store_rejected",
         }
     }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::archive::{decode_lines, ArchiveObject, RAW_PREFIX};
 use super::envelope::IngestPolicy;
-use super::samples::OwnedInbound;
+use super::event::OwnedInbound;
 use super::service::{ingest_batch, IngestPorts};
 use crate::error::StoreError;
 use crate::ports::{ArchiveReader, DeviceRegistry, Quarantine, RawArchive, TelemetrySink};
@@ -43,18 +43,28 @@ fn partition_ms(key: &str) -> Option<i64> {
     parse_timestream_time(&format!("{date} {hour}:00:00"))
 }
 
+/// The ports a replay uses: the ingest ports but the archive, and the archive reader.
+pub struct ReplayPorts<'a, R, S, Q, X> {
+    pub registry: &'a R,
+    pub sink: &'a S,
+    pub quarantine: &'a Q,
+    pub reader: &'a X,
+}
+
 /// Replay every raw object under `prefix` (which must lie under `raw/`).
-pub async fn replay<P, X>(
-    store: &P,
-    reader: &X,
+pub async fn replay<R, S, Q, X>(
+    ports: ReplayPorts<'_, R, S, Q, X>,
     policy: &IngestPolicy,
     now_ms: i64,
     prefix: &str,
 ) -> Result<ReplayReport, StoreError>
 where
-    P: DeviceRegistry + TelemetrySink + Quarantine,
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    Q: Quarantine,
     X: ArchiveReader,
 {
+    let reader = ports.reader;
     let mut report = ReplayReport::default();
     for key in reader.archive_keys(prefix).await? {
         if !key.starts_with(RAW_PREFIX) {
@@ -71,9 +81,13 @@ where
         report.objects += 1;
         for chunk in messages.chunks(REPLAY_CHUNK) {
             let inbound: Vec<_> = chunk.iter().map(OwnedInbound::borrow).collect();
-            let ports =
-                IngestPorts { registry: store, sink: store, archive: &AlreadyArchived, quarantine: store };
-            let o = ingest_batch(ports, policy, now_ms, &inbound).await;
+            let ingest = IngestPorts {
+                registry: ports.registry,
+                sink: ports.sink,
+                archive: &AlreadyArchived,
+                quarantine: ports.quarantine,
+            };
+            let o = ingest_batch(ingest, policy, now_ms, &inbound).await;
             report.messages += o.messages;
             report.accepted += o.accepted;
             report.duplicates += o.duplicates;

@@ -1,16 +1,19 @@
-//! The ingest use case: plan a batch, then quarantine, enrich, archive, store and record
-//! device state through the ports. Every message ends in exactly one bucket of
-//! [`BatchOutcome`]: accepted, duplicate, quarantined or failed (retryable).
+//! The ingest use case: plan a batch, then enrich, archive, store and record device state
+//! through the ports, and quarantine what cannot be stored. Every message ends in exactly one
+//! bucket of [`BatchOutcome`]: accepted, duplicate, quarantined (with reason codes) or failed
+//! (transient: retry). A store's refusal is typed: transient → failed, permanent →
+//! `store_rejected`, conflict → `conflict`; one refused reading never takes its neighbours down.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use tracing::{info_span, warn, Instrument};
 
 use super::archive::{raw_object, QuarantineLine};
-use super::batch::{plan, Inbound};
+use super::batch::{plan, Inbound, Plan};
 use super::envelope::IngestPolicy;
-use super::reason::Problem;
-use crate::error::StoreError;
+use super::reason::{Problem, Reason};
+use crate::error::{ErrorKind, StoreError};
 use crate::model::{Device, DeviceState, Reading, StoredReading, ThingName, UNREGISTERED_CLASS};
 use crate::ports::{DeviceRegistry, Quarantine, RawArchive, TelemetrySink, WriteStatus};
 
@@ -29,14 +32,15 @@ pub struct QuarantinedMessage {
     pub problems: Vec<Problem>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// A message not stored because a downstream store failed transiently: retry it.
+#[derive(Debug, Clone)]
 pub struct FailedMessage {
     pub message_id: String,
-    pub error: String,
+    pub error: Arc<StoreError>,
 }
 
 /// What happened to each message of a batch.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct BatchOutcome {
     pub messages: usize,
     /// Newly stored: in the hot store, or archive-only when `late`.
@@ -54,7 +58,7 @@ pub struct BatchOutcome {
     /// Of `accepted`: `"test": true` traffic.
     pub test: usize,
     pub quarantined: Vec<QuarantinedMessage>,
-    /// Not stored because of a downstream failure: retry these.
+    /// Not stored because of a transient downstream failure: retry these.
     pub failed: Vec<FailedMessage>,
 }
 
@@ -65,12 +69,17 @@ impl BatchOutcome {
     }
 }
 
-/// Per-reading fate while the batch is worked through.
-#[derive(Debug, Clone)]
-enum Fate {
-    Pending,
-    Stored(WriteStatus),
-    Failed(String),
+/// A message on its way to the quarantine.
+struct ToQuarantine {
+    index: usize,
+    thing: Option<String>,
+    problems: Vec<Problem>,
+}
+
+/// The quarantine reason for a store's refusal.
+fn refusal_problem(e: &StoreError) -> Problem {
+    let reason = if e.kind == ErrorKind::Conflict { Reason::Conflict } else { Reason::StoreRejected };
+    Problem::new(reason, None, e.to_string())
 }
 
 pub async fn ingest_batch<R, S, A, Q>(
@@ -86,49 +95,26 @@ where
     Q: Quarantine,
 {
     let mut plan = plan(messages, policy, now_ms);
-    let received_ms = messages.iter().map(|m| m.received_ms).min().unwrap_or(now_ms);
     let mut out = BatchOutcome { messages: messages.len(), ..BatchOutcome::default() };
-
-    // 1. Quarantine what cannot be stored, with its reasons and original bytes.
-    if !plan.quarantined.is_empty() {
-        let lines: Vec<QuarantineLine> = plan
-            .quarantined
-            .iter()
-            .map(|q| {
-                let m = &messages[q.index];
-                QuarantineLine::new(m.message_id, m.received_ms, q.thing.clone(), q.problems.clone(), m.body)
-            })
-            .collect();
-        let result = ports.quarantine.put_quarantined(&lines, received_ms).await;
-        for (q, line) in plan.quarantined.iter().zip(lines) {
-            match &result {
-                Ok(()) => out.quarantined.push(QuarantinedMessage {
-                    message_id: line.message_id,
-                    thing: line.thing,
-                    problems: q.problems.clone(),
-                }),
-                Err(e) => {
-                    out.failed.push(FailedMessage { message_id: line.message_id, error: e.to_string() })
-                }
-            }
-        }
-    }
+    let mut to_quarantine: Vec<ToQuarantine> = std::mem::take(&mut plan.quarantined)
+        .into_iter()
+        .map(|q| ToQuarantine { index: q.index, thing: q.thing, problems: q.problems })
+        .collect();
 
     let readings = std::mem::take(&mut plan.readings);
-    let mut fate = vec![Fate::Pending; readings.len()];
     if !readings.is_empty() {
-        let stored = store(&ports, &readings, &plan, messages, &mut fate, now_ms)
+        let (fates, stored) = store(&ports, &readings, &plan, messages, now_ms)
             .instrument(info_span!("store", readings = readings.len()))
             .await;
         let mut unknown: HashSet<&ThingName> = HashSet::new();
-        for (r, f) in fate.iter().enumerate() {
-            let carriers = plan.messages_of(r).count();
-            match f {
-                Fate::Stored(WriteStatus::Written | WriteStatus::TooLate) => {
+        for (r, fate) in fates.iter().enumerate() {
+            let carriers = plan.messages_of(r);
+            match fate {
+                WriteStatus::Written | WriteStatus::TooLate => {
                     let reading = &readings[r];
                     out.accepted += 1;
-                    out.duplicates += carriers - 1;
-                    out.late += usize::from(matches!(f, Fate::Stored(WriteStatus::TooLate)));
+                    out.duplicates += carriers.count() - 1;
+                    out.late += usize::from(matches!(fate, WriteStatus::TooLate));
                     out.skew_corrected += usize::from(reading.flags.skew_corrected);
                     out.test += usize::from(reading.test);
                     if stored.get(r).is_some_and(|s| !s.is_registered()) {
@@ -136,104 +122,123 @@ where
                         unknown.insert(&reading.id.thing);
                     }
                 }
-                Fate::Stored(WriteStatus::Duplicate) => out.duplicates += carriers,
-                Fate::Stored(WriteStatus::Failed(e)) | Fate::Failed(e) => {
-                    out.failed.extend(plan.messages_of(r).map(|i| FailedMessage {
-                        message_id: messages[i].message_id.to_owned(),
-                        error: e.clone(),
+                WriteStatus::Duplicate => out.duplicates += carriers.count(),
+                WriteStatus::Refused(e) if e.is_transient() => out.failed.extend(carriers.map(|i| {
+                    FailedMessage { message_id: messages[i].message_id.to_owned(), error: Arc::clone(e) }
+                })),
+                WriteStatus::Refused(e) => {
+                    let thing = Some(readings[r].id.thing.as_str().to_owned());
+                    to_quarantine.extend(carriers.map(|index| ToQuarantine {
+                        index,
+                        thing: thing.clone(),
+                        problems: vec![refusal_problem(e)],
                     }))
                 }
-                Fate::Pending => unreachable!("store() settles every reading"),
             }
         }
         out.unknown_devices = unknown.len();
+    }
+
+    // Quarantine everything that will not be stored, in one put, with its original bytes.
+    if !to_quarantine.is_empty() {
+        to_quarantine.sort_by_key(|q| q.index);
+        let lines: Vec<QuarantineLine> = to_quarantine
+            .iter()
+            .map(|q| {
+                let m = &messages[q.index];
+                QuarantineLine::new(m.message_id, m.received_ms, q.thing.clone(), q.problems.clone(), m.body)
+            })
+            .collect();
+        let received_ms = messages.iter().map(|m| m.received_ms).min().unwrap_or(now_ms);
+        match ports.quarantine.put_quarantined(&lines, received_ms).await {
+            Ok(()) => out.quarantined.extend(to_quarantine.into_iter().zip(lines).map(|(q, l)| {
+                QuarantinedMessage { message_id: l.message_id, thing: l.thing, problems: q.problems }
+            })),
+            Err(e) => {
+                warn!(error = %e, messages = lines.len(), "quarantine not written; those messages will be retried");
+                let e = Arc::new(e);
+                out.failed.extend(
+                    lines
+                        .into_iter()
+                        .map(|l| FailedMessage { message_id: l.message_id, error: Arc::clone(&e) }),
+                );
+            }
+        }
     }
     debug_assert!(out.reconciles(), "{out:?}");
     out
 }
 
-/// Enrich, archive, write the hot store and record device state; settles every `fate`.
-/// Returns the enriched readings (empty when enrichment failed).
+/// Enrich, archive, write the hot store and record device state: one fate per reading, and
+/// the enriched readings (empty when enrichment failed).
 async fn store<R, S, A, Q>(
     ports: &IngestPorts<'_, R, S, A, Q>,
     readings: &[Reading],
-    plan: &super::batch::Plan,
+    plan: &Plan,
     messages: &[Inbound<'_>],
-    fate: &mut [Fate],
     now_ms: i64,
-) -> Vec<StoredReading>
+) -> (Vec<WriteStatus>, Vec<StoredReading>)
 where
     R: DeviceRegistry,
     S: TelemetrySink,
     A: RawArchive,
     Q: Quarantine,
 {
-    let fail_all = |fate: &mut [Fate], e: &StoreError| {
-        warn!(error = %e, readings = fate.len(), "batch not stored; will be retried");
-        fate.fill(Fate::Failed(e.to_string()));
+    let all = |e: StoreError| {
+        warn!(error = %e, readings = readings.len(), "batch not stored");
+        vec![WriteStatus::Refused(Arc::new(e)); readings.len()]
     };
 
-    // 2. Enrich from the registry (one batched lookup).
+    // 1. Enrich from the registry (one batched lookup).
     let mut things: Vec<ThingName> = readings.iter().map(|r| r.id.thing.clone()).collect();
     things.sort_unstable();
     things.dedup();
     let devices = match ports.registry.get_many(&things).await {
         Ok(d) => d,
-        Err(e) => {
-            fail_all(fate, &e);
-            return Vec::new();
-        }
+        Err(e) => return (all(e), Vec::new()),
     };
     let stored: Vec<StoredReading> = readings.iter().map(|r| enrich(r, devices.get(&r.id.thing))).collect();
 
-    // 3. Archive first: it is the source of truth replays read.
+    // 2. Archive first: it is the source of truth replays read.
     let received_ms = plan.origin.iter().map(|&i| messages[i].received_ms).min().unwrap_or(now_ms);
     if let Some(object) = raw_object(plan.origin.iter().map(|&i| messages[i].body), received_ms) {
         if let Err(e) = ports.archive.put_raw(&object).await {
-            fail_all(fate, &e);
-            return stored;
+            return (all(e), stored);
         }
     }
 
-    // 4. Hot store, for what is not too old for it.
+    // 3. Hot store, for what is not too old for it.
+    let mut fates: Vec<WriteStatus> = stored
+        .iter()
+        .map(|s| if s.reading.flags.late { WriteStatus::TooLate } else { WriteStatus::Written })
+        .collect();
     let hot: Vec<usize> = (0..stored.len()).filter(|&i| !stored[i].reading.flags.late).collect();
-    for (i, f) in fate.iter_mut().enumerate() {
-        if stored[i].reading.flags.late {
-            *f = Fate::Stored(WriteStatus::TooLate);
-        }
-    }
     if !hot.is_empty() {
-        let result = if hot.len() == stored.len() {
+        let statuses = if hot.len() == stored.len() {
             ports.sink.write(&stored).await
         } else {
             let subset: Vec<StoredReading> = hot.iter().map(|&i| stored[i].clone()).collect();
             ports.sink.write(&subset).await
         };
-        match result {
-            Ok(statuses) if statuses.len() == hot.len() => {
-                for (&i, s) in hot.iter().zip(statuses) {
-                    fate[i] = Fate::Stored(s);
-                }
+        if statuses.len() == hot.len() {
+            for (&i, s) in hot.iter().zip(statuses) {
+                fates[i] = s;
             }
-            Ok(statuses) => {
-                let e = format!("sink returned {} statuses for {} readings", statuses.len(), hot.len());
-                for &i in &hot {
-                    fate[i] = Fate::Failed(e.clone());
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, readings = hot.len(), "hot store write failed; will be retried");
-                for &i in &hot {
-                    fate[i] = Fate::Failed(e.to_string());
-                }
+        } else {
+            let e = Arc::new(StoreError::transient(
+                "telemetry sink",
+                format!("{} statuses for {} readings", statuses.len(), hot.len()),
+            ));
+            for &i in &hot {
+                fates[i] = WriteStatus::Refused(Arc::clone(&e));
             }
         }
     }
 
-    // 5. Device state: one coalesced write per device, from its newest stored reading.
+    // 4. Device state: one coalesced write per device, from its newest stored reading.
     let mut newest: HashMap<&ThingName, &Reading> = HashMap::new();
-    for (r, f) in readings.iter().zip(fate.iter()) {
-        if matches!(f, Fate::Stored(WriteStatus::Written | WriteStatus::Duplicate | WriteStatus::TooLate)) {
+    for (r, f) in readings.iter().zip(&fates) {
+        if f.is_stored() {
             let e = newest.entry(&r.id.thing).or_insert(r);
             if order_key(r) > order_key(e) {
                 *e = r;
@@ -243,28 +248,27 @@ where
     let states: Vec<(ThingName, DeviceState)> = newest
         .into_values()
         .map(|r| {
-            (
-                r.id.thing.clone(),
-                DeviceState {
-                    last_ts_ms: r.time_ms,
-                    last_rx_ms: r.rx_ms,
-                    boot: r.id.boot,
-                    seq: r.id.seq,
-                    battery_pct: r.battery_pct,
-                    fw: r.fw.clone(),
-                },
-            )
+            let state = DeviceState {
+                last_ts_ms: r.time_ms,
+                last_rx_ms: r.rx_ms,
+                boot: r.id.boot,
+                seq: r.id.seq,
+                battery_pct: r.battery_pct,
+                fw: r.fw.clone(),
+            };
+            (r.id.thing.clone(), state)
         })
         .collect();
     for (thing, e) in ports.registry.record_states(&states).await {
-        warn!(thing = %thing, error = %e, "device state not recorded; its readings will be retried");
-        for (r, f) in readings.iter().zip(fate.iter_mut()) {
-            if r.id.thing == thing {
-                *f = Fate::Failed(e.to_string());
+        warn!(thing = %thing, error = %e, "device state not recorded");
+        let e = Arc::new(e);
+        for (r, f) in readings.iter().zip(fates.iter_mut()) {
+            if r.id.thing == thing && f.is_stored() {
+                *f = WriteStatus::Refused(Arc::clone(&e));
             }
         }
     }
-    stored
+    (fates, stored)
 }
 
 /// Newest first by stored time, then by boot and seq.
@@ -279,5 +283,6 @@ pub fn enrich(r: &Reading, device: Option<&Device>) -> StoredReading {
         reading: r.clone(),
         class: registration.map_or_else(|| UNREGISTERED_CLASS.to_owned(), |reg| reg.class.clone()),
         region: registration.map(|reg| reg.region.clone()),
+        enrichment_version: registration.map_or(1, |reg| reg.registered_at_ms.max(1)),
     }
 }

@@ -57,6 +57,16 @@ pub struct StoredReading {
     /// Device class from the registry, or `unregistered`.
     pub class: String,
     pub region: Option<String>,
+    /// Version of that enrichment (the registration's time; 1 for unregistered things). The
+    /// hot store keys a record by the message alone and versions it by this, so a replay after
+    /// a re-registration updates the record in place instead of starting a second series, and
+    /// a different payload under the same key is a conflict.
+    #[serde(default = "first_version")]
+    pub enrichment_version: i64,
+}
+
+fn first_version() -> i64 {
+    1
 }
 
 impl StoredReading {

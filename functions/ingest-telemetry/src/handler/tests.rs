@@ -6,11 +6,9 @@ use std::collections::HashMap;
 use anyhow::{anyhow, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::error::StoreError;
-use fleet_shared::ingest::{decode_lines, ArchiveObject, QuarantineLine, Reason};
-use fleet_shared::model::{Device, DeviceRegistration, DeviceState, StoredReading, ThingName};
-use fleet_shared::ports::{
-    DeviceAdmin, DeviceRegistry, FleetQuery, Quarantine, RawArchive, TelemetrySink, WriteStatus,
-};
+use fleet_shared::ingest::{decode_lines, QuarantineLine, Reason};
+use fleet_shared::model::{DeviceRegistration, StoredReading, ThingName};
+use fleet_shared::ports::{DeviceAdmin, QuarantineReader, TelemetryQuery, TelemetrySink, WriteStatus};
 use lambda_runtime::{Context, LambdaEvent};
 
 use super::*;
@@ -29,7 +27,7 @@ fn fixed_clock() -> i64 {
     1_764_000_001_000
 }
 
-async fn deps_with_fleet() -> Result<Deps<SqliteStore>> {
+async fn deps_with_fleet() -> Result<EmbeddedDeps> {
     let store = SqliteStore::in_memory()?;
     let reg = |class: &str, region: &str| DeviceRegistration {
         class: class.into(),
@@ -44,7 +42,9 @@ async fn deps_with_fleet() -> Result<Deps<SqliteStore>> {
             (thing("sensor-003"), reg("air-quality", "eu-west")),
         ])
         .await?;
-    Ok(Deps { store, policy: IngestPolicy::default(), clock: fixed_clock, emit_metrics: false })
+    let mut deps = Deps::embedded(store, IngestPolicy::default(), MetricsOut::Off);
+    deps.clock = fixed_clock;
+    Ok(deps)
 }
 
 fn thing(s: &str) -> ThingName {
@@ -55,9 +55,12 @@ fn event(json: &str) -> Result<LambdaEvent<Box<RawValue>>> {
     Ok(LambdaEvent::new(RawValue::from_string(json.to_owned())?, Context::default()))
 }
 
-async fn sqs<S>(deps: &Deps<S>, json: &str) -> Result<SqsBatchResponse>
+async fn sqs<R, S, A, Q>(deps: &Deps<R, S, A, Q>, json: &str) -> Result<SqsBatchResponse>
 where
-    S: DeviceRegistry + TelemetrySink + RawArchive + Quarantine,
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    A: RawArchive,
+    Q: Quarantine,
 {
     match handle(deps, event(json)?).await? {
         Response::Sqs(r) => Ok(r),
@@ -95,8 +98,8 @@ async fn stores_every_reading_of_a_valid_v1_batch() -> Result<()> {
     let response = sqs(&deps, VALID_V1).await?;
     // THEN nothing fails, every reading is stored and enriched
     assert!(response.batch_item_failures.is_empty());
-    let s1 = readings(&deps.store, "sensor-001").await?;
-    let s2 = readings(&deps.store, "sensor-002").await?;
+    let s1 = readings(&deps.registry, "sensor-001").await?;
+    let s2 = readings(&deps.registry, "sensor-002").await?;
     assert_eq!((s1.len(), s2.len()), (2, 2));
     assert_eq!(s1[0].class, "env-sensor");
     assert_eq!(s1[0].region.as_deref(), Some("eu-west"));
@@ -105,12 +108,12 @@ async fn stores_every_reading_of_a_valid_v1_batch() -> Result<()> {
     // AND test traffic is tagged, not dropped
     assert_eq!(s2.iter().filter(|r| r.reading.test).count(), 1);
     // AND device state comes from the newest reading
-    let d1 = deps.store.device(&thing("sensor-001")).await?.ok_or_else(|| anyhow!("no device"))?;
+    let d1 = deps.registry.device(&thing("sensor-001")).await?.ok_or_else(|| anyhow!("no device"))?;
     let state = d1.state.ok_or_else(|| anyhow!("no state"))?;
     assert_eq!((state.seq, state.battery_pct), (1043, Some(86.0)));
     assert_eq!(d1.registration.map(|r| r.class).as_deref(), Some("env-sensor"));
     // AND the batch is archived as one object holding every line
-    let raw = deps.store.archive_objects("raw/").await?;
+    let raw = deps.registry.archive_objects("raw/").await?;
     assert_eq!(raw.len(), 1);
     assert_eq!(raw[0].lines, 4);
     assert!(raw[0].key.starts_with("raw/dt=2025-11-24/hour=16/"), "{}", raw[0].key);
@@ -123,7 +126,7 @@ async fn upcasts_v2_and_tags_unregistered_things() -> Result<()> {
     let response = sqs(&deps, VALID_V2).await?;
     assert!(response.batch_item_failures.is_empty());
     // v2 SenML entries become the same metrics as v1's map
-    let s3 = readings(&deps.store, "sensor-003").await?;
+    let s3 = readings(&deps.registry, "sensor-003").await?;
     assert_eq!(s3.len(), 2);
     let mut metrics: Vec<(&str, f64)> =
         s3[0].reading.metrics.iter().map(|m| (m.name.as_str(), m.value)).collect();
@@ -132,11 +135,11 @@ async fn upcasts_v2_and_tags_unregistered_things() -> Result<()> {
     assert_eq!(s3[0].reading.schema_version, 2);
     assert_eq!(s3[0].class, "air-quality");
     // an unknown thing is stored, tagged unregistered, and now known to the registry
-    let stray = readings(&deps.store, "stray-900").await?;
+    let stray = readings(&deps.registry, "stray-900").await?;
     assert_eq!(stray.len(), 1);
     assert_eq!(stray[0].class, "unregistered");
     assert!(stray[0].region.is_none());
-    let d = deps.store.device(&thing("stray-900")).await?.ok_or_else(|| anyhow!("no device"))?;
+    let d = deps.registry.device(&thing("stray-900")).await?.ok_or_else(|| anyhow!("no device"))?;
     assert!(d.registration.is_none());
     assert_eq!(d.state.map(|s| s.seq), Some(5));
     Ok(())
@@ -150,11 +153,11 @@ async fn quarantines_bad_records_and_stores_their_valid_neighbours() -> Result<(
     // THEN bad input is not retried
     assert!(response.batch_item_failures.is_empty());
     // AND every valid neighbour is stored
-    assert_eq!(readings(&deps.store, "sensor-001").await?.len(), 1);
-    assert_eq!(readings(&deps.store, "sensor-002").await?.len(), 1);
-    assert_eq!(readings(&deps.store, "sensor-003").await?.len(), 1);
+    assert_eq!(readings(&deps.registry, "sensor-001").await?.len(), 1);
+    assert_eq!(readings(&deps.registry, "sensor-002").await?.len(), 1);
+    assert_eq!(readings(&deps.registry, "sensor-003").await?.len(), 1);
     // AND each bad message is quarantined with every reason
-    let q = quarantine_by_message(&deps.store).await?;
+    let q = quarantine_by_message(&deps.registry).await?;
     use Reason::*;
     let expected: HashMap<String, Vec<Reason>> = [
         (2, vec![MalformedJson]),
@@ -171,7 +174,7 @@ async fn quarantines_bad_records_and_stores_their_valid_neighbours() -> Result<(
     .collect();
     assert_eq!(q, expected);
     // AND the original bytes are kept
-    let lines = deps.store.quarantined(0).await?;
+    let lines = deps.registry.quarantined(0).await?;
     let truncated = lines.iter().find(|l| l.message_id == msg(2)).ok_or_else(|| anyhow!("missing"))?;
     assert_eq!(truncated.original(), br#"{"v":1,"seq":2002,"boot":7,"ts":17640000"#.to_vec());
     Ok(())
@@ -182,9 +185,9 @@ async fn replaying_a_duplicate_batch_leaves_identical_stored_state() -> Result<(
     let deps = deps_with_fleet().await?;
     // WHEN a batch holding an in-batch redelivery arrives, then the whole batch twice more
     sqs(&deps, DUPLICATE).await?;
-    let rows_once = readings(&deps.store, "sensor-001").await?;
-    let device_once = deps.store.device(&thing("sensor-001")).await?;
-    let archive_once = deps.store.archive_objects("").await?;
+    let rows_once = readings(&deps.registry, "sensor-001").await?;
+    let device_once = deps.registry.device(&thing("sensor-001")).await?;
+    let archive_once = deps.registry.archive_objects("").await?;
     for _ in 0..2 {
         let r = sqs(&deps, DUPLICATE).await?;
         assert!(r.batch_item_failures.is_empty());
@@ -194,9 +197,9 @@ async fn replaying_a_duplicate_batch_leaves_identical_stored_state() -> Result<(
     let seqs: Vec<u64> = rows_once.iter().map(|r| r.reading.id.seq).collect();
     assert_eq!(seqs, [3001, 3002]);
     // AND replays change nothing: rows, last-seen, archive objects (same key, same bytes)
-    assert_eq!(readings(&deps.store, "sensor-001").await?, rows_once);
-    assert_eq!(deps.store.device(&thing("sensor-001")).await?, device_once);
-    let archive = deps.store.archive_objects("").await?;
+    assert_eq!(readings(&deps.registry, "sensor-001").await?, rows_once);
+    assert_eq!(deps.registry.device(&thing("sensor-001")).await?, device_once);
+    let archive = deps.registry.archive_objects("").await?;
     assert_eq!(archive, archive_once);
     assert_eq!(archive.len(), 1);
     assert_eq!(decode_lines(&archive[0].body)?.len(), 3, "distinct messages only");
@@ -207,13 +210,13 @@ async fn replaying_a_duplicate_batch_leaves_identical_stored_state() -> Result<(
 async fn rejects_payload_whose_thing_disagrees_with_client_id_or_device_id() -> Result<()> {
     let deps = deps_with_fleet().await?;
     sqs(&deps, SPOOFED).await?;
-    let q = quarantine_by_message(&deps.store).await?;
+    let q = quarantine_by_message(&deps.registry).await?;
     assert_eq!(q.get(&msg(2)), Some(&vec![Reason::ThingMismatch]));
     assert_eq!(q.get(&msg(3)), Some(&vec![Reason::ThingMismatch]));
     assert_eq!(q.len(), 2);
     // nothing was written under the claimed thing, the honest message is stored
-    assert!(readings(&deps.store, "sensor-002").await?.is_empty());
-    assert_eq!(readings(&deps.store, "sensor-001").await?.len(), 1);
+    assert!(readings(&deps.registry, "sensor-002").await?.is_empty());
+    assert_eq!(readings(&deps.registry, "sensor-001").await?.len(), 1);
     Ok(())
 }
 
@@ -221,13 +224,13 @@ async fn rejects_payload_whose_thing_disagrees_with_client_id_or_device_id() -> 
 async fn stores_skewed_readings_at_arrival_time_and_flags_them() -> Result<()> {
     let deps = deps_with_fleet().await?;
     sqs(&deps, SKEW).await?;
-    let s1 = readings(&deps.store, "sensor-001").await?;
+    let s1 = readings(&deps.registry, "sensor-001").await?;
     let skewed = s1.iter().find(|r| r.reading.id.seq == 5001).ok_or_else(|| anyhow!("missing"))?;
     assert!(skewed.reading.flags.skew_corrected);
     assert_eq!(skewed.reading.time_ms, skewed.reading.rx_ms);
     assert_eq!(skewed.reading.device_time_ms, skewed.reading.rx_ms + 3_600_000);
     // within the 5-minute tolerance: kept at device time, not flagged
-    let s2 = readings(&deps.store, "sensor-002").await?;
+    let s2 = readings(&deps.registry, "sensor-002").await?;
     assert!(!s2[0].reading.flags.skew_corrected);
     assert_eq!(s2[0].reading.time_ms, s2[0].reading.rx_ms + 240_000);
     Ok(())
@@ -245,7 +248,7 @@ async fn direct_invocation_answers_with_counts() -> Result<()> {
         return Err(anyhow!("expected a direct response"));
     };
     assert_eq!((again.accepted, again.duplicates), (0, 1));
-    assert_eq!(readings(&deps.store, "sensor-001").await?.len(), 1);
+    assert_eq!(readings(&deps.registry, "sensor-001").await?.len(), 1);
     Ok(())
 }
 
@@ -271,78 +274,132 @@ async fn direct_invocation_reports_every_problem_of_a_bad_payload() -> Result<()
     Ok(())
 }
 
-/// The embedded store with a hot store that fails (transiently) for one thing.
-struct FailFor {
+/// A hot store that refuses one thing's readings with the given kind of error.
+struct RefuseFor {
     inner: SqliteStore,
     thing: ThingName,
+    kind: fleet_shared::ErrorKind,
 }
 
-impl DeviceRegistry for FailFor {
-    async fn get_many(&self, t: &[ThingName]) -> Result<HashMap<ThingName, Device>, StoreError> {
-        self.inner.get_many(t).await
-    }
-    async fn record_states(&self, s: &[(ThingName, DeviceState)]) -> Vec<(ThingName, StoreError)> {
-        self.inner.record_states(s).await
-    }
-}
-impl TelemetrySink for FailFor {
-    async fn write(&self, readings: &[StoredReading]) -> Result<Vec<WriteStatus>, StoreError> {
+impl TelemetrySink for RefuseFor {
+    async fn write(&self, readings: &[StoredReading]) -> Vec<WriteStatus> {
         let ok: Vec<StoredReading> =
             readings.iter().filter(|r| r.reading.id.thing != self.thing).cloned().collect();
-        let mut written = self.inner.write(&ok).await?.into_iter();
-        Ok(readings
+        let mut written = self.inner.write(&ok).await.into_iter();
+        let refusal = Arc::new(StoreError::new("test sink", self.kind, "refused by the test"));
+        readings
             .iter()
             .map(|r| {
                 if r.reading.id.thing == self.thing {
-                    WriteStatus::Failed("ThrottlingException".into())
+                    WriteStatus::Refused(Arc::clone(&refusal))
                 } else {
-                    written.next().unwrap_or(WriteStatus::Failed("lost".into()))
+                    written.next().unwrap_or_else(|| WriteStatus::Refused(Arc::clone(&refusal)))
                 }
             })
-            .collect())
+            .collect()
     }
 }
-impl RawArchive for FailFor {
-    async fn put_raw(&self, o: &ArchiveObject) -> Result<(), StoreError> {
-        self.inner.put_raw(o).await
-    }
-}
-impl Quarantine for FailFor {
-    async fn put_quarantined(&self, l: &[QuarantineLine], r: i64) -> Result<(), StoreError> {
-        self.inner.put_quarantined(l, r).await
-    }
+
+/// The fleet's deps with the hot store swapped for one that refuses `thing`.
+async fn refusing(
+    thing_name: &str,
+    kind: fleet_shared::ErrorKind,
+) -> Result<(EmbeddedDeps, Deps<SqliteStore, RefuseFor, SqliteStore, SqliteStore>)> {
+    let fleet = deps_with_fleet().await?;
+    let db = fleet.registry.clone();
+    let deps = Deps {
+        sink: RefuseFor { inner: db.clone(), thing: thing(thing_name), kind },
+        registry: db.clone(),
+        archive: db.clone(),
+        quarantine: db,
+        policy: fleet.policy,
+        clock: fixed_clock,
+        metrics: MetricsOut::Off,
+    };
+    Ok((fleet, deps))
 }
 
 #[tokio::test]
 async fn reports_only_failed_message_ids() -> Result<()> {
     // GIVEN a hot store that throttles writes for sensor-002
-    let fleet = deps_with_fleet().await?;
-    let deps = Deps {
-        store: FailFor { inner: fleet.store.clone(), thing: thing("sensor-002") },
-        policy: fleet.policy,
-        clock: fixed_clock,
-        emit_metrics: false,
-    };
+    let (fleet, deps) = refusing("sensor-002", fleet_shared::ErrorKind::Transient).await?;
     // WHEN the valid v1 batch arrives
     let response = sqs(&deps, VALID_V1).await?;
-    // THEN exactly sensor-002's two messages are reported for retry
+    // THEN exactly sensor-002's two messages are reported for retry, none quarantined
     assert_eq!(failed_ids(&response), [msg(2), msg(4)]);
+    assert!(quarantine_by_message(&fleet.registry).await?.is_empty());
     // AND sensor-001's readings are stored, and its state recorded
-    assert_eq!(readings(&fleet.store, "sensor-001").await?.len(), 2);
-    let d2 = fleet.store.device(&thing("sensor-002")).await?.ok_or_else(|| anyhow!("no device"))?;
+    assert_eq!(readings(&fleet.registry, "sensor-001").await?.len(), 2);
+    let d2 = fleet.registry.device(&thing("sensor-002")).await?.ok_or_else(|| anyhow!("no device"))?;
     assert!(d2.state.is_none(), "a failed device's state is not advanced");
     Ok(())
 }
 
 #[tokio::test]
-async fn direct_invocation_returns_a_retryable_error_on_transient_failure() -> Result<()> {
-    let fleet = deps_with_fleet().await?;
-    let deps = Deps {
-        store: FailFor { inner: fleet.store.clone(), thing: thing("sensor-001") },
-        policy: fleet.policy,
-        clock: fixed_clock,
-        emit_metrics: false,
+async fn quarantines_what_a_store_refuses_for_good_instead_of_retrying_it() -> Result<()> {
+    // GIVEN a hot store that refuses sensor-002's readings permanently (a validation error)
+    let (fleet, deps) = refusing("sensor-002", fleet_shared::ErrorKind::Permanent).await?;
+    // WHEN the valid v1 batch arrives
+    let response = sqs(&deps, VALID_V1).await?;
+    // THEN nothing is retried: sensor-002's messages are quarantined as store_rejected
+    assert!(response.batch_item_failures.is_empty(), "{:?}", failed_ids(&response));
+    let q = quarantine_by_message(&fleet.registry).await?;
+    assert_eq!(q.get(&msg(2)), Some(&vec![Reason::StoreRejected]));
+    assert_eq!(q.get(&msg(4)), Some(&vec![Reason::StoreRejected]));
+    assert_eq!(q.len(), 2);
+    // AND the quarantine keeps the original message, and its neighbours are stored
+    let lines = fleet.registry.quarantined(0).await?;
+    assert!(lines.iter().all(|l| l.thing.as_deref() == Some("sensor-002") && l.body.is_some()));
+    assert_eq!(readings(&fleet.registry, "sensor-001").await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_different_payload_under_a_stored_message_key_is_quarantined_as_a_conflict() -> Result<()> {
+    // GIVEN sensor-001's (boot 7, seq 1042) is stored
+    let deps = deps_with_fleet().await?;
+    sqs(&deps, VALID_V1).await?;
+    // WHEN another payload arrives under the same key, with other values
+    let tampered = VALID_V1.replacen("21.5", "99.5", 1);
+    assert_ne!(tampered, VALID_V1, "the sample must carry temp_c 21.5");
+    let response = sqs(&deps, &tampered).await?;
+    // THEN it is quarantined as a conflict (not counted as a duplicate, not retried)
+    assert!(response.batch_item_failures.is_empty());
+    let q = quarantine_by_message(&deps.registry).await?;
+    assert_eq!(q.get(&msg(1)), Some(&vec![Reason::Conflict]), "{q:?}");
+    assert_eq!(q.len(), 1);
+    // AND the stored reading is unchanged
+    let s1 = readings(&deps.registry, "sensor-001").await?;
+    assert!(s1.iter().all(|r| r.reading.metrics.iter().all(|m| m.value != 99.5)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redelivery_after_re_registration_updates_the_reading_in_place() -> Result<()> {
+    // GIVEN the batch was stored while sensor-001 was an env-sensor
+    let deps = deps_with_fleet().await?;
+    sqs(&deps, VALID_V1).await?;
+    // WHEN the device is re-registered and the same batch is delivered again
+    let reg = DeviceRegistration {
+        class: "gateway".into(),
+        region: "ap-south".into(),
+        fw: "2.0.0".into(),
+        registered_at_ms: 1_800_000_000_000,
     };
+    deps.registry.register(&[(thing("sensor-001"), reg)]).await?;
+    let response = sqs(&deps, VALID_V1).await?;
+    // THEN nothing conflicts; the same rows now carry the new enrichment (no second series)
+    assert!(response.batch_item_failures.is_empty());
+    assert!(quarantine_by_message(&deps.registry).await?.is_empty());
+    let s1 = readings(&deps.registry, "sensor-001").await?;
+    assert_eq!(s1.len(), 2);
+    assert!(s1.iter().all(|r| r.class == "gateway" && r.enrichment_version == 1_800_000_000_000));
+    Ok(())
+}
+
+#[tokio::test]
+async fn direct_invocation_returns_a_retryable_error_on_transient_failure() -> Result<()> {
+    let (_, deps) = refusing("sensor-001", fleet_shared::ErrorKind::Transient).await?;
     let err = handle(&deps, event(DIRECT_V1)?).await.err().ok_or_else(|| anyhow!("expected an error"))?;
     assert_eq!(Diagnostic::from(err).error_type, "Retryable");
     Ok(())

@@ -12,8 +12,7 @@ use aws_sdk_s3::operation::put_object::PutObjectOutput;
 use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsOutput;
 use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
 
-use super::AwsStore;
-use crate::config::AwsResources;
+use super::{DevicesTable, S3Archive, TimestreamSink};
 use crate::ingest::{ingest_batch, BatchOutcome, IngestPolicy, IngestPorts, OwnedInbound};
 
 /// API calls made, by operation.
@@ -27,7 +26,9 @@ pub struct ApiCalls {
 }
 
 pub struct CountingAws {
-    pub store: AwsStore,
+    pub devices: DevicesTable,
+    pub sink: TimestreamSink,
+    pub archive: S3Archive,
     batch_get_item: Rule,
     update_item: Rule,
     batch_write_item: Rule,
@@ -72,30 +73,41 @@ impl CountingAws {
             .then_output(|| WriteRecordsOutput::builder().build());
         let put_object =
             mock!(aws_sdk_s3::Client::put_object).then_output(|| PutObjectOutput::builder().build());
-        let store = AwsStore::from_clients(
+        let devices = DevicesTable::new(
             mock_client!(
                 aws_sdk_dynamodb,
                 RuleMode::MatchAny,
                 [&batch_get_item, &update_item, &batch_write_item]
             ),
-            mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, [&write_records]),
-            mock_client!(aws_sdk_timestreamquery, RuleMode::MatchAny, &[]),
-            mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put_object]),
-            AwsResources {
-                devices_table: table.into(),
-                telemetry_database: "fleet".into(),
-                telemetry_table: "telemetry".into(),
-                archive_bucket: "archive".into(),
-            },
+            table,
         );
-        Self { store, batch_get_item, update_item, batch_write_item, write_records, put_object }
+        let sink = TimestreamSink::new(
+            mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, [&write_records]),
+            "fleet",
+            "telemetry",
+        );
+        let archive = S3Archive::new(mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put_object]), "archive");
+        Self {
+            devices,
+            sink,
+            archive,
+            batch_get_item,
+            update_item,
+            batch_write_item,
+            write_records,
+            put_object,
+        }
     }
 
     /// Run one batch through the ingest use case on these adapters.
     pub async fn ingest(&self, batch: &[OwnedInbound], now_ms: i64) -> BatchOutcome {
         let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
-        let s = &self.store;
-        let ports = IngestPorts { registry: s, sink: s, archive: s, quarantine: s };
+        let ports = IngestPorts {
+            registry: &self.devices,
+            sink: &self.sink,
+            archive: &self.archive,
+            quarantine: &self.archive,
+        };
         ingest_batch(ports, &IngestPolicy::default(), now_ms, &inbound).await
     }
 

@@ -11,35 +11,39 @@ use aws_sdk_dynamodb::types::error::ConditionalCheckFailedException;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_timestreamquery::operation::query::QueryOutput;
 use aws_sdk_timestreamquery::types::{ColumnInfo, Datum, Row};
+use aws_sdk_timestreamwrite::error::ErrorMetadata;
 use aws_sdk_timestreamwrite::operation::write_records::{WriteRecordsError, WriteRecordsOutput};
-use aws_sdk_timestreamwrite::types::error::{RejectedRecordsException, ThrottlingException};
+use aws_sdk_timestreamwrite::types::error::{
+    RejectedRecordsException, ThrottlingException, ValidationException,
+};
 use aws_sdk_timestreamwrite::types::RejectedRecord;
 use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
 
-use super::AwsStore;
-use crate::config::AwsResources;
+use super::{DevicesTable, TimestreamQuery, TimestreamSink};
+use crate::error::ErrorKind;
 use crate::model::{
     DeviceRegistration, DeviceState, MessageId, Metric, Reading, ReadingFlags, StoredReading, ThingName,
 };
-use crate::ports::{DeviceAdmin, DeviceRegistry, FleetQuery, TelemetrySink, WriteStatus};
+use crate::ports::{DeviceAdmin, DeviceRegistry, TelemetryQuery, TelemetrySink, WriteStatus};
 
-fn resources() -> AwsResources {
-    AwsResources {
-        devices_table: "Devices".into(),
-        telemetry_database: "fleet".into(),
-        telemetry_table: "telemetry".into(),
-        archive_bucket: "archive".into(),
-    }
+/// Adapters whose clients answer only from the given rules.
+fn devices(rules: &[&Rule]) -> DevicesTable {
+    DevicesTable::new(mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, rules), "Devices")
 }
 
-/// A store whose clients answer only from the given rules.
-fn store(ddb: &[&Rule], ts: &[&Rule], tsq: &[&Rule]) -> AwsStore {
-    AwsStore::from_clients(
-        mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, ddb),
-        mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, ts),
-        mock_client!(aws_sdk_timestreamquery, RuleMode::MatchAny, tsq),
-        mock_client!(aws_sdk_s3, RuleMode::MatchAny, &[]),
-        resources(),
+fn sink(rules: &[&Rule]) -> TimestreamSink {
+    TimestreamSink::new(
+        mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, rules),
+        "fleet",
+        "telemetry",
+    )
+}
+
+fn query(rules: &[&Rule]) -> TimestreamQuery {
+    TimestreamQuery::new(
+        mock_client!(aws_sdk_timestreamquery, RuleMode::MatchAny, rules),
+        "fleet",
+        "telemetry",
     )
 }
 
@@ -64,6 +68,7 @@ fn reading(n: usize) -> StoredReading {
         },
         class: "env".into(),
         region: Some("eu".into()),
+        enrichment_version: 1,
     }
 }
 
@@ -91,15 +96,48 @@ async fn rejected_records_fail_only_the_affected_readings_and_duplicates_are_not
                 .build(),
         )
     });
-    let s = store(&[], &[&rule], &[]);
+    let s = sink(&[&rule]);
     // WHEN
-    let statuses = s.write(&(0..5).map(reading).collect::<Vec<_>>()).await.expect("statuses");
-    // THEN
+    let statuses = s.write(&(0..5).map(reading).collect::<Vec<_>>()).await;
+    // THEN the existing version is a conflict, the invalid record permanent, the rest written
     assert_eq!(statuses[0], WriteStatus::Written);
-    assert_eq!(statuses[1], WriteStatus::Duplicate);
+    assert_eq!(statuses[1].kind(), Some(ErrorKind::Conflict));
     assert_eq!(statuses[2], WriteStatus::TooLate);
     assert_eq!(statuses[3], WriteStatus::Written);
-    assert!(matches!(&statuses[4], WriteStatus::Failed(r) if r.contains("Dimension value")));
+    assert!(matches!(&statuses[4], WriteStatus::Refused(e)
+        if e.kind == ErrorKind::Permanent && e.to_string().contains("Dimension value")));
+}
+
+#[tokio::test]
+async fn a_request_refused_as_a_whole_is_split_until_only_the_bad_record_is_refused() {
+    // GIVEN Timestream refuses any request that carries the record of seq 37
+    let bad_time = super::timestream::record_time_nanos(&reading(37).reading).to_string();
+    let carries_bad = move |r: &aws_sdk_timestreamwrite::operation::write_records::WriteRecordsInput| {
+        r.records().iter().any(|rec| rec.time() == Some(bad_time.as_str()))
+    };
+    let refuse = mock!(aws_sdk_timestreamwrite::Client::write_records)
+        .match_requests(carries_bad.clone())
+        .then_error(|| {
+            WriteRecordsError::ValidationException(
+                ValidationException::builder()
+                    .message("invalid measure value")
+                    .meta(ErrorMetadata::builder().code("ValidationException").build())
+                    .build()
+                    .expect("message set"),
+            )
+        });
+    let ok = mock!(aws_sdk_timestreamwrite::Client::write_records)
+        .match_requests(move |r| !carries_bad(r))
+        .then_output(|| WriteRecordsOutput::builder().build());
+    let s = sink(&[&refuse, &ok]);
+    // WHEN 100 readings are written
+    let statuses = s.write(&(0..100).map(reading).collect::<Vec<_>>()).await;
+    // THEN only reading 37 is refused, permanently; its 99 neighbours are written
+    assert_eq!(statuses.len(), 100);
+    assert_eq!(statuses[37].kind(), Some(ErrorKind::Permanent));
+    assert_eq!(statuses.iter().filter(|s| **s == WriteStatus::Written).count(), 99);
+    // AND the search took log2(100) rounds, not 100 single-record requests
+    assert!(refuse.num_calls() + ok.num_calls() <= 16, "{} requests", refuse.num_calls() + ok.num_calls());
 }
 
 #[tokio::test]
@@ -112,18 +150,25 @@ async fn writes_timestream_in_chunks_of_100_and_throttling_fails_only_its_chunk(
         .match_requests(|r| r.records().len() == 50)
         .then_error(|| {
             WriteRecordsError::ThrottlingException(
-                ThrottlingException::builder().message("slow down").build().expect("message set"),
+                ThrottlingException::builder()
+                    .message("slow down")
+                    // The service names the error in its response; the SDK reads the code from there.
+                    .meta(ErrorMetadata::builder().code("ThrottlingException").message("slow down").build())
+                    .build()
+                    .expect("message set"),
             )
         });
-    let s = store(&[], &[&ok, &throttled], &[]);
+    let s = sink(&[&ok, &throttled]);
     // WHEN 250 readings are written
-    let statuses = s.write(&(0..250).map(reading).collect::<Vec<_>>()).await.expect("statuses");
+    let statuses = s.write(&(0..250).map(reading).collect::<Vec<_>>()).await;
     // THEN 3 requests (100 + 100 + 50); exactly the last 50 failed
     assert_eq!(ok.num_calls(), 2);
-    assert!(throttled.num_calls() >= 1);
     assert_eq!(statuses.len(), 250);
     assert!(statuses[..200].iter().all(|s| *s == WriteStatus::Written));
-    assert!(statuses[200..].iter().all(|s| matches!(s, WriteStatus::Failed(_))));
+    assert!(statuses[200..].iter().all(|s| s.kind() == Some(ErrorKind::Transient)));
+    // AND a throttled request is never split (only permanent refusals are): a 25-record
+    // request would match no rule and fail this test; the SDK's own retries resend all 50
+    assert!((1..=3).contains(&throttled.num_calls()), "{}", throttled.num_calls());
 }
 
 fn unprocessed_put() -> HashMap<String, Vec<aws_sdk_dynamodb::types::WriteRequest>> {
@@ -151,7 +196,7 @@ async fn resubmits_dynamodb_unprocessed_items_with_backoff() {
         .output(|| BatchWriteItemOutput::builder().build())
         .repeatedly()
         .build();
-    let s = store(&[&rule], &[], &[]);
+    let s = devices(&[&rule]);
     // WHEN 30 devices are registered (25 + 5 per request)
     let devices: Vec<_> = (0..30).map(|n| (thing(n), registration())).collect();
     s.register(&devices).await.expect("registered");
@@ -166,10 +211,10 @@ async fn gives_up_with_a_transient_error_when_items_stay_unprocessed() {
         .output(|| BatchWriteItemOutput::builder().set_unprocessed_items(Some(unprocessed_put())).build())
         .repeatedly()
         .build();
-    let s = store(&[&rule], &[], &[]);
+    let s = devices(&[&rule]);
     let err = s.register(&[(thing(0), registration())]).await.expect_err("must fail");
     assert!(err.is_transient(), "{err}");
-    assert_eq!(rule.num_calls(), super::MAX_BATCH_ATTEMPTS as usize);
+    assert_eq!(rule.num_calls(), super::MAX_BATCH_RETRIES + 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -201,7 +246,7 @@ async fn resubmits_dynamodb_unprocessed_keys() {
         })
         .output(move || BatchGetItemOutput::builder().responses("Devices", vec![registration_item()]).build())
         .build();
-    let s = store(&[&rule], &[], &[]);
+    let s = devices(&[&rule]);
     let devices = s.get_many(&[thing(1)]).await.expect("looked up");
     assert_eq!(rule.num_calls(), 2);
     assert_eq!(devices[&thing(1)].class(), "env");
@@ -212,7 +257,7 @@ async fn an_older_state_losing_the_condition_is_not_an_error() {
     let newer_exists = mock!(aws_sdk_dynamodb::Client::update_item).then_error(|| {
         UpdateItemError::ConditionalCheckFailedException(ConditionalCheckFailedException::builder().build())
     });
-    let s = store(&[&newer_exists], &[], &[]);
+    let s = devices(&[&newer_exists]);
     let state = DeviceState { last_ts_ms: 1, last_rx_ms: 1, boot: 1, seq: 1, battery_pct: None, fw: None };
     assert!(s.record_states(&[(thing(1), state)]).await.is_empty());
     assert_eq!(newer_exists.num_calls(), 1);
@@ -242,7 +287,7 @@ async fn reads_every_page_of_a_telemetry_query() {
         .output(move || page("1", Some("next")))
         .output(move || page("2", None))
         .build();
-    let s = store(&[], &[], &[&rule]);
+    let s = query(&[&rule]);
     let readings = s.telemetry(&thing(1), 0, 10).await.expect("queried");
     assert_eq!(rule.num_calls(), 2);
     let seqs: Vec<u64> = readings.iter().map(|r| r.reading.id.seq).collect();
@@ -255,8 +300,8 @@ async fn ingesting_1000_messages_from_100_devices_makes_the_target_api_calls() {
     use super::counting::{ApiCalls, CountingAws};
 
     // GIVEN 100 registered devices and one SQS batch of 1,000 messages from them
-    let aws = CountingAws::new((0..100).map(crate::sim::thing_name).collect());
-    let batch = crate::sim::fleet_batch(100, 1_000, 1_764_000_000_000, 1);
+    let aws = CountingAws::new((0..100).map(crate::ingest::sim::thing_name).collect());
+    let batch = crate::ingest::sim::fleet_batch(100, 1_000, 1_764_000_000_000, 1);
     // WHEN it is ingested
     let outcome = aws.ingest(&batch, 1_764_000_002_000).await;
     // THEN everything is stored with 10 WriteRecords, 1 PUT, 1 state write per device, and no dedupe writes

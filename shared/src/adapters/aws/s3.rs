@@ -2,20 +2,42 @@
 //! one gzip NDJSON object per batch named by its content hash (a replay overwrites the same
 //! key with the same bytes).
 
+use aws_config::SdkConfig;
 use aws_sdk_s3::primitives::ByteStream;
 
-use super::{classify, AwsStore};
+use super::{classify, endpoint_overridden};
+use crate::env::{ConfigError, Env};
 use crate::error::StoreError;
 use crate::ingest::archive::{decode_lines, quarantine_object, QUARANTINE_PREFIX};
 use crate::ingest::{ArchiveObject, QuarantineLine};
-use crate::ports::{ArchiveReader, Quarantine, RawArchive};
+use crate::ports::{ArchiveReader, Quarantine, QuarantineReader, RawArchive};
 use crate::time::utc_date_hour;
 
-impl AwsStore {
+/// The archive bucket, on its own client.
+#[derive(Clone, Debug)]
+pub struct S3Archive {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+impl S3Archive {
+    /// Reads `FLEET_ARCHIVE_BUCKET`. Custom endpoints (moto, MinIO) are addressed path-style,
+    /// AWS itself virtual-host style.
+    pub fn from_env(sdk: &SdkConfig, env: &Env) -> Result<Self, ConfigError> {
+        let config = aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(endpoint_overridden(sdk, "AWS_ENDPOINT_URL_S3"))
+            .build();
+        Ok(Self::new(aws_sdk_s3::Client::from_conf(config), env.required("FLEET_ARCHIVE_BUCKET")?))
+    }
+
+    pub fn new(client: aws_sdk_s3::Client, bucket: impl Into<String>) -> Self {
+        Self { client, bucket: bucket.into() }
+    }
+
     async fn put_object(&self, op: &'static str, object: &ArchiveObject) -> Result<(), StoreError> {
-        self.s3
+        self.client
             .put_object()
-            .bucket(&self.resources.archive_bucket)
+            .bucket(&self.bucket)
             .key(&object.key)
             .content_type("application/gzip")
             .body(ByteStream::from(object.body.clone()))
@@ -32,9 +54,9 @@ impl AwsStore {
         start_after: Option<String>,
     ) -> Result<Vec<String>, StoreError> {
         let mut pages = self
-            .s3
+            .client
             .list_objects_v2()
-            .bucket(&self.resources.archive_bucket)
+            .bucket(&self.bucket)
             .prefix(prefix)
             .set_start_after(start_after)
             .into_paginator()
@@ -49,9 +71,9 @@ impl AwsStore {
 
     pub async fn get_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         let out = self
-            .s3
+            .client
             .get_object()
-            .bucket(&self.resources.archive_bucket)
+            .bucket(&self.bucket)
             .key(key)
             .send()
             .await
@@ -60,7 +82,7 @@ impl AwsStore {
         Ok(bytes.into_bytes().to_vec())
     }
 
-    pub(crate) async fn list_quarantined(&self, since_ms: i64) -> Result<Vec<QuarantineLine>, StoreError> {
+    async fn list_quarantined(&self, since_ms: i64) -> Result<Vec<QuarantineLine>, StoreError> {
         // Keys are partitioned by date: start listing at the first hour that can qualify.
         let (date, hour) = utc_date_hour(since_ms);
         let start_after = format!("{QUARANTINE_PREFIX}dt={date}/hour={:02}/", hour);
@@ -82,13 +104,13 @@ impl AwsStore {
     }
 }
 
-impl RawArchive for AwsStore {
+impl RawArchive for S3Archive {
     async fn put_raw(&self, object: &ArchiveObject) -> Result<(), StoreError> {
         self.put_object("s3 put raw", object).await
     }
 }
 
-impl ArchiveReader for AwsStore {
+impl ArchiveReader for S3Archive {
     async fn archive_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.list_keys(prefix, None).await
     }
@@ -98,11 +120,17 @@ impl ArchiveReader for AwsStore {
     }
 }
 
-impl Quarantine for AwsStore {
+impl Quarantine for S3Archive {
     async fn put_quarantined(&self, lines: &[QuarantineLine], received_ms: i64) -> Result<(), StoreError> {
         match quarantine_object(lines, received_ms) {
             Some(object) => self.put_object("s3 put quarantine", &object).await,
             None => Ok(()),
         }
+    }
+}
+
+impl QuarantineReader for S3Archive {
+    async fn quarantined(&self, since_ms: i64) -> Result<Vec<QuarantineLine>, StoreError> {
+        self.list_quarantined(since_ms).await
     }
 }

@@ -1,31 +1,98 @@
 //! Hot telemetry store (Amazon Timestream for LiveAnalytics): one multi-measure record per
 //! reading, ≤ 100 records per WriteRecords with the shared parts as common attributes.
 //!
-//! Record identity is `(dimensions, time, measure_name)`. The time is the reading's time in
-//! nanoseconds with `seq % 1_000_000` in the sub-millisecond digits, so a record is keyed by
-//! its message `(thing, boot, seq)`: a redelivered message lands on the same record (identical
-//! → no new row), two different messages stamped in the same millisecond do not collide, and
-//! the time stays exact to the millisecond.
+//! Record key and content are chosen so that the service's own rules give the ingest
+//! semantics (Timestream WriteRecords API reference, "RejectedRecords"):
+//! - key = dimensions + time + measure name. Dimensions hold only what the payload itself
+//!   says (`thing`, `fw`, `test`), never enrichment that can change (class, region) nor the
+//!   arrival time, so a redelivery or a replay lands on the same record. The time is the
+//!   reading's time in nanoseconds with `seq % 1_000_000` below the millisecond, so the key is
+//!   the message `(thing, boot, seq)` and two messages in one millisecond do not collide.
+//! - content = the metrics and the payload's own fields, plus class and region as VARCHAR
+//!   measures, versioned by the enrichment's version (the registration time). An identical
+//!   rewrite is accepted silently; the same key with other values and the same version is
+//!   rejected with `ExistingVersion`: a **conflict** (quarantined, never counted as a
+//!   duplicate); a higher version (a re-registration, then a replay) updates the record.
+//!
+//! Requests are checked before they are sent ([`validate_record`]): a record that cannot fit
+//! Timestream's limits is refused alone instead of failing its 99 neighbours, and a request
+//! the service refuses as a whole (ValidationException) is split until the bad record is found.
 
+use std::sync::Arc;
+
+use aws_config::SdkConfig;
 use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsError;
 use aws_sdk_timestreamwrite::types::{Dimension, MeasureValue, MeasureValueType, Record, TimeUnit};
+use futures_util::future::BoxFuture;
 use futures_util::stream::{self, StreamExt};
 
-use super::{classify, AwsStore, MAX_CONCURRENT_REQUESTS};
-use crate::error::StoreError;
+use super::{classify, endpoint_overridden, MAX_CONCURRENT_REQUESTS};
+use crate::env::{ConfigError, Env};
+use crate::error::{ErrorKind, StoreError};
 use crate::model::{MessageId, Metric, Reading, ReadingFlags, StoredReading, ThingName};
-use crate::ports::{FleetQuery, TelemetrySink, WriteStatus};
+use crate::ports::{TelemetryQuery, TelemetrySink, WriteStatus};
 use crate::time::parse_timestream_time;
 
 /// WriteRecords: at most 100 records per request.
 pub const WRITE_RECORDS_MAX: usize = 100;
-/// Timestream's record size limit; the envelope rules (≤ 32 metrics, names ≤ 40 chars) keep
+/// Timestream's record size limit; the envelope rules (≤ 32 metrics, names ≤ 32 chars) keep
 /// every valid reading under it.
 pub const MAX_RECORD_BYTES: usize = 2048;
+/// Dimension value limit (bytes).
+pub const MAX_DIMENSION_VALUE_BYTES: usize = 2048;
+/// Measures per multi-measure record.
+pub const MAX_MEASURES_PER_RECORD: usize = 256;
+/// VARCHAR measure value limit (bytes).
+pub const MAX_VARCHAR_BYTES: usize = 2048;
 pub const MEASURE_NAME: &str = "telemetry";
 pub const TIME_UNIT_NANOS_PER_MS: i64 = 1_000_000;
 /// Query results page size is Timestream's; this bounds how many pages one call reads.
 const MAX_QUERY_PAGES: usize = 100;
+
+/// The Timestream table telemetry is written to, on its own client.
+#[derive(Clone, Debug)]
+pub struct TimestreamSink {
+    client: aws_sdk_timestreamwrite::Client,
+    database: String,
+    table: String,
+}
+
+impl TimestreamSink {
+    /// Reads `FLEET_TELEMETRY_DB` and `FLEET_TELEMETRY_TABLE`. Against real AWS the client
+    /// needs endpoint discovery (one DescribeEndpoints call); discovery would replace an
+    /// endpoint override (a moto server) with AWS's own host, so it is only enabled when no
+    /// override is set.
+    pub async fn from_env(sdk: &SdkConfig, env: &Env) -> Result<Self, TimestreamStartError> {
+        let database = env.required("FLEET_TELEMETRY_DB")?;
+        let table = env.required("FLEET_TELEMETRY_TABLE")?;
+        let mut client = aws_sdk_timestreamwrite::Client::new(sdk);
+        if !endpoint_overridden(sdk, "AWS_ENDPOINT_URL_TIMESTREAM_WRITE") {
+            let (discovered, reload) = client
+                .with_endpoint_discovery_enabled()
+                .await
+                .map_err(|e| StoreError::transient("timestream endpoint discovery", e))?;
+            tokio::spawn(reload.reload_task());
+            client = discovered;
+        }
+        Ok(Self::new(client, database, table))
+    }
+
+    pub fn new(
+        client: aws_sdk_timestreamwrite::Client,
+        database: impl Into<String>,
+        table: impl Into<String>,
+    ) -> Self {
+        Self { client, database: database.into(), table: table.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TimestreamStartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 fn measure(name: &str, value: String, kind: MeasureValueType) -> MeasureValue {
     MeasureValue::builder()
@@ -59,16 +126,13 @@ pub fn record_time_nanos(r: &Reading) -> i64 {
 /// value type MULTI and the time unit).
 pub fn record_for(s: &StoredReading) -> Record {
     let r = &s.reading;
-    let mut dims = vec![dimension("thing", r.id.thing.as_str()), dimension("class", &s.class)];
-    if let Some(region) = s.region.as_deref().filter(|v| !v.is_empty()) {
-        dims.push(dimension("region", region));
-    }
+    let mut dims = vec![dimension("thing", r.id.thing.as_str())];
     if let Some(fw) = r.fw.as_deref().filter(|v| !v.is_empty()) {
         dims.push(dimension("fw", fw));
     }
     dims.push(dimension("test", if r.test { "true" } else { "false" }));
 
-    let mut values: Vec<MeasureValue> = Vec::with_capacity(r.metrics.len() + 8);
+    let mut values: Vec<MeasureValue> = Vec::with_capacity(r.metrics.len() + 9);
     values.extend(r.metrics.iter().map(|m| measure(&m.name, double(m.value), MeasureValueType::Double)));
     if let Some(b) = r.battery_pct {
         values.push(measure("bat", double(b), MeasureValueType::Double));
@@ -78,8 +142,11 @@ pub fn record_for(s: &StoredReading) -> Record {
     }
     values.push(measure("boot", r.id.boot.to_string(), MeasureValueType::Bigint));
     values.push(measure("seq", r.id.seq.to_string(), MeasureValueType::Bigint));
-    values.push(measure("rx_ms", r.rx_ms.to_string(), MeasureValueType::Bigint));
     values.push(measure("schema", r.schema_version.to_string(), MeasureValueType::Bigint));
+    values.push(measure("class", s.class.clone(), MeasureValueType::Varchar));
+    if let Some(region) = s.region.as_deref().filter(|v| !v.is_empty()) {
+        values.push(measure("region", region.to_owned(), MeasureValueType::Varchar));
+    }
     if r.flags.skew_corrected {
         values.push(measure("skew", "true".into(), MeasureValueType::Boolean));
         values.push(measure("device_ms", r.device_time_ms.to_string(), MeasureValueType::Bigint));
@@ -88,7 +155,55 @@ pub fn record_for(s: &StoredReading) -> Record {
         .set_dimensions(Some(dims))
         .time(record_time_nanos(r).to_string())
         .set_measure_values(Some(values))
+        .version(s.enrichment_version.max(1))
         .build()
+}
+
+/// Timestream's size of a record: dimension names and values, the measure name, each
+/// measure's name plus its value size (8 bytes for BIGINT/DOUBLE, 1 for BOOLEAN, the bytes
+/// of a VARCHAR), and 8 for the time.
+pub fn record_bytes(r: &Record) -> usize {
+    let dims: usize = r.dimensions().iter().map(|d| d.name().len() + d.value().len()).sum();
+    let measures: usize = r
+        .measure_values()
+        .iter()
+        .map(|m| {
+            m.name().len()
+                + match m.r#type() {
+                    MeasureValueType::Boolean => 1,
+                    MeasureValueType::Varchar => m.value().len(),
+                    _ => 8,
+                }
+        })
+        .sum();
+    dims + measures + MEASURE_NAME.len() + 8
+}
+
+/// Check one record against the service limits before it is sent.
+pub fn validate_record(r: &Record) -> Result<(), String> {
+    let bytes = record_bytes(r);
+    if bytes > MAX_RECORD_BYTES {
+        return Err(format!("record is {bytes} bytes > {MAX_RECORD_BYTES}"));
+    }
+    if r.measure_values().len() > MAX_MEASURES_PER_RECORD {
+        return Err(format!("{} measures > {MAX_MEASURES_PER_RECORD}", r.measure_values().len()));
+    }
+    if let Some(d) =
+        r.dimensions().iter().find(|d| d.value().is_empty() || d.value().len() > MAX_DIMENSION_VALUE_BYTES)
+    {
+        return Err(format!(
+            "dimension {} value is empty or longer than {MAX_DIMENSION_VALUE_BYTES} bytes",
+            d.name()
+        ));
+    }
+    if let Some(m) = r
+        .measure_values()
+        .iter()
+        .find(|m| m.r#type() == &MeasureValueType::Varchar && m.value().len() > MAX_VARCHAR_BYTES)
+    {
+        return Err(format!("measure {} is longer than {MAX_VARCHAR_BYTES} bytes", m.name()));
+    }
+    Ok(())
 }
 
 /// The common attributes of every WriteRecords request.
@@ -100,64 +215,175 @@ fn common_attributes() -> Record {
         .build()
 }
 
-/// A rejection's meaning: the same record exists (duplicate), the time is outside what the
-/// table accepts (late), or anything else (retry).
+/// A record the service rejected: what it means for the reading.
+#[derive(Debug, thiserror::Error)]
+#[error("record rejected: {reason}")]
+pub struct RecordRejected {
+    pub reason: String,
+    pub existing_version: Option<i64>,
+}
+
+/// A rejection's meaning: the same key holds other values (conflict), the time is outside
+/// what the table accepts (late), or the record itself is invalid (permanent).
 fn rejected_status(reason: Option<&str>, existing_version: Option<i64>) -> WriteStatus {
-    let reason = reason.unwrap_or("rejected without a reason");
+    let reason = reason.unwrap_or("rejected without a reason").to_owned();
     if existing_version.is_some() {
-        WriteStatus::Duplicate
+        WriteStatus::Refused(Arc::new(StoreError::conflict(
+            "timestream write",
+            RecordRejected { reason, existing_version },
+        )))
     } else if reason.contains("retention") || reason.contains("time range") {
         WriteStatus::TooLate
     } else {
-        WriteStatus::Failed(format!("rejected: {reason}"))
+        WriteStatus::Refused(Arc::new(StoreError::permanent(
+            "timestream write",
+            RecordRejected { reason, existing_version },
+        )))
     }
 }
 
-impl AwsStore {
-    async fn write_chunk(&self, chunk: &[StoredReading]) -> Vec<WriteStatus> {
-        let result = self
-            .timestream
-            .write_records()
-            .database_name(&self.resources.telemetry_database)
-            .table_name(&self.resources.telemetry_table)
-            .common_attributes(common_attributes())
-            .set_records(Some(chunk.iter().map(record_for).collect()))
-            .send()
-            .await;
-        match result {
-            Ok(_) => vec![WriteStatus::Written; chunk.len()],
-            Err(e) => {
-                if let Some(WriteRecordsError::RejectedRecordsException(ex)) = e.as_service_error() {
-                    // Records not listed were written.
-                    let mut out = vec![WriteStatus::Written; chunk.len()];
-                    for rr in ex.rejected_records() {
-                        if let Some(slot) =
-                            usize::try_from(rr.record_index()).ok().and_then(|i| out.get_mut(i))
-                        {
-                            *slot = rejected_status(rr.reason(), rr.existing_version());
+impl TimestreamSink {
+    /// One WriteRecords request for `records` (already validated, ≤ 100). A request refused
+    /// as a whole for a permanent reason is split in halves until the refused records are
+    /// alone, so one bad record never fails its neighbours.
+    fn write_chunk<'a>(&'a self, records: &'a [Record]) -> BoxFuture<'a, Vec<WriteStatus>> {
+        Box::pin(async move {
+            let result = self
+                .client
+                .write_records()
+                .database_name(&self.database)
+                .table_name(&self.table)
+                .common_attributes(common_attributes())
+                .set_records(Some(records.to_vec()))
+                .send()
+                .await;
+            match result {
+                Ok(_) => vec![WriteStatus::Written; records.len()],
+                Err(e) => {
+                    if let Some(WriteRecordsError::RejectedRecordsException(ex)) = e.as_service_error() {
+                        // Records not listed were written.
+                        let mut out = vec![WriteStatus::Written; records.len()];
+                        for rr in ex.rejected_records() {
+                            if let Some(slot) =
+                                usize::try_from(rr.record_index()).ok().and_then(|i| out.get_mut(i))
+                            {
+                                *slot = rejected_status(rr.reason(), rr.existing_version());
+                            }
                         }
+                        return out;
                     }
-                    return out;
+                    let err = classify("timestream write", e);
+                    if err.kind == ErrorKind::Permanent && records.len() > 1 {
+                        let (a, b) = records.split_at(records.len() / 2);
+                        let mut out = self.write_chunk(a).await;
+                        out.extend(self.write_chunk(b).await);
+                        return out;
+                    }
+                    tracing::warn!(error = %err, records = records.len(), "timestream write failed");
+                    vec![WriteStatus::Refused(Arc::new(err)); records.len()]
                 }
-                let err = classify("timestream write", e);
-                tracing::warn!(error = %err, records = chunk.len(), "timestream write failed");
-                vec![WriteStatus::Failed(err.to_string()); chunk.len()]
+            }
+        })
+    }
+}
+
+impl TelemetrySink for TimestreamSink {
+    async fn write(&self, readings: &[StoredReading]) -> Vec<WriteStatus> {
+        let mut statuses: Vec<Option<WriteStatus>> = vec![None; readings.len()];
+        // Records that cannot fit the service's limits are refused alone, before sending.
+        let mut valid: Vec<(usize, Record)> = Vec::with_capacity(readings.len());
+        for (i, r) in readings.iter().enumerate() {
+            let record = record_for(r);
+            match validate_record(&record) {
+                Ok(()) => valid.push((i, record)),
+                Err(problem) => {
+                    statuses[i] = Some(WriteStatus::Refused(Arc::new(StoreError::permanent(
+                        "timestream record check",
+                        problem,
+                    ))))
+                }
             }
         }
+        let writes: Vec<_> = valid
+            .chunks(WRITE_RECORDS_MAX)
+            .map(|chunk| async move {
+                let records: Vec<Record> = chunk.iter().map(|(_, r)| r.clone()).collect();
+                let indices: Vec<usize> = chunk.iter().map(|(i, _)| *i).collect();
+                (indices, self.write_chunk(&records).await)
+            })
+            .collect();
+        let done: Vec<(Vec<usize>, Vec<WriteStatus>)> =
+            stream::iter(writes).buffer_unordered(MAX_CONCURRENT_REQUESTS).collect().await;
+        for (indices, chunk_statuses) in done {
+            for (i, s) in indices.into_iter().zip(chunk_statuses) {
+                statuses[i] = Some(s);
+            }
+        }
+        statuses
+            .into_iter()
+            .map(|s| {
+                s.unwrap_or_else(|| {
+                    WriteStatus::Refused(Arc::new(StoreError::transient("timestream write", "no status")))
+                })
+            })
+            .collect()
     }
 }
 
-impl TelemetrySink for AwsStore {
-    async fn write(&self, readings: &[StoredReading]) -> Result<Vec<WriteStatus>, StoreError> {
-        let writes: Vec<_> = readings
-            .chunks(WRITE_RECORDS_MAX)
-            .enumerate()
-            .map(|(i, chunk)| async move { (i, self.write_chunk(chunk).await) })
-            .collect();
-        let mut chunks: Vec<(usize, Vec<WriteStatus>)> =
-            stream::iter(writes).buffer_unordered(MAX_CONCURRENT_REQUESTS).collect().await;
-        chunks.sort_by_key(|(i, _)| *i);
-        Ok(chunks.into_iter().flat_map(|(_, s)| s).collect())
+/// Reading telemetry back with Timestream's query API. The client (and its endpoint
+/// discovery) is built on first use: only operators query.
+#[derive(Debug)]
+pub struct TimestreamQuery {
+    client: tokio::sync::OnceCell<aws_sdk_timestreamquery::Client>,
+    sdk: Option<SdkConfig>,
+    database: String,
+    table: String,
+}
+
+impl TimestreamQuery {
+    /// Reads `FLEET_TELEMETRY_DB` and `FLEET_TELEMETRY_TABLE`.
+    pub fn from_env(sdk: &SdkConfig, env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            client: tokio::sync::OnceCell::new(),
+            sdk: Some(sdk.clone()),
+            database: env.required("FLEET_TELEMETRY_DB")?,
+            table: env.required("FLEET_TELEMETRY_TABLE")?,
+        })
+    }
+
+    /// From a ready client (tests inject mocked clients here).
+    pub fn new(
+        client: aws_sdk_timestreamquery::Client,
+        database: impl Into<String>,
+        table: impl Into<String>,
+    ) -> Self {
+        Self {
+            client: tokio::sync::OnceCell::new_with(Some(client)),
+            sdk: None,
+            database: database.into(),
+            table: table.into(),
+        }
+    }
+
+    async fn query_client(&self) -> Result<&aws_sdk_timestreamquery::Client, StoreError> {
+        self.client
+            .get_or_try_init(|| async {
+                let sdk = self
+                    .sdk
+                    .as_ref()
+                    .ok_or_else(|| StoreError::permanent("timestream query", "no client configured"))?;
+                let client = aws_sdk_timestreamquery::Client::new(sdk);
+                if endpoint_overridden(sdk, "AWS_ENDPOINT_URL_TIMESTREAM_QUERY") {
+                    return Ok(client);
+                }
+                let (client, reload) = client
+                    .with_endpoint_discovery_enabled()
+                    .await
+                    .map_err(|e| StoreError::transient("timestream-query endpoint discovery", e))?;
+                tokio::spawn(reload.reload_task());
+                Ok(client)
+            })
+            .await
     }
 }
 
@@ -210,11 +436,13 @@ pub(crate) fn reading_from_row(columns: &[(String, Option<String>)]) -> Option<S
         },
         class: get("class").unwrap_or(crate::model::UNREGISTERED_CLASS).to_owned(),
         region: get("region").map(str::to_owned),
+        // The record version is not queryable; readers do not need it.
+        enrichment_version: 1,
     })
 }
 
-impl AwsStore {
-    pub(crate) async fn query_telemetry(
+impl TelemetryQuery for TimestreamQuery {
+    async fn telemetry(
         &self,
         thing: &ThingName,
         since_ms: i64,
@@ -224,8 +452,8 @@ impl AwsStore {
         let sql = format!(
             "SELECT * FROM \"{}\".\"{}\" WHERE thing = '{}' AND measure_name = '{MEASURE_NAME}' \
              AND time >= from_milliseconds({since_ms}) ORDER BY time ASC LIMIT {limit}",
-            self.resources.telemetry_database,
-            self.resources.telemetry_table,
+            self.database,
+            self.table,
             thing.as_str()
         );
         let mut out = Vec::new();
@@ -256,21 +484,6 @@ impl AwsStore {
         }
         out.truncate(limit);
         Ok(out)
-    }
-}
-
-impl FleetQuery for AwsStore {
-    async fn telemetry(
-        &self,
-        thing: &ThingName,
-        since_ms: i64,
-        limit: usize,
-    ) -> Result<Vec<StoredReading>, StoreError> {
-        self.query_telemetry(thing, since_ms, limit).await
-    }
-
-    async fn quarantined(&self, since_ms: i64) -> Result<Vec<crate::ingest::QuarantineLine>, StoreError> {
-        self.list_quarantined(since_ms).await
     }
 }
 
@@ -305,19 +518,8 @@ mod tests {
             },
             class: "c".repeat(crate::model::MAX_LABEL_LEN),
             region: Some("r".repeat(crate::model::MAX_LABEL_LEN)),
+            enrichment_version: 1_700_000_000_000,
         }
-    }
-
-    /// Timestream's record size: dimension names and values, the measure name, each measure's
-    /// name plus its value size (8 bytes for BIGINT/DOUBLE, 1 for BOOLEAN), and 8 for time.
-    fn record_bytes(r: &Record) -> usize {
-        let dims: usize = r.dimensions().iter().map(|d| d.name().len() + d.value().len()).sum();
-        let measures: usize = r
-            .measure_values()
-            .iter()
-            .map(|m| m.name().len() + if m.r#type() == &MeasureValueType::Boolean { 1 } else { 8 })
-            .sum();
-        dims + measures + MEASURE_NAME.len() + 8
     }
 
     #[test]
@@ -333,6 +535,33 @@ mod tests {
     fn the_largest_valid_reading_fits_one_record() {
         let r = record_for(&reading(MAX_METRICS, MAX_METRIC_NAME_LEN));
         assert!(record_bytes(&r) <= MAX_RECORD_BYTES, "{} bytes", record_bytes(&r));
+        assert_eq!(validate_record(&r), Ok(()));
+    }
+
+    #[test]
+    fn refuses_a_record_over_the_size_limit_before_sending() {
+        let mut big = reading(MAX_METRICS, MAX_METRIC_NAME_LEN);
+        big.class = "c".repeat(MAX_RECORD_BYTES);
+        let err = validate_record(&record_for(&big)).unwrap_err();
+        assert!(err.contains("bytes >"), "{err}");
+    }
+
+    #[test]
+    fn the_record_key_holds_no_enrichment_and_no_arrival_time() {
+        // GIVEN one message enriched two ways and arriving twice
+        let a = reading(2, 5);
+        let mut b = a.clone();
+        b.class = "gateway".into();
+        b.region = None;
+        b.reading.rx_ms += 60_000;
+        b.enrichment_version += 1;
+        let (ra, rb) = (record_for(&a), record_for(&b));
+        // THEN both records have the same key (dimensions + time) and only the version and
+        // the enrichment measures differ
+        assert_eq!((ra.dimensions(), ra.time()), (rb.dimensions(), rb.time()));
+        assert!(ra.dimensions().iter().all(|d| !["class", "region", "rx_ms"].contains(&d.name())));
+        assert!(rb.version() > ra.version());
+        assert!(ra.measure_values().iter().all(|m| m.name() != "rx_ms"));
     }
 
     #[test]
@@ -343,12 +572,15 @@ mod tests {
 
     #[test]
     fn classifies_rejections() {
-        assert_eq!(rejected_status(Some("The record already exists"), Some(1)), WriteStatus::Duplicate);
+        assert_eq!(
+            rejected_status(Some("A record with the same key exists"), Some(1)).kind(),
+            Some(ErrorKind::Conflict)
+        );
         assert_eq!(
             rejected_status(Some("The record timestamp is outside the time range [..) of the data ingestion window / retention"), None),
             WriteStatus::TooLate
         );
-        assert!(matches!(rejected_status(Some("Measure name too long"), None), WriteStatus::Failed(_)));
+        assert_eq!(rejected_status(Some("Measure name too long"), None).kind(), Some(ErrorKind::Permanent));
     }
 
     #[test]

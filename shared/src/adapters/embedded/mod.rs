@@ -1,6 +1,6 @@
-//! The embedded backend: every port on one SQLite file (WAL mode), for the local stack,
-//! `cargo lambda watch` and tests. No AWS account needed.
+//! The embedded backend: every port on one SQLite file (WAL mode, migrated schema), for the
+//! local stack, `cargo lambda watch --features embedded` and tests. No AWS account needed.
 
 mod sqlite;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{ContentConflict, SqliteStore};

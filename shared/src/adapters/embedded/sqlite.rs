@@ -1,5 +1,7 @@
 //! SQLite implementations of the ports. Identity and ordering rules match the AWS adapters:
-//! telemetry is keyed by `(thing, boot, seq)`, device state only moves forward in time.
+//! telemetry is keyed by `(thing, boot, seq)` (the same message again is a duplicate, another
+//! payload under that key a conflict), device state only moves forward in time. The schema
+//! is versioned by migrations (`PRAGMA user_version`), so an existing file upgrades in place.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,11 +17,13 @@ use crate::model::{
     ThingName,
 };
 use crate::ports::{
-    ArchiveReader, DeviceAdmin, DeviceRegistry, FleetQuery, Quarantine, RawArchive, TelemetrySink,
-    WriteStatus,
+    ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, TelemetryQuery,
+    TelemetrySink, WriteStatus,
 };
 
-const SCHEMA: &str = "
+/// Version 1: the schema as first released (`IF NOT EXISTS`, so files made before
+/// migrations existed adopt it unchanged).
+const V1_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
     thing            TEXT PRIMARY KEY,
     class            TEXT,
@@ -67,6 +71,37 @@ CREATE TABLE IF NOT EXISTS quarantine (
 CREATE INDEX IF NOT EXISTS quarantine_by_time ON quarantine (received_ms);
 ";
 
+/// Every schema change, in order: step `i` takes the file from `user_version` i to i + 1.
+/// Append; never edit a released step.
+const MIGRATIONS: &[&str] = &[
+    V1_SCHEMA,
+    // Version 2: the enrichment version a reading was stored with (see `StoredReading`).
+    "ALTER TABLE telemetry ADD COLUMN enrichment_version INTEGER NOT NULL DEFAULT 1;",
+];
+
+/// Bring the file to the newest schema, each step in its own transaction with its version
+/// bump, so a crash between steps leaves a file that resumes where it stopped.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let current = usize::try_from(current).unwrap_or(0);
+    if current > MIGRATIONS.len() {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!(
+                "database schema version {current} is newer than this build knows ({}): upgrade fleetline",
+                MIGRATIONS.len()
+            )),
+        ));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 /// All ports on one SQLite database. Cheap to clone; calls run on the blocking pool.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -102,11 +137,11 @@ impl SqliteStore {
         Self::init(Connection::open_in_memory().map_err(sql_err("sqlite open"))?)
     }
 
-    fn init(conn: Connection) -> Result<Self, StoreError> {
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql_err("sqlite pragma"))?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql_err("sqlite pragma"))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err("sqlite pragma"))?;
-        conn.execute_batch(SCHEMA).map_err(sql_err("sqlite schema"))?;
+        migrate(&mut conn).map_err(sql_err("sqlite migrations"))?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
@@ -234,19 +269,50 @@ impl DeviceRegistry for SqliteStore {
         match result {
             Ok(()) => Vec::new(),
             Err(e) => {
-                let msg = e.to_string();
-                let kind = e.kind;
+                // One transaction for all: every device shares the one error.
+                let shared = Arc::new(e);
                 states
                     .iter()
-                    .map(|(t, _)| (t.clone(), StoreError { op: e.op, kind, source: msg.clone().into() }))
+                    .map(|(t, _)| {
+                        (t.clone(), StoreError::new(shared.op, shared.kind, SharedError(Arc::clone(&shared))))
+                    })
                     .collect()
             }
         }
     }
 }
 
+/// The columns that hold what the payload itself said: equal for a redelivery of the same
+/// message, different for another payload under the same `(thing, boot, seq)`. Arrival time,
+/// the stored time (arrival time when skew-corrected) and enrichment are not part of it.
+const CONTENT_COLUMNS: &str = "device_time_ms, fw, test, schema_version, battery_pct, uptime_s, metrics";
+
+type Content = (i64, Option<String>, bool, u8, Option<f64>, Option<i64>, String);
+
+fn content_of(s: &StoredReading, metrics: &str) -> Content {
+    let r = &s.reading;
+    (
+        r.device_time_ms,
+        r.fw.clone(),
+        r.test,
+        r.schema_version,
+        r.battery_pct,
+        r.uptime_s.map(|u| u as i64),
+        metrics.to_owned(),
+    )
+}
+
+/// A different reading under the same key.
+#[derive(Debug, thiserror::Error)]
+#[error("({thing}, boot {boot}, seq {seq}) is already stored with other content")]
+pub struct ContentConflict {
+    pub thing: String,
+    pub boot: u32,
+    pub seq: u64,
+}
+
 impl TelemetrySink for SqliteStore {
-    async fn write(&self, readings: &[StoredReading]) -> Result<Vec<WriteStatus>, StoreError> {
+    async fn write(&self, readings: &[StoredReading]) -> Vec<WriteStatus> {
         let rows: Vec<(StoredReading, String)> = readings
             .iter()
             .map(|r| {
@@ -255,41 +321,81 @@ impl TelemetrySink for SqliteStore {
                 (r.clone(), serde_json::Value::Object(metrics).to_string())
             })
             .collect();
-        self.with("sqlite telemetry write", move |c| {
-            let tx = c.transaction()?;
-            let mut out = Vec::with_capacity(rows.len());
-            {
-                let mut st = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO telemetry (thing, boot, seq, time_ms, device_time_ms, rx_ms, class, region,
-                        fw, test, skew_corrected, schema_version, battery_pct, uptime_s, metrics)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-                )?;
-                for (s, metrics) in &rows {
-                    let r = &s.reading;
-                    let n = st.execute(params![
-                        r.id.thing.as_str(),
-                        r.id.boot,
-                        r.id.seq as i64,
-                        r.time_ms,
-                        r.device_time_ms,
-                        r.rx_ms,
-                        s.class,
-                        s.region,
-                        r.fw,
-                        r.test,
-                        r.flags.skew_corrected,
-                        r.schema_version,
-                        r.battery_pct,
-                        r.uptime_s.map(|u| u as i64),
-                        metrics,
-                    ])?;
-                    out.push(if n == 1 { WriteStatus::Written } else { WriteStatus::Duplicate });
+        let n = rows.len();
+        let result = self
+            .with("sqlite telemetry write", move |c| {
+                let tx = c.transaction()?;
+                let mut out = Vec::with_capacity(rows.len());
+                {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO telemetry (thing, boot, seq, time_ms, device_time_ms, rx_ms, class, region,
+                            fw, test, skew_corrected, schema_version, battery_pct, uptime_s, metrics, enrichment_version)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                    )?;
+                    let mut existing = tx.prepare_cached(&format!(
+                        "SELECT {CONTENT_COLUMNS} FROM telemetry WHERE thing = ?1 AND boot = ?2 AND seq = ?3"
+                    ))?;
+                    let mut re_enrich = tx.prepare_cached(
+                        "UPDATE telemetry SET class = ?4, region = ?5, enrichment_version = ?6
+                         WHERE thing = ?1 AND boot = ?2 AND seq = ?3 AND enrichment_version < ?6",
+                    )?;
+                    for (s, metrics) in &rows {
+                        let r = &s.reading;
+                        let key = (r.id.thing.as_str(), r.id.boot, r.id.seq as i64);
+                        let inserted = insert.execute(params![
+                            key.0,
+                            key.1,
+                            key.2,
+                            r.time_ms,
+                            r.device_time_ms,
+                            r.rx_ms,
+                            s.class,
+                            s.region,
+                            r.fw,
+                            r.test,
+                            r.flags.skew_corrected,
+                            r.schema_version,
+                            r.battery_pct,
+                            r.uptime_s.map(|u| u as i64),
+                            metrics,
+                            s.enrichment_version,
+                        ])?;
+                        if inserted == 1 {
+                            out.push(WriteStatus::Written);
+                            continue;
+                        }
+                        let stored: Content = existing.query_row(params![key.0, key.1, key.2], |row| {
+                            Ok((
+                                row.get(0)?,
+                                row.get(1)?,
+                                row.get(2)?,
+                                row.get(3)?,
+                                row.get(4)?,
+                                row.get(5)?,
+                                row.get(6)?,
+                            ))
+                        })?;
+                        if stored == content_of(s, metrics) {
+                            // The same message: a newer enrichment updates it in place.
+                            re_enrich
+                                .execute(params![key.0, key.1, key.2, s.class, s.region, s.enrichment_version])?;
+                            out.push(WriteStatus::Duplicate);
+                        } else {
+                            out.push(WriteStatus::Refused(Arc::new(StoreError::conflict(
+                                "sqlite telemetry write",
+                                ContentConflict { thing: key.0.to_owned(), boot: key.1, seq: key.2 as u64 },
+                            ))));
+                        }
+                    }
                 }
-            }
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
+                tx.commit()?;
+                Ok(out)
+            })
+            .await;
+        match result {
+            Ok(statuses) => statuses,
+            Err(e) => vec![WriteStatus::Refused(Arc::new(e)); n],
+        }
     }
 }
 
@@ -420,10 +526,11 @@ fn reading_from_row(r: &Row<'_>) -> rusqlite::Result<StoredReading> {
         },
         class: r.get(6)?,
         region: r.get(7)?,
+        enrichment_version: r.get(15)?,
     })
 }
 
-impl FleetQuery for SqliteStore {
+impl TelemetryQuery for SqliteStore {
     async fn telemetry(
         &self,
         thing: &ThingName,
@@ -434,7 +541,7 @@ impl FleetQuery for SqliteStore {
         self.with("sqlite telemetry query", move |c| {
             let mut st = c.prepare_cached(
                 "SELECT thing, boot, seq, time_ms, device_time_ms, rx_ms, class, region, fw, test, skew_corrected,
-                        schema_version, battery_pct, uptime_s, metrics
+                        schema_version, battery_pct, uptime_s, metrics, enrichment_version
                  FROM telemetry WHERE thing = ?1 AND time_ms >= ?2 ORDER BY time_ms, boot, seq LIMIT ?3",
             )?;
             let rows = st.query_map(params![thing.as_str(), since_ms, limit as i64], reading_from_row)?;
@@ -442,7 +549,9 @@ impl FleetQuery for SqliteStore {
         })
         .await
     }
+}
 
+impl QuarantineReader for SqliteStore {
     async fn quarantined(&self, since_ms: i64) -> Result<Vec<QuarantineLine>, StoreError> {
         self.with("sqlite quarantine query", move |c| {
             let mut st = c.prepare_cached(
@@ -457,5 +566,78 @@ impl FleetQuery for SqliteStore {
             rows.collect()
         })
         .await
+    }
+}
+
+/// One error reported for many records, its source chain intact.
+#[derive(Debug)]
+struct SharedError(Arc<StoreError>);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0.source, f)
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source.source()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn a_file_from_a_newer_build_is_refused_not_damaged() -> anyhow::Result<()> {
+        let mut c = Connection::open_in_memory()?;
+        c.pragma_update(None, "user_version", 99)?;
+        let err = migrate(&mut c).unwrap_err();
+        assert!(err.to_string().contains("newer than this build"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_from_before_migrations_upgrades_in_place() -> anyhow::Result<()> {
+        // GIVEN a database made by the first release: the v1 schema, user_version 0, a reading
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("old.sqlite");
+        {
+            let c = Connection::open(&path)?;
+            c.execute_batch(V1_SCHEMA)?;
+            c.execute(
+                "INSERT INTO telemetry (thing, boot, seq, time_ms, device_time_ms, rx_ms, class, test, skew_corrected,
+                    schema_version, metrics) VALUES ('dev-1', 1, 1, 5, 5, 6, 'env', 0, 0, 1, '{}')",
+                [],
+            )?;
+        }
+        // WHEN it is opened now
+        let store = SqliteStore::open(&path)?;
+        // THEN the reading is still there, with the new column's default
+        let version: i64 = store.conn.lock().map_err(|e| anyhow::anyhow!("{e}"))?.query_row(
+            "SELECT enrichment_version FROM telemetry WHERE thing = 'dev-1'",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(version, 1);
+        let user_version: i64 = store.conn.lock().map_err(|e| anyhow::anyhow!("{e}"))?.query_row(
+            "PRAGMA user_version",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(user_version, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn busy_is_transient_and_other_errors_permanent() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        );
+        assert_eq!(sql_err("op")(busy).kind, ErrorKind::Transient);
+        assert_eq!(sql_err("op")(rusqlite::Error::InvalidQuery).kind, ErrorKind::Permanent);
     }
 }

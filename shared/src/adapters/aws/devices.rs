@@ -3,13 +3,18 @@
 //! - `item = "state"`: what telemetry last said; a conditional UpdateItem that only ever
 //!   moves forward in time (`last_ts_ms`), so out-of-order batches cannot rewind it and
 //!   concurrent invocations cannot race it backwards.
+//!
+//! Items map to and from Rust structs with `serde_dynamo`.
 
 use std::collections::HashMap;
 
+use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, WriteRequest};
 use futures_util::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
 
-use super::{backoff, classify, AwsStore, MAX_BATCH_ATTEMPTS, MAX_CONCURRENT_REQUESTS};
+use super::{batch_backoff, classify, MAX_CONCURRENT_REQUESTS};
+use crate::env::{ConfigError, Env};
 use crate::error::StoreError;
 use crate::model::{Device, DeviceRegistration, DeviceState, ThingName};
 use crate::ports::{DeviceAdmin, DeviceRegistry};
@@ -26,6 +31,24 @@ const STATE: &str = "state";
 
 type Item = HashMap<String, AttributeValue>;
 
+/// The Devices table, on its own client.
+#[derive(Clone, Debug)]
+pub struct DevicesTable {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+impl DevicesTable {
+    /// Reads `FLEET_DEVICES_TABLE`.
+    pub fn from_env(sdk: &SdkConfig, env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self::new(aws_sdk_dynamodb::Client::new(sdk), env.required("FLEET_DEVICES_TABLE")?))
+    }
+
+    pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        Self { client, table: table.into() }
+    }
+}
+
 fn key(thing: &str, item: &str) -> Item {
     HashMap::from([
         (PK.to_owned(), AttributeValue::S(thing.to_owned())),
@@ -33,84 +56,102 @@ fn key(thing: &str, item: &str) -> Item {
     ])
 }
 
-fn s(item: &Item, name: &str) -> Option<String> {
-    item.get(name).and_then(|v| v.as_s().ok()).cloned()
-}
-
-fn n<T: std::str::FromStr>(item: &Item, name: &str) -> Option<T> {
-    item.get(name).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok())
-}
-
 fn num(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn registration_item(thing: &ThingName, r: &DeviceRegistration) -> Item {
-    let mut item = key(thing.as_str(), REGISTRATION);
-    item.insert("class".into(), AttributeValue::S(r.class.clone()));
-    item.insert("region".into(), AttributeValue::S(r.region.clone()));
-    item.insert("fw".into(), AttributeValue::S(r.fw.clone()));
-    item.insert("registered_at_ms".into(), num(r.registered_at_ms));
-    item
+/// The registration item as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct RegistrationItem {
+    thing: String,
+    item: String,
+    class: String,
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    fw: String,
+    #[serde(default)]
+    registered_at_ms: i64,
 }
 
-fn registration_from(item: &Item) -> Option<DeviceRegistration> {
-    Some(DeviceRegistration {
-        class: s(item, "class")?,
-        region: s(item, "region").unwrap_or_default(),
-        fw: s(item, "fw").unwrap_or_default(),
-        registered_at_ms: n(item, "registered_at_ms").unwrap_or(0),
-    })
+/// The state item as stored (written by a conditional UpdateItem).
+#[derive(Debug, Deserialize)]
+struct StateItem {
+    last_ts_ms: i64,
+    last_rx_ms: Option<i64>,
+    #[serde(default)]
+    boot: u32,
+    #[serde(default)]
+    seq: u64,
+    battery_pct: Option<f64>,
+    fw_reported: Option<String>,
 }
 
-fn state_from(item: &Item) -> Option<DeviceState> {
-    let last_ts_ms = n(item, "last_ts_ms")?;
-    Some(DeviceState {
-        last_ts_ms,
-        last_rx_ms: n(item, "last_rx_ms").unwrap_or(last_ts_ms),
-        boot: n(item, "boot").unwrap_or(0),
-        seq: n(item, "seq").unwrap_or(0),
-        battery_pct: n(item, "battery_pct"),
-        fw: s(item, "fw_reported"),
-    })
+fn registration_item(thing: &ThingName, r: &DeviceRegistration) -> Result<Item, StoreError> {
+    let item = RegistrationItem {
+        thing: thing.as_str().to_owned(),
+        item: REGISTRATION.to_owned(),
+        class: r.class.clone(),
+        region: r.region.clone(),
+        fw: r.fw.clone(),
+        registered_at_ms: r.registered_at_ms,
+    };
+    serde_dynamo::to_item(item).map_err(|e| StoreError::permanent("dynamodb registration encode", e))
 }
 
-/// Fold the items of many partitions into devices. Items with a bad key are skipped.
+/// Fold the items of many partitions into devices. Items that do not decode are skipped
+/// (logged): one corrupt item must not hide the rest of the fleet.
 fn devices_from(items: impl IntoIterator<Item = Item>) -> HashMap<ThingName, Device> {
     let mut out: HashMap<ThingName, Device> = HashMap::new();
     for item in items {
-        let (Some(thing), Some(kind)) = (s(&item, PK), s(&item, SK)) else {
-            continue;
-        };
-        let Ok(thing) = ThingName::parse(&thing) else {
-            continue;
-        };
+        let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+        let (Some(thing), Some(kind)) = (text(PK), text(SK)) else { continue };
+        let Ok(thing) = ThingName::parse(&thing) else { continue };
         let d = out.entry(thing.clone()).or_insert(Device { thing, registration: None, state: None });
         match kind.as_str() {
-            REGISTRATION => d.registration = registration_from(&item),
-            STATE => d.state = state_from(&item),
+            REGISTRATION => match serde_dynamo::from_item::<_, RegistrationItem>(item) {
+                Ok(r) => {
+                    d.registration = Some(DeviceRegistration {
+                        class: r.class,
+                        region: r.region,
+                        fw: r.fw,
+                        registered_at_ms: r.registered_at_ms,
+                    })
+                }
+                Err(e) => tracing::warn!(thing = %d.thing, error = %e, "registration item skipped"),
+            },
+            STATE => match serde_dynamo::from_item::<_, StateItem>(item) {
+                Ok(s) => {
+                    d.state = Some(DeviceState {
+                        last_ts_ms: s.last_ts_ms,
+                        last_rx_ms: s.last_rx_ms.unwrap_or(s.last_ts_ms),
+                        boot: s.boot,
+                        seq: s.seq,
+                        battery_pct: s.battery_pct,
+                        fw: s.fw_reported,
+                    })
+                }
+                Err(e) => tracing::warn!(thing = %d.thing, error = %e, "state item skipped"),
+            },
             _ => {}
         }
     }
     out
 }
 
-impl AwsStore {
-    fn devices_table(&self) -> &str {
-        &self.resources.devices_table
-    }
-
+impl DevicesTable {
     /// BatchGetItem of `keys` (≤ 100), resubmitting UnprocessedKeys with backoff.
     async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>, StoreError> {
-        let table = self.devices_table().to_owned();
+        let table = self.table.clone();
         let mut pending = KeysAndAttributes::builder()
             .set_keys(Some(keys))
             .build()
             .map_err(|e| StoreError::permanent("dynamodb batch get", e))?;
         let mut items = Vec::new();
-        for attempt in 0..MAX_BATCH_ATTEMPTS {
+        let mut delays = batch_backoff();
+        loop {
             let out = self
-                .dynamodb
+                .client
                 .batch_get_item()
                 .request_items(&table, pending)
                 .send()
@@ -123,19 +164,25 @@ impl AwsStore {
                 None => return Ok(items),
                 Some(rest) => {
                     pending = rest;
-                    backoff(attempt).await;
+                    let Some(delay) = delays.next() else {
+                        return Err(StoreError::transient(
+                            "dynamodb batch get",
+                            "unprocessed keys remained after retries",
+                        ));
+                    };
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
-        Err(StoreError::transient("dynamodb batch get", "unprocessed keys remained after retries"))
     }
 
     /// BatchWriteItem of `requests` (≤ 25), resubmitting UnprocessedItems with backoff.
     async fn batch_write(&self, mut requests: Vec<WriteRequest>) -> Result<(), StoreError> {
-        let table = self.devices_table().to_owned();
-        for attempt in 0..MAX_BATCH_ATTEMPTS {
+        let table = self.table.clone();
+        let mut delays = batch_backoff();
+        loop {
             let out = self
-                .dynamodb
+                .client
                 .batch_write_item()
                 .request_items(&table, requests)
                 .send()
@@ -145,19 +192,24 @@ impl AwsStore {
                 None => return Ok(()),
                 Some(rest) => {
                     requests = rest;
-                    backoff(attempt).await;
+                    let Some(delay) = delays.next() else {
+                        return Err(StoreError::transient(
+                            "dynamodb batch write",
+                            "unprocessed items remained after retries",
+                        ));
+                    };
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
-        Err(StoreError::transient("dynamodb batch write", "unprocessed items remained after retries"))
     }
 
     async fn update_state(&self, thing: &ThingName, s: &DeviceState) -> Result<(), StoreError> {
         let mut set = vec!["last_ts_ms = :t", "last_rx_ms = :rx", "boot = :boot", "seq = :seq"];
         let mut req = self
-            .dynamodb
+            .client
             .update_item()
-            .table_name(self.devices_table())
+            .table_name(&self.table)
             .set_key(Some(key(thing.as_str(), STATE)))
             .condition_expression("attribute_not_exists(last_ts_ms) OR last_ts_ms < :t")
             .expression_attribute_values(":t", num(s.last_ts_ms))
@@ -183,7 +235,7 @@ impl AwsStore {
     }
 }
 
-impl DeviceRegistry for AwsStore {
+impl DeviceRegistry for DevicesTable {
     async fn get_many(&self, things: &[ThingName]) -> Result<HashMap<ThingName, Device>, StoreError> {
         let keys: Vec<Item> =
             things.iter().flat_map(|t| [key(t.as_str(), REGISTRATION), key(t.as_str(), STATE)]).collect();
@@ -212,14 +264,14 @@ impl DeviceRegistry for AwsStore {
     }
 }
 
-impl DeviceAdmin for AwsStore {
+impl DeviceAdmin for DevicesTable {
     async fn register(&self, devices: &[(ThingName, DeviceRegistration)]) -> Result<(), StoreError> {
         for chunk in devices.chunks(BATCH_WRITE_MAX_ITEMS) {
             let requests = chunk
                 .iter()
                 .map(|(t, r)| {
                     let put = PutRequest::builder()
-                        .set_item(Some(registration_item(t, r)))
+                        .set_item(Some(registration_item(t, r)?))
                         .build()
                         .map_err(|e| StoreError::permanent("dynamodb register", e))?;
                     Ok(WriteRequest::builder().put_request(put).build())
@@ -232,9 +284,9 @@ impl DeviceAdmin for AwsStore {
 
     async fn device(&self, thing: &ThingName) -> Result<Option<Device>, StoreError> {
         let items = self
-            .dynamodb
+            .client
             .query()
-            .table_name(self.devices_table())
+            .table_name(&self.table)
             .key_condition_expression("#pk = :t")
             .expression_attribute_names("#pk", PK)
             .expression_attribute_values(":t", AttributeValue::S(thing.as_str().to_owned()))
@@ -248,7 +300,7 @@ impl DeviceAdmin for AwsStore {
     }
 
     async fn devices(&self) -> Result<Vec<Device>, StoreError> {
-        let mut pages = self.dynamodb.scan().table_name(self.devices_table()).into_paginator().send();
+        let mut pages = self.client.scan().table_name(&self.table).into_paginator().send();
         let mut items = Vec::new();
         while let Some(page) = pages.next().await {
             items.extend(page.map_err(|e| classify("dynamodb devices scan", e))?.items.unwrap_or_default());

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::ingest::OwnedInbound;
+use super::OwnedInbound;
 
 /// Deterministic pseudo-random numbers (xorshift64*).
 #[derive(Debug, Clone)]
