@@ -198,9 +198,10 @@ async fn local(opts: crate::local::LocalOptions) -> Result<()> {
         "  publish e.g.: mosquitto_pub -p {} -t dt/fleet/sensor-001/telemetry -q 1 -m '{{...}}'",
         stack.mqtt.port()
     );
-    eprintln!("Ctrl-C stops it.");
-    tokio::signal::ctrl_c().await?;
-    eprintln!("stopping: draining acknowledged messages ...");
+    eprintln!("Ctrl-C (SIGINT) or SIGTERM stops it; a second signal exits at once.");
+    let signal = crate::signals::first_stop_signal().await?;
+    eprintln!("{signal}: stopping, draining acknowledged messages (a second signal exits at once) ...");
+    crate::signals::exit_on_second_signal();
     let stats = std::sync::Arc::clone(&stack.stats);
     stack.shutdown().await?;
     let s = stats.snapshot(fleet_shared::time::now_ms());

@@ -228,8 +228,9 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     print_report(&report, counters.connection_errors.load(Relaxed), json)?;
 
     if opts.keep_running {
-        eprintln!("stack keeps running: dashboard {dashboard}; Ctrl-C to stop");
-        tokio::signal::ctrl_c().await?;
+        eprintln!("stack keeps running: dashboard {dashboard}; Ctrl-C or SIGTERM to stop");
+        crate::signals::first_stop_signal().await?;
+        crate::signals::exit_on_second_signal();
     }
     stack.shutdown().await?;
     if !report.reconciled {

@@ -7,6 +7,7 @@ mod commands;
 mod demo;
 mod local;
 mod output;
+mod signals;
 
 use std::path::PathBuf;
 

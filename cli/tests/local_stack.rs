@@ -108,10 +108,10 @@ impl Local {
         }
     }
 
-    /// Ctrl-C, then the exit status.
-    fn interrupt(&mut self) -> Result<std::process::ExitStatus> {
+    /// Send `signal` (`INT` for Ctrl-C, `TERM`), then the exit status.
+    fn stop_with(&mut self, signal: &str) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
-        Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+        Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status()?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -119,7 +119,7 @@ impl Local {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("fleetctl local did not stop after Ctrl-C: {}", self.log());
+                bail!("fleetctl local did not stop after SIG{signal}: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -179,14 +179,13 @@ fn mosquitto_pub_valid_duplicate_and_malformed_store_one_reading_and_quarantine_
     assert_eq!(by_reason.as_array().map(Vec::len), Some(1));
     assert_eq!(health["quarantined_by_reason"]["malformed_json"], 1);
     // AND Ctrl-C stops the stack cleanly
-    let status = local.interrupt()?;
+    let status = local.stop_with("INT")?;
     assert!(status.success(), "exit {status}: {}", local.log());
     Ok(())
 }
 
-#[test]
-#[ignore = "needs mosquitto_pub (mosquitto-clients), installed by scripts/test.sh"]
-fn ctrl_c_right_after_publishing_loses_nothing_acknowledged() -> Result<()> {
+/// 500 QoS 1 messages in one burst, then `signal` at once: every acknowledged one is stored.
+fn stop_right_after_publishing_loses_nothing_acknowledged(signal: &str) -> Result<()> {
     // GIVEN 500 messages published at QoS 1 in one burst (mosquitto_pub exits once all are acked)
     let mut local = Local::start()?;
     let lines: String = (1..=500).map(|seq| valid(seq) + "\n").collect();
@@ -198,9 +197,10 @@ fn ctrl_c_right_after_publishing_loses_nothing_acknowledged() -> Result<()> {
         .context("running mosquitto_pub")?;
     publisher.stdin.take().context("stdin")?.write_all(lines.as_bytes())?;
     ensure!(publisher.wait()?.success(), "mosquitto_pub failed");
-    // WHEN the stack is interrupted at once
-    let status = local.interrupt()?;
+    // WHEN the stack is signalled at once
+    let status = local.stop_with(signal)?;
     ensure!(status.success(), "exit {status}: {}", local.log());
+    ensure!(local.log().contains(&format!("SIG{signal}: stopping")), "{}", local.log());
     // THEN every acknowledged message was stored before it exited
     let out = Command::new(FLEETCTL)
         .arg("--db")
@@ -210,6 +210,18 @@ fn ctrl_c_right_after_publishing_loses_nothing_acknowledged() -> Result<()> {
     let readings: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(readings.as_array().map(Vec::len), Some(500), "{}", local.log());
     Ok(())
+}
+
+#[test]
+#[ignore = "needs mosquitto_pub (mosquitto-clients), installed by scripts/test.sh"]
+fn ctrl_c_right_after_publishing_loses_nothing_acknowledged() -> Result<()> {
+    stop_right_after_publishing_loses_nothing_acknowledged("INT")
+}
+
+#[test]
+#[ignore = "needs mosquitto_pub (mosquitto-clients), installed by scripts/test.sh"]
+fn sigterm_right_after_publishing_loses_nothing_acknowledged() -> Result<()> {
+    stop_right_after_publishing_loses_nothing_acknowledged("TERM")
 }
 
 #[test]
