@@ -140,7 +140,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo expects quarantines and drives a live progress line: only errors by default.
     let default_filter =
-        if matches!(cli.command, Command::Demo { .. }) { "error" } else { "warn,rumqttd=off" };
+        if matches!(cli.command, Command::Demo { .. }) { "error,rumqttd=off" } else { "warn,rumqttd=off" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
