@@ -180,7 +180,7 @@ where
     Q: Quarantine,
 {
     for file in files {
-        let outcome = ingest_file(&ports, policy, file).await?;
+        let outcome = ingest_file(ports, policy, file).await?;
         output::ingest_outcome(file, &outcome, json)?;
     }
     Ok(())
@@ -249,7 +249,7 @@ fn parse_since(s: &str) -> Result<i64> {
 
 /// One events/ file: an SQS event (`Records[].body`) or one rule payload object.
 async fn ingest_file<R, S, A, Q>(
-    ports: &IngestPorts<'_, R, S, A, Q>,
+    ports: IngestPorts<'_, R, S, A, Q>,
     policy: &IngestPolicy,
     file: &Path,
 ) -> Result<BatchOutcome>
@@ -263,11 +263,5 @@ where
     let now = time::now_ms();
     let owned = messages_from_event(&text, now);
     let inbound: Vec<Inbound<'_>> = owned.iter().map(OwnedInbound::borrow).collect();
-    let ports = IngestPorts {
-        registry: ports.registry,
-        sink: ports.sink,
-        archive: ports.archive,
-        quarantine: ports.quarantine,
-    };
     Ok(ingest_batch(ports, policy, now, &inbound).await)
 }

@@ -403,17 +403,7 @@ async fn deliver(
         Err(e) => {
             // The whole invocation failed: SQS would redeliver every message.
             warn!(error = %e, "queue batch invocation failed");
-            let mut all = SqsBatchResponse::default();
-            all.batch_item_failures = event
-                .records
-                .iter()
-                .map(|m| {
-                    let mut f = aws_lambda_events::event::sqs::BatchItemFailure::default();
-                    f.item_identifier = m.message_id.clone().unwrap_or_default();
-                    f
-                })
-                .collect();
-            all
+            fleet_shared::lambda::batch_response(event.records.iter().filter_map(|m| m.message_id.as_deref()))
         }
     };
     let failed: std::collections::HashSet<&str> =

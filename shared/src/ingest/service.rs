@@ -25,6 +25,14 @@ pub struct IngestPorts<'a, R, S, A, Q> {
     pub quarantine: &'a Q,
 }
 
+// Only references: copyable whatever the ports are (a derive would demand `R: Copy`, ...).
+impl<R, S, A, Q> Clone for IngestPorts<'_, R, S, A, Q> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<R, S, A, Q> Copy for IngestPorts<'_, R, S, A, Q> {}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuarantinedMessage {
     pub message_id: String,

@@ -291,11 +291,15 @@ impl TelemetrySink for TimestreamSink {
     async fn write(&self, readings: &[StoredReading]) -> Vec<WriteStatus> {
         let mut statuses: Vec<Option<WriteStatus>> = vec![None; readings.len()];
         // Records that cannot fit the service's limits are refused alone, before sending.
-        let mut valid: Vec<(usize, Record)> = Vec::with_capacity(readings.len());
+        let mut indices: Vec<usize> = Vec::with_capacity(readings.len());
+        let mut records: Vec<Record> = Vec::with_capacity(readings.len());
         for (i, r) in readings.iter().enumerate() {
             let record = record_for(r);
             match validate_record(&record) {
-                Ok(()) => valid.push((i, record)),
+                Ok(()) => {
+                    indices.push(i);
+                    records.push(record);
+                }
                 Err(problem) => {
                     statuses[i] = Some(WriteStatus::Refused(Arc::new(StoreError::permanent(
                         "timestream record check",
@@ -304,18 +308,15 @@ impl TelemetrySink for TimestreamSink {
                 }
             }
         }
-        let writes: Vec<_> = valid
+        let writes: Vec<_> = indices
             .chunks(WRITE_RECORDS_MAX)
-            .map(|chunk| async move {
-                let records: Vec<Record> = chunk.iter().map(|(_, r)| r.clone()).collect();
-                let indices: Vec<usize> = chunk.iter().map(|(i, _)| *i).collect();
-                (indices, self.write_chunk(&records).await)
-            })
+            .zip(records.chunks(WRITE_RECORDS_MAX))
+            .map(|(indices, records)| async move { (indices, self.write_chunk(records).await) })
             .collect();
-        let done: Vec<(Vec<usize>, Vec<WriteStatus>)> =
+        let done: Vec<(&[usize], Vec<WriteStatus>)> =
             stream::iter(writes).buffer_unordered(MAX_CONCURRENT_REQUESTS).collect().await;
         for (indices, chunk_statuses) in done {
-            for (i, s) in indices.into_iter().zip(chunk_statuses) {
+            for (&i, s) in indices.iter().zip(chunk_statuses) {
                 statuses[i] = Some(s);
             }
         }
