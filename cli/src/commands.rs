@@ -31,21 +31,20 @@ fn env(cli: &Cli) -> Env {
     })
 }
 
-fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<crate::local::LocalOptions> {
+fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<fleet_local::LocalOptions> {
     let env = env(cli);
-    let kind = env.backend()?;
-    if !matches!(kind, BackendKind::Embedded { .. }) {
+    if !matches!(env.backend()?, BackendKind::Embedded { .. }) {
         bail!("the local stack runs on the embedded backend: unset FLEET_BACKEND or set it to embedded");
     }
-    Ok(crate::local::LocalOptions {
+    Ok(fleet_local::LocalOptions {
         bind: a.bind,
         mqtt_port: a.mqtt_port,
-        mqtt5_port: a.mqtt5_port,
         http_port: a.http_port,
         db: cli.db.clone(),
         template: a.template.clone(),
         batch_window: std::time::Duration::from_millis(a.batch_window_ms),
-        policy: IngestPolicy::from_env(&env, &kind)?,
+        env,
+        drain_deadline: a.drain_deadline,
     })
 }
 
@@ -186,16 +185,24 @@ where
     Ok(())
 }
 
-async fn local(opts: crate::local::LocalOptions) -> Result<()> {
-    let stack = crate::local::start(&opts).await?;
-    eprintln!("fleetline local stack ({})", opts.db.display());
-    eprintln!("  MQTT 3.1.1  mqtt://{}   MQTT 5  mqtt://{}", stack.mqtt, stack.mqtt5);
-    eprintln!("  dashboard   http://{}/   API http://{}/api/health", stack.http, stack.http);
-    for rule in &stack.rules {
+async fn local(opts: fleet_local::LocalOptions) -> Result<()> {
+    let stack = fleet_local::start(&opts).await?;
+    eprintln!("fleetline local IoT Core ({})", opts.db.display());
+    eprintln!("  MQTT 3.1.1 and 5  mqtt://{}", stack.mqtt);
+    eprintln!("  dashboard         http://{}/   API http://{}/api/health", stack.http, stack.http);
+    for rule in stack.rules() {
         eprintln!("  rule {} ({}): {}", rule.name, stack.template_source, rule.sql);
     }
+    match &stack.template.device_policy {
+        Some(p) => eprintln!(
+            "  device policy {}: client id = thing name, own topics only (MQTT username {} is exempt)",
+            p.name,
+            fleet_local::broker::OPERATOR_USERNAME
+        ),
+        None => eprintln!("  no device policy in the template: every client may publish anywhere"),
+    }
     eprintln!(
-        "  publish e.g.: mosquitto_pub -p {} -t dt/fleet/sensor-001/telemetry -q 1 -m '{{...}}'",
+        "  publish e.g.: mosquitto_pub -p {} -i sensor-001 -t dt/fleet/sensor-001/telemetry -q 1 -m '{{...}}'",
         stack.mqtt.port()
     );
     eprintln!("Ctrl-C (SIGINT) or SIGTERM stops it; a second signal exits at once.");
@@ -206,8 +213,13 @@ async fn local(opts: crate::local::LocalOptions) -> Result<()> {
     stack.shutdown().await?;
     let s = stats.snapshot(fleet_shared::time::now_ms());
     eprintln!(
-        "stopped: stored {}, duplicates {}, quarantined {}, dead-lettered {}",
-        s.stored, s.duplicates, s.quarantined, s.dead_lettered
+        "stopped: delivered {}, stored {}, duplicates {}, quarantined {}, dead-lettered {}, refused by policy {}",
+        s.delivered,
+        s.metric("Accepted"),
+        s.metric("Duplicates"),
+        s.metric("Quarantined"),
+        s.dead_lettered,
+        s.refused_by_policy
     );
     Ok(())
 }

@@ -14,7 +14,7 @@ use fleet_shared::time;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 
-use crate::local::{self, LocalOptions, LocalStack};
+use fleet_local::{LocalOptions, LocalStack};
 
 const CLASSES: [&str; 3] = ["env-sensor", "air-quality", "gateway"];
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
@@ -139,15 +139,22 @@ async fn device(
     let _ = tokio::time::timeout(Duration::from_secs(2), events).await;
 }
 
+/// Messages the ingest function has settled: stored, absorbed as duplicates, or quarantined,
+/// or given up on (dead-lettered).
+fn settled(stack: &LocalStack) -> u64 {
+    let s = &stack.stats;
+    s.metric("Accepted") + s.metric("Duplicates") + s.metric("Quarantined") + s.dead_lettered.load(Relaxed)
+}
+
 fn progress(started: Instant, counters: &Counters, stack: &LocalStack) {
     let s = stack.stats.snapshot(time::now_ms());
     eprint!(
         "\r  {:>5.1}s  sent {:>8}  stored {:>8}  duplicates {:>6}  quarantined {:>6}  {:>8.0} msgs/s   ",
         started.elapsed().as_secs_f64(),
         counters.acked.load(Relaxed),
-        s.stored,
-        s.duplicates,
-        s.quarantined,
+        s.metric("Accepted"),
+        s.metric("Duplicates"),
+        s.metric("Quarantined"),
         s.messages_per_s
     );
 }
@@ -156,12 +163,12 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     if opts.devices == 0 || opts.rate <= 0.0 {
         bail!("--devices and --rate must be positive");
     }
-    let stack = local::start(&local_opts).await?;
+    let stack = fleet_local::start(&local_opts).await?;
     register(&stack, opts.devices).await?;
     let dashboard = format!("http://{}/", stack.http);
     eprintln!(
-        "fleetline demo: {} devices x {} msg/s for {:?}; MQTT {} (3.1.1) / {} (5); dashboard {dashboard}",
-        opts.devices, opts.rate, opts.duration, stack.mqtt, stack.mqtt5
+        "fleetline demo: {} devices x {} msg/s for {:?}; MQTT {} (3.1.1 and 5); dashboard {dashboard}",
+        opts.devices, opts.rate, opts.duration, stack.mqtt
     );
 
     let counters = Arc::new(Counters::default());
@@ -192,7 +199,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     // Wait for the pipeline to settle everything the broker acknowledged.
     let acked = counters.acked.load(Relaxed);
     let settle_deadline = Instant::now() + SETTLE_TIMEOUT;
-    while stack.stats.settled() < acked && Instant::now() < settle_deadline {
+    while settled(&stack) < acked && Instant::now() < settle_deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     progress(started, &counters, &stack);
@@ -200,24 +207,26 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
 
     let now = time::now_ms();
     let devices = stack.store.devices().await?;
-    let state = local::http::AppState {
+    let state = fleet_local::http::AppState {
         store: stack.store.clone(),
         stats: Arc::clone(&stack.stats),
         started_ms: now,
     };
-    let health = local::http::fleet_health(&devices, stack.store.quarantine_counts().await?, &state, now);
+    let health =
+        fleet_local::http::fleet_health(&devices, stack.store.quarantine_counts().await?, &state, now);
     let s = stack.stats.snapshot(now);
     let report = Report {
         devices: opts.devices,
         duration_s: publishing.as_secs_f64(),
         rate_per_device: opts.rate,
         published: acked,
-        stored: s.stored,
-        duplicates: s.duplicates,
-        quarantined: s.quarantined,
-        quarantined_by_reason: s.quarantined_by_reason.clone(),
+        stored: s.metric("Accepted"),
+        duplicates: s.metric("Duplicates"),
+        quarantined: s.metric("Quarantined"),
+        quarantined_by_reason: s.metrics_by_dimension.get("QuarantinedByReason").cloned().unwrap_or_default(),
         dead_lettered: s.dead_lettered,
-        reconciled: acked == s.stored + s.duplicates + s.quarantined && s.dead_lettered == 0,
+        reconciled: acked == s.metric("Accepted") + s.metric("Duplicates") + s.metric("Quarantined")
+            && s.dead_lettered == 0,
         throughput_msgs_per_s: acked as f64 / publishing.as_secs_f64(),
         sustained_msgs_per_s: sustained,
         telemetry_freshness: health.telemetry_freshness,

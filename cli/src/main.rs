@@ -5,7 +5,6 @@
 
 mod commands;
 mod demo;
-mod local;
 mod output;
 mod signals;
 
@@ -91,12 +90,9 @@ pub struct StackArgs {
     /// Address every listener binds to.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
-    /// MQTT 3.1.1 port.
+    /// MQTT port (3.1.1 and 5 on one port, as IoT Core).
     #[arg(long, default_value_t = 1883)]
     pub mqtt_port: u16,
-    /// MQTT 5 port.
-    #[arg(long, default_value_t = 1884)]
-    pub mqtt5_port: u16,
     #[arg(long, default_value_t = 8080)]
     pub http_port: u16,
     /// SAM template whose topic rules to run (default: infra/template.yaml if present, else built in).
@@ -105,6 +101,9 @@ pub struct StackArgs {
     /// Longest a local queue waits to fill a batch, in milliseconds.
     #[arg(long, default_value_t = 50)]
     pub batch_window_ms: u64,
+    /// On Ctrl-C or SIGTERM: how long to keep handling what was acknowledged before giving up.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_deadline: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -139,8 +138,7 @@ pub enum QuarantineCommand {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo expects quarantines and drives a live progress line: only errors by default.
-    let default_filter =
-        if matches!(cli.command, Command::Demo { .. }) { "error,rumqttd=off" } else { "warn,rumqttd=off" };
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) { "error" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),

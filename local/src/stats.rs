@@ -1,4 +1,6 @@
-//! Counters the local stack keeps while it runs: what arrived, how it ended, how fast, how late.
+//! Counters the local IoT Core keeps while it runs: what arrived, how it was routed and
+//! delivered, how fast, how late, and the functions' own metrics (summed by name, as
+//! CloudWatch would from their EMF lines). Nothing here knows what a function does.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -16,19 +18,27 @@ pub struct Stats {
     pub routed: AtomicU64,
     /// Publishes on topics no rule reads.
     pub unrouted: AtomicU64,
-    pub stored: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub quarantined: AtomicU64,
+    /// Connects, publishes and subscribes the device policy refused.
+    pub refused_by_policy: AtomicU64,
+    /// Queue messages a function handled (not counting redeliveries).
+    pub delivered: AtomicU64,
     /// Deliveries that failed transiently and were queued again.
     pub retried: AtomicU64,
     /// Messages that kept failing and went to the (local) dead-letter queue.
     pub dead_lettered: AtomicU64,
-    by_reason: Mutex<BTreeMap<String, u64>>,
+    /// Every metric the functions emitted, summed by name, and by name and dimension value.
+    metrics: Mutex<Metrics>,
     /// Latency histogram: one bucket per millisecond up to `LATENCY_BUCKETS - 1`, the last
     /// bucket for anything slower. Bounded memory however long the stack runs.
     latency_hist: Mutex<Vec<u64>>,
-    /// `(ms, settled)` samples for a messages/s rate.
+    /// `(ms, delivered)` samples for a messages/s rate.
     samples: Mutex<VecDeque<(i64, u64)>>,
+}
+
+#[derive(Default, Clone)]
+struct Metrics {
+    totals: BTreeMap<String, u64>,
+    by_dimension: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// A point-in-time copy, for the API and reports.
@@ -36,42 +46,43 @@ pub struct Stats {
 pub struct Snapshot {
     pub routed: u64,
     pub unrouted: u64,
-    pub stored: u64,
-    pub duplicates: u64,
-    pub quarantined: u64,
+    pub refused_by_policy: u64,
+    pub delivered: u64,
     pub retried: u64,
     pub dead_lettered: u64,
-    pub quarantined_by_reason: BTreeMap<String, u64>,
+    /// The functions' metrics by name (e.g. `Accepted`, `Quarantined`), summed.
+    pub metrics: BTreeMap<String, u64>,
+    /// Metrics with a dimension besides `Function`, by name and that dimension's value
+    /// (e.g. `QuarantinedByReason` → `malformed_json` → 3).
+    pub metrics_by_dimension: BTreeMap<String, BTreeMap<String, u64>>,
     pub messages_per_s: f64,
     pub latency_p50_ms: Option<u32>,
     pub latency_p99_ms: Option<u32>,
 }
 
+impl Snapshot {
+    /// A metric's sum so far (0 when never emitted).
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics.get(name).copied().unwrap_or(0)
+    }
+}
+
 impl Stats {
-    /// Messages that reached a final state (stored, duplicate, quarantined or dead-lettered).
-    pub fn settled(&self) -> u64 {
-        self.stored.load(Relaxed)
-            + self.duplicates.load(Relaxed)
-            + self.quarantined.load(Relaxed)
-            + self.dead_lettered.load(Relaxed)
+    /// A metric's sum so far (0 when never emitted).
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics.lock().unwrap_or_else(|p| p.into_inner()).totals.get(name).copied().unwrap_or(0)
     }
 
-    /// Count what a function reported in its metrics, as CloudWatch would from its EMF lines:
-    /// `Accepted`, `Duplicates`, `Quarantined`, and `QuarantinedByReason` by its `Reason`.
+    /// Count what a function reported in its metrics, as CloudWatch would from its EMF lines.
     pub fn record_metrics(&self, set: &MetricSet) {
+        let dimension = set.dimensions.iter().find(|(k, _)| *k != "Function").map(|(_, v)| v.as_str());
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         for (name, value, _) in &set.values {
             let n = value.max(0.0) as u64;
-            match *name {
-                "Accepted" => self.stored.fetch_add(n, Relaxed),
-                "Duplicates" => self.duplicates.fetch_add(n, Relaxed),
-                "Quarantined" => self.quarantined.fetch_add(n, Relaxed),
-                "QuarantinedByReason" => {
-                    let reason = set.dimension("Reason").unwrap_or("unknown").to_owned();
-                    *self.by_reason.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += n;
-                    0
-                }
-                _ => 0,
-            };
+            *m.totals.entry((*name).to_owned()).or_default() += n;
+            if let Some(d) = dimension {
+                *m.by_dimension.entry((*name).to_owned()).or_default().entry(d.to_owned()).or_default() += n;
+            }
         }
     }
 
@@ -87,13 +98,13 @@ impl Stats {
             }
         }
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        samples.push_back((now_ms, self.settled()));
+        samples.push_back((now_ms, self.delivered.load(Relaxed) + self.dead_lettered.load(Relaxed)));
         while samples.front().is_some_and(|(t, _)| *t < now_ms - 10_000) {
             samples.pop_front();
         }
     }
 
-    /// Settled messages per second over the last 10 s.
+    /// Queue messages settled (handled or dead-lettered) per second over the last 10 s.
     pub fn rate(&self, now_ms: i64) -> f64 {
         let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         match (samples.front(), samples.back()) {
@@ -120,15 +131,16 @@ impl Stats {
                     .map_or(0, |i| i as u32)
             })
         };
+        let metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Snapshot {
             routed: self.routed.load(Relaxed),
             unrouted: self.unrouted.load(Relaxed),
-            stored: self.stored.load(Relaxed),
-            duplicates: self.duplicates.load(Relaxed),
-            quarantined: self.quarantined.load(Relaxed),
+            refused_by_policy: self.refused_by_policy.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
             retried: self.retried.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
-            quarantined_by_reason: self.by_reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            metrics: metrics.totals,
+            metrics_by_dimension: metrics.by_dimension,
             messages_per_s: self.rate(now_ms),
             latency_p50_ms: pct(0.50),
             latency_p99_ms: pct(0.99),
@@ -170,7 +182,8 @@ mod tests {
             values: vec![("QuarantinedByReason", 1.0, Unit::Count)],
         });
         let s = stats.snapshot(0);
-        assert_eq!((s.stored, s.quarantined, s.duplicates), (3, 1, 0));
-        assert_eq!(s.quarantined_by_reason.get("malformed_json"), Some(&1));
+        assert_eq!((s.metric("Accepted"), s.metric("Quarantined"), s.metric("Duplicates")), (3, 1, 0));
+        assert_eq!(s.metric("Other"), 9);
+        assert_eq!(s.metrics_by_dimension["QuarantinedByReason"].get("malformed_json"), Some(&1));
     }
 }

@@ -1,5 +1,6 @@
-//! Reads the topic rules (and schedules) from `infra/template.yaml` — the same file that
-//! deploys — so the local rules engine runs exactly the rules the cloud runs.
+//! Reads what the local IoT Core runs from `infra/template.yaml` — the same file that deploys:
+//! the topic rules (so the local rules engine runs exactly the rules the cloud runs), the
+//! functions' schedules, and the device policy.
 //!
 //! Each enabled `AWS::IoT::TopicRule` becomes a [`Rule`]: its SQL parsed (see [`super::sql`]) and
 //! its action resolved to the function it feeds in the cloud: an `Sqs` action to the function
@@ -8,7 +9,8 @@
 
 use serde_yaml_ng::Value;
 
-use super::sql::{self, Statement};
+use crate::policy::{self, IotPolicy, PolicyError};
+use crate::rules::sql::{self, Statement};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -16,6 +18,51 @@ pub enum TemplateError {
     Parse { path: String, source: serde_yaml_ng::Error },
     #[error("topic rule {rule}: {problem}")]
     Rule { rule: String, problem: String },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// Everything the local IoT Core takes from a template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub rules: Vec<Rule>,
+    pub schedules: Vec<Schedule>,
+    /// The device policy (`None` when the template declares none: every client may do anything).
+    pub device_policy: Option<IotPolicy>,
+}
+
+impl Template {
+    pub fn read(text: &str) -> Result<Template, TemplateError> {
+        let doc = document(text)?;
+        let mut policies = policy::from_template(&doc)?;
+        if policies.len() > 1 {
+            let names: Vec<_> = policies.iter().map(|p| p.name.as_str()).collect();
+            return Err(TemplateError::Rule {
+                rule: "AWS::IoT::Policy".into(),
+                problem: format!("one device policy expected, found {}", names.join(", ")),
+            });
+        }
+        Ok(Template { rules: rules_of(&doc)?, schedules: schedules_of(&doc)?, device_policy: policies.pop() })
+    }
+
+    /// Every function a rule, queue or schedule invokes.
+    pub fn invoked_functions(&self) -> impl Iterator<Item = (&str, String)> {
+        let from_rules = self.rules.iter().flat_map(|r| {
+            r.targets.iter().map(move |t| match t {
+                Target::Queue { function, queue, .. } => {
+                    (function.as_str(), format!("queue {queue} of topic rule {}", r.name))
+                }
+                Target::Function { function } => (function.as_str(), format!("topic rule {}", r.name)),
+            })
+        });
+        let from_schedules =
+            self.schedules.iter().map(|s| (s.function.as_str(), format!("schedule {}", s.expression)));
+        from_rules.chain(from_schedules)
+    }
+}
+
+fn document(text: &str) -> Result<Value, TemplateError> {
+    serde_yaml_ng::from_str(text).map_err(|source| TemplateError::Parse { path: "template".into(), source })
 }
 
 /// Where a rule's output goes, locally as in the cloud.
@@ -60,8 +107,10 @@ pub fn parse_rate(expression: &str) -> Result<std::time::Duration, String> {
 
 /// Every `Schedule` event of every function in the template.
 pub fn schedules(text: &str) -> Result<Vec<Schedule>, TemplateError> {
-    let doc: Value = serde_yaml_ng::from_str(text)
-        .map_err(|source| TemplateError::Parse { path: "template".into(), source })?;
+    schedules_of(&document(text)?)
+}
+
+fn schedules_of(doc: &Value) -> Result<Vec<Schedule>, TemplateError> {
     let mut out = Vec::new();
     let Some(resources) = doc.get("Resources").and_then(Value::as_mapping) else { return Ok(out) };
     for (id, r) in resources {
@@ -114,8 +163,10 @@ fn reference(v: &Value) -> Option<String> {
 }
 
 pub fn parse(text: &str) -> Result<Vec<Rule>, TemplateError> {
-    let doc: Value = serde_yaml_ng::from_str(text)
-        .map_err(|source| TemplateError::Parse { path: "template".into(), source })?;
+    rules_of(&document(text)?)
+}
+
+fn rules_of(doc: &Value) -> Result<Vec<Rule>, TemplateError> {
     let empty = serde_yaml_ng::Mapping::new();
     let resources = doc.get("Resources").and_then(Value::as_mapping).unwrap_or(&empty);
     let typed = |ty: &'static str| {
@@ -203,7 +254,7 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, TemplateError> {
 mod tests {
     use super::*;
 
-    const TEMPLATE: &str = include_str!("../../../infra/template.yaml");
+    const TEMPLATE: &str = include_str!("../../infra/template.yaml");
 
     #[test]
     fn reads_the_deployed_telemetry_rule_and_its_consumer() -> Result<(), TemplateError> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use fleet_shared::adapters::embedded::SqliteStore;
@@ -23,8 +23,8 @@ use fleet_shared::ports::{DeviceAdmin, QuarantineReader, TelemetryQuery};
 use fleet_shared::time;
 use serde::{Deserialize, Serialize};
 
-use super::dashboard;
-use super::stats::{Snapshot, Stats};
+use crate::dashboard;
+use crate::stats::{Snapshot, Stats};
 
 /// A device is online when it was heard from within this window.
 pub const ONLINE_WINDOW_MS: i64 = 60_000;
@@ -144,12 +144,12 @@ async fn api_quarantine(
     Ok(Json(lines).into_response())
 }
 
-async fn page_fleet(State(state): State<AppState>) -> Result<Html<String>, ApiError> {
+async fn page_fleet(State(state): State<AppState>) -> Result<maud::Markup, ApiError> {
     let devices = state.store.devices().await?;
     let quarantine = state.store.quarantine_counts().await?;
     let now = time::now_ms();
     let health = fleet_health(&devices, quarantine, &state, now);
-    Ok(Html(dashboard::fleet_page(&health, &devices, now)))
+    Ok(dashboard::fleet_page(&health, &devices, now))
 }
 
 async fn page_device(State(state): State<AppState>, Path(t): Path<String>) -> Result<Response, ApiError> {
@@ -161,7 +161,7 @@ async fn page_device(State(state): State<AppState>, Path(t): Path<String>) -> Re
     let since = device.state.as_ref().map_or(0, |s| s.last_ts_ms - dashboard::CHART_SPAN_MS);
     let readings = state.store.telemetry(&thing, since, 50_000).await?;
     let tail = &readings[readings.len().saturating_sub(dashboard::CHART_POINTS)..];
-    Ok(Html(dashboard::device_page(&device, tail, time::now_ms())).into_response())
+    Ok(dashboard::device_page(&device, tail, time::now_ms()).into_response())
 }
 
 pub fn router(state: AppState) -> Router {

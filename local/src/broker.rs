@@ -1,0 +1,322 @@
+//! The message broker, with what IoT Core puts around it.
+//!
+//! mqtt5's broker (MQTT 3.1.1 and 5 on one port, as IoT Core) does the protocol; this module
+//! gives it IoT Core's behaviour through mqtt5's hooks:
+//! - **identity and policy**: every connect, publish and subscribe is checked against the
+//!   template's device policy ([`crate::policy`]); the MQTT username `operator` stands for an
+//!   IAM principal (a person or tool, not a device) and is not bound by it;
+//! - **intake**: every publish is handed to the rules engine, with its client id, *before* the
+//!   broker acknowledges it, so an acknowledged message is never lost;
+//! - **lifecycle events**: connects and disconnects are published on `$aws/events/presence/…`
+//!   to subscribers and to the rules engine;
+//! - **stopping**: [`Broker::stop_intake`] refuses new connections and leaves new publishes
+//!   unacknowledged (the client keeps them and sends them again to the next broker), then waits
+//!   until every publish already admitted is in the rules engine's queue.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet_shared::time;
+use mqtt5::broker::config::StorageBackend;
+use mqtt5::broker::router::MessageRouter;
+use mqtt5::broker::{
+    AuthProvider, AuthResult, BrokerConfig, BrokerEventHandler, BrokerShutdownHandle, ClientConnectEvent,
+    ClientDisconnectEvent, ClientPublishEvent, MqttBroker, PublishAction, StorageConfig,
+};
+use mqtt5::packet::connect::ConnectPacket;
+use mqtt5::packet::publish::PublishPacket;
+use mqtt5::protocol::v5::reason_codes::ReasonCode;
+use mqtt5::QoS;
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::lifecycle::{self, DisconnectReason, Sessions};
+use crate::policy::{Action, IotPolicy};
+use crate::stats::Stats;
+
+/// The MQTT username of an operator's client: not a device, not bound by the device policy.
+pub const OPERATOR_USERNAME: &str = "operator";
+/// Publishes the broker may hand over before the rules engine has taken them (backpressure on
+/// the publishers beyond this).
+const INTAKE_CAPACITY: usize = 16_384;
+/// How long the broker's own shutdown (disconnecting every client) may take.
+const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A publish as the rules engine sees it.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    /// `None` for messages the IoT Core itself publishes (lifecycle events).
+    pub client_id: Option<Arc<str>>,
+}
+
+pub struct BrokerOptions {
+    pub addr: SocketAddr,
+    /// `None`: every client may do anything (no policy in the template).
+    pub policy: Option<IotPolicy>,
+    pub max_payload_bytes: usize,
+}
+
+pub struct Broker {
+    pub addr: SocketAddr,
+    iot: Arc<IotCore>,
+    shutdown: BrokerShutdownHandle,
+    task: JoinHandle<()>,
+}
+
+/// The hooks' shared state: policy, the intake and its gate, sessions for lifecycle events.
+struct IotCore {
+    intake: mpsc::Sender<Inbound>,
+    policy: Option<IotPolicy>,
+    stopping: AtomicBool,
+    stop_requested: Notify,
+    /// Publishes past the gate and not yet in the intake.
+    admitting: AtomicUsize,
+    addresses: Mutex<HashMap<String, IpAddr>>,
+    sessions: Mutex<Sessions>,
+    router: OnceLock<Arc<MessageRouter>>,
+    stats: Arc<Stats>,
+}
+
+impl IotCore {
+    fn device_may(&self, action: Action, resource: &str, client_id: &str, user: Option<&str>) -> bool {
+        if user == Some(OPERATOR_USERNAME) {
+            return true;
+        }
+        let allowed = self.policy.as_ref().is_none_or(|p| p.allows(action, resource, client_id));
+        if !allowed {
+            self.stats.refused_by_policy.fetch_add(1, SeqCst);
+            warn!(client_id, ?action, resource, "refused by the device policy");
+        }
+        allowed
+    }
+
+    /// Hand a message to the rules engine unless intake has stopped; `false` if it has.
+    async fn admit(&self, inbound: Inbound) -> bool {
+        self.admitting.fetch_add(1, SeqCst);
+        let admitted = !self.stopping.load(SeqCst) && self.intake.send(inbound).await.is_ok();
+        self.admitting.fetch_sub(1, SeqCst);
+        admitted
+    }
+
+    /// A lifecycle event: to subscribers, and to the rules engine.
+    async fn publish_event(&self, topic: String, event: &impl serde::Serialize) {
+        let Ok(payload) = serde_json::to_vec(event) else { return };
+        let payload = Bytes::from(payload);
+        if let Some(router) = self.router.get() {
+            let packet = PublishPacket::new(topic.clone(), payload.clone(), QoS::AtLeastOnce);
+            router.route_message(&packet, None).await;
+        }
+        self.admit(Inbound { topic: topic.into(), payload, client_id: None }).await;
+    }
+}
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl AuthProvider for IotCore {
+    fn authenticate<'a>(
+        &'a self,
+        connect: &'a ConnectPacket,
+        client_addr: SocketAddr,
+    ) -> Boxed<'a, mqtt5::Result<AuthResult>> {
+        Box::pin(async move {
+            if self.stopping.load(SeqCst) {
+                return Ok(AuthResult::fail(ReasonCode::ServerUnavailable));
+            }
+            let user = connect.username.as_deref();
+            let resource = format!("client/{}", connect.client_id);
+            if !self.device_may(Action::Connect, &resource, &connect.client_id, user) {
+                return Ok(AuthResult::fail(ReasonCode::NotAuthorized));
+            }
+            self.addresses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(connect.client_id.clone(), client_addr.ip());
+            Ok(match user {
+                Some(u) => AuthResult::success_with_user(u),
+                None => AuthResult::success(),
+            })
+        })
+    }
+
+    fn authorize_publish<'a>(
+        &'a self,
+        client_id: &str,
+        user: Option<&'a str>,
+        topic: &'a str,
+    ) -> Boxed<'a, bool> {
+        let allowed = self.device_may(Action::Publish, &format!("topic/{topic}"), client_id, user);
+        Box::pin(async move { allowed })
+    }
+
+    fn authorize_subscribe<'a>(
+        &'a self,
+        client_id: &str,
+        user: Option<&'a str>,
+        filter: &'a str,
+    ) -> Boxed<'a, bool> {
+        let allowed = self.device_may(Action::Subscribe, &format!("topicfilter/{filter}"), client_id, user);
+        Box::pin(async move { allowed })
+    }
+}
+
+/// The hooks need the shared state from both traits; mqtt5 takes each as its own `Arc`.
+struct Hooks(Arc<IotCore>);
+
+impl BrokerEventHandler for Hooks {
+    fn on_client_publish<'a>(&'a self, event: ClientPublishEvent) -> Boxed<'a, PublishAction> {
+        Box::pin(async move {
+            let inbound =
+                Inbound { topic: event.topic, payload: event.payload, client_id: Some(event.client_id) };
+            if self.0.admit(inbound).await {
+                return PublishAction::Continue;
+            }
+            // Intake has stopped: never acknowledge. The client keeps the message and sends it
+            // again to the next broker; the connection ends when the process does.
+            std::future::pending().await
+        })
+    }
+
+    fn on_client_connect<'a>(&'a self, event: ClientConnectEvent) -> Boxed<'a, ()> {
+        Box::pin(async move {
+            let iot = &self.0;
+            let ip = iot.addresses.lock().unwrap_or_else(|p| p.into_inner()).remove(&*event.client_id);
+            let principal = format!("local/{}", event.user_id.as_deref().unwrap_or(&event.client_id));
+            let connected = iot.sessions.lock().unwrap_or_else(|p| p.into_inner()).connect(
+                &event.client_id,
+                &principal,
+                ip,
+                time::now_ms(),
+            );
+            iot.publish_event(lifecycle::connected_topic(&event.client_id), &connected).await;
+        })
+    }
+
+    fn on_client_disconnect<'a>(&'a self, event: ClientDisconnectEvent) -> Boxed<'a, ()> {
+        Box::pin(async move {
+            let reason = match event.reason {
+                _ if !event.unexpected => DisconnectReason::ClientInitiatedDisconnect,
+                ReasonCode::KeepAliveTimeout => DisconnectReason::MqttKeepAliveTimeout,
+                ReasonCode::SessionTakenOver => DisconnectReason::DuplicateClientid,
+                ReasonCode::ServerShuttingDown => DisconnectReason::ServerInitiatedDisconnect,
+                ReasonCode::ProtocolError | ReasonCode::MalformedPacket => DisconnectReason::ClientError,
+                _ => DisconnectReason::ConnectionLost,
+            };
+            let disconnected = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner()).disconnect(
+                &event.client_id,
+                !event.unexpected,
+                reason,
+                time::now_ms(),
+            );
+            match disconnected {
+                Some(d) => self.0.publish_event(lifecycle::disconnected_topic(&event.client_id), &d).await,
+                None => debug!(client_id = %event.client_id, "disconnect of a session never seen connecting"),
+            }
+        })
+    }
+}
+
+impl Broker {
+    /// Bind and start the broker; publishes go to `intake`'s receiver.
+    pub async fn start(opts: BrokerOptions, stats: Arc<Stats>) -> anyhow::Result<(Broker, Intake)> {
+        let (intake, intake_rx) = mpsc::channel(INTAKE_CAPACITY);
+        let iot = Arc::new(IotCore {
+            intake,
+            policy: opts.policy,
+            stopping: AtomicBool::new(false),
+            stop_requested: Notify::new(),
+            admitting: AtomicUsize::new(0),
+            addresses: Mutex::default(),
+            sessions: Mutex::default(),
+            router: OnceLock::new(),
+            stats,
+        });
+        let config = BrokerConfig::default()
+            .with_bind_address(opts.addr)
+            .with_max_clients(100_000)
+            // IoT Core keeps a persistent session for an hour by default.
+            .with_session_expiry(Duration::from_secs(3600))
+            // IoT Core takes QoS 0 and 1 only.
+            .with_maximum_qos(1)
+            // The payload limit plus room for the topic, packet id and MQTT 5 properties.
+            .with_max_packet_size(opts.max_payload_bytes + 4096)
+            .with_storage(StorageConfig::new().with_backend(StorageBackend::Memory).with_persistence(false))
+            .with_sys_topics_enabled(false)
+            .with_event_handler(Arc::new(Hooks(Arc::clone(&iot))));
+        let mut broker = MqttBroker::with_config(config)
+            .await
+            .map_err(|e| anyhow::anyhow!("MQTT listener {}: {e}", opts.addr))?
+            .with_auth_provider(Arc::clone(&iot) as Arc<dyn AuthProvider>);
+        let _ = iot.router.set(broker.router());
+        let addr = broker.local_addr().unwrap_or(opts.addr);
+        let shutdown = broker.shutdown_handle();
+        let mut ready = broker.ready_receiver();
+        let task = tokio::spawn(async move {
+            if let Err(e) = broker.run().await {
+                warn!(error = %e, "MQTT broker stopped");
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+            .await
+            .map_err(|_| anyhow::anyhow!("MQTT broker on {addr} did not become ready"))?
+            .map_err(|_| anyhow::anyhow!("MQTT broker on {addr} stopped while starting"))?;
+        let intake = Intake { rx: intake_rx, iot: Arc::clone(&iot) };
+        Ok((Broker { addr, iot, shutdown, task }, intake))
+    }
+
+    /// Refuse new connections and leave new publishes unacknowledged; the [`Intake`] then ends
+    /// once every publish already admitted has been taken from it.
+    pub fn stop_intake(&self) {
+        self.iot.stopping.store(true, SeqCst);
+        self.iot.stop_requested.notify_one();
+    }
+
+    /// Disconnect every client and stop listening (bounded: connections whose publish was left
+    /// unacknowledged end with the process).
+    pub async fn stop(self) {
+        self.shutdown.shutdown();
+        let _ = tokio::time::timeout(BROKER_STOP_TIMEOUT, self.task).await;
+    }
+
+    pub fn open_sessions(&self) -> usize {
+        self.iot.sessions.lock().unwrap_or_else(|p| p.into_inner()).open_sessions()
+    }
+}
+
+/// The publishes the broker admitted, in order, for the rules engine.
+pub struct Intake {
+    rx: mpsc::Receiver<Inbound>,
+    iot: Arc<IotCore>,
+}
+
+impl Intake {
+    /// The next publish; `None` once intake has stopped and everything admitted was taken.
+    pub async fn next(&mut self) -> Option<Inbound> {
+        loop {
+            if !self.iot.stopping.load(SeqCst) {
+                tokio::select! {
+                    m = self.rx.recv() => return m,
+                    () = self.iot.stop_requested.notified() => continue,
+                }
+            }
+            // Stopping: an admission that started before the gate closed may still be sending.
+            // Once none is, nothing more can arrive and what is queued is all there is.
+            let settled = self.iot.admitting.load(SeqCst) == 0;
+            match self.rx.try_recv() {
+                Ok(m) => return Some(m),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if settled => return None,
+                Err(TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Which handler runs for which function of the template, on the embedded backend: a function
+//! added to `infra/template.yaml` runs on the local IoT Core with one line here. Each handler
+//! is built exactly as its `main.rs` builds it on the embedded backend, except that its
+//! metrics feed the local IoT Core's counters instead of stdout.
+
+use std::sync::Arc;
+
+use fleet_shared::lambda::{EmbeddedBackend, StartupError};
+use fleet_shared::metrics::MetricsOut;
+
+use crate::functions::{lambda, Functions};
+
+pub fn functions(backend: &EmbeddedBackend, metrics: &MetricsOut) -> Result<Functions, StartupError> {
+    let mut f = Functions::default();
+    f.add(
+        "IngestTelemetryFunction",
+        lambda(
+            ingest(backend, metrics)?,
+            |d, e| async move { ingest_telemetry::handler::handle(&d, e).await },
+        ),
+    );
+    Ok(f)
+}
+
+fn ingest(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+) -> Result<Arc<ingest_telemetry::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = ingest_telemetry::handler::EmbeddedDeps::on_embedded(b)?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
+}

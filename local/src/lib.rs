@@ -1,0 +1,233 @@
+//! The local IoT Core: the AWS side of a fleet on one laptop, organised as IoT Core's services.
+//!
+//! | module | emulates |
+//! |---|---|
+//! | [`broker`] | the message broker: MQTT 3.1.1 and 5 on one port, the device policy on every connect/publish/subscribe, lifecycle events ([`lifecycle`], [`policy`]) |
+//! | [`rules`] | the rules engine: the template's topic rules and their SQL |
+//! | [`queue`] | SQS queues and the Lambda event source mappings that read them |
+//! | [`schedule`] | EventBridge schedules |
+//! | [`functions`] | Lambda: functions by name, JSON in and out; [`catalog`] says which handler is which |
+//! | [`http`], [`dashboard`] | a JSON API and dashboard over the embedded store |
+//!
+//! What runs is read from `infra/template.yaml` ([`template`]): which rule feeds which queue or
+//! function, which function runs on which schedule, and the device policy.
+//! Everything runs on the embedded backend (SQLite), in one process.
+
+pub mod broker;
+pub mod catalog;
+pub mod dashboard;
+pub mod functions;
+pub mod http;
+pub mod lifecycle;
+pub mod policy;
+pub mod queue;
+pub mod rules;
+pub mod schedule;
+pub mod stats;
+pub mod template;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::lambda::EmbeddedBackend;
+use fleet_shared::metrics::MetricsOut;
+use fleet_shared::{time, Env};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use self::broker::{Broker, BrokerOptions};
+use self::functions::Functions;
+use self::rules::Engine;
+use self::stats::Stats;
+use self::template::{Rule, Target, Template};
+
+/// The template compiled in, used when `infra/template.yaml` is not at hand.
+pub const BUILT_IN_TEMPLATE: &str = include_str!("../../infra/template.yaml");
+
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub bind: std::net::IpAddr,
+    /// MQTT 3.1.1 and 5, one port (0: any free port).
+    pub mqtt_port: u16,
+    pub http_port: u16,
+    pub db: PathBuf,
+    /// `None`: `infra/template.yaml` if present, else the built-in copy.
+    pub template: Option<PathBuf>,
+    /// Longest a local queue waits to fill a batch.
+    pub batch_window: Duration,
+    /// The functions' variables, as in the cloud (e.g. the ingest time rules).
+    pub env: Env,
+    /// How long a shutdown may take to handle what was acknowledged before it gives up.
+    pub drain_deadline: Duration,
+}
+
+pub struct LocalStack {
+    pub stats: Arc<Stats>,
+    pub store: SqliteStore,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    pub template: Template,
+    pub template_source: String,
+    pub functions: Arc<Functions>,
+    broker: Broker,
+    drain_deadline: Duration,
+    drain_queues: watch::Sender<bool>,
+    engine_task: JoinHandle<()>,
+    queue_tasks: Vec<JoinHandle<()>>,
+    timers: Vec<JoinHandle<()>>,
+    http_task: JoinHandle<()>,
+}
+
+fn load_template(opts: &LocalOptions) -> Result<(Template, String)> {
+    let default = Path::new("infra/template.yaml");
+    let (text, source) = match &opts.template {
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None if default.exists() => (std::fs::read_to_string(default)?, default.display().to_string()),
+        None => (BUILT_IN_TEMPLATE.to_owned(), "built-in infra/template.yaml".to_owned()),
+    };
+    let template = Template::read(&text).with_context(|| source.clone())?;
+    Ok((template, source))
+}
+
+pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
+    let (template, template_source) = load_template(opts)?;
+    let store = SqliteStore::open(&opts.db)?;
+    let stats = Arc::new(Stats::default());
+    // The functions' metrics feed the counters, as their EMF lines feed CloudWatch.
+    let metric_stats = Arc::clone(&stats);
+    let metrics = MetricsOut::Collect(Arc::new(move |set| metric_stats.record_metrics(set)));
+    let backend = EmbeddedBackend { db: store.clone(), env: opts.env.clone() };
+    let functions = Arc::new(catalog::functions(&backend, &metrics)?);
+    for (function, by) in template.invoked_functions() {
+        if !functions.contains(function) {
+            bail!("{by} invokes {function}, which has no local handler (add it to fleet-local's catalog.rs)");
+        }
+    }
+
+    // HTTP first: a taken port fails before anything else starts.
+    let http_listener = tokio::net::TcpListener::bind(SocketAddr::new(opts.bind, opts.http_port))
+        .await
+        .with_context(|| format!("HTTP port {}", opts.http_port))?;
+    let http = http_listener.local_addr()?;
+
+    // One queue (and consumer) per queue an SQS action sends to.
+    let (drain_queues, drain_rx) = watch::channel(false);
+    let mut queues = HashMap::new();
+    let mut queue_tasks = Vec::new();
+    for rule in &template.rules {
+        for t in &rule.targets {
+            if let Target::Queue { queue, function, batch_size } = t {
+                if queues.contains_key(queue) {
+                    continue;
+                }
+                let config = queue::QueueConfig {
+                    function: function.clone(),
+                    batch_size: *batch_size,
+                    window: opts.batch_window,
+                };
+                let (sender, task) =
+                    queue::spawn(config, Arc::clone(&functions), Arc::clone(&stats), drain_rx.clone());
+                queues.insert(queue.clone(), sender);
+                queue_tasks.push(task);
+            }
+        }
+    }
+
+    let broker_opts = BrokerOptions {
+        addr: SocketAddr::new(opts.bind, opts.mqtt_port),
+        policy: template.device_policy.clone(),
+        max_payload_bytes: fleet_shared::ingest::envelope::MAX_PAYLOAD_BYTES,
+    };
+    let (broker, mut intake) = Broker::start(broker_opts, Arc::clone(&stats)).await?;
+    let engine = Engine {
+        rules: template.rules.clone(),
+        queues,
+        functions: Arc::clone(&functions),
+        stats: Arc::clone(&stats),
+    };
+    let engine_task = tokio::spawn(async move {
+        while let Some(inbound) = intake.next().await {
+            engine.route(&inbound).await;
+        }
+    });
+    let timers = template
+        .schedules
+        .iter()
+        .map(|s| schedule::spawn(s.clone(), Arc::clone(&functions), Arc::clone(&stats)))
+        .collect();
+
+    let state =
+        http::AppState { store: store.clone(), stats: Arc::clone(&stats), started_ms: time::now_ms() };
+    let http_task = tokio::spawn(http::serve(http_listener, state));
+
+    Ok(LocalStack {
+        stats,
+        store,
+        mqtt: broker.addr,
+        http,
+        template,
+        template_source,
+        functions,
+        broker,
+        drain_deadline: opts.drain_deadline,
+        drain_queues,
+        engine_task,
+        queue_tasks,
+        timers,
+        http_task,
+    })
+}
+
+impl LocalStack {
+    pub fn rules(&self) -> &[Rule] {
+        &self.template.rules
+    }
+
+    /// Stop intake (no new connections; publishes from now on are left unacknowledged), handle
+    /// everything already acknowledged — rules, queues, functions — within the drain deadline,
+    /// then disconnect every client and stop.
+    pub async fn shutdown(self) -> Result<()> {
+        let LocalStack {
+            broker,
+            drain_deadline,
+            drain_queues,
+            engine_task,
+            queue_tasks,
+            timers,
+            http_task,
+            ..
+        } = self;
+        broker.stop_intake();
+        let drained = tokio::time::timeout(drain_deadline, async {
+            engine_task.await.context("rules engine")?;
+            let _ = drain_queues.send(true);
+            for t in queue_tasks {
+                t.await.context("queue consumer")?;
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        for t in &timers {
+            t.abort();
+        }
+        broker.stop().await;
+        http_task.abort();
+        match drained {
+            Ok(result) => result?,
+            Err(_) => bail!(
+                "the drain deadline ({drain_deadline:?}) passed before every acknowledged message was handled"
+            ),
+        }
+        info!("local IoT Core stopped; every acknowledged message was handled");
+        Ok(())
+    }
+}

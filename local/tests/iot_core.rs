@@ -1,0 +1,122 @@
+//! The local IoT Core in-process with real MQTT clients: the template's device policy on every
+//! publish, `clientid()` in rule SQL, and lifecycle events on `$aws/events/presence/…`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use fleet_local::{LocalOptions, LocalStack};
+use fleet_shared::model::ThingName;
+use fleet_shared::ports::{DeviceAdmin, QuarantineReader};
+use fleet_shared::Env;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+async fn start(db: &Path) -> Result<LocalStack> {
+    let opts = LocalOptions {
+        bind: [127, 0, 0, 1].into(),
+        mqtt_port: 0,
+        http_port: 0,
+        db: db.to_path_buf(),
+        template: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml")),
+        batch_window: Duration::from_millis(10),
+        env: Env::from_fn(|_| None),
+        drain_deadline: Duration::from_secs(10),
+    };
+    fleet_local::start(&opts).await
+}
+
+fn client(stack: &LocalStack, id: &str, username: Option<&str>) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", stack.mqtt.port());
+    if let Some(u) = username {
+        opts.set_credentials(u, "");
+    }
+    AsyncClient::new(opts, 16)
+}
+
+/// Poll until `want` matches an event; everything else is skipped.
+async fn until<T>(events: &mut EventLoop, mut want: impl FnMut(&Event) -> Option<T>) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll()).await.context("timed out")??;
+        if let Some(t) = want(&event) {
+            return Ok(t);
+        }
+    }
+}
+
+fn presence(event: &Event) -> Option<Value> {
+    match event {
+        Event::Incoming(Packet::Publish(p)) if p.topic.starts_with("$aws/events/presence/") => {
+            serde_json::from_slice(&p.payload).ok()
+        }
+        _ => None,
+    }
+}
+
+fn reading() -> String {
+    let now = fleet_shared::time::now_ms();
+    format!(r#"{{"v":1,"seq":1,"boot":1,"ts":{now},"fw":"1.4.2","m":{{"temp_c":21.5}}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_held_to_their_own_topics_and_their_sessions_are_announced() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+
+    // GIVEN an operator watching the lifecycle events
+    let (operator, mut operator_events) = client(&stack, "ops-console", Some("operator"));
+    operator.subscribe("$aws/events/presence/#", QoS::AtLeastOnce).await?;
+    until(&mut operator_events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
+
+    // WHEN sensor-001 connects, publishes on its own topic, then on sensor-002's and on a
+    // reserved topic, and disconnects
+    let (device, mut device_events) = client(&stack, "sensor-001", None);
+    device.publish("dt/fleet/sensor-001/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut device_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    let connected = until(&mut operator_events, presence).await?;
+    device.publish("dt/fleet/sensor-002/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    device.publish("$aws/events/presence/connected/sensor-002", QoS::AtLeastOnce, false, "{}").await?;
+    for _ in 0..2 {
+        until(&mut device_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    }
+    device.disconnect().await?;
+    let _ = until(&mut device_events, |e| {
+        matches!(e, Event::Outgoing(rumqttc::Outgoing::Disconnect)).then_some(())
+    })
+    .await;
+    drop(device_events);
+    let disconnected = until(&mut operator_events, presence).await?;
+
+    // AND an operator tool publishes telemetry in a device's name
+    operator.publish("dt/fleet/sensor-003/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut operator_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    let stats = std::sync::Arc::clone(&stack.stats);
+    let store = stack.store.clone();
+    stack.shutdown().await?;
+
+    // THEN the session was announced as IoT Core announces it, connect and disconnect sharing
+    // one version number
+    assert_eq!(connected["eventType"], "connected", "{connected}");
+    assert_eq!(connected["clientId"], "sensor-001");
+    assert_eq!(connected["ipAddress"], "127.0.0.1");
+    assert!(connected["versionNumber"].as_i64().is_some_and(|v| v > 0), "{connected}");
+    assert_eq!(disconnected["eventType"], "disconnected", "{disconnected}");
+    assert_eq!(disconnected["disconnectReason"], "CLIENT_INITIATED_DISCONNECT");
+    assert_eq!(disconnected["clientInitiatedDisconnect"], true);
+    assert_eq!(disconnected["versionNumber"], connected["versionNumber"]);
+    assert_eq!(disconnected["sessionIdentifier"], connected["sessionIdentifier"]);
+    // AND the device policy refused both foreign publishes: nothing of them reached the rules
+    assert_eq!(stats.snapshot(0).refused_by_policy, 2);
+    let own = store.device(&ThingName::parse("sensor-001")?).await?.context("sensor-001 stored")?;
+    assert!(own.state.is_some(), "{own:?}");
+    if store.device(&ThingName::parse("sensor-002")?).await?.is_some() {
+        bail!("a device wrote sensor-002's telemetry");
+    }
+    // AND the rule's clientid() is the publisher's: the tool's reading is quarantined as a
+    // thing mismatch, not stored as sensor-003's
+    let quarantined = store.quarantined(0).await?;
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert_eq!(quarantined[0].reasons[0].reason.as_str(), "thing_mismatch", "{quarantined:?}");
+    Ok(())
+}
