@@ -2,7 +2,8 @@
 //!
 //! Starts `fleetctl local` (this build, or the binary in `$FLEETCTL`, to compare), then runs
 //! `$CHURN_WAVES` (default 6) waves of `$CHURN_CONNECTIONS` (default 1,000) concurrent MQTT
-//! connections: each connects as its own device, publishes one reading at QoS 1, waits for the
+//! connections, the same fleet every wave: each connects as its own device (client id = thing
+//! name), publishes one reading at QoS 1 (a new sequence number each wave), waits for the
 //! acknowledgement, and goes away (half with a DISCONNECT, half by dropping the socket). After
 //! each wave it prints the local IoT Core's resident memory; at the end, the peak, the memory
 //! after the last wave, what the waves left behind, the connect rate and failed connections.
@@ -53,13 +54,13 @@ impl Drop for Stack {
 }
 
 /// One device: connect, publish one reading, wait for its ack, go away. `Ok(connect time)`.
-async fn device(port: u16, id: String, clean_disconnect: bool) -> Result<Duration> {
+async fn device(port: u16, id: String, seq: usize, clean_disconnect: bool) -> Result<Duration> {
     let started = Instant::now();
     let mut opts = MqttOptions::new(id.clone(), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(opts, 4);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
-    let payload = format!(r#"{{"v":1,"seq":1,"boot":1,"ts":{now},"m":{{"temp_c":21.5}}}}"#);
+    let payload = format!(r#"{{"v":1,"seq":{seq},"boot":1,"ts":{now},"m":{{"temp_c":21.5}}}}"#);
     client.publish(format!("dt/fleet/{id}/telemetry"), QoS::AtLeastOnce, false, payload).await?;
     let mut connected = None;
     loop {
@@ -115,7 +116,7 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     for wave in 1..=waves {
         let tasks: Vec<_> = (0..connections)
-            .map(|i| tokio::spawn(device(mqtt, format!("churn-{wave}-{i}"), i % 2 == 0)))
+            .map(|i| tokio::spawn(device(mqtt, format!("churn-{i:05}"), wave, i % 2 == 0)))
             .collect();
         let mut sampling = tokio::time::interval(Duration::from_millis(100));
         let all = futures_join(tasks);

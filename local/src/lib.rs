@@ -123,15 +123,18 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     let (drain_queues, drain_rx) = watch::channel(false);
     let mut queues = HashMap::new();
     let mut queue_tasks = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     for rule in &template.rules {
         for t in &rule.targets {
-            if let Target::Queue { queue, function, batch_size } = t {
+            if let Target::Queue { queue, function, batch_size, max_concurrency } = t {
                 if queues.contains_key(queue) {
                     continue;
                 }
                 let config = queue::QueueConfig {
                     function: function.clone(),
                     batch_size: *batch_size,
+                    // One laptop: as many batches at a time as it has cores, within the limit.
+                    concurrency: (*max_concurrency).clamp(1, cores),
                     window: opts.batch_window,
                 };
                 let (sender, task) =

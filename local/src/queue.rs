@@ -1,7 +1,8 @@
 //! A local SQS queue and the Lambda event source mapping that reads it: batches of up to
-//! `batch_size` (waiting at most `window` to fill one), the function invoked with the SQS
-//! event as JSON, the messages it reports as batch item failures delivered again, and after
-//! [`MAX_RECEIVES`] deliveries dead-lettered.
+//! `batch_size` (waiting at most `window` to fill one), up to `concurrency` batches in flight
+//! at once (Lambda runs several pollers; order across batches is not kept, as in SQS), the
+//! function invoked with the SQS event as JSON, the messages it reports as batch item failures
+//! delivered again, and after [`MAX_RECEIVES`] deliveries dead-lettered.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use fleet_shared::time;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -48,6 +49,8 @@ pub struct QueueConfig {
     pub function: String,
     pub batch_size: usize,
     pub window: Duration,
+    /// Batches in flight at once (at least 1).
+    pub concurrency: usize,
 }
 
 /// Start a queue and its consumer. The consumer returns once `draining` is set and the queue is
@@ -64,7 +67,7 @@ pub fn spawn(
         id_prefix: format!("{:x}", time::now_ms()).into(),
         next_id: Arc::new(AtomicU64::new(0)),
     };
-    let consumer = Consumer { config, requeue: tx, functions, stats };
+    let consumer = Arc::new(Consumer { config, requeue: tx, functions, stats });
     (sender, tokio::spawn(consumer.run(rx, draining)))
 }
 
@@ -76,16 +79,25 @@ struct Consumer {
 }
 
 impl Consumer {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Queued>, mut draining: watch::Receiver<bool>) {
+    async fn run(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Queued>,
+        mut draining: watch::Receiver<bool>,
+    ) {
+        let slots = self.config.concurrency.max(1);
+        let in_flight = Arc::new(Semaphore::new(slots));
         loop {
-            let first = tokio::select! {
-                m = rx.recv() => match m { Some(m) => m, None => return },
-                _ = draining.wait_for(|d| *d) => {
-                    if rx.is_empty() {
-                        return;
-                    }
-                    continue;
+            let next = tokio::select! {
+                m = rx.recv() => match m { Some(m) => Some(m), None => return },
+                _ = draining.wait_for(|d| *d) => None,
+            };
+            let Some(first) = next else {
+                // Draining. Batches still in flight may put failed messages back: wait for them.
+                drop(in_flight.acquire_many(slots as u32).await);
+                if rx.is_empty() {
+                    return;
                 }
+                continue;
             };
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + self.config.window;
@@ -95,7 +107,12 @@ impl Consumer {
                     _ => break,
                 }
             }
-            self.deliver(batch).await;
+            let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else { return };
+            let consumer = Arc::clone(&self);
+            tokio::spawn(async move {
+                consumer.deliver(batch).await;
+                drop(slot);
+            });
         }
     }
 
@@ -113,7 +130,15 @@ impl Consumer {
                 m
             })
             .collect();
-        let failed: HashSet<String> = match self.invoke(&event).await {
+        let invoked = std::time::Instant::now();
+        let result = self.invoke(&event).await;
+        tracing::debug!(
+            function = self.config.function,
+            messages = batch.len(),
+            ms = invoked.elapsed().as_millis() as u64,
+            "batch delivered"
+        );
+        let failed: HashSet<String> = match result {
             Ok(r) => r.batch_item_failures.into_iter().map(|f| f.item_identifier).collect(),
             Err(e) => {
                 // The whole invocation failed: SQS delivers every message again.
@@ -144,5 +169,50 @@ impl Consumer {
         serde_json::from_value(response).map_err(|e| {
             FunctionError::new("InvalidBatchResponse", format!("not an SQS batch response: {e}"))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::Invocation;
+
+    /// A function that fails every message on its first delivery and takes 20 ms per batch.
+    fn fails_first_delivery(event: Box<serde_json::value::RawValue>) -> Invocation {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let event: SqsEvent =
+                serde_json::from_str(event.get()).map_err(|e| FunctionError::new("Bad", e.to_string()))?;
+            let first: Vec<&str> = event
+                .records
+                .iter()
+                .filter(|m| m.attributes.get("ApproximateReceiveCount").map(String::as_str) == Some("1"))
+                .filter_map(|m| m.message_id.as_deref())
+                .collect();
+            serde_json::to_value(fleet_shared::lambda::batch_response(first))
+                .map_err(|e| FunctionError::new("Bad", e.to_string()))
+        })
+    }
+
+    #[tokio::test]
+    async fn draining_waits_for_batches_in_flight_and_what_they_put_back() {
+        let mut functions = Functions::default();
+        functions.add("F", fails_first_delivery);
+        let stats = Arc::new(Stats::default());
+        let (drain, draining) = watch::channel(false);
+        let config = QueueConfig {
+            function: "F".into(),
+            batch_size: 3,
+            window: Duration::from_millis(1),
+            concurrency: 2,
+        };
+        let (queue, consumer) = spawn(config, Arc::new(functions), Arc::clone(&stats), draining);
+        for i in 0..20 {
+            queue.send(format!("{{\"n\":{i}}}"), 0);
+        }
+        let _ = drain.send(true);
+        tokio::time::timeout(Duration::from_secs(10), consumer).await.expect("drains").expect("no panic");
+        let s = stats.snapshot(0);
+        assert_eq!((s.delivered, s.retried, s.dead_lettered), (20, 20, 0), "{s:?}");
     }
 }

@@ -68,8 +68,10 @@ fn document(text: &str) -> Result<Value, TemplateError> {
 /// Where a rule's output goes, locally as in the cloud.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Target {
-    /// An SQS queue consumed by `function` in batches of up to `batch_size`.
-    Queue { queue: String, function: String, batch_size: usize },
+    /// An SQS queue consumed by `function` in batches of up to `batch_size`, at most
+    /// `max_concurrency` batches at a time (the event's `ScalingConfig.MaximumConcurrency`;
+    /// without one, Lambda starts with 5 concurrent batches).
+    Queue { queue: String, function: String, batch_size: usize, max_concurrency: usize },
     /// A direct rule → Lambda invocation.
     Function { function: String },
 }
@@ -175,8 +177,8 @@ fn rules_of(doc: &Value) -> Result<Vec<Rule>, TemplateError> {
             .filter(move |(_, r)| r.get("Type").and_then(Value::as_str) == Some(ty))
             .filter_map(|(id, r)| Some((id.as_str()?.to_owned(), r)))
     };
-    // queue logical id -> (function logical id, batch size)
-    let consumers: Vec<(String, String, usize)> = typed("AWS::Serverless::Function")
+    // queue logical id -> (function logical id, batch size, maximum concurrency)
+    let consumers: Vec<(String, String, usize, usize)> = typed("AWS::Serverless::Function")
         .flat_map(|(function, r)| {
             let events =
                 r.get("Properties").and_then(|p| p.get("Events")).and_then(Value::as_mapping).cloned();
@@ -187,7 +189,12 @@ fn rules_of(doc: &Value) -> Result<Vec<Rule>, TemplateError> {
                 let props = e.get("Properties")?;
                 let queue = reference(props.get("Queue")?)?;
                 let batch = props.get("BatchSize").and_then(Value::as_u64).unwrap_or(10) as usize;
-                Some((queue, function.clone(), batch))
+                let concurrency = props
+                    .get("ScalingConfig")
+                    .and_then(|c| c.get("MaximumConcurrency"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(5) as usize;
+                Some((queue, function.clone(), batch, concurrency))
             })
         })
         .collect();
@@ -224,14 +231,15 @@ fn rules_of(doc: &Value) -> Result<Vec<Rule>, TemplateError> {
                         .get("QueueUrl")
                         .and_then(reference)
                         .ok_or_else(|| fail("Sqs action without a !Ref QueueUrl".into()))?;
-                    let (_, function, batch_size) = consumers
+                    let (_, function, batch_size, max_concurrency) = consumers
                         .iter()
-                        .find(|(q, _, _)| *q == queue)
+                        .find(|(q, _, _, _)| *q == queue)
                         .ok_or_else(|| fail(format!("queue {queue} has no consuming function")))?;
                     targets.push(Target::Queue {
                         queue,
                         function: function.clone(),
                         batch_size: *batch_size,
+                        max_concurrency: *max_concurrency,
                     });
                 }
                 "Lambda" => {
@@ -266,7 +274,8 @@ mod tests {
             vec![Target::Queue {
                 queue: "TelemetryQueue".into(),
                 function: "IngestTelemetryFunction".into(),
-                batch_size: 1000
+                batch_size: 1000,
+                max_concurrency: 10
             }]
         );
         Ok(())
@@ -311,7 +320,12 @@ mod tests {
         let rules = parse(&one_rule("SELECT * FROM 'a'", "Sqs: { QueueUrl: { Ref: Q } }"))?;
         assert_eq!(
             rules[0].targets,
-            vec![Target::Queue { queue: "Q".into(), function: "F".into(), batch_size: 10 }]
+            vec![Target::Queue {
+                queue: "Q".into(),
+                function: "F".into(),
+                batch_size: 10,
+                max_concurrency: 5
+            }]
         );
         Ok(())
     }
