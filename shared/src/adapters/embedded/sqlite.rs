@@ -106,6 +106,58 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// For a file: checkpoints the WAL into the database off the write path.
+    _checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// How often the checkpointer folds the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A thread with its own connection that checkpoints the WAL (`PASSIVE`: it never blocks the
+/// writer) while the store is in use, and once more when the last clone is dropped.
+///
+/// With `synchronous = NORMAL`, commits only append to the WAL; the fsync of the database file
+/// happens at checkpoints. SQLite's automatic checkpoint runs inside the commit that crosses
+/// its threshold, so every thousand pages one write batch waited for that fsync: measured on
+/// the demo (1,000 devices, 6,000 msgs/s) as p99 latency 0.4–2.4 s, against 96 ms with no
+/// fsync at all. Here the writer never checkpoints; durability is unchanged.
+struct Checkpointer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(sql_err("sqlite open"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err("sqlite pragma"))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let checkpoint = move || {
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "sqlite checkpoint failed; retrying");
+            }
+        };
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::park_timeout(CHECKPOINT_EVERY);
+                    checkpoint();
+                }
+            })
+            .map_err(|e| StoreError::permanent("sqlite checkpointer", e))?;
+        Ok(Checkpointer { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 fn sql_err(op: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -129,7 +181,15 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::permanent("sqlite open", e))?;
         }
         let conn = Connection::open(path).map_err(sql_err("sqlite open"))?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        store
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sql_err("sqlite pragma"))?;
+        store._checkpointer = Some(Arc::new(Checkpointer::start(path)?));
+        Ok(store)
     }
 
     /// A private in-memory database (tests, benchmarks).
@@ -145,7 +205,7 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -32_768).map_err(sql_err("sqlite pragma"))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err("sqlite pragma"))?;
         migrate(&mut conn).map_err(sql_err("sqlite migrations"))?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), _checkpointer: None })
     }
 
     /// Run `f` with the connection on the blocking pool.
@@ -592,6 +652,29 @@ impl std::error::Error for SharedError {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_off_the_write_path_and_folded_in_on_close() -> anyhow::Result<()> {
+        // GIVEN a store on a file, and 4 MB written through it
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("fleet.sqlite");
+        let store = SqliteStore::open(&path)?;
+        let empty = std::fs::metadata(&path)?.len();
+        for i in 0..4 {
+            let object = ArchiveObject { key: format!("raw/{i}"), body: vec![i as u8; 1 << 20], lines: 1 };
+            store.put_raw(&object).await?;
+        }
+        // WHEN the checkpointer has had a turn (the writer itself never checkpoints)
+        tokio::time::sleep(CHECKPOINT_EVERY * 3).await;
+        // THEN the pages are in the database file while the store is open ...
+        assert!(std::fs::metadata(&path)?.len() > empty + (4 << 20), "not checkpointed");
+        // ... and on close the WAL is folded in and removed
+        drop(store);
+        assert!(!path.with_file_name("fleet.sqlite-wal").exists());
+        let reopened = SqliteStore::open(&path)?;
+        assert_eq!(reopened.archive_keys("raw/").await?.len(), 4);
+        Ok(())
+    }
 
     #[test]
     fn a_file_from_a_newer_build_is_refused_not_damaged() -> anyhow::Result<()> {
