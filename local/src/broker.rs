@@ -44,8 +44,9 @@ use crate::stats::Stats;
 
 /// The MQTT username of an operator's client: not a device, not bound by the device policy.
 pub const OPERATOR_USERNAME: &str = "operator";
-/// Publishes the broker may hand over before the rules engine has taken them (backpressure on
-/// the publishers beyond this).
+/// Publishes the broker may hand over before the rules engine has taken them; beyond this the
+/// publishers wait for their acknowledgements. (The queues behind the rules engine are
+/// unbounded, as SQS is, so a function slower than the publishers grows them.)
 const INTAKE_CAPACITY: usize = 16_384;
 /// How long the broker's own shutdown (disconnecting every client) may take.
 const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -133,6 +134,16 @@ impl AuthProvider for IotCore {
                 return Ok(AuthResult::fail(ReasonCode::ServerUnavailable));
             }
             let user = connect.username.as_deref();
+            // A device's client id is its thing name. Anything else (`+`, `#`, `*`, ...) would
+            // turn the policy's thing-name variable into a wildcard.
+            if self.policy.is_some()
+                && user != Some(OPERATOR_USERNAME)
+                && fleet_shared::model::ThingName::parse(&connect.client_id).is_err()
+            {
+                self.stats.refused_by_policy.fetch_add(1, SeqCst);
+                warn!(client_id = connect.client_id, "refused: a device's client id must be a thing name");
+                return Ok(AuthResult::fail(ReasonCode::ClientIdentifierNotValid));
+            }
             let resource = format!("client/{}", connect.client_id);
             if !self.device_may(Action::Connect, &resource, &connect.client_id, user) {
                 return Ok(AuthResult::fail(ReasonCode::NotAuthorized));
@@ -203,11 +214,15 @@ impl BrokerEventHandler for Hooks {
 
     fn on_client_disconnect<'a>(&'a self, event: ClientDisconnectEvent) -> Boxed<'a, ()> {
         Box::pin(async move {
+            // mqtt5 reports a client's DISCONNECT (with its reason code) and protocol errors;
+            // everything else arrives as an unexpected `UnspecifiedError`, so a keep-alive
+            // timeout is reported as CONNECTION_LOST here.
             let reason = match event.reason {
                 _ if !event.unexpected => DisconnectReason::ClientInitiatedDisconnect,
+                ReasonCode::DisconnectWithWillMessage => DisconnectReason::ClientInitiatedDisconnect,
+                _ if self.0.stopping.load(SeqCst) => DisconnectReason::ServerInitiatedDisconnect,
                 ReasonCode::KeepAliveTimeout => DisconnectReason::MqttKeepAliveTimeout,
                 ReasonCode::SessionTakenOver => DisconnectReason::DuplicateClientid,
-                ReasonCode::ServerShuttingDown => DisconnectReason::ServerInitiatedDisconnect,
                 ReasonCode::ProtocolError | ReasonCode::MalformedPacket => DisconnectReason::ClientError,
                 _ => DisconnectReason::ConnectionLost,
             };

@@ -67,9 +67,14 @@ struct Session {
 #[derive(Default)]
 pub struct Sessions {
     open: HashMap<String, VecDeque<Session>>,
+    /// The last version given to each client id, kept for a reconnect within the same
+    /// millisecond; entries older than [`VERSION_MEMORY_MS`] are dropped (the clock has moved
+    /// past them, so a new version is larger anyway).
     last_version: HashMap<String, i64>,
     started: u64,
 }
+
+const VERSION_MEMORY_MS: i64 = 60_000;
 
 impl Sessions {
     /// A client connected: its event. An open session of the same client id is being taken over.
@@ -84,6 +89,9 @@ impl Sessions {
         let version = now_ms.max(last.saturating_add(1));
         self.last_version.insert(client_id.to_owned(), version);
         self.started += 1;
+        if self.started.is_multiple_of(1024) {
+            self.last_version.retain(|_, v| *v > now_ms - VERSION_MEMORY_MS);
+        }
         let id = format!("{:016x}-{:08x}", now_ms, self.started);
         let open = self.open.entry(client_id.to_owned()).or_default();
         for older in open.iter_mut() {

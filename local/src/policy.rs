@@ -114,7 +114,7 @@ fn resource(arn: &str) -> Result<Vec<Piece>, String> {
                     pieces.push(Piece::Text(std::mem::take(&mut text)));
                     pieces.push(Piece::ClientId);
                 }
-                other => return Err(format!("policy variable ${{{other}}} is not supported locally")),
+                other => return Err(format!("variable ${{{other}}} in a resource is not supported locally")),
             }
             rest = tail;
             continue;
@@ -179,7 +179,14 @@ pub fn from_template(doc: &Value) -> Result<Vec<IotPolicy>, PolicyError> {
             }
             let actions = one_or_many(s.get("Action"))
                 .into_iter()
-                .map(|a| a.as_str().map(str::to_owned).ok_or_else(|| fail(format!("action {a:?}"))))
+                .map(|a| match a.as_str() {
+                    Some(a @ ("iot:Connect" | "iot:Publish" | "iot:Subscribe" | "iot:Receive" | "iot:*")) => {
+                        Ok(a.to_owned())
+                    }
+                    _ => Err(fail(format!(
+                        "action {a:?} is not supported locally (iot:Connect, iot:Publish, iot:Subscribe, iot:Receive, iot:*)"
+                    ))),
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let resources = one_or_many(s.get("Resource"))
                 .into_iter()
@@ -239,15 +246,23 @@ mod tests {
         assert!(!p.allows(Action::Publish, "topic/a/xy/z", "c"), "? is exactly one character");
         assert!(!p.allows(Action::Publish, "topic/a/x/secret", "c"), "an explicit deny wins");
         assert!(p.allows(Action::Receive, "topic/a/x/secret", "c"));
-        let bad = doc_with("arn:aws:iot:r:a:topic/${iot:Connection.Thing.Attributes[x]}");
-        assert!(from_template(&bad).unwrap_err().problem.contains("not supported locally"));
+        let bad = doc_with("arn:aws:iot:r:a:topic/${iot:Connection.Thing.Attributes[x]}", "iot:Publish");
+        assert!(from_template_text(&bad).unwrap_err().problem.contains("not supported locally"));
+        let bad = doc_with("arn:aws:iot:r:a:topic/x", "iot:RetainPublish");
+        assert!(
+            from_template_text(&bad).unwrap_err().problem.contains("iot:RetainPublish"),
+            "an unknown action is not ignored"
+        );
         Ok(())
     }
 
-    fn doc_with(resource: &str) -> Value {
-        serde_yaml_ng::from_str(&format!(
-            "Resources:\n  P:\n    Type: AWS::IoT::Policy\n    Properties:\n      PolicyDocument:\n        Statement:\n          - Effect: Allow\n            Action: iot:Publish\n            Resource: '{resource}'\n"
-        ))
-        .expect("yaml")
+    fn doc_with(resource: &str, action: &str) -> String {
+        format!(
+            "Resources:\n  P:\n    Type: AWS::IoT::Policy\n    Properties:\n      PolicyDocument:\n        Statement:\n          - Effect: Allow\n            Action: {action}\n            Resource: '{resource}'\n"
+        )
+    }
+
+    fn from_template_text(doc: &str) -> Result<Vec<IotPolicy>, PolicyError> {
+        from_template(&serde_yaml_ng::from_str(doc).expect("yaml"))
     }
 }

@@ -164,8 +164,14 @@ impl Consumer {
     }
 
     /// One SQS batch through the function's own entry point, as JSON in and out.
+    /// A panic in the function is an error, as Lambda reports one: the batch is delivered again.
     async fn invoke(&self, event: &SqsEvent) -> Result<SqsBatchResponse, FunctionError> {
-        let response = self.functions.invoke(&self.config.function, event).await?;
+        let raw = serde_json::value::to_raw_value(event)
+            .map_err(|e| FunctionError::new("InvalidRequestContent", e.to_string()))?;
+        let (functions, name) = (Arc::clone(&self.functions), self.config.function.clone());
+        let response = tokio::spawn(async move { functions.invoke(&name, &raw).await })
+            .await
+            .map_err(|e| FunctionError::new("Runtime.Panic", e.to_string()))??;
         serde_json::from_value(response).map_err(|e| {
             FunctionError::new("InvalidBatchResponse", format!("not an SQS batch response: {e}"))
         })
@@ -214,5 +220,27 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), consumer).await.expect("drains").expect("no panic");
         let s = stats.snapshot(0);
         assert_eq!((s.delivered, s.retried, s.dead_lettered), (20, 20, 0), "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_function_gets_its_batch_again_and_then_dead_letters_it() {
+        let mut functions = Functions::default();
+        functions.add("F", |_: Box<serde_json::value::RawValue>| -> Invocation {
+            Box::pin(async { panic!("bug") })
+        });
+        let stats = Arc::new(Stats::default());
+        let (drain, draining) = watch::channel(false);
+        let config = QueueConfig {
+            function: "F".into(),
+            batch_size: 10,
+            window: Duration::from_millis(1),
+            concurrency: 1,
+        };
+        let (queue, consumer) = spawn(config, Arc::new(functions), Arc::clone(&stats), draining);
+        queue.send("{}".into(), 0);
+        let _ = drain.send(true);
+        tokio::time::timeout(Duration::from_secs(10), consumer).await.expect("drains").expect("no panic");
+        let s = stats.snapshot(0);
+        assert_eq!((s.delivered, s.retried, s.dead_lettered), (0, MAX_RECEIVES as u64 - 1, 1), "{s:?}");
     }
 }

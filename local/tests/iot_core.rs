@@ -91,6 +91,10 @@ async fn devices_are_held_to_their_own_topics_and_their_sessions_are_announced()
     // AND an operator tool publishes telemetry in a device's name
     operator.publish("dt/fleet/sensor-003/telemetry", QoS::AtLeastOnce, false, reading()).await?;
     until(&mut operator_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    // AND a client whose id is not a thing name (it would make the policy's thing-name
+    // variable a wildcard) tries to connect as a device
+    let (_wild, mut wild_events) = client(&stack, "+", None);
+    let wild = tokio::time::timeout(Duration::from_secs(10), wild_events.poll()).await?;
     let stats = std::sync::Arc::clone(&stack.stats);
     let store = stack.store.clone();
     stack.shutdown().await?;
@@ -106,8 +110,10 @@ async fn devices_are_held_to_their_own_topics_and_their_sessions_are_announced()
     assert_eq!(disconnected["clientInitiatedDisconnect"], true);
     assert_eq!(disconnected["versionNumber"], connected["versionNumber"]);
     assert_eq!(disconnected["sessionIdentifier"], connected["sessionIdentifier"]);
-    // AND the device policy refused both foreign publishes: nothing of them reached the rules
-    assert_eq!(stats.snapshot(0).refused_by_policy, 2);
+    // AND the device policy refused both foreign publishes (nothing of them reached the rules)
+    // and the wildcard client id
+    assert!(wild.is_err(), "a client id `+` connected: {wild:?}");
+    assert_eq!(stats.snapshot(0).refused_by_policy, 3);
     let own = store.device(&ThingName::parse("sensor-001")?).await?.context("sensor-001 stored")?;
     assert!(own.state.is_some(), "{own:?}");
     if store.device(&ThingName::parse("sensor-002")?).await?.is_some() {
