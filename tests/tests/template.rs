@@ -53,6 +53,19 @@ fn every_alarm_notifies_and_says_when_it_is_ok_again() {
             assert!(actions.is_some_and(|a| !a.is_empty()), "{id} has no {key}");
         }
     }
+    // What a production owner expects to be told about.
+    let watched: Vec<String> = of_type(&resources, "AWS::CloudWatch::Alarm")
+        .filter_map(|(_, a)| a.get("Properties")?.get("MetricName")?.as_str().map(str::to_owned))
+        .collect();
+    for metric in [
+        "Errors",
+        "Throttles",
+        "ApproximateAgeOfOldestMessage",
+        "ApproximateNumberOfMessagesVisible",
+        "TopicRuleErrors",
+    ] {
+        assert!(watched.iter().any(|m| m == metric), "no alarm on {metric}: {watched:?}");
+    }
     let topic = resources.get("AlarmTopic").expect("a topic the stack creates when none is given");
     assert_eq!(topic.get("Condition").and_then(Value::as_str), Some("CreateAlarmTopic"));
 }
