@@ -69,3 +69,15 @@ fn every_alarm_notifies_and_says_when_it_is_ok_again() {
     let topic = resources.get("AlarmTopic").expect("a topic the stack creates when none is given");
     assert_eq!(topic.get("Condition").and_then(Value::as_str), Some("CreateAlarmTopic"));
 }
+
+#[test]
+fn the_rule_role_trusts_only_this_rule_and_the_archive_lifecycle_stays_valid() {
+    let text = include_str!("../../infra/template.yaml");
+    let doc: Value = serde_yaml_ng::from_str(text).expect("the template parses");
+    let trust = &doc["Resources"]["TopicRuleRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0];
+    assert!(trust["Condition"]["StringEquals"].get("aws:SourceAccount").is_some(), "{trust:?}");
+    assert!(trust["Condition"]["ArnLike"].get("aws:SourceArn").is_some(), "{trust:?}");
+    // Expiration must come after the last transition (90 days) or S3 refuses the rules.
+    let min = doc["Parameters"]["RawArchiveRetentionDays"]["MinValue"].as_u64();
+    assert!(min.is_some_and(|m| m > 90), "RawArchiveRetentionDays MinValue {min:?}");
+}
