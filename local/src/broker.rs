@@ -301,10 +301,6 @@ impl Broker {
         self.shutdown.shutdown();
         let _ = tokio::time::timeout(BROKER_STOP_TIMEOUT, self.task).await;
     }
-
-    pub fn open_sessions(&self) -> usize {
-        self.iot.sessions.lock().unwrap_or_else(|p| p.into_inner()).open_sessions()
-    }
 }
 
 /// The publishes the broker admitted, in order, for the rules engine.

@@ -85,13 +85,21 @@ impl Functions {
 
     /// Invoke `name` with `event` (serialised to JSON first, as Lambda receives it).
     pub async fn invoke(&self, name: &str, event: &impl Serialize) -> Result<Value, FunctionError> {
+        let raw = serde_json::value::to_raw_value(event)
+            .map_err(|e| FunctionError::new("InvalidRequestContent", e.to_string()))?;
+        self.invoke_raw(name, raw).await
+    }
+
+    /// Invoke `name` with an event that is JSON already. A panic in the handler is an error
+    /// (`Runtime.Panic`), as Lambda reports one, so every caller retries it as it would.
+    pub async fn invoke_raw(&self, name: &str, event: Box<RawValue>) -> Result<Value, FunctionError> {
         let function = self
             .by_name
             .get(name)
             .ok_or_else(|| FunctionError::new("ResourceNotFound", format!("no local function {name}")))?;
-        let raw = serde_json::value::to_raw_value(event)
-            .map_err(|e| FunctionError::new("InvalidRequestContent", e.to_string()))?;
-        function.invoke(raw).await
+        tokio::spawn(function.invoke(event))
+            .await
+            .map_err(|e| FunctionError::new("Runtime.Panic", e.to_string()))?
     }
 }
 
@@ -127,5 +135,8 @@ mod tests {
         assert_eq!(err, Err(FunctionError::new("Refused", "no")));
         let err = functions.invoke("Nope", &1).await.unwrap_err();
         assert_eq!(err.error_type, "ResourceNotFound");
+        functions.add("Panics", |_: Box<RawValue>| -> Invocation { Box::pin(async { panic!("bug") }) });
+        let err = functions.invoke("Panics", &1).await.unwrap_err();
+        assert_eq!(err.error_type, "Runtime.Panic");
     }
 }

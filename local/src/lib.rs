@@ -42,7 +42,6 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use self::broker::{Broker, BrokerOptions};
-use self::functions::Functions;
 use self::rules::Engine;
 use self::stats::Stats;
 use self::template::{Rule, Target, Template};
@@ -74,7 +73,6 @@ pub struct LocalStack {
     pub http: SocketAddr,
     pub template: Template,
     pub template_source: String,
-    pub functions: Arc<Functions>,
     broker: Broker,
     drain_deadline: Duration,
     drain_queues: watch::Sender<bool>,
@@ -179,7 +177,6 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         http,
         template,
         template_source,
-        functions,
         broker,
         drain_deadline: opts.drain_deadline,
         drain_queues,

@@ -163,15 +163,10 @@ impl Consumer {
         self.stats.record_latencies(latencies, now);
     }
 
-    /// One SQS batch through the function's own entry point, as JSON in and out.
-    /// A panic in the function is an error, as Lambda reports one: the batch is delivered again.
+    /// One SQS batch through the function's own entry point, as JSON in and out (a panic in
+    /// the function is an error, so the batch is delivered again).
     async fn invoke(&self, event: &SqsEvent) -> Result<SqsBatchResponse, FunctionError> {
-        let raw = serde_json::value::to_raw_value(event)
-            .map_err(|e| FunctionError::new("InvalidRequestContent", e.to_string()))?;
-        let (functions, name) = (Arc::clone(&self.functions), self.config.function.clone());
-        let response = tokio::spawn(async move { functions.invoke(&name, &raw).await })
-            .await
-            .map_err(|e| FunctionError::new("Runtime.Panic", e.to_string()))??;
+        let response = self.functions.invoke(&self.config.function, event).await?;
         serde_json::from_value(response).map_err(|e| {
             FunctionError::new("InvalidBatchResponse", format!("not an SQS batch response: {e}"))
         })
@@ -200,47 +195,39 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn draining_waits_for_batches_in_flight_and_what_they_put_back() {
+    /// Run `messages` through a queue read by `function`, drain it, and return the counters.
+    async fn drain(
+        function: impl crate::functions::LocalFunction + 'static,
+        batch_size: usize,
+        concurrency: usize,
+        messages: usize,
+    ) -> crate::stats::Snapshot {
         let mut functions = Functions::default();
-        functions.add("F", fails_first_delivery);
+        functions.add("F", function);
         let stats = Arc::new(Stats::default());
         let (drain, draining) = watch::channel(false);
-        let config = QueueConfig {
-            function: "F".into(),
-            batch_size: 3,
-            window: Duration::from_millis(1),
-            concurrency: 2,
-        };
+        let config =
+            QueueConfig { function: "F".into(), batch_size, window: Duration::from_millis(1), concurrency };
         let (queue, consumer) = spawn(config, Arc::new(functions), Arc::clone(&stats), draining);
-        for i in 0..20 {
+        for i in 0..messages {
             queue.send(format!("{{\"n\":{i}}}"), 0);
         }
         let _ = drain.send(true);
         tokio::time::timeout(Duration::from_secs(10), consumer).await.expect("drains").expect("no panic");
-        let s = stats.snapshot(0);
+        stats.snapshot(0)
+    }
+
+    #[tokio::test]
+    async fn draining_waits_for_batches_in_flight_and_what_they_put_back() {
+        let s = drain(fails_first_delivery, 3, 2, 20).await;
         assert_eq!((s.delivered, s.retried, s.dead_lettered), (20, 20, 0), "{s:?}");
     }
 
     #[tokio::test]
     async fn a_panicking_function_gets_its_batch_again_and_then_dead_letters_it() {
-        let mut functions = Functions::default();
-        functions.add("F", |_: Box<serde_json::value::RawValue>| -> Invocation {
-            Box::pin(async { panic!("bug") })
-        });
-        let stats = Arc::new(Stats::default());
-        let (drain, draining) = watch::channel(false);
-        let config = QueueConfig {
-            function: "F".into(),
-            batch_size: 10,
-            window: Duration::from_millis(1),
-            concurrency: 1,
-        };
-        let (queue, consumer) = spawn(config, Arc::new(functions), Arc::clone(&stats), draining);
-        queue.send("{}".into(), 0);
-        let _ = drain.send(true);
-        tokio::time::timeout(Duration::from_secs(10), consumer).await.expect("drains").expect("no panic");
-        let s = stats.snapshot(0);
+        let panics =
+            |_: Box<serde_json::value::RawValue>| -> Invocation { Box::pin(async { panic!("bug") }) };
+        let s = drain(panics, 10, 1, 1).await;
         assert_eq!((s.delivered, s.retried, s.dead_lettered), (0, MAX_RECEIVES as u64 - 1, 1), "{s:?}");
     }
 }

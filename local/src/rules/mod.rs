@@ -93,7 +93,7 @@ impl Engine {
             return;
         };
         for attempt in 1..=DIRECT_ATTEMPTS {
-            match self.functions.invoke(function, &event).await {
+            match self.functions.invoke_raw(function, event.clone()).await {
                 Ok(_) => return,
                 Err(e) => {
                     warn!(attempt, function, error = %e, "direct invocation failed");
