@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every Fleetline test, on a fresh machine too. It installs what the tests need: into
-# .venv (pinned in scripts/requirements-test.txt, from PyPI: moto[server], cargo-lambda,
-# cfn-lint) and, when missing, Debian's mosquitto-clients and chromium; starts a moto server
-# on a free loopback port; runs formatting, lint, the SAM template check and all four test
-# tiers; and stops what it started.
+# .venv (pinned in scripts/requirements-test.txt and requirements-deploy.txt, from PyPI:
+# aws-sam-cli, cargo-lambda, moto[server], cfn-lint) and, when missing, Debian's
+# mosquitto-clients and chromium; starts a moto server on a free loopback port; runs
+# formatting, lint, the SAM template checks, the deploy build and all four test tiers; and
+# stops what it started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -12,13 +13,15 @@ venv="$root/.venv"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "test tools (.venv from scripts/requirements-test.txt)"
-if ! cmp -s scripts/requirements-test.txt "$venv/.installed" 2>/dev/null; then
+if ! cat scripts/requirements-*.txt | cmp -s - "$venv/.installed" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
-  cp scripts/requirements-test.txt "$venv/.installed"
+  cat scripts/requirements-*.txt >"$venv/.installed"
 fi
 export PATH="$venv/bin:$PATH"
+export SAM_CLI_TELEMETRY=0
 cargo lambda --version
+sam --version
 
 step "system tools (mosquitto_pub, chromium)"
 missing=()
@@ -55,8 +58,14 @@ cargo fmt --all -- --check
 step "lint (clippy, warnings are errors)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
-step "SAM template (cfn-lint)"
+step "SAM template (cfn-lint, sam validate --lint)"
 cfn-lint infra/template.yaml
+# Offline: the SAM transform and cfn-lint run locally; the credentials are never used.
+AWS_ACCESS_KEY_ID=offline AWS_SECRET_ACCESS_KEY=offline \
+  sam validate --lint --template infra/template.yaml --region us-east-1
+
+step "deploy build (every function, cargo lambda --release, clean target directory)"
+bash scripts/deploy-build.sh target/deploy-build
 
 step "tests: domain, handler, adapter (moto + mocks), end-to-end (cargo lambda, fleetctl local, chromium)"
 cargo test --workspace --features fleet-shared/test-support --locked -- --include-ignored

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamQuery, TimestreamSink};
+use fleet_shared::adapters::aws::{DevicesTable, HotStore, HotStoreKind, S3Archive, TelemetryReader};
 use fleet_shared::ingest::{
     ingest_batch, messages_from_event, replay, BatchOutcome, Inbound, IngestPolicy, IngestPorts,
     OwnedInbound, ReplayPorts,
@@ -72,12 +72,14 @@ pub async fn run(cli: Cli) -> Result<()> {
     match Backend::connect(env).await? {
         Backend::Aws(aws) => {
             let (sdk, env) = (&aws.sdk, &aws.env);
+            let policy = HotStoreKind::from_env(env)?.policy(policy);
             match cli.command {
                 Command::Devices { command } => {
                     devices(&DevicesTable::from_env(sdk, env)?, command, json).await
                 }
                 Command::Telemetry { thing, since, limit } => {
-                    telemetry(&TimestreamQuery::from_env(sdk, env)?, &thing, since, limit, json).await
+                    // From the hot store the deployment has, else from the raw archive.
+                    telemetry(&TelemetryReader::from_env(sdk, env, policy)?, &thing, since, limit, json).await
                 }
                 Command::Quarantine { command } => {
                     quarantine(&S3Archive::from_env(sdk, env)?, command, json).await
@@ -86,7 +88,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let archive = S3Archive::from_env(sdk, env)?;
                     let ports = ReplayPorts {
                         registry: &DevicesTable::from_env(sdk, env)?,
-                        sink: &TimestreamSink::from_env(sdk, env).await?,
+                        sink: &HotStore::from_env(sdk, env).await?,
                         quarantine: &archive,
                         reader: &archive,
                     };
@@ -96,7 +98,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let archive = S3Archive::from_env(sdk, env)?;
                     let ports = IngestPorts {
                         registry: &DevicesTable::from_env(sdk, env)?,
-                        sink: &TimestreamSink::from_env(sdk, env).await?,
+                        sink: &HotStore::from_env(sdk, env).await?,
                         archive: &archive,
                         quarantine: &archive,
                     };

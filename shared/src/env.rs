@@ -7,7 +7,9 @@
 //! | `FLEET_BACKEND` | every function, fleetctl | `aws` or `embedded` |
 //! | `FLEET_DB` | embedded backend | SQLite file path |
 //! | `FLEET_DEVICES_TABLE` | `DevicesTable` | DynamoDB Devices table |
-//! | `FLEET_TELEMETRY_DB`, `FLEET_TELEMETRY_TABLE` | `TimestreamSink`, `TimestreamQuery` | Timestream database and table |
+//! | `FLEET_STAGE` | `MetricsOut::stdout`, init-failure metric | the deployment stage: `Stage` dimension of every custom metric |
+//! | `FLEET_HOT_STORE` | `HotStore`, `TelemetryReader` | `timestream` or `none` (the template's `HotStore`) |
+//! | `FLEET_TELEMETRY_DB`, `FLEET_TELEMETRY_TABLE` | `TimestreamSink`, `TimestreamQuery` | Timestream database and table (`timestream` only) |
 //! | `FLEET_ARCHIVE_BUCKET` | `S3Archive` | S3 bucket for `raw/` and `quarantine/` |
 //! | `FLEET_SKEW_TOLERANCE_S`, `FLEET_HOT_WINDOW_DAYS` | ingest-telemetry | its time rules (`IngestPolicy::from_env`) |
 //!

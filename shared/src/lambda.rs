@@ -85,6 +85,29 @@ impl Backend {
     }
 }
 
+/// The EMF line of a cold start that failed: `InitFailed` = 1 for this stage and function
+/// (the template alarms on it). The stage is `unknown` when `FLEET_STAGE` itself is missing.
+pub fn init_failed_line(function: &str, env: &Env, timestamp_ms: i64) -> String {
+    let stage = env.optional("FLEET_STAGE").unwrap_or_else(|| "unknown".to_owned());
+    crate::metrics::emf_line(
+        timestamp_ms,
+        &[("Stage", stage.as_str()), ("Function", function)],
+        &[("InitFailed", 1.0, crate::metrics::Unit::Count)],
+    )
+}
+
+/// Report a cold start that cannot become ready, then hand the error back for `main` to
+/// return (Lambda then records the init failure): the error in the log, and the
+/// `InitFailed` metric, so a broken deploy pages someone instead of failing every event quietly.
+pub fn init_failed<E: Display>(function: &str, env: &Env, error: E) -> E {
+    use std::io::Write;
+    tracing::error!(function, error = %error, "cold start failed");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", init_failed_line(function, env, crate::time::now_ms()));
+    let _ = out.flush();
+    error
+}
+
 /// The SQS answer naming exactly the messages to retry (`ReportBatchItemFailures`).
 pub fn batch_response<'a>(failed_message_ids: impl IntoIterator<Item = &'a str>) -> SqsBatchResponse {
     let mut response = SqsBatchResponse::default();
@@ -135,6 +158,18 @@ mod tests {
         fn error_type(&self) -> &'static str {
             "Retryable"
         }
+    }
+
+    #[test]
+    fn a_failed_cold_start_counts_init_failed_for_its_stage_and_function() -> serde_json::Result<()> {
+        let env = Env::from_pairs(&[("FLEET_STAGE", "prod")]);
+        let v: serde_json::Value = serde_json::from_str(&init_failed_line("ingest-telemetry", &env, 7))?;
+        assert_eq!(v["InitFailed"], 1.0);
+        assert_eq!((v["Stage"].as_str(), v["Function"].as_str()), (Some("prod"), Some("ingest-telemetry")));
+        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"], "InitFailed");
+        let v: serde_json::Value = serde_json::from_str(&init_failed_line("f", &Env::from_pairs(&[]), 7))?;
+        assert_eq!(v["Stage"], "unknown");
+        Ok(())
     }
 
     #[test]

@@ -54,7 +54,17 @@ pub struct MetricSet {
 
 impl MetricSet {
     pub fn to_emf_line(&self) -> String {
-        let dims: Vec<(&str, &str)> = self.dimensions.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.to_emf_line_in(None)
+    }
+
+    /// The EMF line with the deployment's `Stage` as the first dimension, so two stages in one
+    /// account never add up into one metric (or one alarm).
+    pub fn to_emf_line_in(&self, stage: Option<&str>) -> String {
+        let dims: Vec<(&str, &str)> = stage
+            .map(|s| ("Stage", s))
+            .into_iter()
+            .chain(self.dimensions.iter().map(|(k, v)| (*k, v.as_str())))
+            .collect();
         emf_line(self.timestamp_ms, &dims, &self.values)
     }
 
@@ -67,7 +77,10 @@ impl MetricSet {
 /// log), a collector in the local stack (its dashboard counts them), nowhere in tests.
 #[derive(Clone, Default)]
 pub enum MetricsOut {
-    Stdout,
+    /// EMF on stdout, every metric with the deployment's `Stage` dimension.
+    Stdout {
+        stage: String,
+    },
     #[default]
     Off,
     Collect(std::sync::Arc<dyn Fn(&MetricSet) + Send + Sync>),
@@ -76,7 +89,7 @@ pub enum MetricsOut {
 impl std::fmt::Debug for MetricsOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            MetricsOut::Stdout => "Stdout",
+            MetricsOut::Stdout { .. } => "Stdout",
             MetricsOut::Off => "Off",
             MetricsOut::Collect(_) => "Collect",
         })
@@ -84,14 +97,20 @@ impl std::fmt::Debug for MetricsOut {
 }
 
 impl MetricsOut {
+    /// EMF on stdout for the stage `FLEET_STAGE` names (the template sets it for every function).
+    pub fn stdout(env: &crate::Env) -> Result<Self, crate::env::ConfigError> {
+        Ok(MetricsOut::Stdout { stage: env.required("FLEET_STAGE")? })
+    }
+
     pub fn emit(&self, sets: &[MetricSet]) {
         match self {
-            MetricsOut::Stdout => {
+            MetricsOut::Stdout { stage } => {
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
                 for s in sets {
-                    let _ = writeln!(out, "{}", s.to_emf_line());
+                    let _ = writeln!(out, "{}", s.to_emf_line_in(Some(stage)));
                 }
+                let _ = out.flush();
             }
             MetricsOut::Off => {}
             MetricsOut::Collect(f) => sets.iter().for_each(|s| f(s)),
@@ -113,6 +132,21 @@ mod tests {
             (v["Function"].as_str(), v["Count"].as_f64(), v["_aws"]["Timestamp"].as_i64()),
             (Some("f"), Some(2.0), Some(5))
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_deployed_function_puts_its_stage_first_in_every_metric() -> anyhow::Result<()> {
+        let set = MetricSet {
+            timestamp_ms: 5,
+            dimensions: vec![("Function", "f".to_owned())],
+            values: vec![("Failed", 1.0, Unit::Count)],
+        };
+        let v: Value = serde_json::from_str(&set.to_emf_line_in(Some("prod")))?;
+        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0], json!(["Stage", "Function"]));
+        assert_eq!((v["Stage"].as_str(), v["Function"].as_str()), (Some("prod"), Some("f")));
+        let missing = MetricsOut::stdout(&crate::Env::from_pairs(&[])).err();
+        assert_eq!(missing, Some(crate::env::ConfigError::Missing("FLEET_STAGE")));
         Ok(())
     }
 }

@@ -7,8 +7,8 @@
 //! |---|---|---|
 //! | [`DeviceRegistry`] | `DevicesTable` | `dynamodb:BatchGetItem`, `dynamodb:UpdateItem` on the Devices table |
 //! | [`DeviceAdmin`] | `DevicesTable` | `dynamodb:BatchWriteItem`, `Query`, `Scan` (operators, fleetctl) |
-//! | [`TelemetrySink`] | `TimestreamSink` | `timestream:WriteRecords` on the table (+ `DescribeEndpoints`) |
-//! | [`TelemetryQuery`] | `TimestreamQuery` | `timestream:Select` (operators) |
+//! | [`TelemetrySink`] | `HotStore`: `TimestreamSink`, or none (the archive holds it) | `timestream:WriteRecords` on the table (+ `DescribeEndpoints`), only with `HotStore=timestream` |
+//! | [`TelemetryQuery`] | `TelemetryReader`: `TimestreamQuery`, or `ArchiveTelemetry` over the archive | `timestream:Select`, or `s3:ListBucket` + `s3:GetObject` on `raw/*` (operators) |
 //! | [`RawArchive`] | `S3Archive` | `s3:PutObject` on `raw/*` |
 //! | [`ArchiveReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `raw/*` (replay, operators) |
 //! | [`Quarantine`] | `S3Archive` | `s3:PutObject` on `quarantine/*` |

@@ -27,6 +27,8 @@ impl AwsResources {
     /// The variables the template gives a function for these resources.
     pub fn vars(&self) -> Vec<(&'static str, String)> {
         vec![
+            ("FLEET_STAGE", "test".to_owned()),
+            ("FLEET_HOT_STORE", "timestream".to_owned()),
             ("FLEET_DEVICES_TABLE", self.devices_table.clone()),
             ("FLEET_TELEMETRY_DB", self.telemetry_database.clone()),
             ("FLEET_TELEMETRY_TABLE", self.telemetry_table.clone()),

@@ -3,11 +3,14 @@
 //! the rest with reasons, a redelivery changes nothing, and a replay of the archive fails nothing.
 
 use anyhow::{anyhow, ensure, Context, Result};
-use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamSink};
+use fleet_shared::adapters::aws::{DevicesTable, HotStore, S3Archive, TelemetryReader};
 use fleet_shared::ingest::{decode_lines, replay, IngestPolicy, Reason, ReplayPorts};
+use fleet_shared::lambda::AwsBackend;
 use fleet_shared::metrics::MetricsOut;
 use fleet_shared::model::{DeviceRegistration, ThingName};
 use fleet_shared::ports::{DeviceAdmin, QuarantineReader};
+use fleet_shared::ports::{TelemetryQuery, TelemetrySink};
+use fleet_shared::Env;
 use fleet_tests::{archive_objects, moto};
 use ingest_telemetry::handler::{handle, Deps, Response};
 use lambda_runtime::{Context as LambdaContext, LambdaEvent};
@@ -20,8 +23,8 @@ fn now() -> i64 {
     NOW
 }
 
-async fn invoke(
-    deps: &Deps<DevicesTable, TimestreamSink, S3Archive, S3Archive>,
+async fn invoke<S: TelemetrySink>(
+    deps: &Deps<DevicesTable, S, S3Archive, S3Archive>,
     event: &str,
 ) -> Result<Vec<String>> {
     let event = LambdaEvent::new(RawValue::from_string(event.to_owned())?, LambdaContext::default());
@@ -93,5 +96,47 @@ async fn mixed_batch_through_the_handler_on_aws_stores_neighbours_quarantines_ba
         (report.objects, report.messages, report.failed, report.quarantined) == (1, 3, 0, 0),
         "{report:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs the moto server started by scripts/test.sh"]
+async fn without_a_hot_store_the_archive_is_the_store_and_fleetctl_reads_telemetry_back_from_it() -> Result<()>
+{
+    // GIVEN a deployment with HotStore=none: the template gives no Timestream variable at all
+    let r = moto::fresh_resources().await?;
+    let vars = [
+        ("FLEET_BACKEND", "aws".to_owned()),
+        ("FLEET_STAGE", "test".to_owned()),
+        ("FLEET_HOT_STORE", "none".to_owned()),
+        ("FLEET_DEVICES_TABLE", r.devices_table.clone()),
+        ("FLEET_ARCHIVE_BUCKET", r.archive_bucket.clone()),
+    ];
+    let env = Env::from_fn(move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()));
+    let aws = AwsBackend { sdk: moto::sdk_config().await?, env: env.clone() };
+    // WHEN the function starts as main.rs starts it, and the mixed batch is delivered
+    let mut deps = Deps::on_aws(&aws).await?;
+    ensure!(matches!(deps.sink, HotStore::None), "a hot store was built");
+    deps.clock = now;
+    deps.metrics = MetricsOut::Off;
+    let failed = invoke(&deps, MIXED).await?;
+    // THEN nothing is retried, the valid readings are archived and the bad ones quarantined
+    ensure!(failed.is_empty(), "retried: {failed:?}");
+    let raw = archive_objects(&deps.archive, "raw/").await?;
+    ensure!(raw.len() == 1, "raw objects: {:?}", raw.keys());
+    ensure!(deps.archive.quarantined(0).await?.len() == 8, "quarantine lines");
+
+    // AND `fleetctl telemetry` on this deployment reads the device's readings from the archive
+    let reader = TelemetryReader::from_env(&aws.sdk, &env, IngestPolicy::default())?;
+    ensure!(matches!(reader, TelemetryReader::Archive(_)), "read from another store");
+    let s1 = ThingName::parse("sensor-001")?;
+    let readings = reader.telemetry(&s1, NOW - 3_600_000, 100).await?;
+    let seqs: Vec<u64> = readings.iter().map(|r| r.reading.id.seq).collect();
+    ensure!(!seqs.is_empty() && seqs.windows(2).all(|w| w[0] < w[1]), "sensor-001 readings: {seqs:?}");
+    ensure!(readings.iter().all(|r| r.reading.id.thing == s1), "another thing's readings");
+    // AND a redelivery is archived as the same object and still read back once
+    ensure!(invoke(&deps, MIXED).await?.is_empty(), "redelivery retried");
+    ensure!(archive_objects(&deps.archive, "raw/").await? == raw, "redelivery changed the archive");
+    ensure!(reader.telemetry(&s1, NOW - 3_600_000, 100).await?.len() == readings.len(), "read twice");
     Ok(())
 }

@@ -81,3 +81,267 @@ fn the_rule_role_trusts_only_this_rule_and_the_archive_lifecycle_stays_valid() {
     let min = doc["Parameters"]["RawArchiveRetentionDays"]["MinValue"].as_u64();
     assert!(min.is_some_and(|m| m > 90), "RawArchiveRetentionDays MinValue {min:?}");
 }
+
+// ------------------------------------------------------------------ both HotStore variants
+//
+// CloudFormation resolves Conditions, `Fn::If` and `AWS::NoValue` before anything is created.
+// `render` does the same for the parts this template uses, so a test can look at exactly what
+// `sam deploy` with given parameters would create, and check that nothing left in it refers to
+// something that is not.
+
+/// Short-form tags (`!Ref x`, `!GetAtt a.b`, `!If [...]`) as their long forms.
+fn long_form(v: &Value) -> Value {
+    match v {
+        Value::Tagged(t) => {
+            let tag = t.tag.to_string();
+            let name = tag.trim_start_matches('!');
+            let inner = long_form(&t.value);
+            let inner = match (name, &inner) {
+                ("GetAtt", Value::String(s)) => {
+                    Value::Sequence(s.splitn(2, '.').map(|p| Value::String(p.to_owned())).collect())
+                }
+                _ => inner,
+            };
+            let key =
+                if matches!(name, "Ref" | "Condition") { name.to_owned() } else { format!("Fn::{name}") };
+            let mut m = Mapping::new();
+            m.insert(Value::String(key), inner);
+            Value::Mapping(m)
+        }
+        Value::Mapping(m) => Value::Mapping(m.iter().map(|(k, v)| (k.clone(), long_form(v))).collect()),
+        Value::Sequence(s) => Value::Sequence(s.iter().map(long_form).collect()),
+        other => other.clone(),
+    }
+}
+
+fn single<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    let m = v.as_mapping()?;
+    if m.len() == 1 {
+        m.get(key)
+    } else {
+        None
+    }
+}
+
+struct Rendered {
+    resources: Mapping,
+    outputs: Mapping,
+    parameters: Mapping,
+}
+
+fn render(params: &[(&str, &str)]) -> Rendered {
+    let doc = long_form(&serde_yaml_ng::from_str(include_str!("../../infra/template.yaml")).expect("parses"));
+    let parameters = doc["Parameters"].as_mapping().cloned().expect("Parameters");
+    let param = |name: &str| -> Value {
+        params.iter().find(|(n, _)| *n == name).map(|(_, v)| Value::String((*v).to_owned())).unwrap_or_else(
+            || parameters.get(name).and_then(|p| p.get("Default")).cloned().unwrap_or(Value::Null),
+        )
+    };
+    fn scalar(v: &Value, param: &dyn Fn(&str) -> Value) -> Value {
+        match single(v, "Ref").and_then(Value::as_str) {
+            Some(name) => param(name),
+            None => v.clone(),
+        }
+    }
+    fn eval(c: &Value, conditions: &Mapping, param: &dyn Fn(&str) -> Value) -> bool {
+        if let Some(args) = single(c, "Fn::Equals").and_then(Value::as_sequence) {
+            return scalar(&args[0], param) == scalar(&args[1], param);
+        }
+        if let Some(args) = single(c, "Fn::Not").and_then(Value::as_sequence) {
+            return !eval(&args[0], conditions, param);
+        }
+        if let Some(args) = single(c, "Fn::And").and_then(Value::as_sequence) {
+            return args.iter().all(|a| eval(a, conditions, param));
+        }
+        if let Some(args) = single(c, "Fn::Or").and_then(Value::as_sequence) {
+            return args.iter().any(|a| eval(a, conditions, param));
+        }
+        if let Some(name) = single(c, "Condition").and_then(Value::as_str) {
+            return eval(&conditions[name], conditions, param);
+        }
+        panic!("unsupported condition {c:?}")
+    }
+    let conditions = doc["Conditions"].as_mapping().cloned().unwrap_or_default();
+    let holds = |name: &str| eval(&conditions[name], &conditions, &param);
+    // Resolve `Fn::If` and drop `AWS::NoValue` (None = removed from its parent).
+    fn resolve(v: &Value, holds: &dyn Fn(&str) -> bool) -> Option<Value> {
+        if single(v, "Ref").and_then(Value::as_str) == Some("AWS::NoValue") {
+            return None;
+        }
+        if let Some(args) = single(v, "Fn::If").and_then(Value::as_sequence) {
+            let cond = args[0].as_str().expect("Fn::If condition name");
+            return resolve(if holds(cond) { &args[1] } else { &args[2] }, holds);
+        }
+        Some(match v {
+            Value::Mapping(m) => {
+                Value::Mapping(m.iter().filter_map(|(k, v)| Some((k.clone(), resolve(v, holds)?))).collect())
+            }
+            Value::Sequence(s) => Value::Sequence(s.iter().filter_map(|v| resolve(v, holds)).collect()),
+            other => other.clone(),
+        })
+    }
+    let keep = |section: &str| -> Mapping {
+        doc[section]
+            .as_mapping()
+            .into_iter()
+            .flatten()
+            .filter(|(_, r)| r.get("Condition").and_then(Value::as_str).is_none_or(&holds))
+            .filter_map(|(k, r)| Some((k.clone(), resolve(r, &holds)?)))
+            .collect()
+    };
+    Rendered { resources: keep("Resources"), outputs: keep("Outputs"), parameters }
+}
+
+/// Every logical id a rendered value refers to (`Ref`, `Fn::GetAtt`, `${X}` in `Fn::Sub`).
+fn references(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Mapping(m) => {
+            if let Some(name) = single(v, "Ref").and_then(Value::as_str) {
+                out.push(name.to_owned());
+            } else if let Some(target) =
+                single(v, "Fn::GetAtt").and_then(|g| g.get(0)).and_then(Value::as_str)
+            {
+                out.push(target.to_owned());
+            } else if let Some(sub) = single(v, "Fn::Sub") {
+                let text = sub.as_str().or_else(|| sub.get(0).and_then(Value::as_str)).unwrap_or_default();
+                for part in text.split("${").skip(1) {
+                    let name = part.split('}').next().unwrap_or_default();
+                    if !name.starts_with('!') {
+                        out.push(name.split('.').next().unwrap_or_default().to_owned());
+                    }
+                }
+            }
+            m.values().for_each(|v| references(v, out));
+        }
+        Value::Sequence(s) => s.iter().for_each(|v| references(v, out)),
+        _ => {}
+    }
+}
+
+fn iam_statements(r: &Rendered) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (_, res) in of_type(&r.resources, "AWS::IAM::Role") {
+        for policy in res["Properties"]["Policies"].as_sequence().into_iter().flatten() {
+            out.extend(policy["PolicyDocument"]["Statement"].as_sequence().cloned().unwrap_or_default());
+        }
+    }
+    out
+}
+
+fn actions(statement: &Value) -> Vec<String> {
+    match &statement["Action"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Sequence(s) => s.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn function_env(r: &Rendered, function: &str) -> Mapping {
+    r.resources[function]["Properties"]["Environment"]["Variables"].as_mapping().cloned().unwrap_or_default()
+}
+
+fn assert_self_consistent(r: &Rendered, variant: &str) {
+    let pseudo = ["AWS::AccountId", "AWS::Region", "AWS::Partition", "AWS::StackName", "AWS::URLSuffix"];
+    let mut refs = Vec::new();
+    references(&Value::Mapping(r.resources.clone()), &mut refs);
+    references(&Value::Mapping(r.outputs.clone()), &mut refs);
+    for name in refs {
+        let known = r.resources.contains_key(name.as_str())
+            || r.parameters.contains_key(name.as_str())
+            || pseudo.contains(&name.as_str());
+        assert!(known, "{variant}: a reference to {name}, which this variant does not create");
+    }
+}
+
+#[test]
+fn with_the_default_hot_store_nothing_touches_timestream_and_the_archive_is_queryable() {
+    // The default must deploy in an account Timestream for LiveAnalytics refuses.
+    let r = render(&[]);
+    assert_eq!(r.parameters["HotStore"]["Default"].as_str(), Some("none"));
+    assert_self_consistent(&r, "HotStore=none");
+    for (id, res) in &r.resources {
+        let ty = res["Type"].as_str().unwrap_or_default();
+        assert!(!ty.starts_with("AWS::Timestream::"), "{id:?} ({ty}) is created without a hot store");
+    }
+    for s in iam_statements(&r) {
+        assert!(actions(&s).iter().all(|a| !a.starts_with("timestream:")), "a Timestream grant: {s:?}");
+    }
+    let env = function_env(&r, "IngestTelemetryFunction");
+    assert_eq!(env["FLEET_HOT_STORE"].get("Ref").and_then(Value::as_str), Some("HotStore"));
+    for var in ["FLEET_TELEMETRY_DB", "FLEET_TELEMETRY_TABLE", "FLEET_HOT_WINDOW_DAYS"] {
+        assert!(!env.contains_key(var), "{var} is set without a hot store");
+    }
+    // Athena reads the archive's partitions by projection: no crawler, no partition upkeep.
+    let table = &r.resources["RawTelemetryGlueTable"]["Properties"]["TableInput"];
+    assert_eq!(table["Parameters"]["projection.enabled"].as_str(), Some("true"));
+    let location = table["Parameters"]["storage.location.template"]["Fn::Sub"].as_str().unwrap_or_default();
+    assert!(location.ends_with("/raw/dt=${!dt}/hour=${!hour}/"), "{location}");
+    let keys: Vec<&str> = table["PartitionKeys"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k["Name"].as_str())
+        .collect();
+    assert_eq!(keys, ["dt", "hour"]);
+}
+
+#[test]
+fn with_timestream_the_function_gets_the_table_its_grants_and_a_rejected_data_location() {
+    let r = render(&[("HotStore", "timestream")]);
+    assert_self_consistent(&r, "HotStore=timestream");
+    assert_eq!(of_type(&r.resources, "AWS::Timestream::Table").count(), 1);
+    let env = function_env(&r, "IngestTelemetryFunction");
+    for var in ["FLEET_TELEMETRY_DB", "FLEET_TELEMETRY_TABLE", "FLEET_HOT_WINDOW_DAYS"] {
+        assert!(env.contains_key(var), "{var} missing with Timestream");
+    }
+    let granted: Vec<String> = iam_statements(&r).iter().flat_map(actions).collect();
+    assert!(granted.iter().any(|a| a == "timestream:WriteRecords"), "{granted:?}");
+    let rejected = &r.resources["TelemetryTable"]["Properties"]["MagneticStoreWriteProperties"]
+        ["MagneticStoreRejectedDataLocation"]["S3Configuration"];
+    assert_eq!(rejected["BucketName"].get("Ref").and_then(Value::as_str), Some("ArchiveBucket"));
+    assert!(r.resources.contains_key("TimestreamRejectedAlarm"));
+}
+
+#[test]
+fn grants_name_their_resources_and_failures_have_separate_queues() {
+    for variant in [&[][..], &[("HotStore", "timestream")][..]] {
+        let r = render(variant);
+        // "*" only where the service has no resource types to name.
+        let star_ok = ["xray:PutTraceSegments", "xray:PutTelemetryRecords", "timestream:DescribeEndpoints"];
+        for s in iam_statements(&r) {
+            if s["Resource"].as_str() == Some("*") {
+                assert!(actions(&s).iter().all(|a| star_ok.contains(&a.as_str())), "Resource \"*\": {s:?}");
+            }
+        }
+        // Functions use their own roles: SAM's generated role adds managed policies on "*".
+        for (id, f) in of_type(&r.resources, "AWS::Serverless::Function") {
+            assert!(f["Properties"].get("Role").is_some(), "{id} has no role of its own");
+            assert!(f["Properties"].get("Policies").is_none(), "{id}: Policies apply only to SAM's role");
+            // Async failures go to a destination of their own, not the SQS redrive queue.
+            let on_failure = &f["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"];
+            let destination = on_failure["Destination"]["Fn::GetAtt"][0].as_str().unwrap_or_default();
+            assert!(!destination.is_empty(), "{id} has no on-failure destination");
+            for (_, q) in of_type(&r.resources, "AWS::SQS::Queue") {
+                let dlq = q["Properties"]["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0].as_str();
+                assert_ne!(dlq, Some(destination), "{id}: async failures share the SQS redrive queue");
+            }
+        }
+        // Custom metrics are per stage: an alarm on them names its Stage.
+        for (id, a) in of_type(&r.resources, "AWS::CloudWatch::Alarm") {
+            let p = &a["Properties"];
+            if p["Namespace"].as_str() == Some("Fleetline") {
+                let dims: Vec<&str> = p["Dimensions"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d["Name"].as_str())
+                    .collect();
+                assert!(dims.contains(&"Stage"), "{id} watches a Fleetline metric of every stage: {dims:?}");
+            }
+        }
+        let watched: Vec<&str> = of_type(&r.resources, "AWS::CloudWatch::Alarm")
+            .filter_map(|(_, a)| a["Properties"]["MetricName"].as_str())
+            .collect();
+        assert!(watched.contains(&"InitFailed"), "no init-failure alarm: {watched:?}");
+    }
+}

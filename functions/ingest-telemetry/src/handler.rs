@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aws_lambda_events::event::sqs::SqsBatchResponse;
-use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamSink};
+use fleet_shared::adapters::aws::{DevicesTable, HotStore, HotStoreKind, S3Archive};
 use fleet_shared::ingest::metrics::ingest_batch_metrics;
 use fleet_shared::ingest::{
     ingest_batch, parse_event, BatchOutcome, IngestPolicy, IngestPorts, OwnedInbound, Problem, Trigger,
@@ -44,19 +44,21 @@ pub struct Deps<R, S, A, Q> {
     pub metrics: MetricsOut,
 }
 
-impl Deps<DevicesTable, TimestreamSink, S3Archive, S3Archive> {
-    /// On AWS: the Devices table, the Timestream table and the archive bucket, each from its
-    /// own variable, all from the one `SdkConfig`.
+impl Deps<DevicesTable, HotStore, S3Archive, S3Archive> {
+    /// On AWS: the Devices table, the archive bucket and the hot store the deployment chose
+    /// (`FLEET_HOT_STORE`: Timestream, or none), each from its own variables, all from the one
+    /// `SdkConfig`.
     pub async fn on_aws(aws: &AwsBackend) -> Result<Self, StartupError> {
         let archive = S3Archive::from_env(&aws.sdk, &aws.env)?;
+        let hot = HotStoreKind::from_env(&aws.env)?;
         Ok(Self {
             registry: DevicesTable::from_env(&aws.sdk, &aws.env)?,
-            sink: TimestreamSink::from_env(&aws.sdk, &aws.env).await?,
+            sink: HotStore::from_env(&aws.sdk, &aws.env).await?,
             quarantine: archive.clone(),
             archive,
-            policy: IngestPolicy::from_env(&aws.env, &fleet_shared::BackendKind::Aws)?,
+            policy: hot.policy(IngestPolicy::from_env(&aws.env, &fleet_shared::BackendKind::Aws)?),
             clock: time::now_ms,
-            metrics: MetricsOut::Stdout,
+            metrics: MetricsOut::stdout(&aws.env)?,
         })
     }
 }
@@ -74,7 +76,7 @@ impl EmbeddedDeps {
     /// On the embedded backend: every port on the one SQLite database.
     pub fn on_embedded(e: &lambda::EmbeddedBackend) -> Result<Self, StartupError> {
         let kind = fleet_shared::BackendKind::Embedded { db_path: Default::default() };
-        Ok(Self::embedded(e.db.clone(), IngestPolicy::from_env(&e.env, &kind)?, MetricsOut::Stdout))
+        Ok(Self::embedded(e.db.clone(), IngestPolicy::from_env(&e.env, &kind)?, MetricsOut::stdout(&e.env)?))
     }
 
     pub fn embedded(

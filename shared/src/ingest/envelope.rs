@@ -64,6 +64,12 @@ pub const UNLIMITED_WINDOW_DAYS: i64 = 10_000 * 366;
 const MS_PER_DAY: i64 = 86_400_000;
 
 impl IngestPolicy {
+    /// The same rules for a store that takes any time (no hot store, or SQLite): nothing is
+    /// `late`.
+    pub fn unbounded_hot_window(self) -> Self {
+        Self { hot_window_ms: UNLIMITED_WINDOW_DAYS * MS_PER_DAY, ..self }
+    }
+
     /// `FLEET_SKEW_TOLERANCE_S` (default 300) and `FLEET_HOT_WINDOW_DAYS` (default: Timestream's
     /// 365-day magnetic retention on AWS, unlimited on SQLite).
     pub fn from_env(env: &Env, backend: &BackendKind) -> Result<Self, ConfigError> {

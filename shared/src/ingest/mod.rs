@@ -3,6 +3,7 @@
 //! ports, its metrics, and replay. Only ingest-telemetry (and operators) use this module.
 
 pub mod archive;
+pub mod archive_query;
 pub mod batch;
 pub mod envelope;
 pub mod event;
@@ -14,6 +15,7 @@ pub mod service;
 pub mod sim;
 
 pub use archive::{decode_lines, quarantine_object, raw_object, ArchiveObject, QuarantineLine};
+pub use archive_query::ArchiveTelemetry;
 pub use batch::{plan, Inbound, Plan};
 pub use envelope::{decode, IngestPolicy, Rejection};
 pub use event::{direct_message, messages_from_event, parse_event, OwnedInbound, Trigger};

@@ -8,8 +8,11 @@
 #[cfg(feature = "test-support")]
 pub mod counting;
 pub mod devices;
+pub mod hot_store;
 pub mod s3;
 pub mod timestream;
+#[cfg(feature = "operator")]
+pub mod timestream_query;
 
 use std::time::Duration;
 
@@ -21,8 +24,13 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use crate::error::StoreError;
 
 pub use devices::DevicesTable;
+#[cfg(feature = "operator")]
+pub use hot_store::TelemetryReader;
+pub use hot_store::{HotStore, HotStoreKind};
 pub use s3::S3Archive;
-pub use timestream::{TimestreamQuery, TimestreamSink};
+pub use timestream::TimestreamSink;
+#[cfg(feature = "operator")]
+pub use timestream_query::TimestreamQuery;
 
 /// Resubmissions of the unprocessed part of a batch call (UnprocessedItems/Keys).
 pub const MAX_BATCH_RETRIES: usize = 8;
@@ -84,7 +92,7 @@ pub(crate) fn batch_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "operator"))]
 mod mock_tests;
 
 #[cfg(test)]
