@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use fleet_shared::ingest::{BatchOutcome, QuarantineLine, ReplayReport};
 use fleet_shared::model::{Device, StoredReading};
+use fleet_shared::text::printable;
 use fleet_shared::time::rfc3339_ms;
 use serde_json::json;
 
@@ -19,8 +20,12 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     emit(&serde_json::to_string_pretty(v)?)
 }
 
-/// Print rows under a header, each column as wide as its widest cell.
+/// Print rows under a header, each column as wide as its widest cell. Every cell is shown
+/// through `printable`: device-supplied text never reaches the terminal as control characters.
 fn table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|r| r.iter().map(|c| printable(c).into_owned()).collect()).collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -109,12 +114,13 @@ pub fn quarantine(lines: &[QuarantineLine], json: bool) -> Result<()> {
             vec![
                 rfc3339_ms(q.received_ms),
                 opt(q.thing.as_deref()),
+                opt(q.topic.as_deref()),
                 q.reasons.iter().map(|p| p.reason.as_str()).collect::<Vec<_>>().join(","),
                 q.reasons.iter().map(|p| p.detail.as_str()).collect::<Vec<_>>().join("; "),
             ]
         })
         .collect();
-    table(&["RECEIVED", "THING", "REASONS", "DETAIL"], &rows)
+    table(&["RECEIVED", "THING", "TOPIC", "REASONS", "DETAIL"], &rows)
 }
 
 pub fn ingest_outcome(file: &Path, o: &BatchOutcome, json: bool) -> Result<()> {

@@ -86,6 +86,7 @@ struct IotCore {
     sessions: Mutex<Sessions>,
     router: OnceLock<Arc<MessageRouter>>,
     stats: Arc<Stats>,
+    max_payload_bytes: usize,
 }
 
 impl IotCore {
@@ -186,6 +187,18 @@ struct Hooks(Arc<IotCore>);
 impl BrokerEventHandler for Hooks {
     fn on_client_publish<'a>(&'a self, event: ClientPublishEvent) -> Boxed<'a, PublishAction> {
         Box::pin(async move {
+            // IoT Core's limit is on the payload (the packet limit leaves room for the topic):
+            // exactly 128 KiB goes through, one byte more is refused and reaches no rule.
+            if event.payload.len() > self.0.max_payload_bytes {
+                self.0.stats.payload_too_large.fetch_add(1, SeqCst);
+                warn!(
+                    client_id = &*event.client_id,
+                    topic = &*event.topic,
+                    bytes = event.payload.len(),
+                    "CLIENT_ERROR PAYLOAD_LIMIT_EXCEEDED: message payload exceeds size limit for message type"
+                );
+                return PublishAction::Handled;
+            }
             let inbound =
                 Inbound { topic: event.topic, payload: event.payload, client_id: Some(event.client_id) };
             if self.0.admit(inbound).await {
@@ -254,6 +267,7 @@ impl Broker {
             sessions: Mutex::default(),
             router: OnceLock::new(),
             stats,
+            max_payload_bytes: opts.max_payload_bytes,
         });
         let config = BrokerConfig::default()
             .with_bind_address(opts.addr)

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use fleet_shared::model::{Device, StoredReading};
+use fleet_shared::text::printable;
 use fleet_shared::time::rfc3339_ms;
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 use plotters::prelude::*;
@@ -58,6 +59,8 @@ pub fn fleet_page(h: &FleetHealth, devices: &[Device], now: i64) -> Markup {
         ("duplicates", "duplicates absorbed", p.metric("Duplicates").to_string()),
         ("quarantined-total", "quarantined", h.quarantined_by_reason.values().sum::<u64>().to_string()),
         ("refused-by-policy", "refused by the device policy", p.refused_by_policy.to_string()),
+        ("payload-too-large", "over 128 KiB, refused", p.payload_too_large.to_string()),
+        ("rule-errors", "rule errors (not UTF-8)", p.rule_errors.to_string()),
     ];
     let body = html! {
         h1 { "Fleetline — local fleet" }
@@ -76,12 +79,12 @@ pub fn fleet_page(h: &FleetHealth, devices: &[Device], now: i64) -> Markup {
                 };
                 tr {
                     td { a href={ "/devices/" (d.thing.as_str()) } { (d.thing.as_str()) } }
-                    td { (d.class()) }
-                    td { (d.region().unwrap_or("-")) }
+                    td { (printable(d.class())) }
+                    td { (printable(d.region().unwrap_or("-"))) }
                     td class=(status.replace(' ', "-")) { (status) }
                     td { (seen) }
                     td { (st.and_then(|s| s.battery_pct).map_or("-".into(), |b| format!("{b:.0}%"))) }
-                    td { (st.and_then(|s| s.fw.as_deref()).unwrap_or("-")) }
+                    td { (printable(st.and_then(|s| s.fw.as_deref()).unwrap_or("-"))) }
                 }
             }
         }
@@ -105,8 +108,8 @@ fn reason_table(by_reason: &BTreeMap<String, u64>) -> Markup {
 pub fn device_page(d: &Device, readings: &[StoredReading], now: i64) -> Markup {
     let st = d.state.as_ref();
     let cards = [
-        ("class", "class", d.class().to_owned()),
-        ("region", "region", d.region().unwrap_or("-").to_owned()),
+        ("class", "class", printable(d.class()).into_owned()),
+        ("region", "region", printable(d.region().unwrap_or("-")).into_owned()),
         ("readings", "readings charted", readings.len().to_string()),
         ("battery", "battery", st.and_then(|s| s.battery_pct).map_or("-".into(), |v| format!("{v:.0}%"))),
         (
@@ -130,7 +133,7 @@ pub fn device_page(d: &Device, readings: &[StoredReading], now: i64) -> Markup {
         div.cards { @for (id, label, value) in &cards { (card(id, label, value)) } }
         @if series.is_empty() { p { "No telemetry yet." } }
         @for (name, points) in &series {
-            h2 { (name) }
+            h2 { (printable(name)) }
             @match chart(name, points) {
                 Ok(svg) => div.chart { (svg) },
                 Err(e) => p { "chart failed: " (e) },

@@ -5,9 +5,13 @@
 //! | `GET /` | dashboard: fleet overview |
 //! | `GET /devices/{thing}` | dashboard: one device, metrics charted |
 //! | `GET /api/health` | fleet health summary (JSON) |
-//! | `GET /api/devices` | every device (JSON) |
-//! | `GET /api/devices/{thing}/telemetry?since_ms=&limit=` | a device's readings, oldest first |
-//! | `GET /api/quarantine?reason=` | quarantined messages, optionally of one reason |
+//! | `GET /api/devices?limit=&cursor=` | devices by thing name |
+//! | `GET /api/devices/{thing}/telemetry?since_ms=&limit=&cursor=` | a device's readings, oldest first |
+//! | `GET /api/quarantine?reason=&limit=&cursor=` | quarantined messages, oldest first, optionally of one reason |
+//!
+//! Every list is one page: `{"items":[...],"next":"<cursor>"}`, at most `limit` items
+//! (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]); pass `next` as `cursor` for the next page.
+//! `next` is absent on the last page. A response never holds more than one page in memory.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,13 +22,57 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use fleet_shared::adapters::embedded::SqliteStore;
-use fleet_shared::model::{Device, ThingName};
-use fleet_shared::ports::{DeviceAdmin, QuarantineReader, TelemetryQuery};
+use fleet_shared::ingest::{QuarantineLine, Reason};
+use fleet_shared::model::{Device, StoredReading, ThingName};
+use fleet_shared::ports::{DeviceAdmin, TelemetryQuery};
 use fleet_shared::time;
 use serde::{Deserialize, Serialize};
 
 use crate::dashboard;
 use crate::stats::{Snapshot, Stats};
+
+/// Items per page when `limit` is not given, and the most a page holds.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1_000;
+
+/// One page of a list.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PageParams {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `limit`: the default page when absent, at most [`MAX_PAGE`].
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(0) => Err(bad_request("limit must be at least 1".to_owned())),
+        Some(n) => Ok(n.min(MAX_PAGE)),
+    }
+}
+
+/// Fetch one more than a page to know whether there is a next one; `cursor_of` the last item.
+fn page<T>(mut items: Vec<T>, limit: usize, cursor_of: impl Fn(&T) -> String) -> Page<T> {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next = if more { items.last().map(cursor_of) } else { None };
+    Page { items, next }
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message)
+}
+
+fn bad_cursor(cursor: &str) -> ApiError {
+    bad_request(format!("cursor {cursor:?} is not one this API gave out"))
+}
 
 /// A device is online when it was heard from within this window.
 pub const ONLINE_WINDOW_MS: i64 = 60_000;
@@ -108,40 +156,80 @@ async fn api_health(State(state): State<AppState>) -> Result<Json<FleetHealth>, 
     Ok(Json(health_of(&state).await?))
 }
 
-async fn api_devices(State(state): State<AppState>) -> Result<Json<Vec<Device>>, ApiError> {
-    Ok(Json(state.store.devices().await?))
+async fn api_devices(
+    State(state): State<AppState>,
+    Query(p): Query<PageParams>,
+) -> Result<Json<Page<Device>>, ApiError> {
+    let limit = page_limit(p.limit)?;
+    let devices = state.store.devices_page(p.cursor.clone(), limit + 1).await?;
+    Ok(Json(page(devices, limit, |d| d.thing.as_str().to_owned())))
 }
 
 #[derive(Deserialize)]
 struct TelemetryParams {
     since_ms: Option<i64>,
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 async fn api_telemetry(
     State(state): State<AppState>,
     Path(t): Path<String>,
     Query(q): Query<TelemetryParams>,
-) -> Result<Response, ApiError> {
-    let readings =
-        state.store.telemetry(&thing(&t)?, q.since_ms.unwrap_or(0), q.limit.unwrap_or(1000)).await?;
-    Ok(Json(readings).into_response())
+) -> Result<Json<Page<StoredReading>>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    // cursor = "<time_ms>.<boot>.<seq>" of the last reading of the previous page
+    let after = match &q.cursor {
+        None => None,
+        Some(c) => {
+            let mut parts = c.splitn(3, '.');
+            let mut next = || parts.next().ok_or_else(|| bad_cursor(c));
+            let (t, b, s) = (next()?, next()?, next()?);
+            Some((
+                t.parse().map_err(|_| bad_cursor(c))?,
+                b.parse().map_err(|_| bad_cursor(c))?,
+                s.parse().map_err(|_| bad_cursor(c))?,
+            ))
+        }
+    };
+    let readings = state.store.telemetry_page(&thing(&t)?, q.since_ms.unwrap_or(0), after, limit + 1).await?;
+    Ok(Json(page(readings, limit, |r| {
+        format!("{}.{}.{}", r.reading.time_ms, r.reading.id.boot, r.reading.id.seq)
+    })))
 }
 
 #[derive(Deserialize)]
 struct QuarantineQuery {
     reason: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 async fn api_quarantine(
     State(state): State<AppState>,
     Query(q): Query<QuarantineQuery>,
-) -> Result<Response, ApiError> {
-    let mut lines = state.store.quarantined(0).await?;
-    if let Some(r) = q.reason {
-        lines.retain(|l| l.reasons.iter().any(|p| p.reason.as_str() == r));
-    }
-    Ok(Json(lines).into_response())
+) -> Result<Json<Page<QuarantineLine>>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let reason = match q.reason.as_deref() {
+        None => None,
+        Some(r) => Some(
+            Reason::ALL
+                .into_iter()
+                .find(|x| x.as_str() == r)
+                .ok_or_else(|| bad_request(format!("unknown reason {r:?}")))?,
+        ),
+    };
+    // cursor = "<received_ms>.<row id>" of the last line of the previous page
+    let after = match &q.cursor {
+        None => None,
+        Some(c) => {
+            let (t, id) = c.split_once('.').ok_or_else(|| bad_cursor(c))?;
+            Some((t.parse().map_err(|_| bad_cursor(c))?, id.to_owned()))
+        }
+    };
+    let rows = state.store.quarantine_page(reason, after, limit + 1).await?;
+    let Page { items, next } = page(rows, limit, |(id, l)| format!("{}.{id}", l.received_ms));
+    Ok(Json(Page { items: items.into_iter().map(|(_, l)| l).collect(), next }))
 }
 
 async fn page_fleet(State(state): State<AppState>) -> Result<maud::Markup, ApiError> {

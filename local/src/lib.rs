@@ -154,6 +154,7 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         queues,
         functions: Arc::clone(&functions),
         stats: Arc::clone(&stats),
+        errors: store.clone(),
     };
     let engine_task = tokio::spawn(async move {
         while let Some(inbound) = intake.next().await {

@@ -20,12 +20,17 @@ pub struct Stats {
     pub unrouted: AtomicU64,
     /// Connects, publishes and subscribes the device policy refused.
     pub refused_by_policy: AtomicU64,
+    /// Publishes whose payload is over IoT Core's 128 KiB limit: dropped before any rule.
+    pub payload_too_large: AtomicU64,
     /// Queue messages a function handled (not counting redeliveries).
     pub delivered: AtomicU64,
     /// Deliveries that failed transiently and were queued again.
     pub retried: AtomicU64,
     /// Messages that kept failing and went to the (local) dead-letter queue.
     pub dead_lettered: AtomicU64,
+    /// Publishes a rule matched but could not deliver (IoT Core's error action): kept in the
+    /// quarantine with their original bytes.
+    pub rule_errors: AtomicU64,
     /// Every metric the functions emitted, summed by name, and by name and dimension value.
     metrics: Mutex<Metrics>,
     /// Latency histogram: one bucket per millisecond up to `LATENCY_BUCKETS - 1`, the last
@@ -47,9 +52,11 @@ pub struct Snapshot {
     pub routed: u64,
     pub unrouted: u64,
     pub refused_by_policy: u64,
+    pub payload_too_large: u64,
     pub delivered: u64,
     pub retried: u64,
     pub dead_lettered: u64,
+    pub rule_errors: u64,
     /// The functions' metrics by name (e.g. `Accepted`, `Quarantined`), summed.
     pub metrics: BTreeMap<String, u64>,
     /// Metrics with a dimension besides `Function`, by name and that dimension's value
@@ -136,9 +143,11 @@ impl Stats {
             routed: self.routed.load(Relaxed),
             unrouted: self.unrouted.load(Relaxed),
             refused_by_policy: self.refused_by_policy.load(Relaxed),
+            payload_too_large: self.payload_too_large.load(Relaxed),
             delivered: self.delivered.load(Relaxed),
             retried: self.retried.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
+            rule_errors: self.rule_errors.load(Relaxed),
             metrics: metrics.totals,
             metrics_by_dimension: metrics.by_dimension,
             messages_per_s: self.rate(now_ms),

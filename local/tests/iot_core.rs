@@ -126,3 +126,75 @@ async fn devices_are_held_to_their_own_topics_and_their_sessions_are_announced()
     assert_eq!(quarantined[0].reasons[0].reason.as_str(), "thing_mismatch", "{quarantined:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_of_exactly_128_kib_is_stored_and_one_byte_more_reaches_no_rule() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let mut opts = MqttOptions::new("sensor-001", "127.0.0.1", stack.mqtt.port());
+    opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (device, mut events) = AsyncClient::new(opts, 16);
+    // GIVEN valid readings padded to exactly 128 KiB, and to one byte more
+    let padded = |seq: u64, len: usize| {
+        let now = fleet_shared::time::now_ms();
+        let head = format!(r#"{{"v":1,"seq":{seq},"boot":1,"ts":{now},"m":{{"temp_c":21.5}},"pad":""#);
+        format!("{head}{}\"}}", "x".repeat(len - head.len() - 2))
+    };
+    let limit = fleet_shared::ingest::envelope::MAX_PAYLOAD_BYTES;
+    let (exact, over) = (padded(1, limit), padded(2, limit + 1));
+    assert_eq!((exact.len(), over.len()), (limit, limit + 1));
+    // WHEN both are published
+    for payload in [exact, over] {
+        device.publish("dt/fleet/sensor-001/telemetry", QoS::AtLeastOnce, false, payload).await?;
+        until(&mut events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    }
+    // THEN the first is stored, the second refused at the broker and never routed
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stack.stats.snapshot(fleet_shared::time::now_ms());
+        if s.metric("Accepted") >= 1 && s.payload_too_large >= 1 {
+            assert_eq!(
+                (s.metric("Accepted"), s.metric("Quarantined"), s.payload_too_large),
+                (1, 0, 1),
+                "{s:?}"
+            );
+            assert_eq!(s.routed, 1, "{s:?}");
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("not settled: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_that_is_not_utf8_is_quarantined_with_its_original_bytes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let (device, mut events) = client(&stack, "sensor-001", None);
+    // GIVEN a payload that is not UTF-8 (no SQS message or Lambda event can carry it)
+    let bytes: Vec<u8> = [&b"{\"v\":1,\"fw\":\""[..], &[0xc3, 0x28, 0xff], b"\"}"].concat();
+    // WHEN it is published
+    device.publish("dt/fleet/sensor-001/telemetry", QoS::AtLeastOnce, false, bytes.clone()).await?;
+    until(&mut events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    // THEN the rule's error action keeps it: quarantined byte for byte, with its thing and topic
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(line) = stack.store.quarantined(0).await?.into_iter().next() {
+            break line;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("nothing quarantined");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line.original(), bytes);
+    assert!(line.body.is_none() && line.body_b64.is_some(), "{line:?}");
+    assert_eq!(line.reasons[0].reason, fleet_shared::ingest::Reason::InvalidUtf8);
+    assert_eq!(line.thing.as_deref(), Some("sensor-001"));
+    assert_eq!(line.topic.as_deref(), Some("dt/fleet/sensor-001/telemetry"));
+    assert_eq!(stack.stats.snapshot(0).rule_errors, 1);
+    stack.shutdown().await
+}

@@ -13,6 +13,7 @@
 //! - [`lambda`] (feature `lambda`): cold-start wiring, SQS partial-batch responses, `Diagnostic`s.
 //! - [`env`]: reading variables once, errors naming the missing one. [`error`]: typed store errors.
 //! - [`metrics`]: CloudWatch Embedded Metric Format lines. [`time`]: UTC time through `jiff`.
+//! - [`text`]: device-supplied strings made safe to show (control characters escaped).
 
 pub mod adapters;
 pub mod env;
@@ -23,6 +24,7 @@ pub mod lambda;
 pub mod metrics;
 pub mod model;
 pub mod ports;
+pub mod text;
 pub mod time;
 
 pub use env::{BackendKind, ConfigError, Env};

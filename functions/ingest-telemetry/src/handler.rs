@@ -76,7 +76,9 @@ impl EmbeddedDeps {
     /// On the embedded backend: every port on the one SQLite database.
     pub fn on_embedded(e: &lambda::EmbeddedBackend) -> Result<Self, StartupError> {
         let kind = fleet_shared::BackendKind::Embedded { db_path: Default::default() };
-        Ok(Self::embedded(e.db.clone(), IngestPolicy::from_env(&e.env, &kind)?, MetricsOut::stdout(&e.env)?))
+        // The embedded backend is its own stage: `local`.
+        let metrics = MetricsOut::Stdout { stage: "local".to_owned() };
+        Ok(Self::embedded(e.db.clone(), IngestPolicy::from_env(&e.env, &kind)?, metrics))
     }
 
     pub fn embedded(

@@ -8,6 +8,10 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::ingest::archive::content_id;
+use fleet_shared::ingest::{strict, Problem, QuarantineLine, Reason};
+use fleet_shared::ports::Quarantine;
 use fleet_shared::time;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -22,8 +26,19 @@ use crate::template::{Rule, Target};
 /// Lambda retries a failed asynchronous invocation twice.
 const DIRECT_ATTEMPTS: u32 = 3;
 
-/// What one rule makes of one publish: the action payload, or `None` when the rule does not
-/// select it.
+/// What one rule makes of one publish it selects.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Forward {
+    /// The action payload.
+    Body(String),
+    /// A payload no action can carry: not UTF-8, so neither an SQS message body nor a Lambda
+    /// event. IoT Core hands such a message to the rule's error action (base64-encoded).
+    Undeliverable,
+}
+
+/// What one rule makes of one publish, or `None` when the rule does not select it. `json` is
+/// the payload as JSON when it is JSON the ingest decoder would read the same way
+/// ([`strict::check`]: UTF-8, unique keys, bounded nesting).
 pub fn evaluate(
     rule: &Rule,
     topic: &str,
@@ -31,19 +46,46 @@ pub fn evaluate(
     json: Option<&Value>,
     client_id: Option<&str>,
     now_ms: i64,
-) -> Option<String> {
+) -> Option<Forward> {
     match json {
         Some(v) => {
             let m = sql::Message { topic, payload: v, client_id, now_ms };
-            rule.statement.apply(&m).map(|out| Value::Object(out).to_string())
+            rule.statement.apply(&m).map(|out| Forward::Body(Value::Object(out).to_string()))
         }
-        // IoT Core evaluates SQL on JSON payloads; a non-JSON payload reaches `SELECT *`
-        // actions unchanged, so the function sees (and quarantines) the original bytes.
+        // IoT Core evaluates SQL on JSON payloads; any other payload reaches `SELECT *` actions
+        // unchanged, so the function sees and quarantines the original bytes.
         None if rule.statement.filter.is_none() && sql::topic_matches(&rule.statement.from, topic) => {
-            Some(String::from_utf8_lossy(payload).into_owned())
+            let Ok(text) = std::str::from_utf8(payload) else { return Some(Forward::Undeliverable) };
+            Some(Forward::Body(match ambiguous_object(text) {
+                // A JSON object the decoder would refuse (a repeated key, too deep): the
+                // device's text as it is, so the function sees exactly what was sent, with the
+                // fields the rule adds (those that do not read the payload) after it.
+                Some(inner) => {
+                    let empty = Value::Object(serde_json::Map::new());
+                    let m = sql::Message { topic, payload: &empty, client_id, now_ms };
+                    let added = rule.statement.apply(&m).unwrap_or_default();
+                    let added = Value::Object(added).to_string();
+                    let added = &added[1..added.len() - 1];
+                    match (inner.trim().is_empty(), added.is_empty()) {
+                        (_, true) => text.to_owned(),
+                        (true, false) => format!("{{{added}}}"),
+                        (false, false) => format!("{{{inner},{added}}}"),
+                    }
+                }
+                None => text.to_owned(),
+            }))
         }
         None => None,
     }
+}
+
+/// The inside of a payload that is one syntactically valid JSON object (repeated keys and any
+/// depth allowed), without its outer braces.
+fn ambiguous_object(text: &str) -> Option<&str> {
+    let trimmed = text.trim();
+    let inner = trimmed.strip_prefix('{')?.strip_suffix('}')?;
+    serde_json::from_str::<serde::de::IgnoredAny>(trimmed).ok()?;
+    Some(inner)
 }
 
 pub struct Engine {
@@ -51,24 +93,37 @@ pub struct Engine {
     pub queues: HashMap<String, QueueSender>,
     pub functions: Arc<Functions>,
     pub stats: Arc<Stats>,
+    /// The rules' error action. On IoT Core it receives what a rule could not deliver, with
+    /// the payload base64-encoded; here that message is quarantined with its original bytes.
+    pub errors: SqliteStore,
 }
 
 impl Engine {
     /// Evaluate every rule on one publish and hand the outputs to their actions.
     pub async fn route(&self, inbound: &Inbound) {
         let now = time::now_ms();
-        let json: Option<Value> = serde_json::from_slice(&inbound.payload).ok();
+        let json: Option<Value> = match strict::check(&inbound.payload) {
+            Ok(()) => serde_json::from_slice(&inbound.payload).ok(),
+            Err(_) => None,
+        };
         let mut routed = false;
         for rule in &self.rules {
-            let Some(body) = evaluate(
+            let forward = evaluate(
                 rule,
                 &inbound.topic,
                 &inbound.payload,
                 json.as_ref(),
                 inbound.client_id.as_deref(),
                 now,
-            ) else {
-                continue;
+            );
+            let body = match forward {
+                None => continue,
+                Some(Forward::Body(body)) => body,
+                Some(Forward::Undeliverable) => {
+                    routed = true;
+                    self.error_action(rule, inbound, now).await;
+                    continue;
+                }
             };
             routed = true;
             for target in &rule.targets {
@@ -83,6 +138,34 @@ impl Engine {
         }
         let counter = if routed { &self.stats.routed } else { &self.stats.unrouted };
         counter.fetch_add(1, Relaxed);
+    }
+
+    /// A publish the rule cannot deliver: quarantined with its original bytes (base64), the
+    /// topic, and the thing the rule's SQL names for that topic.
+    async fn error_action(&self, rule: &Rule, inbound: &Inbound, now: i64) {
+        self.stats.rule_errors.fetch_add(1, Relaxed);
+        let empty = Value::Object(serde_json::Map::new());
+        let m = sql::Message {
+            topic: &inbound.topic,
+            payload: &empty,
+            client_id: inbound.client_id.as_deref(),
+            now_ms: now,
+        };
+        let thing = rule.statement.apply(&m).and_then(|o| o.get("thing")?.as_str().map(str::to_owned));
+        let problem = Problem::new(
+            Reason::InvalidUtf8,
+            None,
+            format!(
+                "rule {}: the payload is not UTF-8, so no action can carry it (IoT Core sends it to the rule's error action)",
+                rule.name
+            ),
+        );
+        let id = format!("rule-error-{}", content_id(&inbound.payload));
+        let line = QuarantineLine::new(&id, now, thing, vec![problem], &inbound.payload)
+            .with_topic(Some(inbound.topic.to_string()));
+        if let Err(e) = self.errors.put_quarantined(&[line], now).await {
+            warn!(rule = rule.name, error = %e, "rule error not recorded");
+        }
     }
 
     /// A Lambda action: an asynchronous invocation, retried as Lambda retries one.

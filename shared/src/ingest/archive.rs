@@ -34,6 +34,9 @@ pub struct QuarantineLine {
     pub received_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub thing: Option<String>,
+    /// The MQTT topic the device published on, when the rule forwarded it (`topic() AS topic`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub topic: Option<String>,
     pub reasons: Vec<Problem>,
     /// The original payload when it is UTF-8 ...
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -55,7 +58,12 @@ impl QuarantineLine {
             Ok(s) => (Some(s.to_owned()), None),
             Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(body))),
         };
-        Self { message_id: message_id.to_owned(), received_ms, thing, reasons, body, body_b64 }
+        Self { message_id: message_id.to_owned(), received_ms, thing, topic: None, reasons, body, body_b64 }
+    }
+
+    /// The same line, saying which topic the message came from.
+    pub fn with_topic(self, topic: Option<String>) -> Self {
+        Self { topic, ..self }
     }
 
     /// The original payload bytes.
@@ -65,6 +73,20 @@ impl QuarantineLine {
             (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).unwrap_or_default(),
             (None, None) => Vec::new(),
         }
+    }
+}
+
+/// What the topic rule added to a forwarded payload (`thing`, `topic`), read for the quarantine
+/// record of a message that could not be decoded otherwise; `None` where it cannot be read.
+pub fn rule_fields(body: &[u8]) -> (Option<String>, Option<String>) {
+    #[derive(Deserialize)]
+    struct Fields {
+        thing: Option<String>,
+        topic: Option<String>,
+    }
+    match serde_json::from_slice::<Fields>(body) {
+        Ok(f) => (f.thing, f.topic),
+        Err(_) => (None, None),
     }
 }
 

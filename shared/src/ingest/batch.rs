@@ -16,6 +16,9 @@ pub struct Inbound<'a> {
     /// so archive and quarantine object keys are too.
     pub received_ms: i64,
     pub body: &'a [u8],
+    /// Set when the trigger could not deliver a message at all (an SQS record that is not an
+    /// SQS message): quarantined with this problem, `body` holding what arrived instead.
+    pub defect: Option<&'a Problem>,
 }
 
 /// A message that will not be stored, with the reasons.
@@ -54,6 +57,10 @@ pub fn plan(messages: &[Inbound<'_>], policy: &IngestPolicy, now_ms: i64) -> Pla
     };
     let mut seen: HashMap<MessageId, usize> = HashMap::with_capacity(messages.len());
     for (index, m) in messages.iter().enumerate() {
+        if let Some(defect) = m.defect {
+            plan.quarantined.push(Quarantined { index, thing: None, problems: vec![defect.clone()] });
+            continue;
+        }
         match decode(m.body, policy, now_ms) {
             Ok(reading) => match seen.get(&reading.id) {
                 Some(&first) => plan.duplicates.push((index, first)),

@@ -19,8 +19,15 @@ use serde_json::{Map, Value};
 use super::reason::{Problem, Reason};
 use crate::model::{MessageId, Metric, Reading, ReadingFlags, ThingName};
 
-/// IoT Core's message size limit.
+/// IoT Core's message size limit, on the device's payload (IoT Core refuses a larger publish
+/// before any rule runs).
 pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+/// What the topic rule adds to the payload it forwards: `thing` (a thing name, ≤ 128 chars),
+/// `rx_ms` and `client_id` (≤ 128 bytes, up to 6 bytes each once JSON-escaped), with their keys.
+pub const RULE_FIELDS_MAX_BYTES: usize = 1024;
+/// The largest body a rule can forward: a full device payload plus the rule's fields.
+pub const MAX_BODY_BYTES: usize = MAX_PAYLOAD_BYTES + RULE_FIELDS_MAX_BYTES;
+pub use super::strict::MAX_NESTING;
 /// Metrics one reading may carry: bounded so one reading fits one 2 KB Timestream record.
 pub const MAX_METRICS: usize = 32;
 pub const MAX_METRIC_NAME_LEN: usize = 32;
@@ -99,15 +106,22 @@ pub struct Rejection {
 
 /// Decode, validate and upcast one message body.
 pub fn decode(body: &[u8], policy: &IngestPolicy, now_ms: i64) -> Result<Reading, Rejection> {
-    if body.len() > MAX_PAYLOAD_BYTES {
+    if body.len() > MAX_BODY_BYTES {
         return Err(Rejection {
             thing: None,
             problems: vec![Problem::new(
                 Reason::PayloadTooLarge,
                 None,
-                format!("{} bytes > {MAX_PAYLOAD_BYTES}", body.len()),
+                format!(
+                    "{} bytes > {MAX_BODY_BYTES} (IoT Core's {MAX_PAYLOAD_BYTES}-byte payload limit plus the rule's fields)",
+                    body.len()
+                ),
             )],
         });
+    }
+    // UTF-8, unique keys, bounded nesting: after this, every JSON parser reads the same thing.
+    if let Err(problem) = super::strict::check(body) {
+        return Err(Rejection { thing: None, problems: vec![problem] });
     }
     match serde_json::from_slice::<Wire<'_>>(body) {
         Ok(wire) => build(wire, Vec::new(), &[], policy, now_ms),
@@ -485,12 +499,15 @@ fn build(
     }
     require(wire.seq.is_some(), "seq", &mut problems);
     require(wire.boot.is_some(), "boot", &mut problems);
-    if let Some(seq) = wire.seq.filter(|s| *s > i64::MAX as u64) {
-        problems.push(Problem::new(
-            Reason::ValueOutOfRange,
-            "seq".to_owned(),
-            format!("seq {seq} exceeds 2^63-1"),
-        ));
+    // Both are stored as signed 64-bit integers (Timestream BIGINT, SQLite INTEGER).
+    for (name, n) in [("seq", wire.seq), ("up_s", wire.up_s)] {
+        if let Some(n) = n.filter(|n| *n > i64::MAX as u64) {
+            problems.push(Problem::new(
+                Reason::ValueOutOfRange,
+                name.to_owned(),
+                format!("{name} {n} exceeds 2^63-1"),
+            ));
+        }
     }
 
     // Time.
@@ -584,12 +601,22 @@ fn build(
             format!("bat {b} is outside 0-100"),
         ));
     }
-    if let Some(fw) = wire.fw.filter(|f| f.len() > MAX_FW_LEN) {
-        problems.push(Problem::new(
-            Reason::ValueOutOfRange,
-            "fw".to_owned(),
-            format!("fw is {} characters > {MAX_FW_LEN}", fw.len()),
-        ));
+    // Firmware versions are labels: what reaches a table, a terminal or a dashboard is
+    // 1-48 characters of [A-Za-z0-9._-], never a control character or an escape sequence.
+    if let Some(fw) = wire.fw {
+        if fw.len() > MAX_FW_LEN {
+            problems.push(Problem::new(
+                Reason::ValueOutOfRange,
+                "fw".to_owned(),
+                format!("fw is {} characters > {MAX_FW_LEN}", fw.len()),
+            ));
+        } else if crate::model::validate_label("fw", fw).is_err() {
+            problems.push(Problem::new(
+                Reason::InvalidLabel,
+                "fw".to_owned(),
+                format!("fw {fw:?} must be 1-{MAX_FW_LEN} characters of [A-Za-z0-9._-]"),
+            ));
+        }
     }
 
     match (thing, wire.seq, wire.boot, ts, wire.rx_ms) {
@@ -704,9 +731,61 @@ mod tests {
     }
 
     #[test]
-    fn reports_payloads_over_the_iot_limit() {
-        let big = v1(&format!(r#","pad":"{}""#, "x".repeat(MAX_PAYLOAD_BYTES)));
+    fn the_iot_limit_is_on_the_device_payload_not_on_what_the_rule_adds() {
+        // GIVEN a device payload of exactly 128 KiB, forwarded with the rule's fields
+        let rule_fields = format!(r#","thing":"sensor-001","rx_ms":{RX},"client_id":"sensor-001"}}"#);
+        let device = |len: usize| {
+            let head = format!(r#"{{"v":1,"seq":1,"boot":7,"ts":{},"m":{{"t":1}},"pad":""#, RX - 100);
+            let pad = len - head.len() - 2; // the closing quote and brace
+            format!("{head}{}\"}}", "x".repeat(pad))
+        };
+        let exact = device(MAX_PAYLOAD_BYTES);
+        assert_eq!(exact.len(), MAX_PAYLOAD_BYTES);
+        let body = format!("{}{rule_fields}", &exact[..exact.len() - 1]);
+        assert!(body.len() > MAX_PAYLOAD_BYTES);
+        // THEN it is accepted, as IoT Core accepts it
+        assert_eq!(ok(&body).id.seq, 1);
+        // AND a body beyond what any rule could forward is refused
+        let big = v1(&format!(r#","pad":"{}""#, "x".repeat(MAX_BODY_BYTES)));
         assert_eq!(reasons(&big), vec![(Reason::PayloadTooLarge, None)]);
+    }
+
+    #[test]
+    fn a_repeated_key_anywhere_is_refused_not_read_last_wins() {
+        // Two "v" keys once changed the schema version a message was read with.
+        let two_versions = v1("").replacen(r#""v":1,"#, r#""v":1,"v":2,"#, 1);
+        assert_eq!(reasons(&two_versions), vec![(Reason::DuplicateKey, f("v"))]);
+        // A second "m" once replaced the metrics.
+        assert_eq!(reasons(&v1(r#","m":{"temp_c":99}"#)), vec![(Reason::DuplicateKey, f("m"))]);
+        let inner = v1("").replace(r#""temp_c":21.5"#, r#""temp_c":21.5,"temp_c":99"#);
+        assert_eq!(reasons(&inner), vec![(Reason::DuplicateKey, f("m.temp_c"))]);
+        let unknown = v1(r#","meta":{"a":{"b":1,"b":2}}"#);
+        assert_eq!(reasons(&unknown), vec![(Reason::DuplicateKey, f("meta.a.b"))]);
+    }
+
+    #[test]
+    fn invalid_utf8_and_deep_nesting_are_reported_as_what_they_are() {
+        let mut body = v1("").into_bytes();
+        let at = body.windows(5).position(|w| w == b"1.4.2").expect("fw");
+        body[at + 1] = 0xff;
+        let r = decode(&body, &IngestPolicy::default(), NOW).expect_err("invalid UTF-8");
+        assert_eq!(r.problems.iter().map(|p| p.reason).collect::<Vec<_>>(), vec![Reason::InvalidUtf8]);
+        let deep = v1(&format!(r#","x":{}0{}"#, "[".repeat(40), "]".repeat(40)));
+        assert_eq!(reasons(&deep).first().map(|r| r.0), Some(Reason::NestingTooDeep));
+    }
+
+    #[test]
+    fn values_that_would_poison_a_store_or_a_terminal_are_refused() {
+        let up = v1("").replace(r#""up_s":3600"#, r#""up_s":9223372036854775808"#);
+        assert_eq!(reasons(&up), vec![(Reason::ValueOutOfRange, f("up_s"))]);
+        let max = v1("").replace(r#""up_s":3600"#, r#""up_s":9223372036854775807"#);
+        assert_eq!(ok(&max).uptime_s, Some(i64::MAX as u64));
+        for fw in [r#"1.4\u001b[31m"#, "1.4 2", "1.4/2", r#"1.4\n"#, ""] {
+            let body = v1("").replace(r#""fw":"1.4.2""#, &format!(r#""fw":"{fw}""#));
+            assert_eq!(reasons(&body), vec![(Reason::InvalidLabel, f("fw"))], "fw {fw}");
+        }
+        let rc = v1("").replace(r#""fw":"1.4.2""#, r#""fw":"2.0.0-rc_1""#);
+        assert_eq!(ok(&rc).fw.as_deref(), Some("2.0.0-rc_1"));
     }
 
     #[test]
@@ -774,7 +853,8 @@ mod tests {
         assert_eq!(reasons(&m(r#""m":{"temp c":1}"#)), vec![(Reason::InvalidMetricName, f("m.temp c"))]);
         assert_eq!(reasons(&m(r#""m":{"1st":1}"#)), vec![(Reason::InvalidMetricName, f("m.1st"))]);
         assert_eq!(reasons(&m(r#""m":{"bat":1}"#)), vec![(Reason::InvalidMetricName, f("m.bat"))]);
-        assert_eq!(reasons(&m(r#""m":{"a":1,"a":2}"#)), vec![(Reason::InvalidMetricName, f("m.a"))]);
+        // A repeated key is refused before the metrics are read (duplicate_key, not last wins).
+        assert_eq!(reasons(&m(r#""m":{"a":1,"a":2}"#)), vec![(Reason::DuplicateKey, f("m.a"))]);
         let long = format!(r#""m":{{"{}":1}}"#, "a".repeat(MAX_METRIC_NAME_LEN + 1));
         assert_eq!(reasons(&m(&long))[0].0, Reason::InvalidMetricName);
         assert_eq!(reasons(&m(r#""m":{}"#)), vec![(Reason::NoMetrics, f("m"))]);

@@ -4,9 +4,10 @@
 //! - A rule payload always carries the rule-added `thing` (`topic(3) AS thing`): an object
 //!   with a top-level `thing` is a direct invocation, whatever else it holds, so a device
 //!   cannot make its payload pass for a batch of other devices' messages.
-//! - Otherwise an object whose `Records` is a non-empty array with at least one
-//!   `eventSource: "aws:sqs"` element is an SQS batch. Every element becomes a message;
-//!   one that is not an SQS message (null, no body) is quarantined, never reinterpreted.
+//! - Otherwise an object with `Records` is an SQS batch, whatever its records hold: it is never
+//!   reinterpreted as one direct payload. Every element becomes a message; one that is not an
+//!   SQS message (null, another `eventSource`, no string `body`) is quarantined as
+//!   `malformed_record` with its raw JSON, and its valid neighbours are stored as usual.
 //! - Anything else is a direct payload (and is quarantined by the envelope rules if bad).
 
 use serde::Deserialize;
@@ -14,6 +15,7 @@ use serde_json::value::RawValue;
 
 use super::archive::content_id;
 use super::batch::Inbound;
+use super::reason::{Problem, Reason};
 
 pub const SQS_EVENT_SOURCE: &str = "aws:sqs";
 
@@ -23,11 +25,23 @@ pub struct OwnedInbound {
     pub message_id: String,
     pub received_ms: i64,
     pub body: Vec<u8>,
+    /// What the trigger got wrong about this message, if anything (see [`Inbound::defect`]).
+    pub defect: Option<Problem>,
 }
 
 impl OwnedInbound {
+    /// A message as delivered (no defect).
+    pub fn new(message_id: impl Into<String>, received_ms: i64, body: impl Into<Vec<u8>>) -> Self {
+        Self { message_id: message_id.into(), received_ms, body: body.into(), defect: None }
+    }
+
     pub fn borrow(&self) -> Inbound<'_> {
-        Inbound { message_id: &self.message_id, received_ms: self.received_ms, body: &self.body }
+        Inbound {
+            message_id: &self.message_id,
+            received_ms: self.received_ms,
+            body: &self.body,
+            defect: self.defect.as_ref(),
+        }
     }
 }
 
@@ -59,7 +73,7 @@ struct Probe<'a> {
     rx_ms: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct SqsRecord {
     #[serde(rename = "messageId")]
     message_id: Option<String>,
@@ -83,41 +97,67 @@ pub fn parse_event(text: &str, now_ms: i64) -> Trigger {
         // Not a JSON object (or not JSON at all): a direct payload, quarantined by the rules.
         return Trigger::Direct(direct_message(text.as_bytes(), None, now_ms));
     };
-    let records = probe.records.and_then(|r| serde_json::from_str::<Vec<&RawValue>>(r.get()).ok());
-    let sqs_records = match (&probe.thing, &records) {
-        (None, Some(records)) if !records.is_empty() => {
-            let parsed: Vec<Option<SqsRecord>> =
-                records.iter().map(|r| serde_json::from_str::<SqsRecord>(r.get()).ok()).collect();
-            let any_sqs =
-                parsed.iter().flatten().any(|r| r.event_source.as_deref() == Some(SQS_EVENT_SOURCE));
-            any_sqs.then_some(parsed)
-        }
-        _ => None,
-    };
-    match sqs_records {
-        Some(records) => Trigger::Sqs(
-            records
-                .into_iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let r = r.unwrap_or_default();
-                    OwnedInbound {
-                        message_id: r.message_id.unwrap_or_else(|| format!("record-{i}")),
-                        received_ms: r
-                            .attributes
-                            .sent_timestamp
-                            .and_then(|t| t.parse().ok())
-                            .unwrap_or(now_ms),
-                        // A record that is not an SQS message has no body: quarantined as malformed.
-                        body: r.body.unwrap_or_default().into_bytes(),
-                    }
-                })
-                .collect(),
-        ),
-        None => {
-            Trigger::Direct(direct_message(text.as_bytes(), probe.rx_ms.and_then(|v| v.as_i64()), now_ms))
-        }
+    match (&probe.thing, probe.records) {
+        (None, Some(records)) => Trigger::Sqs(sqs_messages(records, now_ms)),
+        _ => Trigger::Direct(direct_message(text.as_bytes(), probe.rx_ms.and_then(|v| v.as_i64()), now_ms)),
     }
+}
+
+/// Every record of an SQS event as a message; what is not an SQS message carries its defect.
+fn sqs_messages(records: &RawValue, now_ms: i64) -> Vec<OwnedInbound> {
+    let defective = |id: String, raw: &str, detail: String| OwnedInbound {
+        message_id: id,
+        received_ms: now_ms,
+        body: raw.as_bytes().to_vec(),
+        defect: Some(Problem::new(Reason::MalformedRecord, None, detail)),
+    };
+    let Ok(records) = serde_json::from_str::<Vec<&RawValue>>(records.get()) else {
+        let detail = "the event's Records is not an array".to_owned();
+        return vec![defective(
+            format!("records-{}", content_id(records.get().as_bytes())),
+            records.get(),
+            detail,
+        )];
+    };
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            // A stable id for a record without one, so a retried event maps to the same rows.
+            let fallback = || format!("record-{i}-{}", content_id(raw.get().as_bytes()));
+            let record = match serde_json::from_str::<SqsRecord>(raw.get()) {
+                Ok(r) => r,
+                Err(_) => {
+                    return defective(
+                        fallback(),
+                        raw.get(),
+                        format!("record {i} is not an SQS message object"),
+                    )
+                }
+            };
+            let id = record.message_id.clone().unwrap_or_else(fallback);
+            match (record.event_source.as_deref(), record.body) {
+                (Some(SQS_EVENT_SOURCE), Some(body)) => OwnedInbound {
+                    message_id: id,
+                    received_ms: record
+                        .attributes
+                        .sent_timestamp
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(now_ms),
+                    body: body.into_bytes(),
+                    defect: None,
+                },
+                (Some(SQS_EVENT_SOURCE), None) => {
+                    defective(id, raw.get(), format!("record {i} has no string body"))
+                }
+                (source, _) => defective(
+                    id,
+                    raw.get(),
+                    format!("record {i} has eventSource {source:?}, not {SQS_EVENT_SOURCE:?}"),
+                ),
+            }
+        })
+        .collect()
 }
 
 /// The messages of one sample event (`events/<fn>/*.json`), as the handler would see them.
@@ -132,11 +172,7 @@ pub fn messages_from_event(text: &str, now_ms: i64) -> Vec<OwnedInbound> {
 /// (content hash, the rule's `rx_ms`), so a retried invocation maps to the same archive keys
 /// and quarantine rows.
 pub fn direct_message(body: &[u8], rx_ms: Option<i64>, now_ms: i64) -> OwnedInbound {
-    OwnedInbound {
-        message_id: format!("direct-{}", content_id(body)),
-        received_ms: rx_ms.unwrap_or(now_ms),
-        body: body.to_vec(),
-    }
+    OwnedInbound::new(format!("direct-{}", content_id(body)), rx_ms.unwrap_or(now_ms), body)
 }
 
 #[cfg(test)]
@@ -153,25 +189,41 @@ mod tests {
     }
 
     #[test]
-    fn an_sqs_batch_keeps_every_record_including_broken_ones() {
+    fn an_sqs_batch_keeps_every_record_and_marks_the_ones_that_are_not_sqs_messages() {
         let event = r#"{"Records":[
             {"eventSource":"aws:sqs","messageId":"a","attributes":{"SentTimestamp":"7"},"body":"{\"v\":1}"},
             null,
-            {"eventSource":"aws:kinesis","messageId":"c"}]}"#;
+            {"eventSource":"aws:kinesis","messageId":"c","body":"{\"v\":1}"},
+            {"eventSource":"aws:sqs","messageId":"d"}]}"#;
         let Trigger::Sqs(m) = parse_event(event, 1) else { panic!("not a batch") };
-        assert_eq!(m.len(), 3);
+        assert_eq!(m.len(), 4);
         assert_eq!(
-            (m[0].message_id.as_str(), m[0].received_ms, m[0].body.as_slice()),
-            ("a", 7, &b"{\"v\":1}"[..])
+            (m[0].message_id.as_str(), m[0].received_ms, m[0].body.as_slice(), m[0].defect.is_none()),
+            ("a", 7, &b"{\"v\":1}"[..], true)
         );
-        assert_eq!((m[1].message_id.as_str(), m[1].body.len()), ("record-1", 0));
-        assert_eq!((m[2].message_id.as_str(), m[2].body.len()), ("c", 0));
+        // The broken ones keep what arrived, and say what is wrong with it.
+        assert!(m[1].message_id.starts_with("record-1-"), "{}", m[1].message_id);
+        assert_eq!(m[1].body, b"null");
+        assert_eq!(m[2].message_id, "c");
+        let defect = |i: usize| m[i].defect.as_ref().map(|p| (p.reason, p.detail.clone()));
+        assert_eq!(defect(1).map(|d| d.0), Some(Reason::MalformedRecord));
+        assert!(defect(2).is_some_and(|d| d.1.contains("aws:kinesis")), "{:?}", defect(2));
+        assert!(defect(3).is_some_and(|d| d.1.contains("no string body")), "{:?}", defect(3));
+        // A retried event gives the broken records the same ids.
+        let Trigger::Sqs(again) = parse_event(event, 99) else { panic!("not a batch") };
+        assert_eq!(again[1].message_id, m[1].message_id);
     }
 
     #[test]
-    fn records_without_an_sqs_source_and_non_objects_are_direct() {
-        assert!(matches!(parse_event(r#"{"Records":[{"eventSource":"aws:s3"}]}"#, 0), Trigger::Direct(_)));
-        assert!(matches!(parse_event(r#"{"Records":[]}"#, 0), Trigger::Direct(_)));
+    fn an_event_with_records_is_never_read_as_one_direct_payload() {
+        for event in
+            [r#"{"Records":[{"eventSource":"aws:s3"}]}"#, r#"{"Records":[null]}"#, r#"{"Records":{}}"#]
+        {
+            let Trigger::Sqs(m) = parse_event(event, 0) else { panic!("{event} read as a direct payload") };
+            assert!(m.len() == 1 && m[0].defect.is_some(), "{event}: {m:?}");
+        }
+        assert_eq!(parse_event(r#"{"Records":[]}"#, 0), Trigger::Sqs(Vec::new()));
         assert!(matches!(parse_event("not json", 0), Trigger::Direct(_)));
+        assert!(matches!(parse_event(r#"{"v":1}"#, 0), Trigger::Direct(_)));
     }
 }

@@ -13,6 +13,7 @@ pub mod replay;
 pub mod service;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod strict;
 
 pub use archive::{decode_lines, quarantine_object, raw_object, ArchiveObject, QuarantineLine};
 pub use archive_query::ArchiveTelemetry;

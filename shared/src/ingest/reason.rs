@@ -3,6 +3,10 @@
 //! | code | meaning |
 //! |---|---|
 //! | `malformed_json` | the bytes are not a JSON object |
+//! | `malformed_record` | an SQS event record that is not an SQS message (null, another `eventSource`, no string `body`) |
+//! | `invalid_utf8` | the bytes are not UTF-8 (JSON text must be), e.g. inside a string |
+//! | `duplicate_key` | an object, at any depth, names one key twice (parsers disagree on which wins) |
+//! | `nesting_too_deep` | objects/arrays nested deeper than the envelope allows ([`MAX_NESTING`](super::envelope::MAX_NESTING)) |
 //! | `payload_too_large` | larger than IoT Core's 128 KiB message limit |
 //! | `unsupported_version` | `v` is not a known envelope version (1, 2) |
 //! | `missing_field` | a required field is absent or `null` |
@@ -13,7 +17,8 @@
 //! | `invalid_metric_name` | a metric name breaks the naming rule, is reserved, or repeats |
 //! | `too_many_metrics` | more metrics than one hot-store record can carry |
 //! | `no_metrics` | the reading carries no metric at all |
-//! | `value_out_of_range` | a number outside its domain (battery beyond 0–100, seq beyond 2^63-1) |
+//! | `value_out_of_range` | a number outside its domain (battery beyond 0–100, seq or up_s beyond 2^63-1) |
+//! | `invalid_label` | a device-supplied label (`fw`) with characters outside its documented charset |
 //! | `timestamp_out_of_range` | device or arrival time before 2000-01-01 or negative |
 //! | `conflict` | the store already holds a different reading under the same `(thing, boot, seq)` |
 //! | `store_rejected` | a store refused the reading for good (validation, access, missing resource) |
@@ -26,6 +31,10 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     MalformedJson,
+    MalformedRecord,
+    InvalidUtf8,
+    DuplicateKey,
+    NestingTooDeep,
     PayloadTooLarge,
     UnsupportedVersion,
     MissingField,
@@ -38,13 +47,18 @@ pub enum Reason {
     NoMetrics,
     ValueOutOfRange,
     TimestampOutOfRange,
+    InvalidLabel,
     Conflict,
     StoreRejected,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 20] = [
         Reason::MalformedJson,
+        Reason::MalformedRecord,
+        Reason::InvalidUtf8,
+        Reason::DuplicateKey,
+        Reason::NestingTooDeep,
         Reason::PayloadTooLarge,
         Reason::UnsupportedVersion,
         Reason::MissingField,
@@ -57,6 +71,7 @@ impl Reason {
         Reason::NoMetrics,
         Reason::ValueOutOfRange,
         Reason::TimestampOutOfRange,
+        Reason::InvalidLabel,
         Reason::Conflict,
         Reason::StoreRejected,
     ];
@@ -64,6 +79,10 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::MalformedJson => "malformed_json",
+            Reason::MalformedRecord => "malformed_record",
+            Reason::InvalidUtf8 => "invalid_utf8",
+            Reason::DuplicateKey => "duplicate_key",
+            Reason::NestingTooDeep => "nesting_too_deep",
             Reason::PayloadTooLarge => "payload_too_large",
             Reason::UnsupportedVersion => "unsupported_version",
             Reason::MissingField => "missing_field",
@@ -76,6 +95,7 @@ impl Reason {
             Reason::NoMetrics => "no_metrics",
             Reason::ValueOutOfRange => "value_out_of_range",
             Reason::TimestampOutOfRange => "timestamp_out_of_range",
+            Reason::InvalidLabel => "invalid_label",
             Reason::Conflict => "conflict",
             Reason::StoreRejected => "store_rejected",
         }

@@ -76,7 +76,7 @@ where
         let messages: Vec<OwnedInbound> = lines
             .into_iter()
             .enumerate()
-            .map(|(i, body)| OwnedInbound { message_id: format!("{key}#{i}"), received_ms, body })
+            .map(|(i, body)| OwnedInbound::new(format!("{key}#{i}"), received_ms, body))
             .collect();
         report.objects += 1;
         for chunk in messages.chunks(REPLAY_CHUNK) {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tracing::{info_span, warn, Instrument};
 
-use super::archive::{raw_object, QuarantineLine};
+use super::archive::{raw_object, rule_fields, QuarantineLine};
 use super::batch::{plan, Inbound, Plan};
 use super::envelope::IngestPolicy;
 use super::reason::{Problem, Reason};
@@ -154,7 +154,16 @@ where
             .iter()
             .map(|q| {
                 let m = &messages[q.index];
-                QuarantineLine::new(m.message_id, m.received_ms, q.thing.clone(), q.problems.clone(), m.body)
+                // The thing and topic the rule added, when they can be read at all.
+                let (thing, topic) = rule_fields(m.body);
+                QuarantineLine::new(
+                    m.message_id,
+                    m.received_ms,
+                    q.thing.clone().or(thing),
+                    q.problems.clone(),
+                    m.body,
+                )
+                .with_topic(topic)
             })
             .collect();
         let received_ms = messages.iter().map(|m| m.received_ms).min().unwrap_or(now_ms);

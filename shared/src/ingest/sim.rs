@@ -211,11 +211,7 @@ pub fn fleet_batch(devices: usize, messages: usize, rx_ms: i64, seed: u64) -> Ve
             let device = n % devices;
             let seq = (n / devices) as u64 + 1;
             let rx = rx_ms + n as i64;
-            OwnedInbound {
-                message_id: format!("msg-{n:08}"),
-                received_ms: rx + 20,
-                body: message_body(device, seq, rx, &mut rng),
-            }
+            OwnedInbound::new(format!("msg-{n:08}"), rx + 20, message_body(device, seq, rx, &mut rng))
         })
         .collect()
 }
@@ -238,11 +234,8 @@ mod tests {
                 rule_output(v, &d.thing, 1_764_000_010_000)
             })
             .collect();
-        let inbound: Vec<OwnedInbound> = bodies
-            .iter()
-            .enumerate()
-            .map(|(i, b)| OwnedInbound { message_id: i.to_string(), received_ms: 0, body: b.clone() })
-            .collect();
+        let inbound: Vec<OwnedInbound> =
+            bodies.iter().enumerate().map(|(i, b)| OwnedInbound::new(i.to_string(), 0, b.clone())).collect();
         let borrowed: Vec<_> = inbound.iter().map(OwnedInbound::borrow).collect();
         let p = plan(&borrowed, &IngestPolicy::default(), 1_764_000_010_000);
         assert!(!p.quarantined.is_empty() && !p.duplicates.is_empty());

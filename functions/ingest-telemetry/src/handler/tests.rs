@@ -20,6 +20,8 @@ const DUPLICATE: &str = include_str!("../../../../events/ingest-telemetry/sqs-du
 const SPOOFED: &str = include_str!("../../../../events/ingest-telemetry/sqs-spoofed-thing.json");
 const SKEW: &str = include_str!("../../../../events/ingest-telemetry/sqs-clock-skew.json");
 const DIRECT_V1: &str = include_str!("../../../../events/ingest-telemetry/direct-v1.json");
+const MALFORMED_RECORDS: &str =
+    include_str!("../../../../events/ingest-telemetry/sqs-malformed-records.json");
 const DIRECT_MALFORMED: &str = include_str!("../../../../events/ingest-telemetry/direct-malformed.json");
 
 /// The events' arrival time is 2025-11-24T16:00:00Z; the handler runs a second later.
@@ -177,6 +179,47 @@ async fn quarantines_bad_records_and_stores_their_valid_neighbours() -> Result<(
     let lines = deps.registry.quarantined(0).await?;
     let truncated = lines.iter().find(|l| l.message_id == msg(2)).ok_or_else(|| anyhow!("missing"))?;
     assert_eq!(truncated.original(), br#"{"v":1,"seq":2002,"boot":7,"ts":17640000"#.to_vec());
+    Ok(())
+}
+
+#[tokio::test]
+async fn records_that_are_not_sqs_messages_are_quarantined_and_their_neighbours_stored() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    // WHEN an SQS event holds a null record, a Kinesis record and a record without a body
+    // between two valid messages
+    let response = sqs(&deps, MALFORMED_RECORDS).await?;
+    // THEN nothing is retried, both valid neighbours are stored, the Kinesis record's body is
+    // not read as telemetry
+    assert!(response.batch_item_failures.is_empty(), "{:?}", failed_ids(&response));
+    assert_eq!(readings(&deps.registry, "sensor-001").await?.len(), 1);
+    assert_eq!(readings(&deps.registry, "sensor-003").await?.len(), 1);
+    assert!(readings(&deps.registry, "sensor-002").await?.is_empty());
+    // AND the three broken records are quarantined as malformed_record, with what arrived
+    let lines = deps.registry.quarantined(0).await?;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines.iter().all(|l| l.reasons.iter().map(|p| p.reason).eq([Reason::MalformedRecord])));
+    assert!(lines.iter().any(|l| l.original() == b"null"));
+    assert!(lines.iter().any(|l| l.message_id == msg(3) && l.reasons[0].detail.contains("aws:kinesis")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_quarantine_line_names_the_thing_and_topic_the_rule_added() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    // WHEN a message with a repeated key arrives through the rule (which adds thing and topic)
+    let body = r#"{"v":1,"seq":1,"boot":1,"ts":1763999999880,"m":{"t":1},"m":{"t":2},"thing":"sensor-001","topic":"dt/fleet/sensor-001/telemetry","rx_ms":1764000000000,"client_id":"sensor-001"}"#;
+    let event =
+        serde_json::json!({"Records": [{"messageId": msg(1), "eventSource": "aws:sqs", "body": body}]});
+    sqs(&deps, &event.to_string()).await?;
+    // THEN it is quarantined as a duplicate key, with the thing and the topic
+    let lines = deps.registry.quarantined(0).await?;
+    assert_eq!(lines.len(), 1);
+    let l = &lines[0];
+    assert_eq!((l.reasons[0].reason, l.reasons[0].field.as_deref()), (Reason::DuplicateKey, Some("m")));
+    assert_eq!(
+        (l.thing.as_deref(), l.topic.as_deref()),
+        (Some("sensor-001"), Some("dt/fleet/sensor-001/telemetry"))
+    );
     Ok(())
 }
 

@@ -241,6 +241,72 @@ impl SqliteStore {
         .map_err(|e| StoreError::permanent(op, e))?
     }
 
+    /// One page of devices by thing name, after `after` (exclusive): the local HTTP API's pages.
+    pub async fn devices_page(&self, after: Option<String>, limit: usize) -> Result<Vec<Device>, StoreError> {
+        self.with("sqlite devices page", move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE thing > ?1 ORDER BY thing LIMIT ?2"
+            ))?;
+            let rows = st.query_map(params![after.unwrap_or_default(), limit as i64], device_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// One page of a thing's readings since `since_ms`, oldest first, after the reading keyed
+    /// `after` = `(time_ms, boot, seq)` (exclusive).
+    pub async fn telemetry_page(
+        &self,
+        thing: &ThingName,
+        since_ms: i64,
+        after: Option<(i64, u32, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let thing = thing.clone();
+        let (t, b, s) = after.map_or((i64::MIN, -1, -1), |(t, b, s)| (t, i64::from(b), s as i64));
+        self.with("sqlite telemetry page", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT thing, boot, seq, time_ms, device_time_ms, rx_ms, class, region, fw, test, skew_corrected,
+                        schema_version, battery_pct, uptime_s, metrics, enrichment_version
+                 FROM telemetry WHERE thing = ?1 AND time_ms >= ?2 AND (time_ms, boot, seq) > (?3, ?4, ?5)
+                 ORDER BY time_ms, boot, seq LIMIT ?6",
+            )?;
+            let rows = st.query_map(params![thing.as_str(), since_ms, t, b, s, limit as i64], reading_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// One page of quarantined messages, oldest first, optionally of one reason, after the row
+    /// keyed `after` = `(received_ms, id)` (exclusive); each with its row id (the next cursor).
+    pub async fn quarantine_page(
+        &self,
+        reason: Option<crate::ingest::Reason>,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, QuarantineLine)>, StoreError> {
+        // Reasons are a fixed vocabulary, and in a line's JSON `"reason":"<code>"` can only be
+        // a reason (a body's own quotes are escaped there).
+        let pattern = reason.map_or_else(|| "%".to_owned(), |r| format!("%\"reason\":\"{r}\"%"));
+        let (t, id) = after.unwrap_or((i64::MIN, String::new()));
+        self.with("sqlite quarantine page", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, line FROM quarantine WHERE (received_ms, id) > (?1, ?2) AND line LIKE ?3
+                 ORDER BY received_ms, id LIMIT ?4",
+            )?;
+            let rows = st.query_map(params![t, id, pattern, limit as i64], |r| {
+                let id: String = r.get(0)?;
+                let json: String = r.get(1)?;
+                let line = serde_json::from_str(&json).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+                })?;
+                Ok((id, line))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// Quarantined messages counted by their first reason code.
     pub async fn quarantine_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
         self.with("sqlite quarantine counts", |c| {
