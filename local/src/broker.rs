@@ -199,10 +199,12 @@ impl BrokerEventHandler for Hooks {
                 );
                 return PublishAction::Handled;
             }
+            // Basic Ingest goes to its rule only: no subscriber ever sees it.
+            let basic_ingest = event.topic.starts_with(crate::rules::BASIC_INGEST_PREFIX);
             let inbound =
                 Inbound { topic: event.topic, payload: event.payload, client_id: Some(event.client_id) };
             if self.0.admit(inbound).await {
-                return PublishAction::Continue;
+                return if basic_ingest { PublishAction::Handled } else { PublishAction::Continue };
             }
             // Intake has stopped: never acknowledge. The client keeps the message and sends it
             // again to the next broker; the connection ends when the process does.

@@ -154,6 +154,7 @@ fn one_or_many(v: Option<&Value>) -> Vec<&Value> {
 
 /// Every `AWS::IoT::Policy` of the template, by logical id.
 pub fn from_template(doc: &Value) -> Result<Vec<IotPolicy>, PolicyError> {
+    let parameters = crate::template::parameter_defaults(doc);
     let mut out = Vec::new();
     let Some(resources) = doc.get("Resources").and_then(Value::as_mapping) else { return Ok(out) };
     for (id, r) in resources {
@@ -192,7 +193,7 @@ pub fn from_template(doc: &Value) -> Result<Vec<IotPolicy>, PolicyError> {
                 .into_iter()
                 .map(|r| {
                     let arn = sub_string(r).ok_or_else(|| fail(format!("resource {r:?}")))?;
-                    resource(arn).map_err(&fail)
+                    resource(&crate::template::with_parameters(arn, &parameters)).map_err(&fail)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             statements.push(Statement { allow, actions, resources });

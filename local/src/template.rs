@@ -141,10 +141,64 @@ fn schedules_of(doc: &Value) -> Result<Vec<Schedule>, TemplateError> {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
+    /// The rule's logical id in the template.
     pub name: String,
+    /// The name it is deployed under (`RuleName`, parameters at their defaults): what Basic
+    /// Ingest topics (`$aws/rules/<name>/...`) address.
+    pub deployed_name: String,
     pub sql: String,
     pub statement: Statement,
     pub targets: Vec<Target>,
+}
+
+/// Each template parameter's default value (what a deploy without overrides uses; the local
+/// IoT Core runs as that deployment, e.g. `Stage=dev`).
+pub fn parameter_defaults(doc: &Value) -> std::collections::HashMap<String, String> {
+    let Some(params) = doc.get("Parameters").and_then(Value::as_mapping) else { return Default::default() };
+    params
+        .iter()
+        .filter_map(|(k, v)| {
+            let default = match v.get("Default")? {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some((k.as_str()?.to_owned(), default))
+        })
+        .collect()
+}
+
+/// `text` with every `${Parameter}` replaced by its value; `${!x}` escapes and `${AWS::...}`
+/// pseudo parameters are left as they are.
+pub fn with_parameters(text: &str, parameters: &std::collections::HashMap<String, String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        match after.split_once('}') {
+            Some((name, tail)) if parameters.contains_key(name) => {
+                out.push_str(&parameters[name]);
+                rest = tail;
+            }
+            _ => {
+                out.push_str("${");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A plain string, or the text of a `!Sub` (short or long form).
+fn sub_text(v: &Value) -> Option<&str> {
+    match v {
+        Value::String(s) => Some(s),
+        Value::Tagged(t) if t.tag == "!Sub" => t.value.as_str(),
+        Value::Mapping(m) => m.get("Fn::Sub").and_then(Value::as_str),
+        _ => None,
+    }
 }
 
 /// A `!Ref X` / `!GetAtt X.Arn` (short or long form) reference's logical id.
@@ -169,6 +223,7 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, TemplateError> {
 }
 
 fn rules_of(doc: &Value) -> Result<Vec<Rule>, TemplateError> {
+    let parameters = parameter_defaults(doc);
     let empty = serde_yaml_ng::Mapping::new();
     let resources = doc.get("Resources").and_then(Value::as_mapping).unwrap_or(&empty);
     let typed = |ty: &'static str| {
@@ -252,7 +307,13 @@ fn rules_of(doc: &Value) -> Result<Vec<Rule>, TemplateError> {
                 other => return Err(fail(format!("action {other} is not supported locally (Sqs, Lambda)"))),
             }
         }
-        rules.push(Rule { name: id, sql: sql_text.to_owned(), statement, targets });
+        let deployed_name = r
+            .get("Properties")
+            .and_then(|p| p.get("RuleName"))
+            .and_then(sub_text)
+            .map(|n| with_parameters(n, &parameters))
+            .unwrap_or_else(|| id.clone());
+        rules.push(Rule { name: id, deployed_name, sql: sql_text.to_owned(), statement, targets });
     }
     rules.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(rules)

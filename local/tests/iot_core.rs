@@ -198,3 +198,50 @@ async fn a_payload_that_is_not_utf8_is_quarantined_with_its_original_bytes() -> 
     assert_eq!(stack.stats.snapshot(0).rule_errors, 1);
     stack.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_ingest_goes_straight_to_the_rule_and_no_subscriber_sees_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    // GIVEN an operator subscribed to everything under $aws/rules/
+    let (operator, mut operator_events) = client(&stack, "ops-console", Some("operator"));
+    operator.subscribe("$aws/rules/#", QoS::AtLeastOnce).await?;
+    until(&mut operator_events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
+    // WHEN sensor-001 publishes its reading through Basic Ingest (the rule's deployed name,
+    // Stage at its default), and tries another thing's Basic Ingest topic
+    let (device, mut events) = client(&stack, "sensor-001", None);
+    let own = "$aws/rules/fleetline_dev_telemetry/dt/fleet/sensor-001/telemetry";
+    device.publish(own, QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    let other = "$aws/rules/fleetline_dev_telemetry/dt/fleet/sensor-002/telemetry";
+    device.publish(other, QoS::AtLeastOnce, false, reading()).await?;
+    // (the client sends only while its event loop is polled)
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    // THEN the reading is stored as sensor-001's (the rule saw the topic without the prefix),
+    // the other thing's topic is refused by the device policy
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stack.stats.snapshot(fleet_shared::time::now_ms());
+        if s.metric("Accepted") >= 1 && s.refused_by_policy >= 1 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("not settled: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let thing = ThingName::parse("sensor-001")?;
+    let state = stack.store.device(&thing).await?.and_then(|d| d.state).context("sensor-001 state")?;
+    assert_eq!(state.seq, 1);
+    // AND the subscriber saw nothing of it
+    let seen = tokio::time::timeout(
+        Duration::from_millis(500),
+        until(&mut operator_events, |e| match e {
+            Event::Incoming(Packet::Publish(p)) => Some(p.topic.clone()),
+            _ => None,
+        }),
+    )
+    .await;
+    assert!(seen.is_err(), "a subscriber received a Basic Ingest message: {seen:?}");
+    stack.shutdown().await
+}

@@ -204,9 +204,11 @@ fn references(v: &Value, out: &mut Vec<String>) {
                 out.push(target.to_owned());
             } else if let Some(sub) = single(v, "Fn::Sub") {
                 let text = sub.as_str().or_else(|| sub.get(0).and_then(Value::as_str)).unwrap_or_default();
+                // `!Sub [text, {Name: value}]`: its own variables are not references.
+                let own = sub.get(1).and_then(Value::as_mapping);
                 for part in text.split("${").skip(1) {
                     let name = part.split('}').next().unwrap_or_default();
-                    if !name.starts_with('!') {
+                    if !name.starts_with('!') && !own.is_some_and(|m| m.contains_key(name)) {
                         out.push(name.split('.').next().unwrap_or_default().to_owned());
                     }
                 }
@@ -344,4 +346,22 @@ fn grants_name_their_resources_and_failures_have_separate_queues() {
             .collect();
         assert!(watched.contains(&"InitFailed"), "no init-failure alarm: {watched:?}");
     }
+}
+
+#[test]
+fn fleet_provisioning_gives_each_device_a_thing_an_active_certificate_and_the_device_policy() {
+    let r = render(&[]);
+    let props = &r.resources["FleetProvisioningTemplate"]["Properties"];
+    let sub = props["TemplateBody"]["Fn::Sub"].as_sequence().expect("TemplateBody is a !Sub with variables");
+    // The body is JSON once the policy name is put in.
+    let body_text =
+        sub[0].as_str().unwrap_or_default().replace("${DevicePolicyName}", "fleetline-dev-device");
+    let body: serde_json::Value =
+        serde_json::from_str(&body_text).expect("the provisioning template body is JSON");
+    let resources = &body["Resources"];
+    assert_eq!(resources["thing"]["Properties"]["ThingName"]["Ref"], "SerialNumber");
+    assert_eq!(resources["certificate"]["Properties"]["Status"], "ACTIVE");
+    assert_eq!(resources["policy"]["Properties"]["PolicyName"], "fleetline-dev-device");
+    assert_eq!(sub[1]["DevicePolicyName"]["Ref"].as_str(), Some("DevicePolicy"), "attaches DevicePolicy");
+    assert_eq!(props["ProvisioningRoleArn"]["Fn::GetAtt"][0].as_str(), Some("ProvisioningRole"));
 }

@@ -79,6 +79,18 @@ pub fn evaluate(
     }
 }
 
+/// IoT Core's reserved prefix for Basic Ingest: publishing to `$aws/rules/<rule>/<topic>`
+/// hands the message to that rule directly (no subscriber sees it, and it is not billed as
+/// messaging); the rule's SQL sees `<topic>`.
+pub const BASIC_INGEST_PREFIX: &str = "$aws/rules/";
+
+/// `(rule name, topic the rule sees)` of a Basic Ingest topic.
+pub fn basic_ingest(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix(BASIC_INGEST_PREFIX)?;
+    let (rule, topic) = rest.split_once('/')?;
+    (!rule.is_empty() && !topic.is_empty()).then_some((rule, topic))
+}
+
 /// The inside of a payload that is one syntactically valid JSON object (repeated keys and any
 /// depth allowed), without its outer braces.
 fn ambiguous_object(text: &str) -> Option<&str> {
@@ -107,21 +119,23 @@ impl Engine {
             Err(_) => None,
         };
         let mut routed = false;
+        // Basic Ingest: `$aws/rules/<rule>/<topic>` goes to that rule alone, which sees `<topic>`.
+        let (topic, only) = match basic_ingest(&inbound.topic) {
+            Some((rule, topic)) => (topic, Some(rule)),
+            None => (&*inbound.topic, None),
+        };
         for rule in &self.rules {
-            let forward = evaluate(
-                rule,
-                &inbound.topic,
-                &inbound.payload,
-                json.as_ref(),
-                inbound.client_id.as_deref(),
-                now,
-            );
+            if only.is_some_and(|name| name != rule.deployed_name) {
+                continue;
+            }
+            let forward =
+                evaluate(rule, topic, &inbound.payload, json.as_ref(), inbound.client_id.as_deref(), now);
             let body = match forward {
                 None => continue,
                 Some(Forward::Body(body)) => body,
                 Some(Forward::Undeliverable) => {
                     routed = true;
-                    self.error_action(rule, inbound, now).await;
+                    self.error_action(rule, inbound, topic, now).await;
                     continue;
                 }
             };
@@ -142,15 +156,10 @@ impl Engine {
 
     /// A publish the rule cannot deliver: quarantined with its original bytes (base64), the
     /// topic, and the thing the rule's SQL names for that topic.
-    async fn error_action(&self, rule: &Rule, inbound: &Inbound, now: i64) {
+    async fn error_action(&self, rule: &Rule, inbound: &Inbound, topic: &str, now: i64) {
         self.stats.rule_errors.fetch_add(1, Relaxed);
         let empty = Value::Object(serde_json::Map::new());
-        let m = sql::Message {
-            topic: &inbound.topic,
-            payload: &empty,
-            client_id: inbound.client_id.as_deref(),
-            now_ms: now,
-        };
+        let m = sql::Message { topic, payload: &empty, client_id: inbound.client_id.as_deref(), now_ms: now };
         let thing = rule.statement.apply(&m).and_then(|o| o.get("thing")?.as_str().map(str::to_owned));
         let problem = Problem::new(
             Reason::InvalidUtf8,
