@@ -2,11 +2,14 @@
 //!
 //! Pushes 1,000 messages from 100 devices (one SQS batch, as the template configures it)
 //! through the real AWS adapters behind a call-counting layer, prints the API calls per
-//! 1,000 messages against the targets, and models the cost per 1 M messages from the
-//! us-east-1 list prices below (on-demand, no free tier).
+//! 1,000 messages against the targets, meters the Timestream writes of the requests the
+//! adapter built the way Timestream meters them, and models the cost per 1 M readings from
+//! the us-east-1 list prices below (on-demand, no free tier), next to IoT Core's own
+//! Timestream rule action on the same readings.
 
 use fleet_shared::adapters::aws::counting::CountingAws;
-use fleet_shared::ingest::sim;
+use fleet_shared::adapters::aws::timestream::native_action_write_units;
+use fleet_shared::ingest::{decode, sim, IngestPolicy};
 
 const DEVICES: usize = 100;
 const MESSAGES: usize = 1_000;
@@ -60,30 +63,62 @@ async fn main() {
         c.batch_get_item
     );
 
-    // Per 1 M messages.
+    let requests = c.write_records + c.put_object + c.update_item + c.batch_write_item + c.batch_get_item;
+    println!("  AWS requests in all       {:>5}   target <= 25          {}", requests, check(requests <= 25));
+    println!(
+        "  Timestream write units    {:>5}   (metered: 1 KiB units per request, common attributes once)",
+        c.timestream_write_units
+    );
+
+    // The same readings through IoT Core's own Timestream rule action: one request per message,
+    // one single-measure record per value.
+    let native_units: u64 = batch
+        .iter()
+        .map(|m| decode(&m.body, &IngestPolicy::default(), 1_764_000_002_000).expect("valid"))
+        .map(|r| native_action_write_units(&r))
+        .sum();
+
+    // Per 1 M readings (one reading per message here).
     let batches = 1_000_000.0 / MESSAGES as f64;
-    let per_batch = |n: usize| n as f64 * batches;
-    let lines = [
-        ("IoT Core messages", IOT_MESSAGE_PER_M),
-        ("IoT rule + SQS action", IOT_RULE_PER_M + IOT_ACTION_PER_M),
-        // SendMessage per message; Lambda's poller receives and deletes in batches of 10.
-        ("SQS requests", SQS_REQUEST_PER_M * 1.2),
-        ("Lambda requests", LAMBDA_REQUEST_PER_M * batches / 1e6),
-        (
-            "Lambda duration (arm64, 256 MB)",
-            batches * LAMBDA_SECONDS_PER_BATCH * LAMBDA_MEMORY_GB * LAMBDA_ARM_GB_SECOND,
-        ),
-        ("Timestream writes (1 record/message)", TIMESTREAM_WRITE_PER_M),
-        ("DynamoDB state writes", per_batch(c.update_item) / 1e6 * DYNAMODB_WRU_PER_M),
-        ("DynamoDB enrichment reads", per_batch(DEVICES * 2) * 0.5 / 1e6 * DYNAMODB_RRU_PER_M),
-        ("S3 archive PUTs", per_batch(c.put_object) / 1e3 * S3_PUT_PER_K),
+    let per_m = |per_batch: f64| per_batch * batches;
+    let iot_messaging = IOT_MESSAGE_PER_M;
+    let rule_and_action = IOT_RULE_PER_M + IOT_ACTION_PER_M;
+    // SendMessage per message; Lambda's poller receives and deletes in batches of 10.
+    let sqs = SQS_REQUEST_PER_M * 1.2;
+    let lambda = LAMBDA_REQUEST_PER_M * batches / 1e6
+        + batches * LAMBDA_SECONDS_PER_BATCH * LAMBDA_MEMORY_GB * LAMBDA_ARM_GB_SECOND;
+    let timestream = per_m(c.timestream_write_units as f64) / 1e6 * TIMESTREAM_WRITE_PER_M;
+    let dynamodb = per_m(c.update_item as f64) / 1e6 * DYNAMODB_WRU_PER_M
+        + per_m((DEVICES * 2) as f64) * 0.5 / 1e6 * DYNAMODB_RRU_PER_M;
+    let s3 = per_m(c.put_object as f64) / 1e3 * S3_PUT_PER_K;
+    let native_timestream = per_m(native_units as f64) / 1e6 * TIMESTREAM_WRITE_PER_M;
+
+    let fleetline =
+        |messaging: f64, hot: f64| messaging + rule_and_action + sqs + lambda + hot + dynamodb + s3;
+    let native = |messaging: f64| messaging + rule_and_action + native_timestream;
+    let rows = [
+        ("Fleetline, HotStore=timestream", fleetline(iot_messaging, timestream)),
+        ("Fleetline, HotStore=timestream, Basic Ingest", fleetline(0.0, timestream)),
+        ("Fleetline, HotStore=none, Basic Ingest", fleetline(0.0, 0.0)),
+        ("IoT Core Timestream action", native(iot_messaging)),
+        ("IoT Core Timestream action, Basic Ingest", native(0.0)),
     ];
-    println!("\nModelled cost per 1,000,000 messages (us-east-1 list prices, storage excluded):");
-    let mut total = 0.0;
-    for (name, usd) in lines {
-        total += usd;
-        println!("  {name:<38} ${usd:>8.4}");
+    println!("\nModelled cost per 1,000,000 readings (us-east-1 list prices, storage excluded):");
+    println!("  parts of the Fleetline path: IoT messaging ${iot_messaging:.4}, rule + SQS action ${rule_and_action:.4},");
+    println!("    SQS ${sqs:.4}, Lambda ${lambda:.4}, Timestream ${timestream:.4} ({} units per {MESSAGES} readings),", c.timestream_write_units);
+    println!("    DynamoDB ${dynamodb:.4}, S3 ${s3:.4}");
+    println!(
+        "  the native action writes {native_units} units per {MESSAGES} readings: ${native_timestream:.4}"
+    );
+    for (name, usd) in rows {
+        println!("  {name:<48} ${usd:>8.4}");
     }
-    println!("  {:<38} ${total:>8.4}", "total");
-    println!("  (Lambda duration assumes {LAMBDA_SECONDS_PER_BATCH} s per {MESSAGES}-message batch.)");
+    let ratio = fleetline(0.0, timestream) / native(0.0);
+    println!(
+        "  Fleetline / native, both with Basic Ingest      {:>8.0}%   target <= 25%   {}",
+        ratio * 100.0,
+        check(ratio <= 0.25)
+    );
+    println!("  (one reading per message: per-message charges (rule, action, SQS) dominate; packs of many");
+    println!("   readings per message divide them. Lambda duration assumes {LAMBDA_SECONDS_PER_BATCH} s per {MESSAGES}-message batch.)");
 }

@@ -22,6 +22,8 @@ pub struct ApiCalls {
     pub update_item: usize,
     pub batch_write_item: usize,
     pub write_records: usize,
+    /// Timestream write units those WriteRecords requests are metered at.
+    pub timestream_write_units: u64,
     pub put_object: usize,
 }
 
@@ -33,6 +35,7 @@ pub struct CountingAws {
     update_item: Rule,
     batch_write_item: Rule,
     write_records: Rule,
+    write_units: std::sync::Arc<std::sync::atomic::AtomicU64>,
     put_object: Rule,
 }
 
@@ -69,8 +72,14 @@ impl CountingAws {
             mock!(aws_sdk_dynamodb::Client::update_item).then_output(|| UpdateItemOutput::builder().build());
         let batch_write_item = mock!(aws_sdk_dynamodb::Client::batch_write_item)
             .then_output(|| BatchWriteItemOutput::builder().build());
-        let write_records = mock!(aws_sdk_timestreamwrite::Client::write_records)
-            .then_output(|| WriteRecordsOutput::builder().build());
+        let write_units = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let metered = std::sync::Arc::clone(&write_units);
+        let write_records =
+            mock!(aws_sdk_timestreamwrite::Client::write_records).then_compute_output(move |req| {
+                let units = super::timestream::metered_write_units(req.common_attributes(), req.records());
+                metered.fetch_add(units, std::sync::atomic::Ordering::Relaxed);
+                WriteRecordsOutput::builder().build()
+            });
         let put_object =
             mock!(aws_sdk_s3::Client::put_object).then_output(|| PutObjectOutput::builder().build());
         let devices = DevicesTable::new(
@@ -95,6 +104,7 @@ impl CountingAws {
             update_item,
             batch_write_item,
             write_records,
+            write_units,
             put_object,
         }
     }
@@ -117,6 +127,7 @@ impl CountingAws {
             update_item: self.update_item.num_calls(),
             batch_write_item: self.batch_write_item.num_calls(),
             write_records: self.write_records.num_calls(),
+            timestream_write_units: self.write_units.load(std::sync::atomic::Ordering::Relaxed),
             put_object: self.put_object.num_calls(),
         }
     }

@@ -306,14 +306,19 @@ async fn ingesting_1000_messages_from_100_devices_makes_the_target_api_calls() {
     let outcome = aws.ingest(&batch, 1_764_000_002_000).await;
     // THEN everything is stored with 10 WriteRecords, 1 PUT, 1 state write per device, and no dedupe writes
     assert_eq!((outcome.accepted, outcome.unregistered), (1_000, 0));
+    let calls = aws.calls();
     assert_eq!(
-        aws.calls(),
+        calls,
         ApiCalls {
             batch_get_item: 2,
             update_item: 100,
             batch_write_item: 0,
             write_records: 10,
+            timestream_write_units: calls.timestream_write_units,
             put_object: 1
         }
     );
+    // AND the ten requests are metered by their bytes, not one write per reading: the sim's
+    // records are 100-250 bytes, so 1,000 of them are 100-250 KiB.
+    assert!((100..=250).contains(&calls.timestream_write_units), "{calls:?}");
 }

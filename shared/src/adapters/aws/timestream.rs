@@ -176,6 +176,65 @@ pub fn record_bytes(r: &Record) -> usize {
     dims + measures + MEASURE_NAME.len() + 8
 }
 
+/// Timestream for LiveAnalytics meters writes in 1 KiB units per WriteRecords request: each
+/// event costs its timestamp (8 bytes), its dimension names and values, its measure names and
+/// values (8 bytes for BIGINT/DOUBLE, 1 for BOOLEAN, the bytes of a VARCHAR); what the
+/// request's common attributes carry (dimensions, the measure name) is counted once.
+/// ("Metering and cost optimization: Writes", Timestream developer guide.)
+pub const WRITE_UNIT_BYTES: u64 = 1024;
+
+fn measure_bytes(name: &str, kind: &MeasureValueType, value: &str) -> usize {
+    name.len()
+        + match kind {
+            MeasureValueType::Boolean => 1,
+            MeasureValueType::Varchar => value.len(),
+            _ => 8,
+        }
+}
+
+/// The write units one WriteRecords request is metered at.
+pub fn metered_write_units(common: Option<&Record>, records: &[Record]) -> u64 {
+    let attrs = |r: &Record| -> usize {
+        let dims: usize = r.dimensions().iter().map(|d| d.name().len() + d.value().len()).sum();
+        let name = r.measure_name().map_or(0, str::len);
+        let single = match (r.measure_value(), r.measure_value_type()) {
+            (Some(v), Some(kind)) if kind != &MeasureValueType::Multi => measure_bytes("", kind, v),
+            _ => 0,
+        };
+        let multi: usize =
+            r.measure_values().iter().map(|m| measure_bytes(m.name(), m.r#type(), m.value())).sum();
+        dims + name + single + multi
+    };
+    let events: usize = records.iter().map(|r| 8 + attrs(r)).sum();
+    let bytes = (events + common.map_or(0, attrs)) as u64;
+    bytes.div_ceil(WRITE_UNIT_BYTES).max(1)
+}
+
+/// What IoT Core's own Timestream rule action writes for one message carrying `r`: one
+/// single-measure record per value (each metric, battery, uptime) with the thing as dimension,
+/// in one WriteRecords request per message.
+pub fn native_action_write_units(r: &Reading) -> u64 {
+    let thing = dimension("thing", r.id.thing.as_str());
+    let record = |name: &str, value: String, kind: MeasureValueType| {
+        Record::builder()
+            .dimensions(thing.clone())
+            .measure_name(name)
+            .measure_value(value)
+            .measure_value_type(kind)
+            .time(r.time_ms.to_string())
+            .build()
+    };
+    let mut records: Vec<Record> =
+        r.metrics.iter().map(|m| record(&m.name, double(m.value), MeasureValueType::Double)).collect();
+    if let Some(b) = r.battery_pct {
+        records.push(record("bat", double(b), MeasureValueType::Double));
+    }
+    if let Some(u) = r.uptime_s {
+        records.push(record("up_s", u.to_string(), MeasureValueType::Bigint));
+    }
+    metered_write_units(None, &records)
+}
+
 /// Check one record against the service limits before it is sent.
 pub fn validate_record(r: &Record) -> Result<(), String> {
     let bytes = record_bytes(r);
@@ -204,7 +263,7 @@ pub fn validate_record(r: &Record) -> Result<(), String> {
 }
 
 /// The common attributes of every WriteRecords request.
-fn common_attributes() -> Record {
+pub fn common_attributes() -> Record {
     Record::builder()
         .measure_name(MEASURE_NAME)
         .measure_value_type(MeasureValueType::Multi)
@@ -404,6 +463,32 @@ mod tests {
         assert!(ra.dimensions().iter().all(|d| !["class", "region", "rx_ms"].contains(&d.name())));
         assert!(rb.version() > ra.version());
         assert!(ra.measure_values().iter().all(|m| m.name() != "rx_ms"));
+    }
+
+    #[test]
+    fn write_units_follow_the_metering_example_and_count_common_attributes_once() {
+        // The developer guide's example: one event of 83 bytes; 12 such events fit 1 KiB.
+        let event = Record::builder()
+            .dimensions(dimension("region", "us-east-1"))
+            .dimensions(dimension("az", "1d"))
+            .dimensions(dimension("vpc", "vpc-1a2b3c4d"))
+            .dimensions(dimension("hostname", "host-24Gju"))
+            .measure_name("cpu_utilization")
+            .measure_value("35.0")
+            .measure_value_type(MeasureValueType::Double)
+            .time("1602983435238563000")
+            .build();
+        assert_eq!(metered_write_units(None, std::slice::from_ref(&event)), 1);
+        assert_eq!(metered_write_units(None, &vec![event.clone(); 12]), 1, "12 x 83 = 996 bytes");
+        assert_eq!(metered_write_units(None, &vec![event; 13]), 2);
+        // A multi-measure batch: the shared measure name is counted once.
+        let r = reading(3, 8);
+        let records = vec![record_for(&r); 100];
+        let one = metered_write_units(Some(&common_attributes()), std::slice::from_ref(&records[0]));
+        let hundred = metered_write_units(Some(&common_attributes()), &records);
+        assert_eq!(one, 1);
+        let per_record = (record_bytes(&records[0]) - MEASURE_NAME.len()) as u64;
+        assert_eq!(hundred, (100 * per_record + MEASURE_NAME.len() as u64).div_ceil(WRITE_UNIT_BYTES));
     }
 
     #[test]
