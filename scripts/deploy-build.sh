@@ -9,13 +9,20 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 dir=${1:-target/deploy-build}
 
-if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+# FLEET_DEPLOY_ARCH=arm64 insists on the architecture the template deploys (a release pipeline
+# should set it); by default x86_64 stands in when the aarch64 target is not installed.
+installed=$(rustup target list --installed 2>/dev/null || true)
+if grep -qx aarch64-unknown-linux-gnu <<<"$installed"; then
   arch=arm64 flag=--arm64 machine=183 # EM_AARCH64
+elif [ "${FLEET_DEPLOY_ARCH:-}" = arm64 ]; then
+  echo "FLEET_DEPLOY_ARCH=arm64 but the aarch64-unknown-linux-gnu target is not installed:" >&2
+  echo "  rustup target add aarch64-unknown-linux-gnu" >&2
+  exit 1
 else
   arch=x86_64 flag=--x86-64 machine=62 # EM_X86_64
 fi
 # Every function the template builds with cargo-lambda: its BuildProperties.Binary.
-functions=$(grep -A3 'BuildMethod: rust-cargolambda' infra/template.yaml | sed -n 's/^ *Binary: *//p')
+functions=$(grep -A3 'BuildMethod: rust-cargolambda' infra/template.yaml | sed -n 's/^ *Binary: *//p' || true)
 [ -n "$functions" ] || { echo "no rust-cargolambda function in infra/template.yaml" >&2; exit 1; }
 packages=()
 for f in $functions; do packages+=(--package "$f"); done

@@ -6,18 +6,18 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-60}
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
 mkdir -p target
 for t in decode sqs_event; do
   corpus=fuzz/corpus/$t
   mkdir -p "$corpus"
   log=target/fuzz-$t.log
-  (cd fuzz && cargo +nightly fuzz run "$t" "../$corpus" -- -max_total_time="$secs" -print_final_stats=1) >"$log" 2>&1 || {
+  (cd fuzz && cargo +nightly fuzz run --features fuzzing "$t" "../$corpus" -- -max_total_time="$secs" -print_final_stats=1) >"$log" 2>&1 || {
     echo "$t: the fuzzer found a failure (see $log and fuzz/artifacts/$t/)" >&2
     tail -40 "$log" >&2
     exit 1
   }
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-  (cd fuzz && cargo +nightly fuzz cmin "$t" "../$corpus") >>"$log" 2>&1
+  (cd fuzz && cargo +nightly fuzz cmin --features fuzzing "$t" "../$corpus") >>"$log" 2>&1
   echo "$t: $runs executions in ${secs}s, 0 crashes, corpus $(ls "$corpus" | wc -l) inputs"
 done

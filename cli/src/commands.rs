@@ -72,7 +72,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     match Backend::connect(env).await? {
         Backend::Aws(aws) => {
             let (sdk, env) = (&aws.sdk, &aws.env);
-            let policy = HotStoreKind::from_env(env)?.policy(policy);
+            // Only the commands that read or write telemetry need to know the hot store.
+            let hot_policy = || -> Result<IngestPolicy> { Ok(HotStoreKind::from_env(env)?.policy(policy)) };
             match cli.command {
                 Command::Devices { command } => {
                     devices(&DevicesTable::from_env(sdk, env)?, command, json).await
@@ -92,7 +93,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         quarantine: &archive,
                         reader: &archive,
                     };
-                    run_replay(ports, &policy, &prefix, json).await
+                    run_replay(ports, &hot_policy()?, &prefix, json).await
                 }
                 Command::Ingest { files } => {
                     let archive = S3Archive::from_env(sdk, env)?;
@@ -102,7 +103,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         archive: &archive,
                         quarantine: &archive,
                     };
-                    ingest_files(ports, &policy, &files, json).await
+                    ingest_files(ports, &hot_policy()?, &files, json).await
                 }
                 Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }

@@ -103,6 +103,14 @@ pub trait RawArchive: Send + Sync {
 pub trait ArchiveReader: Send + Sync {
     /// Keys of the archive objects under `prefix` (e.g. `raw/dt=2025-11-24/`), every page, in key order.
     fn archive_keys(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// Keys under `prefix` that sort after `start_after`, in key order, at most `max`: the
+    /// partitions from a time on, without listing what lies before it.
+    fn archive_keys_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
     /// One object's bytes (gzip NDJSON).
     fn archive_object(&self, key: &str) -> impl Future<Output = Result<Vec<u8>, StoreError>> + Send;
 }

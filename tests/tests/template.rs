@@ -364,4 +364,7 @@ fn fleet_provisioning_gives_each_device_a_thing_an_active_certificate_and_the_de
     assert_eq!(resources["policy"]["Properties"]["PolicyName"], "fleetline-dev-device");
     assert_eq!(sub[1]["DevicePolicyName"]["Ref"].as_str(), Some("DevicePolicy"), "attaches DevicePolicy");
     assert_eq!(props["ProvisioningRoleArn"]["Fn::GetAtt"][0].as_str(), Some("ProvisioningRole"));
+    // Until the pre-provisioning hook checks serials, a claim holder could take an existing
+    // thing's name: the template stays disabled.
+    assert_eq!(props["Enabled"].as_bool(), Some(false));
 }

@@ -157,7 +157,7 @@ impl Engine {
     /// A publish the rule cannot deliver: quarantined with its original bytes (base64), the
     /// topic, and the thing the rule's SQL names for that topic.
     async fn error_action(&self, rule: &Rule, inbound: &Inbound, topic: &str, now: i64) {
-        self.stats.rule_errors.fetch_add(1, Relaxed);
+        let n = self.stats.rule_errors.fetch_add(1, Relaxed);
         let empty = Value::Object(serde_json::Map::new());
         let m = sql::Message { topic, payload: &empty, client_id: inbound.client_id.as_deref(), now_ms: now };
         let thing = rule.statement.apply(&m).and_then(|o| o.get("thing")?.as_str().map(str::to_owned));
@@ -169,7 +169,13 @@ impl Engine {
                 rule.name
             ),
         );
-        let id = format!("rule-error-{}", content_id(&inbound.payload));
+        // One row per publish: two devices sending the same bytes, or one sending them twice,
+        // are two rule errors (the error action receives each).
+        let mut key =
+            format!("{}\0{}\0{now}\0{n}\0", inbound.topic, inbound.client_id.as_deref().unwrap_or(""))
+                .into_bytes();
+        key.extend_from_slice(&inbound.payload);
+        let id = format!("rule-error-{}", content_id(&key));
         let line = QuarantineLine::new(&id, now, thing, vec![problem], &inbound.payload)
             .with_topic(Some(inbound.topic.to_string()));
         if let Err(e) = self.errors.put_quarantined(&[line], now).await {

@@ -5,6 +5,8 @@
 //! registry, as the hot store would have stored them.
 //!
 //! It reads whole objects, so it suits an operator looking at one device over hours or days.
+//! The listing starts at the first partition that can qualify, so the archive's age costs
+//! nothing.
 //! Fleet-wide or long-range questions go to Athena (the template's Glue table over the same
 //! objects); a range that would read more than [`MAX_OBJECTS`] objects is refused saying so.
 
@@ -24,10 +26,7 @@ use crate::time::utc_date_hour;
 pub const MAX_OBJECTS: usize = 5_000;
 /// Objects fetched at once.
 const CONCURRENT_GETS: usize = 8;
-/// Ranges longer than this list the whole `raw/` prefix once instead of one prefix per day.
-const MAX_DAY_PREFIXES: i64 = 31;
 const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 24 * HOUR_MS;
 
 /// Telemetry read from the raw archive.
 pub struct ArchiveTelemetry<X, R> {
@@ -51,33 +50,15 @@ fn partition_of_ms(ms: i64) -> String {
 }
 
 impl<X: ArchiveReader, R: DeviceRegistry> ArchiveTelemetry<X, R> {
-    /// Keys of the raw objects whose arrival hour can hold readings since `since_ms`. Objects
-    /// are partitioned by arrival; a reading's time is never after its arrival (skew is
-    /// corrected to arrival), and one batch may start in the hour before: one hour of margin.
-    async fn keys_since(&self, since_ms: i64, now_ms: i64) -> Result<Vec<String>, StoreError> {
-        let from_ms = since_ms.saturating_sub(HOUR_MS).max(0);
-        let first = partition_of_ms(from_ms);
-        let days = (now_ms - from_ms) / DAY_MS + 1;
-        let prefixes: Vec<String> = if days > MAX_DAY_PREFIXES {
-            vec![RAW_PREFIX.to_owned()]
-        } else {
-            (0..=days)
-                .map(|d| format!("{RAW_PREFIX}dt={}/", utc_date_hour(from_ms + d * DAY_MS).0))
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect()
-        };
-        let mut keys = Vec::new();
-        for prefix in prefixes {
-            for key in self.archive.archive_keys(&prefix).await? {
-                if partition(&key).is_some_and(|p| p >= first.as_str()) {
-                    keys.push(key);
-                }
-            }
-            if keys.len() > MAX_OBJECTS {
-                break;
-            }
-        }
+    /// Keys of the raw objects whose partition can hold readings since `since_ms`, listed from
+    /// that partition on (keys sort by `dt=`/`hour=`), never the archive before it. An object
+    /// is filed under its batch's latest arrival, and a reading's time is at most its arrival
+    /// plus the clock-skew tolerance: one hour of margin covers both.
+    async fn keys_since(&self, since_ms: i64) -> Result<Vec<String>, StoreError> {
+        let first = partition_of_ms(since_ms.saturating_sub(HOUR_MS).max(0));
+        // Every key of that hour and later sorts after "raw/dt=…/hour=HH" (its "/…" follows).
+        let start_after = format!("{RAW_PREFIX}{first}");
+        let keys = self.archive.archive_keys_after(RAW_PREFIX, &start_after, MAX_OBJECTS + 1).await?;
         if keys.len() > MAX_OBJECTS {
             return Err(StoreError::permanent(
                 "archive telemetry query",
@@ -87,7 +68,7 @@ impl<X: ArchiveReader, R: DeviceRegistry> ArchiveTelemetry<X, R> {
                 ),
             ));
         }
-        Ok(keys)
+        Ok(keys.into_iter().filter(|k| partition(k).is_some()).collect())
     }
 }
 
@@ -99,7 +80,7 @@ impl<X: ArchiveReader, R: DeviceRegistry> TelemetryQuery for ArchiveTelemetry<X,
         limit: usize,
     ) -> Result<Vec<StoredReading>, StoreError> {
         let now_ms = (self.clock)();
-        let keys = self.keys_since(since_ms, now_ms).await?;
+        let keys = self.keys_since(since_ms).await?;
         let needle = thing.as_str().as_bytes();
         let mut found: BTreeMap<(i64, u32, u64), crate::model::Reading> = BTreeMap::new();
         let mut seen: HashSet<MessageId> = HashSet::new();
@@ -141,6 +122,7 @@ mod tests {
     use crate::ports::{DeviceAdmin, RawArchive};
 
     const T0: i64 = 1_764_000_000_000; // 2025-11-24T16:00:00Z
+    const DAY_MS: i64 = 24 * HOUR_MS;
 
     fn body(thing: &str, seq: u64, ts: i64) -> Vec<u8> {
         format!(

@@ -22,9 +22,10 @@ use crate::model::{MessageId, Metric, Reading, ReadingFlags, ThingName};
 /// IoT Core's message size limit, on the device's payload (IoT Core refuses a larger publish
 /// before any rule runs).
 pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
-/// What the topic rule adds to the payload it forwards: `thing` (a thing name, ≤ 128 chars),
-/// `rx_ms` and `client_id` (≤ 128 bytes, up to 6 bytes each once JSON-escaped), with their keys.
-pub const RULE_FIELDS_MAX_BYTES: usize = 1024;
+/// What the topic rule adds to the payload it forwards, with their keys: `thing` (a topic
+/// level, ≤ 256 bytes), `topic` (≤ 256 bytes) and `client_id` (≤ 128 bytes), each up to 6
+/// bytes per byte once JSON-escaped, and `rx_ms`: (256 + 256 + 128) × 6 plus keys < 4 KiB.
+pub const RULE_FIELDS_MAX_BYTES: usize = 4096;
 /// The largest body a rule can forward: a full device payload plus the rule's fields.
 pub const MAX_BODY_BYTES: usize = MAX_PAYLOAD_BYTES + RULE_FIELDS_MAX_BYTES;
 pub use super::strict::MAX_NESTING;

@@ -216,8 +216,10 @@ where
     };
     let stored: Vec<StoredReading> = readings.iter().map(|r| enrich(r, devices.get(&r.id.thing))).collect();
 
-    // 2. Archive first: it is the source of truth replays read.
-    let received_ms = plan.origin.iter().map(|&i| messages[i].received_ms).min().unwrap_or(now_ms);
+    // 2. Archive first: it is the source of truth replays read. Filed under the batch's latest
+    // arrival, so every message in it arrived no later than its partition's hour ends: a
+    // reader of "since T" finds it at T's hour or later.
+    let received_ms = plan.origin.iter().map(|&i| messages[i].received_ms).max().unwrap_or(now_ms);
     if let Some(object) = raw_object(plan.origin.iter().map(|&i| messages[i].body), received_ms) {
         if let Err(e) = ports.archive.put_raw(&object).await {
             return (all(e), stored);

@@ -115,6 +115,32 @@ impl ArchiveReader for S3Archive {
         self.list_keys(prefix, None).await
     }
 
+    async fn archive_keys_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .start_after(start_after)
+            .into_paginator()
+            .send();
+        let mut keys = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("s3 list", e))?;
+            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+            if keys.len() >= max {
+                keys.truncate(max);
+                break;
+            }
+        }
+        Ok(keys)
+    }
+
     async fn archive_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         self.get_object(key).await
     }

@@ -286,15 +286,15 @@ impl SqliteStore {
         limit: usize,
     ) -> Result<Vec<(String, QuarantineLine)>, StoreError> {
         // Reasons are a fixed vocabulary, and in a line's JSON `"reason":"<code>"` can only be
-        // a reason (a body's own quotes are escaped there).
-        let pattern = reason.map_or_else(|| "%".to_owned(), |r| format!("%\"reason\":\"{r}\"%"));
+        // a reason (a body's own quotes are escaped there): a plain substring test, no pattern.
+        let needle = reason.map_or_else(String::new, |r| format!("\"reason\":\"{r}\""));
         let (t, id) = after.unwrap_or((i64::MIN, String::new()));
         self.with("sqlite quarantine page", move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, line FROM quarantine WHERE (received_ms, id) > (?1, ?2) AND line LIKE ?3
+                "SELECT id, line FROM quarantine WHERE (received_ms, id) > (?1, ?2) AND instr(line, ?3) > 0
                  ORDER BY received_ms, id LIMIT ?4",
             )?;
-            let rows = st.query_map(params![t, id, pattern, limit as i64], |r| {
+            let rows = st.query_map(params![t, id, needle, limit as i64], |r| {
                 let id: String = r.get(0)?;
                 let json: String = r.get(1)?;
                 let line = serde_json::from_str(&json).map_err(|e| {
@@ -561,6 +561,23 @@ impl RawArchive for SqliteStore {
 impl ArchiveReader for SqliteStore {
     async fn archive_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         Ok(self.archive_objects(prefix).await?.into_iter().map(|o| o.key).collect())
+    }
+
+    async fn archive_keys_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let (prefix, start_after) = (prefix.to_owned(), start_after.to_owned());
+        self.with("sqlite archive keys", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT key FROM archive WHERE substr(key, 1, length(?1)) = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![prefix, start_after, max as i64], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
     }
 
     async fn archive_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
