@@ -1,7 +1,7 @@
 //! The two fuzz cases, shared by the libFuzzer targets (`fuzz_targets/`, feature `fuzzing`) and
 //! by the corpus replay test that runs in CI.
 
-use fleet_shared::ingest::envelope::{MAX_FW_LEN, MAX_METRICS};
+use fleet_shared::ingest::envelope::{MAX_FW_LEN, MAX_METRICS, MAX_READINGS_PER_MESSAGE};
 use fleet_shared::ingest::{decode, parse_event, plan, strict, IngestPolicy, OwnedInbound, Trigger};
 
 const NOW_MS: i64 = 1_764_000_001_000;
@@ -10,14 +10,17 @@ const NOW_MS: i64 = 1_764_000_001_000;
 /// least one reason; never a panic, never an unbounded recursion.
 pub fn decode_case(data: &[u8]) {
     match decode(data, &IngestPolicy::default(), NOW_MS) {
-        Ok(r) => {
+        Ok(readings) => {
             assert!(strict::check(data).is_ok(), "stored a payload the structural check refuses");
-            assert!(!r.metrics.is_empty() && r.metrics.len() <= MAX_METRICS);
-            assert!(r.metrics.iter().all(|m| m.value.is_finite()));
-            assert!(r.fw.as_deref().is_none_or(|fw| {
-                fw.len() <= MAX_FW_LEN && fleet_shared::model::validate_label("fw", fw).is_ok()
-            }));
-            assert!(r.uptime_s.is_none_or(|u| u <= i64::MAX as u64) && r.id.seq <= i64::MAX as u64);
+            assert!(!readings.is_empty() && readings.len() <= MAX_READINGS_PER_MESSAGE);
+            for r in &readings {
+                assert!(!r.metrics.is_empty() && r.metrics.len() <= MAX_METRICS);
+                assert!(r.metrics.iter().all(|m| m.value.is_finite()));
+                assert!(r.fw.as_deref().is_none_or(|fw| {
+                    fw.len() <= MAX_FW_LEN && fleet_shared::model::validate_label("fw", fw).is_ok()
+                }));
+                assert!(r.uptime_s.is_none_or(|u| u <= i64::MAX as u64) && r.id.seq <= i64::MAX as u64);
+            }
         }
         Err(rejection) => assert!(!rejection.problems.is_empty()),
     }
@@ -34,6 +37,6 @@ pub fn sqs_event_case(data: &[u8]) {
     };
     let inbound: Vec<_> = messages.iter().map(OwnedInbound::borrow).collect();
     let p = plan(&inbound, &IngestPolicy::default(), NOW_MS);
-    assert_eq!(p.readings.len() + p.duplicates.len() + p.quarantined.len(), messages.len());
+    assert!(p.accounts_for(messages.len()), "a message in no bucket or in two");
     assert!(p.quarantined.iter().all(|q| !q.problems.is_empty()));
 }

@@ -98,14 +98,16 @@ impl<X: ArchiveReader, R: DeviceRegistry> TelemetryQuery for ArchiveTelemetry<X,
                     if !line.windows(needle.len()).any(|w| w == needle) {
                         continue;
                     }
-                    let Ok(reading) = decode(&line, &self.policy, now_ms) else { continue };
-                    if reading.id.thing != *thing
-                        || reading.time_ms < since_ms
-                        || !seen.insert(reading.id.clone())
-                    {
-                        continue;
+                    let Ok(readings) = decode(&line, &self.policy, now_ms) else { continue };
+                    for reading in readings {
+                        if reading.id.thing != *thing
+                            || reading.time_ms < since_ms
+                            || !seen.insert(reading.id.clone())
+                        {
+                            continue;
+                        }
+                        found.insert((reading.time_ms, reading.id.boot, reading.id.seq), reading);
                     }
-                    found.insert((reading.time_ms, reading.id.boot, reading.id.seq), reading);
                 }
             }
         }

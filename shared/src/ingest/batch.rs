@@ -32,20 +32,38 @@ pub struct Quarantined {
 /// What to do with a batch.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Distinct valid readings, in first-seen order.
+    /// Distinct valid readings, in first-seen order (a v2 pack contributes several).
     pub readings: Vec<Reading>,
     /// `origin[i]` is the index of the message `readings[i]` was decoded from.
     pub origin: Vec<usize>,
-    /// `(message index, reading index)` for messages repeating an earlier one in this batch.
+    /// `(message index, reading index)` for each reading a message repeats from an earlier one
+    /// in this batch (a pack repeating several readings appears once per reading).
     pub duplicates: Vec<(usize, usize)>,
     pub quarantined: Vec<Quarantined>,
 }
 
 impl Plan {
-    /// Indices of every message carrying reading `r` (the original and its in-batch repeats).
-    pub fn messages_of(&self, r: usize) -> impl Iterator<Item = usize> + '_ {
-        std::iter::once(self.origin[r])
-            .chain(self.duplicates.iter().filter(move |(_, d)| *d == r).map(|(m, _)| *m))
+    /// For each reading, the messages repeating it later in this batch.
+    pub fn repeats(&self) -> Vec<Vec<usize>> {
+        // Sized by `origin`, which has one entry per reading and stays when the readings are taken.
+        let mut out = vec![Vec::new(); self.origin.len()];
+        for &(m, r) in &self.duplicates {
+            out[r].push(m);
+        }
+        out
+    }
+
+    /// Every one of `messages` is accounted for exactly once: quarantined, or carrying at least
+    /// one reading (as its first carrier or as a repeat), never both.
+    pub fn accounts_for(&self, messages: usize) -> bool {
+        let mut carrying = vec![false; messages];
+        for &m in self.origin.iter().chain(self.duplicates.iter().map(|(m, _)| m)) {
+            carrying[m] = true;
+        }
+        let quarantined: std::collections::HashSet<usize> =
+            self.quarantined.iter().map(|q| q.index).collect();
+        quarantined.len() == self.quarantined.len()
+            && (0..messages).all(|m| carrying[m] != quarantined.contains(&m))
     }
 }
 
@@ -62,14 +80,19 @@ pub fn plan(messages: &[Inbound<'_>], policy: &IngestPolicy, now_ms: i64) -> Pla
             continue;
         }
         match decode(m.body, policy, now_ms) {
-            Ok(reading) => match seen.get(&reading.id) {
-                Some(&first) => plan.duplicates.push((index, first)),
-                None => {
-                    seen.insert(reading.id.clone(), plan.readings.len());
-                    plan.readings.push(reading);
-                    plan.origin.push(index);
+            // A v2 pack carries several readings: each is deduplicated on its own identity.
+            Ok(readings) => {
+                for reading in readings {
+                    match seen.get(&reading.id) {
+                        Some(&first) => plan.duplicates.push((index, first)),
+                        None => {
+                            seen.insert(reading.id.clone(), plan.readings.len());
+                            plan.readings.push(reading);
+                            plan.origin.push(index);
+                        }
+                    }
                 }
-            },
+            }
             Err(rejection) => plan.quarantined.push(Quarantined {
                 index,
                 thing: rejection.thing,

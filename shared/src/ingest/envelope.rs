@@ -31,6 +31,8 @@ pub const MAX_BODY_BYTES: usize = MAX_PAYLOAD_BYTES + RULE_FIELDS_MAX_BYTES;
 pub use super::strict::MAX_NESTING;
 /// Metrics one reading may carry: bounded so one reading fits one 2 KB Timestream record.
 pub const MAX_METRICS: usize = 32;
+/// Readings one v2 pack may carry (distinct record times `t`).
+pub const MAX_READINGS_PER_MESSAGE: usize = 100;
 pub const MAX_METRIC_NAME_LEN: usize = 32;
 pub const MAX_FW_LEN: usize = crate::model::MAX_LABEL_LEN;
 /// 2000-01-01T00:00:00Z: anything earlier is an unset or broken clock.
@@ -106,7 +108,7 @@ pub struct Rejection {
 }
 
 /// Decode, validate and upcast one message body.
-pub fn decode(body: &[u8], policy: &IngestPolicy, now_ms: i64) -> Result<Reading, Rejection> {
+pub fn decode(body: &[u8], policy: &IngestPolicy, now_ms: i64) -> Result<Vec<Reading>, Rejection> {
     if body.len() > MAX_BODY_BYTES {
         return Err(Rejection {
             thing: None,
@@ -165,6 +167,8 @@ struct Senml<'a> {
     #[serde(borrow)]
     n: Option<&'a str>,
     v: Option<f64>,
+    /// Time offset in ms after the pack's `bt`: records sharing one `t` are one reading.
+    t: Option<i64>,
     vs: Option<IgnoredAny>,
     vb: Option<IgnoredAny>,
 }
@@ -194,7 +198,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Metrics<'a> {
 }
 
 /// The slow path: read the payload as a JSON value and check field by field.
-fn decode_lenient(body: &[u8], policy: &IngestPolicy, now_ms: i64) -> Result<Reading, Rejection> {
+fn decode_lenient(body: &[u8], policy: &IngestPolicy, now_ms: i64) -> Result<Vec<Reading>, Rejection> {
     let value = match serde_json::from_slice::<Value>(body) {
         Ok(v) => v,
         // Bare NaN / Infinity tokens (Python's json.dumps emits them) are invalid JSON but
@@ -351,9 +355,22 @@ fn lenient_e<'v>(
                         None => continue,
                     },
                 };
+                let t = match rec.get("t") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64(),
+                    Some(other) => {
+                        problems.push(Problem::new(
+                            Reason::WrongType,
+                            format!("e[{i}].t"),
+                            format!("e[{i}].t must be an integer offset in ms, got {}", json_type(other)),
+                        ));
+                        continue;
+                    }
+                };
                 out.push(Senml {
                     n,
                     v,
+                    t,
                     vs: rec.get("vs").map(|_| IgnoredAny),
                     vb: rec.get("vb").map(|_| IgnoredAny),
                 });
@@ -444,6 +461,9 @@ fn valid_metric_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// One reading's metrics as the payload named them (a value is `None` when it was unusable).
+type RawMetrics<'a> = Vec<(Cow<'a, str>, Option<f64>)>;
+
 /// The rules, the same for both paths: missing fields, identity, time, metrics.
 fn build(
     wire: Wire<'_>,
@@ -451,7 +471,7 @@ fn build(
     bad: &[&str],
     policy: &IngestPolicy,
     now_ms: i64,
-) -> Result<Reading, Rejection> {
+) -> Result<Vec<Reading>, Rejection> {
     let require = |present: bool, name: &'static str, problems: &mut Vec<Problem>| {
         if !present && !bad.contains(&name) {
             problems.push(Problem::new(Reason::MissingField, name.to_owned(), format!("{name} is required")));
@@ -525,43 +545,71 @@ fn build(
         }
     }
 
-    // Metrics, upcast to one list.
-    let metrics: Option<Vec<(Cow<'_, str>, Option<f64>)>> = if version == 1 {
+    // Metrics, upcast to readings: v1 carries one; a v2 pack carries one per distinct record
+    // time offset `t` (ms after `bt`, 0 when absent).
+    let e_present = wire.e.is_some();
+    let groups: Vec<(i64, RawMetrics<'_>)> = if version == 1 {
         require(wire.m.is_some(), "m", &mut problems);
-        wire.m.map(|m| m.0.into_iter().map(|(n, v)| (n, Some(v))).collect())
+        wire.m.map(|m| vec![(0, m.0.into_iter().map(|(n, v)| (n, Some(v))).collect())]).unwrap_or_default()
     } else {
         require(wire.e.is_some(), "e", &mut problems);
-        wire.e.map(|e| {
-            e.into_iter()
-                .enumerate()
-                .filter_map(|(i, rec)| {
-                    let n = match rec.n {
-                        Some(n) => n,
-                        None => {
-                            problems.push(Problem::new(
-                                Reason::MissingField,
-                                format!("e[{i}].n"),
-                                format!("e[{i}].n is required"),
-                            ));
-                            return None;
-                        }
-                    };
-                    if rec.v.is_none() {
-                        let (reason, detail) = if rec.vs.is_some() || rec.vb.is_some() {
-                            (Reason::WrongType, format!("e[{i}] ({n}) must carry a numeric v, not vs/vb"))
-                        } else {
-                            (Reason::MissingField, format!("e[{i}].v is required"))
-                        };
-                        problems.push(Problem::new(reason, format!("e[{i}].v"), detail));
-                    }
-                    Some((Cow::Borrowed(n), rec.v))
-                })
-                .collect()
-        })
+        let mut by_offset: std::collections::BTreeMap<i64, RawMetrics<'_>> = Default::default();
+        for (i, rec) in wire.e.unwrap_or_default().into_iter().enumerate() {
+            let n = match rec.n {
+                Some(n) => n,
+                None => {
+                    problems.push(Problem::new(
+                        Reason::MissingField,
+                        format!("e[{i}].n"),
+                        format!("e[{i}].n is required"),
+                    ));
+                    continue;
+                }
+            };
+            if rec.v.is_none() {
+                let (reason, detail) = if rec.vs.is_some() || rec.vb.is_some() {
+                    (Reason::WrongType, format!("e[{i}] ({n}) must carry a numeric v, not vs/vb"))
+                } else {
+                    (Reason::MissingField, format!("e[{i}].v is required"))
+                };
+                problems.push(Problem::new(reason, format!("e[{i}].v"), detail));
+            }
+            by_offset.entry(rec.t.unwrap_or(0)).or_default().push((Cow::Borrowed(n), rec.v));
+        }
+        by_offset.into_iter().collect()
     };
-    let mut out_metrics = Vec::new();
-    if let Some(metrics) = metrics {
-        let field = if version == 1 { "m" } else { "e" };
+    let field = if version == 1 { "m" } else { "e" };
+    if groups.len() > MAX_READINGS_PER_MESSAGE {
+        problems.push(Problem::new(
+            Reason::TooManyReadings,
+            field.to_owned(),
+            format!("{} readings (distinct t) > {MAX_READINGS_PER_MESSAGE}", groups.len()),
+        ));
+    }
+    // (A seq that is itself too large is reported above.)
+    let last_offset = groups.len().saturating_sub(1) as u64;
+    if let Some(seq) =
+        wire.seq.filter(|s| *s <= i64::MAX as u64 && s.saturating_add(last_offset) > i64::MAX as u64)
+    {
+        problems.push(Problem::new(
+            Reason::ValueOutOfRange,
+            "seq".to_owned(),
+            format!("seq {seq} plus {} readings exceeds 2^63-1", groups.len()),
+        ));
+    }
+    // `e: []` (or records that all lack a name): nothing to store.
+    if version == 2 && e_present && groups.is_empty() && !bad.contains(&field) {
+        problems.push(Problem::new(Reason::NoMetrics, field.to_owned(), "no metrics in reading"));
+    }
+    let mut readings_metrics: Vec<(i64, Vec<Metric>)> = Vec::with_capacity(groups.len());
+    for (offset, metrics) in &groups {
+        let at = |name: &str| {
+            if *offset == 0 {
+                format!("{field}.{name}")
+            } else {
+                format!("{field}@{offset}.{name}")
+            }
+        };
         if metrics.is_empty() && !bad.contains(&field) {
             problems.push(Problem::new(Reason::NoMetrics, field.to_owned(), "no metrics in reading"));
         }
@@ -572,25 +620,37 @@ fn build(
                 format!("{} metrics > {MAX_METRICS}", metrics.len()),
             ));
         }
-        out_metrics.reserve(metrics.len());
+        let mut out = Vec::with_capacity(metrics.len());
         for (i, (name, value)) in metrics.iter().enumerate() {
             if let Err(detail) = valid_metric_name(name) {
-                problems.push(Problem::new(Reason::InvalidMetricName, format!("{field}.{name}"), detail));
+                problems.push(Problem::new(Reason::InvalidMetricName, at(name), detail));
             } else if metrics.len() <= MAX_METRICS && metrics[..i].iter().any(|(n, _)| n == name) {
                 problems.push(Problem::new(
                     Reason::InvalidMetricName,
-                    format!("{field}.{name}"),
+                    at(name),
                     format!("metric {name:?} appears twice"),
                 ));
             }
             match value {
-                Some(v) if !v.is_finite() => problems.push(Problem::new(
-                    Reason::NonFiniteValue,
-                    format!("{field}.{name}"),
-                    format!("{name} is {v}"),
-                )),
-                Some(v) => out_metrics.push(Metric { name: name.clone().into_owned(), value: *v }),
+                Some(v) if !v.is_finite() => {
+                    problems.push(Problem::new(Reason::NonFiniteValue, at(name), format!("{name} is {v}")))
+                }
+                Some(v) => out.push(Metric { name: name.clone().into_owned(), value: *v }),
                 None => {}
+            }
+        }
+        readings_metrics.push((*offset, out));
+    }
+    // Each reading's own time must be a valid time too.
+    if let Some(base) = ts {
+        for (offset, _) in &groups {
+            match base.checked_add(*offset) {
+                Some(t) if t >= MIN_VALID_TIME_MS || base < MIN_VALID_TIME_MS => {}
+                _ => problems.push(Problem::new(
+                    Reason::TimestampOutOfRange,
+                    format!("{field}@{offset}.t"),
+                    format!("{ts_name} + t = {base} + {offset} is before 2000-01-01 or out of range"),
+                )),
             }
         }
     }
@@ -621,22 +681,31 @@ fn build(
     }
 
     match (thing, wire.seq, wire.boot, ts, wire.rx_ms) {
-        (Some(thing), Some(seq), Some(boot), Some(device_time_ms), Some(rx_ms)) if problems.is_empty() => {
-            let skew_corrected = device_time_ms > rx_ms + policy.max_future_skew_ms;
-            let time_ms = if skew_corrected { rx_ms } else { device_time_ms };
-            Ok(Reading {
-                id: MessageId { thing, boot, seq },
-                time_ms,
-                device_time_ms,
-                rx_ms,
-                fw: wire.fw.map(str::to_owned),
-                metrics: out_metrics,
-                battery_pct: wire.bat,
-                uptime_s: wire.up_s,
-                test: wire.test.unwrap_or(false),
-                flags: ReadingFlags { skew_corrected, late: time_ms < now_ms - policy.hot_window_ms },
-                schema_version: version,
-            })
+        (Some(thing), Some(seq), Some(boot), Some(base_ms), Some(rx_ms))
+            if problems.is_empty() && !readings_metrics.is_empty() =>
+        {
+            Ok(readings_metrics
+                .into_iter()
+                .enumerate()
+                .map(|(i, (offset, metrics))| {
+                    let device_time_ms = base_ms + offset;
+                    let skew_corrected = device_time_ms > rx_ms + policy.max_future_skew_ms;
+                    let time_ms = if skew_corrected { rx_ms } else { device_time_ms };
+                    Reading {
+                        id: MessageId { thing: thing.clone(), boot, seq: seq + i as u64 },
+                        time_ms,
+                        device_time_ms,
+                        rx_ms,
+                        fw: wire.fw.map(str::to_owned),
+                        metrics,
+                        battery_pct: wire.bat,
+                        uptime_s: wire.up_s,
+                        test: wire.test.unwrap_or(false),
+                        flags: ReadingFlags { skew_corrected, late: time_ms < now_ms - policy.hot_window_ms },
+                        schema_version: version,
+                    }
+                })
+                .collect())
         }
         _ => Err(reject(problems)),
     }
@@ -679,7 +748,9 @@ mod tests {
     }
 
     fn ok(body: &str) -> Reading {
-        decode(body.as_bytes(), &IngestPolicy::default(), NOW).expect("valid payload")
+        let mut readings = decode(body.as_bytes(), &IngestPolicy::default(), NOW).expect("valid payload");
+        assert_eq!(readings.len(), 1, "one reading expected");
+        readings.remove(0)
     }
 
     fn f(s: &str) -> Option<String> {
@@ -917,11 +988,55 @@ mod tests {
         assert!(!ok(&within).flags.skew_corrected);
     }
 
+    fn pack(records: &str) -> String {
+        format!(
+            r#"{{"v":2,"seq":100,"boot":3,"bt":{},"fw":"2.0.1","e":[{records}],"thing":"sensor-001","rx_ms":{RX},"client_id":"sensor-001"}}"#,
+            RX - 5_000
+        )
+    }
+
+    #[test]
+    fn a_v2_pack_carries_one_reading_per_record_time_each_with_its_own_seq() {
+        // GIVEN a pack: two records at bt, one at bt+1 s, two at bt+2 s (records in any order)
+        let body = pack(
+            r#"{"n":"temp_c","v":20.5},{"n":"temp_c","v":20.9,"t":2000},{"n":"hum_pct","v":40},{"n":"temp_c","v":20.7,"t":1000},{"n":"hum_pct","v":41,"t":2000}"#,
+        );
+        // WHEN it is decoded
+        let readings = decode(body.as_bytes(), &IngestPolicy::default(), NOW).expect("a valid pack");
+        // THEN three readings, in time order, seq 100.., each with its own time and metrics
+        let seen: Vec<(u64, i64, usize)> =
+            readings.iter().map(|r| (r.id.seq, r.time_ms, r.metrics.len())).collect();
+        assert_eq!(seen, vec![(100, RX - 5_000, 2), (101, RX - 4_000, 1), (102, RX - 3_000, 2)]);
+        assert!(readings.iter().all(|r| r.fw.as_deref() == Some("2.0.1") && r.schema_version == 2));
+        assert_eq!(readings[2].metrics[1], Metric { name: "hum_pct".into(), value: 41.0 });
+    }
+
+    #[test]
+    fn a_pack_is_refused_whole_when_any_reading_is_bad() {
+        // A name repeated within one reading (same t) is refused, with where it is.
+        let repeated =
+            pack(r#"{"n":"temp_c","v":1},{"n":"temp_c","v":2,"t":1000},{"n":"temp_c","v":3,"t":1000}"#);
+        assert_eq!(reasons(&repeated), vec![(Reason::InvalidMetricName, f("e@1000.temp_c"))]);
+        // The same name at different times is fine: those are different readings.
+        let spread = pack(r#"{"n":"temp_c","v":1},{"n":"temp_c","v":2,"t":1000}"#);
+        assert_eq!(decode(spread.as_bytes(), &IngestPolicy::default(), NOW).map(|r| r.len()), Ok(2));
+        // More readings than a message may carry.
+        let many: Vec<String> =
+            (0..=MAX_READINGS_PER_MESSAGE).map(|i| format!(r#"{{"n":"t","v":1,"t":{i}}}"#)).collect();
+        assert_eq!(reasons(&pack(&many.join(","))), vec![(Reason::TooManyReadings, f("e"))]);
+        // A record time that is not an integer offset.
+        let bad_t = pack(r#"{"n":"temp_c","v":1,"t":"soon"}"#);
+        assert_eq!(reasons(&bad_t)[0], (Reason::WrongType, f("e[0].t")));
+        // A reading before 2000 through a negative offset.
+        let early = pack(&format!(r#"{{"n":"temp_c","v":1,"t":-{RX}}}"#));
+        assert_eq!(reasons(&early)[0].0, Reason::TimestampOutOfRange);
+    }
+
     #[test]
     fn keeps_late_readings_at_device_time_and_flags_them() {
         let policy = IngestPolicy { max_future_skew_ms: 300_000, hot_window_ms: 3_600_000 };
         let body = v1("").replace(&format!(r#""ts":{}"#, RX - 100), &format!(r#""ts":{}"#, RX - 7_200_000));
-        let r = decode(body.as_bytes(), &policy, NOW).expect("late data is valid");
+        let r = decode(body.as_bytes(), &policy, NOW).expect("late data is valid").remove(0);
         assert!(r.flags.late);
         assert_eq!(r.time_ms, RX - 7_200_000, "never re-stamped");
     }

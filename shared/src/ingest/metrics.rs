@@ -17,6 +17,7 @@ pub fn ingest_batch_metrics(
         values: vec![
             ("Messages", outcome.messages as f64, Unit::Count),
             ("Accepted", outcome.accepted as f64, Unit::Count),
+            ("Readings", outcome.readings as f64, Unit::Count),
             ("Duplicates", outcome.duplicates as f64, Unit::Count),
             ("Quarantined", outcome.quarantined.len() as f64, Unit::Count),
             ("SkewCorrected", outcome.skew_corrected as f64, Unit::Count),

@@ -16,6 +16,7 @@
 //! | `non_finite_value` | a metric is NaN or ±Infinity |
 //! | `invalid_metric_name` | a metric name breaks the naming rule, is reserved, or repeats |
 //! | `too_many_metrics` | more metrics than one hot-store record can carry |
+//! | `too_many_readings` | a v2 pack with more readings (distinct `t`) than one message may carry |
 //! | `no_metrics` | the reading carries no metric at all |
 //! | `value_out_of_range` | a number outside its domain (battery beyond 0–100, seq or up_s beyond 2^63-1) |
 //! | `invalid_label` | a device-supplied label (`fw`) with characters outside its documented charset |
@@ -44,6 +45,7 @@ pub enum Reason {
     NonFiniteValue,
     InvalidMetricName,
     TooManyMetrics,
+    TooManyReadings,
     NoMetrics,
     ValueOutOfRange,
     TimestampOutOfRange,
@@ -53,7 +55,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::MalformedJson,
         Reason::MalformedRecord,
         Reason::InvalidUtf8,
@@ -68,6 +70,7 @@ impl Reason {
         Reason::NonFiniteValue,
         Reason::InvalidMetricName,
         Reason::TooManyMetrics,
+        Reason::TooManyReadings,
         Reason::NoMetrics,
         Reason::ValueOutOfRange,
         Reason::TimestampOutOfRange,
@@ -92,6 +95,7 @@ impl Reason {
             Reason::NonFiniteValue => "non_finite_value",
             Reason::InvalidMetricName => "invalid_metric_name",
             Reason::TooManyMetrics => "too_many_metrics",
+            Reason::TooManyReadings => "too_many_readings",
             Reason::NoMetrics => "no_metrics",
             Reason::ValueOutOfRange => "value_out_of_range",
             Reason::TimestampOutOfRange => "timestamp_out_of_range",

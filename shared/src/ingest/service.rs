@@ -51,19 +51,22 @@ pub struct FailedMessage {
 #[derive(Debug, Clone, Default)]
 pub struct BatchOutcome {
     pub messages: usize,
-    /// Newly stored: in the hot store, or archive-only when `late`.
+    /// Messages newly stored (at least one of their readings): in the hot store, or
+    /// archive-only when `late`.
     pub accepted: usize,
+    /// Readings newly stored (a v2 pack message carries several).
+    pub readings: usize,
     /// Repeats of a message already stored or already in this batch.
     pub duplicates: usize,
-    /// Of `accepted`: older than the hot store accepts, kept in the archive only.
+    /// Of `readings`: older than the hot store accepts, kept in the archive only.
     pub late: usize,
-    /// Of `accepted`: device clock ahead of arrival, stored at `rx_ms`.
+    /// Of `readings`: device clock ahead of arrival, stored at `rx_ms`.
     pub skew_corrected: usize,
-    /// Of `accepted`: from things the registry does not know (`class=unregistered`).
+    /// Of `readings`: from things the registry does not know (`class=unregistered`).
     pub unregistered: usize,
     /// Distinct unregistered things seen in this batch.
     pub unknown_devices: usize,
-    /// Of `accepted`: `"test": true` traffic.
+    /// Of `readings`: `"test": true` traffic.
     pub test: usize,
     pub quarantined: Vec<QuarantinedMessage>,
     /// Not stored because of a transient downstream failure: retry these.
@@ -75,6 +78,18 @@ impl BatchOutcome {
     pub fn reconciles(&self) -> bool {
         self.accepted + self.duplicates + self.quarantined.len() + self.failed.len() == self.messages
     }
+}
+
+/// What happened to one message's readings.
+#[derive(Default)]
+struct MessageFate {
+    /// At least one of its readings was newly stored.
+    stored_new: bool,
+    /// One of its readings failed transiently: retry the message.
+    transient: Option<Arc<StoreError>>,
+    /// Why a store refused its readings for good.
+    refused: Vec<Problem>,
+    thing: Option<String>,
 }
 
 /// A message on its way to the quarantine.
@@ -115,13 +130,18 @@ where
             .instrument(info_span!("store", readings = readings.len()))
             .await;
         let mut unknown: HashSet<&ThingName> = HashSet::new();
+        // A message's fate is its readings' (a v2 pack carries several): retried if any failed
+        // transiently, quarantined if any was refused for good, accepted if any was newly
+        // stored, a duplicate when all were already there.
+        let mut per_message: std::collections::BTreeMap<usize, MessageFate> = Default::default();
+        let repeats = plan.repeats();
         for (r, fate) in fates.iter().enumerate() {
-            let carriers = plan.messages_of(r);
+            let origin = plan.origin[r];
+            let carriers = || std::iter::once(origin).chain(repeats[r].iter().copied());
             match fate {
                 WriteStatus::Written | WriteStatus::TooLate => {
                     let reading = &readings[r];
-                    out.accepted += 1;
-                    out.duplicates += carriers.count() - 1;
+                    out.readings += 1;
                     out.late += usize::from(matches!(fate, WriteStatus::TooLate));
                     out.skew_corrected += usize::from(reading.flags.skew_corrected);
                     out.test += usize::from(reading.test);
@@ -129,19 +149,36 @@ where
                         out.unregistered += 1;
                         unknown.insert(&reading.id.thing);
                     }
+                    per_message.entry(origin).or_default().stored_new = true;
+                    for m in repeats[r].iter() {
+                        per_message.entry(*m).or_default();
+                    }
                 }
-                WriteStatus::Duplicate => out.duplicates += carriers.count(),
-                WriteStatus::Refused(e) if e.is_transient() => out.failed.extend(carriers.map(|i| {
-                    FailedMessage { message_id: messages[i].message_id.to_owned(), error: Arc::clone(e) }
-                })),
-                WriteStatus::Refused(e) => {
-                    let thing = Some(readings[r].id.thing.as_str().to_owned());
-                    to_quarantine.extend(carriers.map(|index| ToQuarantine {
-                        index,
-                        thing: thing.clone(),
-                        problems: vec![refusal_problem(e)],
-                    }))
-                }
+                WriteStatus::Duplicate => carriers().for_each(|m| {
+                    per_message.entry(m).or_default();
+                }),
+                WriteStatus::Refused(e) if e.is_transient() => carriers().for_each(|m| {
+                    per_message.entry(m).or_default().transient = Some(Arc::clone(e));
+                }),
+                WriteStatus::Refused(e) => carriers().for_each(|m| {
+                    let f = per_message.entry(m).or_default();
+                    f.thing = Some(readings[r].id.thing.as_str().to_owned());
+                    let problem = refusal_problem(e);
+                    if !f.refused.contains(&problem) {
+                        f.refused.push(problem);
+                    }
+                }),
+            }
+        }
+        for (index, f) in per_message {
+            if let Some(error) = f.transient {
+                out.failed.push(FailedMessage { message_id: messages[index].message_id.to_owned(), error });
+            } else if !f.refused.is_empty() {
+                to_quarantine.push(ToQuarantine { index, thing: f.thing, problems: f.refused });
+            } else if f.stored_new {
+                out.accepted += 1;
+            } else {
+                out.duplicates += 1;
             }
         }
         out.unknown_devices = unknown.len();

@@ -216,6 +216,42 @@ pub fn fleet_batch(devices: usize, messages: usize, rx_ms: i64, seed: u64) -> Ve
         .collect()
 }
 
+/// `readings` readings of `device` as one v2 pack (records at `t` = 0, 1000, 2000, ... ms after
+/// `bt`), as the rule delivers it. The pack's `seq` is its first reading's; the readings take
+/// `seq`, `seq + 1`, ...
+pub fn pack_body(device: usize, seq: u64, readings: usize, rx_ms: i64, rng: &mut Rng) -> Vec<u8> {
+    let bt = rx_ms - 50 - 1_000 * readings as i64;
+    let mut e = Vec::with_capacity(readings * 3);
+    for i in 0..readings {
+        let s = Sensors::random(rng);
+        let t = 1_000 * i as i64;
+        e.push(json!({"n":"temp_c","v":round1(s.temp_c),"t":t}));
+        e.push(json!({"n":"hum_pct","v":round1(s.hum_pct),"t":t}));
+        e.push(json!({"n":"co2_ppm","v":s.co2_ppm.round(),"t":t}));
+    }
+    let payload = json!({"v":2,"seq":seq,"boot":3,"bt":bt,"fw":"2.0.1","e":e,"bat":90.0,"up_s":seq * 10});
+    rule_output(payload, &thing_name(device), rx_ms)
+}
+
+/// A batch of `messages` v2 packs of `readings` readings each, round-robin over `devices`.
+pub fn pack_batch(
+    devices: usize,
+    messages: usize,
+    readings: usize,
+    rx_ms: i64,
+    seed: u64,
+) -> Vec<OwnedInbound> {
+    let mut rng = Rng::new(seed);
+    (0..messages)
+        .map(|n| {
+            let device = n % devices;
+            let seq = (n / devices * readings) as u64 + 1;
+            let rx = rx_ms + n as i64;
+            OwnedInbound::new(format!("pack-{n:08}"), rx + 20, pack_body(device, seq, readings, rx, &mut rng))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,7 @@ const DUPLICATE: &str = include_str!("../../../../events/ingest-telemetry/sqs-du
 const SPOOFED: &str = include_str!("../../../../events/ingest-telemetry/sqs-spoofed-thing.json");
 const SKEW: &str = include_str!("../../../../events/ingest-telemetry/sqs-clock-skew.json");
 const DIRECT_V1: &str = include_str!("../../../../events/ingest-telemetry/direct-v1.json");
+const PACK: &str = include_str!("../../../../events/ingest-telemetry/sqs-v2-pack.json");
 const MALFORMED_RECORDS: &str =
     include_str!("../../../../events/ingest-telemetry/sqs-malformed-records.json");
 const DIRECT_MALFORMED: &str = include_str!("../../../../events/ingest-telemetry/direct-malformed.json");
@@ -179,6 +180,28 @@ async fn quarantines_bad_records_and_stores_their_valid_neighbours() -> Result<(
     let lines = deps.registry.quarantined(0).await?;
     let truncated = lines.iter().find(|l| l.message_id == msg(2)).ok_or_else(|| anyhow!("missing"))?;
     assert_eq!(truncated.original(), br#"{"v":1,"seq":2002,"boot":7,"ts":17640000"#.to_vec());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_v2_pack_stores_each_of_its_readings_and_a_redelivery_stores_none() -> Result<()> {
+    let deps = deps_with_fleet().await?;
+    // WHEN one message carrying ten readings (a SenML-style pack) arrives
+    let response = sqs(&deps, PACK).await?;
+    // THEN ten readings are stored, seq 500..509, one second apart, each enriched
+    assert!(response.batch_item_failures.is_empty());
+    let stored = readings(&deps.registry, "sensor-003").await?;
+    let seqs: Vec<u64> = stored.iter().map(|r| r.reading.id.seq).collect();
+    assert_eq!(seqs, (500..510).collect::<Vec<u64>>());
+    assert!(stored.windows(2).all(|w| w[1].reading.time_ms - w[0].reading.time_ms == 1_000));
+    assert!(stored.iter().all(|r| r.class == "air-quality" && r.reading.metrics.len() == 2));
+    // AND the device state is the pack's newest reading
+    let state = deps.registry.device(&thing("sensor-003")).await?.and_then(|d| d.state);
+    assert_eq!(state.map(|s| s.seq), Some(509));
+    // WHEN the same message is delivered again THEN nothing new is stored
+    let again = sqs(&deps, PACK).await?;
+    assert!(again.batch_item_failures.is_empty());
+    assert_eq!(readings(&deps.registry, "sensor-003").await?.len(), 10);
     Ok(())
 }
 

@@ -322,3 +322,19 @@ async fn ingesting_1000_messages_from_100_devices_makes_the_target_api_calls() {
     // records are 100-250 bytes, so 1,000 of them are 100-250 KiB.
     assert!((100..=250).contains(&calls.timestream_write_units), "{calls:?}");
 }
+
+#[tokio::test]
+async fn a_batch_of_packs_stores_ten_readings_per_message_with_the_same_requests() {
+    use super::counting::CountingAws;
+
+    // GIVEN 100 registered devices and one SQS batch of 100 v2 packs of 10 readings
+    let aws = CountingAws::new((0..100).map(crate::ingest::sim::thing_name).collect());
+    let batch = crate::ingest::sim::pack_batch(100, 100, 10, 1_764_000_000_000, 1);
+    // WHEN it is ingested
+    let outcome = aws.ingest(&batch, 1_764_000_020_000).await;
+    // THEN every message is accepted with its ten readings
+    assert_eq!((outcome.messages, outcome.accepted, outcome.readings), (100, 100, 1_000), "{outcome:?}");
+    // AND the 1,000 readings cost what 1,000 single-reading messages cost in requests
+    let calls = aws.calls();
+    assert_eq!((calls.write_records, calls.put_object, calls.update_item), (10, 1, 100), "{calls:?}");
+}
