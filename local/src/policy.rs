@@ -135,7 +135,7 @@ fn resource(arn: &str) -> Result<Vec<Piece>, String> {
 
 /// A string, or `!Sub` / `Fn::Sub` of one (its `${AWS::…}` parts stay, they lie in the ARN's
 /// account prefix).
-fn sub_string(v: &Value) -> Option<&str> {
+pub(crate) fn sub_string(v: &Value) -> Option<&str> {
     match v {
         Value::String(s) => Some(s),
         Value::Tagged(t) if t.tag == "!Sub" => t.value.as_str(),

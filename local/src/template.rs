@@ -191,16 +191,6 @@ pub fn with_parameters(text: &str, parameters: &std::collections::HashMap<String
     out
 }
 
-/// A plain string, or the text of a `!Sub` (short or long form).
-fn sub_text(v: &Value) -> Option<&str> {
-    match v {
-        Value::String(s) => Some(s),
-        Value::Tagged(t) if t.tag == "!Sub" => t.value.as_str(),
-        Value::Mapping(m) => m.get("Fn::Sub").and_then(Value::as_str),
-        _ => None,
-    }
-}
-
 /// A `!Ref X` / `!GetAtt X.Arn` (short or long form) reference's logical id.
 fn reference(v: &Value) -> Option<String> {
     if let Value::Tagged(t) = v {
@@ -310,7 +300,7 @@ fn rules_of(doc: &Value) -> Result<Vec<Rule>, TemplateError> {
         let deployed_name = r
             .get("Properties")
             .and_then(|p| p.get("RuleName"))
-            .and_then(sub_text)
+            .and_then(policy::sub_string)
             .map(|n| with_parameters(n, &parameters))
             .unwrap_or_else(|| id.clone());
         rules.push(Rule { name: id, deployed_name, sql: sql_text.to_owned(), statement, targets });

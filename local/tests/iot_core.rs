@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use fleet_local::stats::Snapshot;
 use fleet_local::{LocalOptions, LocalStack};
 use fleet_shared::model::ThingName;
 use fleet_shared::ports::{DeviceAdmin, QuarantineReader};
@@ -42,6 +43,21 @@ async fn until<T>(events: &mut EventLoop, mut want: impl FnMut(&Event) -> Option
         if let Some(t) = want(&event) {
             return Ok(t);
         }
+    }
+}
+
+/// Poll the stack's counters until `done` holds (10 s at most); the snapshot that held.
+async fn settled(stack: &LocalStack, done: impl Fn(&Snapshot) -> bool) -> Result<Snapshot> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stack.stats.snapshot(fleet_shared::time::now_ms());
+        if done(&s) {
+            return Ok(s);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("not settled: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -149,23 +165,9 @@ async fn a_payload_of_exactly_128_kib_is_stored_and_one_byte_more_reaches_no_rul
         until(&mut events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
     }
     // THEN the first is stored, the second refused at the broker and never routed
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = stack.stats.snapshot(fleet_shared::time::now_ms());
-        if s.metric("Accepted") >= 1 && s.payload_too_large >= 1 {
-            assert_eq!(
-                (s.metric("Accepted"), s.metric("Quarantined"), s.payload_too_large),
-                (1, 0, 1),
-                "{s:?}"
-            );
-            assert_eq!(s.routed, 1, "{s:?}");
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("not settled: {s:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let s = settled(&stack, |s| s.metric("Accepted") >= 1 && s.payload_too_large >= 1).await?;
+    assert_eq!((s.metric("Accepted"), s.metric("Quarantined"), s.payload_too_large), (1, 0, 1), "{s:?}");
+    assert_eq!(s.routed, 1, "{s:?}");
     stack.shutdown().await
 }
 
@@ -219,17 +221,7 @@ async fn basic_ingest_goes_straight_to_the_rule_and_no_subscriber_sees_it() -> R
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
     // THEN the reading is stored as sensor-001's (the rule saw the topic without the prefix),
     // the other thing's topic is refused by the device policy
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = stack.stats.snapshot(fleet_shared::time::now_ms());
-        if s.metric("Accepted") >= 1 && s.refused_by_policy >= 1 {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("not settled: {s:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    settled(&stack, |s| s.metric("Accepted") >= 1 && s.refused_by_policy >= 1).await?;
     let thing = ThingName::parse("sensor-001")?;
     let state = stack.store.device(&thing).await?.and_then(|d| d.state).context("sensor-001 state")?;
     assert_eq!(state.seq, 1);

@@ -61,10 +61,7 @@ pub fn evaluate(
                 // device's text as it is, so the function sees exactly what was sent, with the
                 // fields the rule adds (those that do not read the payload) after it.
                 Some(inner) => {
-                    let empty = Value::Object(serde_json::Map::new());
-                    let m = sql::Message { topic, payload: &empty, client_id, now_ms };
-                    let added = rule.statement.apply(&m).unwrap_or_default();
-                    let added = Value::Object(added).to_string();
+                    let added = Value::Object(added_fields(rule, topic, client_id, now_ms)).to_string();
                     let added = &added[1..added.len() - 1];
                     match (inner.trim().is_empty(), added.is_empty()) {
                         (_, true) => text.to_owned(),
@@ -89,6 +86,18 @@ pub fn basic_ingest(topic: &str) -> Option<(&str, &str)> {
     let rest = topic.strip_prefix(BASIC_INGEST_PREFIX)?;
     let (rule, topic) = rest.split_once('/')?;
     (!rule.is_empty() && !topic.is_empty()).then_some((rule, topic))
+}
+
+/// The fields a rule adds that do not read the payload (`topic(3) AS thing`, `timestamp()`,
+/// `clientid()`, ...): its SQL applied to an empty object.
+fn added_fields(
+    rule: &Rule,
+    topic: &str,
+    client_id: Option<&str>,
+    now_ms: i64,
+) -> serde_json::Map<String, Value> {
+    let empty = Value::Object(serde_json::Map::new());
+    rule.statement.apply(&sql::Message { topic, payload: &empty, client_id, now_ms }).unwrap_or_default()
 }
 
 /// The inside of a payload that is one syntactically valid JSON object (repeated keys and any
@@ -158,9 +167,8 @@ impl Engine {
     /// topic, and the thing the rule's SQL names for that topic.
     async fn error_action(&self, rule: &Rule, inbound: &Inbound, topic: &str, now: i64) {
         let n = self.stats.rule_errors.fetch_add(1, Relaxed);
-        let empty = Value::Object(serde_json::Map::new());
-        let m = sql::Message { topic, payload: &empty, client_id: inbound.client_id.as_deref(), now_ms: now };
-        let thing = rule.statement.apply(&m).and_then(|o| o.get("thing")?.as_str().map(str::to_owned));
+        let added = added_fields(rule, topic, inbound.client_id.as_deref(), now);
+        let thing = added.get("thing").and_then(Value::as_str).map(str::to_owned);
         let problem = Problem::new(
             Reason::InvalidUtf8,
             None,

@@ -47,11 +47,12 @@ impl S3Archive {
         Ok(())
     }
 
-    /// Objects under `prefix`, every page.
+    /// Keys under `prefix` (after `start_after`), in key order, every page up to `max` keys.
     pub async fn list_keys(
         &self,
         prefix: &str,
         start_after: Option<String>,
+        max: usize,
     ) -> Result<Vec<String>, StoreError> {
         let mut pages = self
             .client
@@ -65,6 +66,10 @@ impl S3Archive {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify("s3 list", e))?;
             keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+            if keys.len() >= max {
+                keys.truncate(max);
+                break;
+            }
         }
         Ok(keys)
     }
@@ -87,7 +92,7 @@ impl S3Archive {
         let (date, hour) = utc_date_hour(since_ms);
         let start_after = format!("{QUARANTINE_PREFIX}dt={date}/hour={:02}/", hour);
         let mut out = Vec::new();
-        for key in self.list_keys(QUARANTINE_PREFIX, Some(start_after)).await? {
+        for key in self.list_keys(QUARANTINE_PREFIX, Some(start_after), usize::MAX).await? {
             let body = self.get_object(&key).await?;
             let lines =
                 decode_lines(&body).map_err(|e| StoreError::permanent("quarantine object decode", e))?;
@@ -112,7 +117,7 @@ impl RawArchive for S3Archive {
 
 impl ArchiveReader for S3Archive {
     async fn archive_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.list_keys(prefix, None).await
+        self.list_keys(prefix, None, usize::MAX).await
     }
 
     async fn archive_keys_after(
@@ -121,24 +126,7 @@ impl ArchiveReader for S3Archive {
         start_after: &str,
         max: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .start_after(start_after)
-            .into_paginator()
-            .send();
-        let mut keys = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("s3 list", e))?;
-            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
-            if keys.len() >= max {
-                keys.truncate(max);
-                break;
-            }
-        }
-        Ok(keys)
+        self.list_keys(prefix, Some(start_after.to_owned()), max).await
     }
 
     async fn archive_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
