@@ -7,18 +7,12 @@
 # stops what it started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-root=$PWD
-venv="$root/.venv"
 
 step() { printf '\n==> %s\n' "$*"; }
 
 step "test tools (.venv from scripts/requirements-test.txt)"
-if ! cat scripts/requirements-*.txt | cmp -s - "$venv/.installed" 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
-  cat scripts/requirements-*.txt >"$venv/.installed"
-fi
-export PATH="$venv/bin:$PATH"
+source scripts/moto.sh
+test_venv
 export SAM_CLI_TELEMETRY=0
 cargo lambda --version
 sam --version
@@ -36,21 +30,7 @@ fi
 command -v mosquitto_pub chromium
 
 step "moto server on loopback"
-mkdir -p target
-port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-moto_server -H 127.0.0.1 -p "$port" >target/moto.log 2>&1 &
-moto_pid=$!
-cleanup() { kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true; }
-trap cleanup EXIT
-export FLEET_TEST_AWS_ENDPOINT="http://127.0.0.1:$port"
-for _ in $(seq 1 100); do
-  if "$venv/bin/python" -c "import urllib.request as u; u.urlopen('$FLEET_TEST_AWS_ENDPOINT/moto-api/', timeout=1)" 2>/dev/null; then
-    break
-  fi
-  kill -0 "$moto_pid" 2>/dev/null || { cat target/moto.log; exit 1; }
-  sleep 0.2
-done
-echo "moto at $FLEET_TEST_AWS_ENDPOINT"
+start_moto
 
 step "format"
 cargo fmt --all -- --check

@@ -51,11 +51,12 @@ fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<fleet_local::LocalOp
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Local { stack } => return local(local_options(&cli, stack)?).await,
-        Command::Demo { stack, devices, duration, rate, keep_running, seed } => {
+        Command::Demo { stack, devices, duration, rate, pack, keep_running, seed } => {
             let opts = crate::demo::DemoOptions {
                 devices: *devices,
                 duration: *duration,
                 rate: *rate,
+                pack: usize::from(*pack),
                 keep_running: *keep_running,
                 seed: *seed,
                 quirks: fleet_shared::ingest::sim::Quirks::default(),

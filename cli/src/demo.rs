@@ -1,6 +1,9 @@
 //! `fleetctl demo`: the local stack plus simulated devices as real MQTT clients, a live
 //! progress line, and a report whose counts must reconcile: every message a device
 //! published (and the broker acknowledged) is stored, absorbed as a duplicate, or quarantined.
+//! Devices publish the ways real fleets do, a quarter each: v1 one reading per message, v2
+//! one reading per message, v2 packs of `--pack` readings, and v1 through Basic Ingest
+//! (`$aws/rules/<telemetry rule>/dt/fleet/<thing>/telemetry`, not billed as messaging).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -14,10 +17,13 @@ use fleet_shared::time;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 
+use fleet_local::rules::BASIC_INGEST_PREFIX;
 use fleet_local::{LocalOptions, LocalStack};
 
 const CLASSES: [&str; 3] = ["env-sensor", "air-quality", "gateway"];
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
+/// The topic filter of the telemetry rule, whose Basic Ingest topic some devices use.
+const TELEMETRY_TOPIC_FILTER: &str = "dt/fleet/+/telemetry";
 /// How long the report waits for the pipeline to settle what was acknowledged.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -27,6 +33,8 @@ pub struct DemoOptions {
     pub duration: Duration,
     /// Messages per second per device.
     pub rate: f64,
+    /// Readings per message for the devices that send v2 packs.
+    pub pack: usize,
     pub keep_running: bool,
     pub seed: u64,
     pub quirks: Quirks,
@@ -46,6 +54,8 @@ pub struct Report {
     pub rate_per_device: f64,
     pub published: u64,
     pub stored: u64,
+    /// Readings in the stored messages (a pack holds several).
+    pub readings: u64,
     pub duplicates: u64,
     pub quarantined: u64,
     pub quarantined_by_reason: std::collections::BTreeMap<String, u64>,
@@ -78,9 +88,23 @@ async fn register(stack: &LocalStack, devices: usize) -> Result<()> {
     Ok(())
 }
 
-/// One simulated device: connect, publish at `rate` until `stop`, then wait for every ack.
+/// How simulated device `i` publishes: its simulator and its topic.
+fn device_kind(i: usize, opts: &DemoOptions, basic_ingest_rule: &str) -> (DeviceSim, String) {
+    let sim = DeviceSim::new(i, opts.quirks, opts.seed);
+    let topic = format!("dt/fleet/{}/telemetry", sim.thing);
+    match i % 4 {
+        1 => (sim, topic),
+        3 => (sim.packing(opts.pack), topic),
+        2 => (sim, format!("{BASIC_INGEST_PREFIX}{basic_ingest_rule}/{topic}")),
+        _ => (sim, topic),
+    }
+}
+
+/// One simulated device: connect, sample at `period` until `stop`, publish what the device
+/// sends (a pack goes out when full), then wait for every ack.
 async fn device(
     mut sim: DeviceSim,
+    topic: String,
     mqtt: std::net::SocketAddr,
     period: Duration,
     offset: Duration,
@@ -111,7 +135,6 @@ async fn device(
             }
         }
     });
-    let topic = format!("dt/fleet/{}/telemetry", sim.thing);
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -171,15 +194,22 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         opts.devices, opts.rate, opts.duration, stack.mqtt
     );
 
+    let rule = stack
+        .rules()
+        .iter()
+        .find(|r| r.statement.from == TELEMETRY_TOPIC_FILTER)
+        .context("the template has no telemetry rule")?
+        .deployed_name
+        .clone();
     let counters = Arc::new(Counters::default());
     let period = Duration::from_secs_f64(1.0 / opts.rate);
     let started = Instant::now();
     let stop = started + opts.duration;
     let tasks: Vec<_> = (0..opts.devices)
         .map(|i| {
-            let sim = DeviceSim::new(i, opts.quirks, opts.seed);
+            let (sim, topic) = device_kind(i, &opts, &rule);
             let offset = period.mul_f64(i as f64 / opts.devices as f64);
-            tokio::spawn(device(sim, stack.mqtt, period, offset, stop, Arc::clone(&counters)))
+            tokio::spawn(device(sim, topic, stack.mqtt, period, offset, stop, Arc::clone(&counters)))
         })
         .collect();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -221,6 +251,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         rate_per_device: opts.rate,
         published: acked,
         stored: s.metric("Accepted"),
+        readings: s.metric("Readings"),
         duplicates: s.metric("Duplicates"),
         quarantined: s.metric("Quarantined"),
         quarantined_by_reason: s.metrics_by_dimension.get("QuarantinedByReason").cloned().unwrap_or_default(),
@@ -256,11 +287,11 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
     let ms = |v: Option<u32>| v.map_or("-".into(), |v| format!("{v} ms"));
     println!("Fleetline demo report");
     println!(
-        "  devices x rate             {} x {} msg/s for {:.1} s",
+        "  devices x rate             {} x {} readings/s for {:.1} s",
         r.devices, r.rate_per_device, r.duration_s
     );
     println!("  published (broker-acked)   {}", r.published);
-    println!("  stored                     {}", r.stored);
+    println!("  stored                     {} messages, {} readings", r.stored, r.readings);
     println!("  duplicates absorbed        {}", r.duplicates);
     println!("  quarantined                {}", r.quarantined);
     for (reason, n) in &r.quarantined_by_reason {

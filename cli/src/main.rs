@@ -61,9 +61,12 @@ pub enum Command {
         /// How long devices publish (e.g. 60s, 2m).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
-        /// Messages per second per device.
+        /// Readings per second per device (devices sending packs publish every --pack readings).
         #[arg(long, default_value_t = 1.0)]
         rate: f64,
+        /// Readings per message for the quarter of devices that send v2 packs (1-100).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=100))]
+        pack: u16,
         /// Keep the stack (and dashboard) up after the report, until Ctrl-C.
         #[arg(long)]
         keep_running: bool,

@@ -10,12 +10,9 @@ use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use fleet_shared::adapters::aws::timestream::record_for;
-use fleet_shared::ingest::archive::one_line;
-use fleet_shared::ingest::service::enrich;
 use fleet_shared::ingest::sim;
-use fleet_shared::ingest::{plan, raw_object, IngestPolicy, OwnedInbound};
-use fleet_shared::model::{Device, DeviceRegistration, ThingName};
+use fleet_shared::ingest::{raw_object, IngestPolicy};
+use fleet_shared::model::{Device, ThingName};
 
 const DEVICES: usize = 100;
 const MESSAGES: usize = 1_000;
@@ -40,15 +37,9 @@ fn best_ns_per_message<const N: usize>(mut work: [&mut dyn FnMut(); N]) -> [f64;
 fn main() {
     let batch = sim::fleet_batch(DEVICES, MESSAGES, RX, 42);
     let bytes: usize = batch.iter().map(|m| m.body.len()).sum();
-    let devices: HashMap<ThingName, Device> = (0..DEVICES)
-        .map(|i| {
-            let thing = ThingName::parse(&sim::thing_name(i)).expect("valid");
-            let registration = DeviceRegistration {
-                class: "env-sensor".into(),
-                region: "eu-west".into(),
-                fw: "1.4.0".into(),
-                registered_at_ms: 1,
-            };
+    let devices: HashMap<ThingName, Device> = sim::registrations(DEVICES)
+        .into_iter()
+        .map(|(thing, registration)| {
             (thing.clone(), Device { thing, registration: Some(registration), state: None })
         })
         .collect();
@@ -61,14 +52,7 @@ fn main() {
     };
 
     let mut pipeline = || {
-        let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
-        let p = plan(black_box(&inbound), &policy, RX + 5_000);
-        assert_eq!(p.readings.len(), MESSAGES);
-        for (r, &origin) in p.readings.iter().zip(&p.origin) {
-            let stored = enrich(r, devices.get(&r.id.thing));
-            black_box(record_for(&stored));
-            black_box(one_line(inbound[origin].body));
-        }
+        assert_eq!(sim::in_memory_pipeline(&batch, &devices, &policy, RX + 5_000), MESSAGES);
     };
 
     let mut archive_object = || {

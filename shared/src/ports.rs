@@ -5,7 +5,7 @@
 //!
 //! | trait | AWS adapter | AWS grant (template) |
 //! |---|---|---|
-//! | [`DeviceRegistry`] | `DevicesTable` | `dynamodb:BatchGetItem`, `dynamodb:UpdateItem` on the Devices table |
+//! | [`DeviceRegistry`] | `DevicesTable` | `dynamodb:BatchGetItem`, `dynamodb:PartiQLUpdate` + `dynamodb:PartiQLInsert` (BatchExecuteStatement) on the Devices table |
 //! | [`DeviceAdmin`] | `DevicesTable` | `dynamodb:BatchWriteItem`, `Query`, `Scan` (operators, fleetctl) |
 //! | [`TelemetrySink`] | `HotStore`: `TimestreamSink`, or none (the archive holds it) | `timestream:WriteRecords` on the table (+ `DescribeEndpoints`), only with `HotStore=timestream` |
 //! | [`TelemetryQuery`] | `TelemetryReader`: `TimestreamQuery`, or `ArchiveTelemetry` over the archive | `timestream:Select`, or `s3:ListBucket` + `s3:GetObject` on `raw/*` (operators) |

@@ -34,6 +34,7 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; registration_round_trips_and_lists_sorted(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; enrichment_lookup_returns_known_and_omits_unknown(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; device_state_only_moves_forward(devices));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; concurrent_state_writes_end_at_the_newest(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; archive_put_is_idempotent_by_key(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; quarantine_round_trips_lines_once(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports;
@@ -125,6 +126,21 @@ pub async fn device_state_only_moves_forward<S: DeviceAdmin + DeviceRegistry>(s:
     s.record_states(&[(stray.clone(), state(5, None))]).await;
     let d = s.device(&stray).await?.context("telemetry-only device missing")?;
     ensure!(d.registration.is_none() && d.state.is_some(), "stray device wrong: {d:?}");
+    Ok(())
+}
+
+/// Invocations racing to record one new device's state (each creating it, or updating what
+/// another created) end with the newest state, whatever order they land in.
+pub async fn concurrent_state_writes_end_at_the_newest<S: DeviceAdmin + DeviceRegistry>(s: &S) -> Result<()> {
+    let t = thing(400);
+    let writes = [5_000, 9_000, 1_000, 7_000, 3_000, 8_000].map(|ts| {
+        let states = vec![(t.clone(), state(ts, Some(ts as f64 / 100.0)))];
+        async move { s.record_states(&states).await }
+    });
+    let failed: Vec<_> = futures_util::future::join_all(writes).await.into_iter().flatten().collect();
+    ensure!(failed.is_empty(), "concurrent state writes failed: {failed:?}");
+    let d = s.device(&t).await?.context("device missing")?;
+    ensure!(d.state == Some(state(9_000, Some(90.0))), "not the newest state: {:?}", d.state);
     Ok(())
 }
 

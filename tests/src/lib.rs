@@ -2,6 +2,7 @@
 //! that stand up AWS resources on the moto server the test command starts on loopback.
 
 pub mod contract;
+pub mod load;
 pub mod moto;
 
 use std::collections::BTreeMap;

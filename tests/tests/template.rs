@@ -305,6 +305,24 @@ fn with_timestream_the_function_gets_the_table_its_grants_and_a_rejected_data_lo
 }
 
 #[test]
+fn the_ingest_role_grants_the_devices_table_calls_ingest_makes_and_no_more() {
+    // DevicesTable: BatchGetItem (enrichment), BatchExecuteStatement of PartiQL UPDATE and
+    // INSERT (state), which IAM authorises per statement type.
+    let r = render(&[]);
+    let role = &r.resources["IngestTelemetryRole"]["Properties"]["Policies"];
+    let mut granted: Vec<String> = role
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["PolicyDocument"]["Statement"].as_sequence().cloned().unwrap_or_default())
+        .flat_map(|s| actions(&s))
+        .filter(|a| a.starts_with("dynamodb:"))
+        .collect();
+    granted.sort();
+    assert_eq!(granted, ["dynamodb:BatchGetItem", "dynamodb:PartiQLInsert", "dynamodb:PartiQLUpdate"]);
+}
+
+#[test]
 fn grants_name_their_resources_and_failures_have_separate_queues() {
     for variant in [&[][..], &[("HotStore", "timestream")][..]] {
         let r = render(variant);

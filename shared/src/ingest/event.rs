@@ -90,8 +90,45 @@ struct SqsAttributes {
     sent_timestamp: Option<String>,
 }
 
+/// The common case in one pass: an SQS event whose every record is a well-formed SQS message.
+#[derive(Deserialize)]
+struct WellFormedSqsEvent {
+    #[serde(rename = "Records")]
+    records: Vec<SqsRecord>,
+    #[serde(default)]
+    thing: Option<serde::de::IgnoredAny>,
+}
+
+impl WellFormedSqsEvent {
+    /// The messages, if there is no `thing` and every record has an id, the SQS source and a body.
+    fn into_messages(self, now_ms: i64) -> Option<Vec<OwnedInbound>> {
+        if self.thing.is_some() {
+            return None;
+        }
+        self.records
+            .into_iter()
+            .map(|r| match (r.message_id, r.event_source.as_deref(), r.body) {
+                (Some(id), Some(SQS_EVENT_SOURCE), Some(body)) => Some(OwnedInbound {
+                    message_id: id,
+                    received_ms: r.attributes.sent_timestamp.and_then(|t| t.parse().ok()).unwrap_or(now_ms),
+                    body: body.into_bytes(),
+                    defect: None,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// Decode an event; `now_ms` stands in for a missing arrival time.
 pub fn parse_event(text: &str, now_ms: i64) -> Trigger {
+    // Fast path; anything else (a direct payload, a defective record) takes the careful path,
+    // which gives every record its own fate.
+    if let Some(messages) =
+        serde_json::from_str::<WellFormedSqsEvent>(text).ok().and_then(|e| e.into_messages(now_ms))
+    {
+        return Trigger::Sqs(messages);
+    }
     let probe = serde_json::from_str::<Probe<'_>>(text).ok();
     let Some(probe) = probe else {
         // Not a JSON object (or not JSON at all): a direct payload, quarantined by the rules.

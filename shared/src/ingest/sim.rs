@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use super::OwnedInbound;
+use crate::model::{Device, DeviceRegistration, ThingName};
 
 /// Deterministic pseudo-random numbers (xorshift64*).
 #[derive(Debug, Clone)]
@@ -146,6 +147,9 @@ pub struct DeviceSim {
     rng: Rng,
     last: Option<Vec<u8>>,
     held: Option<Vec<u8>>,
+    /// Samples per message: above 1, samples wait in `pending` and go out as one v2 pack.
+    pack: usize,
+    pending: Vec<(u64, i64, Sensors)>,
 }
 
 impl DeviceSim {
@@ -164,7 +168,16 @@ impl DeviceSim {
             rng,
             last: None,
             held: None,
+            pack: 1,
+            pending: Vec::new(),
         }
+    }
+
+    /// Publish every `samples` samples as one v2 pack (at most the decoder's 100 readings per
+    /// message; 1 = one message per sample).
+    pub fn packing(mut self, samples: usize) -> Self {
+        self.pack = samples.clamp(1, super::envelope::MAX_READINGS_PER_MESSAGE);
+        self
     }
 
     /// The payloads to publish at this tick, in order (usually one).
@@ -180,11 +193,21 @@ impl DeviceSim {
         if self.rng.unit() < q.reboot {
             self.boot += 1;
             self.seq = 0;
+            // Samples not yet sent are lost with the device's memory.
+            self.pending.clear();
         }
         self.seq += 1;
         self.battery = (self.battery - 0.01).max(1.0);
         self.sensors.step(&mut self.rng);
-        let payload = device_payload(self.index, self.boot, self.seq, now_ms, self.battery, &self.sensors);
+        let payload = if self.pack > 1 {
+            self.pending.push((self.seq, now_ms, self.sensors));
+            if self.pending.len() < self.pack {
+                return Vec::new();
+            }
+            pack_payload(self.boot, &std::mem::take(&mut self.pending), self.battery)
+        } else {
+            device_payload(self.index, self.boot, self.seq, now_ms, self.battery, &self.sensors)
+        };
         let bytes = serde_json::to_vec(&payload).expect("JSON values serialise");
         self.last = Some(bytes.clone());
         if let Some(held) = self.held.take() {
@@ -205,15 +228,42 @@ impl DeviceSim {
 
 /// A batch of `messages` valid messages spread round-robin over `devices` devices.
 pub fn fleet_batch(devices: usize, messages: usize, rx_ms: i64, seed: u64) -> Vec<OwnedInbound> {
+    fleet_batch_from(devices, messages, 1, rx_ms, seed)
+}
+
+/// Like [`fleet_batch`], each device's messages numbered from `first_seq` (for a sequence of
+/// batches that are not redeliveries of each other).
+pub fn fleet_batch_from(
+    devices: usize,
+    messages: usize,
+    first_seq: u64,
+    rx_ms: i64,
+    seed: u64,
+) -> Vec<OwnedInbound> {
     let mut rng = Rng::new(seed);
     (0..messages)
         .map(|n| {
             let device = n % devices;
-            let seq = (n / devices) as u64 + 1;
+            let seq = (n / devices) as u64 + first_seq;
             let rx = rx_ms + n as i64;
             OwnedInbound::new(format!("msg-{n:08}"), rx + 20, message_body(device, seq, rx, &mut rng))
         })
         .collect()
+}
+
+/// One v2 pack of `samples` (seq, device time, sensors) taken since boot `boot`: base time and
+/// seq are the first sample's, each record carries its time offset `t`; the decoder gives the
+/// readings `seq`, `seq + 1`, ... in time order.
+pub fn pack_payload(boot: u32, samples: &[(u64, i64, Sensors)], battery: f64) -> Value {
+    let (seq, bt) = samples.first().map_or((1, 0), |&(seq, ts, _)| (seq, ts));
+    let mut e = Vec::with_capacity(samples.len() * 3);
+    for (_, ts, s) in samples {
+        let t = ts - bt;
+        e.push(json!({"n":"temp_c","v":round1(s.temp_c),"t":t}));
+        e.push(json!({"n":"hum_pct","v":round1(s.hum_pct),"t":t}));
+        e.push(json!({"n":"co2_ppm","v":s.co2_ppm.round(),"t":t}));
+    }
+    json!({"v":2,"seq":seq,"boot":boot,"bt":bt,"fw":"2.0.1","e":e,"bat":round1(battery),"up_s":seq * 10})
 }
 
 /// `readings` readings of `device` as one v2 pack (records at `t` = 0, 1000, 2000, ... ms after
@@ -221,16 +271,9 @@ pub fn fleet_batch(devices: usize, messages: usize, rx_ms: i64, seed: u64) -> Ve
 /// `seq`, `seq + 1`, ...
 pub fn pack_body(device: usize, seq: u64, readings: usize, rx_ms: i64, rng: &mut Rng) -> Vec<u8> {
     let bt = rx_ms - 50 - 1_000 * readings as i64;
-    let mut e = Vec::with_capacity(readings * 3);
-    for i in 0..readings {
-        let s = Sensors::random(rng);
-        let t = 1_000 * i as i64;
-        e.push(json!({"n":"temp_c","v":round1(s.temp_c),"t":t}));
-        e.push(json!({"n":"hum_pct","v":round1(s.hum_pct),"t":t}));
-        e.push(json!({"n":"co2_ppm","v":s.co2_ppm.round(),"t":t}));
-    }
-    let payload = json!({"v":2,"seq":seq,"boot":3,"bt":bt,"fw":"2.0.1","e":e,"bat":90.0,"up_s":seq * 10});
-    rule_output(payload, &thing_name(device), rx_ms)
+    let samples: Vec<_> =
+        (0..readings).map(|i| (seq + i as u64, bt + 1_000 * i as i64, Sensors::random(rng))).collect();
+    rule_output(pack_payload(3, &samples, 90.0), &thing_name(device), rx_ms)
 }
 
 /// A batch of `messages` v2 packs of `readings` readings each, round-robin over `devices`.
@@ -250,6 +293,43 @@ pub fn pack_batch(
             OwnedInbound::new(format!("pack-{n:08}"), rx + 20, pack_body(device, seq, readings, rx, &mut rng))
         })
         .collect()
+}
+
+/// `devices` simulated devices as an operator registers them (class `env-sensor`).
+pub fn registrations(devices: usize) -> Vec<(ThingName, DeviceRegistration)> {
+    (0..devices)
+        .map(|i| {
+            let thing = ThingName::parse(&thing_name(i)).expect("simulated names are valid");
+            let registration = DeviceRegistration {
+                class: "env-sensor".into(),
+                region: "eu-west".into(),
+                fw: "1.4.0".into(),
+                registered_at_ms: 1,
+            };
+            (thing, registration)
+        })
+        .collect()
+}
+
+/// The ingest pipeline in memory, as the ingest bench times it: plan (decode, validate,
+/// upcast, dedupe), enrich from `devices`, encode each Timestream record and archive line.
+/// Returns how many readings it planned. The reference the handler's CPU is compared with.
+#[cfg(feature = "aws")]
+pub fn in_memory_pipeline(
+    batch: &[OwnedInbound],
+    devices: &std::collections::HashMap<ThingName, Device>,
+    policy: &super::IngestPolicy,
+    now_ms: i64,
+) -> usize {
+    use std::hint::black_box;
+    let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
+    let p = super::plan(black_box(&inbound), policy, now_ms);
+    for (r, &origin) in p.readings.iter().zip(&p.origin) {
+        let stored = super::service::enrich(r, devices.get(&r.id.thing));
+        black_box(crate::adapters::aws::timestream::record_for(&stored));
+        black_box(super::archive::one_line(inbound[origin].body));
+    }
+    p.readings.len()
 }
 
 #[cfg(test)]
@@ -290,5 +370,28 @@ mod tests {
         assert!(p.quarantined.is_empty(), "{:?}", p.quarantined);
         assert_eq!((p.readings.len(), p.duplicates.len()), (100, 0));
         assert_eq!(p.readings.iter().filter(|r| r.schema_version == 2).count(), 50);
+    }
+
+    #[test]
+    fn a_packing_device_sends_one_pack_per_n_samples_each_reading_with_its_own_seq() {
+        let quiet = Quirks { reboot: 0.0, duplicate: 0.0, out_of_order: 0.0, malformed: 0.0 };
+        let mut d = DeviceSim::new(2, quiet, 3).packing(5);
+        let sent: Vec<Vec<u8>> = (0..12).flat_map(|i| d.tick(1_764_000_000_000 + i * 1_000)).collect();
+        assert_eq!(sent.len(), 2, "12 samples are two packs of 5, two samples still waiting");
+        let bodies: Vec<OwnedInbound> = sent
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let v: Value = serde_json::from_slice(p).expect("JSON");
+                OwnedInbound::new(i.to_string(), 0, rule_output(v, &d.thing, 1_764_000_020_000))
+            })
+            .collect();
+        let borrowed: Vec<_> = bodies.iter().map(OwnedInbound::borrow).collect();
+        let p = plan(&borrowed, &IngestPolicy::default(), 1_764_000_020_000);
+        assert!(p.quarantined.is_empty(), "{:?}", p.quarantined);
+        let seqs: Vec<u64> = p.readings.iter().map(|r| r.id.seq).collect();
+        assert_eq!(seqs, (1..=10).collect::<Vec<u64>>());
+        let times: Vec<i64> = p.readings.iter().map(|r| r.time_ms - 1_764_000_000_000).collect();
+        assert_eq!(times, (0..10).map(|i| i * 1_000).collect::<Vec<i64>>());
     }
 }

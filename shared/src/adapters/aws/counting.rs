@@ -3,11 +3,13 @@
 //! API calls a deployment makes. Used by the cost report and the call-count tests.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use aws_sdk_dynamodb::operation::batch_execute_statement::BatchExecuteStatementOutput;
 use aws_sdk_dynamodb::operation::batch_get_item::BatchGetItemOutput;
 use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
-use aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, BatchStatementResponse};
 use aws_sdk_s3::operation::put_object::PutObjectOutput;
 use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsOutput;
 use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
@@ -19,7 +21,10 @@ use crate::ingest::{ingest_batch, BatchOutcome, IngestPolicy, IngestPorts, Owned
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApiCalls {
     pub batch_get_item: usize,
-    pub update_item: usize,
+    /// State writes (PartiQL, up to 25 statements each).
+    pub batch_execute_statement: usize,
+    /// PartiQL statements those requests carried (one write request unit each when applied).
+    pub state_statements: u64,
     pub batch_write_item: usize,
     pub write_records: usize,
     /// Timestream write units those WriteRecords requests are metered at.
@@ -32,10 +37,11 @@ pub struct CountingAws {
     pub sink: TimestreamSink,
     pub archive: S3Archive,
     batch_get_item: Rule,
-    update_item: Rule,
+    batch_execute_statement: Rule,
     batch_write_item: Rule,
     write_records: Rule,
-    write_units: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    write_units: Arc<AtomicU64>,
+    statements: Arc<AtomicU64>,
     put_object: Rule,
 }
 
@@ -68,16 +74,23 @@ impl CountingAws {
                     .collect();
                 BatchGetItemOutput::builder().responses(table, items).build()
             });
-        let update_item =
-            mock!(aws_sdk_dynamodb::Client::update_item).then_output(|| UpdateItemOutput::builder().build());
+        // Every state write applies (each device already has an older state).
+        let statements = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&statements);
+        let batch_execute_statement = mock!(aws_sdk_dynamodb::Client::batch_execute_statement)
+            .then_compute_output(move |req| {
+                counted.fetch_add(req.statements().len() as u64, Ordering::Relaxed);
+                let applied = req.statements().iter().map(|_| BatchStatementResponse::builder().build());
+                BatchExecuteStatementOutput::builder().set_responses(Some(applied.collect())).build()
+            });
         let batch_write_item = mock!(aws_sdk_dynamodb::Client::batch_write_item)
             .then_output(|| BatchWriteItemOutput::builder().build());
-        let write_units = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let metered = std::sync::Arc::clone(&write_units);
+        let write_units = Arc::new(AtomicU64::new(0));
+        let metered = Arc::clone(&write_units);
         let write_records =
             mock!(aws_sdk_timestreamwrite::Client::write_records).then_compute_output(move |req| {
                 let units = super::timestream::metered_write_units(req.common_attributes(), req.records());
-                metered.fetch_add(units, std::sync::atomic::Ordering::Relaxed);
+                metered.fetch_add(units, Ordering::Relaxed);
                 WriteRecordsOutput::builder().build()
             });
         let put_object =
@@ -86,7 +99,7 @@ impl CountingAws {
             mock_client!(
                 aws_sdk_dynamodb,
                 RuleMode::MatchAny,
-                [&batch_get_item, &update_item, &batch_write_item]
+                [&batch_get_item, &batch_execute_statement, &batch_write_item]
             ),
             table,
         );
@@ -101,10 +114,11 @@ impl CountingAws {
             sink,
             archive,
             batch_get_item,
-            update_item,
+            batch_execute_statement,
             batch_write_item,
             write_records,
             write_units,
+            statements,
             put_object,
         }
     }
@@ -124,10 +138,11 @@ impl CountingAws {
     pub fn calls(&self) -> ApiCalls {
         ApiCalls {
             batch_get_item: self.batch_get_item.num_calls(),
-            update_item: self.update_item.num_calls(),
+            batch_execute_statement: self.batch_execute_statement.num_calls(),
+            state_statements: self.statements.load(Ordering::Relaxed),
             batch_write_item: self.batch_write_item.num_calls(),
             write_records: self.write_records.num_calls(),
-            timestream_write_units: self.write_units.load(std::sync::atomic::Ordering::Relaxed),
+            timestream_write_units: self.write_units.load(Ordering::Relaxed),
             put_object: self.put_object.num_calls(),
         }
     }

@@ -1,21 +1,26 @@
 //! Devices table (DynamoDB). One partition per thing, two items in it:
 //! - `item = "registration"`: what an operator registered; replaced whole (BatchWriteItem).
-//! - `item = "state"`: what telemetry last said; a conditional UpdateItem that only ever
-//!   moves forward in time (`last_ts_ms`), so out-of-order batches cannot rewind it and
-//!   concurrent invocations cannot race it backwards.
+//! - `item = "state"`: what telemetry last said; written only forward in time (`last_ts_ms`),
+//!   so out-of-order batches cannot rewind it and concurrent invocations cannot race it
+//!   backwards. Written with PartiQL in BatchExecuteStatement, 25 devices per request, each
+//!   statement with its own condition and its own answer (see [`StateStep`]).
 //!
 //! Items map to and from Rust structs with `serde_dynamo`.
 
 use std::collections::HashMap;
 
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::error::DisplayErrorContext;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, BatchStatementErrorCodeEnum as Code, BatchStatementRequest, BatchStatementResponse,
+    KeysAndAttributes, PutRequest, WriteRequest,
+};
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::{batch_backoff, classify, MAX_CONCURRENT_REQUESTS};
 use crate::env::{ConfigError, Env};
-use crate::error::StoreError;
+use crate::error::{ErrorKind, StoreError};
 use crate::model::{Device, DeviceRegistration, DeviceState, ThingName};
 use crate::ports::{DeviceAdmin, DeviceRegistry};
 
@@ -23,6 +28,8 @@ use crate::ports::{DeviceAdmin, DeviceRegistry};
 pub const BATCH_GET_MAX_KEYS: usize = 100;
 /// BatchWriteItem: at most 25 items per request.
 pub const BATCH_WRITE_MAX_ITEMS: usize = 25;
+/// BatchExecuteStatement: at most 25 statements per request.
+pub const BATCH_STATEMENT_MAX: usize = 25;
 
 const PK: &str = "thing";
 const SK: &str = "item";
@@ -74,7 +81,7 @@ struct RegistrationItem {
     registered_at_ms: i64,
 }
 
-/// The state item as stored (written by a conditional UpdateItem).
+/// The state item as stored (written by the statements of [`state_statement`]).
 #[derive(Debug, Deserialize)]
 struct StateItem {
     last_ts_ms: i64,
@@ -203,34 +210,140 @@ impl DevicesTable {
             }
         }
     }
+}
 
-    async fn update_state(&self, thing: &ThingName, s: &DeviceState) -> Result<(), StoreError> {
-        let mut set = vec!["last_ts_ms = :t", "last_rx_ms = :rx", "boot = :boot", "seq = :seq"];
-        let mut req = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(thing.as_str(), STATE)))
-            .condition_expression("attribute_not_exists(last_ts_ms) OR last_ts_ms < :t")
-            .expression_attribute_values(":t", num(s.last_ts_ms))
-            .expression_attribute_values(":rx", num(s.last_rx_ms))
-            .expression_attribute_values(":boot", num(s.boot))
-            .expression_attribute_values(":seq", num(s.seq));
-        if let Some(b) = s.battery_pct {
-            set.push("battery_pct = :bat");
-            req = req.expression_attribute_values(":bat", num(b));
+/// The statement a state write runs next. PartiQL's UPDATE applies only to an existing item
+/// (it answers ConditionalCheckFailed when the WHERE clause matches nothing) and INSERT only
+/// when there is none (DuplicateItem), so "write unless a newer state is stored" is at most
+/// three statements, and in the steady state (the device has an older state) one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateStep {
+    /// `UPDATE … WHERE thing AND item = 'state' AND last_ts_ms < new`.
+    Update,
+    /// The update matched nothing, so the item is missing or newer: `INSERT`.
+    Insert,
+    /// The insert found an item (newer, or created meanwhile): `UPDATE` once more. Failing the
+    /// condition now means a newer state is stored: nothing to do, by design.
+    UpdateAgain,
+}
+
+/// What DynamoDB answered to one statement.
+#[derive(Debug)]
+enum StatementAnswer {
+    Applied,
+    ConditionFailed,
+    Duplicate,
+    Failed(StoreError),
+}
+
+/// The state item's attributes, as (name, value).
+fn state_attributes(s: &DeviceState) -> Vec<(&'static str, AttributeValue)> {
+    let mut attrs = vec![
+        ("last_ts_ms", num(s.last_ts_ms)),
+        ("last_rx_ms", num(s.last_rx_ms)),
+        ("boot", num(s.boot)),
+        ("seq", num(s.seq)),
+    ];
+    if let Some(b) = s.battery_pct {
+        attrs.push(("battery_pct", num(b)));
+    }
+    if let Some(fw) = &s.fw {
+        attrs.push(("fw_reported", AttributeValue::S(fw.clone())));
+    }
+    attrs
+}
+
+/// The PartiQL statement and its parameters for one step of one device's state write.
+/// Attribute and table names are quoted identifiers; values are always parameters.
+pub fn state_statement(
+    table: &str,
+    thing: &ThingName,
+    s: &DeviceState,
+    step: StateStep,
+) -> (String, Vec<AttributeValue>) {
+    let attrs = state_attributes(s);
+    let thing = AttributeValue::S(thing.as_str().to_owned());
+    match step {
+        StateStep::Update | StateStep::UpdateAgain => {
+            let sets: String = attrs.iter().map(|(name, _)| format!(" SET \"{name}\" = ?")).collect();
+            let statement = format!(
+                "UPDATE \"{table}\"{sets} WHERE \"{PK}\" = ? AND \"{SK}\" = '{STATE}' AND \"last_ts_ms\" < ?"
+            );
+            let mut params: Vec<AttributeValue> = attrs.into_iter().map(|(_, v)| v).collect();
+            params.extend([thing, num(s.last_ts_ms)]);
+            (statement, params)
         }
-        if let Some(fw) = &s.fw {
-            set.push("fw_reported = :fw");
-            req = req.expression_attribute_values(":fw", AttributeValue::S(fw.clone()));
+        StateStep::Insert => {
+            let fields: String = attrs.iter().map(|(name, _)| format!(", '{name}': ?")).collect();
+            let statement = format!("INSERT INTO \"{table}\" VALUE {{'{PK}': ?, '{SK}': '{STATE}'{fields}}}");
+            let params = std::iter::once(thing).chain(attrs.into_iter().map(|(_, v)| v)).collect();
+            (statement, params)
         }
-        match req.update_expression(format!("SET {}", set.join(", "))).send().await {
-            Ok(_) => Ok(()),
-            // A newer state is already stored: nothing to do, by design.
-            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
-                Ok(())
+    }
+}
+
+const STATE_WRITE: &str = "dynamodb state write";
+
+impl StatementAnswer {
+    fn from_response(r: &BatchStatementResponse) -> Self {
+        let Some(e) = r.error() else { return StatementAnswer::Applied };
+        let detail =
+            || format!("{}: {}", e.code().map_or("unknown", Code::as_str), e.message().unwrap_or(""));
+        match e.code() {
+            Some(Code::ConditionalCheckFailed) => StatementAnswer::ConditionFailed,
+            Some(Code::DuplicateItem) => StatementAnswer::Duplicate,
+            Some(
+                Code::ThrottlingError
+                | Code::ProvisionedThroughputExceeded
+                | Code::RequestLimitExceeded
+                | Code::InternalServerError
+                | Code::TransactionConflict,
+            ) => StatementAnswer::Failed(StoreError::transient(STATE_WRITE, detail())),
+            _ => StatementAnswer::Failed(StoreError::permanent(STATE_WRITE, detail())),
+        }
+    }
+}
+
+impl DevicesTable {
+    /// One BatchExecuteStatement (≤ 25 statements): one answer per statement, in order. A
+    /// request that fails as a whole fails each of its statements with the same kind.
+    async fn execute_batch(&self, statements: Vec<(String, Vec<AttributeValue>)>) -> Vec<StatementAnswer> {
+        let n = statements.len();
+        let requests: Result<Vec<BatchStatementRequest>, _> = statements
+            .into_iter()
+            .map(|(statement, params)| {
+                BatchStatementRequest::builder().statement(statement).set_parameters(Some(params)).build()
+            })
+            .collect();
+        let sent = match requests {
+            Ok(requests) => self
+                .client
+                .batch_execute_statement()
+                .set_statements(Some(requests))
+                .send()
+                .await
+                .map_err(|e| classify(STATE_WRITE, e)),
+            Err(e) => Err(StoreError::permanent(STATE_WRITE, e)),
+        };
+        match sent {
+            Ok(out) => {
+                let responses = out.responses();
+                (0..n)
+                    .map(|i| match responses.get(i) {
+                        Some(r) => StatementAnswer::from_response(r),
+                        None => StatementAnswer::Failed(StoreError::transient(
+                            STATE_WRITE,
+                            "no answer for the statement",
+                        )),
+                    })
+                    .collect()
             }
-            Err(e) => Err(classify("dynamodb update state", e)),
+            Err(e) => {
+                let (kind, why) = (e.kind, DisplayErrorContext(e.source.as_ref()).to_string());
+                (0..n)
+                    .map(|_| StatementAnswer::Failed(StoreError::new(STATE_WRITE, kind, why.clone())))
+                    .collect()
+            }
         }
     }
 }
@@ -253,14 +366,55 @@ impl DeviceRegistry for DevicesTable {
     }
 
     async fn record_states(&self, states: &[(ThingName, DeviceState)]) -> Vec<(ThingName, StoreError)> {
-        // Futures built eagerly: a closure inside the stream would not be `Send` for all lifetimes.
-        let updates: Vec<_> = states
-            .iter()
-            .map(|(t, s)| async move { self.update_state(t, s).await.err().map(|e| (t.clone(), e)) })
-            .collect();
-        let results: Vec<Option<(ThingName, StoreError)>> =
-            stream::iter(updates).buffer_unordered(MAX_CONCURRENT_REQUESTS).collect().await;
-        results.into_iter().flatten().collect()
+        let mut pending: Vec<(usize, StateStep)> =
+            (0..states.len()).map(|i| (i, StateStep::Update)).collect();
+        let mut failed = Vec::new();
+        let mut delays = batch_backoff();
+        while !pending.is_empty() {
+            let requests: Vec<_> = pending
+                .chunks(BATCH_STATEMENT_MAX)
+                .map(|chunk| {
+                    let statements = chunk
+                        .iter()
+                        .map(|&(i, step)| state_statement(&self.table, &states[i].0, &states[i].1, step))
+                        .collect();
+                    self.execute_batch(statements)
+                })
+                .collect();
+            let answers: Vec<Vec<StatementAnswer>> =
+                stream::iter(requests).buffered(MAX_CONCURRENT_REQUESTS).collect().await;
+            let mut next = Vec::new();
+            let mut retry = Vec::new();
+            for ((i, step), answer) in pending.into_iter().zip(answers.into_iter().flatten()) {
+                match (step, answer) {
+                    (_, StatementAnswer::Applied)
+                    | (StateStep::UpdateAgain, StatementAnswer::ConditionFailed) => {}
+                    (StateStep::Update, StatementAnswer::ConditionFailed) => {
+                        next.push((i, StateStep::Insert))
+                    }
+                    (StateStep::Insert, StatementAnswer::Duplicate) => next.push((i, StateStep::UpdateAgain)),
+                    (_, StatementAnswer::Failed(e)) if e.kind == ErrorKind::Transient => {
+                        retry.push((i, step, e))
+                    }
+                    (_, StatementAnswer::Failed(e)) => failed.push((states[i].0.clone(), e)),
+                    (step, answer) => failed.push((
+                        states[i].0.clone(),
+                        StoreError::permanent(STATE_WRITE, format!("unexpected {answer:?} to {step:?}")),
+                    )),
+                }
+            }
+            if !retry.is_empty() {
+                match delays.next() {
+                    Some(delay) => {
+                        tokio::time::sleep(delay).await;
+                        next.extend(retry.into_iter().map(|(i, step, _)| (i, step)));
+                    }
+                    None => failed.extend(retry.into_iter().map(|(i, _, e)| (states[i].0.clone(), e))),
+                }
+            }
+            pending = next;
+        }
+        failed
     }
 }
 

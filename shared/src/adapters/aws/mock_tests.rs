@@ -3,12 +3,18 @@
 //! Timestream query pagination. Scripted with aws-smithy-mocks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use aws_sdk_dynamodb::operation::batch_execute_statement::{
+    BatchExecuteStatementError, BatchExecuteStatementOutput,
+};
 use aws_sdk_dynamodb::operation::batch_get_item::BatchGetItemOutput;
 use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
-use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
-use aws_sdk_dynamodb::types::error::ConditionalCheckFailedException;
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, BatchStatementError, BatchStatementErrorCodeEnum as Code, BatchStatementResponse,
+    KeysAndAttributes,
+};
 use aws_sdk_timestreamquery::operation::query::QueryOutput;
 use aws_sdk_timestreamquery::types::{ColumnInfo, Datum, Row};
 use aws_sdk_timestreamwrite::error::ErrorMetadata;
@@ -19,6 +25,7 @@ use aws_sdk_timestreamwrite::types::error::{
 use aws_sdk_timestreamwrite::types::RejectedRecord;
 use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
 
+use super::devices::{state_statement, StateStep};
 use super::{DevicesTable, TimestreamQuery, TimestreamSink};
 use crate::error::ErrorKind;
 use crate::model::{
@@ -252,15 +259,102 @@ async fn resubmits_dynamodb_unprocessed_keys() {
     assert_eq!(devices[&thing(1)].class(), "env");
 }
 
-#[tokio::test]
-async fn an_older_state_losing_the_condition_is_not_an_error() {
-    let newer_exists = mock!(aws_sdk_dynamodb::Client::update_item).then_error(|| {
-        UpdateItemError::ConditionalCheckFailedException(ConditionalCheckFailedException::builder().build())
+fn state(ts: i64, battery: Option<f64>) -> DeviceState {
+    DeviceState {
+        last_ts_ms: ts,
+        last_rx_ms: ts + 5,
+        boot: 2,
+        seq: 7,
+        battery_pct: battery,
+        fw: Some("1.4.2".into()),
+    }
+}
+
+#[test]
+fn state_statements_are_parameterised_partiql_with_the_forward_only_condition() {
+    let t = thing(1);
+    let (update, params) = state_statement("Devices-test", &t, &state(1_000, Some(80.0)), StateStep::Update);
+    assert_eq!(
+        update,
+        r#"UPDATE "Devices-test" SET "last_ts_ms" = ? SET "last_rx_ms" = ? SET "boot" = ? SET "seq" = ? SET "battery_pct" = ? SET "fw_reported" = ? WHERE "thing" = ? AND "item" = 'state' AND "last_ts_ms" < ?"#
+    );
+    let n = |v: &str| AttributeValue::N(v.into());
+    let s = |v: &str| AttributeValue::S(v.into());
+    assert_eq!(params, [n("1000"), n("1005"), n("2"), n("7"), n("80"), s("1.4.2"), s("dev-0001"), n("1000")]);
+    let (insert, params) = state_statement("Devices-test", &t, &state(1_000, None), StateStep::Insert);
+    assert_eq!(
+        insert,
+        r#"INSERT INTO "Devices-test" VALUE {'thing': ?, 'item': 'state', 'last_ts_ms': ?, 'last_rx_ms': ?, 'boot': ?, 'seq': ?, 'fw_reported': ?}"#
+    );
+    assert_eq!(params, [s("dev-0001"), n("1000"), n("1005"), n("2"), n("7"), s("1.4.2")]);
+    let (again, _) = state_statement("Devices-test", &t, &state(1_000, Some(80.0)), StateStep::UpdateAgain);
+    assert_eq!(again, update);
+}
+
+/// Answers state statements as DynamoDB would for a table where devices 0-19 have an older
+/// state, 20-39 none, 40-49 a newer one; device 50 is throttled once, device 51 refused.
+fn scripted_state_table() -> (Rule, Arc<Mutex<Vec<usize>>>) {
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&sizes);
+    let throttled = Arc::new(AtomicBool::new(false));
+    let rule = mock!(aws_sdk_dynamodb::Client::batch_execute_statement).then_compute_output(move |req| {
+        seen.lock().expect("lock").push(req.statements().len());
+        let answers = req.statements().iter().map(|st| {
+            let insert = st.statement().starts_with("INSERT");
+            let thing = st.parameters().iter().find_map(|p| p.as_s().ok().filter(|s| s.starts_with("dev-")));
+            let n: usize = thing.and_then(|t| t[4..].parse().ok()).expect("thing parameter");
+            let code = match n {
+                0..=19 => None,
+                20..=39 if insert => None,
+                20..=39 => Some(Code::ConditionalCheckFailed),
+                40..=49 if insert => Some(Code::DuplicateItem),
+                40..=49 => Some(Code::ConditionalCheckFailed),
+                50 if !throttled.swap(true, Ordering::SeqCst) => Some(Code::ThrottlingError),
+                50 => None,
+                _ => Some(Code::ValidationError),
+            };
+            let error = code.map(|c| BatchStatementError::builder().code(c).message("scripted").build());
+            BatchStatementResponse::builder().set_error(error).build()
+        });
+        BatchExecuteStatementOutput::builder().set_responses(Some(answers.collect())).build()
     });
-    let s = devices(&[&newer_exists]);
-    let state = DeviceState { last_ts_ms: 1, last_rx_ms: 1, boot: 1, seq: 1, battery_pct: None, fw: None };
-    assert!(s.record_states(&[(thing(1), state)]).await.is_empty());
-    assert_eq!(newer_exists.num_calls(), 1);
+    (rule, sizes)
+}
+
+#[tokio::test]
+async fn state_writes_take_25_devices_a_request_and_each_device_its_own_path() {
+    // GIVEN 52 devices: older state, no state, newer state, throttled once, refused
+    let (rule, sizes) = scripted_state_table();
+    let s = devices(&[&rule]);
+    let states: Vec<_> = (0..52).map(|n| (thing(n), state(1_000, None))).collect();
+    // WHEN their states are recorded
+    let failed = s.record_states(&states).await;
+    // THEN only the refused device fails, permanently, with DynamoDB's code
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!((&failed[0].0, failed[0].1.kind), (&thing(51), ErrorKind::Permanent));
+    assert!(failed[0].1.to_string().contains("ValidationError"), "{}", failed[0].1);
+    // AND the rounds were: 52 updates (25+25+2); 30 inserts + the throttled retry (25+6);
+    // 10 updates again for the devices whose insert found an item
+    assert_eq!(*sizes.lock().expect("lock"), [25, 25, 2, 25, 6, 10]);
+}
+
+#[tokio::test]
+async fn a_state_request_refused_as_a_whole_fails_each_device_with_its_kind() {
+    let denied = mock!(aws_sdk_dynamodb::Client::batch_execute_statement).then_error(|| {
+        BatchExecuteStatementError::generic(
+            aws_sdk_dynamodb::error::ErrorMetadata::builder()
+                .code("AccessDeniedException")
+                .message("no")
+                .build(),
+        )
+    });
+    let s = devices(&[&denied]);
+    let failed = s.record_states(&[(thing(1), state(1, None)), (thing(2), state(1, None))]).await;
+    assert_eq!(failed.len(), 2);
+    assert!(failed
+        .iter()
+        .all(|(_, e)| e.kind == ErrorKind::Permanent && e.to_string().contains("AccessDenied")));
+    assert_eq!(denied.num_calls(), 1);
 }
 
 #[tokio::test]
@@ -304,14 +398,16 @@ async fn ingesting_1000_messages_from_100_devices_makes_the_target_api_calls() {
     let batch = crate::ingest::sim::fleet_batch(100, 1_000, 1_764_000_000_000, 1);
     // WHEN it is ingested
     let outcome = aws.ingest(&batch, 1_764_000_002_000).await;
-    // THEN everything is stored with 10 WriteRecords, 1 PUT, 1 state write per device, and no dedupe writes
+    // THEN everything is stored with 10 WriteRecords, 1 PUT, one state statement per device
+    // in requests of 25, and no dedupe writes
     assert_eq!((outcome.accepted, outcome.unregistered), (1_000, 0));
     let calls = aws.calls();
     assert_eq!(
         calls,
         ApiCalls {
             batch_get_item: 2,
-            update_item: 100,
+            batch_execute_statement: 4,
+            state_statements: 100,
             batch_write_item: 0,
             write_records: 10,
             timestream_write_units: calls.timestream_write_units,
@@ -336,5 +432,9 @@ async fn a_batch_of_packs_stores_ten_readings_per_message_with_the_same_requests
     assert_eq!((outcome.messages, outcome.accepted, outcome.readings), (100, 100, 1_000), "{outcome:?}");
     // AND the 1,000 readings cost what 1,000 single-reading messages cost in requests
     let calls = aws.calls();
-    assert_eq!((calls.write_records, calls.put_object, calls.update_item), (10, 1, 100), "{calls:?}");
+    assert_eq!(
+        (calls.write_records, calls.put_object, calls.batch_execute_statement),
+        (10, 1, 4),
+        "{calls:?}"
+    );
 }

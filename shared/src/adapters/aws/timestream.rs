@@ -299,26 +299,33 @@ fn rejected_status(reason: Option<&str>, existing_version: Option<i64>) -> Write
 }
 
 impl TimestreamSink {
-    /// One WriteRecords request for `records` (already validated, ≤ 100). A request refused
-    /// as a whole for a permanent reason is split in halves until the refused records are
-    /// alone, so one bad record never fails its neighbours.
-    fn write_chunk<'a>(&'a self, records: &'a [Record]) -> BoxFuture<'a, Vec<WriteStatus>> {
+    /// One WriteRecords request for `records` (already validated, ≤ 100), which it consumes:
+    /// the SDK takes the records by value, so nothing is copied on the way. A request refused
+    /// as a whole for a permanent reason is split in halves (the halves rebuilt from
+    /// `readings`) until the refused records are alone, so one bad record never fails its
+    /// neighbours.
+    fn write_chunk<'a>(
+        &'a self,
+        readings: &'a [&'a StoredReading],
+        records: Vec<Record>,
+    ) -> BoxFuture<'a, Vec<WriteStatus>> {
         Box::pin(async move {
+            let n = records.len();
             let result = self
                 .client
                 .write_records()
                 .database_name(&self.database)
                 .table_name(&self.table)
                 .common_attributes(common_attributes())
-                .set_records(Some(records.to_vec()))
+                .set_records(Some(records))
                 .send()
                 .await;
             match result {
-                Ok(_) => vec![WriteStatus::Written; records.len()],
+                Ok(_) => vec![WriteStatus::Written; n],
                 Err(e) => {
                     if let Some(WriteRecordsError::RejectedRecordsException(ex)) = e.as_service_error() {
                         // Records not listed were written.
-                        let mut out = vec![WriteStatus::Written; records.len()];
+                        let mut out = vec![WriteStatus::Written; n];
                         for rr in ex.rejected_records() {
                             if let Some(slot) =
                                 usize::try_from(rr.record_index()).ok().and_then(|i| out.get_mut(i))
@@ -329,14 +336,14 @@ impl TimestreamSink {
                         return out;
                     }
                     let err = classify("timestream write", e);
-                    if err.kind == ErrorKind::Permanent && records.len() > 1 {
-                        let (a, b) = records.split_at(records.len() / 2);
-                        let mut out = self.write_chunk(a).await;
-                        out.extend(self.write_chunk(b).await);
+                    if err.kind == ErrorKind::Permanent && n > 1 {
+                        let (a, b) = readings.split_at(n / 2);
+                        let mut out = self.write_chunk(a, a.iter().map(|r| record_for(r)).collect()).await;
+                        out.extend(self.write_chunk(b, b.iter().map(|r| record_for(r)).collect()).await);
                         return out;
                     }
-                    tracing::warn!(error = %err, records = records.len(), "timestream write failed");
-                    vec![WriteStatus::Refused(Arc::new(err)); records.len()]
+                    tracing::warn!(error = %err, records = n, "timestream write failed");
+                    vec![WriteStatus::Refused(Arc::new(err)); n]
                 }
             }
         })
@@ -348,12 +355,14 @@ impl TelemetrySink for TimestreamSink {
         let mut statuses: Vec<Option<WriteStatus>> = vec![None; readings.len()];
         // Records that cannot fit the service's limits are refused alone, before sending.
         let mut indices: Vec<usize> = Vec::with_capacity(readings.len());
+        let mut sent: Vec<&StoredReading> = Vec::with_capacity(readings.len());
         let mut records: Vec<Record> = Vec::with_capacity(readings.len());
         for (i, r) in readings.iter().enumerate() {
             let record = record_for(r);
             match validate_record(&record) {
                 Ok(()) => {
                     indices.push(i);
+                    sent.push(r);
                     records.push(record);
                 }
                 Err(problem) => {
@@ -364,10 +373,14 @@ impl TelemetrySink for TimestreamSink {
                 }
             }
         }
+        let mut records = records.into_iter();
         let writes: Vec<_> = indices
             .chunks(WRITE_RECORDS_MAX)
-            .zip(records.chunks(WRITE_RECORDS_MAX))
-            .map(|(indices, records)| async move { (indices, self.write_chunk(records).await) })
+            .zip(sent.chunks(WRITE_RECORDS_MAX))
+            .map(|(indices, readings)| {
+                let chunk: Vec<Record> = records.by_ref().take(readings.len()).collect();
+                async move { (indices, self.write_chunk(readings, chunk).await) }
+            })
             .collect();
         let done: Vec<(&[usize], Vec<WriteStatus>)> =
             stream::iter(writes).buffer_unordered(MAX_CONCURRENT_REQUESTS).collect().await;

@@ -1,0 +1,43 @@
+//! The request target of issue 8 on the real handler against moto: SQS batches of 1,000
+//! messages from 100 devices take at most 25 AWS requests per 1,000 messages, with Timestream
+//! as the hot store (the most requests) and without. CPU is measured only in the bench
+//! (`scripts/bench-moto.sh`), never in a test.
+
+use std::collections::BTreeMap;
+
+use anyhow::{ensure, Result};
+use fleet_tests::load::{ingest_on_moto, Load};
+
+const BATCHES: usize = 3;
+
+fn per_batch(requests: &BTreeMap<String, usize>) -> BTreeMap<&str, usize> {
+    requests.iter().map(|(op, n)| (op.as_str(), n / BATCHES)).collect()
+}
+
+#[tokio::test]
+#[ignore = "needs the moto server started by scripts/test.sh"]
+async fn a_batch_of_1000_messages_from_100_devices_takes_at_most_25_requests() -> Result<()> {
+    for timestream in [true, false] {
+        // GIVEN 100 registered devices whose state items exist (one warm-up batch)
+        let load = Load { devices: 100, messages_per_batch: 1_000, batches: BATCHES, timestream };
+        // WHEN three more batches of 1,000 messages go through the handler
+        let figures = ingest_on_moto(load).await?;
+        // THEN each batch made: 2 enrichment reads (200 keys), 4 state writes (25 devices
+        // each), 1 archive object and, with Timestream, 10 writes of 100 records
+        let mut expected = BTreeMap::from([
+            ("DynamoDB:BatchGetItem", 2),
+            ("DynamoDB:BatchExecuteStatement", 4),
+            ("S3:PutObject", 1),
+        ]);
+        if timestream {
+            expected.insert("Timestream Write:WriteRecords", 10);
+        }
+        ensure!(per_batch(&figures.requests) == expected, "timestream={timestream}: {:?}", figures.requests);
+        ensure!(
+            figures.requests_per_1000_messages() <= 25.0,
+            "{} requests per 1,000 messages",
+            figures.requests_per_1000_messages()
+        );
+    }
+    Ok(())
+}
