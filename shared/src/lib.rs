@@ -7,6 +7,8 @@
 //! - [`ingest`]: telemetry ingestion (used by ingest-telemetry and operators only): envelope
 //!   decode + upcast, reason codes, the event rule, batch planning, archive encoding, the use
 //!   case over the ports, its metrics, replay, and (feature `sim`) simulated devices.
+//! - [`twin`]: device twins (pure): shadow events, AWS delta semantics, ordering by version,
+//!   drift start.
 //! - [`ports`]: small traits in domain types, one per capability / IAM grant.
 //! - [`adapters`]: one AWS adapter per resource (feature `aws`), all from one `aws_config`
 //!   load; the SQLite implementation of the same ports (feature `embedded`), with migrations.
@@ -26,6 +28,7 @@ pub mod model;
 pub mod ports;
 pub mod text;
 pub mod time;
+pub mod twin;
 
 pub use env::{BackendKind, ConfigError, Env};
 pub use error::{ErrorKind, StoreError};

@@ -13,6 +13,7 @@
 //! | [`ArchiveReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `raw/*` (replay, operators) |
 //! | [`Quarantine`] | `S3Archive` | `s3:PutObject` on `quarantine/*` |
 //! | [`QuarantineReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `quarantine/*` (operators) |
+//! | [`TwinStore`] | (SQLite so far) | |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use crate::error::{ErrorKind, StoreError};
 use crate::ingest::{ArchiveObject, QuarantineLine};
-use crate::model::{Device, DeviceRegistration, DeviceState, StoredReading, ThingName};
+use crate::model::{Device, DeviceRegistration, DeviceState, ShadowName, StoredReading, ThingName, Twin};
 
 /// What the ingest pipeline reads and writes about devices.
 pub trait DeviceRegistry: Send + Sync {
@@ -142,4 +143,25 @@ pub trait DeviceAdmin: Send + Sync {
     fn device(&self, thing: &ThingName) -> impl Future<Output = Result<Option<Device>, StoreError>> + Send;
     /// Every device, all pages, sorted by thing name.
     fn devices(&self) -> impl Future<Output = Result<Vec<Device>, StoreError>> + Send;
+}
+
+/// Twins: mirrored shadows, written only by conditional writes on their store revision.
+pub trait TwinStore: Send + Sync {
+    fn twin(
+        &self,
+        thing: &ThingName,
+        shadow: &ShadowName,
+    ) -> impl Future<Output = Result<Option<Twin>, StoreError>> + Send;
+
+    /// Store `twin` if the stored one is still at revision `twin.revision - 1` (revision 1:
+    /// if none is stored). `Ok(false)`: another writer got there first; read and try again.
+    fn put_twin(&self, twin: &Twin) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Twins drifting since `before_ms` or earlier, oldest drift first, at most `limit`: read
+    /// through an index on the drift start, never a scan of the fleet.
+    fn drifting_since(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Twin>, StoreError>> + Send;
 }

@@ -1,11 +1,13 @@
-//! Plain data shared by every function: names, telemetry readings, devices.
+//! Plain data shared by every function: names, telemetry readings, devices, twins.
 
 mod device;
 mod telemetry;
 mod thing;
+mod twin;
 
 pub use device::{
     validate_label, Device, DeviceRegistration, DeviceState, InvalidLabel, MAX_LABEL_LEN, UNREGISTERED_CLASS,
 };
 pub use telemetry::{MessageId, Metric, Reading, ReadingFlags, StoredReading};
 pub use thing::{InvalidThingName, ThingName};
+pub use twin::{DriftHistory, InvalidShadowName, ShadowName, Twin, VersionDrift, MAX_SHADOW_NAME_LEN};

@@ -419,6 +419,7 @@ async fn ingesting_1000_messages_from_100_devices_makes_the_target_api_calls() {
     assert!((100..=250).contains(&calls.timestream_write_units), "{calls:?}");
 }
 
+#[cfg(feature = "test-support")]
 #[tokio::test]
 async fn a_batch_of_packs_stores_ten_readings_per_message_with_the_same_requests() {
     use super::counting::CountingAws;

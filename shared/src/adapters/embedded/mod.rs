@@ -2,5 +2,6 @@
 //! local stack, `cargo lambda watch --features embedded` and tests. No AWS account needed.
 
 mod sqlite;
+mod twins;
 
 pub use sqlite::{ContentConflict, SqliteStore};

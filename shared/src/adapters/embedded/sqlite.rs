@@ -77,6 +77,8 @@ const MIGRATIONS: &[&str] = &[
     V1_SCHEMA,
     // Version 2: the enrichment version a reading was stored with (see `StoredReading`).
     "ALTER TABLE telemetry ADD COLUMN enrichment_version INTEGER NOT NULL DEFAULT 1;",
+    // Version 3: twins (mirrored shadows).
+    super::twins::TWINS_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version
@@ -227,7 +229,7 @@ impl SqliteStore {
     }
 
     /// Run `f` with the connection on the blocking pool.
-    async fn with<T: Send + 'static>(
+    pub(super) async fn with<T: Send + 'static>(
         &self,
         op: &'static str,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
@@ -814,7 +816,7 @@ mod tests {
             [],
             |r| r.get(0),
         )?;
-        assert_eq!(user_version, 2);
+        assert_eq!(user_version, MIGRATIONS.len() as i64);
         Ok(())
     }
 

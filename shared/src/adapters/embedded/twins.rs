@@ -1,0 +1,91 @@
+//! [`TwinStore`] on SQLite: one row per (thing, shadow) holding the twin as JSON, the columns
+//! the conditional write and the fleet queries need, and a partial index on the drift start.
+
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::SqliteStore;
+use crate::error::StoreError;
+use crate::model::{ShadowName, ThingName, Twin};
+use crate::ports::TwinStore;
+
+/// Migration step 3 (see `MIGRATIONS` in `sqlite.rs`).
+pub(super) const TWINS_SCHEMA: &str = "
+CREATE TABLE twins (
+    thing          TEXT    NOT NULL,
+    shadow         TEXT    NOT NULL, -- '' = the classic shadow
+    version        INTEGER NOT NULL,
+    revision       INTEGER NOT NULL, -- every write + 1; writes are conditional on it
+    drift_since_ms INTEGER,
+    twin           TEXT    NOT NULL, -- the Twin as JSON
+    PRIMARY KEY (thing, shadow)
+) WITHOUT ROWID;
+CREATE INDEX twins_by_drift ON twins (drift_since_ms) WHERE drift_since_ms IS NOT NULL;
+";
+
+fn twin_from_row(r: &Row<'_>) -> rusqlite::Result<Twin> {
+    let text: String = r.get(0)?;
+    serde_json::from_str(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+impl TwinStore for SqliteStore {
+    async fn twin(&self, thing: &ThingName, shadow: &ShadowName) -> Result<Option<Twin>, StoreError> {
+        let (thing, shadow) = (thing.clone(), shadow.clone());
+        self.with("sqlite twin get", move |c| {
+            c.prepare_cached("SELECT twin FROM twins WHERE thing = ?1 AND shadow = ?2")?
+                .query_row([thing.as_str(), shadow.as_str()], twin_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn put_twin(&self, twin: &Twin) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(twin).map_err(|e| StoreError::permanent("sqlite twin encode", e))?;
+        let twin = twin.clone();
+        self.with("sqlite twin put", move |c| {
+            let (thing, shadow) = (twin.thing.as_str(), twin.shadow.as_str());
+            let revision = twin.revision as i64;
+            let changed = if twin.revision <= 1 {
+                c.prepare_cached(
+                    "INSERT INTO twins (thing, shadow, version, revision, drift_since_ms, twin)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (thing, shadow) DO NOTHING",
+                )?
+                .execute(params![
+                    thing,
+                    shadow,
+                    twin.version as i64,
+                    revision,
+                    twin.drift_since_ms,
+                    json
+                ])?
+            } else {
+                c.prepare_cached(
+                    "UPDATE twins SET version = ?3, revision = ?4, drift_since_ms = ?5, twin = ?6
+                     WHERE thing = ?1 AND shadow = ?2 AND revision = ?4 - 1",
+                )?
+                .execute(params![
+                    thing,
+                    shadow,
+                    twin.version as i64,
+                    revision,
+                    twin.drift_since_ms,
+                    json
+                ])?
+            };
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn drifting_since(&self, before_ms: i64, limit: usize) -> Result<Vec<Twin>, StoreError> {
+        self.with("sqlite twins drifting", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT twin FROM twins WHERE drift_since_ms IS NOT NULL AND drift_since_ms <= ?1
+                 ORDER BY drift_since_ms, thing, shadow LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![before_ms, limit as i64], twin_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+}
