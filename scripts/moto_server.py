@@ -12,11 +12,13 @@ equivalent condition expression, so moto stores the items and evaluates the cond
   UPDATE "t" SET "a" = ? [SET ...] [REMOVE "b" ...] WHERE "k" = ? [AND "k2" = ?] [AND "x" <op> ?]...
   INSERT INTO "t" VALUE {'a': ?, 'b': 'text', ...}
 Values are parameters (?), 'strings' or numbers; <op> is one of = <> < <= > >=. Any other
-statement is left to moto as before. Usage: python scripts/moto_server.py -H 127.0.0.1 -p PORT
+statement is left to moto as before. Each request runs under one lock, so a condition and its
+write are atomic, as in DynamoDB. Usage: python scripts/moto_server.py -H 127.0.0.1 -p PORT
 """
 
 import re
 import sys
+import threading
 
 from moto.core.exceptions import JsonRESTError
 from moto.dynamodb.exceptions import ConditionalCheckFailed
@@ -176,8 +178,17 @@ def run_insert(backend, st):
 
 moto_batch_execute_statement = DynamoDBBackend.batch_execute_statement
 
+# moto's server handles requests on threads and its condition check and write are separate
+# steps; DynamoDB applies each conditional write atomically. One lock makes these atomic.
+LOCK = threading.Lock()
+
 
 def batch_execute_statement(self, statements):
+    with LOCK:
+        return run_statements(self, statements)
+
+
+def run_statements(self, statements):
     responses = []
     for stmt in statements:
         text = stmt["Statement"].lstrip()

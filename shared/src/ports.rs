@@ -13,7 +13,7 @@
 //! | [`ArchiveReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `raw/*` (replay, operators) |
 //! | [`Quarantine`] | `S3Archive` | `s3:PutObject` on `quarantine/*` |
 //! | [`QuarantineReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `quarantine/*` (operators) |
-//! | [`TwinStore`] | (SQLite so far) | |
+//! | [`TwinStore`] | `TwinsTable` | `dynamodb:GetItem`, `dynamodb:PutItem` on the Twins table, `dynamodb:Query` on its `by_drift` index |
 
 use std::collections::HashMap;
 use std::future::Future;

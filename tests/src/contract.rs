@@ -11,19 +11,22 @@
 use anyhow::{ensure, Context, Result};
 use fleet_shared::ingest::{raw_object, Problem, QuarantineLine, Reason};
 use fleet_shared::model::{
-    DeviceRegistration, DeviceState, MessageId, Metric, Reading, ReadingFlags, StoredReading, ThingName,
+    DeviceRegistration, DeviceState, MessageId, Metric, Reading, ReadingFlags, ShadowName, StoredReading,
+    ThingName, Twin,
 };
 use fleet_shared::ports::{
     ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, TelemetrySink,
-    WriteStatus,
+    TwinStore, WriteStatus,
 };
+use fleet_shared::twin::{apply, sync, ShadowEvent, TwinChange, TwinEvent};
 
 /// One backend's adapters for the contract: the devices table, the hot store, the archive
-/// bucket (raw + quarantine).
-pub struct Ports<D, S, A> {
+/// bucket (raw + quarantine), the twins table.
+pub struct Ports<D, S, A, T> {
     pub devices: D,
     pub sink: S,
     pub archive: A,
+    pub twins: T,
 }
 
 /// The whole contract suite as tests, for the backend `ports()` builds. Extra attributes
@@ -39,6 +42,8 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; quarantine_round_trips_lines_once(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports;
             sink_accepts_a_batch_over_the_request_limit_with_one_status_per_reading(sink));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; twin_writes_are_conditional_on_the_revision(twins));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; drifting_twins_are_read_oldest_drift_first(twins));
     };
     (@one [$($attrs:tt)*] $ports:expr; $check:ident($port:ident)) => {
         #[tokio::test]
@@ -249,5 +254,74 @@ pub async fn sink_reports_another_payload_under_a_stored_key_as_a_conflict<S: Te
     let mut redelivered = original.clone();
     redelivered.reading.rx_ms += 5_000;
     ensure!(s.write(&[redelivered]).await == [WriteStatus::Duplicate], "a redelivery is a duplicate");
+    Ok(())
+}
+
+/// A documents event for `thing`'s `shadow` at `version`, desired fw `d`, reported fw `r`.
+fn shadow_update(
+    thing: &ThingName,
+    shadow: &str,
+    version: u64,
+    d: &str,
+    r: &str,
+    at_s: i64,
+) -> Result<TwinEvent> {
+    let doc = serde_json::json!({"state":{"desired":{"fw":d},"reported":{"fw":r}},
+        "metadata":{"desired":{"fw":{"timestamp":at_s}}},"version":version});
+    Ok(TwinEvent {
+        thing: thing.clone(),
+        shadow: ShadowName::parse(shadow)?,
+        event: ShadowEvent::Updated {
+            previous: None,
+            current: Box::new(serde_json::from_value(doc)?),
+            at_ms: at_s * 1000,
+        },
+    })
+}
+
+/// A twin is created once, then written only over the revision it was read at; named and
+/// classic shadows of one thing are separate twins.
+pub async fn twin_writes_are_conditional_on_the_revision<S: TwinStore>(s: &S) -> Result<()> {
+    let t = thing(500);
+    let (twin, _) = apply(None, &shadow_update(&t, "", 1, "2", "1", 1_000)?);
+    let first = Twin { revision: 1, ..twin.clone() };
+    ensure!(s.put_twin(&first).await?, "a new twin was not created");
+    ensure!(!s.put_twin(&first).await?, "a second create over an existing twin succeeded");
+    let (newer, _) = apply(Some(first.clone()), &shadow_update(&t, "", 2, "2", "2", 2_000)?);
+    let second = Twin { revision: 2, ..newer };
+    ensure!(s.put_twin(&second).await?, "a write over the revision read failed");
+    ensure!(
+        !s.put_twin(&Twin { revision: 2, ..first.clone() }).await?,
+        "a write over a stale revision succeeded"
+    );
+    let stored = s.twin(&t, &ShadowName::classic()).await?.context("twin missing")?;
+    ensure!(stored == second, "stored twin differs: {stored:?}");
+    ensure!(
+        s.twin(&t, &ShadowName::parse("config")?).await?.is_none(),
+        "a named shadow that was never written"
+    );
+    let change = sync(s, &shadow_update(&t, "config", 1, "a", "b", 3_000)?).await?;
+    ensure!(change == TwinChange::Applied, "named shadow not applied: {change:?}");
+    let named = s.twin(&t, &ShadowName::parse("config")?).await?.context("named twin missing")?;
+    ensure!(named.version == 1 && named.drift_since_ms == Some(3_000_000), "named twin wrong: {named:?}");
+    Ok(())
+}
+
+/// Drifting twins come back oldest drift first, up to the limit; twins in sync never.
+pub async fn drifting_twins_are_read_oldest_drift_first<S: TwinStore>(s: &S) -> Result<()> {
+    let base = 1_700_000_000; // seconds; far before any other contract twin
+    for (n, (d, r, at_s)) in
+        [("2", "1", 30), ("1", "1", 10), ("2", "0", 20), ("1", "2", 40)].into_iter().enumerate()
+    {
+        sync(s, &shadow_update(&thing(600 + n), "", 1, d, r, base + at_s)?).await?;
+    }
+    let drifting = s.drifting_since((base + 35) * 1000, 100).await?;
+    let names: Vec<&str> = drifting.iter().map(|t| t.thing.as_str()).collect();
+    ensure!(names == ["contract-0602", "contract-0600"], "drifting since before base+35 s: {names:?}");
+    // back in sync: no longer listed
+    sync(s, &shadow_update(&thing(602), "", 2, "2", "2", base + 50)?).await?;
+    let drifting = s.drifting_since((base + 35) * 1000, 1).await?;
+    let names: Vec<&str> = drifting.iter().map(|t| t.thing.as_str()).collect();
+    ensure!(names == ["contract-0600"], "after contract-0602 caught up, limit 1: {names:?}");
     Ok(())
 }

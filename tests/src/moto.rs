@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{bail, Context, Result};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType,
 };
-use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamQuery, TimestreamSink};
+use fleet_shared::adapters::aws::twins::DRIFT_INDEX;
+use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamQuery, TimestreamSink, TwinsTable};
 use fleet_shared::Env;
 
 use crate::contract::Ports;
@@ -18,6 +20,7 @@ use crate::contract::Ports;
 #[derive(Debug, Clone)]
 pub struct AwsResources {
     pub devices_table: String,
+    pub twins_table: String,
     pub telemetry_database: String,
     pub telemetry_table: String,
     pub archive_bucket: String,
@@ -30,6 +33,7 @@ impl AwsResources {
             ("FLEET_STAGE", "test".to_owned()),
             ("FLEET_HOT_STORE", "timestream".to_owned()),
             ("FLEET_DEVICES_TABLE", self.devices_table.clone()),
+            ("FLEET_TWINS_TABLE", self.twins_table.clone()),
             ("FLEET_TELEMETRY_DB", self.telemetry_database.clone()),
             ("FLEET_TELEMETRY_TABLE", self.telemetry_table.clone()),
             ("FLEET_ARCHIVE_BUCKET", self.archive_bucket.clone()),
@@ -46,6 +50,7 @@ impl AwsResources {
 pub struct AwsAdapters {
     pub resources: AwsResources,
     pub devices: DevicesTable,
+    pub twins: TwinsTable,
     pub sink: TimestreamSink,
     pub query: TimestreamQuery,
     pub archive: S3Archive,
@@ -84,6 +89,7 @@ fn unique(prefix: &str) -> String {
 pub async fn fresh_resources() -> Result<AwsResources> {
     let resources = AwsResources {
         devices_table: unique("devices"),
+        twins_table: unique("twins"),
         telemetry_database: unique("fleet"),
         telemetry_table: "telemetry".into(),
         archive_bucket: unique("archive"),
@@ -100,6 +106,7 @@ pub async fn fresh_adapters() -> Result<AwsAdapters> {
     let env = resources.env();
     Ok(AwsAdapters {
         devices: DevicesTable::from_env(&sdk, &env)?,
+        twins: TwinsTable::from_env(&sdk, &env)?,
         sink: TimestreamSink::from_env(&sdk, &env).await?,
         query: TimestreamQuery::from_env(&sdk, &env)?,
         archive: S3Archive::from_env(&sdk, &env)?,
@@ -108,9 +115,9 @@ pub async fn fresh_adapters() -> Result<AwsAdapters> {
 }
 
 /// The contract's ports on fresh moto resources.
-pub async fn fresh_ports() -> Result<Ports<DevicesTable, TimestreamSink, S3Archive>> {
+pub async fn fresh_ports() -> Result<Ports<DevicesTable, TimestreamSink, S3Archive, TwinsTable>> {
     let a = fresh_adapters().await?;
-    Ok(Ports { devices: a.devices, sink: a.sink, archive: a.archive })
+    Ok(Ports { devices: a.devices, sink: a.sink, archive: a.archive, twins: a.twins })
 }
 
 /// The same resources `infra/template.yaml` declares (keys, Timestream table).
@@ -130,6 +137,29 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .send()
         .await
         .context("create devices table")?;
+    let number = |name: &str| {
+        AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::N).build()
+    };
+    let drift_index = GlobalSecondaryIndex::builder()
+        .index_name(DRIFT_INDEX)
+        .key_schema(key("drift_shard", KeyType::Hash)?)
+        .key_schema(key("drift_since_ms", KeyType::Range)?)
+        .projection(Projection::builder().projection_type(ProjectionType::All).build())
+        .build()?;
+    aws_sdk_dynamodb::Client::new(config)
+        .create_table()
+        .table_name(&r.twins_table)
+        .attribute_definitions(attr("thing")?)
+        .attribute_definitions(attr("shadow")?)
+        .attribute_definitions(attr("drift_shard")?)
+        .attribute_definitions(number("drift_since_ms")?)
+        .key_schema(key("thing", KeyType::Hash)?)
+        .key_schema(key("shadow", KeyType::Range)?)
+        .global_secondary_indexes(drift_index)
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .context("create twins table")?;
     let ts = aws_sdk_timestreamwrite::Client::new(config);
     ts.create_database().database_name(&r.telemetry_database).send().await.context("create timestream db")?;
     ts.create_table()

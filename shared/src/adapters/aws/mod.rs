@@ -1,6 +1,6 @@
 //! AWS adapters, one per resource, each built from the one `SdkConfig` a process loads:
 //! [`DevicesTable`] (DynamoDB), [`TimestreamSink`] / [`TimestreamQuery`] (Timestream),
-//! [`S3Archive`] (S3 `raw/` and `quarantine/`). A function builds only the adapters its ports
+//! [`S3Archive`] (S3 `raw/` and `quarantine/`), [`TwinsTable`] (DynamoDB). A function builds only the adapters its ports
 //! need, and each adapter reads only its own variables (`from_env`). SDK ↔ domain mapping
 //! happens only here; service limits are named constants next to the adapter that respects
 //! them. Endpoints follow the SDK's `AWS_ENDPOINT_URL*` variables.
@@ -13,6 +13,7 @@ pub mod s3;
 pub mod timestream;
 #[cfg(feature = "operator")]
 pub mod timestream_query;
+pub mod twins;
 
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ pub use s3::S3Archive;
 pub use timestream::TimestreamSink;
 #[cfg(feature = "operator")]
 pub use timestream_query::TimestreamQuery;
+pub use twins::TwinsTable;
 
 /// Resubmissions of the unprocessed part of a batch call (UnprocessedItems/Keys).
 pub const MAX_BATCH_RETRIES: usize = 8;
