@@ -19,6 +19,10 @@ pub fn functions(backend: &EmbeddedBackend, metrics: &MetricsOut) -> Result<Func
             |d, e| async move { ingest_telemetry::handler::handle(&d, e).await },
         ),
     );
+    f.add(
+        "TwinSyncFunction",
+        lambda(twin_sync(backend, metrics)?, |d, e| async move { twin_sync::handler::handle(&d, e).await }),
+    );
     Ok(f)
 }
 
@@ -27,6 +31,15 @@ fn ingest(
     metrics: &MetricsOut,
 ) -> Result<Arc<ingest_telemetry::handler::EmbeddedDeps>, StartupError> {
     let mut deps = ingest_telemetry::handler::EmbeddedDeps::on_embedded(b)?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
+}
+
+fn twin_sync(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+) -> Result<Arc<twin_sync::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = twin_sync::handler::EmbeddedDeps::on_embedded(b)?;
     deps.metrics = metrics.clone();
     Ok(Arc::new(deps))
 }

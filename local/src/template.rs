@@ -316,10 +316,30 @@ mod tests {
     const TEMPLATE: &str = include_str!("../../infra/template.yaml");
 
     #[test]
-    fn reads_the_deployed_telemetry_rule_and_its_consumer() -> Result<(), TemplateError> {
+    fn reads_the_deployed_rules_and_their_consumers() -> Result<(), TemplateError> {
         let rules = parse(TEMPLATE)?;
-        assert_eq!(rules.len(), 1);
-        assert_eq!(rules[0].name, "TelemetryTopicRule");
+        let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "TelemetryTopicRule",
+                "TwinDeleteRule",
+                "TwinDocumentsRule",
+                "TwinNamedDeleteRule",
+                "TwinNamedDocumentsRule"
+            ]
+        );
+        for twin_rule in &rules[1..] {
+            assert_eq!(
+                twin_rule.targets,
+                vec![Target::Queue {
+                    queue: "TwinEventsQueue".into(),
+                    function: "TwinSyncFunction".into(),
+                    batch_size: 100,
+                    max_concurrency: 5
+                }]
+            );
+        }
         assert_eq!(
             rules[0].targets,
             vec![Target::Queue {

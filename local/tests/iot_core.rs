@@ -237,3 +237,46 @@ async fn basic_ingest_goes_straight_to_the_rule_and_no_subscriber_sees_it() -> R
     assert!(seen.is_err(), "a subscriber received a Basic Ingest message: {seen:?}");
     stack.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_documents_published_on_the_shadow_topics_reach_twin_sync() -> Result<()> {
+    use fleet_shared::model::ShadowName;
+    use fleet_shared::ports::TwinStore;
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    // GIVEN the documents AWS's shadow service publishes for a classic and a named shadow
+    // (published here by an operator: the local shadow service is not built yet)
+    let (operator, mut events) = client(&stack, "ops-console", Some("operator"));
+    let documents = |version: u64, desired: &str, reported: &str| {
+        serde_json::json!({"previous": null, "timestamp": 1_764_000_000,
+            "current": {"state": {"desired": {"fw": desired}, "reported": {"fw": reported}},
+                        "metadata": {}, "version": version}})
+        .to_string()
+    };
+    let classic = "$aws/things/sensor-001/shadow/update/documents";
+    let named = "$aws/things/sensor-001/shadow/name/config/update/documents";
+    operator.publish(classic, QoS::AtLeastOnce, false, documents(2, "1.5.0", "1.4.2")).await?;
+    operator.publish(named, QoS::AtLeastOnce, false, documents(4, "a", "a")).await?;
+    operator.publish(classic, QoS::AtLeastOnce, false, documents(1, "1.5.0", "1.5.0")).await?;
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    // THEN the rules add thing and shadow from the topic, and twin-sync mirrors both twins,
+    // the stale version 1 changing nothing
+    let thing = ThingName::parse("sensor-001")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let classic = stack.store.twin(&thing, &ShadowName::classic()).await?;
+        let named = stack.store.twin(&thing, &ShadowName::parse("config")?).await?;
+        if let (Some(c), Some(n)) = (&classic, &named) {
+            if stack.stats.snapshot(0).metric("StaleIgnored") >= 1 {
+                assert_eq!((c.version, c.drift_keys()), (2, vec!["fw".to_owned()]));
+                assert_eq!((n.version, n.drift_since_ms), (4, None));
+                break;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("twins not synced: {classic:?} {named:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stack.shutdown().await
+}

@@ -304,13 +304,9 @@ fn with_timestream_the_function_gets_the_table_its_grants_and_a_rejected_data_lo
     assert!(r.resources.contains_key("TimestreamRejectedAlarm"));
 }
 
-#[test]
-fn the_ingest_role_grants_the_devices_table_calls_ingest_makes_and_no_more() {
-    // DevicesTable: BatchGetItem (enrichment), BatchExecuteStatement of PartiQL UPDATE and
-    // INSERT (state), which IAM authorises per statement type.
-    let r = render(&[]);
-    let role = &r.resources["IngestTelemetryRole"]["Properties"]["Policies"];
-    let mut granted: Vec<String> = role
+fn dynamodb_actions(r: &Rendered, role: &str) -> Vec<String> {
+    let policies = &r.resources[role]["Properties"]["Policies"];
+    let mut granted: Vec<String> = policies
         .as_sequence()
         .into_iter()
         .flatten()
@@ -319,6 +315,25 @@ fn the_ingest_role_grants_the_devices_table_calls_ingest_makes_and_no_more() {
         .filter(|a| a.starts_with("dynamodb:"))
         .collect();
     granted.sort();
+    granted
+}
+
+#[test]
+fn twin_sync_reads_and_conditionally_writes_twins_only() {
+    // TwinsTable as twin::sync uses it: GetItem, then PutItem conditioned on the revision.
+    let r = render(&[]);
+    assert_eq!(dynamodb_actions(&r, "TwinSyncRole"), ["dynamodb:GetItem", "dynamodb:PutItem"]);
+    let env = function_env(&r, "TwinSyncFunction");
+    let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
+    assert_eq!(vars, ["FLEET_TWINS_TABLE"], "twin-sync gets only its own resources");
+}
+
+#[test]
+fn the_ingest_role_grants_the_devices_table_calls_ingest_makes_and_no_more() {
+    // DevicesTable: BatchGetItem (enrichment), BatchExecuteStatement of PartiQL UPDATE and
+    // INSERT (state), which IAM authorises per statement type.
+    let r = render(&[]);
+    let granted = dynamodb_actions(&r, "IngestTelemetryRole");
     assert_eq!(granted, ["dynamodb:BatchGetItem", "dynamodb:PartiQLInsert", "dynamodb:PartiQLUpdate"]);
 }
 

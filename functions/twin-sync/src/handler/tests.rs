@@ -1,0 +1,126 @@
+//! Handler tests: every event of `events/twin-sync/` through the handler, over the embedded
+//! (SQLite, in-memory) Twins store; a failing store for the retry paths.
+
+use anyhow::{anyhow, Result};
+use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::model::{ShadowName, ThingName, Twin};
+use lambda_runtime::{Context, LambdaEvent};
+
+use super::*;
+
+const CLASSIC: &str = include_str!("../../../../events/twin-sync/documents-classic.json");
+const NAMED: &str = include_str!("../../../../events/twin-sync/documents-named.json");
+const DELETE: &str = include_str!("../../../../events/twin-sync/delete-classic.json");
+const OUT_OF_ORDER: &str = include_str!("../../../../events/twin-sync/sqs-out-of-order.json");
+
+/// The events happen at 2025-11-24T16:00:00Z and a few minutes after.
+fn fixed_clock() -> i64 {
+    1_764_000_400_000
+}
+
+fn deps() -> Result<EmbeddedDeps> {
+    Ok(Deps { twins: SqliteStore::in_memory()?, clock: fixed_clock, metrics: MetricsOut::Off })
+}
+
+async fn invoke<T: TwinStore>(deps: &Deps<T>, event: &str) -> Result<Response, HandlerError> {
+    let payload = RawValue::from_string(event.to_owned()).expect("JSON");
+    handle(deps, LambdaEvent::new(payload, Context::default())).await
+}
+
+async fn twin(deps: &EmbeddedDeps, thing: &str, shadow: &str) -> Result<Twin> {
+    deps.twins
+        .twin(&ThingName::parse(thing)?, &ShadowName::parse(shadow)?)
+        .await?
+        .ok_or_else(|| anyhow!("no twin"))
+}
+
+fn direct(r: Response) -> Result<DirectResponse> {
+    match r {
+        Response::Direct(d) => Ok(d),
+        other => Err(anyhow!("expected a direct response, got {other:?}")),
+    }
+}
+
+#[tokio::test]
+async fn a_documents_event_mirrors_the_shadow_with_its_drift() -> Result<()> {
+    let deps = deps()?;
+    let r = direct(invoke(&deps, CLASSIC).await?)?;
+    assert_eq!(r, DirectResponse { applied: 1, stale: 0, rejected: vec![] });
+    let t = twin(&deps, "sensor-001", "").await?;
+    assert_eq!(
+        (t.version, t.drift_keys(), t.drift_since_ms),
+        (1, vec!["fw".to_owned()], Some(1_764_000_000_000))
+    );
+    assert_eq!(t.reported["bat"], 81);
+    // the same event again changes nothing
+    assert_eq!(
+        direct(invoke(&deps, CLASSIC).await?)?,
+        DirectResponse { applied: 0, stale: 1, rejected: vec![] }
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_named_shadow_is_its_own_twin() -> Result<()> {
+    let deps = deps()?;
+    direct(invoke(&deps, NAMED).await?)?;
+    let t = twin(&deps, "sensor-002", "config").await?;
+    assert_eq!((t.version, t.drift_keys()), (7, vec!["rate_s".to_owned()]));
+    assert!(deps.twins.twin(&ThingName::parse("sensor-002")?, &ShadowName::classic()).await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_out_of_order_batch_with_a_duplicate_ends_at_the_highest_version_and_rejects_the_unreadable(
+) -> Result<()> {
+    let deps = deps()?;
+    let Response::Sqs(r) = invoke(&deps, OUT_OF_ORDER).await? else { return Err(anyhow!("expected SQS")) };
+    assert!(r.batch_item_failures.is_empty(), "an unreadable event is rejected, not retried");
+    let t = twin(&deps, "sensor-001", "").await?;
+    assert_eq!((t.version, t.drift_since_ms, t.delta.is_empty()), (3, None, true), "{t:?}");
+    let messages = fleet_shared::ingest::messages_from_event(OUT_OF_ORDER, fixed_clock());
+    let outcome = run(&deps, fixed_clock(), &messages).await;
+    assert_eq!(
+        (outcome.applied, outcome.stale, outcome.rejected.len()),
+        (0, 4, 1),
+        "a redelivery is all stale"
+    );
+    assert!(outcome.rejected[0].1.contains("thing"), "{:?}", outcome.rejected);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delete_is_mirrored() -> Result<()> {
+    let deps = deps()?;
+    invoke(&deps, CLASSIC).await?;
+    assert_eq!(direct(invoke(&deps, DELETE).await?)?.applied, 1);
+    let t = twin(&deps, "sensor-001", "").await?;
+    assert!(t.deleted && t.desired.is_empty() && t.drift_since_ms.is_none(), "{t:?}");
+    Ok(())
+}
+
+/// A Twins store that is always busy.
+struct Busy;
+
+impl TwinStore for Busy {
+    async fn twin(&self, _: &ThingName, _: &ShadowName) -> Result<Option<Twin>, StoreError> {
+        Err(StoreError::transient("twin get", "throttled"))
+    }
+    async fn put_twin(&self, _: &Twin) -> Result<bool, StoreError> {
+        Err(StoreError::transient("twin put", "throttled"))
+    }
+    async fn drifting_since(&self, _: i64, _: usize) -> Result<Vec<Twin>, StoreError> {
+        Err(StoreError::transient("twins drifting", "throttled"))
+    }
+}
+
+#[tokio::test]
+async fn a_busy_store_fails_exactly_the_readable_events_for_retry() -> Result<()> {
+    let deps = Deps { twins: Busy, clock: fixed_clock, metrics: MetricsOut::Off };
+    let Response::Sqs(r) = invoke(&deps, OUT_OF_ORDER).await? else { return Err(anyhow!("expected SQS")) };
+    let failed: Vec<&str> = r.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+    assert_eq!(failed, ["twin-0001", "twin-0002", "twin-0003", "twin-0004"]);
+    let err = invoke(&deps, CLASSIC).await.expect_err("a direct invocation must fail to be retried");
+    assert_eq!(err.error_type(), "Retryable");
+    Ok(())
+}
