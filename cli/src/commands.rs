@@ -4,21 +4,23 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use fleet_shared::adapters::aws::{DevicesTable, HotStore, HotStoreKind, S3Archive, TelemetryReader};
+use fleet_shared::adapters::aws::{
+    DevicesTable, HotStore, HotStoreKind, S3Archive, TelemetryReader, TwinsTable,
+};
 use fleet_shared::ingest::{
     ingest_batch, messages_from_event, replay, BatchOutcome, Inbound, IngestPolicy, IngestPorts,
     OwnedInbound, ReplayPorts,
 };
 use fleet_shared::lambda::Backend;
-use fleet_shared::model::{validate_label, DeviceRegistration, ThingName};
+use fleet_shared::model::{validate_label, DeviceRegistration, ShadowName, ThingName};
 use fleet_shared::ports::{
     ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, TelemetryQuery,
-    TelemetrySink,
+    TelemetrySink, TwinStore,
 };
 use fleet_shared::{time, BackendKind, Env};
 
 use crate::output;
-use crate::{Cli, Command, DevicesCommand, QuarantineCommand};
+use crate::{Cli, Command, DevicesCommand, QuarantineCommand, TwinCommand};
 
 /// The functions' variables, with the embedded backend (on `--db`) as the default.
 fn env(cli: &Cli) -> Env {
@@ -86,6 +88,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Quarantine { command } => {
                     quarantine(&S3Archive::from_env(sdk, env)?, command, json).await
                 }
+                Command::Twin { command } => twin(&TwinsTable::from_env(sdk, env)?, command, json).await,
                 Command::Replay { prefix } => {
                     let archive = S3Archive::from_env(sdk, env)?;
                     let ports = ReplayPorts {
@@ -115,6 +118,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Devices { command } => devices(db, command, json).await,
                 Command::Telemetry { thing, since, limit } => telemetry(db, &thing, since, limit, json).await,
                 Command::Quarantine { command } => quarantine(db, command, json).await,
+                Command::Twin { command } => twin(db, command, json).await,
                 Command::Replay { prefix } => {
                     let ports = ReplayPorts { registry: db, sink: db, quarantine: db, reader: db };
                     run_replay(ports, &policy, &prefix, json).await
@@ -248,6 +252,22 @@ async fn devices(store: &impl DeviceAdmin, command: DevicesCommand, json: bool) 
                 Some(d) => output::device(&d, json),
                 None => bail!("no device {thing}"),
             }
+        }
+    }
+}
+
+async fn twin(store: &impl TwinStore, command: TwinCommand, json: bool) -> Result<()> {
+    match command {
+        TwinCommand::Show { thing, shadow } => {
+            let (thing, shadow) = (ThingName::parse(&thing)?, ShadowName::parse(&shadow)?);
+            match store.twin(&thing, &shadow).await? {
+                Some(t) => output::twin(&t, json),
+                None => bail!("no twin for {thing} / shadow {shadow}"),
+            }
+        }
+        TwinCommand::Drift { older_than, limit } => {
+            let before = time::now_ms() - older_than.as_millis() as i64;
+            output::drifting(&store.drifting_since(before, limit).await?, time::now_ms(), json)
         }
     }
 }

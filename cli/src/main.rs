@@ -80,6 +80,11 @@ pub enum Command {
         #[arg(long, default_value = "raw/")]
         prefix: String,
     },
+    /// Device twins: mirrored shadows, their delta and drift.
+    Twin {
+        #[command(subcommand)]
+        command: TwinCommand,
+    },
     /// Feed sample events (SQS batches or single rule payloads, as in events/) through the
     /// ingest pipeline and print what was stored.
     Ingest {
@@ -125,6 +130,24 @@ pub enum DevicesCommand {
     List,
     /// One device: registration and last reported state.
     Show { thing: String },
+}
+
+#[derive(Subcommand)]
+pub enum TwinCommand {
+    /// One twin: desired, reported, delta, version, drift.
+    Show {
+        thing: String,
+        /// A named shadow (default: the classic shadow).
+        #[arg(long, default_value = "")]
+        shadow: String,
+    },
+    /// Twins drifting (desired not reported) for longer than a duration, oldest drift first.
+    Drift {
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 #[derive(Subcommand)]

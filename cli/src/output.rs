@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use fleet_shared::ingest::{BatchOutcome, QuarantineLine, ReplayReport};
-use fleet_shared::model::{Device, StoredReading};
+use fleet_shared::model::{Device, StoredReading, Twin};
 use fleet_shared::text::printable;
 use fleet_shared::time::rfc3339_ms;
 use serde_json::json;
@@ -170,4 +170,59 @@ pub fn replay(r: &ReplayReport, json: bool) -> Result<()> {
         "replayed {} archive objects, {} messages: {} stored, {} duplicates, {} late, {} quarantined, {} failed",
         r.objects, r.messages, r.accepted, r.duplicates, r.late, r.quarantined, r.failed
     ))
+}
+
+pub fn twin(t: &Twin, json: bool) -> Result<()> {
+    if json {
+        return print_json(&json!({
+            "thing": t.thing, "shadow": t.shadow, "version": t.version, "deleted": t.deleted,
+            "desired": t.desired, "reported": t.reported, "delta": t.delta,
+            "drift_keys": t.drift_keys(), "drift_since_ms": t.drift_since_ms, "updated_ms": t.updated_ms,
+        }));
+    }
+    let shown = |m: &serde_json::Map<String, serde_json::Value>| serde_json::to_string(m).unwrap_or_default();
+    table(
+        &["FIELD", "VALUE"],
+        &[
+            vec!["thing".into(), t.thing.to_string()],
+            vec!["shadow".into(), t.shadow.to_string()],
+            vec!["version".into(), format!("{}{}", t.version, if t.deleted { " (deleted)" } else { "" })],
+            vec!["desired".into(), shown(&t.desired)],
+            vec!["reported".into(), shown(&t.reported)],
+            vec!["delta".into(), shown(&t.delta)],
+            vec!["drifting since".into(), opt(t.drift_since_ms.map(rfc3339_ms))],
+            vec!["updated".into(), rfc3339_ms(t.updated_ms)],
+        ],
+    )
+}
+
+pub fn drifting(twins: &[Twin], now_ms: i64, json: bool) -> Result<()> {
+    if json {
+        let rows: Vec<_> = twins
+            .iter()
+            .map(|t| {
+                json!({"thing": t.thing, "shadow": t.shadow, "version": t.version,
+                            "drift_keys": t.drift_keys(), "drift_since_ms": t.drift_since_ms})
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    let rows: Vec<Vec<String>> = twins
+        .iter()
+        .map(|t| {
+            let age = t.drift_since_ms.map(|s| {
+                humantime::format_duration(
+                    std::time::Duration::from_secs(((now_ms - s) / 1000).max(0) as u64),
+                )
+            });
+            vec![
+                t.thing.to_string(),
+                t.shadow.to_string(),
+                t.drift_keys().join(","),
+                opt(t.drift_since_ms.map(rfc3339_ms)),
+                opt(age),
+            ]
+        })
+        .collect();
+    table(&["THING", "SHADOW", "DRIFTING KEYS", "SINCE", "FOR"], &rows)
 }

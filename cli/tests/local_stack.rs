@@ -17,6 +17,47 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ sits in the workspace").to_path_buf()
 }
 
+#[test]
+#[ignore = "needs mosquitto_pub (mosquitto-clients), installed by scripts/test.sh"]
+fn shadow_documents_become_twins_that_fleetctl_shows_and_lists_as_drifting() -> Result<()> {
+    // GIVEN fleetctl local, and the documents of a shadow update whose desired fw is not reported
+    let mut local = Local::start()?;
+    let documents = r#"{"previous":null,"timestamp":1764000000,"current":{"state":{"desired":{"fw":"1.5.0"},"reported":{"fw":"1.4.2","bat":80}},"metadata":{},"version":3}}"#;
+    local.publish_as_operator("$aws/things/sensor-001/shadow/update/documents", documents)?;
+    // WHEN twin-sync has mirrored it
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let twin = loop {
+        let out = Command::new(FLEETCTL)
+            .arg("--db")
+            .arg(&local.db)
+            .args(["twin", "show", "sensor-001", "--json"])
+            .output()?;
+        if out.status.success() {
+            break serde_json::from_slice::<Value>(&out.stdout)?;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no twin: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            local.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // THEN fleetctl shows the twin with its delta, and lists it among drifting twins
+    assert_eq!(
+        (twin["version"].as_u64(), &twin["delta"]),
+        (Some(3), &serde_json::json!({"fw":"1.5.0"})),
+        "{twin}"
+    );
+    assert_eq!(twin["drift_since_ms"].as_i64(), Some(1_764_000_000_000));
+    let drifting = local.fleetctl_json(&["twin", "drift", "--older-than", "1h"])?;
+    assert_eq!(drifting[0]["thing"], "sensor-001", "{drifting}");
+    assert_eq!(drifting[0]["drift_keys"], serde_json::json!(["fw"]));
+    let status = local.stop_with("INT")?;
+    assert!(status.success(), "exit {status}: {}", local.log());
+    Ok(())
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -86,6 +127,25 @@ impl Local {
             .context("running mosquitto_pub (scripts/test.sh installs mosquitto-clients)")?;
         ensure!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
         Ok(())
+    }
+
+    /// Publish as the operator (an IAM principal, not bound by the device policy), e.g. the
+    /// documents AWS's shadow service publishes.
+    fn publish_as_operator(&self, topic: &str, payload: &str) -> Result<()> {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.mqtt.to_string(), "-q", "1", "-i", "ops", "-u", "operator"])
+            .args(["-t", topic, "-m", payload])
+            .output()
+            .context("running mosquitto_pub (scripts/test.sh installs mosquitto-clients)")?;
+        ensure!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    /// `fleetctl --db <this stack's db> <args> --json`, parsed.
+    fn fleetctl_json(&self, args: &[&str]) -> Result<Value> {
+        let out = Command::new(FLEETCTL).arg("--db").arg(&self.db).args(args).arg("--json").output()?;
+        ensure!(out.status.success(), "fleetctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     /// Wait until the pipeline has settled `n` messages; returns the health document.
