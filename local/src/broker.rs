@@ -40,6 +40,7 @@ use tracing::{debug, warn};
 
 use crate::lifecycle::{self, DisconnectReason, Sessions};
 use crate::policy::{Action, IotPolicy};
+use crate::shadow::{ShadowRequest, Shadows};
 use crate::stats::Stats;
 
 /// The MQTT username of an operator's client: not a device, not bound by the device policy.
@@ -84,6 +85,7 @@ struct IotCore {
     admitting: AtomicUsize,
     addresses: Mutex<HashMap<String, IpAddr>>,
     sessions: Mutex<Sessions>,
+    shadows: Mutex<Shadows>,
     router: OnceLock<Arc<MessageRouter>>,
     stats: Arc<Stats>,
     max_payload_bytes: usize,
@@ -113,7 +115,11 @@ impl IotCore {
     /// A lifecycle event: to subscribers, and to the rules engine.
     async fn publish_event(&self, topic: String, event: &impl serde::Serialize) {
         let Ok(payload) = serde_json::to_vec(event) else { return };
-        let payload = Bytes::from(payload);
+        self.publish_own(topic, Bytes::from(payload)).await;
+    }
+
+    /// A message the IoT Core itself publishes: to subscribers, and to the rules engine.
+    async fn publish_own(&self, topic: String, payload: Bytes) {
         if let Some(router) = self.router.get() {
             let packet = PublishPacket::new(topic.clone(), payload.clone(), QoS::AtLeastOnce);
             router.route_message(&packet, None).await;
@@ -166,7 +172,15 @@ impl AuthProvider for IotCore {
         user: Option<&'a str>,
         topic: &'a str,
     ) -> Boxed<'a, bool> {
-        let allowed = self.device_may(Action::Publish, &format!("topic/{topic}"), client_id, user);
+        // The shadow service's answers (accepted, rejected, delta, documents) are IoT Core's
+        // to publish: a device may only subscribe to them, as on AWS.
+        let reserved = crate::shadow::is_answer_topic(topic) && user != Some(OPERATOR_USERNAME);
+        if reserved {
+            self.stats.refused_by_policy.fetch_add(1, SeqCst);
+            warn!(client_id, topic, "refused: shadow answer topics are subscribe-only");
+        }
+        let allowed =
+            !reserved && self.device_may(Action::Publish, &format!("topic/{topic}"), client_id, user);
         Box::pin(async move { allowed })
     }
 
@@ -198,6 +212,19 @@ impl BrokerEventHandler for Hooks {
                     "CLIENT_ERROR PAYLOAD_LIMIT_EXCEEDED: message payload exceeds size limit for message type"
                 );
                 return PublishAction::Handled;
+            }
+            // The shadow service answers requests on its topics (accepted/rejected, delta,
+            // documents), as IoT Core's Device Shadow service does.
+            if let Some(request) = ShadowRequest::parse(&event.topic) {
+                let now_s = fleet_shared::time::now_ms() / 1000;
+                let answers = self.0.shadows.lock().unwrap_or_else(|p| p.into_inner()).handle(
+                    &request,
+                    &event.payload,
+                    now_s,
+                );
+                for (topic, payload) in answers {
+                    self.0.publish_own(topic, Bytes::from(payload)).await;
+                }
             }
             // Basic Ingest goes to its rule only: no subscriber ever sees it.
             let basic_ingest = event.topic.starts_with(crate::rules::BASIC_INGEST_PREFIX);
@@ -267,6 +294,7 @@ impl Broker {
             admitting: AtomicUsize::new(0),
             addresses: Mutex::default(),
             sessions: Mutex::default(),
+            shadows: Mutex::default(),
             router: OnceLock::new(),
             stats,
             max_payload_bytes: opts.max_payload_bytes,

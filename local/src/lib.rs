@@ -23,6 +23,7 @@ pub mod policy;
 pub mod queue;
 pub mod rules;
 pub mod schedule;
+pub mod shadow;
 pub mod stats;
 pub mod template;
 

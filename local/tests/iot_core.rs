@@ -280,3 +280,64 @@ async fn shadow_documents_published_on_the_shadow_topics_reach_twin_sync() -> Re
     }
     stack.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_keeps_its_shadow_over_mqtt_and_twin_sync_mirrors_it() -> Result<()> {
+    use fleet_shared::model::ShadowName;
+    use fleet_shared::ports::TwinStore;
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let (device, mut events) = client(&stack, "sensor-001", None);
+    device.subscribe("$aws/things/sensor-001/shadow/#", QoS::AtLeastOnce).await?;
+    until(&mut events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
+    let answer = |topic: &'static str| {
+        move |e: &Event| match e {
+            Event::Incoming(Packet::Publish(p)) if p.topic == topic => {
+                serde_json::from_slice::<Value>(&p.payload).ok()
+            }
+            _ => None,
+        }
+    };
+    // WHEN an operator's desired firmware and the device's report go through the shadow topics
+    let update = "$aws/things/sensor-001/shadow/update";
+    let desired = r#"{"state":{"desired":{"fw":"1.5.0"}},"clientToken":"ops-1"}"#;
+    device.publish(update, QoS::AtLeastOnce, false, desired).await?;
+    let accepted = until(&mut events, answer("$aws/things/sensor-001/shadow/update/accepted")).await?;
+    assert_eq!((accepted["version"].as_u64(), &accepted["clientToken"]), (Some(1), &Value::from("ops-1")));
+    let delta = until(&mut events, answer("$aws/things/sensor-001/shadow/update/delta")).await?;
+    assert_eq!(delta["state"]["fw"], "1.5.0");
+    // a stale version is refused with 409
+    device
+        .publish(update, QoS::AtLeastOnce, false, r#"{"state":{"reported":{"fw":"1.4.2"}},"version":7}"#)
+        .await?;
+    let rejected = until(&mut events, answer("$aws/things/sensor-001/shadow/update/rejected")).await?;
+    assert_eq!(rejected["code"], 409);
+    device
+        .publish(update, QoS::AtLeastOnce, false, r#"{"state":{"reported":{"fw":"1.4.2"}},"version":1}"#)
+        .await?;
+    until(&mut events, answer("$aws/things/sensor-001/shadow/update/accepted")).await?;
+    // a device cannot forge the service's documents
+    device.publish("$aws/things/sensor-001/shadow/update/documents", QoS::AtLeastOnce, false, "{}").await?;
+    // THEN twin-sync mirrors version 2, drifting on fw
+    let thing = ThingName::parse("sensor-001")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let twin = loop {
+        if let Some(t) = stack.store.twin(&thing, &ShadowName::classic()).await?.filter(|t| t.version == 2) {
+            break t;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("twin not at version 2: {:?}", stack.store.twin(&thing, &ShadowName::classic()).await?);
+        }
+        // keep the client's event loop turning
+        let _ = tokio::time::timeout(Duration::from_millis(50), events.poll()).await;
+    };
+    assert_eq!(twin.drift_keys(), ["fw"]);
+    assert!(stack.stats.snapshot(0).refused_by_policy >= 1, "the forged documents were not refused");
+    // AND get after delete answers 404
+    device.publish("$aws/things/sensor-001/shadow/delete", QoS::AtLeastOnce, false, "").await?;
+    until(&mut events, answer("$aws/things/sensor-001/shadow/delete/accepted")).await?;
+    device.publish("$aws/things/sensor-001/shadow/get", QoS::AtLeastOnce, false, "").await?;
+    let missing = until(&mut events, answer("$aws/things/sensor-001/shadow/get/rejected")).await?;
+    assert_eq!(missing["code"], 404);
+    stack.shutdown().await
+}

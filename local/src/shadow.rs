@@ -1,0 +1,499 @@
+//! The Device Shadow service of the local IoT Core: classic and named shadows over MQTT, as
+//! AWS serves them. A device publishes on `$aws/things/<t>/shadow[/name/<s>]/update|get|delete`;
+//! the service answers on `…/accepted` or `…/rejected`, and after an accepted update publishes
+//! `…/update/delta` (when desired differs from reported) and `…/update/documents` (previous
+//! and current), which the rules engine sees like any other publish (that is how twin-sync
+//! gets them, as in the cloud).
+//!
+//! Matches AWS: merge semantics (`null` deletes a key, objects merge, anything else replaces),
+//! per-leaf metadata timestamps, versions (+1 per accepted update; `version` in a request must
+//! equal the current one or the update is rejected with 409; a deleted shadow's next version
+//! continues its numbering), `clientToken` echoed, error bodies `{code, message, timestamp,
+//! clientToken}` with 400 (invalid JSON, missing `state`, nesting deeper than 6), 404 (no
+//! shadow), 409 (version conflict), 413 (desired + reported over 8 KB after the merge).
+//! Differs: shadows live in memory (lost when the local IoT Core stops) and a deleted shadow's
+//! version is remembered for as long as the process runs, not 48 hours.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+
+/// AWS: the state document (desired + reported) may hold at most 8 KB.
+pub const MAX_STATE_BYTES: usize = 8 * 1024;
+/// AWS: desired and reported may nest at most 6 levels.
+pub const MAX_DEPTH: usize = 6;
+
+/// What a publish on a shadow topic asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowRequest {
+    pub thing: String,
+    /// `""` for the classic shadow.
+    pub shadow: String,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Update,
+    Get,
+    Delete,
+}
+
+impl ShadowRequest {
+    /// `$aws/things/<t>/shadow/<op>` or `$aws/things/<t>/shadow/name/<s>/<op>`; response
+    /// topics (`…/accepted`, `…/delta`, …) are not requests.
+    pub fn parse(topic: &str) -> Option<Self> {
+        let parts: Vec<&str> = topic.split('/').collect();
+        let (thing, shadow, op) = match parts.as_slice() {
+            ["$aws", "things", t, "shadow", op] => (*t, "", *op),
+            ["$aws", "things", t, "shadow", "name", s, op] => (*t, *s, *op),
+            _ => return None,
+        };
+        let op = match op {
+            "update" => Op::Update,
+            "get" => Op::Get,
+            "delete" => Op::Delete,
+            _ => return None,
+        };
+        Some(Self { thing: thing.to_owned(), shadow: shadow.to_owned(), op })
+    }
+
+    /// The topic prefix answers go under: `$aws/things/<t>/shadow[/name/<s>]/<op>`.
+    fn base(&self) -> String {
+        let op = match self.op {
+            Op::Update => "update",
+            Op::Get => "get",
+            Op::Delete => "delete",
+        };
+        if self.shadow.is_empty() {
+            format!("$aws/things/{}/shadow/{op}", self.thing)
+        } else {
+            format!("$aws/things/{}/shadow/name/{}/{op}", self.thing, self.shadow)
+        }
+    }
+}
+
+/// A shadow answer topic (`…/shadow[/name/<s>]/<op>/accepted|rejected|delta|documents`):
+/// published by the service only.
+pub fn is_answer_topic(topic: &str) -> bool {
+    let parts: Vec<&str> = topic.split('/').collect();
+    let tail = match parts.as_slice() {
+        ["$aws", "things", _, "shadow", rest @ ..] => rest,
+        _ => return false,
+    };
+    let tail = match tail {
+        ["name", _, rest @ ..] => rest,
+        rest => rest,
+    };
+    matches!(tail, [_, "accepted" | "rejected" | "delta" | "documents"])
+}
+
+#[derive(Debug, Clone, Default)]
+struct Document {
+    desired: Map<String, Value>,
+    reported: Map<String, Value>,
+    meta_desired: Map<String, Value>,
+    meta_reported: Map<String, Value>,
+    version: u64,
+}
+
+impl Document {
+    fn state(&self) -> Value {
+        let mut state = Map::new();
+        if !self.desired.is_empty() {
+            state.insert("desired".into(), Value::Object(self.desired.clone()));
+        }
+        if !self.reported.is_empty() {
+            state.insert("reported".into(), Value::Object(self.reported.clone()));
+        }
+        Value::Object(state)
+    }
+
+    fn metadata(&self) -> Value {
+        let mut m = Map::new();
+        if !self.meta_desired.is_empty() {
+            m.insert("desired".into(), Value::Object(self.meta_desired.clone()));
+        }
+        if !self.meta_reported.is_empty() {
+            m.insert("reported".into(), Value::Object(self.meta_reported.clone()));
+        }
+        Value::Object(m)
+    }
+
+    fn snapshot(&self) -> Value {
+        json!({"state": self.state(), "metadata": self.metadata(), "version": self.version})
+    }
+}
+
+/// Merge `patch` into `target` (AWS shadow semantics), stamping `meta` for every leaf written.
+fn merge(
+    target: &mut Map<String, Value>,
+    meta: &mut Map<String, Value>,
+    patch: &Map<String, Value>,
+    now_s: i64,
+) {
+    for (k, v) in patch {
+        match v {
+            Value::Null => {
+                target.remove(k);
+                meta.remove(k);
+            }
+            Value::Object(p) => {
+                let t = target.entry(k.clone()).or_insert_with(|| Value::Object(Map::new()));
+                if !t.is_object() {
+                    *t = Value::Object(Map::new());
+                }
+                let m = meta.entry(k.clone()).or_insert_with(|| Value::Object(Map::new()));
+                if !m.is_object() || m.get("timestamp").is_some() {
+                    *m = Value::Object(Map::new());
+                }
+                if let (Value::Object(t), Value::Object(m)) = (t, m) {
+                    merge(t, m, p, now_s);
+                }
+            }
+            other => {
+                target.insert(k.clone(), other.clone());
+                meta.insert(k.clone(), stamp(other, now_s));
+            }
+        }
+    }
+}
+
+/// Metadata for a written leaf: `{"timestamp": t}`, or per element for an array.
+fn stamp(v: &Value, now_s: i64) -> Value {
+    match v {
+        Value::Array(a) => Value::Array(a.iter().map(|e| stamp(e, now_s)).collect()),
+        _ => json!({"timestamp": now_s}),
+    }
+}
+
+/// Metadata of the leaves `patch` writes (for the accepted and delta answers).
+fn patch_metadata(patch: &Map<String, Value>, now_s: i64) -> Value {
+    let mut out = Map::new();
+    for (k, v) in patch {
+        out.insert(
+            k.clone(),
+            match v {
+                Value::Object(p) => patch_metadata(p, now_s),
+                other => stamp(other, now_s),
+            },
+        );
+    }
+    Value::Object(out)
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        Value::Array(a) => a.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Delta metadata: the desired metadata of the delta's leaves.
+fn delta_metadata(delta: &Map<String, Value>, meta: &Map<String, Value>) -> Value {
+    let mut out = Map::new();
+    for (k, v) in delta {
+        let m = meta.get(k).cloned().unwrap_or(Value::Null);
+        out.insert(
+            k.clone(),
+            match (v, &m) {
+                (Value::Object(d), Value::Object(inner)) if !inner.contains_key("timestamp") => {
+                    delta_metadata(d, inner)
+                }
+                _ => m,
+            },
+        );
+    }
+    Value::Object(out)
+}
+
+/// The shadows of the local IoT Core.
+#[derive(Default)]
+pub struct Shadows {
+    docs: HashMap<(String, String), Document>,
+    /// The last version of deleted shadows: a shadow created again continues from it.
+    deleted: HashMap<(String, String), u64>,
+}
+
+/// One message the service publishes.
+pub type Answer = (String, Vec<u8>);
+
+fn rejected(base: &str, code: u16, message: &str, token: Option<&Value>, now_s: i64) -> Vec<Answer> {
+    let mut body = json!({"code": code, "message": message, "timestamp": now_s});
+    if let Some(t) = token {
+        body["clientToken"] = t.clone();
+    }
+    vec![(format!("{base}/rejected"), body.to_string().into_bytes())]
+}
+
+fn with_token(mut v: Value, token: Option<&Value>) -> Vec<u8> {
+    if let Some(t) = token {
+        v["clientToken"] = t.clone();
+    }
+    v.to_string().into_bytes()
+}
+
+impl Shadows {
+    /// Serve one request; what to publish, in order.
+    pub fn handle(&mut self, req: &ShadowRequest, payload: &[u8], now_s: i64) -> Vec<Answer> {
+        let base = req.base();
+        let key = (req.thing.clone(), req.shadow.clone());
+        let body: Value = if payload.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            match serde_json::from_slice(payload) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => return rejected(&base, 400, "Payload contains invalid json", None, now_s),
+            }
+        };
+        let token = body.get("clientToken").filter(|t| t.is_string());
+        let missing = || {
+            format!(
+                "No shadow exists with name: '{}'",
+                if req.shadow.is_empty() { &req.thing } else { &req.shadow }
+            )
+        };
+        match req.op {
+            Op::Get => match self.docs.get(&key) {
+                None => rejected(&base, 404, &missing(), token, now_s),
+                Some(d) => {
+                    let mut state = d.state();
+                    let delta = fleet_shared::twin::delta(&d.desired, &d.reported);
+                    if !delta.is_empty() {
+                        state["delta"] = Value::Object(delta);
+                    }
+                    let answer = json!({"state": state, "metadata": d.metadata(), "version": d.version, "timestamp": now_s});
+                    vec![(format!("{base}/accepted"), with_token(answer, token))]
+                }
+            },
+            Op::Delete => match self.docs.remove(&key) {
+                None => rejected(&base, 404, &missing(), token, now_s),
+                Some(d) => {
+                    self.deleted.insert(key, d.version);
+                    let answer = json!({"version": d.version, "timestamp": now_s});
+                    vec![(format!("{base}/accepted"), with_token(answer, token))]
+                }
+            },
+            Op::Update => self.update(&base, key, &body, token, now_s),
+        }
+    }
+
+    fn update(
+        &mut self,
+        base: &str,
+        key: (String, String),
+        body: &Value,
+        token: Option<&Value>,
+        now_s: i64,
+    ) -> Vec<Answer> {
+        let Some(state) = body.get("state").and_then(Value::as_object) else {
+            return rejected(base, 400, "Missing required node: state", token, now_s);
+        };
+        let section = |name: &str| match state.get(name) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(Value::Object(m)) => Ok(Some(Some(m.clone()))),
+            Some(_) => Err(format!("Invalid {name} state: must be an object or null")),
+        };
+        let (desired, reported) = match (section("desired"), section("reported")) {
+            (Ok(d), Ok(r)) => (d, r),
+            (Err(e), _) | (_, Err(e)) => return rejected(base, 400, &e, token, now_s),
+        };
+        if state.values().any(|v| depth(v) > MAX_DEPTH) {
+            return rejected(
+                base,
+                400,
+                "JSON contains too many levels of nesting; maximum is 6",
+                token,
+                now_s,
+            );
+        }
+        let previous = self.docs.get(&key).cloned();
+        let current_version = previous.as_ref().map(|d| d.version);
+        // A request's version must be the shadow's current one (none for a new shadow: conflict).
+        if body.get("version").is_some_and(|v| v.as_u64() != current_version) {
+            return rejected(base, 409, "Version conflict", token, now_s);
+        }
+        let mut doc = previous.clone().unwrap_or_default();
+        match desired {
+            Some(None) => {
+                doc.desired.clear();
+                doc.meta_desired.clear();
+            }
+            Some(Some(patch)) => merge(&mut doc.desired, &mut doc.meta_desired, &patch, now_s),
+            None => {}
+        }
+        match reported {
+            Some(None) => {
+                doc.reported.clear();
+                doc.meta_reported.clear();
+            }
+            Some(Some(patch)) => merge(&mut doc.reported, &mut doc.meta_reported, &patch, now_s),
+            None => {}
+        }
+        let size = serde_json::to_vec(&doc.state()).map_or(usize::MAX, |b| b.len());
+        if size > MAX_STATE_BYTES {
+            return rejected(base, 413, "The payload exceeds the maximum size allowed", token, now_s);
+        }
+        doc.version = match current_version {
+            Some(v) => v + 1,
+            None => self.deleted.get(&key).copied().unwrap_or(0) + 1,
+        };
+        let request_state = Value::Object(state.clone());
+        let mut accepted_meta = Map::new();
+        for name in ["desired", "reported"] {
+            if let Some(Value::Object(p)) = state.get(name) {
+                accepted_meta.insert(name.into(), patch_metadata(p, now_s));
+            }
+        }
+        let accepted = json!({"state": request_state, "metadata": accepted_meta, "version": doc.version, "timestamp": now_s});
+        let mut out = vec![(format!("{base}/accepted"), with_token(accepted, token))];
+        let delta = fleet_shared::twin::delta(&doc.desired, &doc.reported);
+        if !delta.is_empty() {
+            let answer = json!({"state": delta, "metadata": delta_metadata(&delta, &doc.meta_desired),
+                                "version": doc.version, "timestamp": now_s});
+            out.push((format!("{base}/delta"), with_token(answer, token)));
+        }
+        let documents = json!({"previous": previous.as_ref().map(Document::snapshot), "current": doc.snapshot(), "timestamp": now_s});
+        out.push((format!("{base}/documents"), with_token(documents, token)));
+        self.docs.insert(key, doc);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(topic: &str) -> ShadowRequest {
+        ShadowRequest::parse(topic).expect("a shadow request")
+    }
+
+    fn answers(s: &mut Shadows, topic: &str, body: Value) -> Vec<(String, Value)> {
+        s.handle(&req(topic), body.to_string().as_bytes(), 100)
+            .into_iter()
+            .map(|(t, b)| (t, serde_json::from_slice(&b).expect("JSON")))
+            .collect()
+    }
+
+    #[test]
+    fn answer_topics_are_told_from_requests() {
+        assert!(is_answer_topic("$aws/things/d1/shadow/update/documents"));
+        assert!(is_answer_topic("$aws/things/d1/shadow/name/cfg/get/accepted"));
+        assert!(!is_answer_topic("$aws/things/d1/shadow/update"));
+        assert!(!is_answer_topic("dt/fleet/d1/telemetry"));
+    }
+
+    #[test]
+    fn parses_only_request_topics() {
+        assert_eq!(req("$aws/things/d1/shadow/update").op, Op::Update);
+        let named = req("$aws/things/d1/shadow/name/config/get");
+        assert_eq!((named.shadow.as_str(), named.op), ("config", Op::Get));
+        for t in
+            ["$aws/things/d1/shadow/update/accepted", "$aws/things/d1/shadow/list", "dt/fleet/d1/telemetry"]
+        {
+            assert!(ShadowRequest::parse(t).is_none(), "{t}");
+        }
+    }
+
+    #[test]
+    fn an_update_is_accepted_with_a_delta_and_documents_and_versions_grow() {
+        let mut s = Shadows::default();
+        let a = answers(
+            &mut s,
+            "$aws/things/d1/shadow/update",
+            json!({"state":{"desired":{"fw":"2","cfg":{"a":1}}},"clientToken":"t1"}),
+        );
+        let topics: Vec<&str> = a.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            topics,
+            [
+                "$aws/things/d1/shadow/update/accepted",
+                "$aws/things/d1/shadow/update/delta",
+                "$aws/things/d1/shadow/update/documents"
+            ]
+        );
+        assert_eq!((a[0].1["version"].as_u64(), &a[0].1["clientToken"]), (Some(1), &json!("t1")));
+        assert_eq!(a[0].1["metadata"]["desired"]["cfg"]["a"]["timestamp"], 100);
+        assert_eq!(a[1].1["state"], json!({"fw":"2","cfg":{"a":1}}));
+        assert_eq!(
+            (a[2].1["previous"].clone(), a[2].1["current"]["version"].as_u64()),
+            (Value::Null, Some(1))
+        );
+        // the device reports the firmware and removes nothing; the delta shrinks to cfg
+        let a = answers(
+            &mut s,
+            "$aws/things/d1/shadow/update",
+            json!({"state":{"reported":{"fw":"2","cfg":{"a":1,"b":2}}}}),
+        );
+        let topics: Vec<&str> = a.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["$aws/things/d1/shadow/update/accepted", "$aws/things/d1/shadow/update/documents"],
+            "in sync: no delta"
+        );
+        assert_eq!(a[1].1["previous"]["version"], 1);
+        assert_eq!(a[1].1["current"]["state"]["reported"]["cfg"], json!({"a":1,"b":2}));
+        // null deletes a key
+        answers(&mut s, "$aws/things/d1/shadow/update", json!({"state":{"desired":{"cfg":null}}}));
+        let got = answers(&mut s, "$aws/things/d1/shadow/get", json!({}));
+        assert_eq!(got[0].1["state"]["desired"], json!({"fw":"2"}));
+        assert_eq!(got[0].1["version"], 3);
+    }
+
+    #[test]
+    fn rejects_as_aws_does() {
+        let mut s = Shadows::default();
+        let code =
+            |a: &[(String, Value)]| (a[0].0.rsplit('/').next().map(str::to_owned), a[0].1["code"].as_u64());
+        let a = answers(&mut s, "$aws/things/d1/shadow/get", json!({"clientToken":"x"}));
+        assert_eq!(code(&a), (Some("rejected".into()), Some(404)));
+        assert_eq!(a[0].1["clientToken"], "x");
+        let bad = s.handle(&req("$aws/things/d1/shadow/update"), b"{not json", 1);
+        assert!(String::from_utf8_lossy(&bad[0].1).contains("\"code\":400"));
+        assert_eq!(
+            code(&answers(&mut s, "$aws/things/d1/shadow/update", json!({"desired":{}}))).1,
+            Some(400)
+        );
+        let deep = json!({"state":{"desired":{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}}});
+        assert_eq!(code(&answers(&mut s, "$aws/things/d1/shadow/update", deep)).1, Some(400));
+        answers(&mut s, "$aws/things/d1/shadow/update", json!({"state":{"reported":{"x":1}}}));
+        assert_eq!(
+            code(&answers(
+                &mut s,
+                "$aws/things/d1/shadow/update",
+                json!({"state":{"reported":{"x":2}},"version":7})
+            ))
+            .1,
+            Some(409)
+        );
+        assert_eq!(
+            code(&answers(
+                &mut s,
+                "$aws/things/d1/shadow/update",
+                json!({"state":{"reported":{"x":2}},"version":1})
+            ))
+            .0,
+            Some("accepted".into())
+        );
+        let big = json!({"state":{"reported":{"blob":"x".repeat(MAX_STATE_BYTES)}}});
+        assert_eq!(code(&answers(&mut s, "$aws/things/d1/shadow/update", big)).1, Some(413));
+    }
+
+    #[test]
+    fn a_deleted_shadow_answers_404_and_continues_its_versions_when_recreated() {
+        let mut s = Shadows::default();
+        answers(&mut s, "$aws/things/d1/shadow/name/cfg/update", json!({"state":{"reported":{"x":1}}}));
+        answers(&mut s, "$aws/things/d1/shadow/name/cfg/update", json!({"state":{"reported":{"x":2}}}));
+        let d = answers(&mut s, "$aws/things/d1/shadow/name/cfg/delete", json!({}));
+        assert_eq!(
+            (d[0].0.as_str(), d[0].1["version"].as_u64()),
+            ("$aws/things/d1/shadow/name/cfg/delete/accepted", Some(2))
+        );
+        assert_eq!(answers(&mut s, "$aws/things/d1/shadow/name/cfg/get", json!({}))[0].1["code"], 404);
+        let a =
+            answers(&mut s, "$aws/things/d1/shadow/name/cfg/update", json!({"state":{"reported":{"x":3}}}));
+        assert_eq!(a[0].1["version"], 3);
+    }
+}
