@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fleet_shared::ingest::sim::{DeviceSim, Quirks};
+use fleet_shared::ingest::sim::{firmware, DeviceSim, Quirks};
 use fleet_shared::model::{DeviceRegistration, ThingName};
-use fleet_shared::ports::DeviceAdmin;
+use fleet_shared::ports::{DeviceAdmin, TwinStore};
 use fleet_shared::time;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
@@ -66,6 +66,10 @@ pub struct Report {
     /// The lowest settled-messages rate over any full 10 s window while devices published.
     pub sustained_msgs_per_s: Option<f64>,
     pub telemetry_freshness: f64,
+    /// Desired writes the operator sent through the shadows.
+    pub desired_writes: usize,
+    /// Twins whose desired state is not reported (the desired firmware awaits OTA).
+    pub twins_drifting: usize,
     pub latency_p50_ms: Option<u32>,
     pub latency_p99_ms: Option<u32>,
     pub dashboard: String,
@@ -86,6 +90,34 @@ async fn register(stack: &LocalStack, devices: usize) -> Result<()> {
         .collect::<Result<_>>()?;
     stack.store.register(&regs).await?;
     Ok(())
+}
+
+/// What the operator wants of the fleet, through the devices' shadows (as `fleetctl twin set`
+/// will): every 5th device in `eco` mode (devices obey), every 10th on firmware 2.1.0 (which
+/// only an OTA campaign installs, so it stays a drift). Returns how many desired writes were sent.
+async fn operator_desires(mqtt: std::net::SocketAddr, devices: usize) -> usize {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut opts = MqttOptions::new("demo-operator", mqtt.ip().to_string(), mqtt.port());
+    opts.set_credentials(fleet_local::broker::OPERATOR_USERNAME, "");
+    opts.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    let poll = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let mut sent = 0;
+    for i in (0..devices).step_by(5) {
+        let mut desired = serde_json::json!({"mode": "eco"});
+        if i % 10 == 0 {
+            desired["fw"] = "2.1.0".into();
+        }
+        let topic = format!("$aws/things/{}/shadow/update", fleet_shared::ingest::sim::thing_name(i));
+        let body = serde_json::json!({"state": {"desired": desired}, "clientToken": "demo-operator"});
+        if client.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await.is_ok() {
+            sent += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), poll).await;
+    sent
 }
 
 /// How simulated device `i` publishes: its simulator and its topic.
@@ -118,12 +150,28 @@ async fn device(
     let mine = Arc::new(AtomicU64::new(0));
     let acked = Arc::clone(&mine);
     let loop_counters = Arc::clone(&counters);
+    // The device keeps its shadow: it reports its firmware and mode, and obeys a desired mode
+    // (firmware changes only through OTA, so a desired firmware stays a drift). Shadow traffic
+    // is QoS 0: only telemetry is acknowledged and counted.
+    let shadow = format!("$aws/things/{}/shadow/update", sim.thing);
+    let _ = client.subscribe(format!("{shadow}/delta"), QoS::AtMostOnce).await;
+    let reported = serde_json::json!({"state": {"reported": {"fw": firmware(sim.index), "mode": "normal"}}});
+    let _ = client.publish(shadow.clone(), QoS::AtMostOnce, false, reported.to_string()).await;
+    let responder = client.clone();
     let events = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
                     acked.fetch_add(1, Relaxed);
                     loop_counters.acked.fetch_add(1, Relaxed);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/update/delta") => {
+                    let delta: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                    if let Some(mode) = delta["state"]["mode"].as_str() {
+                        let report = serde_json::json!({"state": {"reported": {"mode": mode}}});
+                        let _ =
+                            responder.try_publish(shadow.clone(), QoS::AtMostOnce, false, report.to_string());
+                    }
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
@@ -212,6 +260,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
             tokio::spawn(device(sim, topic, stack.mqtt, period, offset, stop, Arc::clone(&counters)))
         })
         .collect();
+    let operator = tokio::spawn(operator_desires(stack.mqtt, opts.devices));
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut sustained: Option<f64> = None;
     while !tasks.iter().all(|t| t.is_finished()) {
@@ -225,6 +274,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     for t in tasks {
         t.await.context("device task")?;
     }
+    let desired = operator.await.context("operator task")?;
     let publishing = started.elapsed();
     // Wait for the pipeline to settle everything the broker acknowledged.
     let acked = counters.acked.load(Relaxed);
@@ -261,6 +311,8 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         throughput_msgs_per_s: acked as f64 / publishing.as_secs_f64(),
         sustained_msgs_per_s: sustained,
         telemetry_freshness: health.telemetry_freshness,
+        desired_writes: desired,
+        twins_drifting: stack.store.drifting_since(now, 1_000_000).await?.len(),
         latency_p50_ms: s.latency_p50_ms,
         latency_p99_ms: s.latency_p99_ms,
         dashboard: dashboard.clone(),
@@ -307,6 +359,10 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
         println!("  sustained                  {s:.0} msgs/s (lowest full 10 s window while publishing)");
     }
     println!("  telemetry freshness        {:.0}% of registered devices", r.telemetry_freshness * 100.0);
+    println!(
+        "  twins                      {} desired writes, {} twins drifting (fleetctl twin drift)",
+        r.desired_writes, r.twins_drifting
+    );
     println!("  latency (rx -> stored)     p50 {}, p99 {}", ms(r.latency_p50_ms), ms(r.latency_p99_ms));
     if connection_errors > 0 {
         println!("  MQTT connection errors     {connection_errors}");

@@ -69,6 +69,15 @@ fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
+/// The firmware simulated device `device` runs: v1 devices (even) `1.4.2`, v2 devices `2.0.1`.
+pub fn firmware(device: usize) -> &'static str {
+    if device.is_multiple_of(2) {
+        "1.4.2"
+    } else {
+        "2.0.1"
+    }
+}
+
 /// What one simulated device publishes (no rule fields). Even devices speak envelope v1,
 /// odd ones v2 (SenML).
 pub fn device_payload(
@@ -82,10 +91,10 @@ pub fn device_payload(
     let (temp, hum, co2) = (round1(sensors.temp_c), round1(sensors.hum_pct), sensors.co2_ppm.round());
     let bat = round1(battery);
     if device.is_multiple_of(2) {
-        json!({"v":1,"seq":seq,"boot":boot,"ts":ts_ms,"fw":"1.4.2","m":{"temp_c":temp,"hum_pct":hum,"pressure_hpa":1013.2},
+        json!({"v":1,"seq":seq,"boot":boot,"ts":ts_ms,"fw":firmware(device),"m":{"temp_c":temp,"hum_pct":hum,"pressure_hpa":1013.2},
                "bat":bat,"up_s":seq * 10,"test":false})
     } else {
-        json!({"v":2,"seq":seq,"boot":boot,"bt":ts_ms,"fw":"2.0.1",
+        json!({"v":2,"seq":seq,"boot":boot,"bt":ts_ms,"fw":firmware(device),
                "e":[{"n":"temp_c","v":temp,"u":"Cel"},{"n":"hum_pct","v":hum,"u":"%RH"},{"n":"co2_ppm","v":co2,"u":"ppm"}],
                "bat":bat,"up_s":seq * 10})
     }
