@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::adapters::aws::{
-    DevicesTable, HotStore, HotStoreKind, S3Archive, TelemetryReader, TwinsTable,
+    DevicesTable, HotStore, HotStoreKind, IotDataShadows, S3Archive, TelemetryReader, TwinsTable,
 };
 use fleet_shared::ingest::{
     ingest_batch, messages_from_event, replay, BatchOutcome, Inbound, IngestPolicy, IngestPorts,
@@ -14,9 +14,10 @@ use fleet_shared::ingest::{
 use fleet_shared::lambda::Backend;
 use fleet_shared::model::{validate_label, DeviceRegistration, ShadowName, ThingName};
 use fleet_shared::ports::{
-    ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, TelemetryQuery,
-    TelemetrySink, TwinStore,
+    ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, ShadowService,
+    TelemetryQuery, TelemetrySink, TwinStore,
 };
+use fleet_shared::twin::write::WriteOutcome;
 use fleet_shared::{time, BackendKind, Env};
 
 use crate::output;
@@ -88,6 +89,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Quarantine { command } => {
                     quarantine(&S3Archive::from_env(sdk, env)?, command, json).await
                 }
+                Command::Twin { command: TwinCommand::Set { thing, values, shadow, .. } } => {
+                    twin_set(&IotDataShadows::from_env(sdk, env)?, &thing, &shadow, &values, json).await
+                }
                 Command::Twin { command } => twin(&TwinsTable::from_env(sdk, env)?, command, json).await,
                 Command::Replay { prefix } => {
                     let archive = S3Archive::from_env(sdk, env)?;
@@ -118,6 +122,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Devices { command } => devices(db, command, json).await,
                 Command::Telemetry { thing, since, limit } => telemetry(db, &thing, since, limit, json).await,
                 Command::Quarantine { command } => quarantine(db, command, json).await,
+                Command::Twin { command: TwinCommand::Set { thing, values, shadow, mqtt } } => {
+                    twin_set(
+                        &fleet_local::shadow_client::MqttShadows::connect(mqtt),
+                        &thing,
+                        &shadow,
+                        &values,
+                        json,
+                    )
+                    .await
+                }
                 Command::Twin { command } => twin(db, command, json).await,
                 Command::Replay { prefix } => {
                     let ports = ReplayPorts { registry: db, sink: db, quarantine: db, reader: db };
@@ -265,10 +279,61 @@ async fn twin(store: &impl TwinStore, command: TwinCommand, json: bool) -> Resul
                 None => bail!("no twin for {thing} / shadow {shadow}"),
             }
         }
+        TwinCommand::Set { .. } => bail!("twin set writes through the shadow service, not the twins store"),
+        TwinCommand::Query { filter, limit } => {
+            let (key, value) = filter
+                .split_once('=')
+                .with_context(|| format!("{filter:?}: expected key=value, e.g. fw=1.4.2"))?;
+            if key != "fw" {
+                bail!("reported.{key} is not indexed (indexed: fw): querying it would read every twin");
+            }
+            output::twins(&store.reporting_fw(value, limit).await?, json)
+        }
         TwinCommand::Drift { older_than, limit } => {
             let before = time::now_ms() - older_than.as_millis() as i64;
             output::drifting(&store.drifting_since(before, limit).await?, time::now_ms(), json)
         }
+    }
+}
+
+/// `twin set`: the desired patch from `key=value` arguments.
+fn desired_patch(values: &[String]) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut patch = serde_json::Map::new();
+    for kv in values {
+        let (key, raw) = kv.split_once('=').with_context(|| format!("{kv:?}: expected key=value"))?;
+        let value = serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.to_owned()));
+        let mut path: Vec<&str> = key.split('.').collect();
+        let last = path.pop().filter(|k| !k.is_empty()).with_context(|| format!("{kv:?}: empty key"))?;
+        let mut node = &mut patch;
+        for part in path {
+            let entry =
+                node.entry(part.to_owned()).or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if !entry.is_object() {
+                bail!("{kv:?}: {part} is set to a value and used as an object");
+            }
+            node = entry.as_object_mut().context("object")?;
+        }
+        node.insert(last.to_owned(), value);
+    }
+    Ok(patch)
+}
+
+async fn twin_set(
+    svc: &impl ShadowService,
+    thing: &str,
+    shadow: &str,
+    values: &[String],
+    json: bool,
+) -> Result<()> {
+    let (thing, shadow) = (ThingName::parse(thing)?, ShadowName::parse(shadow)?);
+    let patch = desired_patch(values)?;
+    let token = format!("fleetctl-{}-{}", std::process::id(), time::now_ms());
+    let outcome = fleet_shared::twin::write::set_desired(svc, &thing, &shadow, &patch, &token).await?;
+    output::write_outcome(&thing, &shadow, &outcome, json)?;
+    match outcome {
+        WriteOutcome::Applied { .. } => Ok(()),
+        WriteOutcome::GaveUp { attempts } => bail!("gave up after {attempts} version conflicts"),
+        WriteOutcome::Rejected { code, message } => bail!("rejected ({code}): {message}"),
     }
 }
 

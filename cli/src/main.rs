@@ -141,6 +141,25 @@ pub enum TwinCommand {
         #[arg(long, default_value = "")]
         shadow: String,
     },
+    /// Set desired values through the shadow service (`key=value`, values parsed as JSON when
+    /// they parse, strings otherwise; `key=null` deletes; `a.b=1` nests). Retries version
+    /// conflicts; prints the version applied, or that it gave up, or why it was rejected.
+    Set {
+        thing: String,
+        #[arg(required = true)]
+        values: Vec<String>,
+        #[arg(long, default_value = "")]
+        shadow: String,
+        /// The local IoT Core's MQTT listener (embedded backend).
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt: std::net::SocketAddr,
+    },
+    /// Twins whose reported key has a value, from an index (indexed keys: fw), e.g. fw=1.4.2.
+    Query {
+        filter: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Twins drifting (desired not reported) for longer than a duration, oldest drift first.
     Drift {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -181,8 +200,33 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("fleetctl: {e:#}");
+            eprintln!("fleetctl: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, each cause shown only when the message before it does not
+/// already end with it (a store error's message includes its source).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_does_not_repeat_a_source_its_message_already_ends_with() {
+        let inner = std::io::Error::other("no answer");
+        let store = fleet_shared::StoreError::transient("mqtt shadow request", inner);
+        let e = anyhow::Error::new(store).context("twin set");
+        assert_eq!(super::error_chain(&e), "twin set: mqtt shadow request failed (transient): no answer");
     }
 }

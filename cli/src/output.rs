@@ -4,9 +4,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use fleet_shared::ingest::{BatchOutcome, QuarantineLine, ReplayReport};
-use fleet_shared::model::{Device, StoredReading, Twin};
+use fleet_shared::model::{Device, ShadowName, StoredReading, ThingName, Twin};
 use fleet_shared::text::printable;
 use fleet_shared::time::rfc3339_ms;
+use fleet_shared::twin::write::WriteOutcome;
 use serde_json::json;
 
 /// Write one line to stdout; a closed pipe (`| head`) surfaces as an error, not a panic.
@@ -225,4 +226,55 @@ pub fn drifting(twins: &[Twin], now_ms: i64, json: bool) -> Result<()> {
         })
         .collect();
     table(&["THING", "SHADOW", "DRIFTING KEYS", "SINCE", "FOR"], &rows)
+}
+
+pub fn write_outcome(thing: &ThingName, shadow: &ShadowName, o: &WriteOutcome, json: bool) -> Result<()> {
+    let (outcome, version, attempts, code, message) = match o {
+        WriteOutcome::Applied { version, attempts } => {
+            ("applied", Some(*version), Some(*attempts), None, None)
+        }
+        WriteOutcome::GaveUp { attempts } => ("gave_up", None, Some(*attempts), None, None),
+        WriteOutcome::Rejected { code, message } => {
+            ("rejected", None, None, Some(*code), Some(message.as_str()))
+        }
+    };
+    if json {
+        return print_json(&json!({"thing": thing, "shadow": shadow, "outcome": outcome, "version": version,
+                                  "attempts": attempts, "code": code, "message": message}));
+    }
+    let detail = match o {
+        WriteOutcome::Applied { version, attempts } => format!("version {version} (attempt {attempts})"),
+        WriteOutcome::GaveUp { attempts } => format!("after {attempts} version conflicts"),
+        WriteOutcome::Rejected { code, message } => format!("{code}: {message}"),
+    };
+    table(
+        &["THING", "SHADOW", "OUTCOME", "DETAIL"],
+        &[vec![thing.to_string(), shadow.to_string(), outcome.into(), detail]],
+    )
+}
+
+pub fn twins(twins: &[Twin], json: bool) -> Result<()> {
+    if json {
+        let rows: Vec<_> = twins
+            .iter()
+            .map(|t| {
+                json!({"thing": t.thing, "shadow": t.shadow, "version": t.version, "reported": t.reported,
+                            "drift_keys": t.drift_keys()})
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    let rows: Vec<Vec<String>> = twins
+        .iter()
+        .map(|t| {
+            vec![
+                t.thing.to_string(),
+                t.shadow.to_string(),
+                t.version.to_string(),
+                opt(t.reported_fw()),
+                t.drift_keys().join(","),
+            ]
+        })
+        .collect();
+    table(&["THING", "SHADOW", "VERSION", "FW", "DRIFTING KEYS"], &rows)
 }

@@ -24,6 +24,7 @@ pub mod queue;
 pub mod rules;
 pub mod schedule;
 pub mod shadow;
+pub mod shadow_client;
 pub mod stats;
 pub mod template;
 

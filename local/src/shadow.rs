@@ -18,10 +18,7 @@ use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
 
-/// AWS: the state document (desired + reported) may hold at most 8 KB.
-pub const MAX_STATE_BYTES: usize = 8 * 1024;
-/// AWS: desired and reported may nest at most 6 levels.
-pub const MAX_DEPTH: usize = 6;
+use fleet_shared::twin::write::{depth, MAX_DEPTH, MAX_STATE_BYTES};
 
 /// What a publish on a shadow topic asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,14 +177,6 @@ fn patch_metadata(patch: &Map<String, Value>, now_s: i64) -> Value {
         );
     }
     Value::Object(out)
-}
-
-fn depth(v: &Value) -> usize {
-    match v {
-        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
-        Value::Array(a) => a.iter().map(depth).max().unwrap_or(0),
-        _ => 0,
-    }
 }
 
 /// Delta metadata: the desired metadata of the delta's leaves.

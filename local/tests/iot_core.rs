@@ -341,3 +341,46 @@ async fn a_device_keeps_its_shadow_over_mqtt_and_twin_sync_mirrors_it() -> Resul
     assert_eq!(missing["code"], 404);
     stack.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_operator_writes_are_each_applied_or_reported_and_none_is_lost() -> Result<()> {
+    use fleet_local::shadow_client::MqttShadows;
+    use fleet_shared::model::ShadowName;
+    use fleet_shared::ports::ShadowService;
+    use fleet_shared::twin::write::{set_desired, WriteOutcome};
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let svc = std::sync::Arc::new(MqttShadows::connect(stack.mqtt));
+    let thing = ThingName::parse("sensor-001")?;
+    // WHEN 50 writers each set their own desired key on one shadow at once
+    let writers = (0..50).map(|i| {
+        let (svc, thing) = (std::sync::Arc::clone(&svc), thing.clone());
+        tokio::spawn(async move {
+            let patch = serde_json::json!({ format!("w{i}"): i }).as_object().cloned().unwrap_or_default();
+            (i, set_desired(&*svc, &thing, &ShadowName::classic(), &patch, &format!("writer-{i}")).await)
+        })
+    });
+    let mut applied = Vec::new();
+    let mut gave_up = 0;
+    for w in writers.collect::<Vec<_>>() {
+        match w.await? {
+            (i, Ok(WriteOutcome::Applied { version, .. })) => applied.push((i, version)),
+            (_, Ok(WriteOutcome::GaveUp { .. })) => gave_up += 1,
+            (i, other) => bail!("writer {i}: {other:?}"),
+        }
+    }
+    // THEN each is applied at a version of its own or reported as given up, and the final
+    // document holds every applied write
+    assert_eq!(applied.len() + gave_up, 50);
+    let mut versions: Vec<u64> = applied.iter().map(|(_, v)| *v).collect();
+    versions.sort_unstable();
+    versions.dedup();
+    assert_eq!(versions.len(), applied.len(), "two writes reported the same version");
+    let shadow = svc.get_shadow(&thing, &ShadowName::classic()).await?.context("no shadow")?;
+    for (i, _) in &applied {
+        assert_eq!(shadow.desired.get(&format!("w{i}")), Some(&Value::from(*i)), "applied write {i} lost");
+    }
+    assert_eq!(shadow.version, applied.len() as u64, "one version per applied write");
+    assert!(applied.len() >= 25, "only {} of 50 applied: the backoff does not spread writers", applied.len());
+    stack.shutdown().await
+}

@@ -130,6 +130,30 @@ pub fn diagnostic(e: &impl ErrorType) -> Diagnostic {
     Diagnostic { error_type: e.error_type().to_owned(), error_message: e.to_string() }
 }
 
+/// How a handler fails on purpose: a store failed transiently, so the event must come again
+/// (Lambda retries a direct invocation; `errorType: Retryable`). Bad input is answered, never
+/// raised; an SQS batch names its failed messages instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}, retry: {source}")]
+pub struct Retryable {
+    /// What did not happen, e.g. "telemetry not stored".
+    pub what: &'static str,
+    #[source]
+    pub source: std::sync::Arc<StoreError>,
+}
+
+impl ErrorType for Retryable {
+    fn error_type(&self) -> &'static str {
+        "Retryable"
+    }
+}
+
+impl From<Retryable> for Diagnostic {
+    fn from(e: Retryable) -> Self {
+        diagnostic(&e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

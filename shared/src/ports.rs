@@ -13,6 +13,7 @@
 //! | [`ArchiveReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `raw/*` (replay, operators) |
 //! | [`Quarantine`] | `S3Archive` | `s3:PutObject` on `quarantine/*` |
 //! | [`QuarantineReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `quarantine/*` (operators) |
+//! | [`ShadowService`] | `IotDataShadows` (locally `fleet_local::shadow_client::MqttShadows`) | `iot:GetThingShadow`, `iot:UpdateThingShadow` on the things (operators) |
 //! | [`TwinStore`] | `TwinsTable` | `dynamodb:GetItem`, `dynamodb:PutItem` on the Twins table, `dynamodb:Query` on its `by_drift` index |
 
 use std::collections::HashMap;
@@ -164,4 +165,50 @@ pub trait TwinStore: Send + Sync {
         before_ms: i64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Twin>, StoreError>> + Send;
+
+    /// Twins whose reported firmware is `fw` (see [`Twin::reported_fw`]), by thing, at most
+    /// `limit`: read through an index on it, never a scan.
+    fn reporting_fw(
+        &self,
+        fw: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Twin>, StoreError>> + Send;
+}
+
+/// A shadow as the Device Shadow service holds it, for an operator write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowState {
+    pub version: u64,
+    pub desired: serde_json::Map<String, serde_json::Value>,
+    pub reported: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Why the shadow service did not apply an update.
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowCallError {
+    /// 409: the shadow is no longer at the version the request carried.
+    #[error("version conflict")]
+    Conflict,
+    /// Refused for good (400, 404, 413, ...), with the service's message.
+    #[error("rejected {code}: {message}")]
+    Rejected { code: u16, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The Device Shadow service, as an operator writes to it (AWS: iot-data; locally: MQTT).
+pub trait ShadowService: Send + Sync {
+    fn get_shadow(
+        &self,
+        thing: &ThingName,
+        shadow: &ShadowName,
+    ) -> impl Future<Output = Result<Option<ShadowState>, StoreError>> + Send;
+
+    /// Send one update request (`{"state":…, "version"?, "clientToken"}`); the new version.
+    fn update_shadow(
+        &self,
+        thing: &ThingName,
+        shadow: &ShadowName,
+        request: &serde_json::Value,
+    ) -> impl Future<Output = Result<u64, ShadowCallError>> + Send;
 }

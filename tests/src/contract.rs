@@ -44,6 +44,7 @@ macro_rules! port_contract {
             sink_accepts_a_batch_over_the_request_limit_with_one_status_per_reading(sink));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; twin_writes_are_conditional_on_the_revision(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; drifting_twins_are_read_oldest_drift_first(twins));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; twins_are_found_by_reported_firmware(twins));
     };
     (@one [$($attrs:tt)*] $ports:expr; $check:ident($port:ident)) => {
         #[tokio::test]
@@ -323,5 +324,20 @@ pub async fn drifting_twins_are_read_oldest_drift_first<S: TwinStore>(s: &S) -> 
     let drifting = s.drifting_since((base + 35) * 1000, 1).await?;
     let names: Vec<&str> = drifting.iter().map(|t| t.thing.as_str()).collect();
     ensure!(names == ["contract-0600"], "after contract-0602 caught up, limit 1: {names:?}");
+    Ok(())
+}
+
+/// Twins are found by the firmware they report, and leave that answer when they report another.
+pub async fn twins_are_found_by_reported_firmware<S: TwinStore>(s: &S) -> Result<()> {
+    for (n, fw) in [(700, "3.0.0"), (701, "3.0.1"), (702, "3.0.0")] {
+        sync(s, &shadow_update(&thing(n), "", 1, "3.0.1", fw, 1_000)?).await?;
+    }
+    let found = s.reporting_fw("3.0.0", 10).await?;
+    let names: Vec<&str> = found.iter().map(|t| t.thing.as_str()).collect();
+    ensure!(names == ["contract-0700", "contract-0702"], "fw 3.0.0: {names:?}");
+    sync(s, &shadow_update(&thing(700), "", 2, "3.0.1", "3.0.1", 2_000)?).await?;
+    let names: Vec<String> = s.reporting_fw("3.0.0", 10).await?.iter().map(|t| t.thing.to_string()).collect();
+    ensure!(names == ["contract-0702"], "after 0700 updated: {names:?}");
+    ensure!(s.reporting_fw("3.0.1", 1).await?.len() == 1, "limit");
     Ok(())
 }

@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
     ProjectionType, ScalarAttributeType,
 };
-use fleet_shared::adapters::aws::twins::DRIFT_INDEX;
+use fleet_shared::adapters::aws::twins::{DRIFT_INDEX, FW_INDEX};
 use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamQuery, TimestreamSink, TwinsTable};
 use fleet_shared::Env;
 
@@ -146,6 +146,12 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .key_schema(key("drift_since_ms", KeyType::Range)?)
         .projection(Projection::builder().projection_type(ProjectionType::All).build())
         .build()?;
+    let fw_index = GlobalSecondaryIndex::builder()
+        .index_name(FW_INDEX)
+        .key_schema(key("reported_fw", KeyType::Hash)?)
+        .key_schema(key("thing", KeyType::Range)?)
+        .projection(Projection::builder().projection_type(ProjectionType::All).build())
+        .build()?;
     aws_sdk_dynamodb::Client::new(config)
         .create_table()
         .table_name(&r.twins_table)
@@ -153,9 +159,11 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .attribute_definitions(attr("shadow")?)
         .attribute_definitions(attr("drift_shard")?)
         .attribute_definitions(number("drift_since_ms")?)
+        .attribute_definitions(attr("reported_fw")?)
         .key_schema(key("thing", KeyType::Hash)?)
         .key_schema(key("shadow", KeyType::Range)?)
         .global_secondary_indexes(drift_index)
+        .global_secondary_indexes(fw_index)
         .billing_mode(BillingMode::PayPerRequest)
         .send()
         .await

@@ -7,7 +7,6 @@
 //!   `{"accepted":n,"duplicates":n,"quarantined":[{"reason":..}]}`, and a transient failure is
 //!   an error (`errorType: Retryable`) so Lambda retries the invocation.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use aws_lambda_events::event::sqs::SqsBatchResponse;
@@ -16,11 +15,11 @@ use fleet_shared::ingest::metrics::ingest_batch_metrics;
 use fleet_shared::ingest::{
     ingest_batch, parse_event, BatchOutcome, IngestPolicy, IngestPorts, OwnedInbound, Problem, Trigger,
 };
-use fleet_shared::lambda::{self, AwsBackend, ErrorType, StartupError};
+use fleet_shared::lambda::{self, AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::MetricsOut;
 use fleet_shared::ports::{DeviceRegistry, Quarantine, RawArchive, TelemetrySink};
-use fleet_shared::{time, StoreError};
-use lambda_runtime::{Diagnostic, LambdaEvent};
+use fleet_shared::time;
+use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{info, warn};
@@ -120,31 +119,10 @@ pub enum Response {
     Direct(DirectResponse),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
-    /// A downstream store failed transiently; the invocation should be retried.
-    #[error("telemetry not stored, retry: {0}")]
-    Retryable(#[source] Arc<StoreError>),
-}
-
-impl ErrorType for HandlerError {
-    fn error_type(&self) -> &'static str {
-        match self {
-            HandlerError::Retryable(_) => "Retryable",
-        }
-    }
-}
-
-impl From<HandlerError> for Diagnostic {
-    fn from(e: HandlerError) -> Self {
-        lambda::diagnostic(&e)
-    }
-}
-
 pub async fn handle<R, S, A, Q>(
     deps: &Deps<R, S, A, Q>,
     event: LambdaEvent<Box<RawValue>>,
-) -> Result<Response, HandlerError>
+) -> Result<Response, Retryable>
 where
     R: DeviceRegistry,
     S: TelemetrySink,
@@ -165,7 +143,7 @@ async fn direct<R, S, A, Q>(
     deps: &Deps<R, S, A, Q>,
     now: i64,
     message: OwnedInbound,
-) -> Result<DirectResponse, HandlerError>
+) -> Result<DirectResponse, Retryable>
 where
     R: DeviceRegistry,
     S: TelemetrySink,
@@ -174,7 +152,7 @@ where
 {
     let outcome = run(deps, now, std::slice::from_ref(&message)).await;
     if let Some(f) = outcome.failed.into_iter().next() {
-        return Err(HandlerError::Retryable(f.error));
+        return Err(Retryable { what: "telemetry not stored", source: f.error });
     }
     Ok(DirectResponse {
         accepted: outcome.accepted,

@@ -15,12 +15,12 @@ use std::time::Instant;
 
 use fleet_shared::adapters::aws::TwinsTable;
 use fleet_shared::ingest::{parse_event, OwnedInbound, Trigger};
-use fleet_shared::lambda::{self, AwsBackend, ErrorType, StartupError};
+use fleet_shared::lambda::{self, AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
 use fleet_shared::ports::TwinStore;
 use fleet_shared::twin::{sync, TwinChange, TwinEvent};
 use fleet_shared::{time, StoreError};
-use lambda_runtime::{Diagnostic, LambdaEvent};
+use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{info, warn};
@@ -89,31 +89,10 @@ pub enum Response {
     Direct(DirectResponse),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
-    /// The Twins table failed transiently; the invocation should be retried.
-    #[error("twin not synced, retry: {0}")]
-    Retryable(#[source] Arc<StoreError>),
-}
-
-impl ErrorType for HandlerError {
-    fn error_type(&self) -> &'static str {
-        match self {
-            HandlerError::Retryable(_) => "Retryable",
-        }
-    }
-}
-
-impl From<HandlerError> for Diagnostic {
-    fn from(e: HandlerError) -> Self {
-        lambda::diagnostic(&e)
-    }
-}
-
 pub async fn handle<T: TwinStore>(
     deps: &Deps<T>,
     event: LambdaEvent<Box<RawValue>>,
-) -> Result<Response, HandlerError> {
+) -> Result<Response, Retryable> {
     let now = (deps.clock)();
     match parse_event(event.payload.get(), now) {
         Trigger::Sqs(messages) => {
@@ -123,7 +102,7 @@ pub async fn handle<T: TwinStore>(
         Trigger::Direct(message) => {
             let outcome = run(deps, now, std::slice::from_ref(&message)).await;
             if let Some((_, e)) = outcome.failed.into_iter().next() {
-                return Err(HandlerError::Retryable(e));
+                return Err(Retryable { what: "twin not synced", source: e });
             }
             Ok(Response::Direct(DirectResponse {
                 applied: outcome.applied,

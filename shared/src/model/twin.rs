@@ -164,6 +164,16 @@ pub struct Twin {
 }
 
 impl Twin {
+    /// The reported firmware (`reported.fw`), the key fleet queries index. Strings as they
+    /// are, other values as JSON text.
+    pub fn reported_fw(&self) -> Option<String> {
+        match self.reported.get("fw")? {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            other => Some(other.to_string()),
+        }
+    }
+
     /// Dotted paths of the desired leaves that differ from reported (`fw`, `config.mode`).
     pub fn drift_keys(&self) -> Vec<String> {
         fn walk(prefix: &str, m: &Map<String, Value>, out: &mut Vec<String>) {

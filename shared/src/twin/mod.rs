@@ -9,6 +9,8 @@
 //!   "metadata": {...}, "version": n}`;
 //! - `.../delete/accepted`: `{"version": n, "timestamp": s}`.
 
+pub mod write;
+
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -18,13 +20,15 @@ use crate::ports::TwinStore;
 
 /// Desired values that reported does not match, as AWS computes a shadow's delta: only keys
 /// in desired count (keys only in reported are ignored), objects are compared key by key,
-/// anything else (arrays included) as a whole. A `null` in desired is a deletion, never a
-/// difference.
+/// anything else (arrays included) as a whole. A `null` in desired is a deletion and an empty
+/// object desires nothing: neither is a difference.
 pub fn delta(desired: &Map<String, Value>, reported: &Map<String, Value>) -> Map<String, Value> {
     let mut out = Map::new();
     for (k, want) in desired {
         match (want, reported.get(k)) {
+            // `null` deletes; an empty object desires nothing.
             (Value::Null, _) => {}
+            (Value::Object(w), _) if w.is_empty() => {}
             (Value::Object(w), Some(Value::Object(r))) => {
                 let inner = delta(w, r);
                 if !inner.is_empty() {
@@ -266,6 +270,10 @@ mod tests {
             json!({"fw":"1.5.0","cfg":{"led":true},"tags":[1,2]})
         );
         assert!(delta(&obj(json!({"a":{"b":1}})), &obj(json!({"a":{"b":1,"c":2}}))).is_empty());
+        assert!(
+            delta(&obj(json!({"cfg":{}})), &obj(json!({}))).is_empty(),
+            "an emptied object desires nothing"
+        );
         assert_eq!(
             Value::Object(delta(&obj(json!({"a":{"b":1}})), &obj(json!({"a":3})))),
             json!({"a":{"b":1}})

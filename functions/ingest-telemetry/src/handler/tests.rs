@@ -2,6 +2,7 @@
 //! embedded (SQLite, in-memory) ports; assertions on what was stored.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
@@ -9,7 +10,7 @@ use fleet_shared::error::StoreError;
 use fleet_shared::ingest::{decode_lines, QuarantineLine, Reason};
 use fleet_shared::model::{DeviceRegistration, StoredReading, ThingName};
 use fleet_shared::ports::{DeviceAdmin, QuarantineReader, TelemetryQuery, TelemetrySink, WriteStatus};
-use lambda_runtime::{Context, LambdaEvent};
+use lambda_runtime::{Context, Diagnostic, LambdaEvent};
 
 use super::*;
 

@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::lambda::ErrorType;
 use fleet_shared::model::{ShadowName, ThingName, Twin};
 use lambda_runtime::{Context, LambdaEvent};
 
@@ -22,7 +23,7 @@ fn deps() -> Result<EmbeddedDeps> {
     Ok(Deps { twins: SqliteStore::in_memory()?, clock: fixed_clock, metrics: MetricsOut::Off })
 }
 
-async fn invoke<T: TwinStore>(deps: &Deps<T>, event: &str) -> Result<Response, HandlerError> {
+async fn invoke<T: TwinStore>(deps: &Deps<T>, event: &str) -> Result<Response, Retryable> {
     let payload = RawValue::from_string(event.to_owned()).expect("JSON");
     handle(deps, LambdaEvent::new(payload, Context::default())).await
 }
@@ -111,6 +112,9 @@ impl TwinStore for Busy {
     }
     async fn drifting_since(&self, _: i64, _: usize) -> Result<Vec<Twin>, StoreError> {
         Err(StoreError::transient("twins drifting", "throttled"))
+    }
+    async fn reporting_fw(&self, _: &str, _: usize) -> Result<Vec<Twin>, StoreError> {
+        Err(StoreError::transient("twins by fw", "throttled"))
     }
 }
 

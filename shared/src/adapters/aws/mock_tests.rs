@@ -23,7 +23,7 @@ use aws_sdk_timestreamwrite::types::error::{
     RejectedRecordsException, ThrottlingException, ValidationException,
 };
 use aws_sdk_timestreamwrite::types::RejectedRecord;
-use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
+use aws_smithy_mocks::{mock, mock_client, MockResponse, Rule, RuleMode};
 
 use super::devices::{state_statement, StateStep};
 use super::{DevicesTable, TimestreamQuery, TimestreamSink};
@@ -438,4 +438,51 @@ async fn a_batch_of_packs_stores_ten_readings_per_message_with_the_same_requests
         (10, 1, 4),
         "{calls:?}"
     );
+}
+
+#[tokio::test]
+async fn an_operator_write_rereads_and_retries_on_conflicts_then_reports_the_version() {
+    use aws_sdk_iotdataplane::operation::get_thing_shadow::GetThingShadowOutput;
+    use aws_sdk_iotdataplane::operation::update_thing_shadow::{
+        UpdateThingShadowError, UpdateThingShadowOutput,
+    };
+    use aws_sdk_iotdataplane::primitives::Blob;
+    use aws_sdk_iotdataplane::types::error::ConflictException;
+
+    use super::IotDataShadows;
+    use crate::model::ShadowName;
+    use crate::twin::write::{set_desired, WriteOutcome};
+
+    // GIVEN a shadow another writer moves on twice before ours lands
+    let versions = Arc::new(std::sync::atomic::AtomicU64::new(4));
+    let read = Arc::clone(&versions);
+    let get = mock!(aws_sdk_iotdataplane::Client::get_thing_shadow).then_compute_output(move |_| {
+        let v = read.load(Ordering::SeqCst);
+        let body = format!(r#"{{"state":{{"desired":{{"mode":"eco"}}}},"version":{v}}}"#);
+        GetThingShadowOutput::builder().payload(Blob::new(body)).build()
+    });
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&sent);
+    let update = mock!(aws_sdk_iotdataplane::Client::update_thing_shadow).then_compute_response(move |req| {
+        let body: serde_json::Value =
+            serde_json::from_slice(req.payload().map(|b| b.as_ref()).unwrap_or_default()).expect("JSON");
+        seen.lock().expect("lock").push(body["version"].as_u64());
+        let v = versions.fetch_add(1, Ordering::SeqCst);
+        if seen.lock().expect("lock").len() < 3 {
+            MockResponse::Error(UpdateThingShadowError::ConflictException(
+                ConflictException::builder().build(),
+            ))
+        } else {
+            let body = format!(r#"{{"version":{}}}"#, v + 1);
+            MockResponse::Output(UpdateThingShadowOutput::builder().payload(Blob::new(body)).build())
+        }
+    });
+    let svc = IotDataShadows::new(mock_client!(aws_sdk_iotdataplane, RuleMode::MatchAny, [&get, &update]));
+    let desired = serde_json::json!({"fw": "2.1.0"}).as_object().cloned().expect("object");
+    // WHEN an operator sets desired fw
+    let outcome =
+        set_desired(&svc, &thing(1), &ShadowName::classic(), &desired, "op-1").await.expect("written");
+    // THEN each try carried the version it had just read, and the third was applied
+    assert_eq!(*sent.lock().expect("lock"), [Some(4), Some(5), Some(6)]);
+    assert_eq!(outcome, WriteOutcome::Applied { version: 7, attempts: 3 });
 }

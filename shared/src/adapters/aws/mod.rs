@@ -10,6 +10,8 @@ pub mod counting;
 pub mod devices;
 pub mod hot_store;
 pub mod s3;
+#[cfg(feature = "operator")]
+pub mod shadows;
 pub mod timestream;
 #[cfg(feature = "operator")]
 pub mod timestream_query;
@@ -29,6 +31,8 @@ pub use devices::DevicesTable;
 pub use hot_store::TelemetryReader;
 pub use hot_store::{HotStore, HotStoreKind};
 pub use s3::S3Archive;
+#[cfg(feature = "operator")]
+pub use shadows::IotDataShadows;
 pub use timestream::TimestreamSink;
 #[cfg(feature = "operator")]
 pub use timestream_query::TimestreamQuery;

@@ -79,6 +79,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE telemetry ADD COLUMN enrichment_version INTEGER NOT NULL DEFAULT 1;",
     // Version 3: twins (mirrored shadows).
     super::twins::TWINS_SCHEMA,
+    // Version 4: twins by reported firmware.
+    super::twins::TWINS_FW_INDEX,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version

@@ -22,6 +22,12 @@ CREATE TABLE twins (
 CREATE INDEX twins_by_drift ON twins (drift_since_ms) WHERE drift_since_ms IS NOT NULL;
 ";
 
+/// Migration step 4: the reported firmware, indexed for fleet queries.
+pub(super) const TWINS_FW_INDEX: &str = "
+ALTER TABLE twins ADD COLUMN reported_fw TEXT;
+CREATE INDEX twins_by_fw ON twins (reported_fw, thing) WHERE reported_fw IS NOT NULL;
+";
+
 fn twin_from_row(r: &Row<'_>) -> rusqlite::Result<Twin> {
     let text: String = r.get(0)?;
     serde_json::from_str(&text)
@@ -45,34 +51,36 @@ impl TwinStore for SqliteStore {
         self.with("sqlite twin put", move |c| {
             let (thing, shadow) = (twin.thing.as_str(), twin.shadow.as_str());
             let revision = twin.revision as i64;
-            let changed = if twin.revision <= 1 {
-                c.prepare_cached(
-                    "INSERT INTO twins (thing, shadow, version, revision, drift_since_ms, twin)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (thing, shadow) DO NOTHING",
-                )?
-                .execute(params![
-                    thing,
-                    shadow,
-                    twin.version as i64,
-                    revision,
-                    twin.drift_since_ms,
-                    json
-                ])?
+            // A first revision creates the row; any other replaces the revision before it.
+            let sql = if twin.revision <= 1 {
+                "INSERT INTO twins (thing, shadow, version, revision, drift_since_ms, twin, reported_fw)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (thing, shadow) DO NOTHING"
             } else {
-                c.prepare_cached(
-                    "UPDATE twins SET version = ?3, revision = ?4, drift_since_ms = ?5, twin = ?6
-                     WHERE thing = ?1 AND shadow = ?2 AND revision = ?4 - 1",
-                )?
-                .execute(params![
-                    thing,
-                    shadow,
-                    twin.version as i64,
-                    revision,
-                    twin.drift_since_ms,
-                    json
-                ])?
+                "UPDATE twins SET version = ?3, revision = ?4, drift_since_ms = ?5, twin = ?6, reported_fw = ?7
+                 WHERE thing = ?1 AND shadow = ?2 AND revision = ?4 - 1"
             };
+            let changed = c.prepare_cached(sql)?.execute(params![
+                thing,
+                shadow,
+                twin.version as i64,
+                revision,
+                twin.drift_since_ms,
+                json,
+                twin.reported_fw()
+            ])?;
             Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn reporting_fw(&self, fw: &str, limit: usize) -> Result<Vec<Twin>, StoreError> {
+        let fw = fw.to_owned();
+        self.with("sqlite twins by fw", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT twin FROM twins WHERE reported_fw = ?1 ORDER BY thing, shadow LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![fw, limit as i64], twin_from_row)?;
+            rows.collect()
         })
         .await
     }

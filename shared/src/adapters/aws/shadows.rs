@@ -1,0 +1,113 @@
+//! [`ShadowService`] on AWS: the Device Shadow service through iot-data (GetThingShadow,
+//! UpdateThingShadow), for operators (`fleetctl twin set`). iot-data is served on the
+//! account's own endpoint (`aws iot describe-endpoint --endpoint-type iot:Data-ATS`), read
+//! from `FLEET_IOT_DATA_ENDPOINT` unless an SDK endpoint override is set (tests).
+
+use aws_config::SdkConfig;
+use aws_sdk_iotdataplane::operation::get_thing_shadow::GetThingShadowError;
+use aws_sdk_iotdataplane::operation::update_thing_shadow::UpdateThingShadowError;
+use aws_sdk_iotdataplane::primitives::Blob;
+use serde_json::Value;
+
+use super::{classify, endpoint_overridden};
+use crate::env::{ConfigError, Env};
+use crate::error::StoreError;
+use crate::model::{ShadowName, ThingName};
+use crate::ports::{ShadowCallError, ShadowService, ShadowState};
+
+#[derive(Clone, Debug)]
+pub struct IotDataShadows {
+    client: aws_sdk_iotdataplane::Client,
+}
+
+impl IotDataShadows {
+    pub fn from_env(sdk: &SdkConfig, env: &Env) -> Result<Self, ConfigError> {
+        let mut config = aws_sdk_iotdataplane::config::Builder::from(sdk);
+        if !endpoint_overridden(sdk, "AWS_ENDPOINT_URL_IOT_DATA_PLANE") {
+            config = config.endpoint_url(env.required("FLEET_IOT_DATA_ENDPOINT")?);
+        }
+        Ok(Self::new(aws_sdk_iotdataplane::Client::from_conf(config.build())))
+    }
+
+    pub fn new(client: aws_sdk_iotdataplane::Client) -> Self {
+        Self { client }
+    }
+}
+
+fn shadow_name(shadow: &ShadowName) -> Option<String> {
+    (!shadow.is_classic()).then(|| shadow.as_str().to_owned())
+}
+
+fn json(bytes: &[u8], op: &'static str) -> Result<Value, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::permanent(op, e))
+}
+
+impl ShadowService for IotDataShadows {
+    async fn get_shadow(
+        &self,
+        thing: &ThingName,
+        shadow: &ShadowName,
+    ) -> Result<Option<ShadowState>, StoreError> {
+        let out = self
+            .client
+            .get_thing_shadow()
+            .thing_name(thing.as_str())
+            .set_shadow_name(shadow_name(shadow))
+            .send()
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(GetThingShadowError::ResourceNotFoundException(_))
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(classify("iot-data get shadow", e)),
+        };
+        let body = json(out.payload().map(Blob::as_ref).unwrap_or(b"{}"), "iot-data get shadow")?;
+        let section = |name: &str| body["state"][name].as_object().cloned().unwrap_or_default();
+        Ok(Some(ShadowState {
+            version: body["version"].as_u64().unwrap_or(0),
+            desired: section("desired"),
+            reported: section("reported"),
+        }))
+    }
+
+    async fn update_shadow(
+        &self,
+        thing: &ThingName,
+        shadow: &ShadowName,
+        request: &Value,
+    ) -> Result<u64, ShadowCallError> {
+        let out = self
+            .client
+            .update_thing_shadow()
+            .thing_name(thing.as_str())
+            .set_shadow_name(shadow_name(shadow))
+            .payload(Blob::new(request.to_string()))
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                let body = json(out.payload().map(Blob::as_ref).unwrap_or(b"{}"), "iot-data update shadow")?;
+                Ok(body["version"].as_u64().unwrap_or(0))
+            }
+            Err(e) => {
+                let rejected = |code: u16| ShadowCallError::Rejected {
+                    code,
+                    message: e.as_service_error().map(|se| se.to_string()).unwrap_or_default(),
+                };
+                match e.as_service_error() {
+                    Some(UpdateThingShadowError::ConflictException(_)) => Err(ShadowCallError::Conflict),
+                    Some(UpdateThingShadowError::InvalidRequestException(_)) => Err(rejected(400)),
+                    Some(UpdateThingShadowError::RequestEntityTooLargeException(_)) => Err(rejected(413)),
+                    Some(UpdateThingShadowError::UnauthorizedException(_)) => Err(rejected(401)),
+                    _ => Err(ShadowCallError::Store(classify("iot-data update shadow", e))),
+                }
+            }
+        }
+    }
+}
