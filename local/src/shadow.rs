@@ -94,27 +94,24 @@ struct Document {
     version: u64,
 }
 
+/// `{"desired": …, "reported": …}`, leaving out an empty section (as AWS's documents do).
+fn sections(desired: &Map<String, Value>, reported: &Map<String, Value>) -> Value {
+    let mut out = Map::new();
+    for (name, section) in [("desired", desired), ("reported", reported)] {
+        if !section.is_empty() {
+            out.insert(name.into(), Value::Object(section.clone()));
+        }
+    }
+    Value::Object(out)
+}
+
 impl Document {
     fn state(&self) -> Value {
-        let mut state = Map::new();
-        if !self.desired.is_empty() {
-            state.insert("desired".into(), Value::Object(self.desired.clone()));
-        }
-        if !self.reported.is_empty() {
-            state.insert("reported".into(), Value::Object(self.reported.clone()));
-        }
-        Value::Object(state)
+        sections(&self.desired, &self.reported)
     }
 
     fn metadata(&self) -> Value {
-        let mut m = Map::new();
-        if !self.meta_desired.is_empty() {
-            m.insert("desired".into(), Value::Object(self.meta_desired.clone()));
-        }
-        if !self.meta_reported.is_empty() {
-            m.insert("reported".into(), Value::Object(self.meta_reported.clone()));
-        }
-        Value::Object(m)
+        sections(&self.meta_desired, &self.meta_reported)
     }
 
     fn snapshot(&self) -> Value {

@@ -1,10 +1,11 @@
 //! [`ShadowService`] over MQTT: an operator's client of a running local IoT Core's shadow
 //! service (what `fleetctl twin set` uses on the embedded backend; on AWS the same port is
 //! iot-data). Each request carries a `clientToken`; its answer is the `accepted` or `rejected`
-//! message with that token. The client subscribes to a shadow's answer topics before sending
-//! on the same connection, so the broker has the subscription when the answer comes.
+//! message with that token. The client subscribes to a shadow's answer topics (once per
+//! connection) before its first request on the same connection, so the broker has the
+//! subscription when the answer comes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,9 @@ type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<(bool, Value)>>>>;
 pub struct MqttShadows {
     client: AsyncClient,
     waiting: Waiting,
+    /// Answer topics already subscribed to (a subscription lasts as long as the connection).
+    /// Held while a SUBSCRIBE is queued, so no request of another task overtakes it.
+    subscribed: tokio::sync::Mutex<HashSet<String>>,
     next: AtomicU64,
     id: String,
 }
@@ -69,7 +73,7 @@ impl MqttShadows {
                 }
             }
         });
-        Self { client, waiting, next: AtomicU64::new(0), id }
+        Self { client, waiting, subscribed: Default::default(), next: AtomicU64::new(0), id }
     }
 
     /// Send `body` on `<base>/<op>` and wait for the answer with its clientToken.
@@ -82,8 +86,14 @@ impl MqttShadows {
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(token.clone(), tx);
         let send = async {
-            for answer in ["accepted", "rejected"] {
-                self.client.subscribe(format!("{base}/{op}/{answer}"), QoS::AtLeastOnce).await?;
+            {
+                let mut subscribed = self.subscribed.lock().await;
+                for answer in ["accepted", "rejected"] {
+                    let topic = format!("{base}/{op}/{answer}");
+                    if subscribed.insert(topic.clone()) {
+                        self.client.subscribe(topic, QoS::AtLeastOnce).await?;
+                    }
+                }
             }
             self.client.publish(format!("{base}/{op}"), QoS::AtLeastOnce, false, body.to_string()).await
         };
@@ -124,12 +134,7 @@ impl ShadowService for MqttShadows {
                 }
             };
         }
-        let section = |name: &str| body["state"][name].as_object().cloned().unwrap_or_default();
-        Ok(Some(ShadowState {
-            version: body["version"].as_u64().unwrap_or(0),
-            desired: section("desired"),
-            reported: section("reported"),
-        }))
+        Ok(Some(ShadowState::from_document(&body)))
     }
 
     async fn update_shadow(

@@ -183,6 +183,19 @@ pub struct ShadowState {
     pub reported: serde_json::Map<String, serde_json::Value>,
 }
 
+impl ShadowState {
+    /// From a shadow document as the service returns it (`{"state":{"desired","reported"},
+    /// "version"}`, the answer to a get on either transport).
+    pub fn from_document(doc: &serde_json::Value) -> Self {
+        let section = |name: &str| doc["state"][name].as_object().cloned().unwrap_or_default();
+        Self {
+            version: doc["version"].as_u64().unwrap_or(0),
+            desired: section("desired"),
+            reported: section("reported"),
+        }
+    }
+}
+
 /// Why the shadow service did not apply an update.
 #[derive(Debug, thiserror::Error)]
 pub enum ShadowCallError {

@@ -249,13 +249,27 @@ pub fn fleet_batch_from(
     rx_ms: i64,
     seed: u64,
 ) -> Vec<OwnedInbound> {
+    round_robin(devices, messages, rx_ms, seed, "msg", |device, nth, rx, rng| {
+        message_body(device, nth + first_seq, rx, rng)
+    })
+}
+
+/// `messages` messages round-robin over `devices`, arriving 1 ms apart from `rx_ms`; `body`
+/// makes the `nth` (from 0) message of a device.
+fn round_robin(
+    devices: usize,
+    messages: usize,
+    rx_ms: i64,
+    seed: u64,
+    id: &str,
+    mut body: impl FnMut(usize, u64, i64, &mut Rng) -> Vec<u8>,
+) -> Vec<OwnedInbound> {
     let mut rng = Rng::new(seed);
     (0..messages)
         .map(|n| {
-            let device = n % devices;
-            let seq = (n / devices) as u64 + first_seq;
             let rx = rx_ms + n as i64;
-            OwnedInbound::new(format!("msg-{n:08}"), rx + 20, message_body(device, seq, rx, &mut rng))
+            let payload = body(n % devices, (n / devices) as u64, rx, &mut rng);
+            OwnedInbound::new(format!("{id}-{n:08}"), rx + 20, payload)
         })
         .collect()
 }
@@ -293,15 +307,9 @@ pub fn pack_batch(
     rx_ms: i64,
     seed: u64,
 ) -> Vec<OwnedInbound> {
-    let mut rng = Rng::new(seed);
-    (0..messages)
-        .map(|n| {
-            let device = n % devices;
-            let seq = (n / devices * readings) as u64 + 1;
-            let rx = rx_ms + n as i64;
-            OwnedInbound::new(format!("pack-{n:08}"), rx + 20, pack_body(device, seq, readings, rx, &mut rng))
-        })
-        .collect()
+    round_robin(devices, messages, rx_ms, seed, "pack", |device, nth, rx, rng| {
+        pack_body(device, nth * readings as u64 + 1, readings, rx, rng)
+    })
 }
 
 /// `devices` simulated devices as an operator registers them (class `env-sensor`).

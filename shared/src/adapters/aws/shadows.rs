@@ -68,12 +68,7 @@ impl ShadowService for IotDataShadows {
             Err(e) => return Err(classify("iot-data get shadow", e)),
         };
         let body = json(out.payload().map(Blob::as_ref).unwrap_or(b"{}"), "iot-data get shadow")?;
-        let section = |name: &str| body["state"][name].as_object().cloned().unwrap_or_default();
-        Ok(Some(ShadowState {
-            version: body["version"].as_u64().unwrap_or(0),
-            desired: section("desired"),
-            reported: section("reported"),
-        }))
+        Ok(Some(ShadowState::from_document(&body)))
     }
 
     async fn update_shadow(

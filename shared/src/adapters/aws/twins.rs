@@ -76,26 +76,29 @@ fn twin_from_item(item: &HashMap<String, AttributeValue>) -> Result<Twin, StoreE
 }
 
 impl TwinsTable {
-    async fn drifting_in_shard(
+    /// Up to `limit` twins from a Query on `index` (`condition` over `values`), page by page.
+    async fn query_index(
         &self,
-        shard: String,
-        before_ms: i64,
+        op: &'static str,
+        index: &str,
+        condition: &str,
+        values: &[(&str, AttributeValue)],
         limit: usize,
     ) -> Result<Vec<Twin>, StoreError> {
-        let mut pages = self
+        let mut req = self
             .client
             .query()
             .table_name(&self.table)
-            .index_name(DRIFT_INDEX)
-            .key_condition_expression("drift_shard = :shard AND drift_since_ms <= :before")
-            .expression_attribute_values(":shard", s(shard))
-            .expression_attribute_values(":before", n(before_ms))
-            .limit(limit.min(1_000) as i32)
-            .into_paginator()
-            .send();
+            .index_name(index)
+            .key_condition_expression(condition)
+            .limit(limit.min(1_000) as i32);
+        for (name, value) in values {
+            req = req.expression_attribute_values(*name, value.clone());
+        }
+        let mut pages = req.into_paginator().send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            for item in page.map_err(|e| classify("dynamodb twins drift query", e))?.items() {
+            for item in page.map_err(|e| classify(op, e))?.items() {
                 out.push(twin_from_item(item)?);
                 if out.len() >= limit {
                     return Ok(out);
@@ -155,31 +158,18 @@ impl TwinStore for TwinsTable {
     }
 
     async fn reporting_fw(&self, fw: &str, limit: usize) -> Result<Vec<Twin>, StoreError> {
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(FW_INDEX)
-            .key_condition_expression("reported_fw = :fw")
-            .expression_attribute_values(":fw", s(fw))
-            .limit(limit.min(1_000) as i32)
-            .into_paginator()
-            .send();
-        let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            for item in page.map_err(|e| classify("dynamodb twins fw query", e))?.items() {
-                out.push(twin_from_item(item)?);
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-            }
-        }
-        Ok(out)
+        let values = [(":fw", s(fw))];
+        self.query_index("dynamodb twins fw query", FW_INDEX, "reported_fw = :fw", &values, limit).await
     }
 
     async fn drifting_since(&self, before_ms: i64, limit: usize) -> Result<Vec<Twin>, StoreError> {
-        let shards: Vec<_> =
-            (0..DRIFT_SHARDS).map(|i| self.drifting_in_shard(format!("d#{i}"), before_ms, limit)).collect();
+        let condition = "drift_shard = :shard AND drift_since_ms <= :before";
+        let shards: Vec<_> = (0..DRIFT_SHARDS)
+            .map(|i| async move {
+                let values = [(":shard", s(format!("d#{i}"))), (":before", n(before_ms))];
+                self.query_index("dynamodb twins drift query", DRIFT_INDEX, condition, &values, limit).await
+            })
+            .collect();
         let results: Vec<Result<Vec<Twin>, StoreError>> =
             stream::iter(shards).buffer_unordered(super::MAX_CONCURRENT_REQUESTS).collect().await;
         let mut all = Vec::new();
