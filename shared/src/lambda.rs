@@ -11,6 +11,9 @@ use lambda_runtime::Diagnostic;
 use crate::env::{BackendKind, ConfigError, Env};
 use crate::error::StoreError;
 
+#[cfg(feature = "test-support")]
+pub mod emulator;
+
 /// Start the tracing subscriber Lambda expects (JSON when the template sets `LogFormat: JSON`).
 pub fn init_tracing() {
     lambda_runtime::tracing::init_default_subscriber();
