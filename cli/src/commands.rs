@@ -92,6 +92,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Twin { command: TwinCommand::Set { thing, values, shadow, .. } } => {
                     twin_set(&IotDataShadows::from_env(sdk, env)?, &thing, &shadow, &values, json).await
                 }
+                Command::Twin { command: TwinCommand::Delete { thing, shadow, .. } } => {
+                    twin_delete(&IotDataShadows::from_env(sdk, env)?, &thing, &shadow, json).await
+                }
                 Command::Twin { command } => twin(&TwinsTable::from_env(sdk, env)?, command, json).await,
                 Command::Replay { prefix } => {
                     let archive = S3Archive::from_env(sdk, env)?;
@@ -128,6 +131,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                         &thing,
                         &shadow,
                         &values,
+                        json,
+                    )
+                    .await
+                }
+                Command::Twin { command: TwinCommand::Delete { thing, shadow, mqtt } } => {
+                    twin_delete(
+                        &fleet_local::shadow_client::MqttShadows::connect(mqtt),
+                        &thing,
+                        &shadow,
                         json,
                     )
                     .await
@@ -279,7 +291,9 @@ async fn twin(store: &impl TwinStore, command: TwinCommand, json: bool) -> Resul
                 None => bail!("no twin for {thing} / shadow {shadow}"),
             }
         }
-        TwinCommand::Set { .. } => bail!("twin set writes through the shadow service, not the twins store"),
+        TwinCommand::Set { .. } | TwinCommand::Delete { .. } => {
+            bail!("twin set and delete go through the shadow service, not the twins store")
+        }
         TwinCommand::Query { filter, limit } => {
             let (key, value) = filter
                 .split_once('=')
@@ -335,6 +349,16 @@ async fn twin_set(
         WriteOutcome::GaveUp { attempts } => bail!("gave up after {attempts} version conflicts"),
         WriteOutcome::Rejected { code, message } => bail!("rejected ({code}): {message}"),
     }
+}
+
+async fn twin_delete(svc: &impl ShadowService, thing: &str, shadow: &str, json: bool) -> Result<()> {
+    let (thing, shadow) = (ThingName::parse(thing)?, ShadowName::parse(shadow)?);
+    let version = svc.delete_shadow(&thing, &shadow).await?;
+    output::deleted(&thing, &shadow, version, json)?;
+    if version.is_none() {
+        bail!("no shadow {shadow} for {thing}");
+    }
+    Ok(())
 }
 
 /// `--since`: an RFC 3339 time, or a duration before now.

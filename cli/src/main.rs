@@ -154,6 +154,16 @@ pub enum TwinCommand {
         #[arg(long, default_value = "127.0.0.1:1883")]
         mqtt: std::net::SocketAddr,
     },
+    /// Delete a shadow through the shadow service (the twin mirrors the delete; a shadow
+    /// created again continues its version numbers).
+    Delete {
+        thing: String,
+        #[arg(long, default_value = "")]
+        shadow: String,
+        /// The local IoT Core's MQTT listener (embedded backend).
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt: std::net::SocketAddr,
+    },
     /// Twins whose reported key has a value, from an index (indexed keys: fw), e.g. fw=1.4.2.
     Query {
         filter: String,

@@ -253,6 +253,20 @@ pub fn write_outcome(thing: &ThingName, shadow: &ShadowName, o: &WriteOutcome, j
     )
 }
 
+pub fn deleted(thing: &ThingName, shadow: &ShadowName, version: Option<u64>, json: bool) -> Result<()> {
+    let outcome = if version.is_some() { "deleted" } else { "not_found" };
+    if json {
+        return print_json(
+            &json!({"thing": thing, "shadow": shadow, "outcome": outcome, "version": version}),
+        );
+    }
+    let detail = version.map(|v| format!("was at version {v}")).unwrap_or_else(|| "no such shadow".into());
+    table(
+        &["THING", "SHADOW", "OUTCOME", "DETAIL"],
+        &[vec![thing.to_string(), shadow.to_string(), outcome.into(), detail]],
+    )
+}
+
 pub fn twins(twins: &[Twin], json: bool) -> Result<()> {
     if json {
         let rows: Vec<_> = twins

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::time;
 use mqtt5::broker::config::StorageBackend;
 use mqtt5::broker::router::MessageRouter;
@@ -66,6 +67,9 @@ pub struct BrokerOptions {
     /// `None`: every client may do anything (no policy in the template).
     pub policy: Option<IotPolicy>,
     pub max_payload_bytes: usize,
+    /// The shadows to start with ([`Shadows::restore`]) and where their changes go.
+    pub shadows: Shadows,
+    pub shadow_store: Option<SqliteStore>,
 }
 
 pub struct Broker {
@@ -86,6 +90,8 @@ struct IotCore {
     addresses: Mutex<HashMap<String, IpAddr>>,
     sessions: Mutex<Sessions>,
     shadows: Mutex<Shadows>,
+    /// Where shadow changes are kept across restarts (`None`: memory only).
+    shadow_store: Option<SqliteStore>,
     router: OnceLock<Arc<MessageRouter>>,
     stats: Arc<Stats>,
     max_payload_bytes: usize,
@@ -217,11 +223,19 @@ impl BrokerEventHandler for Hooks {
             // documents), as IoT Core's Device Shadow service does.
             if let Some(request) = ShadowRequest::parse(&event.topic) {
                 let now_s = fleet_shared::time::now_ms() / 1000;
-                let answers = self.0.shadows.lock().unwrap_or_else(|p| p.into_inner()).handle(
-                    &request,
-                    &event.payload,
-                    now_s,
-                );
+                let (answers, changes) = {
+                    let mut shadows = self.0.shadows.lock().unwrap_or_else(|p| p.into_inner());
+                    let answers = shadows.handle(&request, &event.payload, now_s);
+                    (answers, shadows.take_changes())
+                };
+                // Stored before it is answered, as AWS answers only what it has stored.
+                if let Some(store) = &self.0.shadow_store {
+                    for change in changes {
+                        if let Err(e) = store.save_local_shadow(change).await {
+                            warn!(error = %e, topic = &*event.topic, "shadow change not stored: it will not survive a restart");
+                        }
+                    }
+                }
                 for (topic, payload) in answers {
                     self.0.publish_own(topic, Bytes::from(payload)).await;
                 }
@@ -294,7 +308,8 @@ impl Broker {
             admitting: AtomicUsize::new(0),
             addresses: Mutex::default(),
             sessions: Mutex::default(),
-            shadows: Mutex::default(),
+            shadows: Mutex::new(opts.shadows),
+            shadow_store: opts.shadow_store,
             router: OnceLock::new(),
             stats,
             max_payload_bytes: opts.max_payload_bytes,

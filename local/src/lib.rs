@@ -149,6 +149,8 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         addr: SocketAddr::new(opts.bind, opts.mqtt_port),
         policy: template.device_policy.clone(),
         max_payload_bytes: fleet_shared::ingest::envelope::MAX_PAYLOAD_BYTES,
+        shadows: shadow::Shadows::restore(store.local_shadows().await?),
+        shadow_store: Some(store.clone()),
     };
     let (broker, mut intake) = Broker::start(broker_opts, Arc::clone(&stats)).await?;
     let engine = Engine {

@@ -11,14 +11,21 @@
 //! continues its numbering), `clientToken` echoed, error bodies `{code, message, timestamp,
 //! clientToken}` with 400 (invalid JSON, missing `state`, nesting deeper than 6), 404 (no
 //! shadow), 409 (version conflict), 413 (desired + reported over 8 KB after the merge).
-//! Differs: shadows live in memory (lost when the local IoT Core stops) and a deleted shadow's
-//! version is remembered for as long as the process runs, not 48 hours.
+//! A shadow deleted less than 48 hours ago and created again continues its version numbers.
+//! Shadows are kept in the local database (`local_shadows`), so they outlive a restart: every
+//! change is numbered under the service's lock and written after it is answered, and a write
+//! never replaces a later change.
 
 use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
 
+use fleet_shared::adapters::embedded::LocalShadow;
 use fleet_shared::twin::write::{depth, MAX_DEPTH, MAX_STATE_BYTES};
+
+/// How long AWS remembers a deleted shadow's version: created again within this time, a shadow
+/// continues its numbering; later, it starts again at 1.
+pub const DELETED_VERSION_KEPT_S: i64 = 48 * 3600;
 
 /// What a publish on a shadow topic asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +124,18 @@ impl Document {
     fn snapshot(&self) -> Value {
         json!({"state": self.state(), "metadata": self.metadata(), "version": self.version})
     }
+
+    /// Back from a [`Document::snapshot`].
+    fn from_snapshot(v: &Value) -> Self {
+        let section = |outer: &str, name: &str| v[outer][name].as_object().cloned().unwrap_or_default();
+        Document {
+            desired: section("state", "desired"),
+            reported: section("state", "reported"),
+            meta_desired: section("metadata", "desired"),
+            meta_reported: section("metadata", "reported"),
+            version: v["version"].as_u64().unwrap_or(0),
+        }
+    }
 }
 
 /// Merge `patch` into `target` (AWS shadow semantics), stamping `meta` for every leaf written.
@@ -198,8 +217,13 @@ fn delta_metadata(delta: &Map<String, Value>, meta: &Map<String, Value>) -> Valu
 #[derive(Default)]
 pub struct Shadows {
     docs: HashMap<(String, String), Document>,
-    /// The last version of deleted shadows: a shadow created again continues from it.
-    deleted: HashMap<(String, String), u64>,
+    /// Deleted shadows: their last version and when (seconds), so a shadow created again
+    /// within [`DELETED_VERSION_KEPT_S`] continues from it.
+    deleted: HashMap<(String, String), (u64, i64)>,
+    /// The change counter (continues across restarts, from the stored rows).
+    seq: u64,
+    /// Changes not yet handed out by [`Shadows::take_changes`], in order.
+    changes: Vec<LocalShadow>,
 }
 
 /// One message the service publishes.
@@ -221,6 +245,48 @@ fn with_token(mut v: Value, token: Option<&Value>) -> Vec<u8> {
 }
 
 impl Shadows {
+    /// The shadows a previous run left in the database. A row that does not read back as a
+    /// document is skipped (and logged), never fatal.
+    pub fn restore(rows: Vec<LocalShadow>) -> Self {
+        let mut shadows = Shadows::default();
+        for row in rows {
+            shadows.seq = shadows.seq.max(row.seq);
+            let key = (row.thing, row.shadow);
+            match (row.document, row.deleted_at_ms) {
+                (Some(text), _) => match serde_json::from_str::<Value>(&text) {
+                    Ok(v) => {
+                        shadows.docs.insert(key, Document::from_snapshot(&v));
+                    }
+                    Err(e) => {
+                        tracing::warn!(thing = %key.0, shadow = %key.1, error = %e, "stored shadow unreadable, skipped")
+                    }
+                },
+                (None, at_ms) => {
+                    shadows.deleted.insert(key, (row.version, at_ms.unwrap_or(0) / 1000));
+                }
+            }
+        }
+        shadows
+    }
+
+    /// The changes made since the last call, in order, for the database.
+    pub fn take_changes(&mut self) -> Vec<LocalShadow> {
+        std::mem::take(&mut self.changes)
+    }
+
+    fn changed(&mut self, key: &(String, String), version: u64, document: Option<String>, now_s: i64) {
+        self.seq += 1;
+        let deleted_at_ms = document.is_none().then_some(now_s * 1000);
+        self.changes.push(LocalShadow {
+            thing: key.0.clone(),
+            shadow: key.1.clone(),
+            version,
+            document,
+            deleted_at_ms,
+            seq: self.seq,
+        });
+    }
+
     /// Serve one request; what to publish, in order.
     pub fn handle(&mut self, req: &ShadowRequest, payload: &[u8], now_s: i64) -> Vec<Answer> {
         let base = req.base();
@@ -256,7 +322,8 @@ impl Shadows {
             Op::Delete => match self.docs.remove(&key) {
                 None => rejected(&base, 404, &missing(), token, now_s),
                 Some(d) => {
-                    self.deleted.insert(key, d.version);
+                    self.changed(&key, d.version, None, now_s);
+                    self.deleted.insert(key, (d.version, now_s));
                     let answer = json!({"version": d.version, "timestamp": now_s});
                     vec![(format!("{base}/accepted"), with_token(answer, token))]
                 }
@@ -324,7 +391,10 @@ impl Shadows {
         }
         doc.version = match current_version {
             Some(v) => v + 1,
-            None => self.deleted.get(&key).copied().unwrap_or(0) + 1,
+            None => match self.deleted.get(&key) {
+                Some(&(version, at_s)) if now_s - at_s < DELETED_VERSION_KEPT_S => version + 1,
+                _ => 1,
+            },
         };
         let request_state = Value::Object(state.clone());
         let mut accepted_meta = Map::new();
@@ -343,6 +413,8 @@ impl Shadows {
         }
         let documents = json!({"previous": previous.as_ref().map(Document::snapshot), "current": doc.snapshot(), "timestamp": now_s});
         out.push((format!("{base}/documents"), with_token(documents, token)));
+        self.changed(&key, doc.version, Some(doc.snapshot().to_string()), now_s);
+        self.deleted.remove(&key);
         self.docs.insert(key, doc);
         out
     }
@@ -481,5 +553,64 @@ mod tests {
         let a =
             answers(&mut s, "$aws/things/d1/shadow/name/cfg/update", json!({"state":{"reported":{"x":3}}}));
         assert_eq!(a[0].1["version"], 3);
+    }
+
+    fn answers_at(s: &mut Shadows, topic: &str, body: Value, now_s: i64) -> Vec<(String, Value)> {
+        s.handle(&req(topic), body.to_string().as_bytes(), now_s)
+            .into_iter()
+            .map(|(t, b)| (t, serde_json::from_slice(&b).expect("JSON")))
+            .collect()
+    }
+
+    #[test]
+    fn a_shadow_deleted_more_than_48_hours_ago_starts_again_at_version_1() {
+        // GIVEN a shadow at version 2, deleted at t = 100 s
+        let mut s = Shadows::default();
+        let update = "$aws/things/d1/shadow/update";
+        answers_at(&mut s, update, json!({"state":{"reported":{"x":1}}}), 0);
+        answers_at(&mut s, update, json!({"state":{"reported":{"x":2}}}), 0);
+        answers_at(&mut s, "$aws/things/d1/shadow/delete", json!({}), 100);
+        // WHEN it is created again just before and just after 48 hours
+        let mut early = Shadows::restore(s.take_changes());
+        let mut late = Shadows::restore(Vec::new());
+        late.deleted = early.deleted.clone();
+        let kept = DELETED_VERSION_KEPT_S;
+        let a = answers_at(&mut early, update, json!({"state":{"reported":{"x":3}}}), 100 + kept - 1);
+        let b = answers_at(&mut late, update, json!({"state":{"reported":{"x":3}}}), 100 + kept);
+        // THEN the first continues at 3, the second starts at 1
+        assert_eq!((a[0].1["version"].as_u64(), b[0].1["version"].as_u64()), (Some(3), Some(1)));
+    }
+
+    #[test]
+    fn restored_shadows_answer_as_before_and_number_changes_after_the_stored_ones() {
+        // GIVEN two shadows changed three times, and one deleted
+        let mut s = Shadows::default();
+        answers(
+            &mut s,
+            "$aws/things/d1/shadow/update",
+            json!({"state":{"desired":{"mode":"eco"},"reported":{"mode":"on"}}}),
+        );
+        answers(&mut s, "$aws/things/d2/shadow/name/cfg/update", json!({"state":{"reported":{"x":1}}}));
+        answers(&mut s, "$aws/things/d2/shadow/name/cfg/delete", json!({}));
+        let rows = s.take_changes();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        // WHEN the service starts again from those rows (last row per shadow, as the table keeps them)
+        let mut restored = Shadows::restore(vec![rows[0].clone(), rows[2].clone()]);
+        // THEN a get answers the same document, delta included
+        let g = answers(&mut restored, "$aws/things/d1/shadow/get", json!({}));
+        assert_eq!(g[0].1["state"]["delta"], json!({"mode":"eco"}));
+        assert_eq!(
+            (g[0].1["version"].as_u64(), &g[0].1["metadata"]["desired"]["mode"]["timestamp"]),
+            (Some(1), &json!(100))
+        );
+        // AND the deleted shadow is still gone, continues its numbering, and changes count on from 3
+        assert_eq!(answers(&mut restored, "$aws/things/d2/shadow/name/cfg/get", json!({}))[0].1["code"], 404);
+        let a = answers(
+            &mut restored,
+            "$aws/things/d2/shadow/name/cfg/update",
+            json!({"state":{"reported":{"x":2}}}),
+        );
+        assert_eq!(a[0].1["version"], 2);
+        assert_eq!(restored.take_changes().iter().map(|r| r.seq).collect::<Vec<_>>(), [4]);
     }
 }

@@ -152,4 +152,15 @@ impl ShadowService for MqttShadows {
             (code, message) => Err(ShadowCallError::Rejected { code, message }),
         }
     }
+
+    async fn delete_shadow(&self, thing: &ThingName, shadow: &ShadowName) -> Result<Option<u64>, StoreError> {
+        let (accepted, body) = self.request(&base(thing, shadow), "delete", json!({})).await?;
+        if accepted {
+            return Ok(Some(body["version"].as_u64().unwrap_or(0)));
+        }
+        match rejection(&body) {
+            (404, _) => Ok(None),
+            (code, message) => Err(StoreError::permanent("mqtt shadow delete", format!("{code}: {message}"))),
+        }
+    }
 }

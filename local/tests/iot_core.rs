@@ -384,3 +384,54 @@ async fn fifty_concurrent_operator_writes_are_each_applied_or_reported_and_none_
     assert!(applied.len() >= 25, "only {} of 50 applied: the backoff does not spread writers", applied.len());
     stack.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadows_outlive_a_restart_and_a_deleted_one_continues_its_versions() -> Result<()> {
+    use fleet_local::shadow_client::MqttShadows;
+    use fleet_shared::model::ShadowName;
+    use fleet_shared::ports::ShadowService;
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("fleet.sqlite");
+    let (thing, config) = (ThingName::parse("sensor-001")?, ShadowName::parse("config")?);
+    let update = |state: Value| serde_json::json!({ "state": state });
+
+    // GIVEN a classic shadow at version 2 and a named one deleted at version 1
+    let stack = start(&db).await?;
+    let svc = MqttShadows::connect(stack.mqtt);
+    svc.update_shadow(
+        &thing,
+        &ShadowName::classic(),
+        &update(serde_json::json!({"desired": {"mode": "eco"}})),
+    )
+    .await?;
+    svc.update_shadow(
+        &thing,
+        &ShadowName::classic(),
+        &update(serde_json::json!({"reported": {"mode": "on"}})),
+    )
+    .await?;
+    svc.update_shadow(&thing, &config, &update(serde_json::json!({"reported": {"rate_s": 60}}))).await?;
+    assert_eq!(svc.delete_shadow(&thing, &config).await?, Some(1));
+    drop(svc);
+    stack.shutdown().await?;
+
+    // WHEN the local IoT Core starts again on the same database
+    let stack = start(&db).await?;
+    let svc = MqttShadows::connect(stack.mqtt);
+
+    // THEN the classic shadow is there as it was
+    let classic = svc.get_shadow(&thing, &ShadowName::classic()).await?.context("classic shadow lost")?;
+    assert_eq!(classic.version, 2);
+    assert_eq!(
+        (classic.desired["mode"].as_str(), classic.reported["mode"].as_str()),
+        (Some("eco"), Some("on"))
+    );
+    // AND the deleted one is still gone (a second delete finds nothing), and continues at 2
+    assert!(svc.get_shadow(&thing, &config).await?.is_none());
+    assert_eq!(svc.delete_shadow(&thing, &config).await?, None);
+    let v =
+        svc.update_shadow(&thing, &config, &update(serde_json::json!({"reported": {"rate_s": 30}}))).await?;
+    assert_eq!(v, 2);
+    drop(svc);
+    stack.shutdown().await
+}

@@ -13,7 +13,7 @@
 //! | [`ArchiveReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `raw/*` (replay, operators) |
 //! | [`Quarantine`] | `S3Archive` | `s3:PutObject` on `quarantine/*` |
 //! | [`QuarantineReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `quarantine/*` (operators) |
-//! | [`ShadowService`] | `IotDataShadows` (locally `fleet_local::shadow_client::MqttShadows`) | `iot:GetThingShadow`, `iot:UpdateThingShadow` on the things (operators) |
+//! | [`ShadowService`] | `IotDataShadows` (locally `fleet_local::shadow_client::MqttShadows`) | `iot:GetThingShadow`, `iot:UpdateThingShadow`, `iot:DeleteThingShadow` on the things (operators) |
 //! | [`TwinStore`] | `TwinsTable` | `dynamodb:GetItem`, `dynamodb:PutItem` on the Twins table, `dynamodb:Query` on its `by_drift` index |
 
 use std::collections::HashMap;
@@ -224,4 +224,12 @@ pub trait ShadowService: Send + Sync {
         shadow: &ShadowName,
         request: &serde_json::Value,
     ) -> impl Future<Output = Result<u64, ShadowCallError>> + Send;
+
+    /// Delete the shadow (its version numbering continues if it is created again); the
+    /// version it had, or `None` when there was no shadow.
+    fn delete_shadow(
+        &self,
+        thing: &ThingName,
+        shadow: &ShadowName,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
 }

@@ -1,9 +1,10 @@
 //! [`ShadowService`] on AWS: the Device Shadow service through iot-data (GetThingShadow,
-//! UpdateThingShadow), for operators (`fleetctl twin set`). iot-data is served on the
+//! UpdateThingShadow, DeleteThingShadow), for operators (`fleetctl twin set`). iot-data is served on the
 //! account's own endpoint (`aws iot describe-endpoint --endpoint-type iot:Data-ATS`), read
 //! from `FLEET_IOT_DATA_ENDPOINT` unless an SDK endpoint override is set (tests).
 
 use aws_config::SdkConfig;
+use aws_sdk_iotdataplane::operation::delete_thing_shadow::DeleteThingShadowError;
 use aws_sdk_iotdataplane::operation::get_thing_shadow::GetThingShadowError;
 use aws_sdk_iotdataplane::operation::update_thing_shadow::UpdateThingShadowError;
 use aws_sdk_iotdataplane::primitives::Blob;
@@ -103,6 +104,31 @@ impl ShadowService for IotDataShadows {
                     _ => Err(ShadowCallError::Store(classify("iot-data update shadow", e))),
                 }
             }
+        }
+    }
+
+    async fn delete_shadow(&self, thing: &ThingName, shadow: &ShadowName) -> Result<Option<u64>, StoreError> {
+        let out = self
+            .client
+            .delete_thing_shadow()
+            .thing_name(thing.as_str())
+            .set_shadow_name(shadow_name(shadow))
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                let body = json(out.payload().as_ref(), "iot-data delete shadow")?;
+                Ok(Some(body["version"].as_u64().unwrap_or(0)))
+            }
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(DeleteThingShadowError::ResourceNotFoundException(_))
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(classify("iot-data delete shadow", e)),
         }
     }
 }

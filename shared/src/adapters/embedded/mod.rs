@@ -1,7 +1,9 @@
 //! The embedded backend: every port on one SQLite file (WAL mode, migrated schema), for the
 //! local stack, `cargo lambda watch --features embedded` and tests. No AWS account needed.
 
+mod local_shadows;
 mod sqlite;
 mod twins;
 
+pub use local_shadows::LocalShadow;
 pub use sqlite::{ContentConflict, SqliteStore};

@@ -81,6 +81,8 @@ const MIGRATIONS: &[&str] = &[
     super::twins::TWINS_SCHEMA,
     // Version 4: twins by reported firmware.
     super::twins::TWINS_FW_INDEX,
+    // Version 5: the local IoT Core's shadow documents (kept across restarts).
+    super::local_shadows::LOCAL_SHADOWS_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version
