@@ -12,7 +12,7 @@ use fleet_shared::ingest::{
     OwnedInbound, ReplayPorts,
 };
 use fleet_shared::lambda::Backend;
-use fleet_shared::model::{validate_label, DeviceRegistration, ShadowName, ThingName};
+use fleet_shared::model::{validate_label, DeviceRegistration, ShadowName, ThingName, Twin};
 use fleet_shared::ports::{
     ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, ShadowService,
     TelemetryQuery, TelemetrySink, TwinStore,
@@ -21,7 +21,7 @@ use fleet_shared::twin::write::WriteOutcome;
 use fleet_shared::{time, BackendKind, Env};
 
 use crate::output;
-use crate::{Cli, Command, DevicesCommand, QuarantineCommand, TwinCommand};
+use crate::{Cli, Cohort, Command, DevicesCommand, QuarantineCommand, TwinCommand};
 
 /// The functions' variables, with the embedded backend (on `--db`) as the default.
 fn env(cli: &Cli) -> Env {
@@ -95,7 +95,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Twin { command: TwinCommand::Delete { thing, shadow, .. } } => {
                     twin_delete(&IotDataShadows::from_env(sdk, env)?, &thing, &shadow, json).await
                 }
-                Command::Twin { command } => twin(&TwinsTable::from_env(sdk, env)?, command, json).await,
+                Command::Twin { command } => {
+                    twin(&TwinsTable::from_env(sdk, env)?, &DevicesTable::from_env(sdk, env)?, command, json)
+                        .await
+                }
                 Command::Replay { prefix } => {
                     let archive = S3Archive::from_env(sdk, env)?;
                     let ports = ReplayPorts {
@@ -144,7 +147,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     )
                     .await
                 }
-                Command::Twin { command } => twin(db, command, json).await,
+                Command::Twin { command } => twin(db, db, command, json).await,
                 Command::Replay { prefix } => {
                     let ports = ReplayPorts { registry: db, sink: db, quarantine: db, reader: db };
                     run_replay(ports, &policy, &prefix, json).await
@@ -282,7 +285,54 @@ async fn devices(store: &impl DeviceAdmin, command: DevicesCommand, json: bool) 
     }
 }
 
-async fn twin(store: &impl TwinStore, command: TwinCommand, json: bool) -> Result<()> {
+/// How many twins an index query reads when a cohort filters them afterwards.
+const COHORT_READ: usize = 10_000;
+
+impl Cohort {
+    fn is_all(&self) -> bool {
+        self.class.is_none() && self.region.is_none()
+    }
+
+    /// How many twins to read from an index for `limit` answers in this cohort.
+    fn read(&self, limit: usize) -> usize {
+        if self.is_all() {
+            limit
+        } else {
+            limit.max(COHORT_READ)
+        }
+    }
+}
+
+/// The first `limit` twins whose device is in `cohort` (all of them when it names no class
+/// or region).
+async fn in_cohort(
+    registry: &impl DeviceRegistry,
+    twins: Vec<Twin>,
+    cohort: &Cohort,
+    limit: usize,
+) -> Result<Vec<Twin>> {
+    if cohort.is_all() {
+        return Ok(twins);
+    }
+    let mut things: Vec<ThingName> = twins.iter().map(|t| t.thing.clone()).collect();
+    things.sort();
+    things.dedup();
+    let devices = registry.get_many(&things).await?;
+    let member = |thing: &ThingName| {
+        devices.get(thing).is_some_and(|d| {
+            cohort.class.as_deref().is_none_or(|c| d.class() == c)
+                && cohort.region.as_deref().is_none_or(|r| d.region() == Some(r))
+        })
+    };
+    Ok(twins.into_iter().filter(|t| member(&t.thing)).take(limit).collect())
+}
+
+async fn twin(
+    store: &impl TwinStore,
+    registry: &impl DeviceRegistry,
+    command: TwinCommand,
+    json: bool,
+) -> Result<()> {
     match command {
         TwinCommand::Show { thing, shadow } => {
             let (thing, shadow) = (ThingName::parse(&thing)?, ShadowName::parse(&shadow)?);
@@ -294,18 +344,21 @@ async fn twin(store: &impl TwinStore, command: TwinCommand, json: bool) -> Resul
         TwinCommand::Set { .. } | TwinCommand::Delete { .. } => {
             bail!("twin set and delete go through the shadow service, not the twins store")
         }
-        TwinCommand::Query { filter, limit } => {
+        TwinCommand::Query { filter, limit, cohort } => {
             let (key, value) = filter
                 .split_once('=')
                 .with_context(|| format!("{filter:?}: expected key=value, e.g. fw=1.4.2"))?;
             if key != "fw" {
                 bail!("reported.{key} is not indexed (indexed: fw): querying it would read every twin");
             }
-            output::twins(&store.reporting_fw(value, limit).await?, json)
+            let found = store.reporting_fw(value, cohort.read(limit)).await?;
+            output::twins(&in_cohort(registry, found, &cohort, limit).await?, json)
         }
-        TwinCommand::Drift { older_than, limit } => {
+        TwinCommand::Drift { older_than, limit, cohort } => {
             let before = time::now_ms() - older_than.as_millis() as i64;
-            output::drifting(&store.drifting_since(before, limit).await?, time::now_ms(), json)
+            let drifting = store.drifting_since(before, cohort.read(limit)).await?;
+            let drifting = in_cohort(registry, drifting, &cohort, limit).await?;
+            output::drifting(&drifting, time::now_ms(), json)
         }
     }
 }
@@ -389,4 +442,61 @@ where
     let owned = messages_from_event(&text, now);
     let inbound: Vec<Inbound<'_>> = owned.iter().map(OwnedInbound::borrow).collect();
     Ok(ingest_batch(ports, policy, now, &inbound).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_shared::adapters::embedded::SqliteStore;
+    use fleet_shared::twin::{sync, TwinEvent};
+
+    use super::*;
+
+    fn drifting(thing: &str, at_s: i64) -> Result<TwinEvent> {
+        let body = serde_json::json!({
+            "current": {"state": {"desired": {"fw": "2"}, "reported": {"fw": "1"}},
+                        "metadata": {"desired": {"fw": {"timestamp": at_s}}}, "version": 1},
+            "timestamp": at_s, "thing": thing, "shadow": ""});
+        Ok(TwinEvent::parse(body.to_string().as_bytes())?)
+    }
+
+    #[tokio::test]
+    async fn a_cohort_keeps_the_first_twins_of_its_class_and_region_from_the_registry() -> Result<()> {
+        // GIVEN four drifting twins: two env-sensors in eu-west, one in us-east, one gateway
+        let db = SqliteStore::in_memory()?;
+        let reg = |class: &str, region: &str| DeviceRegistration {
+            class: class.into(),
+            region: region.into(),
+            fw: "1".into(),
+            registered_at_ms: 1,
+        };
+        db.register(&[
+            (ThingName::parse("a")?, reg("env-sensor", "eu-west")),
+            (ThingName::parse("b")?, reg("env-sensor", "us-east")),
+            (ThingName::parse("c")?, reg("gateway", "eu-west")),
+            (ThingName::parse("d")?, reg("env-sensor", "eu-west")),
+        ])
+        .await?;
+        for (i, thing) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            sync(&db, &drifting(thing, 1_000 + i as i64)?).await?;
+        }
+        let twins = db.drifting_since(i64::MAX, 100).await?;
+        let names = |ts: &[Twin]| ts.iter().map(|t| t.thing.to_string()).collect::<Vec<_>>();
+        let cohort = |class: Option<&str>, region: Option<&str>| Cohort {
+            class: class.map(str::to_owned),
+            region: region.map(str::to_owned),
+        };
+        // WHEN filtered by class and region, by region only, with a limit, and not at all
+        let both = in_cohort(&db, twins.clone(), &cohort(Some("env-sensor"), Some("eu-west")), 100).await?;
+        let region = in_cohort(&db, twins.clone(), &cohort(None, Some("eu-west")), 100).await?;
+        let first = in_cohort(&db, twins.clone(), &cohort(Some("env-sensor"), None), 1).await?;
+        let all = in_cohort(&db, twins.clone(), &Cohort::default(), 100).await?;
+        // THEN each keeps exactly its members, oldest drift first
+        assert_eq!(names(&both), ["a", "d"]);
+        assert_eq!(names(&region), ["a", "c", "d"]);
+        assert_eq!(names(&first), ["a"]);
+        assert_eq!(all.len(), 4);
+        // AND an index read for a cohort reads more than the limit
+        assert_eq!((cohort(Some("x"), None).read(5), Cohort::default().read(5)), (COHORT_READ, 5));
+        Ok(())
+    }
 }

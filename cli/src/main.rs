@@ -169,6 +169,8 @@ pub enum TwinCommand {
         filter: String,
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+        #[command(flatten)]
+        cohort: Cohort,
     },
     /// Twins drifting (desired not reported) for longer than a duration, oldest drift first.
     Drift {
@@ -176,7 +178,21 @@ pub enum TwinCommand {
         older_than: std::time::Duration,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        #[command(flatten)]
+        cohort: Cohort,
     },
+}
+
+/// Keep only devices of a class and/or region, from the device registry (one batched lookup
+/// of the twins the index returned: the cost follows the answer, never the fleet).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct Cohort {
+    /// Only devices registered with this class.
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Only devices registered in this region.
+    #[arg(long)]
+    pub region: Option<String>,
 }
 
 #[derive(Subcommand)]

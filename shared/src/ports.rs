@@ -22,7 +22,9 @@ use std::sync::Arc;
 
 use crate::error::{ErrorKind, StoreError};
 use crate::ingest::{ArchiveObject, QuarantineLine};
-use crate::model::{Device, DeviceRegistration, DeviceState, ShadowName, StoredReading, ThingName, Twin};
+use crate::model::{
+    Device, DeviceRegistration, DeviceState, DriftSummary, ShadowName, StoredReading, ThingName, Twin,
+};
 
 /// What the ingest pipeline reads and writes about devices.
 pub trait DeviceRegistry: Send + Sync {
@@ -165,6 +167,10 @@ pub trait TwinStore: Send + Sync {
         before_ms: i64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Twin>, StoreError>> + Send;
+
+    /// How many twins drift and since when the oldest does, from the drift index: the cost
+    /// grows with the drifting twins, not with the fleet.
+    fn drift_summary(&self) -> impl Future<Output = Result<DriftSummary, StoreError>> + Send;
 
     /// Twins whose reported firmware is `fw` (see [`Twin::reported_fw`]), by thing, at most
     /// `limit`: read through an index on it, never a scan.

@@ -44,6 +44,7 @@ macro_rules! port_contract {
             sink_accepts_a_batch_over_the_request_limit_with_one_status_per_reading(sink));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; twin_writes_are_conditional_on_the_revision(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; drifting_twins_are_read_oldest_drift_first(twins));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; the_drift_summary_counts_drifting_twins_and_the_oldest_start(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; twins_are_found_by_reported_firmware(twins));
     };
     (@one [$($attrs:tt)*] $ports:expr; $check:ident($port:ident)) => {
@@ -324,6 +325,28 @@ pub async fn drifting_twins_are_read_oldest_drift_first<S: TwinStore>(s: &S) -> 
     let drifting = s.drifting_since((base + 35) * 1000, 1).await?;
     let names: Vec<&str> = drifting.iter().map(|t| t.thing.as_str()).collect();
     ensure!(names == ["contract-0600"], "after contract-0602 caught up, limit 1: {names:?}");
+    Ok(())
+}
+
+/// The drift summary counts every drifting twin and the oldest start, and lets go of a twin
+/// back in sync (relative to what other checks left in the shared store).
+pub async fn the_drift_summary_counts_drifting_twins_and_the_oldest_start<S: TwinStore>(s: &S) -> Result<()> {
+    let before = s.drift_summary().await?;
+    // GIVEN two twins drifting, one since before anything else in the store
+    let oldest_s = 1_000; // seconds
+    sync(s, &shadow_update(&thing(800), "", 1, "2", "1", oldest_s)?).await?;
+    sync(s, &shadow_update(&thing(801), "", 1, "2", "1", 1_600_000_000)?).await?;
+    // WHEN the summary is read
+    let during = s.drift_summary().await?;
+    // THEN both count and the oldest start is the first one's
+    ensure!(during.drifting == before.drifting + 2, "{before:?} then {during:?}");
+    ensure!(during.oldest_since_ms == Some(oldest_s * 1000), "oldest: {during:?}");
+    // WHEN both catch up
+    sync(s, &shadow_update(&thing(800), "", 2, "2", "2", oldest_s + 5)?).await?;
+    sync(s, &shadow_update(&thing(801), "", 2, "2", "2", 1_600_000_005)?).await?;
+    // THEN the summary is what it was
+    let after = s.drift_summary().await?;
+    ensure!(after == before, "{before:?} then, after catching up, {after:?}");
     Ok(())
 }
 

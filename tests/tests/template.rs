@@ -320,9 +320,20 @@ fn dynamodb_actions(r: &Rendered, role: &str) -> Vec<String> {
 
 #[test]
 fn twin_sync_reads_and_conditionally_writes_twins_only() {
-    // TwinsTable as twin::sync uses it: GetItem, then PutItem conditioned on the revision.
+    // TwinsTable as twin::sync uses it: GetItem, then PutItem conditioned on the revision;
+    // the scheduled sweep queries the drift index, and only that index.
     let r = render(&[]);
-    assert_eq!(dynamodb_actions(&r, "TwinSyncRole"), ["dynamodb:GetItem", "dynamodb:PutItem"]);
+    assert_eq!(
+        dynamodb_actions(&r, "TwinSyncRole"),
+        ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"]
+    );
+    let statements = r.resources["TwinSyncRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+        .as_sequence()
+        .cloned()
+        .unwrap_or_default();
+    let query = statements.iter().find(|s| actions(s).iter().any(|a| a == "dynamodb:Query"));
+    let resource = format!("{:?}", query.map(|s| &s["Resource"]));
+    assert!(resource.contains("${TwinsTable.Arn}/index/by_drift"), "Query granted on {resource}");
     let env = function_env(&r, "TwinSyncFunction");
     let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
     assert_eq!(vars, ["FLEET_TWINS_TABLE"], "twin-sync gets only its own resources");

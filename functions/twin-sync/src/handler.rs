@@ -8,6 +8,9 @@
 //! - A direct invocation (one event, e.g. `cargo lambda invoke`): `{"applied":n,"stale":n,
 //!   "rejected":[reason]}`, or an error `Retryable`.
 //!
+//! - EventBridge's scheduled event (every 5 minutes): the fleet's drift, from the drift index,
+//!   as metrics (`DevicesDrifting`, `OldestDriftAge`); answered with the summary.
+//!
 //! An event that cannot be read is rejected with its reason (logged, counted), never retried.
 
 use std::sync::Arc;
@@ -87,6 +90,47 @@ pub struct DirectResponse {
 pub enum Response {
     Sqs(aws_lambda_events::event::sqs::SqsBatchResponse),
     Direct(DirectResponse),
+    Sweep(SweepResponse),
+}
+
+/// The answer to a scheduled invocation: the fleet's drift.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct SweepResponse {
+    pub drifting: u64,
+    pub oldest_drift_age_s: i64,
+}
+
+/// Just enough of an event to tell EventBridge's scheduled event from the others.
+#[derive(Deserialize)]
+struct Scheduled<'a> {
+    source: Option<&'a str>,
+    #[serde(rename = "detail-type")]
+    detail_type: Option<&'a str>,
+}
+
+fn is_scheduled(payload: &str) -> bool {
+    serde_json::from_str::<Scheduled<'_>>(payload)
+        .is_ok_and(|e| e.source == Some("aws.events") && e.detail_type == Some("Scheduled Event"))
+}
+
+/// The scheduled sweep: the fleet's drift from the drift index, as metrics.
+pub async fn sweep<T: TwinStore>(deps: &Deps<T>, now: i64) -> Result<SweepResponse, Retryable> {
+    let summary = deps
+        .twins
+        .drift_summary()
+        .await
+        .map_err(|e| Retryable { what: "drift not summarised", source: Arc::new(e) })?;
+    let oldest_drift_age_s = summary.oldest_age_ms(now) / 1000;
+    info!(drifting = summary.drifting, oldest_drift_age_s, "fleet drift");
+    deps.metrics.emit(&[MetricSet {
+        timestamp_ms: now,
+        dimensions: vec![("Function", FUNCTION.to_owned())],
+        values: vec![
+            ("DevicesDrifting", summary.drifting as f64, Unit::Count),
+            ("OldestDriftAge", oldest_drift_age_s as f64, Unit::Seconds),
+        ],
+    }]);
+    Ok(SweepResponse { drifting: summary.drifting, oldest_drift_age_s })
 }
 
 pub async fn handle<T: TwinStore>(
@@ -94,6 +138,9 @@ pub async fn handle<T: TwinStore>(
     event: LambdaEvent<Box<RawValue>>,
 ) -> Result<Response, Retryable> {
     let now = (deps.clock)();
+    if is_scheduled(event.payload.get()) {
+        return sweep(deps, now).await.map(Response::Sweep);
+    }
     match parse_event(event.payload.get(), now) {
         Trigger::Sqs(messages) => {
             let outcome = run(deps, now, &messages).await;

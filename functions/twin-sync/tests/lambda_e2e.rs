@@ -57,6 +57,9 @@ async fn cargo_lambda_invoke_mirrors_the_sample_shadow_events_in_the_embedded_ba
         .await?
         .context("the config twin of sensor-002")?;
     ensure!((config.version, config.drift_keys()) == (7, vec!["rate_s".to_owned()]), "{config:?}");
+    // AND the scheduled sweep counts that one drifting twin
+    let sweep = lambda.invoke(&event("scheduled-sweep.json"))?;
+    ensure!(sweep["drifting"] == 1 && sweep["oldest_drift_age_s"].as_i64() > Some(0), "sweep: {sweep}");
 
     // WHEN the classic shadow's delete arrives, then the same batch is delivered again
     let deleted = lambda.invoke(&event("delete-classic.json"))?;

@@ -10,4 +10,6 @@ pub use device::{
 };
 pub use telemetry::{MessageId, Metric, Reading, ReadingFlags, StoredReading};
 pub use thing::{InvalidThingName, ThingName};
-pub use twin::{DriftHistory, InvalidShadowName, ShadowName, Twin, VersionDrift, MAX_SHADOW_NAME_LEN};
+pub use twin::{
+    DriftHistory, DriftSummary, InvalidShadowName, ShadowName, Twin, VersionDrift, MAX_SHADOW_NAME_LEN,
+};

@@ -138,6 +138,29 @@ impl DriftHistory {
     }
 }
 
+/// The fleet's drift at a glance: how many twins drift, and since when the oldest drift.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftSummary {
+    pub drifting: u64,
+    pub oldest_since_ms: Option<i64>,
+}
+
+impl DriftSummary {
+    /// Add another part of the fleet (an index shard).
+    pub fn merge(self, other: DriftSummary) -> DriftSummary {
+        let oldest_since_ms = match (self.oldest_since_ms, other.oldest_since_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        DriftSummary { drifting: self.drifting + other.drifting, oldest_since_ms }
+    }
+
+    /// Age of the oldest drift at `now_ms` (0 when nothing drifts).
+    pub fn oldest_age_ms(&self, now_ms: i64) -> i64 {
+        self.oldest_since_ms.map_or(0, |since| (now_ms - since).max(0))
+    }
+}
+
 /// A mirrored shadow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Twin {

@@ -1,7 +1,7 @@
 //! Handler tests: every event of `events/twin-sync/` through the handler, over the embedded
 //! (SQLite, in-memory) Twins store; a failing store for the retry paths.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context as _, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::lambda::ErrorType;
 use fleet_shared::model::{ShadowName, ThingName, Twin};
@@ -13,6 +13,7 @@ const CLASSIC: &str = include_str!("../../../../events/twin-sync/documents-class
 const NAMED: &str = include_str!("../../../../events/twin-sync/documents-named.json");
 const DELETE: &str = include_str!("../../../../events/twin-sync/delete-classic.json");
 const OUT_OF_ORDER: &str = include_str!("../../../../events/twin-sync/sqs-out-of-order.json");
+const SWEEP: &str = include_str!("../../../../events/twin-sync/scheduled-sweep.json");
 
 /// The events happen at 2025-11-24T16:00:00Z and a few minutes after.
 fn fixed_clock() -> i64 {
@@ -100,6 +101,36 @@ async fn a_delete_is_mirrored() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn the_scheduled_sweep_reports_the_fleet_drift_as_metrics() -> Result<()> {
+    // GIVEN sensor-001 drifting on fw since 16:00:00 and sensor-002's config since its event
+    let collected = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&collected);
+    let mut deps = deps()?;
+    deps.metrics = MetricsOut::Collect(Arc::new(move |set: &MetricSet| {
+        sink.lock().expect("lock").push(set.clone());
+    }));
+    invoke(&deps, CLASSIC).await?;
+    invoke(&deps, NAMED).await?;
+    // WHEN the scheduled event comes
+    let Response::Sweep(r) = invoke(&deps, SWEEP).await? else { return Err(anyhow!("expected a sweep")) };
+    // THEN two twins drift, the oldest since 16:00:00, 400 s before the fixed clock
+    assert_eq!(r, SweepResponse { drifting: 2, oldest_drift_age_s: 400 });
+    let sets = collected.lock().expect("lock").clone();
+    let sweep = sets.last().context("no metrics")?;
+    let value = |name: &str| sweep.values.iter().find(|(n, _, _)| *n == name).map(|(_, v, _)| *v);
+    assert_eq!((value("DevicesDrifting"), value("OldestDriftAge")), (Some(2.0), Some(400.0)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sweep_on_a_busy_store_fails_retryable() -> Result<()> {
+    let deps = Deps { twins: Busy, clock: fixed_clock, metrics: MetricsOut::Off };
+    let err = invoke(&deps, SWEEP).await.err().context("a busy store must fail the sweep")?;
+    assert_eq!(err.error_type(), "Retryable");
+    Ok(())
+}
+
 /// A Twins store that is always busy.
 struct Busy;
 
@@ -109,6 +140,9 @@ impl TwinStore for Busy {
     }
     async fn put_twin(&self, _: &Twin) -> Result<bool, StoreError> {
         Err(StoreError::transient("twin put", "throttled"))
+    }
+    async fn drift_summary(&self) -> Result<fleet_shared::model::DriftSummary, StoreError> {
+        Err(StoreError::transient("twins drift summary", "throttled"))
     }
     async fn drifting_since(&self, _: i64, _: usize) -> Result<Vec<Twin>, StoreError> {
         Err(StoreError::transient("twins drifting", "throttled"))

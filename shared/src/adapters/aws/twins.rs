@@ -23,7 +23,7 @@ use futures_util::stream::{self, StreamExt};
 use super::classify;
 use crate::env::{ConfigError, Env};
 use crate::error::StoreError;
-use crate::model::{ShadowName, ThingName, Twin};
+use crate::model::{DriftSummary, ShadowName, ThingName, Twin};
 use crate::ports::TwinStore;
 
 /// Index shards of the drift GSI.
@@ -109,7 +109,52 @@ impl TwinsTable {
     }
 }
 
+impl TwinsTable {
+    /// One drift index shard: its count (`Select: COUNT`, every page) and its oldest drift
+    /// (one item, ascending). Reads only the shard's drifting twins.
+    async fn drift_shard_summary(&self, shard: u32) -> Result<DriftSummary, StoreError> {
+        let op = "dynamodb twins drift summary";
+        let query = || {
+            self.client
+                .query()
+                .table_name(&self.table)
+                .index_name(DRIFT_INDEX)
+                .key_condition_expression("drift_shard = :shard")
+                .expression_attribute_values(":shard", s(format!("d#{shard}")))
+        };
+        let mut pages = query().select(aws_sdk_dynamodb::types::Select::Count).into_paginator().send();
+        let mut drifting = 0u64;
+        while let Some(page) = pages.next().await {
+            drifting += page.map_err(|e| classify(op, e))?.count().max(0) as u64;
+        }
+        if drifting == 0 {
+            return Ok(DriftSummary::default());
+        }
+        let oldest = query()
+            .scan_index_forward(true)
+            .limit(1)
+            .projection_expression("drift_since_ms")
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        let oldest_since_ms = oldest
+            .items()
+            .first()
+            .and_then(|item| item.get("drift_since_ms"))
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok());
+        Ok(DriftSummary { drifting, oldest_since_ms })
+    }
+}
+
 impl TwinStore for TwinsTable {
+    async fn drift_summary(&self) -> Result<DriftSummary, StoreError> {
+        let shards = (0..DRIFT_SHARDS).map(|i| self.drift_shard_summary(i));
+        let results: Vec<Result<DriftSummary, StoreError>> =
+            stream::iter(shards).buffer_unordered(super::MAX_CONCURRENT_REQUESTS).collect().await;
+        results.into_iter().try_fold(DriftSummary::default(), |acc, r| Ok(acc.merge(r?)))
+    }
+
     async fn twin(&self, thing: &ThingName, shadow: &ShadowName) -> Result<Option<Twin>, StoreError> {
         let out = self
             .client

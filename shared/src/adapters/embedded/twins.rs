@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, Row};
 
 use super::SqliteStore;
 use crate::error::StoreError;
-use crate::model::{ShadowName, ThingName, Twin};
+use crate::model::{DriftSummary, ShadowName, ThingName, Twin};
 use crate::ports::TwinStore;
 
 /// Migration step 3 (see `MIGRATIONS` in `sqlite.rs`).
@@ -81,6 +81,18 @@ impl TwinStore for SqliteStore {
             )?;
             let rows = st.query_map(params![fw, limit as i64], twin_from_row)?;
             rows.collect()
+        })
+        .await
+    }
+
+    async fn drift_summary(&self) -> Result<DriftSummary, StoreError> {
+        self.with("sqlite twins drift summary", |c| {
+            c.prepare_cached(
+                "SELECT count(*), min(drift_since_ms) FROM twins WHERE drift_since_ms IS NOT NULL",
+            )?
+            .query_row([], |r| {
+                Ok(DriftSummary { drifting: r.get::<_, i64>(0)?.max(0) as u64, oldest_since_ms: r.get(1)? })
+            })
         })
         .await
     }
