@@ -13,8 +13,8 @@
 //! shadow), 409 (version conflict), 413 (desired + reported over 8 KB after the merge).
 //! A shadow deleted less than 48 hours ago and created again continues its version numbers.
 //! Shadows are kept in the local database (`local_shadows`), so they outlive a restart: every
-//! change is numbered under the service's lock and written after it is answered, and a write
-//! never replaces a later change.
+//! change is numbered under the service's lock and stored before it is answered (a failed store
+//! is logged; the change then lives in memory only), and a write never replaces a later change.
 
 use std::collections::HashMap;
 
