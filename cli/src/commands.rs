@@ -12,16 +12,19 @@ use fleet_shared::ingest::{
     OwnedInbound, ReplayPorts,
 };
 use fleet_shared::lambda::Backend;
-use fleet_shared::model::{validate_label, DeviceRegistration, ShadowName, ThingName, Twin};
+use fleet_shared::model::{validate_label, DeviceRegistration, ShadowName, StaleAction, ThingName, Twin};
 use fleet_shared::ports::{
     ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, ShadowService,
-    TelemetryQuery, TelemetrySink, TwinStore,
+    TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
 };
+use fleet_shared::twin::policy::StalePolicy;
 use fleet_shared::twin::write::WriteOutcome;
 use fleet_shared::{time, BackendKind, Env};
 
 use crate::output;
-use crate::{Cli, Cohort, Command, DevicesCommand, QuarantineCommand, TwinCommand};
+use crate::{
+    Cli, Cohort, Command, DevicesCommand, PolicyAction, PolicyCommand, QuarantineCommand, TwinCommand,
+};
 
 /// The functions' variables, with the embedded backend (on `--db`) as the default.
 fn env(cli: &Cli) -> Env {
@@ -95,6 +98,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Twin { command: TwinCommand::Delete { thing, shadow, .. } } => {
                     twin_delete(&IotDataShadows::from_env(sdk, env)?, &thing, &shadow, json).await
                 }
+                Command::Twin { command: TwinCommand::Policy { command } } => {
+                    twin_policy(&TwinsTable::from_env(sdk, env)?, command, json).await
+                }
                 Command::Twin { command } => {
                     twin(&TwinsTable::from_env(sdk, env)?, &DevicesTable::from_env(sdk, env)?, command, json)
                         .await
@@ -146,6 +152,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                         json,
                     )
                     .await
+                }
+                Command::Twin { command: TwinCommand::Policy { command } } => {
+                    twin_policy(db, command, json).await
                 }
                 Command::Twin { command } => twin(db, db, command, json).await,
                 Command::Replay { prefix } => {
@@ -341,6 +350,7 @@ async fn twin(
                 None => bail!("no twin for {thing} / shadow {shadow}"),
             }
         }
+        TwinCommand::Policy { .. } => bail!("twin policy is handled with the policies store"),
         TwinCommand::Set { .. } | TwinCommand::Delete { .. } => {
             bail!("twin set and delete go through the shadow service, not the twins store")
         }
@@ -401,6 +411,27 @@ async fn twin_set(
         WriteOutcome::Applied { .. } => Ok(()),
         WriteOutcome::GaveUp { attempts } => bail!("gave up after {attempts} version conflicts"),
         WriteOutcome::Rejected { code, message } => bail!("rejected ({code}): {message}"),
+    }
+}
+
+async fn twin_policy(store: &impl TwinPolicies, command: PolicyCommand, json: bool) -> Result<()> {
+    match command {
+        PolicyCommand::List => output::policies(&store.policies().await?, json),
+        PolicyCommand::Set { key, after, action } => {
+            let action = match action {
+                PolicyAction::Report => StaleAction::Report,
+                PolicyAction::Release => StaleAction::Release,
+            };
+            let after_ms = i64::try_from(after.as_millis()).context("--after is too long")?;
+            store.set_policy(&StalePolicy::new(&key, after_ms, action)?).await?;
+            output::policies(&store.policies().await?, json)
+        }
+        PolicyCommand::Remove { key } => {
+            if !store.remove_policy(&key).await? {
+                bail!("no policy for {key:?}");
+            }
+            output::policies(&store.policies().await?, json)
+        }
     }
 }
 

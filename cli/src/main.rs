@@ -172,6 +172,12 @@ pub enum TwinCommand {
         #[command(flatten)]
         cohort: Cohort,
     },
+    /// Stale-desired policies: after how long a drifting key is marked diverged, and whether
+    /// it is then released (removed from the shadow's desired state).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Twins drifting (desired not reported) for longer than a duration, oldest drift first.
     Drift {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -181,6 +187,30 @@ pub enum TwinCommand {
         #[command(flatten)]
         cohort: Cohort,
     },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Every policy.
+    List,
+    /// Add or replace the policy of a top-level desired key.
+    Set {
+        key: String,
+        /// How long the key may drift before it is marked diverged (at least 1m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        after: std::time::Duration,
+        /// report: mark and count; release: also remove the key from the shadow's desired state.
+        #[arg(long, value_enum, default_value_t = PolicyAction::Report)]
+        action: PolicyAction,
+    },
+    /// Remove a key's policy.
+    Remove { key: String },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum PolicyAction {
+    Report,
+    Release,
 }
 
 /// Keep only devices of a class and/or region, from the device registry (one batched lookup

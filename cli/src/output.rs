@@ -7,6 +7,7 @@ use fleet_shared::ingest::{BatchOutcome, QuarantineLine, ReplayReport};
 use fleet_shared::model::{Device, ShadowName, StoredReading, ThingName, Twin};
 use fleet_shared::text::printable;
 use fleet_shared::time::rfc3339_ms;
+use fleet_shared::twin::policy::StalePolicy;
 use fleet_shared::twin::write::WriteOutcome;
 use serde_json::json;
 
@@ -179,6 +180,7 @@ pub fn twin(t: &Twin, json: bool) -> Result<()> {
             "thing": t.thing, "shadow": t.shadow, "version": t.version, "deleted": t.deleted,
             "desired": t.desired, "reported": t.reported, "delta": t.delta,
             "drift_keys": t.drift_keys(), "drift_since_ms": t.drift_since_ms, "updated_ms": t.updated_ms,
+            "diverged": t.diverged,
         }));
     }
     let shown = |m: &serde_json::Map<String, serde_json::Value>| serde_json::to_string(m).unwrap_or_default();
@@ -192,9 +194,48 @@ pub fn twin(t: &Twin, json: bool) -> Result<()> {
             vec!["reported".into(), shown(&t.reported)],
             vec!["delta".into(), shown(&t.delta)],
             vec!["drifting since".into(), opt(t.drift_since_ms.map(rfc3339_ms))],
+            vec!["diverged".into(), diverged(t)],
             vec!["updated".into(), rfc3339_ms(t.updated_ms)],
         ],
     )
+}
+
+/// `mode (released; desired "eco", reported "on", since …)`, one per diverged key.
+fn diverged(t: &Twin) -> String {
+    let parts: Vec<String> = t
+        .diverged
+        .iter()
+        .map(|(key, d)| {
+            let state = if d.released { "released".to_owned() } else { d.action.as_str().to_owned() };
+            let reported = d.reported.as_ref().map_or_else(|| "nothing".to_owned(), |v| v.to_string());
+            format!(
+                "{key} ({state}; desired {}, reported {reported}, since {})",
+                d.desired,
+                rfc3339_ms(d.since_ms)
+            )
+        })
+        .collect();
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
+pub fn policies(policies: &[StalePolicy], json: bool) -> Result<()> {
+    if json {
+        return print_json(&policies);
+    }
+    let rows: Vec<Vec<String>> = policies
+        .iter()
+        .map(|p| {
+            let after = humantime::format_duration(std::time::Duration::from_millis(
+                p.diverge_after_ms.max(0) as u64,
+            ));
+            vec![p.key.clone(), after.to_string(), p.action.as_str().to_owned()]
+        })
+        .collect();
+    table(&["KEY", "DIVERGED AFTER", "ACTION"], &rows)
 }
 
 pub fn drifting(twins: &[Twin], now_ms: i64, json: bool) -> Result<()> {
@@ -203,7 +244,8 @@ pub fn drifting(twins: &[Twin], now_ms: i64, json: bool) -> Result<()> {
             .iter()
             .map(|t| {
                 json!({"thing": t.thing, "shadow": t.shadow, "version": t.version,
-                            "drift_keys": t.drift_keys(), "drift_since_ms": t.drift_since_ms})
+                            "drift_keys": t.drift_keys(), "drift_since_ms": t.drift_since_ms,
+                            "diverged": t.diverged.keys().collect::<Vec<_>>()})
             })
             .collect();
         return print_json(&rows);
@@ -216,16 +258,18 @@ pub fn drifting(twins: &[Twin], now_ms: i64, json: bool) -> Result<()> {
                     std::time::Duration::from_secs(((now_ms - s) / 1000).max(0) as u64),
                 )
             });
+            let diverged: Vec<&str> = t.diverged.keys().map(String::as_str).collect();
             vec![
                 t.thing.to_string(),
                 t.shadow.to_string(),
                 t.drift_keys().join(","),
                 opt(t.drift_since_ms.map(rfc3339_ms)),
                 opt(age),
+                if diverged.is_empty() { "-".to_owned() } else { diverged.join(",") },
             ]
         })
         .collect();
-    table(&["THING", "SHADOW", "DRIFTING KEYS", "SINCE", "FOR"], &rows)
+    table(&["THING", "SHADOW", "DRIFTING KEYS", "SINCE", "FOR", "DIVERGED"], &rows)
 }
 
 pub fn write_outcome(thing: &ThingName, shadow: &ShadowName, o: &WriteOutcome, json: bool) -> Result<()> {

@@ -388,6 +388,20 @@ fn sigterm_under_continuous_publishing_loses_nothing_acknowledged() -> Result<()
     stop_under_continuous_publishing_loses_nothing_acknowledged("TERM")
 }
 
+/// The DOM of a dashboard page as headless Chromium rendered it.
+fn chromium_dom(http: SocketAddr, profile: &Path, path: &str) -> Result<String> {
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(format!("http://{http}{path}"))
+        .output()
+        .context("running chromium (scripts/test.sh installs it)")?;
+    ensure!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
 #[ignore = "needs mosquitto_pub and Debian's chromium, installed by scripts/test.sh"]
 fn dashboard_shows_the_fleet_figures_in_headless_chromium() -> Result<()> {
@@ -397,18 +411,7 @@ fn dashboard_shows_the_fleet_figures_in_headless_chromium() -> Result<()> {
     local.publish("sensor-001", "not json at all")?;
     local.settled(3)?;
     let profile = tempfile::tempdir()?;
-    let dump = |path: &str| -> Result<String> {
-        let out = Command::new("chromium")
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
-            .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("--dump-dom")
-            .arg(format!("http://{}{path}", local.http))
-            .output()
-            .context("running chromium (scripts/test.sh installs it)")?;
-        ensure!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let dump = |path: &str| chromium_dom(local.http, profile.path(), path);
     // The fleet overview, as Chromium rendered it.
     let dom = dump("/")?;
     for figure in [
@@ -420,12 +423,66 @@ fn dashboard_shows_the_fleet_figures_in_headless_chromium() -> Result<()> {
         r#"id="reason-malformed_json">1<"#,
         r#"href="/devices/sensor-001""#,
         r#"<td class="online">online</td>"#,
+        r#"id="twins-drifting">0<"#,
     ] {
         assert!(dom.contains(figure), "dashboard lacks {figure}:\n{dom}");
     }
     // A device page with its metrics charted as SVG.
     let device = dump("/devices/sensor-001")?;
     assert!(device.contains("<svg") && device.contains("temp_c"), "{device}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs mosquitto_pub and Debian's chromium, installed by scripts/test.sh"]
+fn dashboard_lists_a_drifting_twin_with_its_keys_and_shows_its_shadow_in_headless_chromium() -> Result<()> {
+    // GIVEN fleetctl local, and sensor-001 reporting firmware 1.4.2 on its classic shadow
+    let local = Local::start()?;
+    let update = "$aws/things/sensor-001/shadow/update";
+    let report = r#"{"state":{"reported":{"fw":"1.4.2","mode":"normal"}}}"#;
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &local.mqtt.to_string(), "-q", "1", "-i", "sensor-001"])
+        .args(["-t", update, "-m", report])
+        .output()
+        .context("running mosquitto_pub (scripts/test.sh installs mosquitto-clients)")?;
+    ensure!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    // WHEN an operator desires firmware 1.5.0 and a label holding markup, neither of which the
+    // device reports, through the local IoT Core's shadow service
+    local.publish_as_operator(update, r#"{"state":{"desired":{"fw":"1.5.0","label":"<b>lab</b>"}}}"#)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !get(local.http, "/twins/sensor-001").is_ok_and(|page| page.contains(r#"id="twin-version">2<"#)) {
+        ensure!(Instant::now() < deadline, "twin of sensor-001 not at version 2:\n{}", local.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // THEN the twins page, as Chromium rendered it, lists sensor-001 with each drifting key,
+    // desired against reported, the label as text
+    let profile = tempfile::tempdir()?;
+    let dump = |path: &str| chromium_dom(local.http, profile.path(), path);
+    let twins = dump("/twins")?;
+    for part in [
+        r#"id="twins-drifting">1<"#,
+        r#"<a href="/twins/sensor-001">sensor-001</a>"#,
+        r#"<td class="key"><code>fw</code></td><td class="desired"><code>"1.5.0"</code></td><td class="reported"><code>"1.4.2"</code></td>"#,
+        r#"<td class="key"><code>label</code></td><td class="desired"><code>"&lt;b&gt;lab&lt;/b&gt;"</code></td><td class="reported"><span class="muted">not reported</span></td>"#,
+        r#"<span class="muted">classic</span>"#,
+    ] {
+        assert!(twins.contains(part), "twins page lacks {part}:\n{twins}");
+    }
+    assert!(!twins.contains("<b>") && !twins.contains(">mode<"), "{twins}");
+    // AND the twin's page shows its version, state and documents
+    let twin = dump("/twins/sensor-001")?;
+    for part in [
+        r#"id="twin-version">2<"#,
+        r#"id="twin-state">drifting<"#,
+        r#"id="drift-keys">2<"#,
+        r#""fw": "1.5.0""#,
+        r#""mode": "normal""#,
+    ] {
+        assert!(twin.contains(part), "twin page lacks {part}:\n{twin}");
+    }
+    // AND the fleet overview counts it and links to the list
+    let fleet = dump("/")?;
+    assert!(fleet.contains(r#"id="twins-drifting">1<"#) && fleet.contains(r#"href="/twins""#), "{fleet}");
     Ok(())
 }
 

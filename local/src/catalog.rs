@@ -3,14 +3,21 @@
 //! is built exactly as its `main.rs` builds it on the embedded backend, except that its
 //! metrics feed the local IoT Core's counters instead of stdout.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fleet_shared::lambda::{EmbeddedBackend, StartupError};
 use fleet_shared::metrics::MetricsOut;
 
 use crate::functions::{lambda, Functions};
+use crate::shadow_client::MqttShadows;
 
-pub fn functions(backend: &EmbeddedBackend, metrics: &MetricsOut) -> Result<Functions, StartupError> {
+/// `mqtt`: the local IoT Core's MQTT listener, where twin-sync reaches the shadow service.
+pub fn functions(
+    backend: &EmbeddedBackend,
+    metrics: &MetricsOut,
+    mqtt: SocketAddr,
+) -> Result<Functions, StartupError> {
     let mut f = Functions::default();
     f.add(
         "IngestTelemetryFunction",
@@ -21,7 +28,10 @@ pub fn functions(backend: &EmbeddedBackend, metrics: &MetricsOut) -> Result<Func
     );
     f.add(
         "TwinSyncFunction",
-        lambda(twin_sync(backend, metrics)?, |d, e| async move { twin_sync::handler::handle(&d, e).await }),
+        lambda(
+            twin_sync(backend, metrics, mqtt)?,
+            |d, e| async move { twin_sync::handler::handle(&d, e).await },
+        ),
     );
     Ok(f)
 }
@@ -38,8 +48,13 @@ fn ingest(
 fn twin_sync(
     b: &EmbeddedBackend,
     metrics: &MetricsOut,
-) -> Result<Arc<twin_sync::handler::EmbeddedDeps>, StartupError> {
-    let mut deps = twin_sync::handler::EmbeddedDeps::on_embedded(b)?;
-    deps.metrics = metrics.clone();
-    Ok(Arc::new(deps))
+    mqtt: SocketAddr,
+) -> Result<Arc<twin_sync::handler::EmbeddedDeps<MqttShadows>>, StartupError> {
+    let deps = twin_sync::handler::EmbeddedDeps::on_embedded(b)?;
+    Ok(Arc::new(twin_sync::handler::Deps {
+        twins: deps.twins,
+        shadows: Some(MqttShadows::connect(mqtt)),
+        clock: deps.clock,
+        metrics: metrics.clone(),
+    }))
 }

@@ -4,6 +4,8 @@
 //! |---|---|
 //! | `GET /` | dashboard: fleet overview |
 //! | `GET /devices/{thing}` | dashboard: one device, metrics charted |
+//! | `GET /twins` | dashboard: drifting twins, oldest drift first (at most [`dashboard::TWIN_ROWS`]) |
+//! | `GET /twins/{thing}?shadow=` | dashboard: one twin (classic shadow unless `shadow` names one) |
 //! | `GET /api/health` | fleet health summary (JSON) |
 //! | `GET /api/devices?limit=&cursor=` | devices by thing name |
 //! | `GET /api/devices/{thing}/telemetry?since_ms=&limit=&cursor=` | a device's readings, oldest first |
@@ -23,8 +25,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::ingest::{QuarantineLine, Reason};
-use fleet_shared::model::{Device, StoredReading, ThingName};
-use fleet_shared::ports::{DeviceAdmin, TelemetryQuery};
+use fleet_shared::model::{Device, ShadowName, StoredReading, ThingName};
+use fleet_shared::ports::{DeviceAdmin, TelemetryQuery, TwinStore};
 use fleet_shared::time;
 use serde::{Deserialize, Serialize};
 
@@ -236,8 +238,42 @@ async fn page_fleet(State(state): State<AppState>) -> Result<maud::Markup, ApiEr
     let devices = state.store.devices().await?;
     let quarantine = state.store.quarantine_counts().await?;
     let now = time::now_ms();
+    let drifting = drifting(&state, now).await?;
     let health = fleet_health(&devices, quarantine, &state, now);
-    Ok(dashboard::fleet_page(&health, &devices, now))
+    Ok(dashboard::fleet_page(&health, &devices, &drifting, now))
+}
+
+/// The oldest drifts, through the drift index: one more than a page lists, to tell whether
+/// there are more.
+async fn drifting(state: &AppState, now: i64) -> Result<dashboard::Drifting, ApiError> {
+    let twins = state.store.drifting_since(now, dashboard::TWIN_ROWS + 1).await?;
+    let summary = state.store.drift_summary().await?;
+    Ok(dashboard::Drifting::from_oldest(twins, summary.drifting))
+}
+
+async fn page_twins(State(state): State<AppState>) -> Result<maud::Markup, ApiError> {
+    let now = time::now_ms();
+    Ok(dashboard::twins_page(&drifting(&state, now).await?, now))
+}
+
+#[derive(Deserialize)]
+struct TwinParams {
+    /// A named shadow; absent or empty: the classic one.
+    shadow: Option<String>,
+}
+
+async fn page_twin(
+    State(state): State<AppState>,
+    Path(t): Path<String>,
+    Query(q): Query<TwinParams>,
+) -> Result<Response, ApiError> {
+    let thing = thing(&t)?;
+    let shadow = ShadowName::parse(q.shadow.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(match state.store.twin(&thing, &shadow).await? {
+        Some(twin) => dashboard::twin_page(&twin, time::now_ms()).into_response(),
+        None => (StatusCode::NOT_FOUND, dashboard::no_twin_page(&thing, &shadow)).into_response(),
+    })
 }
 
 async fn page_device(State(state): State<AppState>, Path(t): Path<String>) -> Result<Response, ApiError> {
@@ -256,6 +292,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(page_fleet))
         .route("/devices/{thing}", get(page_device))
+        .route("/twins", get(page_twins))
+        .route("/twins/{thing}", get(page_twin))
         .route("/api/health", get(api_health))
         .route("/api/devices", get(api_devices))
         .route("/api/devices/{thing}/telemetry", get(api_telemetry))

@@ -75,6 +75,7 @@ pub struct LocalStack {
     pub http: SocketAddr,
     pub template: Template,
     pub template_source: String,
+    functions: Arc<functions::Functions>,
     broker: Broker,
     drain_deadline: Duration,
     drain_queues: watch::Sender<bool>,
@@ -106,18 +107,37 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     let metric_stats = Arc::clone(&stats);
     let metrics = MetricsOut::Collect(Arc::new(move |set| metric_stats.record_metrics(set)));
     let backend = EmbeddedBackend { db: store.clone(), env: opts.env.clone() };
-    let functions = Arc::new(catalog::functions(&backend, &metrics)?);
-    for (function, by) in template.invoked_functions() {
-        if !functions.contains(function) {
-            bail!("{by} invokes {function}, which has no local handler (add it to fleet-local's catalog.rs)");
-        }
-    }
 
     // HTTP first: a taken port fails before anything else starts.
     let http_listener = tokio::net::TcpListener::bind(SocketAddr::new(opts.bind, opts.http_port))
         .await
         .with_context(|| format!("HTTP port {}", opts.http_port))?;
     let http = http_listener.local_addr()?;
+
+    // Then the broker: the functions that write shadows (twin-sync's stale-desired releases)
+    // reach its shadow service over MQTT, as an operator would.
+    let broker_opts = BrokerOptions {
+        addr: SocketAddr::new(opts.bind, opts.mqtt_port),
+        policy: template.device_policy.clone(),
+        max_payload_bytes: fleet_shared::ingest::envelope::MAX_PAYLOAD_BYTES,
+        shadows: shadow::Shadows::restore(store.local_shadows().await?),
+        shadow_store: Some(store.clone()),
+    };
+    let (broker, mut intake) = Broker::start(broker_opts, Arc::clone(&stats)).await?;
+    let functions = match catalog::functions(&backend, &metrics, broker.addr) {
+        Ok(f) => Arc::new(f),
+        Err(e) => {
+            broker.stop().await;
+            return Err(e.into());
+        }
+    };
+    if let Some((function, by)) = template.invoked_functions().find(|(f, _)| !functions.contains(f)) {
+        let missing = format!(
+            "{by} invokes {function}, which has no local handler (add it to fleet-local's catalog.rs)"
+        );
+        broker.stop().await;
+        bail!(missing);
+    }
 
     // One queue (and consumer) per queue an SQS action sends to.
     let (drain_queues, drain_rx) = watch::channel(false);
@@ -145,14 +165,6 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         }
     }
 
-    let broker_opts = BrokerOptions {
-        addr: SocketAddr::new(opts.bind, opts.mqtt_port),
-        policy: template.device_policy.clone(),
-        max_payload_bytes: fleet_shared::ingest::envelope::MAX_PAYLOAD_BYTES,
-        shadows: shadow::Shadows::restore(store.local_shadows().await?),
-        shadow_store: Some(store.clone()),
-    };
-    let (broker, mut intake) = Broker::start(broker_opts, Arc::clone(&stats)).await?;
     let engine = Engine {
         rules: template.rules.clone(),
         queues,
@@ -182,6 +194,7 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         http,
         template,
         template_source,
+        functions,
         broker,
         drain_deadline: opts.drain_deadline,
         drain_queues,
@@ -195,6 +208,13 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
 impl LocalStack {
     pub fn rules(&self) -> &[Rule] {
         &self.template.rules
+    }
+
+    /// Run a scheduled function now, with the event its timer sends (EventBridge's shape);
+    /// its answer.
+    pub async fn run_schedule(&self, function: &str) -> Result<serde_json::Value> {
+        let event = schedule::scheduled_event(function, time::now_ms());
+        Ok(self.functions.invoke(function, &event).await?)
     }
 
     /// Stop intake (no new connections; publishes from now on are left unacknowledged), handle

@@ -435,3 +435,75 @@ async fn shadows_outlive_a_restart_and_a_deleted_one_continues_its_versions() ->
     drop(svc);
     stack.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_policy_removes_a_desired_key_the_device_never_took_from_its_shadow() -> Result<()> {
+    use fleet_local::shadow_client::MqttShadows;
+    use fleet_shared::model::{ShadowName, StaleAction};
+    use fleet_shared::ports::{ShadowService, TwinPolicies, TwinStore};
+    use fleet_shared::twin::policy::StalePolicy;
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let thing = ThingName::parse("sensor-001")?;
+    let classic = ShadowName::classic();
+    // GIVEN a policy: mode is released after 10 minutes of drift
+    stack.store.set_policy(&StalePolicy::new("mode", 600_000, StaleAction::Release)?).await?;
+    // AND a twin whose mode has drifted for an hour (its history, as twin-sync saw it)
+    let (operator, mut events) = client(&stack, "ops-console", Some("operator"));
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let hour_ago_s = fleet_shared::time::now_ms() / 1000 - 3600;
+    let history = serde_json::json!({"previous": null, "timestamp": hour_ago_s,
+        "current": {"state": {"desired": {"mode": "eco"}, "reported": {"mode": "on"}},
+                    "metadata": {"desired": {"mode": {"timestamp": hour_ago_s}}}, "version": 1}});
+    operator
+        .publish(
+            "$aws/things/sensor-001/shadow/update/documents",
+            QoS::AtLeastOnce,
+            false,
+            history.to_string(),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stack.store.twin(&thing, &classic).await?.is_none() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the twin never appeared");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // AND the shadow itself, at that version (desired mode eco, reported on)
+    let svc = MqttShadows::connect(stack.mqtt);
+    let doc = serde_json::json!({"state": {"desired": {"mode": "eco"}, "reported": {"mode": "on"}}});
+    assert_eq!(svc.update_shadow(&thing, &classic, &doc).await?, 1);
+
+    // WHEN twin-sync's scheduled sweep runs
+    let swept = stack.run_schedule("TwinSyncFunction").await?;
+
+    // THEN mode is marked and released: the shadow no longer desires it (no delta is sent)
+    assert_eq!(
+        (&swept["diverged"], &swept["released"], &swept["release_failed"]),
+        (&1.into(), &1.into(), &0.into()),
+        "{swept}"
+    );
+    let shadow = svc.get_shadow(&thing, &classic).await?.context("shadow")?;
+    assert!(!shadow.desired.contains_key("mode") && shadow.version == 2, "{shadow:?}");
+    // AND the twin records what was given up, once the release's documents reach twin-sync
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let twin = stack.store.twin(&thing, &classic).await?.context("twin")?;
+        if twin.version == 2 {
+            let mode = twin.diverged.get("mode").context("mode's divergence kept")?;
+            assert!(mode.released && mode.desired == "eco" && mode.reported == Some("on".into()), "{mode:?}");
+            assert!(twin.delta.is_empty() && twin.drift_since_ms.is_none(), "{twin:?}");
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the release never reached the twin: {twin:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // AND a second sweep has nothing left to do
+    let again = stack.run_schedule("TwinSyncFunction").await?;
+    assert_eq!((&again["diverged"], &again["released"]), (&0.into(), &0.into()), "{again}");
+    drop(svc);
+    stack.shutdown().await
+}

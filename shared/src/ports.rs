@@ -25,6 +25,7 @@ use crate::ingest::{ArchiveObject, QuarantineLine};
 use crate::model::{
     Device, DeviceRegistration, DeviceState, DriftSummary, ShadowName, StoredReading, ThingName, Twin,
 };
+use crate::twin::policy::StalePolicy;
 
 /// What the ingest pipeline reads and writes about devices.
 pub trait DeviceRegistry: Send + Sync {
@@ -181,6 +182,16 @@ pub trait TwinStore: Send + Sync {
     ) -> impl Future<Output = Result<Vec<Twin>, StoreError>> + Send;
 }
 
+/// The fleet's stale-desired policies ([`StalePolicy`], one per top-level desired key).
+pub trait TwinPolicies: Send + Sync {
+    /// Every policy, by key.
+    fn policies(&self) -> impl Future<Output = Result<Vec<StalePolicy>, StoreError>> + Send;
+    /// Add or replace the policy of `policy.key`.
+    fn set_policy(&self, policy: &StalePolicy) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// `false` when the key had no policy.
+    fn remove_policy(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
 /// A shadow as the Device Shadow service holds it, for an operator write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShadowState {
@@ -238,4 +249,26 @@ pub trait ShadowService: Send + Sync {
         thing: &ThingName,
         shadow: &ShadowName,
     ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+}
+
+/// No shadow service: for a function built where none is reachable (e.g. twin-sync under
+/// `cargo lambda watch`). It has no values, so an `Option<NoShadowService>` is always `None`.
+#[derive(Debug, Clone, Copy)]
+pub enum NoShadowService {}
+
+impl ShadowService for NoShadowService {
+    async fn get_shadow(&self, _: &ThingName, _: &ShadowName) -> Result<Option<ShadowState>, StoreError> {
+        match *self {}
+    }
+    async fn update_shadow(
+        &self,
+        _: &ThingName,
+        _: &ShadowName,
+        _: &serde_json::Value,
+    ) -> Result<u64, ShadowCallError> {
+        match *self {}
+    }
+    async fn delete_shadow(&self, _: &ThingName, _: &ShadowName) -> Result<Option<u64>, StoreError> {
+        match *self {}
+    }
 }

@@ -16,7 +16,7 @@ use fleet_shared::model::{
 };
 use fleet_shared::ports::{
     ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, TelemetrySink,
-    TwinStore, WriteStatus,
+    TwinPolicies, TwinStore, WriteStatus,
 };
 use fleet_shared::twin::{apply, sync, ShadowEvent, TwinChange, TwinEvent};
 
@@ -46,6 +46,7 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; drifting_twins_are_read_oldest_drift_first(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; the_drift_summary_counts_drifting_twins_and_the_oldest_start(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; twins_are_found_by_reported_firmware(twins));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; stale_desired_policies_are_set_replaced_and_removed_by_key(twins));
     };
     (@one [$($attrs:tt)*] $ports:expr; $check:ident($port:ident)) => {
         #[tokio::test]
@@ -362,5 +363,32 @@ pub async fn twins_are_found_by_reported_firmware<S: TwinStore>(s: &S) -> Result
     let names: Vec<String> = s.reporting_fw("3.0.0", 10).await?.iter().map(|t| t.thing.to_string()).collect();
     ensure!(names == ["contract-0702"], "after 0700 updated: {names:?}");
     ensure!(s.reporting_fw("3.0.1", 1).await?.len() == 1, "limit");
+    Ok(())
+}
+
+/// Stale-desired policies: set, replaced per key, removed; removing an absent one says so.
+pub async fn stale_desired_policies_are_set_replaced_and_removed_by_key<S: TwinPolicies>(
+    s: &S,
+) -> Result<()> {
+    use fleet_shared::model::StaleAction::{Release, Report};
+    use fleet_shared::twin::policy::StalePolicy;
+    ensure!(s.policies().await?.is_empty(), "a fresh store has no policies");
+    // GIVEN two policies, then mode's replaced
+    s.set_policy(&StalePolicy::new("mode", 3_600_000, Report)?).await?;
+    s.set_policy(&StalePolicy::new("fw", 86_400_000, Release)?).await?;
+    s.set_policy(&StalePolicy::new("mode", 7_200_000, Release)?).await?;
+    // THEN both are listed by key, mode with its new window and action
+    let listed = s.policies().await?;
+    ensure!(
+        listed
+            == [StalePolicy::new("fw", 86_400_000, Release)?, StalePolicy::new("mode", 7_200_000, Release)?],
+        "{listed:?}"
+    );
+    // WHEN fw is removed, twice
+    ensure!(s.remove_policy("fw").await?, "fw had a policy");
+    ensure!(!s.remove_policy("fw").await?, "fw has no policy any more");
+    // THEN only mode is left
+    let left: Vec<String> = s.policies().await?.into_iter().map(|p| p.key).collect();
+    ensure!(left == ["mode"], "{left:?}");
     Ok(())
 }

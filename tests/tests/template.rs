@@ -340,6 +340,30 @@ fn twin_sync_reads_and_conditionally_writes_twins_only() {
 }
 
 #[test]
+fn twin_sync_may_release_stale_desired_keys_only_when_the_iot_data_endpoint_is_given() {
+    let shadow_actions = |r: &Rendered| -> Vec<String> {
+        let statements = r.resources["TwinSyncRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+            ["Statement"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default();
+        statements.iter().flat_map(actions).filter(|a| a.starts_with("iot:")).collect()
+    };
+    // Without the endpoint: no shadow access, no variable (release policies only report).
+    let r = render(&[]);
+    assert!(shadow_actions(&r).is_empty());
+    assert!(!function_env(&r, "TwinSyncFunction").contains_key("FLEET_IOT_DATA_ENDPOINT"));
+    // With it: read a shadow and update it, on the account's things, and the variable.
+    let endpoint = "https://abc-ats.iot.us-east-1.amazonaws.com";
+    let r = render(&[("IotDataEndpoint", endpoint)]);
+    assert_eq!(shadow_actions(&r), ["iot:GetThingShadow", "iot:UpdateThingShadow"]);
+    let env = function_env(&r, "TwinSyncFunction");
+    let variable = env.get("FLEET_IOT_DATA_ENDPOINT").and_then(|v| single(v, "Ref")).and_then(Value::as_str);
+    assert_eq!(variable, Some("IotDataEndpoint"));
+    assert_self_consistent(&r, "IotDataEndpoint set");
+}
+
+#[test]
 fn the_ingest_role_grants_the_devices_table_calls_ingest_makes_and_no_more() {
     // DevicesTable: BatchGetItem (enrichment), BatchExecuteStatement of PartiQL UPDATE and
     // INSERT (state), which IAM authorises per statement type.

@@ -23,7 +23,12 @@ fn now() -> i64 {
 #[ignore = "needs the moto server started by scripts/test.sh"]
 async fn shadow_events_through_the_handler_on_dynamodb_converge_and_drift_is_indexed() -> Result<()> {
     let a = moto::fresh_adapters().await?;
-    let deps = Deps { twins: a.twins.clone(), clock: now, metrics: MetricsOut::Off };
+    let deps = Deps {
+        twins: a.twins.clone(),
+        shadows: None::<fleet_shared::ports::NoShadowService>,
+        clock: now,
+        metrics: MetricsOut::Off,
+    };
     let invoke = |event: &str| {
         let payload = RawValue::from_string(event.to_owned()).expect("JSON");
         handle(&deps, LambdaEvent::new(payload, LambdaContext::default()))

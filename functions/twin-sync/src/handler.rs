@@ -16,11 +16,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fleet_shared::adapters::aws::TwinsTable;
+use fleet_shared::adapters::aws::{IotDataShadows, TwinsTable};
 use fleet_shared::ingest::{parse_event, OwnedInbound, Trigger};
 use fleet_shared::lambda::{self, AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
-use fleet_shared::ports::TwinStore;
+use fleet_shared::model::{StaleAction, Twin};
+use fleet_shared::ports::{NoShadowService, ShadowService, TwinPolicies, TwinStore};
+use fleet_shared::twin::policy::{self, ReleaseOutcome, StalePolicy};
 use fleet_shared::twin::{sync, TwinChange, TwinEvent};
 use fleet_shared::{time, StoreError};
 use lambda_runtime::LambdaEvent;
@@ -31,19 +33,24 @@ use tracing::{info, warn};
 pub const FUNCTION: &str = "twin-sync";
 
 /// Everything the handler needs, built once per cold start.
-pub struct Deps<T> {
-    /// Twins table: read and conditional write.
+pub struct Deps<T, S = NoShadowService> {
+    /// Twins table: read and conditional write, the drift index, the stale-desired policies.
     pub twins: T,
+    /// The Device Shadow service, for `release` policies; `None` where none is reachable
+    /// (such releases are then counted as `ReleaseUnavailable` and the keys stay marked).
+    pub shadows: Option<S>,
     /// Milliseconds since the epoch; tests pass a fixed clock.
     pub clock: fn() -> i64,
     pub metrics: MetricsOut,
 }
 
-impl Deps<TwinsTable> {
-    /// On AWS: the Twins table (`FLEET_TWINS_TABLE`).
+impl Deps<TwinsTable, IotDataShadows> {
+    /// On AWS: the Twins table (`FLEET_TWINS_TABLE`), and iot-data when the deployment names
+    /// its endpoint (`FLEET_IOT_DATA_ENDPOINT`).
     pub fn on_aws(aws: &AwsBackend) -> Result<Self, StartupError> {
         Ok(Self {
             twins: TwinsTable::from_env(&aws.sdk, &aws.env)?,
+            shadows: IotDataShadows::configured(&aws.sdk, &aws.env)?,
             clock: time::now_ms,
             metrics: MetricsOut::stdout(&aws.env)?,
         })
@@ -51,14 +58,16 @@ impl Deps<TwinsTable> {
 }
 
 #[cfg(feature = "embedded")]
-pub type EmbeddedDeps = Deps<fleet_shared::adapters::embedded::SqliteStore>;
+pub type EmbeddedDeps<S = NoShadowService> = Deps<fleet_shared::adapters::embedded::SqliteStore, S>;
 
 #[cfg(feature = "embedded")]
 impl EmbeddedDeps {
-    /// On the embedded backend: the one SQLite database; the stage is `local`.
+    /// On the embedded backend: the one SQLite database; the stage is `local`. No shadow
+    /// service (the local IoT Core gives its own, see `fleet_local::catalog`).
     pub fn on_embedded(e: &lambda::EmbeddedBackend) -> Result<Self, StartupError> {
         Ok(Self {
             twins: e.db.clone(),
+            shadows: None,
             clock: time::now_ms,
             metrics: MetricsOut::Stdout { stage: "local".to_owned() },
         })
@@ -93,12 +102,22 @@ pub enum Response {
     Sweep(SweepResponse),
 }
 
-/// The answer to a scheduled invocation: the fleet's drift.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+/// The answer to a scheduled invocation: the fleet's drift, and what the stale-desired
+/// policies did.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct SweepResponse {
     pub drifting: u64,
     pub oldest_drift_age_s: i64,
+    /// Keys newly marked diverged.
+    pub diverged: usize,
+    /// Keys removed from a shadow's desired state (`release`).
+    pub released: usize,
+    /// Releases that failed (retried at the next sweep) or had no shadow service.
+    pub release_failed: usize,
 }
+
+/// Most twins one sweep reads from the drift index for the stale-desired policies.
+pub const SWEEP_MAX_TWINS: usize = 10_000;
 
 /// Just enough of an event to tell EventBridge's scheduled event from the others.
 #[derive(Deserialize)]
@@ -113,28 +132,147 @@ fn is_scheduled(payload: &str) -> bool {
         .is_ok_and(|e| e.source == Some("aws.events") && e.detail_type == Some("Scheduled Event"))
 }
 
-/// The scheduled sweep: the fleet's drift from the drift index, as metrics.
-pub async fn sweep<T: TwinStore>(deps: &Deps<T>, now: i64) -> Result<SweepResponse, Retryable> {
-    let summary = deps
-        .twins
-        .drift_summary()
-        .await
-        .map_err(|e| Retryable { what: "drift not summarised", source: Arc::new(e) })?;
-    let oldest_drift_age_s = summary.oldest_age_ms(now) / 1000;
-    info!(drifting = summary.drifting, oldest_drift_age_s, "fleet drift");
+/// The scheduled sweep: the fleet's drift from the drift index, and the stale-desired
+/// policies applied to the twins drifting longer than the shortest policy window; as metrics.
+pub async fn sweep<T, S>(deps: &Deps<T, S>, now: i64) -> Result<SweepResponse, Retryable>
+where
+    T: TwinStore + TwinPolicies,
+    S: ShadowService,
+{
+    let retry = |what| move |e| Retryable { what, source: Arc::new(e) };
+    let summary = deps.twins.drift_summary().await.map_err(retry("drift not summarised"))?;
+    let mut out = SweepResponse {
+        drifting: summary.drifting,
+        oldest_drift_age_s: summary.oldest_age_ms(now) / 1000,
+        ..SweepResponse::default()
+    };
+    let policies = deps.twins.policies().await.map_err(retry("stale-desired policies not read"))?;
+    if let Some(shortest) = policies.iter().map(|p| p.diverge_after_ms).min() {
+        let long_drifting = deps
+            .twins
+            .drifting_since(now - shortest, SWEEP_MAX_TWINS)
+            .await
+            .map_err(retry("drifting twins not read"))?;
+        if long_drifting.len() == SWEEP_MAX_TWINS {
+            warn!(
+                limit = SWEEP_MAX_TWINS,
+                "more twins drift than one sweep reads; the newest wait for the next"
+            );
+        }
+        for twin in long_drifting {
+            apply_policies(deps, &policies, twin, now, &mut out).await;
+        }
+    }
+    info!(
+        drifting = out.drifting,
+        oldest_drift_age_s = out.oldest_drift_age_s,
+        diverged = out.diverged,
+        released = out.released,
+        release_failed = out.release_failed,
+        "fleet drift"
+    );
     deps.metrics.emit(&[MetricSet {
         timestamp_ms: now,
         dimensions: vec![("Function", FUNCTION.to_owned())],
         values: vec![
-            ("DevicesDrifting", summary.drifting as f64, Unit::Count),
-            ("OldestDriftAge", oldest_drift_age_s as f64, Unit::Seconds),
+            ("DevicesDrifting", out.drifting as f64, Unit::Count),
+            ("OldestDriftAge", out.oldest_drift_age_s as f64, Unit::Seconds),
+            ("Diverged", out.diverged as f64, Unit::Count),
+            ("Released", out.released as f64, Unit::Count),
+            ("ReleaseFailed", out.release_failed as f64, Unit::Count),
         ],
     }]);
-    Ok(SweepResponse { drifting: summary.drifting, oldest_drift_age_s })
+    Ok(out)
 }
 
-pub async fn handle<T: TwinStore>(
-    deps: &Deps<T>,
+/// Mark the divergences due on one twin (conditional write, re-read on a race), then release
+/// every `release` key not released yet. Failures are logged and counted; the next sweep
+/// tries again.
+async fn apply_policies<T, S>(
+    deps: &Deps<T, S>,
+    policies: &[StalePolicy],
+    twin: Twin,
+    now: i64,
+    out: &mut SweepResponse,
+) where
+    T: TwinStore + TwinPolicies,
+    S: ShadowService,
+{
+    let (thing, shadow) = (twin.thing.clone(), twin.shadow.clone());
+    let twin = match mark_due(&deps.twins, policies, twin, now).await {
+        Ok((twin, marked)) => {
+            out.diverged += marked;
+            twin
+        }
+        Err(e) => {
+            warn!(%thing, %shadow, error = %e, "divergence not marked");
+            return;
+        }
+    };
+    for (key, d) in twin.diverged.iter().filter(|(_, d)| d.action == StaleAction::Release && !d.released) {
+        let Some(svc) = &deps.shadows else {
+            warn!(%thing, %shadow, key, "release policy, but no shadow service is configured (FLEET_IOT_DATA_ENDPOINT)");
+            out.release_failed += 1;
+            continue;
+        };
+        let token = release_token(&twin, key);
+        match policy::release(svc, &thing, &shadow, key, &d.desired, &token).await {
+            Ok(ReleaseOutcome::Released { version }) => {
+                info!(%thing, %shadow, key, version, "desired key released");
+                out.released += 1;
+            }
+            Ok(ReleaseOutcome::NotNeeded) => {}
+            Ok(other) => {
+                warn!(%thing, %shadow, key, outcome = ?other, "desired key not released");
+                out.release_failed += 1;
+            }
+            Err(e) => {
+                warn!(%thing, %shadow, key, error = %e, "desired key not released");
+                out.release_failed += 1;
+            }
+        }
+    }
+}
+
+/// Write the divergences due on `twin`, conditioned on its revision; on a race, read it again
+/// (the index copy may be behind) and decide again. The twin as stored, and how many keys
+/// were marked.
+async fn mark_due<T: TwinStore>(
+    twins: &T,
+    policies: &[StalePolicy],
+    mut twin: Twin,
+    now: i64,
+) -> Result<(Twin, usize), StoreError> {
+    for _ in 0..fleet_shared::twin::MAX_SYNC_ATTEMPTS {
+        let due = policy::due(&twin, policies, now);
+        if due.is_empty() {
+            return Ok((twin, 0));
+        }
+        let marked = due.len();
+        let mut next = twin.clone();
+        next.diverged.extend(due);
+        next.revision += 1;
+        if twins.put_twin(&next).await? {
+            return Ok((next, marked));
+        }
+        match twins.twin(&twin.thing, &twin.shadow).await? {
+            Some(stored) => twin = stored,
+            None => return Ok((twin, 0)),
+        }
+    }
+    Err(StoreError::transient("twin divergence mark", "the twin kept changing underneath"))
+}
+
+/// A clientToken (at most 64 bytes) naming this release, the same on every try.
+fn release_token(twin: &Twin, key: &str) -> String {
+    let text = format!("{}/{}/{key}", twin.thing, twin.shadow.as_str());
+    let h =
+        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("fleetline-release-{h:016x}")
+}
+
+pub async fn handle<T: TwinStore + TwinPolicies, S: ShadowService>(
+    deps: &Deps<T, S>,
     event: LambdaEvent<Box<RawValue>>,
 ) -> Result<Response, Retryable> {
     let now = (deps.clock)();
@@ -161,7 +299,7 @@ pub async fn handle<T: TwinStore>(
 }
 
 /// Every event of a batch through [`sync`], logged and measured.
-pub async fn run<T: TwinStore>(deps: &Deps<T>, now: i64, messages: &[OwnedInbound]) -> SyncOutcome {
+pub async fn run<T: TwinStore, S>(deps: &Deps<T, S>, now: i64, messages: &[OwnedInbound]) -> SyncOutcome {
     let started = Instant::now();
     let mut out = SyncOutcome { events: messages.len(), ..SyncOutcome::default() };
     for m in messages {

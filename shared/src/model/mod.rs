@@ -11,5 +11,6 @@ pub use device::{
 pub use telemetry::{MessageId, Metric, Reading, ReadingFlags, StoredReading};
 pub use thing::{InvalidThingName, ThingName};
 pub use twin::{
-    DriftHistory, DriftSummary, InvalidShadowName, ShadowName, Twin, VersionDrift, MAX_SHADOW_NAME_LEN,
+    Divergence, DriftHistory, DriftSummary, InvalidShadowName, ShadowName, StaleAction, Twin, VersionDrift,
+    MAX_SHADOW_NAME_LEN,
 };

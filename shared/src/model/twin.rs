@@ -68,12 +68,22 @@ impl fmt::Display for ShadowName {
     }
 }
 
-/// What is known about one shadow version: whether desired and reported differed in it, and
-/// when it was written (ms).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What is known about one shadow version: whether desired and reported differed in it, on
+/// which top-level desired keys, and when it was written (ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionDrift {
     pub drifting: bool,
     pub at_ms: i64,
+    /// The top-level desired keys that differ (empty in twins stored before keys were kept:
+    /// such a version counts as drifting on every key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+}
+
+impl VersionDrift {
+    fn drifts_on(&self, key: &str) -> bool {
+        self.drifting && (self.keys.is_empty() || self.keys.iter().any(|k| k == key))
+    }
 }
 
 /// The versions a twin's drift start depends on: the newest known version, the contiguous
@@ -122,14 +132,24 @@ impl DriftHistory {
     /// When the newest version's drift started: the time of the oldest version of the
     /// contiguous drifting run ending at the newest version, or `None` if it does not drift.
     pub fn drift_since_ms(&self) -> Option<i64> {
+        self.run_start(|d| d.drifting)
+    }
+
+    /// When the newest version's drift on the top-level desired `key` started: the same run,
+    /// of versions drifting on that key (a stale-desired policy's clock).
+    pub fn key_drift_since_ms(&self, key: &str) -> Option<i64> {
+        self.run_start(|d| d.drifts_on(key))
+    }
+
+    fn run_start(&self, drifting: impl Fn(&VersionDrift) -> bool) -> Option<i64> {
         let mut iter = self.versions.iter().rev();
         let (&newest, d) = iter.next()?;
-        if !d.drifting {
+        if !drifting(d) {
             return None;
         }
         let (mut start, mut since) = (newest, d.at_ms);
         for (&v, d) in iter {
-            if v + 1 != start || !d.drifting {
+            if v + 1 != start || !drifting(d) {
                 break;
             }
             (start, since) = (v, d.at_ms);
@@ -182,8 +202,48 @@ pub struct Twin {
     /// The shadow was deleted at `version`.
     pub deleted: bool,
     pub history: DriftHistory,
+    /// Desired keys the fleet stopped insisting on for this device (stale-desired policies),
+    /// by top-level key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub diverged: BTreeMap<String, Divergence>,
     /// Store revision: every write increments it; writes are conditional on it.
     pub revision: u64,
+}
+
+/// What a stale-desired policy does once a key has drifted for longer than it allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StaleAction {
+    /// Mark the device as diverged on that key (listed, counted); the desired value stays.
+    Report,
+    /// Also remove the key from the shadow's desired state, so the service stops sending the
+    /// delta to the device (the fleet stops re-asserting it).
+    Release,
+}
+
+impl StaleAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleAction::Report => "report",
+            StaleAction::Release => "release",
+        }
+    }
+}
+
+/// A desired key a device has not taken for longer than its policy allows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Divergence {
+    /// When the key started drifting (in the run of versions that reached the marked one).
+    pub since_ms: i64,
+    /// When the sweep marked it.
+    pub marked_ms: i64,
+    /// The desired value the device did not take, and what it reported instead (if anything).
+    pub desired: Value,
+    pub reported: Option<Value>,
+    pub action: StaleAction,
+    /// `Release` only: the key is gone from the shadow's desired state.
+    #[serde(default)]
+    pub released: bool,
 }
 
 impl Twin {
@@ -230,7 +290,7 @@ mod tests {
 
     #[test]
     fn drift_starts_at_the_oldest_version_of_the_run_that_reaches_the_newest() {
-        let d = |drifting, at_ms| VersionDrift { drifting, at_ms };
+        let d = |drifting, at_ms| VersionDrift { drifting, at_ms, keys: Vec::new() };
         let mut h = DriftHistory::default();
         h.learn(5, d(true, 500), true);
         assert_eq!(h.drift_since_ms(), Some(500));

@@ -9,6 +9,7 @@
 //!   "metadata": {...}, "version": n}`;
 //! - `.../delete/accepted`: `{"version": n, "timestamp": s}`.
 
+pub mod policy;
 pub mod write;
 
 use serde::Deserialize;
@@ -84,7 +85,9 @@ impl ShadowDocument {
     }
 
     fn drift(&self, at_ms: i64) -> VersionDrift {
-        VersionDrift { drifting: !delta(&self.state.desired, &self.state.reported).is_empty(), at_ms }
+        let keys: Vec<String> =
+            delta(&self.state.desired, &self.state.reported).into_iter().map(|(k, _)| k).collect();
+        VersionDrift { drifting: !keys.is_empty(), at_ms, keys }
     }
 }
 
@@ -178,6 +181,7 @@ pub fn apply(stored: Option<Twin>, event: &TwinEvent) -> (Twin, TwinChange) {
         drift_since_ms: None,
         deleted: true,
         history: DriftHistory::default(),
+        diverged: Default::default(),
         revision: 0,
     });
     let change = match &event.event {
@@ -218,6 +222,7 @@ pub fn apply(stored: Option<Twin>, event: &TwinEvent) -> (Twin, TwinChange) {
         }
     };
     twin.drift_since_ms = if twin.deleted { None } else { twin.history.drift_since_ms() };
+    policy::settle(&mut twin);
     (twin, change)
 }
 

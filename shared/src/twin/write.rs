@@ -95,6 +95,21 @@ fn conflict_backoff(attempt: usize, jitter: u64) -> Duration {
     Duration::from_millis(base / 2 + jitter % (base / 2 + 1))
 }
 
+/// The waits between conflicting writes of one writer: jitter seeded by its client token, so
+/// writers that collided once spread out.
+pub(crate) struct ConflictBackoff(u64);
+
+impl ConflictBackoff {
+    pub(crate) fn new(client_token: &str) -> Self {
+        Self(client_token.bytes().fold(0x9e37_79b9u64, |h, b| h.rotate_left(5) ^ u64::from(b)))
+    }
+
+    pub(crate) async fn wait(&mut self, attempt: usize) {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        tokio::time::sleep(conflict_backoff(attempt, self.0 >> 33)).await;
+    }
+}
+
 /// Write `desired` (a merge patch: `null` deletes a key) to a shadow, retrying on conflicts.
 pub async fn set_desired<S: ShadowService>(
     svc: &S,
@@ -103,7 +118,7 @@ pub async fn set_desired<S: ShadowService>(
     desired: &Map<String, Value>,
     client_token: &str,
 ) -> Result<WriteOutcome, StoreError> {
-    let mut jitter = client_token.bytes().fold(0x9e37_79b9u64, |h, b| h.rotate_left(5) ^ u64::from(b));
+    let mut backoff = ConflictBackoff::new(client_token);
     for attempt in 1..=MAX_WRITE_ATTEMPTS {
         let current = svc.get_shadow(thing, shadow).await?;
         if let Err(refused) = check_limits(current.as_ref(), desired, client_token) {
@@ -115,11 +130,7 @@ pub async fn set_desired<S: ShadowService>(
         }
         match svc.update_shadow(thing, shadow, &request).await {
             Ok(version) => return Ok(WriteOutcome::Applied { version, attempts: attempt }),
-            Err(ShadowCallError::Conflict) => {
-                jitter =
-                    jitter.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                tokio::time::sleep(conflict_backoff(attempt, jitter >> 33)).await;
-            }
+            Err(ShadowCallError::Conflict) => backoff.wait(attempt).await,
             Err(ShadowCallError::Rejected { code, message }) => {
                 return Ok(WriteOutcome::Rejected { code, message })
             }

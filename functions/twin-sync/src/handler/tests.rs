@@ -21,10 +21,10 @@ fn fixed_clock() -> i64 {
 }
 
 fn deps() -> Result<EmbeddedDeps> {
-    Ok(Deps { twins: SqliteStore::in_memory()?, clock: fixed_clock, metrics: MetricsOut::Off })
+    Ok(Deps { twins: SqliteStore::in_memory()?, shadows: None, clock: fixed_clock, metrics: MetricsOut::Off })
 }
 
-async fn invoke<T: TwinStore>(deps: &Deps<T>, event: &str) -> Result<Response, Retryable> {
+async fn invoke<T: TwinStore + TwinPolicies>(deps: &Deps<T>, event: &str) -> Result<Response, Retryable> {
     let payload = RawValue::from_string(event.to_owned()).expect("JSON");
     handle(deps, LambdaEvent::new(payload, Context::default())).await
 }
@@ -115,7 +115,7 @@ async fn the_scheduled_sweep_reports_the_fleet_drift_as_metrics() -> Result<()> 
     // WHEN the scheduled event comes
     let Response::Sweep(r) = invoke(&deps, SWEEP).await? else { return Err(anyhow!("expected a sweep")) };
     // THEN two twins drift, the oldest since 16:00:00, 400 s before the fixed clock
-    assert_eq!(r, SweepResponse { drifting: 2, oldest_drift_age_s: 400 });
+    assert_eq!(r, SweepResponse { drifting: 2, oldest_drift_age_s: 400, ..SweepResponse::default() });
     let sets = collected.lock().expect("lock").clone();
     let sweep = sets.last().context("no metrics")?;
     let value = |name: &str| sweep.values.iter().find(|(n, _, _)| *n == name).map(|(_, v, _)| *v);
@@ -125,9 +125,42 @@ async fn the_scheduled_sweep_reports_the_fleet_drift_as_metrics() -> Result<()> 
 
 #[tokio::test]
 async fn a_sweep_on_a_busy_store_fails_retryable() -> Result<()> {
-    let deps = Deps { twins: Busy, clock: fixed_clock, metrics: MetricsOut::Off };
+    let deps =
+        Deps { twins: Busy, shadows: None::<NoShadowService>, clock: fixed_clock, metrics: MetricsOut::Off };
     let err = invoke(&deps, SWEEP).await.err().context("a busy store must fail the sweep")?;
     assert_eq!(err.error_type(), "Retryable");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sweep_marks_keys_drifting_past_their_policy_once_and_counts_releases_it_cannot_make(
+) -> Result<()> {
+    use fleet_shared::model::StaleAction;
+    use fleet_shared::twin::policy::StalePolicy;
+    // GIVEN sensor-001 drifting on fw since 16:00:00 (400 s before the clock), sensor-002's
+    // config on rate_s, a report policy on fw after 5 minutes and a release policy on rate_s
+    let deps = deps()?;
+    invoke(&deps, CLASSIC).await?;
+    invoke(&deps, NAMED).await?;
+    deps.twins.set_policy(&StalePolicy::new("fw", 300_000, StaleAction::Report)?).await?;
+    deps.twins.set_policy(&StalePolicy::new("rate_s", 300_000, StaleAction::Release)?).await?;
+    // WHEN the sweep runs twice
+    let Response::Sweep(first) = invoke(&deps, SWEEP).await? else { return Err(anyhow!("expected a sweep")) };
+    let Response::Sweep(second) = invoke(&deps, SWEEP).await? else {
+        return Err(anyhow!("expected a sweep"));
+    };
+    // THEN both keys are marked once; the release has no shadow service here, each time
+    assert_eq!((first.diverged, first.released, first.release_failed), (2, 0, 1));
+    assert_eq!((second.diverged, second.released, second.release_failed), (0, 0, 1));
+    let fw = twin(&deps, "sensor-001", "").await?.diverged.remove("fw").context("fw not marked")?;
+    assert_eq!(
+        (fw.since_ms, fw.marked_ms, fw.action),
+        (1_764_000_000_000, fixed_clock(), StaleAction::Report)
+    );
+    assert_eq!((fw.desired, fw.reported), (serde_json::json!("1.5.0"), Some(serde_json::json!("1.4.2"))));
+    let rate =
+        twin(&deps, "sensor-002", "config").await?.diverged.remove("rate_s").context("rate_s not marked")?;
+    assert!(!rate.released, "nothing released it");
     Ok(())
 }
 
@@ -154,11 +187,24 @@ impl TwinStore for Busy {
 
 #[tokio::test]
 async fn a_busy_store_fails_exactly_the_readable_events_for_retry() -> Result<()> {
-    let deps = Deps { twins: Busy, clock: fixed_clock, metrics: MetricsOut::Off };
+    let deps =
+        Deps { twins: Busy, shadows: None::<NoShadowService>, clock: fixed_clock, metrics: MetricsOut::Off };
     let Response::Sqs(r) = invoke(&deps, OUT_OF_ORDER).await? else { return Err(anyhow!("expected SQS")) };
     let failed: Vec<&str> = r.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
     assert_eq!(failed, ["twin-0001", "twin-0002", "twin-0003", "twin-0004"]);
     let err = invoke(&deps, CLASSIC).await.expect_err("a direct invocation must fail to be retried");
     assert_eq!(err.error_type(), "Retryable");
     Ok(())
+}
+
+impl TwinPolicies for Busy {
+    async fn policies(&self) -> Result<Vec<fleet_shared::twin::policy::StalePolicy>, StoreError> {
+        Err(StoreError::transient("twin policies", "throttled"))
+    }
+    async fn set_policy(&self, _: &fleet_shared::twin::policy::StalePolicy) -> Result<(), StoreError> {
+        Err(StoreError::transient("twin policy set", "throttled"))
+    }
+    async fn remove_policy(&self, _: &str) -> Result<bool, StoreError> {
+        Err(StoreError::transient("twin policy remove", "throttled"))
+    }
 }

@@ -10,7 +10,7 @@ pub mod counting;
 pub mod devices;
 pub mod hot_store;
 pub mod s3;
-#[cfg(feature = "operator")]
+#[cfg(feature = "shadows")]
 pub mod shadows;
 pub mod timestream;
 #[cfg(feature = "operator")]
@@ -31,7 +31,7 @@ pub use devices::DevicesTable;
 pub use hot_store::TelemetryReader;
 pub use hot_store::{HotStore, HotStoreKind};
 pub use s3::S3Archive;
-#[cfg(feature = "operator")]
+#[cfg(feature = "shadows")]
 pub use shadows::IotDataShadows;
 pub use timestream::TimestreamSink;
 #[cfg(feature = "operator")]

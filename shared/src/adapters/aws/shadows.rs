@@ -30,6 +30,17 @@ impl IotDataShadows {
         Ok(Self::new(aws_sdk_iotdataplane::Client::from_conf(config.build())))
     }
 
+    /// For a function that uses the shadow service only when the deployment names its endpoint
+    /// (`FLEET_IOT_DATA_ENDPOINT` set and not empty, or an SDK endpoint override): else `None`.
+    pub fn configured(sdk: &SdkConfig, env: &Env) -> Result<Option<Self>, ConfigError> {
+        let named = env.optional("FLEET_IOT_DATA_ENDPOINT").is_some_and(|e| !e.trim().is_empty());
+        if named || endpoint_overridden(sdk, "AWS_ENDPOINT_URL_IOT_DATA_PLANE") {
+            Self::from_env(sdk, env).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     pub fn new(client: aws_sdk_iotdataplane::Client) -> Self {
         Self { client }
     }

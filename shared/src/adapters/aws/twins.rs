@@ -11,6 +11,10 @@
 //!   queries returning 10,000 items (~4 KB each: ~5,000 RCU eventually consistent), never a
 //!   scan of the fleet. Sixteen shards keep a fleet-wide drift (a bad desired value pushed
 //!   to everyone) from writing one hot index partition.
+//! - Stale-desired policies: one item (`thing` = `$policies`, `shadow` = `s#`; `$` is not
+//!   allowed in a thing name, so it can be no twin) holding a map `policies` of key →
+//!   `{after_ms, action}`; operators change one key at a time (UpdateItem on a map path), the
+//!   sweep reads it with one GetItem.
 //! - Firmware: a sparse GSI `by_reported_fw` (partition `reported_fw`, sort `thing`): "which
 //!   devices report fw = X" is one Query returning only those twins (at 1 M devices, a
 //!   firmware on 10 % of them: 100,000 items, ~50,000 RCU, paged).
@@ -23,8 +27,12 @@ use futures_util::stream::{self, StreamExt};
 use super::classify;
 use crate::env::{ConfigError, Env};
 use crate::error::StoreError;
-use crate::model::{DriftSummary, ShadowName, ThingName, Twin};
-use crate::ports::TwinStore;
+use crate::model::{DriftSummary, ShadowName, StaleAction, ThingName, Twin};
+use crate::ports::{TwinPolicies, TwinStore};
+use crate::twin::policy::StalePolicy;
+
+/// The partition key of the policies item.
+const POLICIES_ITEM: &str = "$policies";
 
 /// Index shards of the drift GSI.
 pub const DRIFT_SHARDS: u32 = 16;
@@ -226,6 +234,93 @@ impl TwinStore for TwinsTable {
         });
         all.truncate(limit);
         Ok(all)
+    }
+}
+
+impl TwinsTable {
+    fn policies_update(&self) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("thing", s(POLICIES_ITEM))
+            .key("shadow", s(sort_key(&ShadowName::classic())))
+    }
+}
+
+impl TwinPolicies for TwinsTable {
+    async fn policies(&self) -> Result<Vec<StalePolicy>, StoreError> {
+        let op = "dynamodb twin policies";
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("thing", s(POLICIES_ITEM))
+            .key("shadow", s(sort_key(&ShadowName::classic())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        let Some(map) = out.item().and_then(|i| i.get("policies")).and_then(|v| v.as_m().ok()) else {
+            return Ok(Vec::new());
+        };
+        let mut policies = Vec::with_capacity(map.len());
+        for (key, v) in map {
+            let fields =
+                v.as_m().map_err(|_| StoreError::permanent(op, format!("policy {key}: not a map")))?;
+            let after_ms = fields
+                .get("after_ms")
+                .and_then(|n| n.as_n().ok())
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| StoreError::permanent(op, format!("policy {key}: no after_ms")))?;
+            let action = match fields.get("action").and_then(|a| a.as_s().ok()).map(String::as_str) {
+                Some("release") => StaleAction::Release,
+                _ => StaleAction::Report,
+            };
+            policies.push(StalePolicy { key: key.clone(), diverge_after_ms: after_ms, action });
+        }
+        policies.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(policies)
+    }
+
+    async fn set_policy(&self, policy: &StalePolicy) -> Result<(), StoreError> {
+        let op = "dynamodb twin policy set";
+        // The map first (a path into a missing map fails), then the one key: two writers of
+        // different keys never overwrite each other.
+        self.policies_update()
+            .update_expression("SET policies = if_not_exists(policies, :empty)")
+            .expression_attribute_values(":empty", AttributeValue::M(HashMap::new()))
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        let value = AttributeValue::M(HashMap::from([
+            ("after_ms".to_owned(), n(policy.diverge_after_ms)),
+            ("action".to_owned(), s(policy.action.as_str())),
+        ]));
+        self.policies_update()
+            .update_expression("SET policies.#k = :p")
+            .expression_attribute_names("#k", &policy.key)
+            .expression_attribute_values(":p", value)
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        Ok(())
+    }
+
+    async fn remove_policy(&self, key: &str) -> Result<bool, StoreError> {
+        let out = self
+            .policies_update()
+            .update_expression("REMOVE policies.#k")
+            .condition_expression("attribute_exists(policies.#k)")
+            .expression_attribute_names("#k", key)
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
+                Ok(false)
+            }
+            Err(e) => Err(classify("dynamodb twin policy remove", e)),
+        }
     }
 }
 

@@ -83,6 +83,8 @@ const MIGRATIONS: &[&str] = &[
     super::twins::TWINS_FW_INDEX,
     // Version 5: the local IoT Core's shadow documents (kept across restarts).
     super::local_shadows::LOCAL_SHADOWS_SCHEMA,
+    // Version 6: stale-desired policies.
+    super::twins::TWIN_POLICIES_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version

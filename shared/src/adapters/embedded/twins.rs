@@ -5,8 +5,9 @@ use rusqlite::{params, OptionalExtension, Row};
 
 use super::SqliteStore;
 use crate::error::StoreError;
-use crate::model::{DriftSummary, ShadowName, ThingName, Twin};
-use crate::ports::TwinStore;
+use crate::model::{DriftSummary, ShadowName, StaleAction, ThingName, Twin};
+use crate::ports::{TwinPolicies, TwinStore};
+use crate::twin::policy::StalePolicy;
 
 /// Migration step 3 (see `MIGRATIONS` in `sqlite.rs`).
 pub(super) const TWINS_SCHEMA: &str = "
@@ -26,6 +27,15 @@ CREATE INDEX twins_by_drift ON twins (drift_since_ms) WHERE drift_since_ms IS NO
 pub(super) const TWINS_FW_INDEX: &str = "
 ALTER TABLE twins ADD COLUMN reported_fw TEXT;
 CREATE INDEX twins_by_fw ON twins (reported_fw, thing) WHERE reported_fw IS NOT NULL;
+";
+
+/// Migration step 6: stale-desired policies.
+pub(super) const TWIN_POLICIES_SCHEMA: &str = "
+CREATE TABLE twin_policies (
+    key              TEXT    NOT NULL PRIMARY KEY,
+    diverge_after_ms INTEGER NOT NULL,
+    action           TEXT    NOT NULL
+) WITHOUT ROWID;
 ";
 
 fn twin_from_row(r: &Row<'_>) -> rusqlite::Result<Twin> {
@@ -105,6 +115,46 @@ impl TwinStore for SqliteStore {
             )?;
             let rows = st.query_map(params![before_ms, limit as i64], twin_from_row)?;
             rows.collect()
+        })
+        .await
+    }
+}
+
+impl TwinPolicies for SqliteStore {
+    async fn policies(&self) -> Result<Vec<StalePolicy>, StoreError> {
+        self.with("sqlite twin policies", |c| {
+            let mut st =
+                c.prepare_cached("SELECT key, diverge_after_ms, action FROM twin_policies ORDER BY key")?;
+            let rows = st.query_map([], |r| {
+                let action: String = r.get(2)?;
+                let action = match action.as_str() {
+                    "release" => StaleAction::Release,
+                    _ => StaleAction::Report,
+                };
+                Ok(StalePolicy { key: r.get(0)?, diverge_after_ms: r.get(1)?, action })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn set_policy(&self, policy: &StalePolicy) -> Result<(), StoreError> {
+        let p = policy.clone();
+        self.with("sqlite twin policy set", move |c| {
+            c.prepare_cached(
+                "INSERT INTO twin_policies (key, diverge_after_ms, action) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET diverge_after_ms = excluded.diverge_after_ms, action = excluded.action",
+            )?
+            .execute(params![p.key, p.diverge_after_ms, p.action.as_str()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_policy(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        self.with("sqlite twin policy remove", move |c| {
+            Ok(c.prepare_cached("DELETE FROM twin_policies WHERE key = ?1")?.execute([key])? == 1)
         })
         .await
     }
