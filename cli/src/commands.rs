@@ -5,17 +5,22 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::adapters::aws::{
-    DevicesTable, HotStore, HotStoreKind, IotDataShadows, S3Archive, TelemetryReader, TwinsTable,
+    CertificatesTable, DevicesTable, HotStore, HotStoreKind, IotDataShadows, S3Archive, TelemetryReader,
+    TwinsTable,
 };
 use fleet_shared::ingest::{
     ingest_batch, messages_from_event, replay, BatchOutcome, Inbound, IngestPolicy, IngestPorts,
     OwnedInbound, ReplayPorts,
 };
 use fleet_shared::lambda::Backend;
-use fleet_shared::model::{validate_label, DeviceRegistration, ShadowName, StaleAction, ThingName, Twin};
+use fleet_shared::model::{
+    validate_label, AllowlistEntry, CertificateId, DeviceRegistration, Enrolment, ShadowName, StaleAction,
+    ThingName, Twin,
+};
 use fleet_shared::ports::{
-    ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, ShadowService,
-    TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
+    Allowlist, ArchiveReader, CertificateInventory, DeviceAdmin, DeviceRegistry, ProvisioningAudit,
+    Quarantine, QuarantineReader, RawArchive, ShadowService, TelemetryQuery, TelemetrySink, TwinPolicies,
+    TwinStore,
 };
 use fleet_shared::twin::policy::StalePolicy;
 use fleet_shared::twin::write::WriteOutcome;
@@ -23,7 +28,8 @@ use fleet_shared::{time, BackendKind, Env};
 
 use crate::output;
 use crate::{
-    Cli, Cohort, Command, DevicesCommand, PolicyAction, PolicyCommand, QuarantineCommand, TwinCommand,
+    AllowlistCommand, CertsCommand, Cli, Cohort, Command, DevicesCommand, PolicyAction, PolicyCommand,
+    QuarantineCommand, TwinCommand,
 };
 
 /// The functions' variables, with the embedded backend (on `--db`) as the default.
@@ -102,8 +108,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                     twin_policy(&TwinsTable::from_env(sdk, env)?, command, json).await
                 }
                 Command::Twin { command } => {
-                    twin(&TwinsTable::from_env(sdk, env)?, &DevicesTable::from_env(sdk, env)?, command, json)
-                        .await
+                    // The registry only for --class/--region, so twin commands need only the
+                    // Twins table otherwise.
+                    let registry = match env.optional("FLEET_DEVICES_TABLE") {
+                        Some(_) => Some(DevicesTable::from_env(sdk, env)?),
+                        None => None,
+                    };
+                    twin(&TwinsTable::from_env(sdk, env)?, registry.as_ref(), command, json).await
                 }
                 Command::Replay { prefix } => {
                     let archive = S3Archive::from_env(sdk, env)?;
@@ -124,6 +135,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                         quarantine: &archive,
                     };
                     ingest_files(ports, &hot_policy()?, &files, json).await
+                }
+                Command::Allowlist { command } => {
+                    allowlist(&CertificatesTable::from_env(sdk, env)?, command, json).await
+                }
+                Command::Certs { command } => {
+                    let certs_table = CertificatesTable::from_env(sdk, env)?;
+                    certs(&certs_table, &certs_table, command, json).await
                 }
                 Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }
@@ -156,7 +174,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Twin { command: TwinCommand::Policy { command } } => {
                     twin_policy(db, command, json).await
                 }
-                Command::Twin { command } => twin(db, db, command, json).await,
+                Command::Twin { command } => twin(db, Some(db), command, json).await,
+                Command::Allowlist { command } => allowlist(db, command, json).await,
+                Command::Certs { command } => certs(db, db, command, json).await,
                 Command::Replay { prefix } => {
                     let ports = ReplayPorts { registry: db, sink: db, quarantine: db, reader: db };
                     run_replay(ports, &policy, &prefix, json).await
@@ -314,8 +334,8 @@ impl Cohort {
 
 /// The first `limit` twins whose device is in `cohort` (all of them when it names no class
 /// or region).
-async fn in_cohort(
-    registry: &impl DeviceRegistry,
+async fn in_cohort<R: DeviceRegistry>(
+    registry: Option<&R>,
     twins: Vec<Twin>,
     cohort: &Cohort,
     limit: usize,
@@ -323,6 +343,8 @@ async fn in_cohort(
     if cohort.is_all() {
         return Ok(twins);
     }
+    let registry =
+        registry.context("--class and --region read the device registry: set FLEET_DEVICES_TABLE")?;
     let mut things: Vec<ThingName> = twins.iter().map(|t| t.thing.clone()).collect();
     things.sort();
     things.dedup();
@@ -336,9 +358,9 @@ async fn in_cohort(
     Ok(twins.into_iter().filter(|t| member(&t.thing)).take(limit).collect())
 }
 
-async fn twin(
+async fn twin<R: DeviceRegistry>(
     store: &impl TwinStore,
-    registry: &impl DeviceRegistry,
+    registry: Option<&R>,
     command: TwinCommand,
     json: bool,
 ) -> Result<()> {
@@ -411,6 +433,88 @@ async fn twin_set(
         WriteOutcome::Applied { .. } => Ok(()),
         WriteOutcome::GaveUp { attempts } => bail!("gave up after {attempts} version conflicts"),
         WriteOutcome::Rejected { code, message } => bail!("rejected ({code}): {message}"),
+    }
+}
+
+async fn allowlist(store: &impl Allowlist, command: AllowlistCommand, json: bool) -> Result<()> {
+    match command {
+        AllowlistCommand::Add { serials, class, region } => {
+            validate_label("class", &class)?;
+            validate_label("region", &region)?;
+            let now = time::now_ms();
+            let entries = serials
+                .iter()
+                .map(|s| {
+                    Ok(AllowlistEntry {
+                        serial: ThingName::parse(s)?,
+                        class: class.clone(),
+                        region: region.clone(),
+                        added_ms: now,
+                        enrolment: Enrolment::Allowed,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            store.allow(&entries).await?;
+            let mut shown = Vec::new();
+            for e in &entries {
+                shown.extend(store.entry(&e.serial).await?);
+            }
+            output::allowlist(&shown, json)
+        }
+        AllowlistCommand::Remove { serial } => {
+            let serial = ThingName::parse(&serial)?;
+            if !store.disallow(&serial).await? {
+                bail!("{serial} is not on the list, or has provisioned or been decommissioned (kept as history)");
+            }
+            Ok(())
+        }
+        AllowlistCommand::List { limit } => {
+            let mut all = Vec::new();
+            let mut after: Option<ThingName> = None;
+            while all.len() < limit {
+                let page = store.entries(after.as_ref(), (limit - all.len()).min(1000)).await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.serial.clone());
+                let full = page.len() == (limit - all.len()).min(1000);
+                all.extend(page);
+                if !full {
+                    break;
+                }
+            }
+            output::allowlist(&all, json)
+        }
+    }
+}
+
+async fn certs(
+    inventory: &impl CertificateInventory,
+    audit: &impl ProvisioningAudit,
+    command: CertsCommand,
+    json: bool,
+) -> Result<()> {
+    match command {
+        CertsCommand::Show { id } => {
+            let id = CertificateId::parse(&id)?;
+            match inventory.certificate(&id).await? {
+                Some(c) => output::certificates(&[c], time::now_ms(), json),
+                None => bail!("no certificate {id} in the inventory"),
+            }
+        }
+        CertsCommand::Expiring { within, limit } => {
+            let now = time::now_ms();
+            let within_ms = i64::try_from(within.as_millis()).context("--within is too long")?;
+            // Expired in the last week too: those devices are the ones already cut off.
+            let found = inventory.expiring(now - 7 * 86_400_000, now + within_ms, limit).await?;
+            output::certificates(&found, now, json)
+        }
+        CertsCommand::Findings { serial } => {
+            let claims = audit.suspicious_claims().await?;
+            let trail = match serial {
+                Some(s) => audit.trail(&s).await?,
+                None => Vec::new(),
+            };
+            output::findings(&claims, &trail, json)
+        }
     }
 }
 
@@ -517,15 +621,20 @@ mod tests {
             region: region.map(str::to_owned),
         };
         // WHEN filtered by class and region, by region only, with a limit, and not at all
-        let both = in_cohort(&db, twins.clone(), &cohort(Some("env-sensor"), Some("eu-west")), 100).await?;
-        let region = in_cohort(&db, twins.clone(), &cohort(None, Some("eu-west")), 100).await?;
-        let first = in_cohort(&db, twins.clone(), &cohort(Some("env-sensor"), None), 1).await?;
-        let all = in_cohort(&db, twins.clone(), &Cohort::default(), 100).await?;
+        let both =
+            in_cohort(Some(&db), twins.clone(), &cohort(Some("env-sensor"), Some("eu-west")), 100).await?;
+        let region = in_cohort(Some(&db), twins.clone(), &cohort(None, Some("eu-west")), 100).await?;
+        let first = in_cohort(Some(&db), twins.clone(), &cohort(Some("env-sensor"), None), 1).await?;
+        let all = in_cohort(Some(&db), twins.clone(), &Cohort::default(), 100).await?;
         // THEN each keeps exactly its members, oldest drift first
         assert_eq!(names(&both), ["a", "d"]);
         assert_eq!(names(&region), ["a", "c", "d"]);
         assert_eq!(names(&first), ["a"]);
         assert_eq!(all.len(), 4);
+        // AND without a registry only the unfiltered form works
+        let none: Option<&SqliteStore> = None;
+        assert_eq!(in_cohort(none, twins.clone(), &Cohort::default(), 100).await?.len(), 4);
+        assert!(in_cohort(none, twins, &cohort(Some("x"), None), 100).await.is_err());
         // AND an index read for a cohort reads more than the limit
         assert_eq!((cohort(Some("x"), None).read(5), Cohort::default().read(5)), (COHORT_READ, 5));
         Ok(())

@@ -91,6 +91,56 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The provisioning allowlist: serial numbers that may provision (fleet provisioning's
+    /// pre-provisioning hook reads it).
+    Allowlist {
+        #[command(subcommand)]
+        command: AllowlistCommand,
+    },
+    /// The certificate inventory and provisioning findings.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AllowlistCommand {
+    /// Allow serial numbers to provision, as devices of a class in a region.
+    Add {
+        #[arg(required = true)]
+        serials: Vec<String>,
+        #[arg(long)]
+        class: String,
+        #[arg(long)]
+        region: String,
+    },
+    /// Take a serial number that has not provisioned off the list.
+    Remove { serial: String },
+    /// Entries by serial number, with where each stands.
+    List {
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertsCommand {
+    /// One certificate from the inventory.
+    Show { id: String },
+    /// Certificates expiring within a duration (and those expired in the last week), soonest first.
+    Expiring {
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        within: std::time::Duration,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Findings: claim certificates that keep asking for unknown serials; a serial's audit trail.
+    Findings {
+        /// Also the provisioning audit trail of this serial number.
+        #[arg(long)]
+        serial: Option<String>,
+    },
 }
 
 #[derive(clap::Args, Clone)]

@@ -4,7 +4,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use fleet_shared::ingest::{BatchOutcome, QuarantineLine, ReplayReport};
-use fleet_shared::model::{Device, ShadowName, StoredReading, ThingName, Twin};
+use fleet_shared::model::{
+    AllowlistEntry, Certificate, Device, Enrolment, ShadowName, StoredReading, ThingName, Twin,
+};
+use fleet_shared::ports::AuditEvent;
 use fleet_shared::text::printable;
 use fleet_shared::time::rfc3339_ms;
 use fleet_shared::twin::policy::StalePolicy;
@@ -335,4 +338,78 @@ pub fn twins(twins: &[Twin], json: bool) -> Result<()> {
         })
         .collect();
     table(&["THING", "SHADOW", "VERSION", "FW", "DRIFTING KEYS"], &rows)
+}
+
+pub fn allowlist(entries: &[AllowlistEntry], json: bool) -> Result<()> {
+    if json {
+        return print_json(&entries);
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let (state, detail) = match &e.enrolment {
+                Enrolment::Allowed => ("allowed", "-".to_owned()),
+                Enrolment::Provisioned { certificate, at_ms, .. } => {
+                    ("provisioned", format!("{certificate} at {}", rfc3339_ms(*at_ms)))
+                }
+                Enrolment::Decommissioned { at_ms } => ("decommissioned", rfc3339_ms(*at_ms)),
+            };
+            vec![e.serial.to_string(), e.class.clone(), e.region.clone(), state.into(), detail]
+        })
+        .collect();
+    table(&["SERIAL", "CLASS", "REGION", "STATE", "DETAIL"], &rows)
+}
+
+pub fn certificates(certs: &[Certificate], now_ms: i64, json: bool) -> Result<()> {
+    use fleet_shared::certs::expiry::{classify, Threshold};
+    let class = |c: &Certificate| classify(c.not_after_ms, now_ms, Threshold::default()).map(|k| k.as_str());
+    if json {
+        let rows: Vec<_> = certs
+            .iter()
+            .map(|c| json!({"id": c.id, "thing": c.thing, "serial": c.serial, "issuer": c.issuer,
+                            "subject": c.subject, "not_before_ms": c.not_before_ms, "not_after_ms": c.not_after_ms,
+                            "status": c.status, "expiry": class(c)}))
+            .collect();
+        return print_json(&rows);
+    }
+    let rows: Vec<Vec<String>> = certs
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.to_string(),
+                opt(c.thing.as_ref().map(ToString::to_string)),
+                rfc3339_ms(c.not_after_ms),
+                c.status.as_str().into(),
+                class(c).unwrap_or("ok").into(),
+            ]
+        })
+        .collect();
+    table(&["CERTIFICATE", "THING", "NOT AFTER", "STATUS", "EXPIRY"], &rows)
+}
+
+pub fn findings(claims: &[(String, u64)], trail: &[AuditEvent], json: bool) -> Result<()> {
+    if json {
+        let claims: Vec<_> = claims
+            .iter()
+            .map(|(claim, n)| json!({"claim_certificate": claim, "unknown_serials": n}))
+            .collect();
+        return print_json(&json!({"suspicious_claims": claims, "trail": trail}));
+    }
+    let rows: Vec<Vec<String>> = claims.iter().map(|(claim, n)| vec![claim.clone(), n.to_string()]).collect();
+    table(&["CLAIM CERTIFICATE", "UNKNOWN SERIALS"], &rows)?;
+    if !trail.is_empty() {
+        let rows: Vec<Vec<String>> = trail
+            .iter()
+            .map(|e| {
+                vec![
+                    rfc3339_ms(e.at_ms),
+                    e.outcome.clone(),
+                    opt(e.reason.clone()),
+                    opt(e.certificate.clone()),
+                ]
+            })
+            .collect();
+        table(&["AT", "OUTCOME", "REASON", "CERTIFICATE"], &rows)?;
+    }
+    Ok(())
 }

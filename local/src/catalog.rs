@@ -1,22 +1,24 @@
 //! Which handler runs for which function of the template, on the embedded backend: a function
 //! added to `infra/template.yaml` runs on the local IoT Core with one line here. Each handler
-//! is built exactly as its `main.rs` builds it on the embedded backend, except that its
-//! metrics feed the local IoT Core's counters instead of stdout.
+//! is built as its `main.rs` builds it on the embedded backend, except that its metrics feed
+//! the local IoT Core's counters instead of stdout, and twin-sync gets the local IoT Core's
+//! shadow service (over MQTT) where its `main.rs` has none.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use fleet_shared::lambda::{EmbeddedBackend, StartupError};
 use fleet_shared::metrics::MetricsOut;
 
 use crate::functions::{lambda, Functions};
-use crate::shadow_client::MqttShadows;
+use crate::shadow_client::LazyMqttShadows;
 
-/// `mqtt`: the local IoT Core's MQTT listener, where twin-sync reaches the shadow service.
+/// `mqtt`: the local IoT Core's MQTT listener once it listens, where twin-sync reaches the
+/// shadow service.
 pub fn functions(
     backend: &EmbeddedBackend,
     metrics: &MetricsOut,
-    mqtt: SocketAddr,
+    mqtt: Arc<OnceLock<SocketAddr>>,
 ) -> Result<Functions, StartupError> {
     let mut f = Functions::default();
     f.add(
@@ -33,7 +35,22 @@ pub fn functions(
             |d, e| async move { twin_sync::handler::handle(&d, e).await },
         ),
     );
+    f.add(
+        "ProvisioningHookFunction",
+        lambda(provisioning_hook(backend, metrics)?, |d, e| async move {
+            provisioning_hook::handler::handle(&d, e).await
+        }),
+    );
     Ok(f)
+}
+
+fn provisioning_hook(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+) -> Result<Arc<provisioning_hook::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = provisioning_hook::handler::EmbeddedDeps::on_embedded(b)?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
 }
 
 fn ingest(
@@ -48,12 +65,12 @@ fn ingest(
 fn twin_sync(
     b: &EmbeddedBackend,
     metrics: &MetricsOut,
-    mqtt: SocketAddr,
-) -> Result<Arc<twin_sync::handler::EmbeddedDeps<MqttShadows>>, StartupError> {
+    mqtt: Arc<OnceLock<SocketAddr>>,
+) -> Result<Arc<twin_sync::handler::EmbeddedDeps<LazyMqttShadows>>, StartupError> {
     let deps = twin_sync::handler::EmbeddedDeps::on_embedded(b)?;
     Ok(Arc::new(twin_sync::handler::Deps {
         twins: deps.twins,
-        shadows: Some(MqttShadows::connect(mqtt)),
+        shadows: Some(LazyMqttShadows::new(mqtt)),
         clock: deps.clock,
         metrics: metrics.clone(),
     }))

@@ -107,37 +107,21 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     let metric_stats = Arc::clone(&stats);
     let metrics = MetricsOut::Collect(Arc::new(move |set| metric_stats.record_metrics(set)));
     let backend = EmbeddedBackend { db: store.clone(), env: opts.env.clone() };
+    // Functions that write shadows (twin-sync's stale-desired releases) reach the shadow
+    // service over MQTT, as an operator would, once the broker listens.
+    let mqtt_addr = Arc::new(std::sync::OnceLock::new());
+    let functions = Arc::new(catalog::functions(&backend, &metrics, Arc::clone(&mqtt_addr))?);
+    for (function, by) in template.invoked_functions() {
+        if !functions.contains(function) {
+            bail!("{by} invokes {function}, which has no local handler (add it to fleet-local's catalog.rs)");
+        }
+    }
 
     // HTTP first: a taken port fails before anything else starts.
     let http_listener = tokio::net::TcpListener::bind(SocketAddr::new(opts.bind, opts.http_port))
         .await
         .with_context(|| format!("HTTP port {}", opts.http_port))?;
     let http = http_listener.local_addr()?;
-
-    // Then the broker: the functions that write shadows (twin-sync's stale-desired releases)
-    // reach its shadow service over MQTT, as an operator would.
-    let broker_opts = BrokerOptions {
-        addr: SocketAddr::new(opts.bind, opts.mqtt_port),
-        policy: template.device_policy.clone(),
-        max_payload_bytes: fleet_shared::ingest::envelope::MAX_PAYLOAD_BYTES,
-        shadows: shadow::Shadows::restore(store.local_shadows().await?),
-        shadow_store: Some(store.clone()),
-    };
-    let (broker, mut intake) = Broker::start(broker_opts, Arc::clone(&stats)).await?;
-    let functions = match catalog::functions(&backend, &metrics, broker.addr) {
-        Ok(f) => Arc::new(f),
-        Err(e) => {
-            broker.stop().await;
-            return Err(e.into());
-        }
-    };
-    if let Some((function, by)) = template.invoked_functions().find(|(f, _)| !functions.contains(f)) {
-        let missing = format!(
-            "{by} invokes {function}, which has no local handler (add it to fleet-local's catalog.rs)"
-        );
-        broker.stop().await;
-        bail!(missing);
-    }
 
     // One queue (and consumer) per queue an SQS action sends to.
     let (drain_queues, drain_rx) = watch::channel(false);
@@ -165,6 +149,15 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         }
     }
 
+    let broker_opts = BrokerOptions {
+        addr: SocketAddr::new(opts.bind, opts.mqtt_port),
+        policy: template.device_policy.clone(),
+        max_payload_bytes: fleet_shared::ingest::envelope::MAX_PAYLOAD_BYTES,
+        shadows: shadow::Shadows::restore(store.local_shadows().await?),
+        shadow_store: Some(store.clone()),
+    };
+    let (broker, mut intake) = Broker::start(broker_opts, Arc::clone(&stats)).await?;
+    let _ = mqtt_addr.set(broker.addr);
     let engine = Engine {
         rules: template.rules.clone(),
         queues,

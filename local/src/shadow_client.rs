@@ -28,9 +28,10 @@ type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<(bool, Value)>>>>;
 pub struct MqttShadows {
     client: AsyncClient,
     waiting: Waiting,
-    /// Answer topics already subscribed to (a subscription lasts as long as the connection).
-    /// Held while a SUBSCRIBE is queued, so no request of another task overtakes it.
-    subscribed: tokio::sync::Mutex<HashSet<String>>,
+    /// Answer topics already subscribed to (a subscription lasts as long as the session:
+    /// cleared when the broker starts a new one). Held while a SUBSCRIBE is queued, so no
+    /// request of another task overtakes it.
+    subscribed: Arc<tokio::sync::Mutex<HashSet<String>>>,
     next: AtomicU64,
     id: String,
 }
@@ -55,9 +56,14 @@ impl MqttShadows {
         let (client, mut events) = AsyncClient::new(opts, 256);
         let waiting: Waiting = Arc::default();
         let answers = Arc::clone(&waiting);
+        let subscribed: Arc<tokio::sync::Mutex<HashSet<String>>> = Arc::default();
+        let session = Arc::clone(&subscribed);
         tokio::spawn(async move {
             loop {
                 match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
+                        session.lock().await.clear()
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let accepted = p.topic.ends_with("/accepted");
                         let Ok(body) = serde_json::from_slice::<Value>(&p.payload) else { continue };
@@ -69,11 +75,13 @@ impl MqttShadows {
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
+                    // Every handle is gone: nobody can ask anything any more.
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
         });
-        Self { client, waiting, subscribed: Default::default(), next: AtomicU64::new(0), id }
+        Self { client, waiting, subscribed, next: AtomicU64::new(0), id }
     }
 
     /// Send `body` on `<base>/<op>` and wait for the answer with its clientToken.
@@ -111,6 +119,59 @@ impl MqttShadows {
                 ))
             }
         }
+    }
+}
+
+impl Drop for MqttShadows {
+    fn drop(&mut self) {
+        // Disconnect rather than leave the connection to time out (and the task to redial).
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// [`MqttShadows`] connected on first use, to an address known later: the local IoT Core
+/// builds its functions before its broker listens, and twin-sync writes shadows only when a
+/// release policy fires.
+#[derive(Default)]
+pub struct LazyMqttShadows {
+    addr: Arc<std::sync::OnceLock<SocketAddr>>,
+    client: tokio::sync::OnceCell<MqttShadows>,
+}
+
+impl LazyMqttShadows {
+    /// Connects to whatever `addr` holds when first used.
+    pub fn new(addr: Arc<std::sync::OnceLock<SocketAddr>>) -> Self {
+        Self { addr, client: tokio::sync::OnceCell::new() }
+    }
+
+    async fn get(&self) -> Result<&MqttShadows, StoreError> {
+        let addr = *self.addr.get().ok_or_else(|| {
+            StoreError::transient("mqtt shadows", "the local IoT Core is not listening yet")
+        })?;
+        Ok(self.client.get_or_init(|| async move { MqttShadows::connect(addr) }).await)
+    }
+}
+
+impl ShadowService for LazyMqttShadows {
+    async fn get_shadow(
+        &self,
+        thing: &ThingName,
+        shadow: &ShadowName,
+    ) -> Result<Option<ShadowState>, StoreError> {
+        self.get().await?.get_shadow(thing, shadow).await
+    }
+
+    async fn update_shadow(
+        &self,
+        thing: &ThingName,
+        shadow: &ShadowName,
+        request: &Value,
+    ) -> Result<u64, ShadowCallError> {
+        self.get().await?.update_shadow(thing, shadow, request).await
+    }
+
+    async fn delete_shadow(&self, thing: &ThingName, shadow: &ShadowName) -> Result<Option<u64>, StoreError> {
+        self.get().await?.delete_shadow(thing, shadow).await
     }
 }
 

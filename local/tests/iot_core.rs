@@ -448,32 +448,27 @@ async fn a_release_policy_removes_a_desired_key_the_device_never_took_from_its_s
     let classic = ShadowName::classic();
     // GIVEN a policy: mode is released after 10 minutes of drift
     stack.store.set_policy(&StalePolicy::new("mode", 600_000, StaleAction::Release)?).await?;
-    // AND a twin whose mode has drifted for an hour (its history, as twin-sync saw it)
-    let (operator, mut events) = client(&stack, "ops-console", Some("operator"));
-    tokio::spawn(async move { while events.poll().await.is_ok() {} });
-    let hour_ago_s = fleet_shared::time::now_ms() / 1000 - 3600;
-    let history = serde_json::json!({"previous": null, "timestamp": hour_ago_s,
-        "current": {"state": {"desired": {"mode": "eco"}, "reported": {"mode": "on"}},
-                    "metadata": {"desired": {"mode": {"timestamp": hour_ago_s}}}, "version": 1}});
-    operator
-        .publish(
-            "$aws/things/sensor-001/shadow/update/documents",
-            QoS::AtLeastOnce,
-            false,
-            history.to_string(),
-        )
-        .await?;
+    // AND a shadow desiring mode eco while the device reports on, mirrored as a twin
+    let svc = MqttShadows::connect(stack.mqtt);
+    let doc = serde_json::json!({"state": {"desired": {"mode": "eco"}, "reported": {"mode": "on"}}});
+    assert_eq!(svc.update_shadow(&thing, &classic, &doc).await?, 1);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while stack.store.twin(&thing, &classic).await?.is_none() {
+    let mut twin = loop {
+        if let Some(t) = stack.store.twin(&thing, &classic).await? {
+            break t;
+        }
         if tokio::time::Instant::now() > deadline {
             bail!("the twin never appeared");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // AND that drift an hour old (the twin's history moved back, as if written an hour ago)
+    for d in twin.history.versions.values_mut() {
+        d.at_ms -= 3_600_000;
     }
-    // AND the shadow itself, at that version (desired mode eco, reported on)
-    let svc = MqttShadows::connect(stack.mqtt);
-    let doc = serde_json::json!({"state": {"desired": {"mode": "eco"}, "reported": {"mode": "on"}}});
-    assert_eq!(svc.update_shadow(&thing, &classic, &doc).await?, 1);
+    twin.drift_since_ms = twin.drift_since_ms.map(|s| s - 3_600_000);
+    twin.revision += 1;
+    assert!(stack.store.put_twin(&twin).await?, "the backdated twin is stored");
 
     // WHEN twin-sync's scheduled sweep runs
     let swept = stack.run_schedule("TwinSyncFunction").await?;

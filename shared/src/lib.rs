@@ -9,6 +9,8 @@
 //!   case over the ports, its metrics, replay, and (feature `sim`) simulated devices.
 //! - [`twin`]: device twins (pure): shadow events, AWS delta semantics, ordering by version,
 //!   drift start.
+//! - [`certs`]: device certificates (pure): PEM reading, expiry classes and index buckets,
+//!   the pre-provisioning hook's decision.
 //! - [`ports`]: small traits in domain types, one per capability / IAM grant.
 //! - [`adapters`]: one AWS adapter per resource (feature `aws`), all from one `aws_config`
 //!   load; the SQLite implementation of the same ports (feature `embedded`), with migrations.
@@ -18,6 +20,7 @@
 //! - [`text`]: device-supplied strings made safe to show (control characters escaped).
 
 pub mod adapters;
+pub mod certs;
 pub mod env;
 pub mod error;
 pub mod ingest;

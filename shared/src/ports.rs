@@ -15,6 +15,10 @@
 //! | [`QuarantineReader`] | `S3Archive` | `s3:ListBucket`, `s3:GetObject` on `quarantine/*` (operators) |
 //! | [`ShadowService`] | `IotDataShadows` (locally `fleet_local::shadow_client::MqttShadows`) | `iot:GetThingShadow`, `iot:UpdateThingShadow`, `iot:DeleteThingShadow` on the things (operators) |
 //! | [`TwinStore`] | `TwinsTable` | `dynamodb:GetItem`, `dynamodb:PutItem` on the Twins table, `dynamodb:Query` on its `by_drift` index |
+//! | [`TwinPolicies`] | `TwinsTable` | `dynamodb:GetItem` on the Twins table (`UpdateItem` for operators) |
+//! | [`Allowlist`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:UpdateItem` (enrol, conditional) on the Certificates table (`PutItem`, `DeleteItem`, `Query` for operators) |
+//! | [`CertificateInventory`] | `CertificatesTable` | `dynamodb:PutItem` (hook), `dynamodb:Query` on its `by_expiry` index (expiry check), `GetItem` |
+//! | [`ProvisioningAudit`] | `CertificatesTable` | `dynamodb:PutItem` (audit events), `dynamodb:UpdateItem` (claim counters) |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,7 +27,8 @@ use std::sync::Arc;
 use crate::error::{ErrorKind, StoreError};
 use crate::ingest::{ArchiveObject, QuarantineLine};
 use crate::model::{
-    Device, DeviceRegistration, DeviceState, DriftSummary, ShadowName, StoredReading, ThingName, Twin,
+    AllowlistEntry, Certificate, CertificateId, Device, DeviceRegistration, DeviceState, DriftSummary,
+    ShadowName, StoredReading, ThingName, Twin,
 };
 use crate::twin::policy::StalePolicy;
 
@@ -169,6 +174,16 @@ pub trait TwinStore: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Twin>, StoreError>> + Send;
 
+    /// Every twin drifting since `before_ms` or earlier, one page at a time (index order, not
+    /// globally sorted): start with `None`; each answer carries the cursor of the next page,
+    /// `None` after the last. The cursor is only good within the process that got it.
+    fn drifting_page(
+        &self,
+        before_ms: i64,
+        cursor: Option<DriftCursor>,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<Twin>, Option<DriftCursor>), StoreError>> + Send;
+
     /// How many twins drift and since when the oldest does, from the drift index: the cost
     /// grows with the drifting twins, not with the fleet.
     fn drift_summary(&self) -> impl Future<Output = Result<DriftSummary, StoreError>> + Send;
@@ -181,6 +196,10 @@ pub trait TwinStore: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Twin>, StoreError>> + Send;
 }
+
+/// Where a walk through the drift index stands (each backend keeps its own position in it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftCursor(pub serde_json::Value);
 
 /// The fleet's stale-desired policies ([`StalePolicy`], one per top-level desired key).
 pub trait TwinPolicies: Send + Sync {
@@ -271,4 +290,109 @@ impl ShadowService for NoShadowService {
     async fn delete_shadow(&self, _: &ThingName, _: &ShadowName) -> Result<Option<u64>, StoreError> {
         match *self {}
     }
+}
+
+/// How enrolling a serial number with a certificate ended (a conditional write: two devices
+/// presenting one serial at once cannot both provision).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrolled {
+    /// Now provisioned with that certificate (or already was: a retry).
+    Yes,
+    /// Not on the allowlist.
+    Unknown,
+    /// Decommissioned.
+    Decommissioned,
+    /// Provisioned with another certificate.
+    Taken(CertificateId),
+}
+
+/// The provisioning allowlist: serial numbers that may provision, and where each stands.
+pub trait Allowlist: Send + Sync {
+    fn entry(
+        &self,
+        serial: &ThingName,
+    ) -> impl Future<Output = Result<Option<AllowlistEntry>, StoreError>> + Send;
+
+    /// Add serial numbers as allowed; an existing entry keeps its enrolment (class and region
+    /// are updated).
+    fn allow(&self, entries: &[AllowlistEntry]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Take a serial number off the list if it has not provisioned (`false`: absent, or
+    /// provisioned or decommissioned: those are kept, as history).
+    fn disallow(&self, serial: &ThingName) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Entries by serial number after `after` (exclusive), at most `limit`.
+    fn entries(
+        &self,
+        after: Option<&ThingName>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<AllowlistEntry>, StoreError>> + Send;
+
+    /// Provision `serial` with `certificate` if it is allowed, or already provisioned with
+    /// that certificate; conditional, so a race has one winner.
+    fn enrol(
+        &self,
+        serial: &ThingName,
+        certificate: &CertificateId,
+        at_ms: i64,
+    ) -> impl Future<Output = Result<Enrolled, StoreError>> + Send;
+
+    /// Mark a serial number decommissioned (kept, never provisioned again); the entry before.
+    fn decommission(
+        &self,
+        serial: &ThingName,
+        at_ms: i64,
+    ) -> impl Future<Output = Result<Option<AllowlistEntry>, StoreError>> + Send;
+}
+
+/// The certificate inventory, with an index on expiry so the daily check reads only what
+/// expires inside its window.
+pub trait CertificateInventory: Send + Sync {
+    /// Record (or replace) a certificate.
+    fn record(&self, cert: &Certificate) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn certificate(
+        &self,
+        id: &CertificateId,
+    ) -> impl Future<Output = Result<Option<Certificate>, StoreError>> + Send;
+
+    /// Certificates whose `notAfter` is in `[from_ms, to_ms)`, soonest first, at most `limit`,
+    /// through the expiry index (never a scan).
+    fn expiring(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Certificate>, StoreError>> + Send;
+}
+
+/// One provisioning decision, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEvent {
+    pub at_ms: i64,
+    /// The serial number asked for (as sent, when it was not a valid one).
+    pub serial: String,
+    pub claim_certificate: String,
+    pub certificate: Option<String>,
+    /// `allowed` or `refused`.
+    pub outcome: String,
+    /// The refusal's reason code and detail.
+    pub reason: Option<String>,
+}
+
+/// The provisioning audit trail, and the counters that find abusive claims.
+pub trait ProvisioningAudit: Send + Sync {
+    fn audit(&self, event: &AuditEvent) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Count one more unknown serial asked for with `claim`; the count now.
+    fn unknown_serial(&self, claim: &str, at_ms: i64)
+        -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// A serial number's audit trail, oldest first.
+    fn trail(&self, serial: &str) -> impl Future<Output = Result<Vec<AuditEvent>, StoreError>> + Send;
+
+    /// Claim certificates that asked for at least
+    /// [`SUSPICIOUS_UNKNOWN_SERIALS`](crate::certs::hook::SUSPICIOUS_UNKNOWN_SERIALS) unknown
+    /// serials, with their count, most first.
+    fn suspicious_claims(&self) -> impl Future<Output = Result<Vec<(String, u64)>, StoreError>> + Send;
 }

@@ -34,15 +34,19 @@ fn doc(version: u64, desired: u8, reported: u8, at_s: i64) -> Value {
            "version":version})
 }
 
-/// The events a history produces, and the expected final (version, deleted, drift_since_ms).
-fn history(steps: &[Step]) -> (Vec<TwinEvent>, (u64, bool, Option<i64>)) {
+/// What a history should end in: version, deleted, drift start, and fw's own drift start
+/// (the run refusing the fw desired now).
+type Expected = (u64, bool, Option<i64>, Option<i64>);
+
+/// The events a history produces, and what the twin should end in.
+fn history(steps: &[Step]) -> (Vec<TwinEvent>, Expected) {
     let thing = ThingName::parse("dev-1").expect("thing");
     let event = |e| TwinEvent { thing: thing.clone(), shadow: ShadowName::classic(), event: e };
     let mut events = Vec::new();
     let (mut version, mut previous): (u64, Option<Value>) = (0, None);
     let mut deleted = true;
-    // (version, drifting, at_ms) of each update since the last delete
-    let mut run: Vec<(u64, bool, i64)> = Vec::new();
+    // (version, drifting, desired fw, at_ms) of each update since the last delete
+    let mut run: Vec<(u64, bool, u8, i64)> = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         let at_s = T0_S + 10 * i as i64;
         match *step {
@@ -58,7 +62,7 @@ fn history(steps: &[Step]) -> (Vec<TwinEvent>, (u64, bool, Option<i64>)) {
                 }));
                 previous = Some(current);
                 deleted = false;
-                run.push((version, d != r, at_s * 1000));
+                run.push((version, d != r, d, at_s * 1000));
             }
             Step::Delete if !deleted => {
                 events.push(event(ShadowEvent::Deleted { version, at_ms: at_s * 1000 }));
@@ -72,13 +76,22 @@ fn history(steps: &[Step]) -> (Vec<TwinEvent>, (u64, bool, Option<i64>)) {
     let since = if deleted {
         None
     } else {
-        run.iter().rev().take_while(|(_, drifting, _)| *drifting).last().map(|&(_, _, at)| at)
+        run.iter().rev().take_while(|(_, drifting, _, _)| *drifting).last().map(|&(_, _, _, at)| at)
     };
-    (events, (version, deleted, since))
+    let fw_since = match run.last() {
+        Some(&(_, true, wanted, _)) if !deleted => run
+            .iter()
+            .rev()
+            .take_while(|&&(_, drifting, d, _)| drifting && d == wanted)
+            .last()
+            .map(|&(_, _, _, at)| at),
+        _ => None,
+    };
+    (events, (version, deleted, since, fw_since))
 }
 
 /// The events in a shuffled order, some twice.
-fn delivered() -> impl Strategy<Value = (Vec<TwinEvent>, (u64, bool, Option<i64>))> {
+fn delivered() -> impl Strategy<Value = (Vec<TwinEvent>, Expected)> {
     steps().prop_flat_map(|steps| {
         let (events, expected) = history(&steps);
         let n = events.len().max(1);
@@ -103,8 +116,9 @@ proptest! {
     fn any_order_with_duplicates_converges_to_the_highest_version((events, expected) in delivered()) {
         prop_assume!(!events.is_empty());
         let twin = final_twin(&events).expect("events");
-        let (version, deleted, since) = expected;
+        let (version, deleted, since, fw_since) = expected;
         prop_assert_eq!((twin.version, twin.deleted, twin.drift_since_ms), (version, deleted, since));
+        prop_assert_eq!(twin.history.key_drift_since_ms("fw"), fw_since, "fw's own drift start");
         // and the same as delivering them in order, once each
         let mut in_order = events.clone();
         in_order.sort_by_key(|e| match &e.event {
@@ -121,7 +135,7 @@ proptest! {
 async fn concurrent_syncs_of_one_shadow_end_in_the_twin_of_all_its_events() {
     let steps: Vec<Step> =
         (0..20).map(|i| if i == 9 { Step::Delete } else { Step::Update(i % 3, (i / 2) % 3) }).collect();
-    let (events, (version, deleted, since)) = history(&steps);
+    let (events, (version, deleted, since, _)) = history(&steps);
     let store = SqliteStore::in_memory().expect("store");
     // four tasks each deliver every event, in different orders
     let tasks = (0..4).map(|k| {

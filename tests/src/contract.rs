@@ -15,18 +15,20 @@ use fleet_shared::model::{
     ThingName, Twin,
 };
 use fleet_shared::ports::{
-    ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, TelemetrySink,
-    TwinPolicies, TwinStore, WriteStatus,
+    Allowlist, ArchiveReader, AuditEvent, CertificateInventory, DeviceAdmin, DeviceRegistry,
+    ProvisioningAudit, Quarantine, QuarantineReader, RawArchive, TelemetrySink, TwinPolicies, TwinStore,
+    WriteStatus,
 };
 use fleet_shared::twin::{apply, sync, ShadowEvent, TwinChange, TwinEvent};
 
 /// One backend's adapters for the contract: the devices table, the hot store, the archive
-/// bucket (raw + quarantine), the twins table.
-pub struct Ports<D, S, A, T> {
+/// bucket (raw + quarantine), the twins table, the certificates table.
+pub struct Ports<D, S, A, T, C> {
     pub devices: D,
     pub sink: S,
     pub archive: A,
     pub twins: T,
+    pub certs: C,
 }
 
 /// The whole contract suite as tests, for the backend `ports()` builds. Extra attributes
@@ -45,8 +47,12 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; twin_writes_are_conditional_on_the_revision(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; drifting_twins_are_read_oldest_drift_first(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; the_drift_summary_counts_drifting_twins_and_the_oldest_start(twins));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; drifting_pages_walk_every_drifting_twin_once(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; twins_are_found_by_reported_firmware(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; stale_desired_policies_are_set_replaced_and_removed_by_key(twins));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; a_serial_enrols_once_and_keeps_its_history(certs));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; expiring_certificates_are_read_by_window_only(certs));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; the_audit_trail_and_claim_counters_keep_every_decision(certs));
     };
     (@one [$($attrs:tt)*] $ports:expr; $check:ident($port:ident)) => {
         #[tokio::test]
@@ -351,6 +357,36 @@ pub async fn the_drift_summary_counts_drifting_twins_and_the_oldest_start<S: Twi
     Ok(())
 }
 
+/// Paging through the drift index meets every twin drifting since before the bound exactly
+/// once, however small the pages, and none that drifts later or not at all.
+pub async fn drifting_pages_walk_every_drifting_twin_once<S: TwinStore>(s: &S) -> Result<()> {
+    // GIVEN 37 twins drifting since 1..=37 s, one drifting later, one in sync
+    for n in 0..37 {
+        sync(s, &shadow_update(&thing(900 + n), "", 1, "2", "1", 1 + n as i64)?).await?;
+    }
+    sync(s, &shadow_update(&thing(990), "", 1, "2", "1", 10_000)?).await?;
+    sync(s, &shadow_update(&thing(991), "", 1, "2", "2", 5)?).await?;
+    // WHEN they are read in pages of 5 up to 100 s
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let (page, next) = s.drifting_page(100_000, cursor, 5).await?;
+        seen.extend(page.into_iter().map(|t| t.thing.to_string()));
+        pages += 1;
+        ensure!(pages < 100, "the pages never end");
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    // THEN each of the 37 comes exactly once
+    seen.sort();
+    let want: Vec<String> = (0..37).map(|n| thing(900 + n).to_string()).collect();
+    ensure!(seen == want, "{} seen: {seen:?}", seen.len());
+    Ok(())
+}
+
 /// Twins are found by the firmware they report, and leave that answer when they report another.
 pub async fn twins_are_found_by_reported_firmware<S: TwinStore>(s: &S) -> Result<()> {
     for (n, fw) in [(700, "3.0.0"), (701, "3.0.1"), (702, "3.0.0")] {
@@ -390,5 +426,121 @@ pub async fn stale_desired_policies_are_set_replaced_and_removed_by_key<S: TwinP
     // THEN only mode is left
     let left: Vec<String> = s.policies().await?.into_iter().map(|p| p.key).collect();
     ensure!(left == ["mode"], "{left:?}");
+    Ok(())
+}
+
+fn allow(serial: &str) -> Result<fleet_shared::model::AllowlistEntry> {
+    Ok(fleet_shared::model::AllowlistEntry {
+        serial: ThingName::parse(serial)?,
+        class: "env-sensor".into(),
+        region: "eu-west".into(),
+        added_ms: 1,
+        enrolment: fleet_shared::model::Enrolment::Allowed,
+    })
+}
+
+/// The allowlist: a serial enrols with one certificate (again with it: a retry), never with
+/// another; a decommissioned one never; listing pages by serial; only unprovisioned entries
+/// can be removed; re-adding keeps the enrolment.
+pub async fn a_serial_enrols_once_and_keeps_its_history<S: Allowlist>(s: &S) -> Result<()> {
+    use fleet_shared::model::{CertificateId, Enrolment};
+    use fleet_shared::ports::Enrolled;
+    let (a, b) = (CertificateId::of_der(b"a"), CertificateId::of_der(b"b"));
+    let serial = |n: &str| ThingName::parse(n);
+    s.allow(&[allow("s-1")?, allow("s-2")?, allow("s-3")?]).await?;
+    ensure!(s.enrol(&serial("s-1")?, &a, 10).await? == Enrolled::Yes, "first enrolment");
+    ensure!(s.enrol(&serial("s-1")?, &a, 11).await? == Enrolled::Yes, "a retry with the same certificate");
+    ensure!(s.enrol(&serial("s-1")?, &b, 12).await? == Enrolled::Taken(a.clone()), "another certificate");
+    ensure!(s.enrol(&serial("nope")?, &a, 12).await? == Enrolled::Unknown, "not listed");
+    ensure!(s.decommission(&serial("s-2")?, 13).await?.is_some(), "s-2 was listed");
+    ensure!(s.enrol(&serial("s-2")?, &b, 14).await? == Enrolled::Decommissioned, "decommissioned");
+    // re-adding s-1 with another class keeps its enrolment
+    let mut again = allow("s-1")?;
+    again.class = "gateway".into();
+    s.allow(&[again]).await?;
+    let e = s.entry(&serial("s-1")?).await?.context("s-1")?;
+    ensure!(e.class == "gateway", "class updated: {e:?}");
+    ensure!(
+        matches!(e.enrolment, Enrolment::Provisioned { ref certificate, at_ms: 10, .. } if *certificate == a),
+        "{e:?}"
+    );
+    // only the unprovisioned s-3 can be removed
+    ensure!(!s.disallow(&serial("s-1")?).await? && !s.disallow(&serial("s-2")?).await?, "history is kept");
+    ensure!(s.disallow(&serial("s-3")?).await?, "s-3 removed");
+    let first = s.entries(None, 1).await?;
+    let rest = s.entries(first.last().map(|e| &e.serial), 10).await?;
+    let names: Vec<String> = first.iter().chain(&rest).map(|e| e.serial.to_string()).collect();
+    ensure!(names == ["s-1", "s-2"], "{names:?}");
+    Ok(())
+}
+
+fn cert(n: u8, not_after_ms: i64) -> fleet_shared::model::Certificate {
+    fleet_shared::model::Certificate {
+        id: fleet_shared::model::CertificateId::of_der(&[n]),
+        thing: ThingName::parse(&format!("dev-{n}")).ok(),
+        serial: format!("{n:02x}"),
+        issuer: "CN=ca".into(),
+        subject: format!("CN=dev-{n}"),
+        not_before_ms: 0,
+        not_after_ms,
+        status: fleet_shared::model::CertStatus::Active,
+        recorded_ms: 1,
+    }
+}
+
+/// The expiry window `[from, to)` returns exactly the certificates whose notAfter falls in it,
+/// soonest first, across day boundaries.
+pub async fn expiring_certificates_are_read_by_window_only<S: CertificateInventory>(s: &S) -> Result<()> {
+    const DAY: i64 = 86_400_000;
+    let t0 = 1_764_000_000_000;
+    // GIVEN certificates expiring before, at the start of, inside (over three days), at the end
+    // of, and after the window [t0, t0 + 3 days)
+    let at = [t0 - 1, t0, t0 + DAY / 2, t0 + DAY + 5, t0 + 2 * DAY + 7, t0 + 3 * DAY - 1, t0 + 3 * DAY];
+    for (n, ms) in at.iter().enumerate() {
+        s.record(&cert(n as u8, *ms)).await?;
+    }
+    // WHEN the window is read
+    let found = s.expiring(t0, t0 + 3 * DAY, 100).await?;
+    // THEN the five inside, soonest first
+    let got: Vec<i64> = found.iter().map(|c| c.not_after_ms).collect();
+    ensure!(got == at[1..6], "{got:?}");
+    ensure!(s.expiring(t0, t0 + 3 * DAY, 2).await?.len() == 2, "limit");
+    // AND a certificate reads back whole; recording it again replaces it
+    let mut c = cert(3, t0 + DAY + 5);
+    ensure!(s.certificate(&c.id).await? == Some(c.clone()), "read back");
+    c.status = fleet_shared::model::CertStatus::Inactive;
+    s.record(&c).await?;
+    ensure!(s.certificate(&c.id).await?.map(|c| c.status) == Some(c.status), "replaced");
+    Ok(())
+}
+
+/// Every decision is in its serial's trail, in order; a claim certificate is listed once it
+/// asked for the threshold of unknown serials.
+pub async fn the_audit_trail_and_claim_counters_keep_every_decision<S: ProvisioningAudit>(
+    s: &S,
+) -> Result<()> {
+    use fleet_shared::certs::hook::SUSPICIOUS_UNKNOWN_SERIALS;
+    let event = |at_ms: i64, outcome: &str| AuditEvent {
+        at_ms,
+        serial: "s-9".into(),
+        claim_certificate: "claim".into(),
+        certificate: None,
+        outcome: outcome.into(),
+        reason: (outcome == "refused").then(|| "unknown_serial: s-9".to_owned()),
+    };
+    for (at, outcome) in [(5, "refused"), (6, "refused"), (7, "allowed")] {
+        s.audit(&event(at, outcome)).await?;
+    }
+    let trail = s.trail("s-9").await?;
+    ensure!(trail == [event(5, "refused"), event(6, "refused"), event(7, "allowed")], "{trail:?}");
+    ensure!(s.trail("other").await?.is_empty(), "another serial's trail");
+    for n in 1..SUSPICIOUS_UNKNOWN_SERIALS {
+        ensure!(s.unknown_serial("claim-x", n as i64).await? == n, "count {n}");
+    }
+    ensure!(s.suspicious_claims().await?.is_empty(), "below the threshold");
+    s.unknown_serial("claim-x", 99).await?;
+    s.unknown_serial("claim-y", 99).await?;
+    let listed = s.suspicious_claims().await?;
+    ensure!(listed == [("claim-x".to_owned(), SUSPICIOUS_UNKNOWN_SERIALS)], "{listed:?}");
     Ok(())
 }

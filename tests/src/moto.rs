@@ -10,8 +10,11 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
     ProjectionType, ScalarAttributeType,
 };
+use fleet_shared::adapters::aws::certs::{EXPIRY_INDEX, KIND_INDEX};
 use fleet_shared::adapters::aws::twins::{DRIFT_INDEX, FW_INDEX};
-use fleet_shared::adapters::aws::{DevicesTable, S3Archive, TimestreamQuery, TimestreamSink, TwinsTable};
+use fleet_shared::adapters::aws::{
+    CertificatesTable, DevicesTable, S3Archive, TimestreamQuery, TimestreamSink, TwinsTable,
+};
 use fleet_shared::Env;
 
 use crate::contract::Ports;
@@ -21,6 +24,7 @@ use crate::contract::Ports;
 pub struct AwsResources {
     pub devices_table: String,
     pub twins_table: String,
+    pub certificates_table: String,
     pub telemetry_database: String,
     pub telemetry_table: String,
     pub archive_bucket: String,
@@ -34,6 +38,7 @@ impl AwsResources {
             ("FLEET_HOT_STORE", "timestream".to_owned()),
             ("FLEET_DEVICES_TABLE", self.devices_table.clone()),
             ("FLEET_TWINS_TABLE", self.twins_table.clone()),
+            ("FLEET_CERTIFICATES_TABLE", self.certificates_table.clone()),
             ("FLEET_TELEMETRY_DB", self.telemetry_database.clone()),
             ("FLEET_TELEMETRY_TABLE", self.telemetry_table.clone()),
             ("FLEET_ARCHIVE_BUCKET", self.archive_bucket.clone()),
@@ -51,6 +56,7 @@ pub struct AwsAdapters {
     pub resources: AwsResources,
     pub devices: DevicesTable,
     pub twins: TwinsTable,
+    pub certs: CertificatesTable,
     pub sink: TimestreamSink,
     pub query: TimestreamQuery,
     pub archive: S3Archive,
@@ -90,6 +96,7 @@ pub async fn fresh_resources() -> Result<AwsResources> {
     let resources = AwsResources {
         devices_table: unique("devices"),
         twins_table: unique("twins"),
+        certificates_table: unique("certificates"),
         telemetry_database: unique("fleet"),
         telemetry_table: "telemetry".into(),
         archive_bucket: unique("archive"),
@@ -107,6 +114,7 @@ pub async fn fresh_adapters() -> Result<AwsAdapters> {
     Ok(AwsAdapters {
         devices: DevicesTable::from_env(&sdk, &env)?,
         twins: TwinsTable::from_env(&sdk, &env)?,
+        certs: CertificatesTable::from_env(&sdk, &env)?,
         sink: TimestreamSink::from_env(&sdk, &env).await?,
         query: TimestreamQuery::from_env(&sdk, &env)?,
         archive: S3Archive::from_env(&sdk, &env)?,
@@ -115,9 +123,10 @@ pub async fn fresh_adapters() -> Result<AwsAdapters> {
 }
 
 /// The contract's ports on fresh moto resources.
-pub async fn fresh_ports() -> Result<Ports<DevicesTable, TimestreamSink, S3Archive, TwinsTable>> {
+pub async fn fresh_ports(
+) -> Result<Ports<DevicesTable, TimestreamSink, S3Archive, TwinsTable, CertificatesTable>> {
     let a = fresh_adapters().await?;
-    Ok(Ports { devices: a.devices, sink: a.sink, archive: a.archive, twins: a.twins })
+    Ok(Ports { devices: a.devices, sink: a.sink, archive: a.archive, twins: a.twins, certs: a.certs })
 }
 
 /// The same resources `infra/template.yaml` declares (keys, Timestream table).
@@ -168,6 +177,30 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .send()
         .await
         .context("create twins table")?;
+    let index = |name: &str, hash: &str, range: &str| -> Result<GlobalSecondaryIndex> {
+        Ok(GlobalSecondaryIndex::builder()
+            .index_name(name)
+            .key_schema(key(hash, KeyType::Hash)?)
+            .key_schema(key(range, KeyType::Range)?)
+            .projection(Projection::builder().projection_type(ProjectionType::All).build())
+            .build()?)
+    };
+    aws_sdk_dynamodb::Client::new(config)
+        .create_table()
+        .table_name(&r.certificates_table)
+        .attribute_definitions(attr("pk")?)
+        .attribute_definitions(attr("sk")?)
+        .attribute_definitions(attr("exp_bucket")?)
+        .attribute_definitions(number("not_after_ms")?)
+        .attribute_definitions(attr("kind")?)
+        .key_schema(key("pk", KeyType::Hash)?)
+        .key_schema(key("sk", KeyType::Range)?)
+        .global_secondary_indexes(index(EXPIRY_INDEX, "exp_bucket", "not_after_ms")?)
+        .global_secondary_indexes(index(KIND_INDEX, "kind", "pk")?)
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .context("create certificates table")?;
     let ts = aws_sdk_timestreamwrite::Client::new(config);
     ts.create_database().database_name(&r.telemetry_database).send().await.context("create timestream db")?;
     ts.create_table()

@@ -387,7 +387,12 @@ fn grants_name_their_resources_and_failures_have_separate_queues() {
         for (id, f) in of_type(&r.resources, "AWS::Serverless::Function") {
             assert!(f["Properties"].get("Role").is_some(), "{id} has no role of its own");
             assert!(f["Properties"].get("Policies").is_none(), "{id}: Policies apply only to SAM's role");
-            // Async failures go to a destination of their own, not the SQS redrive queue.
+            // Async failures go to a destination of their own, not the SQS redrive queue. A
+            // function with no event source (the provisioning hook: AWS IoT calls it
+            // synchronously) has no async failures.
+            if f["Properties"].get("Events").is_none() {
+                continue;
+            }
             let on_failure = &f["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"];
             let destination = on_failure["Destination"]["Fn::GetAtt"][0].as_str().unwrap_or_default();
             assert!(!destination.is_empty(), "{id} has no on-failure destination");
@@ -435,4 +440,31 @@ fn fleet_provisioning_gives_each_device_a_thing_an_active_certificate_and_the_de
     // Until the pre-provisioning hook checks serials, a claim holder could take an existing
     // thing's name: the template stays disabled.
     assert_eq!(props["Enabled"].as_bool(), Some(false));
+}
+
+#[test]
+fn only_aws_iot_may_call_the_provisioning_hook_which_writes_certificates_and_registers_devices() {
+    let r = render(&[]);
+    // The permission: the IoT service, this account, this stack's provisioning template.
+    let p = &r.resources["ProvisioningHookPermission"]["Properties"];
+    assert_eq!(p["Principal"].as_str(), Some("iot.amazonaws.com"));
+    assert_eq!(single(&p["SourceAccount"], "Ref").and_then(Value::as_str), Some("AWS::AccountId"));
+    let source = format!("{:?}", p["SourceArn"]);
+    assert!(source.contains(":provisioningtemplate/fleetline-${Stage}-devices"), "{source}");
+    // The template names the hook, and that name is the one the permission allows.
+    let t = &r.resources["FleetProvisioningTemplate"];
+    let hook = &t["Properties"]["PreProvisioningHook"]["TargetArn"]["Fn::GetAtt"][0];
+    assert_eq!(hook.as_str(), Some("ProvisioningHookFunction"));
+    let name = format!("{:?}", t["Properties"]["TemplateName"]);
+    assert!(name.contains("fleetline-${Stage}-devices"), "{name}");
+    // The role: Certificates items and device registration, nothing else in DynamoDB.
+    assert_eq!(
+        dynamodb_actions(&r, "ProvisioningHookRole"),
+        ["dynamodb:BatchWriteItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
+    );
+    let env = function_env(&r, "ProvisioningHookFunction");
+    let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
+    assert_eq!(vars, ["FLEET_CERTIFICATES_TABLE", "FLEET_DEVICES_TABLE"]);
+    // AWS IoT waits 5 s: the function's timeout is no longer.
+    assert!(r.resources["ProvisioningHookFunction"]["Properties"]["Timeout"].as_u64() <= Some(5));
 }

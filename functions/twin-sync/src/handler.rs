@@ -114,10 +114,16 @@ pub struct SweepResponse {
     pub released: usize,
     /// Releases that failed (retried at the next sweep) or had no shadow service.
     pub release_failed: usize,
+    /// The time budget ran out before every long-drifting twin was read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unfinished: bool,
 }
 
-/// Most twins one sweep reads from the drift index for the stale-desired policies.
-pub const SWEEP_MAX_TWINS: usize = 10_000;
+/// Twins per page of the drift index the sweep reads.
+pub const SWEEP_PAGE: usize = 500;
+/// Wall time one sweep may spend on the policies (the function times out at 30 s); what it
+/// did not reach it reaches at the next sweep, which starts from the oldest drift again.
+pub const SWEEP_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Just enough of an event to tell EventBridge's scheduled event from the others.
 #[derive(Deserialize)]
@@ -148,19 +154,30 @@ where
     };
     let policies = deps.twins.policies().await.map_err(retry("stale-desired policies not read"))?;
     if let Some(shortest) = policies.iter().map(|p| p.diverge_after_ms).min() {
-        let long_drifting = deps
-            .twins
-            .drifting_since(now - shortest, SWEEP_MAX_TWINS)
-            .await
-            .map_err(retry("drifting twins not read"))?;
-        if long_drifting.len() == SWEEP_MAX_TWINS {
-            warn!(
-                limit = SWEEP_MAX_TWINS,
-                "more twins drift than one sweep reads; the newest wait for the next"
-            );
-        }
-        for twin in long_drifting {
-            apply_policies(deps, &policies, twin, now, &mut out).await;
+        // Every twin drifting longer than the shortest policy, page by page, within the budget.
+        let started = Instant::now();
+        let mut cursor = None;
+        loop {
+            let (page, next) = deps
+                .twins
+                .drifting_page(now - shortest, cursor, SWEEP_PAGE)
+                .await
+                .map_err(retry("drifting twins not read"))?;
+            for twin in page {
+                apply_policies(deps, &policies, twin, now, &mut out).await;
+            }
+            cursor = next;
+            if cursor.is_none() {
+                break;
+            }
+            if started.elapsed() > SWEEP_BUDGET {
+                warn!(
+                    budget_s = SWEEP_BUDGET.as_secs(),
+                    "sweep budget spent; the rest waits for the next sweep"
+                );
+                out.unfinished = true;
+                break;
+            }
         }
     }
     info!(
@@ -215,7 +232,7 @@ async fn apply_policies<T, S>(
             out.release_failed += 1;
             continue;
         };
-        let token = release_token(&twin, key);
+        let token = release_token(&twin, key, now);
         match policy::release(svc, &thing, &shadow, key, &d.desired, &token).await {
             Ok(ReleaseOutcome::Released { version }) => {
                 info!(%thing, %shadow, key, version, "desired key released");
@@ -263,12 +280,12 @@ async fn mark_due<T: TwinStore>(
     Err(StoreError::transient("twin divergence mark", "the twin kept changing underneath"))
 }
 
-/// A clientToken (at most 64 bytes) naming this release, the same on every try.
-fn release_token(twin: &Twin, key: &str) -> String {
+/// A clientToken (at most 64 bytes) naming this release by this sweep, the same on every try.
+fn release_token(twin: &Twin, key: &str, now: i64) -> String {
     let text = format!("{}/{}/{key}", twin.thing, twin.shadow.as_str());
     let h =
         text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    format!("fleetline-release-{h:016x}")
+    format!("fleetline-release-{h:016x}-{now}")
 }
 
 pub async fn handle<T: TwinStore + TwinPolicies, S: ShadowService>(

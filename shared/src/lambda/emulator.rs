@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 /// How long the emulator and the function get to start listening / polling.
 const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one invocation may take before it is reported as hung.
+const INVOKE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The function name cargo-lambda's emulator routes to a function it did not start itself.
 const EXTERNAL_FUNCTION: &str = "_";
@@ -120,14 +122,45 @@ impl Emulator {
     /// (an `errorType` answer comes back as `Err` with cargo-lambda's message) with the
     /// function's log attached.
     pub fn invoke(&mut self, event: &Path) -> Result<serde_json::Value, EmulatorError> {
-        let out = Command::new(cargo())
-            .args(["lambda", "invoke", EXTERNAL_FUNCTION, "-A", "127.0.0.1", "-P"])
-            .arg(self.port.to_string())
-            .args(["-o", "json", "--data-file"])
-            .arg(event)
-            .output()
-            .map_err(|source| EmulatorError::Spawn { what: "running cargo lambda invoke".into(), source })?;
-        if !out.status.success() {
+        if let Ok(Some(status)) = self.function.0.try_wait() {
+            return Err(EmulatorError::Failed(format!(
+                "the function exited ({status}) before {} was invoked:\n{}",
+                event.display(),
+                read(&self.logs.join("function.log"))
+            )));
+        }
+        let out_path = self.logs.join("invoke.out");
+        let err_path = self.logs.join("invoke.err");
+        let spawn_err = |source| EmulatorError::Spawn { what: "running cargo lambda invoke".into(), source };
+        let mut invoke = Group(
+            Command::new(cargo())
+                .args(["lambda", "invoke", EXTERNAL_FUNCTION, "-A", "127.0.0.1", "-P"])
+                .arg(self.port.to_string())
+                .args(["-o", "json", "--data-file"])
+                .arg(event)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(std::fs::File::create(&out_path).map_err(spawn_err)?))
+                .stderr(Stdio::from(std::fs::File::create(&err_path).map_err(spawn_err)?))
+                .process_group(0)
+                .spawn()
+                .map_err(spawn_err)?,
+        );
+        let started = Instant::now();
+        let status = loop {
+            if let Ok(Some(status)) = invoke.0.try_wait() {
+                break status;
+            }
+            if started.elapsed() > INVOKE_DEADLINE {
+                return Err(EmulatorError::Failed(format!(
+                    "invoking {} got no answer within {INVOKE_DEADLINE:?}; function log:\n{}",
+                    event.display(),
+                    read(&self.logs.join("function.log"))
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = std::fs::read(&out_path).unwrap_or_default();
+        if !status.success() {
             let exited = match self.function.0.try_wait() {
                 Ok(Some(status)) => format!(" (the function exited: {status})"),
                 _ => String::new(),
@@ -135,14 +168,14 @@ impl Emulator {
             return Err(EmulatorError::Failed(format!(
                 "invoking {} failed{exited}: {}\nfunction log:\n{}",
                 event.display(),
-                String::from_utf8_lossy(&out.stderr),
+                read(&err_path),
                 read(&self.logs.join("function.log"))
             )));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
+        serde_json::from_slice(&stdout).map_err(|e| {
             EmulatorError::Failed(format!(
                 "invoke answered no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
+                String::from_utf8_lossy(&stdout)
             ))
         })
     }

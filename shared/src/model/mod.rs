@@ -1,16 +1,18 @@
 //! Plain data shared by every function: names, telemetry readings, devices, twins.
 
+mod cert;
 mod device;
 mod telemetry;
 mod thing;
 mod twin;
 
+pub use cert::{AllowlistEntry, CertStatus, Certificate, CertificateId, Enrolment, InvalidCertificateId};
 pub use device::{
     validate_label, Device, DeviceRegistration, DeviceState, InvalidLabel, MAX_LABEL_LEN, UNREGISTERED_CLASS,
 };
 pub use telemetry::{MessageId, Metric, Reading, ReadingFlags, StoredReading};
 pub use thing::{InvalidThingName, ThingName};
 pub use twin::{
-    Divergence, DriftHistory, DriftSummary, InvalidShadowName, ShadowName, StaleAction, Twin, VersionDrift,
-    MAX_SHADOW_NAME_LEN,
+    fingerprint, Divergence, DriftHistory, DriftSummary, Heard, InvalidShadowName, ShadowName, StaleAction,
+    Twin, VersionDrift, MAX_SHADOW_NAME_LEN,
 };

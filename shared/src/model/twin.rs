@@ -68,22 +68,62 @@ impl fmt::Display for ShadowName {
     }
 }
 
-/// What is known about one shadow version: whether desired and reported differed in it, on
-/// which top-level desired keys, and when it was written (ms).
+/// What is known about one shadow version (or a run of consecutive versions in the same
+/// state): whether desired and reported differed, on which top-level desired keys and for
+/// which desired value, and when it was written (ms).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionDrift {
     pub drifting: bool,
+    /// When the (first) version was written.
     pub at_ms: i64,
-    /// The top-level desired keys that differ (empty in twins stored before keys were kept:
-    /// such a version counts as drifting on every key).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub keys: Vec<String>,
+    /// The top-level desired keys that differ → a fingerprint of the value desired ([`fingerprint`]):
+    /// a new desired value starts a new run for its key. Empty in versions stored before keys
+    /// were kept: those extend no key's run.
+    #[serde(default, rename = "kd", skip_serializing_if = "BTreeMap::is_empty")]
+    pub keys: BTreeMap<String, u64>,
+    /// The last version this entry stands for (consecutive versions, each learned from its own
+    /// document, in the same state); 0 = only the entry's own version.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub through: u64,
+    /// Learned from the version's own document (authoritative), not another's `previous`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own: bool,
+    /// Its own document said the version before it was `version - 1` (no delete between):
+    /// only then may it join the entry below.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub linked: bool,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A stable fingerprint of a desired value (FNV-1a over its JSON text).
+pub fn fingerprint(v: &Value) -> u64 {
+    v.to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl VersionDrift {
-    fn drifts_on(&self, key: &str) -> bool {
-        self.drifting && (self.keys.is_empty() || self.keys.iter().any(|k| k == key))
+    /// A version as a document shows it; `keys` maps each drifting top-level key to the
+    /// fingerprint of its desired value.
+    pub fn new(at_ms: i64, keys: BTreeMap<String, u64>) -> Self {
+        Self { drifting: !keys.is_empty(), at_ms, keys, through: 0, own: false, linked: false }
     }
+
+    fn same_state(&self, other: &VersionDrift) -> bool {
+        self.drifting == other.drifting && self.keys == other.keys
+    }
+}
+
+/// Where [`DriftHistory::learn`] heard about a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// The version's own (`current`) document; `linked`: its `previous` was the version before.
+    Own { linked: bool },
+    /// Another event's `previous` document.
+    Previous,
 }
 
 /// The versions a twin's drift start depends on: the newest known version, the contiguous
@@ -91,6 +131,10 @@ impl VersionDrift {
 /// run. Anything older cannot change when the drift started, so it is dropped. Documents can
 /// arrive in any order; each tells about its version and the one before (`previous`). A
 /// delete ends any drift: versions up to the deleted one never extend a later run.
+///
+/// Consecutive versions in the same state, each from its own document and linked to the one
+/// before, are kept as one entry (`through`), so a device that reports every minute while it
+/// drifts does not grow its twin: the history grows with changes of drift, not with updates.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriftHistory {
     pub versions: BTreeMap<u64, VersionDrift>,
@@ -98,17 +142,59 @@ pub struct DriftHistory {
     pub deleted_at: Option<u64>,
 }
 
+fn end(v: u64, d: &VersionDrift) -> u64 {
+    v.max(d.through)
+}
+
 impl DriftHistory {
-    /// Record what a document says about `version`: as the `current` document of its own
-    /// event (`own`, authoritative), or as another event's `previous` (kept only if nothing
-    /// better is known), so the result does not depend on arrival order.
-    pub fn learn(&mut self, version: u64, drift: VersionDrift, own: bool) {
-        if own {
-            self.versions.insert(version, drift);
-        } else {
-            self.versions.entry(version).or_insert(drift);
+    /// Record what a document says about `version`: from its own event (authoritative), or
+    /// from another event's `previous` (kept only if nothing better is known), so the result
+    /// does not depend on arrival order.
+    pub fn learn(&mut self, version: u64, drift: VersionDrift, heard: Heard) {
+        let covering = self.versions.range(..=version).next_back().filter(|(&s, d)| end(s, d) >= version);
+        match (heard, covering) {
+            // Known already from its own document (a duplicate), or a `previous` adds nothing.
+            (_, Some((_, d))) if d.own => {}
+            (Heard::Previous, Some(_)) => {}
+            (Heard::Previous, None) => {
+                self.versions
+                    .insert(version, VersionDrift { through: 0, own: false, linked: false, ..drift });
+            }
+            (Heard::Own { linked }, _) => {
+                self.versions.insert(version, VersionDrift { through: 0, own: true, linked, ..drift });
+                self.join(version);
+            }
         }
         self.prune();
+    }
+
+    /// Join the entry at `version` with its neighbours where nothing can tell them apart.
+    fn join(&mut self, version: u64) {
+        let mut start = version;
+        if let Some((&below, _)) = self.versions.range(..version).next_back() {
+            if self.joinable(below, version) {
+                let upper = self.versions.remove(&version).map_or(version, |d| end(version, &d));
+                if let Some(d) = self.versions.get_mut(&below) {
+                    d.through = upper;
+                }
+                start = below;
+            }
+        }
+        let upper = self.versions.get(&start).map_or(start, |d| end(start, d));
+        if self.versions.contains_key(&(upper + 1)) && self.joinable(start, upper + 1) {
+            let above = self.versions.remove(&(upper + 1)).map_or(upper + 1, |d| end(upper + 1, &d));
+            if let Some(d) = self.versions.get_mut(&start) {
+                d.through = above;
+            }
+        }
+    }
+
+    /// Whether the entry at `upper` continues the entry at `lower` with nothing between.
+    fn joinable(&self, lower: u64, upper: u64) -> bool {
+        match (self.versions.get(&lower), self.versions.get(&upper)) {
+            (Some(l), Some(u)) => l.own && u.own && u.linked && end(lower, l) + 1 == upper && l.same_state(u),
+            _ => false,
+        }
     }
 
     /// Record a delete accepted at `version`.
@@ -132,24 +218,28 @@ impl DriftHistory {
     /// When the newest version's drift started: the time of the oldest version of the
     /// contiguous drifting run ending at the newest version, or `None` if it does not drift.
     pub fn drift_since_ms(&self) -> Option<i64> {
-        self.run_start(|d| d.drifting)
+        self.run_start(|d, _| d.drifting)
     }
 
-    /// When the newest version's drift on the top-level desired `key` started: the same run,
-    /// of versions drifting on that key (a stale-desired policy's clock).
+    /// When the newest version's drift on the top-level desired `key`, for the value desired
+    /// now, started: the run of versions that differ on that key with that desired value (a
+    /// stale-desired policy's clock). `None` when the newest version does not drift on it, or
+    /// its history does not say (twins stored before keys were kept).
     pub fn key_drift_since_ms(&self, key: &str) -> Option<i64> {
-        self.run_start(|d| d.drifts_on(key))
+        let (_, newest) = self.versions.iter().next_back()?;
+        let want = *newest.keys.get(key)?;
+        self.run_start(|d, _| d.keys.get(key) == Some(&want))
     }
 
-    fn run_start(&self, drifting: impl Fn(&VersionDrift) -> bool) -> Option<i64> {
+    fn run_start(&self, drifting: impl Fn(&VersionDrift, u64) -> bool) -> Option<i64> {
         let mut iter = self.versions.iter().rev();
         let (&newest, d) = iter.next()?;
-        if !drifting(d) {
+        if !drifting(d, newest) {
             return None;
         }
         let (mut start, mut since) = (newest, d.at_ms);
         for (&v, d) in iter {
-            if v + 1 != start || !drifting(d) {
+            if end(v, d) + 1 != start || !drifting(d, v) {
                 break;
             }
             (start, since) = (v, d.at_ms);
@@ -290,21 +380,43 @@ mod tests {
 
     #[test]
     fn drift_starts_at_the_oldest_version_of_the_run_that_reaches_the_newest() {
-        let d = |drifting, at_ms| VersionDrift { drifting, at_ms, keys: Vec::new() };
+        let d = |drifting: bool, at_ms| {
+            let keys = if drifting { BTreeMap::from([("fw".to_owned(), 1)]) } else { BTreeMap::new() };
+            VersionDrift::new(at_ms, keys)
+        };
+        let own = Heard::Own { linked: false };
         let mut h = DriftHistory::default();
-        h.learn(5, d(true, 500), true);
+        h.learn(5, d(true, 500), own);
         assert_eq!(h.drift_since_ms(), Some(500));
-        h.learn(3, d(true, 300), true); // a gap at 4: the run known to reach 5 starts at 5
+        h.learn(3, d(true, 300), own); // a gap at 4: the run known to reach 5 starts at 5
         assert_eq!(h.drift_since_ms(), Some(500));
-        h.learn(4, d(true, 400), false);
+        h.learn(4, d(true, 400), Heard::Previous);
         assert_eq!(h.drift_since_ms(), Some(300));
-        h.learn(2, d(false, 200), true);
+        h.learn(2, d(false, 200), own);
         assert_eq!(h.drift_since_ms(), Some(300));
-        h.learn(1, d(true, 100), true); // below a version in sync: cannot matter, dropped
+        h.learn(1, d(true, 100), own); // below a version in sync: cannot matter, dropped
         assert_eq!(h.versions.keys().copied().collect::<Vec<_>>(), [2, 3, 4, 5]);
         h.deleted(3);
         assert_eq!(h.drift_since_ms(), Some(400), "a delete ends the run");
-        h.learn(6, d(false, 600), true);
+        h.learn(6, d(false, 600), own);
         assert_eq!((h.drift_since_ms(), h.versions.len()), (None, 1));
+    }
+
+    #[test]
+    fn a_device_reporting_the_same_drift_every_minute_keeps_one_entry_and_its_start() {
+        let keys = |v: u64| BTreeMap::from([("fw".to_owned(), v)]);
+        let mut h = DriftHistory::default();
+        // GIVEN version 1 in sync, then a thousand linked updates drifting on fw=2
+        h.learn(1, VersionDrift::new(0, BTreeMap::new()), Heard::Own { linked: false });
+        for v in 2..=1_001u64 {
+            h.learn(v, VersionDrift::new(v as i64 * 60_000, keys(2)), Heard::Own { linked: true });
+        }
+        // THEN two entries: the in-sync floor and one run, which started at version 2
+        assert_eq!(h.versions.len(), 2);
+        assert_eq!((h.drift_since_ms(), h.key_drift_since_ms("fw")), (Some(120_000), Some(120_000)));
+        // WHEN fw is desired at another value: its key clock restarts, the twin's does not
+        h.learn(1_002, VersionDrift::new(9_000_000, keys(3)), Heard::Own { linked: true });
+        assert_eq!((h.drift_since_ms(), h.key_drift_since_ms("fw")), (Some(120_000), Some(9_000_000)));
+        assert_eq!(h.key_drift_since_ms("mode"), None);
     }
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::StoreError;
-use crate::model::{DriftHistory, ShadowName, ThingName, Twin, VersionDrift};
+use crate::model::{fingerprint, DriftHistory, Heard, ShadowName, ThingName, Twin, VersionDrift};
 use crate::ports::TwinStore;
 
 /// Desired values that reported does not match, as AWS computes a shadow's delta: only keys
@@ -85,9 +85,14 @@ impl ShadowDocument {
     }
 
     fn drift(&self, at_ms: i64) -> VersionDrift {
-        let keys: Vec<String> =
-            delta(&self.state.desired, &self.state.reported).into_iter().map(|(k, _)| k).collect();
-        VersionDrift { drifting: !keys.is_empty(), at_ms, keys }
+        let keys = delta(&self.state.desired, &self.state.reported)
+            .into_iter()
+            .map(|(k, _)| {
+                let value = fingerprint(self.state.desired.get(&k).unwrap_or(&Value::Null));
+                (k, value)
+            })
+            .collect();
+        VersionDrift::new(at_ms, keys)
     }
 }
 
@@ -188,9 +193,10 @@ pub fn apply(stored: Option<Twin>, event: &TwinEvent) -> (Twin, TwinChange) {
         ShadowEvent::Updated { previous, current, at_ms } => {
             if let Some(p) = previous {
                 let at = p.written_ms().unwrap_or(*at_ms);
-                twin.history.learn(p.version, p.drift(at), false);
+                twin.history.learn(p.version, p.drift(at), Heard::Previous);
             }
-            twin.history.learn(current.version, current.drift(*at_ms), true);
+            let linked = previous.as_ref().is_some_and(|p| p.version + 1 == current.version);
+            twin.history.learn(current.version, current.drift(*at_ms), Heard::Own { linked });
             if current.version > twin.version {
                 twin.version = current.version;
                 twin.desired = current.state.desired.clone();

@@ -39,9 +39,21 @@ pub enum InvalidPolicy {
     Key(String),
     #[error("diverge after {0} ms: the shortest is 1 minute")]
     TooShort(i64),
+    #[error("policy action {0:?}: expected report or release")]
+    Action(String),
 }
 
 impl StalePolicy {
+    /// A policy as a store keeps it, checked as [`StalePolicy::new`] checks it.
+    pub fn stored(key: &str, diverge_after_ms: i64, action: &str) -> Result<Self, InvalidPolicy> {
+        let action = match action {
+            "report" => StaleAction::Report,
+            "release" => StaleAction::Release,
+            other => return Err(InvalidPolicy::Action(other.to_owned())),
+        };
+        Self::new(key, diverge_after_ms, action)
+    }
+
     pub fn new(key: &str, diverge_after_ms: i64, action: StaleAction) -> Result<Self, InvalidPolicy> {
         if key.is_empty() || key.len() > 128 || key.contains('.') || key.chars().any(char::is_control) {
             return Err(InvalidPolicy::Key(key.to_owned()));
@@ -62,7 +74,9 @@ pub fn due(twin: &Twin, policies: &[StalePolicy], now_ms: i64) -> Vec<(String, D
         .iter()
         .filter(|p| twin.delta.contains_key(&p.key) && !twin.diverged.contains_key(&p.key))
         .filter_map(|p| {
-            let since_ms = twin.history.key_drift_since_ms(&p.key).or(twin.drift_since_ms)?;
+            // No fallback to the twin's own start: a history that cannot say when this value
+            // started being refused marks late, never early.
+            let since_ms = twin.history.key_drift_since_ms(&p.key)?;
             (now_ms - since_ms >= p.diverge_after_ms).then(|| {
                 let divergence = Divergence {
                     since_ms,
@@ -128,7 +142,9 @@ pub async fn release<S: ShadowService>(
         let Some(current) = svc.get_shadow(thing, shadow).await? else {
             return Ok(ReleaseOutcome::NotNeeded);
         };
-        if current.desired.get(key) != Some(expected) || current.reported.get(key) == Some(expected) {
+        // Taken as the delta counts it (an object may be reported with more keys than desired).
+        let wanted: Map<String, Value> = [(key.to_owned(), expected.clone())].into_iter().collect();
+        if current.desired.get(key) != Some(expected) || super::delta(&wanted, &current.reported).is_empty() {
             return Ok(ReleaseOutcome::NotNeeded);
         }
         let mut desired = Map::new();
@@ -236,5 +252,113 @@ mod tests {
             Err(InvalidPolicy::TooShort(_))
         ));
         assert!(StalePolicy::new("mode", 60_000, StaleAction::Release).is_ok());
+    }
+
+    /// A shadow service over one shadow, with scripted conflicts: before answering the first
+    /// `conflicts` updates with 409, it applies `meanwhile` (another writer's change).
+    struct Scripted {
+        state: std::sync::Mutex<crate::ports::ShadowState>,
+        conflicts: std::sync::atomic::AtomicUsize,
+        meanwhile: fn(&mut crate::ports::ShadowState),
+        reject: bool,
+    }
+
+    impl Scripted {
+        fn new(
+            desired: Value,
+            reported: Value,
+            conflicts: usize,
+            meanwhile: fn(&mut crate::ports::ShadowState),
+        ) -> Self {
+            let obj = |v: Value| v.as_object().cloned().unwrap_or_default();
+            let state =
+                crate::ports::ShadowState { version: 4, desired: obj(desired), reported: obj(reported) };
+            Self { state: state.into(), conflicts: conflicts.into(), meanwhile, reject: false }
+        }
+    }
+
+    impl ShadowService for Scripted {
+        async fn get_shadow(
+            &self,
+            _: &ThingName,
+            _: &ShadowName,
+        ) -> Result<Option<crate::ports::ShadowState>, StoreError> {
+            Ok(Some(self.state.lock().expect("lock").clone()))
+        }
+        async fn update_shadow(
+            &self,
+            _: &ThingName,
+            _: &ShadowName,
+            request: &Value,
+        ) -> Result<u64, ShadowCallError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.reject {
+                return Err(ShadowCallError::Rejected { code: 403, message: "not authorized".into() });
+            }
+            let mut state = self.state.lock().expect("lock");
+            if self.conflicts.load(SeqCst) > 0 {
+                self.conflicts.fetch_sub(1, SeqCst);
+                (self.meanwhile)(&mut state);
+                state.version += 1;
+                return Err(ShadowCallError::Conflict);
+            }
+            assert_eq!(request["version"].as_u64(), Some(state.version), "carries the version it read");
+            for (k, v) in request["state"]["desired"].as_object().cloned().unwrap_or_default() {
+                if v.is_null() {
+                    state.desired.remove(&k);
+                }
+            }
+            state.version += 1;
+            Ok(state.version)
+        }
+        async fn delete_shadow(&self, _: &ThingName, _: &ShadowName) -> Result<Option<u64>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    async fn release_mode(svc: &Scripted) -> Result<ReleaseOutcome, StoreError> {
+        let thing = ThingName::parse("dev-1").expect("thing");
+        release(svc, &thing, &ShadowName::classic(), "mode", &json!("eco"), "t").await
+    }
+
+    #[tokio::test]
+    async fn a_release_removes_the_key_with_the_version_it_read() -> Result<(), StoreError> {
+        let svc = Scripted::new(json!({"mode": "eco", "fw": "2"}), json!({"mode": "on"}), 0, |_| {});
+        assert_eq!(release_mode(&svc).await?, ReleaseOutcome::Released { version: 5 });
+        let state = svc.state.lock().expect("lock").clone();
+        assert!(!state.desired.contains_key("mode") && state.desired.contains_key("fw"), "{state:?}");
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_conflict_it_reads_again_and_lets_a_device_that_took_the_value_be(
+    ) -> Result<(), StoreError> {
+        // the other writer: the device reports eco (with more keys than desired names)
+        let svc = Scripted::new(json!({"mode": "eco"}), json!({"mode": "on"}), 1, |s| {
+            s.reported.insert("mode".into(), json!("eco"));
+        });
+        assert_eq!(release_mode(&svc).await?, ReleaseOutcome::NotNeeded);
+        // an operator who desires another value meanwhile is not overridden either
+        let svc = Scripted::new(json!({"mode": "eco"}), json!({"mode": "on"}), 1, |s| {
+            s.desired.insert("mode".into(), json!("off"));
+        });
+        assert_eq!(release_mode(&svc).await?, ReleaseOutcome::NotNeeded);
+        assert_eq!(svc.state.lock().expect("lock").desired["mode"], "off");
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endless_conflicts_give_up_and_a_refusal_is_reported() -> Result<(), StoreError> {
+        let svc = Scripted::new(json!({"mode": "eco"}), json!({"mode": "on"}), usize::MAX, |_| {});
+        assert_eq!(release_mode(&svc).await?, ReleaseOutcome::GaveUp { attempts: MAX_WRITE_ATTEMPTS });
+        let mut svc = Scripted::new(json!({"mode": "eco"}), json!({"mode": "on"}), 0, |_| {});
+        svc.reject = true;
+        assert!(matches!(release_mode(&svc).await?, ReleaseOutcome::Rejected { code: 403, .. }));
+        // an object reported with more keys than desired counts as taken
+        let svc = Scripted::new(json!({"mode": {"a": 1}}), json!({"mode": {"a": 1, "b": 2}}), 0, |_| {});
+        let thing = ThingName::parse("dev-1").expect("thing");
+        let out = release(&svc, &thing, &ShadowName::classic(), "mode", &json!({"a": 1}), "t").await?;
+        assert_eq!(out, ReleaseOutcome::NotNeeded);
+        Ok(())
     }
 }

@@ -177,6 +177,14 @@ impl TwinStore for Busy {
     async fn drift_summary(&self) -> Result<fleet_shared::model::DriftSummary, StoreError> {
         Err(StoreError::transient("twins drift summary", "throttled"))
     }
+    async fn drifting_page(
+        &self,
+        _: i64,
+        _: Option<fleet_shared::ports::DriftCursor>,
+        _: usize,
+    ) -> Result<(Vec<Twin>, Option<fleet_shared::ports::DriftCursor>), StoreError> {
+        Err(StoreError::transient("twins drifting", "throttled"))
+    }
     async fn drifting_since(&self, _: i64, _: usize) -> Result<Vec<Twin>, StoreError> {
         Err(StoreError::transient("twins drifting", "throttled"))
     }

@@ -1,10 +1,12 @@
 //! AWS adapters, one per resource, each built from the one `SdkConfig` a process loads:
 //! [`DevicesTable`] (DynamoDB), [`TimestreamSink`] / [`TimestreamQuery`] (Timestream),
-//! [`S3Archive`] (S3 `raw/` and `quarantine/`), [`TwinsTable`] (DynamoDB). A function builds only the adapters its ports
+//! [`S3Archive`] (S3 `raw/` and `quarantine/`), [`TwinsTable`] (DynamoDB), [`CertificatesTable`]
+//! (DynamoDB: allowlist, certificate inventory, provisioning audit). A function builds only the adapters its ports
 //! need, and each adapter reads only its own variables (`from_env`). SDK ↔ domain mapping
 //! happens only here; service limits are named constants next to the adapter that respects
 //! them. Endpoints follow the SDK's `AWS_ENDPOINT_URL*` variables.
 
+pub mod certs;
 #[cfg(feature = "test-support")]
 pub mod counting;
 pub mod devices;
@@ -26,6 +28,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::error::StoreError;
 
+pub use certs::CertificatesTable;
 pub use devices::DevicesTable;
 #[cfg(feature = "operator")]
 pub use hot_store::TelemetryReader;

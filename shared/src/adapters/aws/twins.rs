@@ -27,8 +27,8 @@ use futures_util::stream::{self, StreamExt};
 use super::classify;
 use crate::env::{ConfigError, Env};
 use crate::error::StoreError;
-use crate::model::{DriftSummary, ShadowName, StaleAction, ThingName, Twin};
-use crate::ports::{TwinPolicies, TwinStore};
+use crate::model::{DriftSummary, ShadowName, ThingName, Twin};
+use crate::ports::{DriftCursor, TwinPolicies, TwinStore};
 use crate::twin::policy::StalePolicy;
 
 /// The partition key of the policies item.
@@ -155,7 +155,94 @@ impl TwinsTable {
     }
 }
 
+/// A key (LastEvaluatedKey) as JSON, for a cursor: strings and numbers, as DynamoDB keys are.
+fn key_to_json(key: &HashMap<String, AttributeValue>) -> serde_json::Value {
+    let map = key
+        .iter()
+        .filter_map(|(k, v)| match v {
+            AttributeValue::S(s) => Some((k.clone(), serde_json::json!({ "S": s }))),
+            AttributeValue::N(n) => Some((k.clone(), serde_json::json!({ "N": n }))),
+            _ => None,
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+fn key_from_json(v: &serde_json::Value) -> Option<HashMap<String, AttributeValue>> {
+    let map = v.as_object()?;
+    map.iter()
+        .map(|(k, v)| match (v.get("S").and_then(|s| s.as_str()), v.get("N").and_then(|n| n.as_str())) {
+            (Some(s), _) => Some((k.clone(), AttributeValue::S(s.to_owned()))),
+            (_, Some(n)) => Some((k.clone(), AttributeValue::N(n.to_owned()))),
+            _ => None,
+        })
+        .collect()
+}
+
+impl TwinsTable {
+    /// One page of one drift shard, from `start` (a LastEvaluatedKey); the twins and where
+    /// the shard goes on (`None`: done).
+    async fn drift_shard_page(
+        &self,
+        shard: u32,
+        before_ms: i64,
+        start: Option<HashMap<String, AttributeValue>>,
+        limit: usize,
+    ) -> Result<(Vec<Twin>, Option<HashMap<String, AttributeValue>>), StoreError> {
+        let op = "dynamodb twins drifting page";
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(DRIFT_INDEX)
+            .key_condition_expression("drift_shard = :shard AND drift_since_ms <= :before")
+            .expression_attribute_values(":shard", s(format!("d#{shard}")))
+            .expression_attribute_values(":before", n(before_ms))
+            .set_exclusive_start_key(start)
+            .limit(limit.clamp(1, 1_000) as i32)
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        let twins = out.items().iter().map(twin_from_item).collect::<Result<Vec<_>, _>>()?;
+        Ok((twins, out.last_evaluated_key().cloned()))
+    }
+}
+
 impl TwinStore for TwinsTable {
+    async fn drifting_page(
+        &self,
+        before_ms: i64,
+        cursor: Option<DriftCursor>,
+        limit: usize,
+    ) -> Result<(Vec<Twin>, Option<DriftCursor>), StoreError> {
+        // The cursor holds each shard's position: `null` = from its start, `"done"`, or a key.
+        let positions: Vec<serde_json::Value> = match cursor {
+            Some(DriftCursor(serde_json::Value::Array(p))) if p.len() == DRIFT_SHARDS as usize => p,
+            _ => vec![serde_json::Value::Null; DRIFT_SHARDS as usize],
+        };
+        let per_shard = limit.div_ceil(DRIFT_SHARDS as usize).max(1);
+        let starts: Vec<(usize, Option<HashMap<String, AttributeValue>>)> = positions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.as_str() != Some("done"))
+            .map(|(i, p)| (i, key_from_json(p)))
+            .collect();
+        let pages = starts.into_iter().map(|(i, start)| async move {
+            (i, self.drift_shard_page(i as u32, before_ms, start, per_shard).await)
+        });
+        let results: Vec<(usize, Result<_, StoreError>)> =
+            stream::iter(pages).buffer_unordered(super::MAX_CONCURRENT_REQUESTS).collect().await;
+        let mut next = positions.clone();
+        let mut twins = Vec::new();
+        for (i, r) in results {
+            let (page, last) = r?;
+            twins.extend(page);
+            next[i] = last.as_ref().map_or_else(|| serde_json::Value::from("done"), key_to_json);
+        }
+        let more = next.iter().any(|p| p.as_str() != Some("done"));
+        Ok((twins, more.then(|| DriftCursor(serde_json::Value::Array(next)))))
+    }
+
     async fn drift_summary(&self) -> Result<DriftSummary, StoreError> {
         let shards = (0..DRIFT_SHARDS).map(|i| self.drift_shard_summary(i));
         let results: Vec<Result<DriftSummary, StoreError>> =
@@ -272,11 +359,10 @@ impl TwinPolicies for TwinsTable {
                 .and_then(|n| n.as_n().ok())
                 .and_then(|n| n.parse().ok())
                 .ok_or_else(|| StoreError::permanent(op, format!("policy {key}: no after_ms")))?;
-            let action = match fields.get("action").and_then(|a| a.as_s().ok()).map(String::as_str) {
-                Some("release") => StaleAction::Release,
-                _ => StaleAction::Report,
-            };
-            policies.push(StalePolicy { key: key.clone(), diverge_after_ms: after_ms, action });
+            let action = fields.get("action").and_then(|a| a.as_s().ok()).map_or("", String::as_str);
+            let policy = StalePolicy::stored(key, after_ms, action)
+                .map_err(|e| StoreError::permanent(op, format!("policy {key}: {e}")))?;
+            policies.push(policy);
         }
         policies.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(policies)

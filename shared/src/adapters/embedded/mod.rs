@@ -1,6 +1,7 @@
 //! The embedded backend: every port on one SQLite file (WAL mode, migrated schema), for the
 //! local stack, `cargo lambda watch --features embedded` and tests. No AWS account needed.
 
+mod certs;
 mod local_shadows;
 mod sqlite;
 mod twins;

@@ -85,6 +85,8 @@ const MIGRATIONS: &[&str] = &[
     super::local_shadows::LOCAL_SHADOWS_SCHEMA,
     // Version 6: stale-desired policies.
     super::twins::TWIN_POLICIES_SCHEMA,
+    // Version 7: the provisioning allowlist, the certificate inventory, the audit trail.
+    super::certs::CERTS_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version

@@ -5,8 +5,8 @@ use rusqlite::{params, OptionalExtension, Row};
 
 use super::SqliteStore;
 use crate::error::StoreError;
-use crate::model::{DriftSummary, ShadowName, StaleAction, ThingName, Twin};
-use crate::ports::{TwinPolicies, TwinStore};
+use crate::model::{DriftSummary, ShadowName, ThingName, Twin};
+use crate::ports::{DriftCursor, TwinPolicies, TwinStore};
 use crate::twin::policy::StalePolicy;
 
 /// Migration step 3 (see `MIGRATIONS` in `sqlite.rs`).
@@ -107,6 +107,43 @@ impl TwinStore for SqliteStore {
         .await
     }
 
+    async fn drifting_page(
+        &self,
+        before_ms: i64,
+        cursor: Option<DriftCursor>,
+        limit: usize,
+    ) -> Result<(Vec<Twin>, Option<DriftCursor>), StoreError> {
+        // Keyset paging on (drift_since_ms, thing, shadow), the partial index's order.
+        let after = cursor.map(|c| c.0);
+        let (since, thing, shadow) = match &after {
+            Some(v) => (
+                v["since"].as_i64().unwrap_or(i64::MIN),
+                v["thing"].as_str().unwrap_or_default().to_owned(),
+                v["shadow"].as_str().unwrap_or_default().to_owned(),
+            ),
+            None => (i64::MIN, String::new(), String::new()),
+        };
+        let twins: Vec<Twin> = self
+            .with("sqlite twins drifting page", move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT twin FROM twins WHERE drift_since_ms IS NOT NULL AND drift_since_ms <= ?1
+                       AND (drift_since_ms, thing, shadow) > (?2, ?3, ?4)
+                     ORDER BY drift_since_ms, thing, shadow LIMIT ?5",
+                )?;
+                let rows =
+                    st.query_map(params![before_ms, since, thing, shadow, limit as i64], twin_from_row)?;
+                rows.collect()
+            })
+            .await?;
+        let next = match twins.last() {
+            Some(t) if twins.len() == limit => Some(DriftCursor(serde_json::json!({
+                "since": t.drift_since_ms, "thing": t.thing, "shadow": t.shadow,
+            }))),
+            _ => None,
+        };
+        Ok((twins, next))
+    }
+
     async fn drifting_since(&self, before_ms: i64, limit: usize) -> Result<Vec<Twin>, StoreError> {
         self.with("sqlite twins drifting", move |c| {
             let mut st = c.prepare_cached(
@@ -126,12 +163,10 @@ impl TwinPolicies for SqliteStore {
             let mut st =
                 c.prepare_cached("SELECT key, diverge_after_ms, action FROM twin_policies ORDER BY key")?;
             let rows = st.query_map([], |r| {
-                let action: String = r.get(2)?;
-                let action = match action.as_str() {
-                    "release" => StaleAction::Release,
-                    _ => StaleAction::Report,
-                };
-                Ok(StalePolicy { key: r.get(0)?, diverge_after_ms: r.get(1)?, action })
+                let (key, after, action): (String, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                StalePolicy::stored(&key, after, &action).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                })
             })?;
             rows.collect()
         })

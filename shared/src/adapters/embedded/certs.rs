@@ -1,0 +1,259 @@
+//! [`Allowlist`], [`CertificateInventory`] and [`ProvisioningAudit`] on SQLite: the allowlist
+//! by serial number, certificates with an index on `not_after_ms` (the daily check's window
+//! is one index range), the audit trail, and per-claim counters of unknown serials.
+
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::SqliteStore;
+use crate::error::StoreError;
+use crate::model::{AllowlistEntry, Certificate, CertificateId, Enrolment, ThingName};
+use crate::ports::{Allowlist, AuditEvent, CertificateInventory, Enrolled, ProvisioningAudit};
+
+/// Migration step 7 (see `MIGRATIONS` in `sqlite.rs`).
+pub(super) const CERTS_SCHEMA: &str = "
+CREATE TABLE allowlist (
+    serial TEXT    NOT NULL PRIMARY KEY,
+    entry  TEXT    NOT NULL -- the AllowlistEntry as JSON
+) WITHOUT ROWID;
+CREATE TABLE certificates (
+    id           TEXT    NOT NULL PRIMARY KEY,
+    not_after_ms INTEGER NOT NULL,
+    cert         TEXT    NOT NULL -- the Certificate as JSON
+) WITHOUT ROWID;
+CREATE INDEX certificates_by_expiry ON certificates (not_after_ms);
+CREATE TABLE provisioning_audit (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    serial TEXT    NOT NULL,
+    event  TEXT    NOT NULL -- the AuditEvent as JSON
+);
+CREATE INDEX provisioning_audit_by_serial ON provisioning_audit (serial, seq);
+CREATE TABLE claim_unknown_serials (
+    claim   TEXT    NOT NULL PRIMARY KEY,
+    count   INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+fn json_col<T: serde::de::DeserializeOwned>(r: &Row<'_>, i: usize) -> rusqlite::Result<T> {
+    let text: String = r.get(i)?;
+    serde_json::from_str(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn to_json<T: serde::Serialize>(op: &'static str, v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::permanent(op, e))
+}
+
+fn entry_of(c: &rusqlite::Connection, serial: &str) -> rusqlite::Result<Option<AllowlistEntry>> {
+    c.prepare_cached("SELECT entry FROM allowlist WHERE serial = ?1")?
+        .query_row([serial], |r| json_col(r, 0))
+        .optional()
+}
+
+fn put_entry(c: &rusqlite::Connection, e: &AllowlistEntry) -> rusqlite::Result<()> {
+    let json =
+        serde_json::to_string(e).map_err(|err| rusqlite::Error::ToSqlConversionFailure(Box::new(err)))?;
+    c.prepare_cached("INSERT INTO allowlist (serial, entry) VALUES (?1, ?2) ON CONFLICT (serial) DO UPDATE SET entry = excluded.entry")?
+        .execute(params![e.serial.as_str(), json])?;
+    Ok(())
+}
+
+impl Allowlist for SqliteStore {
+    async fn entry(&self, serial: &ThingName) -> Result<Option<AllowlistEntry>, StoreError> {
+        let serial = serial.to_string();
+        self.with("sqlite allowlist get", move |c| entry_of(c, &serial)).await
+    }
+
+    async fn allow(&self, entries: &[AllowlistEntry]) -> Result<(), StoreError> {
+        let entries = entries.to_vec();
+        self.with("sqlite allowlist add", move |c| {
+            let tx = c.transaction()?;
+            for e in entries {
+                let kept = match entry_of(&tx, e.serial.as_str())? {
+                    Some(old) => AllowlistEntry { enrolment: old.enrolment, added_ms: old.added_ms, ..e },
+                    None => e,
+                };
+                put_entry(&tx, &kept)?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn disallow(&self, serial: &ThingName) -> Result<bool, StoreError> {
+        let serial = serial.to_string();
+        self.with("sqlite allowlist remove", move |c| {
+            let tx = c.transaction()?;
+            let removable =
+                matches!(entry_of(&tx, &serial)?, Some(AllowlistEntry { enrolment: Enrolment::Allowed, .. }));
+            if removable {
+                tx.execute("DELETE FROM allowlist WHERE serial = ?1", [&serial])?;
+            }
+            tx.commit()?;
+            Ok(removable)
+        })
+        .await
+    }
+
+    async fn entries(
+        &self,
+        after: Option<&ThingName>,
+        limit: usize,
+    ) -> Result<Vec<AllowlistEntry>, StoreError> {
+        let after = after.map(ToString::to_string).unwrap_or_default();
+        self.with("sqlite allowlist list", move |c| {
+            let mut st =
+                c.prepare_cached("SELECT entry FROM allowlist WHERE serial > ?1 ORDER BY serial LIMIT ?2")?;
+            let rows = st.query_map(params![after, limit as i64], |r| json_col(r, 0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn enrol(
+        &self,
+        serial: &ThingName,
+        certificate: &CertificateId,
+        at_ms: i64,
+    ) -> Result<Enrolled, StoreError> {
+        let (serial, certificate) = (serial.clone(), certificate.clone());
+        self.with("sqlite allowlist enrol", move |c| {
+            let tx = c.transaction()?;
+            let outcome =
+                match entry_of(&tx, serial.as_str())? {
+                    None => Enrolled::Unknown,
+                    Some(AllowlistEntry { enrolment: Enrolment::Decommissioned { .. }, .. }) => {
+                        Enrolled::Decommissioned
+                    }
+                    Some(AllowlistEntry {
+                        enrolment: Enrolment::Provisioned { certificate: c, .. }, ..
+                    }) if c != certificate => Enrolled::Taken(c),
+                    Some(AllowlistEntry { enrolment: Enrolment::Provisioned { .. }, .. }) => Enrolled::Yes,
+                    Some(e) => {
+                        let thing = serial.clone();
+                        put_entry(
+                            &tx,
+                            &AllowlistEntry {
+                                enrolment: Enrolment::Provisioned { thing, certificate, at_ms },
+                                ..e
+                            },
+                        )?;
+                        Enrolled::Yes
+                    }
+                };
+            tx.commit()?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn decommission(
+        &self,
+        serial: &ThingName,
+        at_ms: i64,
+    ) -> Result<Option<AllowlistEntry>, StoreError> {
+        let serial = serial.to_string();
+        self.with("sqlite allowlist decommission", move |c| {
+            let tx = c.transaction()?;
+            let before = entry_of(&tx, &serial)?;
+            if let Some(e) = &before {
+                put_entry(
+                    &tx,
+                    &AllowlistEntry { enrolment: Enrolment::Decommissioned { at_ms }, ..e.clone() },
+                )?;
+            }
+            tx.commit()?;
+            Ok(before)
+        })
+        .await
+    }
+}
+
+impl CertificateInventory for SqliteStore {
+    async fn record(&self, cert: &Certificate) -> Result<(), StoreError> {
+        let json = to_json("sqlite certificate encode", cert)?;
+        let (id, not_after_ms) = (cert.id.to_string(), cert.not_after_ms);
+        self.with("sqlite certificate put", move |c| {
+            c.prepare_cached(
+                "INSERT INTO certificates (id, not_after_ms, cert) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET not_after_ms = excluded.not_after_ms, cert = excluded.cert",
+            )?
+            .execute(params![id, not_after_ms, json])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn certificate(&self, id: &CertificateId) -> Result<Option<Certificate>, StoreError> {
+        let id = id.to_string();
+        self.with("sqlite certificate get", move |c| {
+            c.prepare_cached("SELECT cert FROM certificates WHERE id = ?1")?
+                .query_row([id], |r| json_col(r, 0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn expiring(&self, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Certificate>, StoreError> {
+        self.with("sqlite certificates expiring", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT cert FROM certificates WHERE not_after_ms >= ?1 AND not_after_ms < ?2
+                 ORDER BY not_after_ms, id LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![from_ms, to_ms, limit as i64], |r| json_col(r, 0))?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+impl ProvisioningAudit for SqliteStore {
+    async fn audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let json = to_json("sqlite audit encode", event)?;
+        let serial = event.serial.clone();
+        self.with("sqlite audit append", move |c| {
+            c.prepare_cached("INSERT INTO provisioning_audit (serial, event) VALUES (?1, ?2)")?
+                .execute(params![serial, json])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unknown_serial(&self, claim: &str, at_ms: i64) -> Result<u64, StoreError> {
+        let claim = claim.to_owned();
+        self.with("sqlite claim counter", move |c| {
+            c.prepare_cached(
+                "INSERT INTO claim_unknown_serials (claim, count, last_ms) VALUES (?1, 1, ?2)
+                 ON CONFLICT (claim) DO UPDATE SET count = count + 1, last_ms = excluded.last_ms
+                 RETURNING count",
+            )?
+            .query_row(params![claim, at_ms], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+        })
+        .await
+    }
+
+    async fn trail(&self, serial: &str) -> Result<Vec<AuditEvent>, StoreError> {
+        let serial = serial.to_owned();
+        self.with("sqlite audit trail", move |c| {
+            let mut st =
+                c.prepare_cached("SELECT event FROM provisioning_audit WHERE serial = ?1 ORDER BY seq")?;
+            let rows = st.query_map([serial], |r| json_col(r, 0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn suspicious_claims(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let at_least = crate::certs::hook::SUSPICIOUS_UNKNOWN_SERIALS;
+        self.with("sqlite suspicious claims", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT claim, count FROM claim_unknown_serials WHERE count >= ?1 ORDER BY count DESC, claim",
+            )?;
+            let rows =
+                st.query_map([at_least as i64], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?;
+            rows.collect()
+        })
+        .await
+    }
+}

@@ -1,0 +1,224 @@
+//! The fleet-provisioning pre-provisioning hook's decision (pure): AWS IoT calls the hook with
+//! the device's claim, its new certificate and the template parameters, and provisions only
+//! on `allowProvisioning: true`, with the hook's `parameterOverrides`.
+//!
+//! A device may provision when its serial number (`parameters.SerialNumber`, which becomes the
+//! thing name) is on the allowlist, not decommissioned, and not already provisioned with
+//! another certificate (the same certificate again is a retry, and allowed); and when the
+//! certificate it presents is a readable X.509 certificate whose id is the SHA-256 of its DER
+//! (as AWS computes ids) and is valid now. Every refusal has a reason code.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{parse_pem, ParsedCert};
+use crate::model::{AllowlistEntry, CertificateId, Enrolment, ThingName};
+
+/// Unknown serials one claim certificate may ask for before it is reported as suspicious.
+pub const SUSPICIOUS_UNKNOWN_SERIALS: u64 = 5;
+
+/// The hook's input, as AWS IoT sends it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookRequest {
+    pub claim_certificate_id: String,
+    pub certificate_id: String,
+    pub certificate_pem: String,
+    pub template_arn: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+}
+
+/// The hook's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookResponse {
+    pub allow_provisioning: bool,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub parameter_overrides: Map<String, Value>,
+}
+
+impl HookResponse {
+    pub fn refuse() -> Self {
+        Self { allow_provisioning: false, parameter_overrides: Map::new() }
+    }
+}
+
+/// Why a device may not provision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("malformed hook event: {0}")]
+    MalformedEvent(String),
+    #[error("no SerialNumber parameter, or not a valid thing name: {0:?}")]
+    BadSerial(String),
+    #[error("serial number {0} is not on the allowlist")]
+    UnknownSerial(String),
+    #[error("serial number {0} is decommissioned")]
+    Decommissioned(String),
+    #[error("serial number {serial} is already provisioned with certificate {certificate}")]
+    AlreadyProvisioned { serial: String, certificate: CertificateId },
+    #[error("unreadable certificate: {0}")]
+    BadCertificate(String),
+    #[error("certificate id {given} is not the certificate's ({actual})")]
+    CertificateMismatch { given: String, actual: CertificateId },
+    #[error("certificate not valid now (valid {not_before_ms}..{not_after_ms} ms)")]
+    NotValidNow { not_before_ms: i64, not_after_ms: i64 },
+}
+
+impl Refusal {
+    /// A stable reason code (logs, metrics, the audit trail).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::MalformedEvent(_) => "malformed_event",
+            Refusal::BadSerial(_) => "bad_serial",
+            Refusal::UnknownSerial(_) => "unknown_serial",
+            Refusal::Decommissioned(_) => "decommissioned",
+            Refusal::AlreadyProvisioned { .. } => "already_provisioned",
+            Refusal::BadCertificate(_) => "bad_certificate",
+            Refusal::CertificateMismatch { .. } => "certificate_mismatch",
+            Refusal::NotValidNow { .. } => "certificate_not_valid_now",
+        }
+    }
+}
+
+/// Read the hook event; a malformed one is a refusal, never a panic.
+pub fn parse_request(event: &str) -> Result<HookRequest, Refusal> {
+    serde_json::from_str(event).map_err(|e| Refusal::MalformedEvent(e.to_string()))
+}
+
+/// The serial number a request provisions (the template's `SerialNumber` parameter).
+pub fn serial_of(request: &HookRequest) -> Result<ThingName, Refusal> {
+    let raw = request.parameters.get("SerialNumber").and_then(Value::as_str).unwrap_or_default();
+    ThingName::parse(raw).map_err(|_| Refusal::BadSerial(raw.to_owned()))
+}
+
+/// The certificate a request presents, checked: readable, its id the one given, valid at `now_ms`.
+pub fn check_certificate(request: &HookRequest, now_ms: i64) -> Result<ParsedCert, Refusal> {
+    let cert = parse_pem(&request.certificate_pem).map_err(|e| Refusal::BadCertificate(e.to_string()))?;
+    if cert.id.as_str() != request.certificate_id {
+        return Err(Refusal::CertificateMismatch { given: request.certificate_id.clone(), actual: cert.id });
+    }
+    if now_ms < cert.not_before_ms || now_ms > cert.not_after_ms {
+        return Err(Refusal::NotValidNow {
+            not_before_ms: cert.not_before_ms,
+            not_after_ms: cert.not_after_ms,
+        });
+    }
+    Ok(cert)
+}
+
+/// Whether the allowlist lets `serial` provision with `certificate`.
+pub fn admit(
+    serial: &ThingName,
+    entry: Option<&AllowlistEntry>,
+    certificate: &CertificateId,
+) -> Result<(), Refusal> {
+    let Some(entry) = entry else { return Err(Refusal::UnknownSerial(serial.to_string())) };
+    match &entry.enrolment {
+        Enrolment::Allowed => Ok(()),
+        Enrolment::Provisioned { certificate: c, .. } if c == certificate => Ok(()),
+        Enrolment::Provisioned { certificate: c, .. } => {
+            Err(Refusal::AlreadyProvisioned { serial: serial.to_string(), certificate: c.clone() })
+        }
+        Enrolment::Decommissioned { .. } => Err(Refusal::Decommissioned(serial.to_string())),
+    }
+}
+
+/// The answer allowing `entry`'s device: its class and region for the template.
+pub fn allow(entry: &AllowlistEntry) -> HookResponse {
+    let mut overrides = Map::new();
+    overrides.insert("DeviceClass".into(), entry.class.clone().into());
+    overrides.insert("DeviceRegion".into(), entry.region.clone().into());
+    HookResponse { allow_provisioning: true, parameter_overrides: overrides }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_certs;
+    use super::*;
+
+    const NOW_S: i64 = 1_764_000_000;
+
+    fn request(pem: &str, id: &str, serial: &str) -> HookRequest {
+        let mut parameters = Map::new();
+        parameters.insert("SerialNumber".into(), serial.into());
+        HookRequest {
+            claim_certificate_id: "c".repeat(64),
+            certificate_id: id.to_owned(),
+            certificate_pem: pem.to_owned(),
+            template_arn: "arn:aws:iot:us-east-1:123456789012:provisioningtemplate/fleetline-dev-devices"
+                .into(),
+            client_id: serial.to_owned(),
+            parameters,
+        }
+    }
+
+    fn entry(serial: &str, enrolment: Enrolment) -> AllowlistEntry {
+        AllowlistEntry {
+            serial: ThingName::parse(serial).expect("serial"),
+            class: "env-sensor".into(),
+            region: "eu-west".into(),
+            added_ms: 1,
+            enrolment,
+        }
+    }
+
+    #[test]
+    fn a_valid_certificate_whose_id_matches_passes_and_anything_else_is_refused_with_a_reason() {
+        let pem = test_certs::pem("dev-1", 7, NOW_S - 60, NOW_S + 86_400);
+        let id = parse_pem(&pem).expect("pem").id;
+        assert!(check_certificate(&request(&pem, id.as_str(), "dev-1"), NOW_S * 1000).is_ok());
+        let wrong = check_certificate(&request(&pem, &"0".repeat(64), "dev-1"), NOW_S * 1000);
+        assert_eq!(wrong.map_err(|r| r.code()), Err("certificate_mismatch"));
+        let future = test_certs::pem("dev-1", 7, NOW_S + 60, NOW_S + 86_400);
+        let fid = parse_pem(&future).expect("pem").id;
+        let early = check_certificate(&request(&future, fid.as_str(), "dev-1"), NOW_S * 1000);
+        assert_eq!(early.map_err(|r| r.code()), Err("certificate_not_valid_now"), "notBefore in the future");
+        let garbage = check_certificate(
+            &request("-----BEGIN CERTIFICATE-----\nAA\n-----END CERTIFICATE-----", "x", "d"),
+            0,
+        );
+        assert_eq!(garbage.map_err(|r| r.code()), Err("bad_certificate"));
+    }
+
+    #[test]
+    fn the_allowlist_admits_new_and_retrying_devices_only() {
+        let serial = ThingName::parse("dev-1").expect("serial");
+        let mine = CertificateId::of_der(b"mine");
+        let other = CertificateId::of_der(b"other");
+        let provisioned =
+            Enrolment::Provisioned { thing: serial.clone(), certificate: mine.clone(), at_ms: 5 };
+        assert_eq!(admit(&serial, Some(&entry("dev-1", Enrolment::Allowed)), &mine), Ok(()));
+        assert_eq!(admit(&serial, Some(&entry("dev-1", provisioned.clone())), &mine), Ok(()), "a retry");
+        let code = |r: Result<(), Refusal>| r.map_err(|e| e.code());
+        assert_eq!(
+            code(admit(&serial, Some(&entry("dev-1", provisioned)), &other)),
+            Err("already_provisioned")
+        );
+        assert_eq!(
+            code(admit(&serial, Some(&entry("dev-1", Enrolment::Decommissioned { at_ms: 9 })), &mine)),
+            Err("decommissioned")
+        );
+        assert_eq!(code(admit(&serial, None, &mine)), Err("unknown_serial"));
+    }
+
+    #[test]
+    fn malformed_events_and_serials_are_refusals() {
+        assert_eq!(parse_request("{").map_err(|r| r.code()), Err("malformed_event"));
+        assert_eq!(parse_request(r#"{"certificateId":"x"}"#).map_err(|r| r.code()), Err("malformed_event"));
+        let mut r = request("", "", "dev-1");
+        assert_eq!(serial_of(&r).map(|s| s.to_string()), Ok("dev-1".to_owned()));
+        r.parameters.insert("SerialNumber".into(), "has space".into());
+        assert_eq!(serial_of(&r).map_err(|e| e.code()), Err("bad_serial"));
+        r.parameters.clear();
+        assert_eq!(serial_of(&r).map_err(|e| e.code()), Err("bad_serial"));
+        let allowed = allow(&entry("dev-1", Enrolment::Allowed));
+        assert!(allowed.allow_provisioning);
+        assert_eq!(allowed.parameter_overrides["DeviceClass"], "env-sensor");
+        assert_eq!(
+            serde_json::to_value(HookResponse::refuse()).expect("json"),
+            serde_json::json!({"allowProvisioning": false})
+        );
+    }
+}
