@@ -41,7 +41,22 @@ pub fn functions(
             provisioning_hook::handler::handle(&d, e).await
         }),
     );
+    f.add(
+        "CertExpiryCheckFunction",
+        lambda(cert_expiry_check(backend, metrics)?, |d, e| async move {
+            cert_expiry_check::handler::handle(&d, e).await
+        }),
+    );
     Ok(f)
+}
+
+fn cert_expiry_check(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+) -> Result<Arc<cert_expiry_check::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = cert_expiry_check::handler::EmbeddedDeps::on_embedded(b)?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
 }
 
 fn provisioning_hook(

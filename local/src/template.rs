@@ -375,7 +375,11 @@ mod tests {
     fn reads_schedules_and_rejects_what_it_cannot_time() -> Result<(), TemplateError> {
         let ours = schedules(TEMPLATE)?;
         let ours: Vec<(&str, u64)> = ours.iter().map(|s| (s.function.as_str(), s.every.as_secs())).collect();
-        assert_eq!(ours, [("TwinSyncFunction", 300)], "the template's schedules");
+        assert_eq!(
+            ours,
+            [("TwinSyncFunction", 300), ("CertExpiryCheckFunction", 86_400)],
+            "the template's schedules"
+        );
         let t = "Resources:\n  HealthFunction:\n    Type: AWS::Serverless::Function\n    Properties:\n      Events:\n        Tick:\n          Type: Schedule\n          Properties:\n            Schedule: rate(5 minutes)\n";
         let s = schedules(t)?;
         assert_eq!((s[0].function.as_str(), s[0].every.as_secs()), ("HealthFunction", 300));

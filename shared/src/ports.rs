@@ -19,6 +19,8 @@
 //! | [`Allowlist`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:UpdateItem` (enrol, conditional) on the Certificates table (`PutItem`, `DeleteItem`, `Query` for operators) |
 //! | [`CertificateInventory`] | `CertificatesTable` | `dynamodb:PutItem` (hook), `dynamodb:Query` on its `by_expiry` index (expiry check), `GetItem` |
 //! | [`ProvisioningAudit`] | `CertificatesTable` | `dynamodb:PutItem` (audit events), `dynamodb:UpdateItem` (claim counters) |
+//! | [`DeviceCertStatus`] | `DevicesTable` | `dynamodb:BatchWriteItem` on the Devices table (item `cert` per device) |
+//! | [`Reports`] | `S3Archive` | `s3:PutObject` on `reports/*` |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -351,6 +353,9 @@ pub trait CertificateInventory: Send + Sync {
     /// Record (or replace) a certificate.
     fn record(&self, cert: &Certificate) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Record many (reconciliation adopting what it found, bulk loads).
+    fn record_many(&self, certs: &[Certificate]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     fn certificate(
         &self,
         id: &CertificateId,
@@ -395,4 +400,32 @@ pub trait ProvisioningAudit: Send + Sync {
     /// [`SUSPICIOUS_UNKNOWN_SERIALS`](crate::certs::hook::SUSPICIOUS_UNKNOWN_SERIALS) unknown
     /// serials, with their count, most first.
     fn suspicious_claims(&self) -> impl Future<Output = Result<Vec<(String, u64)>, StoreError>> + Send;
+}
+
+/// What the daily expiry check says about a device's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertMark {
+    pub certificate: CertificateId,
+    pub class: crate::certs::expiry::ExpiryClass,
+    pub not_after_ms: i64,
+    /// The device needs a new certificate (every class the check reports).
+    pub rotation_due: bool,
+    pub checked_ms: i64,
+}
+
+/// Devices' certificate status (`cert_status`, `rotation_due`), written by the daily check.
+pub trait DeviceCertStatus: Send + Sync {
+    fn mark_cert_status(
+        &self,
+        marks: &[(ThingName, CertMark)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn cert_status(
+        &self,
+        thing: &ThingName,
+    ) -> impl Future<Output = Result<Option<CertMark>, StoreError>> + Send;
+}
+
+/// Reports written next to the archive (`reports/...`, JSON).
+pub trait Reports: Send + Sync {
+    fn put_report(&self, key: &str, json: &[u8]) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

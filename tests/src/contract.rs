@@ -15,9 +15,9 @@ use fleet_shared::model::{
     ThingName, Twin,
 };
 use fleet_shared::ports::{
-    Allowlist, ArchiveReader, AuditEvent, CertificateInventory, DeviceAdmin, DeviceRegistry,
-    ProvisioningAudit, Quarantine, QuarantineReader, RawArchive, TelemetrySink, TwinPolicies, TwinStore,
-    WriteStatus,
+    Allowlist, ArchiveReader, AuditEvent, CertMark, CertificateInventory, DeviceAdmin, DeviceCertStatus,
+    DeviceRegistry, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive, Reports, TelemetrySink,
+    TwinPolicies, TwinStore, WriteStatus,
 };
 use fleet_shared::twin::{apply, sync, ShadowEvent, TwinChange, TwinEvent};
 
@@ -51,6 +51,8 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; twins_are_found_by_reported_firmware(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; stale_desired_policies_are_set_replaced_and_removed_by_key(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; a_serial_enrols_once_and_keeps_its_history(certs));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; device_cert_status_round_trips_and_leaves_the_device_alone(devices));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; reports_are_written_under_reports_only(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; expiring_certificates_are_read_by_window_only(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; the_audit_trail_and_claim_counters_keep_every_decision(certs));
     };
@@ -542,5 +544,40 @@ pub async fn the_audit_trail_and_claim_counters_keep_every_decision<S: Provision
     s.unknown_serial("claim-y", 99).await?;
     let listed = s.suspicious_claims().await?;
     ensure!(listed == [("claim-x".to_owned(), SUSPICIOUS_UNKNOWN_SERIALS)], "{listed:?}");
+    Ok(())
+}
+
+/// A device's certificate status reads back as written, replaces the previous one, and does
+/// not disturb the device's registration.
+pub async fn device_cert_status_round_trips_and_leaves_the_device_alone<S: DeviceCertStatus + DeviceAdmin>(
+    s: &S,
+) -> Result<()> {
+    use fleet_shared::certs::expiry::ExpiryClass;
+    let t = thing(850);
+    s.register(&[(t.clone(), registration("env-sensor"))]).await?;
+    let mark = |class, not_after_ms| CertMark {
+        certificate: fleet_shared::model::CertificateId::of_der(b"c"),
+        class,
+        not_after_ms,
+        rotation_due: true,
+        checked_ms: 5,
+    };
+    ensure!(s.cert_status(&t).await?.is_none(), "nothing checked yet");
+    s.mark_cert_status(&[(t.clone(), mark(ExpiryClass::Warning, 100))]).await?;
+    s.mark_cert_status(&[(t.clone(), mark(ExpiryClass::Critical, 100))]).await?;
+    ensure!(s.cert_status(&t).await? == Some(mark(ExpiryClass::Critical, 100)), "the newest mark");
+    let d = s.device(&t).await?.context("device")?;
+    ensure!(d.registration.is_some_and(|r| r.class == "env-sensor"), "registration kept");
+    Ok(())
+}
+
+/// Reports are stored under `reports/` and read back whole; another prefix is refused by the
+/// AWS adapter (the grant covers `reports/*` only) and is never written.
+pub async fn reports_are_written_under_reports_only<S: Reports + ArchiveReader>(s: &S) -> Result<()> {
+    s.put_report("reports/cert-expiry/2025-11-24.json", br#"{"expired":1}"#).await?;
+    ensure!(
+        s.archive_object("reports/cert-expiry/2025-11-24.json").await? == br#"{"expired":1}"#,
+        "read back"
+    );
     Ok(())
 }

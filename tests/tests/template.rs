@@ -468,3 +468,42 @@ fn only_aws_iot_may_call_the_provisioning_hook_which_writes_certificates_and_reg
     // AWS IoT waits 5 s: the function's timeout is no longer.
     assert!(r.resources["ProvisioningHookFunction"]["Properties"]["Timeout"].as_u64() <= Some(5));
 }
+
+#[test]
+fn the_expiry_check_runs_daily_and_reads_the_expiry_index_only() {
+    let r = render(&[]);
+    let f = &r.resources["CertExpiryCheckFunction"]["Properties"];
+    assert_eq!(f["Events"]["Daily"]["Properties"]["Schedule"].as_str(), Some("rate(1 day)"));
+    // DynamoDB: Query on the by_expiry index (never the table), device marks; S3: reports only.
+    assert_eq!(dynamodb_actions(&r, "CertExpiryCheckRole"), ["dynamodb:BatchWriteItem", "dynamodb:Query"]);
+    let statements = r.resources["CertExpiryCheckRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+        ["Statement"]
+        .as_sequence()
+        .cloned()
+        .unwrap_or_default();
+    let resource_of = |action: &str| {
+        statements
+            .iter()
+            .find(|s| actions(s).iter().any(|a| a == action))
+            .map(|s| format!("{:?}", s["Resource"]))
+    };
+    assert!(resource_of("dynamodb:Query").is_some_and(|r| r.contains("/index/by_expiry")));
+    assert!(resource_of("s3:PutObject").is_some_and(|r| r.contains("/reports/*")));
+    let env = function_env(&r, "CertExpiryCheckFunction");
+    let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
+    assert_eq!(
+        vars,
+        [
+            "FLEET_CERTIFICATES_TABLE",
+            "FLEET_DEVICES_TABLE",
+            "FLEET_ARCHIVE_BUCKET",
+            "FLEET_CERT_EXPIRY_THRESHOLD_DAYS"
+        ]
+    );
+    // The threshold parameter holds Device Defender's range.
+    let p = &r.parameters["CertExpiryThresholdDays"];
+    assert_eq!(
+        (p["MinValue"].as_u64(), p["MaxValue"].as_u64(), p["Default"].as_u64()),
+        (Some(30), Some(3652), Some(30))
+    );
+}

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{CertStatus, Certificate, CertificateId, ThingName};
+
 const DAY_MS: i64 = 86_400_000;
 
 /// Under this much validity left, an expiring certificate is critical.
@@ -93,6 +95,69 @@ pub fn window(now_ms: i64, threshold: Threshold, lookback_days: u32) -> (i64, i6
     (now_ms - i64::from(lookback_days) * DAY_MS, now_ms + threshold.as_ms())
 }
 
+/// How many days back the daily check looks for certificates that already expired (a device
+/// cut off in the last week is still a finding worth repeating).
+pub const LOOKBACK_DAYS: u32 = 7;
+
+/// One certificate the daily check reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiryFinding {
+    pub certificate: CertificateId,
+    pub thing: Option<ThingName>,
+    pub class: ExpiryClass,
+    pub not_after_ms: i64,
+}
+
+/// What the daily check found in its window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiryReport {
+    pub checked_ms: i64,
+    pub threshold_days: u32,
+    pub window_from_ms: i64,
+    pub window_to_ms: i64,
+    pub expired: usize,
+    pub critical: usize,
+    pub warning: usize,
+    /// Certificates in the window that are not active (inactive, revoked, ...): listed
+    /// nowhere else, never a device's rotation.
+    pub not_active: usize,
+    /// Active certificates only, most urgent first.
+    pub findings: Vec<ExpiryFinding>,
+}
+
+/// Classify the certificates the window returned (active ones; the rest are only counted).
+pub fn report(certs: &[Certificate], now_ms: i64, threshold: Threshold, window: (i64, i64)) -> ExpiryReport {
+    let mut out = ExpiryReport {
+        checked_ms: now_ms,
+        threshold_days: threshold.as_days(),
+        window_from_ms: window.0,
+        window_to_ms: window.1,
+        ..ExpiryReport::default()
+    };
+    for c in certs {
+        if c.status != CertStatus::Active {
+            out.not_active += 1;
+            continue;
+        }
+        let Some(class) = classify(c.not_after_ms, now_ms, threshold) else { continue };
+        match class {
+            ExpiryClass::Expired => out.expired += 1,
+            ExpiryClass::Critical => out.critical += 1,
+            ExpiryClass::Warning => out.warning += 1,
+        }
+        out.findings.push(ExpiryFinding {
+            certificate: c.id.clone(),
+            thing: c.thing.clone(),
+            class,
+            not_after_ms: c.not_after_ms,
+        });
+    }
+    out.findings.sort_by(|a, b| {
+        (a.class, a.not_after_ms, &a.certificate).cmp(&(b.class, b.not_after_ms, &b.certificate))
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +198,32 @@ mod tests {
         assert_eq!(day(-1), -1);
         let (from, to) = window(NOW, Threshold::default(), 7);
         assert_eq!((NOW - from, to - NOW), (7 * DAY_MS, 30 * DAY_MS));
+    }
+
+    #[test]
+    fn a_report_counts_active_certificates_by_class_most_urgent_first() {
+        let cert = |n: u8, left_ms: i64, status: CertStatus| Certificate {
+            id: CertificateId::of_der(&[n]),
+            thing: ThingName::parse(&format!("dev-{n}")).ok(),
+            serial: String::new(),
+            issuer: String::new(),
+            subject: String::new(),
+            not_before_ms: 0,
+            not_after_ms: NOW + left_ms,
+            status,
+            recorded_ms: 0,
+        };
+        let certs = [
+            cert(1, 20 * DAY_MS, CertStatus::Active),
+            cert(2, -1000, CertStatus::Active),
+            cert(3, 3 * DAY_MS, CertStatus::Active),
+            cert(4, 2 * DAY_MS, CertStatus::Revoked),
+            cert(5, 40 * DAY_MS, CertStatus::Active),
+        ];
+        let r = report(&certs, NOW, Threshold::default(), window(NOW, Threshold::default(), LOOKBACK_DAYS));
+        assert_eq!((r.expired, r.critical, r.warning, r.not_active), (1, 1, 1, 1));
+        let order: Vec<ExpiryClass> = r.findings.iter().map(|f| f.class).collect();
+        assert_eq!(order, [ExpiryClass::Expired, ExpiryClass::Critical, ExpiryClass::Warning]);
+        assert_eq!(r.findings[0].thing.as_ref().map(|t| t.as_str()), Some("dev-2"));
     }
 }

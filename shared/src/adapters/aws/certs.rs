@@ -311,6 +311,14 @@ impl CertificateInventory for CertificatesTable {
         Ok(())
     }
 
+    async fn record_many(&self, certs: &[Certificate]) -> Result<(), StoreError> {
+        // One PutItem each (the hook's grant; bulk loads are rare and operator-driven).
+        for c in certs {
+            self.record(c).await?;
+        }
+        Ok(())
+    }
+
     async fn certificate(&self, id: &CertificateId) -> Result<Option<Certificate>, StoreError> {
         let op = "dynamodb certificate get";
         self.get(key(format!("cert#{id}"), "cert"), op)

@@ -464,3 +464,51 @@ impl DeviceAdmin for DevicesTable {
         Ok(devices)
     }
 }
+
+/// The `cert` item of a device: what the daily expiry check said about its certificate.
+const CERT: &str = "cert";
+
+impl crate::ports::DeviceCertStatus for DevicesTable {
+    async fn mark_cert_status(
+        &self,
+        marks: &[(ThingName, crate::ports::CertMark)],
+    ) -> Result<(), StoreError> {
+        let op = "dynamodb cert status";
+        for chunk in marks.chunks(BATCH_WRITE_MAX_ITEMS) {
+            let requests = chunk
+                .iter()
+                .map(|(t, m)| {
+                    let mut item = key(t.as_str(), CERT);
+                    let json = serde_json::to_string(m).map_err(|e| StoreError::permanent(op, e))?;
+                    item.insert("mark".into(), AttributeValue::S(json));
+                    item.insert("cert_status".into(), AttributeValue::S(m.class.as_str().to_owned()));
+                    item.insert("rotation_due".into(), AttributeValue::Bool(m.rotation_due));
+                    let put = PutRequest::builder()
+                        .set_item(Some(item))
+                        .build()
+                        .map_err(|e| StoreError::permanent(op, e))?;
+                    Ok(WriteRequest::builder().put_request(put).build())
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            self.batch_write(requests).await?;
+        }
+        Ok(())
+    }
+
+    async fn cert_status(&self, thing: &ThingName) -> Result<Option<crate::ports::CertMark>, StoreError> {
+        let op = "dynamodb cert status get";
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(thing.as_str(), CERT)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        let Some(text) = out.item().and_then(|i| i.get("mark")).and_then(|v| v.as_s().ok()) else {
+            return Ok(None);
+        };
+        serde_json::from_str(text).map(Some).map_err(|e| StoreError::permanent(op, e))
+    }
+}

@@ -148,3 +148,28 @@ impl QuarantineReader for S3Archive {
         self.list_quarantined(since_ms).await
     }
 }
+
+/// Reports live under `reports/` (the archive's lifecycle rules keep them with raw data).
+pub const REPORTS_PREFIX: &str = "reports/";
+
+impl crate::ports::Reports for S3Archive {
+    async fn put_report(&self, key: &str, json: &[u8]) -> Result<(), StoreError> {
+        let op = "s3 put report";
+        if !key.starts_with(REPORTS_PREFIX) {
+            return Err(StoreError::permanent(
+                op,
+                format!("report key {key:?} is not under {REPORTS_PREFIX}"),
+            ));
+        }
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/json")
+            .body(ByteStream::from(json.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        Ok(())
+    }
+}

@@ -7,7 +7,10 @@ use rusqlite::{params, OptionalExtension, Row};
 use super::SqliteStore;
 use crate::error::StoreError;
 use crate::model::{AllowlistEntry, Certificate, CertificateId, Enrolment, ThingName};
-use crate::ports::{Allowlist, AuditEvent, CertificateInventory, Enrolled, ProvisioningAudit};
+use crate::ports::{
+    Allowlist, AuditEvent, CertMark, CertificateInventory, DeviceCertStatus, Enrolled, ProvisioningAudit,
+    Reports,
+};
 
 /// Migration step 7 (see `MIGRATIONS` in `sqlite.rs`).
 pub(super) const CERTS_SCHEMA: &str = "
@@ -31,6 +34,14 @@ CREATE TABLE claim_unknown_serials (
     claim   TEXT    NOT NULL PRIMARY KEY,
     count   INTEGER NOT NULL,
     last_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Migration step 8: what the daily expiry check said about each device's certificate.
+pub(super) const CERT_STATUS_SCHEMA: &str = "
+CREATE TABLE device_cert_status (
+    thing TEXT NOT NULL PRIMARY KEY,
+    mark  TEXT NOT NULL -- the CertMark as JSON
 ) WITHOUT ROWID;
 ";
 
@@ -171,15 +182,26 @@ impl Allowlist for SqliteStore {
 
 impl CertificateInventory for SqliteStore {
     async fn record(&self, cert: &Certificate) -> Result<(), StoreError> {
-        let json = to_json("sqlite certificate encode", cert)?;
-        let (id, not_after_ms) = (cert.id.to_string(), cert.not_after_ms);
+        self.record_many(std::slice::from_ref(cert)).await
+    }
+
+    async fn record_many(&self, certs: &[Certificate]) -> Result<(), StoreError> {
+        let rows = certs
+            .iter()
+            .map(|c| Ok((c.id.to_string(), c.not_after_ms, to_json("sqlite certificate encode", c)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         self.with("sqlite certificate put", move |c| {
-            c.prepare_cached(
-                "INSERT INTO certificates (id, not_after_ms, cert) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET not_after_ms = excluded.not_after_ms, cert = excluded.cert",
-            )?
-            .execute(params![id, not_after_ms, json])?;
-            Ok(())
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO certificates (id, not_after_ms, cert) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (id) DO UPDATE SET not_after_ms = excluded.not_after_ms, cert = excluded.cert",
+                )?;
+                for (id, not_after_ms, json) in rows {
+                    st.execute(params![id, not_after_ms, json])?;
+                }
+            }
+            tx.commit()
         })
         .await
     }
@@ -253,6 +275,51 @@ impl ProvisioningAudit for SqliteStore {
             let rows =
                 st.query_map([at_least as i64], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?;
             rows.collect()
+        })
+        .await
+    }
+}
+
+impl DeviceCertStatus for SqliteStore {
+    async fn mark_cert_status(&self, marks: &[(ThingName, CertMark)]) -> Result<(), StoreError> {
+        let rows = marks
+            .iter()
+            .map(|(t, m)| Ok((t.to_string(), to_json("sqlite cert status encode", m)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.with("sqlite cert status put", move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO device_cert_status (thing, mark) VALUES (?1, ?2)
+                     ON CONFLICT (thing) DO UPDATE SET mark = excluded.mark",
+                )?;
+                for (thing, mark) in rows {
+                    st.execute(params![thing, mark])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn cert_status(&self, thing: &ThingName) -> Result<Option<CertMark>, StoreError> {
+        let thing = thing.to_string();
+        self.with("sqlite cert status get", move |c| {
+            c.prepare_cached("SELECT mark FROM device_cert_status WHERE thing = ?1")?
+                .query_row([thing], |r| json_col(r, 0))
+                .optional()
+        })
+        .await
+    }
+}
+
+impl Reports for SqliteStore {
+    async fn put_report(&self, key: &str, json: &[u8]) -> Result<(), StoreError> {
+        let (key, body) = (key.to_owned(), json.to_vec());
+        self.with("sqlite report put", move |c| {
+            c.prepare_cached("INSERT OR REPLACE INTO archive (key, body, lines) VALUES (?1, ?2, 1)")?
+                .execute(params![key, body])
+                .map(drop)
         })
         .await
     }

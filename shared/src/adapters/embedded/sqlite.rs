@@ -87,6 +87,8 @@ const MIGRATIONS: &[&str] = &[
     super::twins::TWIN_POLICIES_SCHEMA,
     // Version 7: the provisioning allowlist, the certificate inventory, the audit trail.
     super::certs::CERTS_SCHEMA,
+    // Version 8: devices' certificate status (the daily expiry check).
+    super::certs::CERT_STATUS_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version

@@ -1,0 +1,150 @@
+//! Handler tests: `events/cert-expiry-check/` through the handler on the embedded (SQLite,
+//! in-memory) store, with certificates at the class boundaries, and a fleet of 100,000
+//! certificates of which 1 % expire, where the check reads only those.
+
+use anyhow::{Context as _, Result};
+use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::certs::expiry::ExpiryClass;
+use fleet_shared::model::{CertStatus, Certificate, CertificateId, ThingName};
+use fleet_shared::ports::ArchiveReader;
+use lambda_runtime::{Context, LambdaEvent};
+
+use super::*;
+
+const DAILY: &str = include_str!("../../../../events/cert-expiry-check/scheduled-daily.json");
+const DAY_MS: i64 = 86_400_000;
+const HOUR_MS: i64 = 3_600_000;
+
+/// 2025-11-24T16:00:00Z, the event's time.
+fn fixed_clock() -> i64 {
+    1_764_000_000_000
+}
+
+fn deps() -> Result<EmbeddedDeps> {
+    let db = SqliteStore::in_memory()?;
+    Ok(Deps {
+        inventory: db.clone(),
+        devices: db.clone(),
+        reports: db,
+        threshold: Threshold::default(),
+        clock: fixed_clock,
+        metrics: MetricsOut::Off,
+    })
+}
+
+fn cert(n: u32, not_after_ms: i64, status: CertStatus) -> Certificate {
+    Certificate {
+        id: CertificateId::of_der(&n.to_be_bytes()),
+        thing: ThingName::parse(&format!("dev-{n}")).ok(),
+        serial: format!("{n:x}"),
+        issuer: "CN=Fleetline CA".into(),
+        subject: format!("CN=dev-{n}"),
+        not_before_ms: 0,
+        not_after_ms,
+        status,
+        recorded_ms: 0,
+    }
+}
+
+async fn check(deps: &EmbeddedDeps) -> Result<CheckSummary, Retryable> {
+    let payload = RawValue::from_string(DAILY.to_owned()).expect("JSON");
+    handle(deps, LambdaEvent::new(payload, Context::default())).await
+}
+
+#[tokio::test]
+async fn the_boundaries_fall_in_their_classes_and_devices_are_marked() -> Result<()> {
+    // GIVEN certificates with exactly 30 days left, 29 d 23 h, 6 days, expired a second ago,
+    // expired 8 days ago (outside the look-back), and a revoked one expiring tomorrow
+    let deps = deps()?;
+    let now = fixed_clock();
+    let certs = [
+        cert(1, now + 30 * DAY_MS, CertStatus::Active),
+        cert(2, now + 30 * DAY_MS - HOUR_MS, CertStatus::Active),
+        cert(3, now + 6 * DAY_MS, CertStatus::Active),
+        cert(4, now - 1000, CertStatus::Active),
+        cert(5, now - 8 * DAY_MS, CertStatus::Active),
+        cert(6, now + DAY_MS, CertStatus::Revoked),
+    ];
+    for c in &certs {
+        deps.inventory.record(c).await?;
+    }
+    // WHEN the daily check runs
+    let s = check(&deps).await?;
+    // THEN one of each class; the revoked one is counted apart; what lies outside the window
+    // (30 days left exactly; 8 days expired) is not even read
+    assert_eq!((s.expired, s.critical, s.warning, s.not_active), (1, 1, 1, 1));
+    assert_eq!((s.read, s.devices_marked), (4, 3));
+    // AND each device carries its class and rotation due
+    let mark = |n: u32| {
+        let thing = ThingName::parse(&format!("dev-{n}")).expect("thing");
+        let devices = &deps.devices;
+        async move { devices.cert_status(&thing).await }
+    };
+    assert_eq!(mark(4).await?.map(|m| (m.class, m.rotation_due)), Some((ExpiryClass::Expired, true)));
+    assert_eq!(mark(3).await?.map(|m| m.class), Some(ExpiryClass::Critical));
+    assert_eq!(mark(2).await?.map(|m| m.class), Some(ExpiryClass::Warning));
+    assert!(mark(1).await?.is_none() && mark(6).await?.is_none());
+    // AND the findings report is next to the archive, most urgent first
+    assert_eq!(s.report, "reports/cert-expiry/2025-11-24.json");
+    let report: ExpiryReport = serde_json::from_slice(&deps.reports.archive_object(&s.report).await?)?;
+    let order: Vec<ExpiryClass> = report.findings.iter().map(|f| f.class).collect();
+    assert_eq!(order, [ExpiryClass::Expired, ExpiryClass::Critical, ExpiryClass::Warning]);
+    assert_eq!(report.threshold_days, 30);
+    Ok(())
+}
+
+#[tokio::test]
+async fn of_100_000_certificates_with_1_percent_expiring_the_check_reads_only_those() -> Result<()> {
+    // GIVEN 100,000 certificates: 1,000 expiring within 30 days, the rest in one to three years
+    let deps = deps()?;
+    let now = fixed_clock();
+    let fleet: Vec<Certificate> = (0..100_000u32)
+        .map(|n| {
+            let days = if n % 100 == 0 { i64::from(n % 29 + 1) } else { 365 + i64::from(n % 700) };
+            cert(n, now + days * DAY_MS, CertStatus::Active)
+        })
+        .collect();
+    deps.inventory.record_many(&fleet).await?;
+    // WHEN the daily check runs
+    let s = check(&deps).await?;
+    // THEN it read the 1,000 in its window, and no more
+    assert_eq!(s.read, 1_000);
+    assert_eq!(s.critical + s.warning, 1_000);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_threshold_outside_device_defenders_range_is_refused_at_start() {
+    let env = |v: &str| Env::from_pairs(&[("FLEET_CERT_EXPIRY_THRESHOLD_DAYS", v)]);
+    assert!(threshold_from(&env("29")).is_err());
+    assert!(threshold_from(&env("abc")).is_err());
+    assert_eq!(threshold_from(&env("90")).map(|t| t.as_days()).ok(), Some(90));
+    assert_eq!(threshold_from(&Env::from_pairs(&[])).map(|t| t.as_days()).ok(), Some(30));
+}
+
+/// A report store that is always busy.
+struct Busy;
+
+impl Reports for Busy {
+    async fn put_report(&self, _: &str, _: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::transient("report put", "throttled"))
+    }
+}
+
+#[tokio::test]
+async fn a_report_that_cannot_be_written_fails_the_check_for_a_retry() -> Result<()> {
+    let db = SqliteStore::in_memory()?;
+    let deps = Deps {
+        inventory: db.clone(),
+        devices: db,
+        reports: Busy,
+        threshold: Threshold::default(),
+        clock: fixed_clock,
+        metrics: MetricsOut::Off,
+    };
+    let payload = RawValue::from_string(DAILY.to_owned()).expect("JSON");
+    let err =
+        handle(&deps, LambdaEvent::new(payload, Context::default())).await.err().context("must fail")?;
+    assert_eq!(fleet_shared::lambda::ErrorType::error_type(&err), "Retryable");
+    Ok(())
+}
