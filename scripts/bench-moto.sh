@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The ingest handler against moto on loopback: AWS requests per 1,000 messages and handler
-# CPU per message (tests/benches/ingest_moto.rs). Installs the test tools like scripts/test.sh.
+# Handlers against moto on loopback: the ingest handler's AWS requests per 1,000 messages and
+# CPU per message (tests/benches/ingest_moto.rs), and the provisioning hook's latency, embedded
+# and on moto (tests/benches/hook_latency.rs). Installs the test tools like scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/moto.sh
 test_venv
 start_moto
 cargo bench -p fleet-tests --bench ingest_moto --locked
+cargo bench -p fleet-tests --bench hook_latency --locked

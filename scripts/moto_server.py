@@ -23,6 +23,7 @@ import threading
 from moto.core.exceptions import JsonRESTError
 from moto.dynamodb.exceptions import ConditionalCheckFailed
 from moto.dynamodb.models import DynamoDBBackend
+from moto.iotdata.models import IoTDataPlaneBackend
 from moto.server import main
 
 TOKEN = re.compile(r"""\s*(?:"(?P<ident>[^"]*)"|'(?P<text>[^']*)'|(?P<num>-?\d+(?:\.\d+)?)|(?P<op><>|<=|>=|[=<>{}:,?])|(?P<word>[A-Za-z_][A-Za-z0-9_]*))""")
@@ -180,7 +181,7 @@ moto_batch_execute_statement = DynamoDBBackend.batch_execute_statement
 
 # moto's server handles requests on threads and its condition check and write are separate
 # steps; DynamoDB applies each conditional write atomically. One lock makes these atomic.
-LOCK = threading.Lock()
+LOCK = threading.RLock()
 
 
 def batch_execute_statement(self, statements):
@@ -206,6 +207,39 @@ def run_statements(self, statements):
 
 
 DynamoDBBackend.batch_execute_statement = batch_execute_statement
+
+# The same for the Device Shadow service: AWS checks an update's version and writes it as one
+# step (a 409 otherwise); moto reads and writes in separate steps on its request threads.
+moto_update_thing_shadow = IoTDataPlaneBackend.update_thing_shadow
+moto_delete_thing_shadow = IoTDataPlaneBackend.delete_thing_shadow
+
+
+def update_thing_shadow(self, *args, **kwargs):
+    with LOCK:
+        return moto_update_thing_shadow(self, *args, **kwargs)
+
+
+def delete_thing_shadow(self, *args, **kwargs):
+    with LOCK:
+        return moto_delete_thing_shadow(self, *args, **kwargs)
+
+
+IoTDataPlaneBackend.update_thing_shadow = update_thing_shadow
+
+# And for DynamoDB's single-item conditional writes (PutItem, UpdateItem, DeleteItem with a
+# condition), which moto also checks and writes in two steps.
+def atomic(method):
+    def locked(self, *args, **kwargs):
+        with LOCK:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+DynamoDBBackend.put_item = atomic(DynamoDBBackend.put_item)
+DynamoDBBackend.update_item = atomic(DynamoDBBackend.update_item)
+DynamoDBBackend.delete_item = atomic(DynamoDBBackend.delete_item)
+IoTDataPlaneBackend.delete_thing_shadow = delete_thing_shadow
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -468,6 +468,13 @@ async fn allowlist(store: &impl Allowlist, command: AllowlistCommand, json: bool
             }
             Ok(())
         }
+        AllowlistCommand::Reset { serial } => {
+            let serial = ThingName::parse(&serial)?;
+            if !store.reset(&serial).await? {
+                bail!("{serial} is not provisioned (only a provisioned serial can be reset)");
+            }
+            output::allowlist(&store.entry(&serial).await?.into_iter().collect::<Vec<_>>(), json)
+        }
         AllowlistCommand::List { limit } => {
             let mut all = Vec::new();
             let mut after: Option<ThingName> = None;

@@ -117,6 +117,9 @@ pub enum AllowlistCommand {
     },
     /// Take a serial number that has not provisioned off the list.
     Remove { serial: String },
+    /// Put a provisioned serial number back to allowed: for a device whose provisioning did not
+    /// complete after the hook enrolled it, and that now asks with a new certificate.
+    Reset { serial: String },
     /// Entries by serial number, with where each stands.
     List {
         #[arg(long, default_value_t = 1000)]

@@ -211,9 +211,8 @@ mod tests {
 
     fn device_policy() -> IotPolicy {
         let doc: Value = serde_yaml_ng::from_str(TEMPLATE).expect("template parses");
-        let mut policies = from_template(&doc).expect("policy supported locally");
-        assert_eq!(policies.len(), 1, "one device policy");
-        policies.remove(0)
+        let policies = from_template(&doc).expect("policies supported locally");
+        policies.into_iter().find(|p| p.name == "DevicePolicy").expect("the device policy")
     }
 
     #[test]

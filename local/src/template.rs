@@ -31,18 +31,30 @@ pub struct Template {
     pub device_policy: Option<IotPolicy>,
 }
 
+/// The logical id of the devices' IoT policy when the template has several.
+pub const DEVICE_POLICY: &str = "DevicePolicy";
+
 impl Template {
     pub fn read(text: &str) -> Result<Template, TemplateError> {
         let doc = document(text)?;
         let mut policies = policy::from_template(&doc)?;
-        if policies.len() > 1 {
-            let names: Vec<_> = policies.iter().map(|p| p.name.as_str()).collect();
-            return Err(TemplateError::Rule {
-                rule: "AWS::IoT::Policy".into(),
-                problem: format!("one device policy expected, found {}", names.join(", ")),
-            });
-        }
-        Ok(Template { rules: rules_of(&doc)?, schedules: schedules_of(&doc)?, device_policy: policies.pop() })
+        // Devices connect with their own certificate's policy: the only one, or the one named
+        // `DevicePolicy` (others, like the claim certificate's, belong to other principals).
+        let device_policy = match policies.iter().position(|p| p.name == DEVICE_POLICY) {
+            Some(i) => Some(policies.swap_remove(i)),
+            None if policies.len() <= 1 => policies.pop(),
+            None => {
+                let names: Vec<_> = policies.iter().map(|p| p.name.as_str()).collect();
+                return Err(TemplateError::Rule {
+                    rule: "AWS::IoT::Policy".into(),
+                    problem: format!(
+                        "which is the device policy? name it {DEVICE_POLICY}; found {}",
+                        names.join(", ")
+                    ),
+                });
+            }
+        };
+        Ok(Template { rules: rules_of(&doc)?, schedules: schedules_of(&doc)?, device_policy })
     }
 
     /// Every function a rule, queue or schedule invokes.

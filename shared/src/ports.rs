@@ -339,6 +339,11 @@ pub trait Allowlist: Send + Sync {
         at_ms: i64,
     ) -> impl Future<Output = Result<Enrolled, StoreError>> + Send;
 
+    /// Put a provisioned serial number back to allowed (an operator's way out when a device
+    /// was enrolled but its provisioning did not complete, and it asks again with a new
+    /// certificate); `false` unless it was provisioned.
+    fn reset(&self, serial: &ThingName) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Mark a serial number decommissioned (kept, never provisioned again); the entry before.
     fn decommission(
         &self,

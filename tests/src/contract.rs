@@ -51,6 +51,7 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; twins_are_found_by_reported_firmware(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; stale_desired_policies_are_set_replaced_and_removed_by_key(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; a_serial_enrols_once_and_keeps_its_history(certs));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; devices_racing_for_one_serial_leave_one_winner(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; device_cert_status_round_trips_and_leaves_the_device_alone(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; reports_are_written_under_reports_only(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; expiring_certificates_are_read_by_window_only(certs));
@@ -466,6 +467,10 @@ pub async fn a_serial_enrols_once_and_keeps_its_history<S: Allowlist>(s: &S) -> 
         matches!(e.enrolment, Enrolment::Provisioned { ref certificate, at_ms: 10, .. } if *certificate == a),
         "{e:?}"
     );
+    // an operator may put a provisioned serial back (its provisioning never completed)
+    ensure!(!s.reset(&serial("s-3")?).await?, "s-3 is not provisioned");
+    ensure!(s.reset(&serial("s-1")?).await?, "s-1 reset");
+    ensure!(s.enrol(&serial("s-1")?, &b, 15).await? == Enrolled::Yes, "s-1 enrols with a new certificate");
     // only the unprovisioned s-3 can be removed
     ensure!(!s.disallow(&serial("s-1")?).await? && !s.disallow(&serial("s-2")?).await?, "history is kept");
     ensure!(s.disallow(&serial("s-3")?).await?, "s-3 removed");
@@ -579,5 +584,28 @@ pub async fn reports_are_written_under_reports_only<S: Reports + ArchiveReader>(
         s.archive_object("reports/cert-expiry/2025-11-24.json").await? == br#"{"expired":1}"#,
         "read back"
     );
+    Ok(())
+}
+
+/// Eight devices presenting one serial at once, each with its own certificate: exactly one
+/// enrols; every other learns which certificate won.
+pub async fn devices_racing_for_one_serial_leave_one_winner<S: Allowlist>(s: &S) -> Result<()> {
+    use fleet_shared::model::{CertificateId, Enrolment};
+    use fleet_shared::ports::Enrolled;
+    let serial = ThingName::parse("s-race")?;
+    s.allow(&[allow("s-race")?]).await?;
+    let certs: Vec<CertificateId> = (0..8u8).map(|n| CertificateId::of_der(&[n])).collect();
+    let outcomes = futures_util::future::join_all(certs.iter().map(|c| s.enrol(&serial, c, 20))).await;
+    let outcomes = outcomes.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let winners = outcomes.iter().filter(|o| **o == Enrolled::Yes).count();
+    ensure!(winners == 1, "{winners} winners: {outcomes:?}");
+    let e = s.entry(&serial).await?.context("entry")?;
+    let Enrolment::Provisioned { certificate: won, .. } = e.enrolment else {
+        anyhow::bail!("not provisioned: {e:?}")
+    };
+    for (c, o) in certs.iter().zip(&outcomes) {
+        let want = if *c == won { Enrolled::Yes } else { Enrolled::Taken(won.clone()) };
+        ensure!(*o == want, "{c}: {o:?}, expected {want:?}");
+    }
     Ok(())
 }

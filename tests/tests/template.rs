@@ -437,9 +437,17 @@ fn fleet_provisioning_gives_each_device_a_thing_an_active_certificate_and_the_de
     assert_eq!(resources["policy"]["Properties"]["PolicyName"], "fleetline-dev-device");
     assert_eq!(sub[1]["DevicePolicyName"]["Ref"].as_str(), Some("DevicePolicy"), "attaches DevicePolicy");
     assert_eq!(props["ProvisioningRoleArn"]["Fn::GetAtt"][0].as_str(), Some("ProvisioningRole"));
-    // Until the pre-provisioning hook checks serials, a claim holder could take an existing
-    // thing's name: the template stays disabled.
-    assert_eq!(props["Enabled"].as_bool(), Some(false));
+    // The pre-provisioning hook checks every serial against the allowlist: enabled.
+    assert_eq!(props["Enabled"].as_bool(), Some(true));
+    assert_eq!(
+        props["PreProvisioningHook"]["TargetArn"]["Fn::GetAtt"][0].as_str(),
+        Some("ProvisioningHookFunction")
+    );
+    // A claim certificate may use the provisioning topics of this template only.
+    let claim = format!("{:?}", r.resources["ClaimPolicy"]["Properties"]["PolicyDocument"]);
+    assert!(claim.contains("$aws/certificates/create/*"), "{claim}");
+    assert!(claim.contains("$aws/provisioning-templates/fleetline-${Stage}-devices/provision/*"), "{claim}");
+    assert!(!claim.contains("dt/fleet"), "a claim certificate cannot publish telemetry: {claim}");
 }
 
 #[test]
@@ -466,7 +474,7 @@ fn only_aws_iot_may_call_the_provisioning_hook_which_writes_certificates_and_reg
     let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
     assert_eq!(vars, ["FLEET_CERTIFICATES_TABLE", "FLEET_DEVICES_TABLE"]);
     // AWS IoT waits 5 s: the function's timeout is no longer.
-    assert!(r.resources["ProvisioningHookFunction"]["Properties"]["Timeout"].as_u64() <= Some(5));
+    assert_eq!(r.resources["ProvisioningHookFunction"]["Properties"]["Timeout"].as_u64(), Some(5));
 }
 
 #[test]

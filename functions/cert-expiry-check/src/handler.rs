@@ -122,10 +122,14 @@ where
         .await
         .map_err(retry("expiring certificates not read"))?;
     let report: ExpiryReport = expiry::report(&certs, now, deps.threshold, window);
+    // One mark per device (a device may hold several certificates in the window: one write
+    // per key in a batch, as DynamoDB requires): its most urgent, as the findings are sorted.
+    let mut marked = std::collections::HashSet::new();
     let marks: Vec<_> = report
         .findings
         .iter()
         .filter_map(|f| {
+            let thing = f.thing.clone().filter(|t| marked.insert(t.clone()))?;
             let mark = CertMark {
                 certificate: f.certificate.clone(),
                 class: f.class,
@@ -133,7 +137,7 @@ where
                 rotation_due: true,
                 checked_ms: now,
             };
-            f.thing.clone().map(|t| (t, mark))
+            Some((thing, mark))
         })
         .collect();
     deps.devices.mark_cert_status(&marks).await.map_err(retry("device certificate status not written"))?;

@@ -31,6 +31,10 @@ use tracing::{info, warn};
 
 pub const FUNCTION: &str = "provisioning-hook";
 
+/// Where refusals of requests without a usable serial number are audited (an empty, overlong
+/// or otherwise invalid `SerialNumber`; a malformed event).
+pub const INVALID_SERIAL: &str = "~invalid";
+
 /// Everything the handler needs, built once per cold start.
 pub struct Deps<A, I, P, R> {
     /// Allowlist: read an entry, enrol it (conditional).
@@ -209,13 +213,25 @@ where
             Err(e) => warn!(claim = %asked.claim, error = %e, "unknown serial not counted"),
         }
     }
+    // A serial that is not a thing name is the device's text: audited under one fixed name,
+    // its first 64 characters kept (escaped) in the reason, never used as a key.
+    let (serial, reason) = match fleet_shared::model::ThingName::parse(&asked.serial) {
+        Ok(_) => (asked.serial.clone(), format!("{}: {refusal}", refusal.code())),
+        Err(_) => {
+            let shown: String = asked.serial.chars().take(64).collect();
+            (
+                INVALID_SERIAL.to_owned(),
+                format!("{}: serial {:?}", refusal.code(), fleet_shared::text::printable(&shown)),
+            )
+        }
+    };
     let event = AuditEvent {
         at_ms: now,
-        serial: asked.serial.clone(),
-        claim_certificate: asked.claim.clone(),
+        serial,
+        claim_certificate: asked.claim.chars().take(64).collect(),
         certificate: asked.certificate.clone(),
         outcome: "refused".into(),
-        reason: Some(format!("{}: {refusal}", refusal.code())),
+        reason: Some(reason),
     };
     if let Err(e) = deps.audit.audit(&event).await {
         warn!(serial = %asked.serial, error = %e, "refusal not audited");

@@ -94,6 +94,24 @@ async fn the_boundaries_fall_in_their_classes_and_devices_are_marked() -> Result
 }
 
 #[tokio::test]
+async fn a_device_with_several_certificates_in_the_window_is_marked_once_with_the_most_urgent() -> Result<()>
+{
+    // GIVEN dev-7 with an expired certificate and one in warning (a rotation under way)
+    let deps = deps()?;
+    let now = fixed_clock();
+    let mut warning = cert(70, now + 20 * DAY_MS, CertStatus::Active);
+    warning.thing = ThingName::parse("dev-7").ok();
+    deps.inventory.record_many(&[cert(7, now - 1000, CertStatus::Active), warning]).await?;
+    // WHEN the check runs
+    let s = check(&deps).await?;
+    // THEN both are findings, the device is marked once, with the expired one
+    assert_eq!((s.expired, s.warning, s.devices_marked), (1, 1, 1));
+    let mark = deps.devices.cert_status(&ThingName::parse("dev-7")?).await?.context("marked")?;
+    assert_eq!(mark.class, ExpiryClass::Expired);
+    Ok(())
+}
+
+#[tokio::test]
 async fn of_100_000_certificates_with_1_percent_expiring_the_check_reads_only_those() -> Result<()> {
     // GIVEN 100,000 certificates: 1,000 expiring within 30 days, the rest in one to three years
     let deps = deps()?;

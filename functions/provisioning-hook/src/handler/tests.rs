@@ -121,7 +121,7 @@ async fn every_refusal_has_its_reason_in_the_audit_trail() -> Result<()> {
     assert!(unknown.len() == 1 && unknown[0].starts_with("unknown_serial"), "{unknown:?}");
     let mismatch = reasons(deps.audit.trail("sensor-101").await?);
     assert!(mismatch.len() == 1 && mismatch[0].starts_with("certificate_mismatch"), "{mismatch:?}");
-    let malformed = reasons(deps.audit.trail("").await?);
+    let malformed = reasons(deps.audit.trail(INVALID_SERIAL).await?);
     assert!(malformed.len() == 1 && malformed[0].starts_with("malformed_event"), "{malformed:?}");
     // AND sensor-101 is still only allowed, not provisioned
     let e = deps.allowlist.entry(&ThingName::parse("sensor-101")?).await?.context("entry")?;
@@ -152,8 +152,10 @@ async fn expired_and_not_yet_valid_certificates_are_refused() -> Result<()> {
     let expired = invoke(&deps, &event("sensor-101", NOW_S - 86_400, NOW_S - 1)).await?;
     let early = invoke(&deps, &event("sensor-102", NOW_S + 60, NOW_S + 86_400)).await?;
     assert!(!expired.allow_provisioning && !early.allow_provisioning);
-    let reason = deps.audit.trail("sensor-102").await?.pop().and_then(|e| e.reason).unwrap_or_default();
-    assert!(reason.starts_with("certificate_not_valid_now"), "{reason}");
+    for serial in ["sensor-101", "sensor-102"] {
+        let reason = deps.audit.trail(serial).await?.pop().and_then(|e| e.reason).unwrap_or_default();
+        assert!(reason.starts_with("certificate_not_valid_now"), "{serial}: {reason}");
+    }
     Ok(())
 }
 
@@ -195,6 +197,9 @@ impl Allowlist for Busy {
     }
     async fn enrol(&self, _: &ThingName, _: &CertificateId, _: i64) -> Result<Enrolled, StoreError> {
         Err(StoreError::transient("allowlist enrol", "throttled"))
+    }
+    async fn reset(&self, _: &ThingName) -> Result<bool, StoreError> {
+        Err(StoreError::transient("allowlist reset", "throttled"))
     }
     async fn decommission(&self, _: &ThingName, _: i64) -> Result<Option<AllowlistEntry>, StoreError> {
         Err(StoreError::transient("allowlist decommission", "throttled"))

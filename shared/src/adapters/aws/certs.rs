@@ -52,6 +52,19 @@ impl CertificatesTable {
     }
 }
 
+/// 64 random bits (the standard library's per-process random hasher keys, mixed with a counter
+/// and the time): enough to tell apart audit events written in the same millisecond.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
@@ -279,6 +292,15 @@ impl Allowlist for CertificatesTable {
         }
     }
 
+    async fn reset(&self, serial: &ThingName) -> Result<bool, StoreError> {
+        let Some(current) = self.entry(serial).await? else { return Ok(false) };
+        if !matches!(current.enrolment, Enrolment::Provisioned { .. }) {
+            return Ok(false);
+        }
+        self.put_entry(&AllowlistEntry { enrolment: Enrolment::Allowed, ..current }, Some("provisioned"))
+            .await
+    }
+
     async fn decommission(
         &self,
         serial: &ThingName,
@@ -352,22 +374,31 @@ impl CertificateInventory for CertificatesTable {
 impl ProvisioningAudit for CertificatesTable {
     async fn audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
         let op = "dynamodb audit put";
-        // Events of one serial in one millisecond are told apart by a per-process counter.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n_ = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut item = key(
-            format!("audit#{}", event.serial),
-            &format!("{:013}#{:x}-{n_}", event.at_ms.max(0), std::process::id()),
-        );
-        item.insert("event".into(), s(to_json(event, op)?));
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| classify(op, e))?;
-        Ok(())
+        // Events of one serial in one millisecond (two sandboxes racing for one serial) are
+        // told apart by a random suffix, and an event never replaces another: a taken key is
+        // tried again with another suffix.
+        for _ in 0..4 {
+            let mut item = key(
+                format!("audit#{}", event.serial),
+                &format!("{:013}#{:016x}", event.at_ms.max(0), random()),
+            );
+            item.insert("event".into(), s(to_json(event, op)?));
+            let out = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(sk)")
+                .send()
+                .await;
+            match out {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {}
+                Err(e) => return Err(classify(op, e)),
+            }
+        }
+        Err(StoreError::transient(op, "no free audit key after 4 tries"))
     }
 
     async fn unknown_serial(&self, claim: &str, at_ms: i64) -> Result<u64, StoreError> {
@@ -390,7 +421,8 @@ impl ProvisioningAudit for CertificatesTable {
             .and_then(|v| v.as_n().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        if count == SUSPICIOUS_UNKNOWN_SERIALS {
+        // From the threshold on (a failed mark is made again by the next count).
+        if count >= SUSPICIOUS_UNKNOWN_SERIALS {
             self.client
                 .update_item()
                 .table_name(&self.table)

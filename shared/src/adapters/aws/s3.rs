@@ -149,7 +149,7 @@ impl QuarantineReader for S3Archive {
     }
 }
 
-/// Reports live under `reports/` (the archive's lifecycle rules keep them with raw data).
+/// Reports live under `reports/` in the archive bucket (no lifecycle rule expires them).
 pub const REPORTS_PREFIX: &str = "reports/";
 
 impl crate::ports::Reports for S3Archive {

@@ -45,6 +45,10 @@ CREATE TABLE device_cert_status (
 ) WITHOUT ROWID;
 ";
 
+/// The daily check's read: one range of the `notAfter` index.
+const EXPIRING_SQL: &str = "SELECT cert FROM certificates WHERE not_after_ms >= ?1 AND not_after_ms < ?2
+                            ORDER BY not_after_ms, id LIMIT ?3";
+
 fn json_col<T: serde::de::DeserializeOwned>(r: &Row<'_>, i: usize) -> rusqlite::Result<T> {
     let text: String = r.get(i)?;
     serde_json::from_str(&text)
@@ -158,6 +162,23 @@ impl Allowlist for SqliteStore {
         .await
     }
 
+    async fn reset(&self, serial: &ThingName) -> Result<bool, StoreError> {
+        let serial = serial.to_string();
+        self.with("sqlite allowlist reset", move |c| {
+            let tx = c.transaction()?;
+            let reset = match entry_of(&tx, &serial)? {
+                Some(e @ AllowlistEntry { enrolment: Enrolment::Provisioned { .. }, .. }) => {
+                    put_entry(&tx, &AllowlistEntry { enrolment: Enrolment::Allowed, ..e })?;
+                    true
+                }
+                _ => false,
+            };
+            tx.commit()?;
+            Ok(reset)
+        })
+        .await
+    }
+
     async fn decommission(
         &self,
         serial: &ThingName,
@@ -218,10 +239,7 @@ impl CertificateInventory for SqliteStore {
 
     async fn expiring(&self, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Certificate>, StoreError> {
         self.with("sqlite certificates expiring", move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT cert FROM certificates WHERE not_after_ms >= ?1 AND not_after_ms < ?2
-                 ORDER BY not_after_ms, id LIMIT ?3",
-            )?;
+            let mut st = c.prepare_cached(EXPIRING_SQL)?;
             let rows = st.query_map(params![from_ms, to_ms, limit as i64], |r| json_col(r, 0))?;
             rows.collect()
         })
@@ -322,5 +340,26 @@ impl Reports for SqliteStore {
                 .map(drop)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_expiry_window_is_one_range_of_the_not_after_index_never_a_scan() -> Result<(), StoreError> {
+        let store = SqliteStore::in_memory()?;
+        let plan: Vec<String> = store
+            .with("explain", |c| {
+                let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {EXPIRING_SQL}"))?;
+                let rows = st.query_map(params![0i64, 1i64, 10i64], |r| r.get::<_, String>(3))?;
+                rows.collect()
+            })
+            .await?;
+        let plan = plan.join(" / ");
+        assert!(plan.contains("USING INDEX certificates_by_expiry"), "{plan}");
+        assert!(!plan.contains("SCAN certificates ") && !plan.ends_with("SCAN certificates"), "{plan}");
+        Ok(())
     }
 }
