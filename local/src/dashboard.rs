@@ -53,7 +53,7 @@ fn card(id: &str, label: &str, value: &str) -> Markup {
     html! { div.card { div.v id=(id) { (value) } div.k { (label) } } }
 }
 
-pub fn fleet_page(h: &FleetHealth, devices: &[Device], drifting: &Drifting, now: i64) -> Markup {
+pub fn fleet_page(h: &FleetHealth, devices: &[Device], drifting: u64, now: i64) -> Markup {
     let p = &h.pipeline;
     let cards = [
         ("devices-total", "devices", h.devices.to_string()),
@@ -67,7 +67,7 @@ pub fn fleet_page(h: &FleetHealth, devices: &[Device], drifting: &Drifting, now:
         ("refused-by-policy", "refused by the device policy", p.refused_by_policy.to_string()),
         ("payload-too-large", "over 128 KiB, refused", p.payload_too_large.to_string()),
         ("rule-errors", "rule errors (not UTF-8)", p.rule_errors.to_string()),
-        ("twins-drifting", "twins drifting", drifting.count()),
+        ("twins-drifting", "twins drifting", drifting.to_string()),
     ];
     let body = html! {
         h1 { "Fleetline — local fleet" }

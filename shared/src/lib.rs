@@ -17,12 +17,14 @@
 //! - [`lambda`] (feature `lambda`): cold-start wiring, SQS partial-batch responses, `Diagnostic`s.
 //! - [`env`]: reading variables once, errors naming the missing one. [`error`]: typed store errors.
 //! - [`metrics`]: CloudWatch Embedded Metric Format lines. [`time`]: UTC time through `jiff`.
+//! - [`hash`]: FNV-1a for stable shard keys and fingerprints.
 //! - [`text`]: device-supplied strings made safe to show (control characters escaped).
 
 pub mod adapters;
 pub mod certs;
 pub mod env;
 pub mod error;
+pub mod hash;
 pub mod ingest;
 #[cfg(feature = "lambda")]
 pub mod lambda;

@@ -283,8 +283,7 @@ async fn mark_due<T: TwinStore>(
 /// A clientToken (at most 64 bytes) naming this release by this sweep, the same on every try.
 fn release_token(twin: &Twin, key: &str, now: i64) -> String {
     let text = format!("{}/{}/{key}", twin.thing, twin.shadow.as_str());
-    let h =
-        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let h = fleet_shared::hash::fnv1a64(text.as_bytes());
     format!("fleetline-release-{h:016x}-{now}")
 }
 

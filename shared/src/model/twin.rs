@@ -100,9 +100,7 @@ fn is_zero(v: &u64) -> bool {
 
 /// A stable fingerprint of a desired value (FNV-1a over its JSON text).
 pub fn fingerprint(v: &Value) -> u64 {
-    v.to_string()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    crate::hash::fnv1a64(v.to_string().as_bytes())
 }
 
 impl VersionDrift {

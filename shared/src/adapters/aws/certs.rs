@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use futures_util::stream::{self, StreamExt};
 
-use super::{classify, MAX_CONCURRENT_REQUESTS};
+use super::{classify, query_items, MAX_CONCURRENT_REQUESTS};
 use crate::certs::expiry;
 use crate::certs::hook::SUSPICIOUS_UNKNOWN_SERIALS;
 use crate::env::{ConfigError, Env};
@@ -83,7 +83,7 @@ fn serial_key(serial: &ThingName) -> Item {
 
 /// The `by_expiry` bucket of a certificate: its expiry day and a shard from its id.
 pub fn expiry_bucket(id: &CertificateId, not_after_ms: i64) -> String {
-    let h = id.as_str().bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let h = crate::hash::fnv1a32(id.as_str().as_bytes());
     format!("d#{}#{}", expiry::day(not_after_ms), h % EXPIRY_SHARDS)
 }
 
@@ -109,26 +109,6 @@ fn state_of(e: &Enrolment) -> &'static str {
         Enrolment::Provisioned { .. } => "provisioned",
         Enrolment::Decommissioned { .. } => "decommissioned",
     }
-}
-
-/// Every item a Query returns (all pages), each through `read` (`None` skips it), at most `limit`.
-async fn query_items<T>(
-    req: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
-    op: &'static str,
-    limit: usize,
-    read: impl Fn(&Item) -> Result<Option<T>, StoreError>,
-) -> Result<Vec<T>, StoreError> {
-    let mut pages = req.limit(limit.clamp(1, 1_000) as i32).into_paginator().send();
-    let mut out = Vec::new();
-    while let Some(page) = pages.next().await {
-        for item in page.map_err(|e| classify(op, e))?.items() {
-            out.extend(read(item)?);
-            if out.len() >= limit {
-                return Ok(out);
-            }
-        }
-    }
-    Ok(out)
 }
 
 impl CertificatesTable {

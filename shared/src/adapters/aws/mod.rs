@@ -101,6 +101,31 @@ pub(crate) fn batch_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// Every item a Query returns (all pages), each through `read` (`None` skips it), at most `limit`.
+pub(crate) async fn query_items<T>(
+    req: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+    op: &'static str,
+    limit: usize,
+    read: impl Fn(
+        &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
+    ) -> Result<Option<T>, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut pages = req.limit(limit.min(1_000) as i32).into_paginator().send();
+    let mut out = Vec::new();
+    while let Some(page) = pages.next().await {
+        for item in page.map_err(|e| classify(op, e))?.items() {
+            out.extend(read(item)?);
+            if out.len() >= limit {
+                return Ok(out);
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(all(test, feature = "operator"))]
 mod mock_tests;
 

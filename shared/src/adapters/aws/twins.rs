@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::types::AttributeValue;
 use futures_util::stream::{self, StreamExt};
 
-use super::classify;
+use super::{classify, query_items};
 use crate::env::{ConfigError, Env};
 use crate::error::StoreError;
 use crate::model::{DriftSummary, ShadowName, ThingName, Twin};
@@ -63,7 +63,7 @@ fn sort_key(shadow: &ShadowName) -> String {
 
 /// The drift index shard of a thing (FNV-1a: stable across builds and processes).
 pub fn drift_shard(thing: &ThingName) -> String {
-    let h = thing.as_str().bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let h = crate::hash::fnv1a32(thing.as_str().as_bytes());
     format!("d#{}", h % DRIFT_SHARDS)
 }
 
@@ -93,27 +93,12 @@ impl TwinsTable {
         values: &[(&str, AttributeValue)],
         limit: usize,
     ) -> Result<Vec<Twin>, StoreError> {
-        let mut req = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(index)
-            .key_condition_expression(condition)
-            .limit(limit.min(1_000) as i32);
+        let mut req =
+            self.client.query().table_name(&self.table).index_name(index).key_condition_expression(condition);
         for (name, value) in values {
             req = req.expression_attribute_values(*name, value.clone());
         }
-        let mut pages = req.into_paginator().send();
-        let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            for item in page.map_err(|e| classify(op, e))?.items() {
-                out.push(twin_from_item(item)?);
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-            }
-        }
-        Ok(out)
+        query_items(req, op, limit, |item| twin_from_item(item).map(Some)).await
     }
 }
 
