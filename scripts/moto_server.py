@@ -13,7 +13,7 @@ equivalent condition expression, so moto stores the items and evaluates the cond
   INSERT INTO "t" VALUE {'a': ?, 'b': 'text', ...}
 Values are parameters (?), 'strings' or numbers; <op> is one of = <> < <= > >=. Any other
 statement is left to moto as before. Each request runs under one lock, so a condition and its
-write are atomic, as in DynamoDB. Usage: python scripts/moto_server.py -H 127.0.0.1 -p PORT
+write are atomic, as in DynamoDB. IoT certificate ids are SHA-256 of the DER, as AWS gives them. Usage: python scripts/moto_server.py -H 127.0.0.1 -p PORT
 """
 
 import re
@@ -25,6 +25,7 @@ from moto.dynamodb.exceptions import ConditionalCheckFailed
 from moto.dynamodb.models import DynamoDBBackend
 from moto.iotdata.models import IoTDataPlaneBackend
 from moto.server import main
+from moto import settings
 
 TOKEN = re.compile(r"""\s*(?:"(?P<ident>[^"]*)"|'(?P<text>[^']*)'|(?P<num>-?\d+(?:\.\d+)?)|(?P<op><>|<=|>=|[=<>{}:,?])|(?P<word>[A-Za-z_][A-Za-z0-9_]*))""")
 
@@ -240,6 +241,10 @@ DynamoDBBackend.put_item = atomic(DynamoDBBackend.put_item)
 DynamoDBBackend.update_item = atomic(DynamoDBBackend.update_item)
 DynamoDBBackend.delete_item = atomic(DynamoDBBackend.delete_item)
 IoTDataPlaneBackend.delete_thing_shadow = delete_thing_shadow
+
+# AWS IoT gives a certificate the SHA-256 of its DER as its id; moto hashes the PEM text unless
+# told to read real certificates (the reconciliation matches ids with parsed PEMs).
+settings.default_user_config.setdefault("iot", {})["use_valid_cert"] = True
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

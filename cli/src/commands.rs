@@ -5,9 +5,10 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::adapters::aws::{
-    CertificatesTable, DevicesTable, HotStore, HotStoreKind, IotDataShadows, S3Archive, TelemetryReader,
-    TwinsTable,
+    CertificatesTable, DevicesTable, HotStore, HotStoreKind, IotControlPlane, IotDataShadows, S3Archive,
+    TelemetryReader, TwinsTable,
 };
+use fleet_shared::certs::{decommission, reconcile};
 use fleet_shared::ingest::{
     ingest_batch, messages_from_event, replay, BatchOutcome, Inbound, IngestPolicy, IngestPorts,
     OwnedInbound, ReplayPorts,
@@ -18,9 +19,9 @@ use fleet_shared::model::{
     ThingName, Twin,
 };
 use fleet_shared::ports::{
-    Allowlist, ArchiveReader, CertificateInventory, DeviceAdmin, DeviceRegistry, ProvisioningAudit,
-    Quarantine, QuarantineReader, RawArchive, ShadowService, TelemetryQuery, TelemetrySink, TwinPolicies,
-    TwinStore,
+    Allowlist, ArchiveReader, CertificateControl, CertificateInventory, CertificateRegistry, DeviceAdmin,
+    DeviceRegistry, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive, ShadowService,
+    TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
 };
 use fleet_shared::twin::policy::StalePolicy;
 use fleet_shared::twin::write::WriteOutcome;
@@ -63,7 +64,7 @@ fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<fleet_local::LocalOp
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Local { stack } => return local(local_options(&cli, stack)?).await,
-        Command::Demo { stack, devices, duration, rate, pack, keep_running, seed } => {
+        Command::Demo { stack, devices, duration, rate, pack, keep_running, seed, provision } => {
             let opts = crate::demo::DemoOptions {
                 devices: *devices,
                 duration: *duration,
@@ -72,6 +73,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 keep_running: *keep_running,
                 seed: *seed,
                 quirks: fleet_shared::ingest::sim::Quirks::default(),
+                provision: *provision,
             };
             return crate::demo::run(local_options(&cli, stack)?, opts, cli.json).await;
         }
@@ -88,6 +90,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             // Only the commands that read or write telemetry need to know the hot store.
             let hot_policy = || -> Result<IngestPolicy> { Ok(HotStoreKind::from_env(env)?.policy(policy)) };
             match cli.command {
+                Command::Devices { command: DevicesCommand::Decommission { thing } } => {
+                    let certs_table = CertificatesTable::from_env(sdk, env)?;
+                    let iot = IotControlPlane::new(sdk)?;
+                    let ports = decommission::Ports {
+                        allowlist: &certs_table,
+                        registry: &iot,
+                        inventory: &certs_table,
+                        audit: &certs_table,
+                    };
+                    decommission_device(ports, &thing, json).await
+                }
                 Command::Devices { command } => {
                     devices(&DevicesTable::from_env(sdk, env)?, command, json).await
                 }
@@ -139,6 +152,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Allowlist { command } => {
                     allowlist(&CertificatesTable::from_env(sdk, env)?, command, json).await
                 }
+                Command::Certs { command: CertsCommand::Reconcile { concurrency } } => {
+                    let certs_table = CertificatesTable::from_env(sdk, env)?;
+                    reconcile_now(&IotControlPlane::new(sdk)?, &certs_table, concurrency, json).await
+                }
                 Command::Certs { command } => {
                     let certs_table = CertificatesTable::from_env(sdk, env)?;
                     certs(&certs_table, &certs_table, command, json).await
@@ -149,6 +166,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Backend::Embedded(e) => {
             let db = &e.db;
             match cli.command {
+                Command::Devices { command: DevicesCommand::Decommission { thing } } => {
+                    let ports = decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
+                    decommission_device(ports, &thing, json).await
+                }
                 Command::Devices { command } => devices(db, command, json).await,
                 Command::Telemetry { thing, since, limit } => telemetry(db, &thing, since, limit, json).await,
                 Command::Quarantine { command } => quarantine(db, command, json).await,
@@ -176,6 +197,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 Command::Twin { command } => twin(db, Some(db), command, json).await,
                 Command::Allowlist { command } => allowlist(db, command, json).await,
+                Command::Certs { command: CertsCommand::Reconcile { concurrency } } => {
+                    reconcile_now(db, db, concurrency, json).await
+                }
                 Command::Certs { command } => certs(db, db, command, json).await,
                 Command::Replay { prefix } => {
                     let ports = ReplayPorts { registry: db, sink: db, quarantine: db, reader: db };
@@ -267,6 +291,14 @@ async fn local(opts: fleet_local::LocalOptions) -> Result<()> {
         ),
         None => eprintln!("  no device policy in the template: every client may publish anywhere"),
     }
+    if let (Some(p), Some(t)) = (&stack.provisioning, stack.template.provisioning.first()) {
+        eprintln!(
+            "  fleet provisioning: template {}, claim holders connect with MQTT username {}{}",
+            t.name,
+            fleet_local::broker::CERTIFICATE_USERNAME_PREFIX,
+            p.claim
+        );
+    }
     eprintln!(
         "  publish e.g.: mosquitto_pub -p {} -i sensor-001 -t dt/fleet/sensor-001/telemetry -q 1 -m '{{...}}'",
         stack.mqtt.port()
@@ -311,7 +343,36 @@ async fn devices(store: &impl DeviceAdmin, command: DevicesCommand, json: bool) 
                 None => bail!("no device {thing}"),
             }
         }
+        DevicesCommand::Decommission { .. } => unreachable!("needs the certificate ports: handled by run"),
     }
+}
+
+async fn decommission_device<A, R, I, P>(
+    ports: decommission::Ports<'_, A, R, I, P>,
+    thing: &str,
+    json: bool,
+) -> Result<()>
+where
+    A: Allowlist,
+    R: CertificateRegistry + CertificateControl,
+    I: CertificateInventory,
+    P: ProvisioningAudit,
+{
+    let thing = ThingName::parse(thing)?;
+    let done = decommission::decommission(ports, &thing, time::now_ms()).await?;
+    output::decommissioned(&done, json)
+}
+
+/// A whole reconciliation, now (no budget, no cursor: the scheduled function keeps its own).
+async fn reconcile_now(
+    registry: &impl CertificateRegistry,
+    inventory: &impl CertificateInventory,
+    concurrency: usize,
+    json: bool,
+) -> Result<()> {
+    let opts = reconcile::Options { concurrency: concurrency.max(1), ..reconcile::Options::default() };
+    let result = reconcile::reconcile(registry, inventory, None, time::now_ms(), &opts).await?;
+    output::reconciliation(&result, json)
 }
 
 /// How many twins an index query reads when a cohort filters them afterwards.
@@ -514,6 +575,7 @@ async fn certs(
             let found = inventory.expiring(now - 7 * 86_400_000, now + within_ms, limit).await?;
             output::certificates(&found, now, json)
         }
+        CertsCommand::Reconcile { .. } => unreachable!("needs the registry: handled by run"),
         CertsCommand::Findings { serial } => {
             let claims = audit.suspicious_claims().await?;
             let trail = match serial {

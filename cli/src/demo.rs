@@ -4,6 +4,13 @@
 //! Devices publish the ways real fleets do, a quarter each: v1 one reading per message, v2
 //! one reading per message, v2 packs of `--pack` readings, and v1 through Basic Ingest
 //! (`$aws/rules/<telemetry rule>/dt/fleet/<thing>/telemetry`, not billed as messaging).
+//!
+//! With `--provision`, devices start with only the fleet's provisioning claim: their serials
+//! go on the allowlist (as an operator puts them there), and each device, as its claim holder,
+//! asks for keys and a certificate (CreateKeysAndCertificate), registers its thing
+//! (RegisterThing, which the pre-provisioning hook allows), then connects with its new
+//! certificate (MQTT username `cert/<id>`) and publishes as that thing. Devices provision one
+//! at a time: the local IoT Core answers every subscribed claim holder, not only the asker.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -11,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use fleet_shared::ingest::sim::{firmware, DeviceSim, Quirks};
-use fleet_shared::model::{DeviceRegistration, ThingName};
-use fleet_shared::ports::{DeviceAdmin, TwinStore};
+use fleet_shared::model::{AllowlistEntry, DeviceRegistration, Enrolment, ThingName};
+use fleet_shared::ports::{Allowlist, DeviceAdmin, TwinStore};
 use fleet_shared::time;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 
+use fleet_local::provisioning::{provision_topic, CREATE_TOPIC};
 use fleet_local::rules::BASIC_INGEST_PREFIX;
 use fleet_local::{LocalOptions, LocalStack};
 
@@ -26,6 +34,8 @@ const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 const TELEMETRY_TOPIC_FILTER: &str = "dt/fleet/+/telemetry";
 /// How long the report waits for the pipeline to settle what was acknowledged.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a device waits for each provisioning answer.
+const PROVISIONING_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -38,10 +48,13 @@ pub struct DemoOptions {
     pub keep_running: bool,
     pub seed: u64,
     pub quirks: Quirks,
+    /// `--provision`: devices start with the claim and provision themselves.
+    pub provision: bool,
 }
 
 #[derive(Default)]
 struct Counters {
+    provisioned: AtomicU64,
     published: AtomicU64,
     acked: AtomicU64,
     connection_errors: AtomicU64,
@@ -50,6 +63,9 @@ struct Counters {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub devices: usize,
+    /// Devices that provisioned themselves by claim (`--provision`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provisioned: Option<u64>,
     pub duration_s: f64,
     pub rate_per_device: f64,
     pub published: u64,
@@ -75,13 +91,18 @@ pub struct Report {
     pub dashboard: String,
 }
 
+fn class_and_region(i: usize) -> (&'static str, &'static str) {
+    (CLASSES[i % CLASSES.len()], REGIONS[(i / CLASSES.len()) % REGIONS.len()])
+}
+
 async fn register(stack: &LocalStack, devices: usize) -> Result<()> {
     let now = time::now_ms();
     let regs: Vec<(ThingName, DeviceRegistration)> = (0..devices)
         .map(|i| {
+            let (class, region) = class_and_region(i);
             let reg = DeviceRegistration {
-                class: CLASSES[i % CLASSES.len()].into(),
-                region: REGIONS[(i / CLASSES.len()) % REGIONS.len()].into(),
+                class: class.into(),
+                region: region.into(),
                 fw: if i % 2 == 0 { "1.4.2".into() } else { "2.0.1".into() },
                 registered_at_ms: now,
             };
@@ -90,6 +111,70 @@ async fn register(stack: &LocalStack, devices: usize) -> Result<()> {
         .collect::<Result<_>>()?;
     stack.store.register(&regs).await?;
     Ok(())
+}
+
+/// Put the devices' serials on the provisioning allowlist, with their class and region.
+async fn allow(stack: &LocalStack, devices: usize) -> Result<()> {
+    let now = time::now_ms();
+    let entries: Vec<AllowlistEntry> = (0..devices)
+        .map(|i| {
+            let (class, region) = class_and_region(i);
+            Ok(AllowlistEntry {
+                serial: ThingName::parse(&fleet_shared::ingest::sim::thing_name(i))?,
+                class: class.into(),
+                region: region.into(),
+                added_ms: now,
+                enrolment: Enrolment::Allowed,
+            })
+        })
+        .collect::<Result<_>>()?;
+    stack.store.allow(&entries).await?;
+    Ok(())
+}
+
+/// What devices need to provision: the claim they hold and the template they address.
+#[derive(Clone)]
+struct Claim {
+    username: String,
+    template: String,
+    /// One device provisions at a time (answers go to every subscribed claim holder).
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Claim {
+    fn of(stack: &LocalStack) -> Result<Self> {
+        let provisioning =
+            stack.provisioning.as_ref().context("the template has no provisioning template")?;
+        let template = stack.template.provisioning.first().context("no provisioning template")?.name.clone();
+        Ok(Claim {
+            username: format!("{}{}", fleet_local::broker::CERTIFICATE_USERNAME_PREFIX, provisioning.claim),
+            template,
+            one_at_a_time: Arc::default(),
+        })
+    }
+
+    /// Provision `thing` as its claim holder: CreateKeysAndCertificate, then RegisterThing
+    /// with the serial and firmware; the MQTT username of the new certificate.
+    async fn provision(&self, mqtt: std::net::SocketAddr, thing: &str, fw: &str) -> Result<String> {
+        let _turn = self.one_at_a_time.lock().await;
+        let mut opts = MqttOptions::new(thing, mqtt.ip().to_string(), mqtt.port());
+        opts.set_credentials(self.username.clone(), "");
+        let (client, mut events) = AsyncClient::new(opts, 16);
+        let register = provision_topic(&self.template);
+        client.subscribe(format!("{CREATE_TOPIC}/+"), QoS::AtLeastOnce).await?;
+        client.subscribe(format!("{register}/+"), QoS::AtLeastOnce).await?;
+        client.publish(CREATE_TOPIC, QoS::AtLeastOnce, false, "{}").await?;
+        let created = tokio::time::timeout(PROVISIONING_TIMEOUT, answer(&mut events, CREATE_TOPIC)).await??;
+        let request = serde_json::json!({
+            "certificateOwnershipToken": created["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": thing, "Firmware": fw},
+        });
+        client.publish(register.as_str(), QoS::AtLeastOnce, false, request.to_string()).await?;
+        tokio::time::timeout(PROVISIONING_TIMEOUT, answer(&mut events, &register)).await??;
+        let _ = client.disconnect().await;
+        let id = created["certificateId"].as_str().context("no certificateId")?;
+        Ok(format!("{}{id}", fleet_local::broker::CERTIFICATE_USERNAME_PREFIX))
+    }
 }
 
 /// What the operator wants of the fleet, through the devices' shadows (as `fleetctl twin set`
@@ -132,8 +217,32 @@ fn device_kind(i: usize, opts: &DemoOptions, basic_ingest_rule: &str) -> (Device
     }
 }
 
-/// One simulated device: connect, sample at `period` until `stop`, publish what the device
-/// sends (a pack goes out when full), then wait for every ack.
+/// The provisioning service's answer to a request on `topic`: its body if accepted.
+async fn answer(events: &mut rumqttc::EventLoop, topic: &str) -> Result<serde_json::Value> {
+    let prefix = format!("{topic}/");
+    loop {
+        match events.poll().await? {
+            Event::Incoming(Packet::Publish(p)) if p.topic.starts_with(&prefix) => {
+                let body: serde_json::Value = serde_json::from_slice(&p.payload)?;
+                if p.topic.ends_with("/rejected") {
+                    bail!("{topic} rejected: {body}");
+                }
+                return Ok(body);
+            }
+            Event::Incoming(Packet::SubAck(s))
+                if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                bail!("the claim may not subscribe to the provisioning answers");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One simulated device: provision first if it holds only the claim, connect, sample at
+/// `period` until `stop`, publish what the device sends (a pack goes out when full), then wait
+/// for every ack.
+#[allow(clippy::too_many_arguments)]
 async fn device(
     mut sim: DeviceSim,
     topic: String,
@@ -142,8 +251,21 @@ async fn device(
     offset: Duration,
     stop: Instant,
     counters: Arc<Counters>,
+    claim: Option<Claim>,
 ) {
     let mut opts = MqttOptions::new(sim.thing.clone(), mqtt.ip().to_string(), mqtt.port());
+    if let Some(claim) = claim {
+        match claim.provision(mqtt, &sim.thing, firmware(sim.index)).await {
+            Ok(username) => {
+                counters.provisioned.fetch_add(1, Relaxed);
+                opts.set_credentials(username, "");
+            }
+            Err(e) => {
+                eprintln!("\n  {} did not provision: {e:#}", sim.thing);
+                return;
+            }
+        }
+    }
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_inflight(200);
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
@@ -235,7 +357,13 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         bail!("--devices and --rate must be positive");
     }
     let stack = fleet_local::start(&local_opts).await?;
-    register(&stack, opts.devices).await?;
+    let claim = if opts.provision {
+        allow(&stack, opts.devices).await?;
+        Some(Claim::of(&stack)?)
+    } else {
+        register(&stack, opts.devices).await?;
+        None
+    };
     let dashboard = format!("http://{}/", stack.http);
     eprintln!(
         "fleetline demo: {} devices x {} msg/s for {:?}; MQTT {} (3.1.1 and 5); dashboard {dashboard}",
@@ -257,7 +385,8 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         .map(|i| {
             let (sim, topic) = device_kind(i, &opts, &rule);
             let offset = period.mul_f64(i as f64 / opts.devices as f64);
-            tokio::spawn(device(sim, topic, stack.mqtt, period, offset, stop, Arc::clone(&counters)))
+            let claim = claim.clone();
+            tokio::spawn(device(sim, topic, stack.mqtt, period, offset, stop, Arc::clone(&counters), claim))
         })
         .collect();
     let operator = tokio::spawn(operator_desires(stack.mqtt, opts.devices));
@@ -297,6 +426,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     let s = stack.stats.snapshot(now);
     let report = Report {
         devices: opts.devices,
+        provisioned: claim.as_ref().map(|_| counters.provisioned.load(Relaxed)),
         duration_s: publishing.as_secs_f64(),
         rate_per_device: opts.rate,
         published: acked,
@@ -325,6 +455,9 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         crate::signals::exit_on_second_signal();
     }
     stack.shutdown().await?;
+    if report.provisioned.is_some_and(|n| n != opts.devices as u64) {
+        bail!("only {:?} of {} devices provisioned", report.provisioned, opts.devices);
+    }
     if !report.reconciled {
         bail!("counts do not reconcile: published {} != stored + duplicates + quarantined", report.published);
     }
@@ -342,6 +475,9 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
         "  devices x rate             {} x {} readings/s for {:.1} s",
         r.devices, r.rate_per_device, r.duration_s
     );
+    if let Some(n) = r.provisioned {
+        println!("  provisioned by claim       {n} of {} devices (own certificate and thing)", r.devices);
+    }
     println!("  published (broker-acked)   {}", r.published);
     println!("  stored                     {} messages, {} readings", r.stored, r.readings);
     println!("  duplicates absorbed        {}", r.duplicates);

@@ -72,6 +72,12 @@ pub enum Command {
         keep_running: bool,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Devices start with only the provisioning claim and provision themselves
+        /// (CreateKeysAndCertificate, RegisterThing) before publishing; their serials are put
+        /// on the allowlist first. Certificates are valid FLEET_LOCAL_CERT_VALIDITY_DAYS days
+        /// (default 365).
+        #[arg(long)]
+        provision: bool,
     },
     /// Re-ingest the raw archive (the source of truth) into the hot store, device state and
     /// quarantine. Idempotent; also the path to a new hot store.
@@ -138,6 +144,14 @@ pub enum CertsCommand {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Reconcile the inventory with AWS IoT's registry (or the local IoT Core's) now, all of it:
+    /// adopt certificates made outside the hook, follow status changes, report inactive
+    /// certificates still attached, shared certificates, devices whose only certificate expired.
+    Reconcile {
+        /// Registry calls in flight at once (the control plane throttles; calls back off).
+        #[arg(long, default_value_t = fleet_shared::certs::reconcile::DEFAULT_CONCURRENCY)]
+        concurrency: usize,
+    },
     /// Findings: claim certificates that keep asking for unknown serials; a serial's audit trail.
     Findings {
         /// Also the provisioning audit trail of this serial number.
@@ -183,6 +197,10 @@ pub enum DevicesCommand {
     List,
     /// One device: registration and last reported state.
     Show { thing: String },
+    /// Take a device out of service: marked decommissioned on the allowlist (never provisioned
+    /// again), every certificate attached to its thing set INACTIVE in AWS IoT (or the local
+    /// IoT Core) and the inventory, the decision in its audit trail. History is kept.
+    Decommission { thing: String },
 }
 
 #[derive(Subcommand)]

@@ -413,3 +413,62 @@ pub fn findings(claims: &[(String, u64)], trail: &[AuditEvent], json: bool) -> R
     }
     Ok(())
 }
+
+pub fn decommissioned(d: &fleet_shared::certs::decommission::Decommissioned, json: bool) -> Result<()> {
+    if json {
+        return print_json(d);
+    }
+    let before = match &d.entry_before {
+        Some(e) => format!("{:?}", e.enrolment).to_lowercase(),
+        None => "not on the allowlist".to_owned(),
+    };
+    println!("{} decommissioned (allowlist before: {})", printable(d.thing.as_str()), printable(&before));
+    let rows: Vec<Vec<String>> = d
+        .deactivated
+        .iter()
+        .map(|id| vec![id.to_string(), "deactivated now".to_owned()])
+        .chain(
+            d.already_inactive
+                .iter()
+                .map(|id| vec![id.to_string(), "already inactive or revoked".to_owned()]),
+        )
+        .collect();
+    table(&["CERTIFICATE", "STATUS"], &rows)
+}
+
+pub fn reconciliation(r: &fleet_shared::certs::reconcile::Reconciliation, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    println!(
+        "listed {}, described {}, adopted {}, updated {}, retried {}, unreadable {}",
+        r.listed,
+        r.described,
+        r.adopted,
+        r.updated,
+        r.retried,
+        r.unreadable.len()
+    );
+    let rows: Vec<Vec<String>> = r
+        .findings
+        .iter()
+        .map(|f| {
+            use fleet_shared::certs::reconcile::Finding;
+            let names =
+                |things: &[ThingName]| things.iter().map(ThingName::as_str).collect::<Vec<_>>().join(",");
+            let (certificate, things, detail) = match f {
+                Finding::InactiveAttached { certificate, status, things } => {
+                    (certificate, names(things), status.as_str().to_owned())
+                }
+                Finding::SharedCertificate { certificate, things } => {
+                    (certificate, names(things), format!("{} things", things.len()))
+                }
+                Finding::OnlyCertificateExpired { thing, certificate, not_after_ms } => {
+                    (certificate, thing.to_string(), format!("expired {}", rfc3339_ms(*not_after_ms)))
+                }
+            };
+            vec![f.kind().to_owned(), certificate.to_string(), things, detail]
+        })
+        .collect();
+    table(&["FINDING", "CERTIFICATE", "THINGS", "DETAIL"], &rows)
+}

@@ -4,7 +4,16 @@
 //! gives it IoT Core's behaviour through mqtt5's hooks:
 //! - **identity and policy**: every connect, publish and subscribe is checked against the
 //!   template's device policy ([`crate::policy`]); the MQTT username `operator` stands for an
-//!   IAM principal (a person or tool, not a device) and is not bound by it;
+//!   IAM principal (a person or tool, not a device) and is not bound by it. Without TLS there
+//!   is no client certificate, so a client names the certificate it stands for in its MQTT
+//!   username, `cert/<certificate id>` ([`CERTIFICATE_USERNAME_PREFIX`]): the fleet's claim
+//!   certificate makes it a claim holder, bound by the template's claim policy (the
+//!   provisioning topics only); any other certificate must be ACTIVE in the local registry
+//!   and attached to the thing named by the client id, as IoT Core maps a certificate to its
+//!   thing. A client without a username is a device whose thing is its client id (no
+//!   certificate is checked: the local IoT Core's default);
+//! - **fleet provisioning**: requests on the provisioning topics are answered by
+//!   [`crate::provisioning`] (and reach no subscriber or rule);
 //! - **intake**: every publish is handed to the rules engine, with its client id, *before* the
 //!   broker acknowledges it, so an acknowledged message is never lost;
 //! - **lifecycle events**: connects and disconnects are published on `$aws/events/presence/…`
@@ -23,6 +32,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::model::{CertStatus, CertificateId, ThingName};
 use fleet_shared::time;
 use mqtt5::broker::config::StorageBackend;
 use mqtt5::broker::router::MessageRouter;
@@ -41,11 +51,14 @@ use tracing::{debug, warn};
 
 use crate::lifecycle::{self, DisconnectReason, Sessions};
 use crate::policy::{Action, IotPolicy};
+use crate::provisioning::{Provisioning, Request as ProvisioningRequest};
 use crate::shadow::{ShadowRequest, Shadows};
 use crate::stats::Stats;
 
 /// The MQTT username of an operator's client: not a device, not bound by the device policy.
 pub const OPERATOR_USERNAME: &str = "operator";
+/// The MQTT username of a client standing for a certificate: `cert/<certificate id>`.
+pub const CERTIFICATE_USERNAME_PREFIX: &str = "cert/";
 /// Publishes the broker may hand over before the rules engine has taken them; beyond this the
 /// publishers wait for their acknowledgements. (The queues behind the rules engine are
 /// unbounded, as SQS is, so a function slower than the publishers grows them.)
@@ -70,6 +83,11 @@ pub struct BrokerOptions {
     /// The shadows to start with ([`Shadows::restore`]) and where their changes go.
     pub shadows: Shadows,
     pub shadow_store: Option<SqliteStore>,
+    /// The claim certificate's policy (`None`: a claim holder may do anything).
+    pub claim_policy: Option<IotPolicy>,
+    /// The fleet-provisioning service, and through it the claim certificate; `None`: no
+    /// provisioning, and no certificate names a client (`cert/…` usernames are refused).
+    pub provisioning: Option<Arc<Provisioning>>,
 }
 
 pub struct Broker {
@@ -92,17 +110,26 @@ struct IotCore {
     shadows: Mutex<Shadows>,
     /// Where shadow changes are kept across restarts (`None`: memory only).
     shadow_store: Option<SqliteStore>,
+    claim_policy: Option<IotPolicy>,
+    provisioning: Option<Arc<Provisioning>>,
+    /// `cert/<claim certificate id>`: the username of a claim holder.
+    claim_user: Option<String>,
     router: OnceLock<Arc<MessageRouter>>,
     stats: Arc<Stats>,
     max_payload_bytes: usize,
 }
 
 impl IotCore {
+    fn is_claim(&self, user: Option<&str>) -> bool {
+        user.is_some() && user == self.claim_user.as_deref()
+    }
+
     fn device_may(&self, action: Action, resource: &str, client_id: &str, user: Option<&str>) -> bool {
         if user == Some(OPERATOR_USERNAME) {
             return true;
         }
-        let allowed = self.policy.as_ref().is_none_or(|p| p.allows(action, resource, client_id));
+        let policy = if self.is_claim(user) { &self.claim_policy } else { &self.policy };
+        let allowed = policy.as_ref().is_none_or(|p| p.allows(action, resource, client_id));
         if !allowed {
             self.stats.refused_by_policy.fetch_add(1, SeqCst);
             warn!(client_id, ?action, resource, "refused by the device policy");
@@ -122,6 +149,32 @@ impl IotCore {
     async fn publish_event(&self, topic: String, event: &impl serde::Serialize) {
         let Ok(payload) = serde_json::to_vec(event) else { return };
         self.publish_own(topic, Bytes::from(payload)).await;
+    }
+
+    /// Whether the certificate a `cert/<id>` username names may connect as `client_id`: the
+    /// claim certificate (bound by the claim policy), or a certificate attached to the thing
+    /// `client_id`; either must be ACTIVE in the local registry.
+    async fn certificate_admits(&self, id: &str, client_id: &str) -> Result<bool, fleet_shared::StoreError> {
+        let (Some(provisioning), Ok(id)) = (&self.provisioning, CertificateId::parse(id)) else {
+            return Ok(false);
+        };
+        let store = provisioning.store();
+        if store.local_certificate_status(&id).await? != Some(CertStatus::Active) {
+            return Ok(false);
+        }
+        if id == provisioning.claim {
+            return Ok(true);
+        }
+        let Ok(thing) = ThingName::parse(client_id) else { return Ok(false) };
+        store.local_certificate_attached(&thing, &id).await
+    }
+
+    /// A message the IoT Core publishes to subscribers only (no rule sees it).
+    async fn publish_to_subscribers(&self, topic: String, payload: Bytes) {
+        if let Some(router) = self.router.get() {
+            let packet = PublishPacket::new(topic, payload, QoS::AtLeastOnce);
+            router.route_message(&packet, None).await;
+        }
     }
 
     /// A message the IoT Core itself publishes: to subscribers, and to the rules engine.
@@ -157,6 +210,20 @@ impl AuthProvider for IotCore {
                 warn!(client_id = connect.client_id, "refused: a device's client id must be a thing name");
                 return Ok(AuthResult::fail(ReasonCode::ClientIdentifierNotValid));
             }
+            if let Some(id) = user.and_then(|u| u.strip_prefix(CERTIFICATE_USERNAME_PREFIX)) {
+                match self.certificate_admits(id, &connect.client_id).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.stats.refused_by_policy.fetch_add(1, SeqCst);
+                        warn!(client_id = connect.client_id, certificate = id, "refused: the certificate is not ACTIVE, or not the claim and not attached to this thing");
+                        return Ok(AuthResult::fail(ReasonCode::NotAuthorized));
+                    }
+                    Err(e) => {
+                        warn!(client_id = connect.client_id, error = %e, "refused: the certificate registry could not be read");
+                        return Ok(AuthResult::fail(ReasonCode::ServerUnavailable));
+                    }
+                }
+            }
             let resource = format!("client/{}", connect.client_id);
             if !self.device_may(Action::Connect, &resource, &connect.client_id, user) {
                 return Ok(AuthResult::fail(ReasonCode::NotAuthorized));
@@ -180,10 +247,11 @@ impl AuthProvider for IotCore {
     ) -> Boxed<'a, bool> {
         // The shadow service's answers (accepted, rejected, delta, documents) are IoT Core's
         // to publish: a device may only subscribe to them, as on AWS.
-        let reserved = crate::shadow::is_answer_topic(topic) && user != Some(OPERATOR_USERNAME);
+        let answer = crate::shadow::is_answer_topic(topic) || crate::provisioning::is_answer_topic(topic);
+        let reserved = answer && user != Some(OPERATOR_USERNAME);
         if reserved {
             self.stats.refused_by_policy.fetch_add(1, SeqCst);
-            warn!(client_id, topic, "refused: shadow answer topics are subscribe-only");
+            warn!(client_id, topic, "refused: shadow and provisioning answer topics are subscribe-only");
         }
         let allowed =
             !reserved && self.device_may(Action::Publish, &format!("topic/{topic}"), client_id, user);
@@ -239,6 +307,20 @@ impl BrokerEventHandler for Hooks {
                 for (topic, payload) in answers {
                     self.0.publish_own(topic, Bytes::from(payload)).await;
                 }
+            }
+            // Fleet provisioning answers requests on its topics; a request reaches no one else
+            // (CreateKeysAndCertificate's answer carries a private key).
+            if let (Some(provisioning), Some(request)) =
+                (&self.0.provisioning, ProvisioningRequest::parse(&event.topic))
+            {
+                let claim = self.0.is_claim(event.user_id.as_deref()).then_some(&provisioning.claim);
+                let answers = provisioning
+                    .handle(&request, &event.client_id, claim, &event.payload, time::now_ms())
+                    .await;
+                for (topic, payload) in answers {
+                    self.0.publish_to_subscribers(topic, Bytes::from(payload)).await;
+                }
+                return PublishAction::Handled;
             }
             // Basic Ingest goes to its rule only: no subscriber ever sees it.
             let basic_ingest = event.topic.starts_with(crate::rules::BASIC_INGEST_PREFIX);
@@ -310,6 +392,12 @@ impl Broker {
             sessions: Mutex::default(),
             shadows: Mutex::new(opts.shadows),
             shadow_store: opts.shadow_store,
+            claim_user: opts
+                .provisioning
+                .as_ref()
+                .map(|p| format!("{CERTIFICATE_USERNAME_PREFIX}{}", p.claim)),
+            claim_policy: opts.claim_policy,
+            provisioning: opts.provisioning,
             router: OnceLock::new(),
             stats,
             max_payload_bytes: opts.max_payload_bytes,

@@ -7,6 +7,7 @@
 //! | [`queue`] | SQS queues and the Lambda event source mappings that read them |
 //! | [`schedule`] | EventBridge schedules |
 //! | [`functions`] | Lambda: functions by name, JSON in and out; [`catalog`] says which handler is which |
+//! | [`provisioning`], [`ca`] | fleet provisioning by claim (CreateKeysAndCertificate, RegisterThing with the pre-provisioning hook), certificates from a local CA |
 //! | [`http`], [`dashboard`] | a JSON API and dashboard over the embedded store |
 //!
 //! What runs is read from `infra/template.yaml` ([`template`]): which rule feeds which queue or
@@ -14,12 +15,14 @@
 //! Everything runs on the embedded backend (SQLite), in one process.
 
 pub mod broker;
+pub mod ca;
 pub mod catalog;
 pub mod dashboard;
 pub mod functions;
 pub mod http;
 pub mod lifecycle;
 pub mod policy;
+pub mod provisioning;
 pub mod queue;
 pub mod rules;
 pub mod schedule;
@@ -68,6 +71,9 @@ pub struct LocalOptions {
     pub drain_deadline: Duration,
 }
 
+// The validity of the certificates fleet provisioning issues is a variable of `env`
+// (`FLEET_LOCAL_CERT_VALIDITY_DAYS`, see [`provisioning::ProvisioningOptions::from_env`]).
+
 pub struct LocalStack {
     pub stats: Arc<Stats>,
     pub store: SqliteStore,
@@ -75,6 +81,9 @@ pub struct LocalStack {
     pub http: SocketAddr,
     pub template: Template,
     pub template_source: String,
+    /// Fleet provisioning (`None`: the template has no provisioning template): its claim
+    /// certificate and the local CA.
+    pub provisioning: Option<Arc<provisioning::Provisioning>>,
     functions: Arc<functions::Functions>,
     broker: Broker,
     drain_deadline: Duration,
@@ -149,12 +158,31 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         }
     }
 
+    let provisioning = if template.provisioning.is_empty() {
+        None
+    } else {
+        let options = provisioning::ProvisioningOptions::from_env(&opts.env)?;
+        let now = time::now_ms();
+        let ca = ca::LocalCa::open(&store, now).await?;
+        let (claim, _) = ca.claim(&store, now).await?;
+        info!(claim = %claim, "fleet provisioning: claim holders connect with MQTT username cert/<claim id>");
+        Some(Arc::new(provisioning::Provisioning::new(
+            store.clone(),
+            Arc::clone(&functions),
+            template.provisioning.clone(),
+            ca,
+            claim,
+            options,
+        )))
+    };
     let broker_opts = BrokerOptions {
         addr: SocketAddr::new(opts.bind, opts.mqtt_port),
         policy: template.device_policy.clone(),
         max_payload_bytes: fleet_shared::ingest::envelope::MAX_PAYLOAD_BYTES,
         shadows: shadow::Shadows::restore(store.local_shadows().await?),
         shadow_store: Some(store.clone()),
+        claim_policy: template.claim_policy.clone(),
+        provisioning: provisioning.clone(),
     };
     let (broker, mut intake) = Broker::start(broker_opts, Arc::clone(&stats)).await?;
     let _ = mqtt_addr.set(broker.addr);
@@ -187,6 +215,7 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         http,
         template,
         template_source,
+        provisioning,
         functions,
         broker,
         drain_deadline: opts.drain_deadline,

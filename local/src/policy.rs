@@ -7,7 +7,8 @@
 //! `*` (any run of characters, `/` included) and `?` (one character); MQTT's `+` and `#` are
 //! ordinary characters there, as in IoT policies. Policy variables `${iot:ClientId}` and
 //! `${iot:Connection.Thing.ThingName}` both stand for the client id: on the local IoT Core a
-//! device's thing name is its client id (there are no certificates to attach a thing to).
+//! device's thing name is its client id (a client naming a certificate, `cert/<id>`, is let in
+//! only if that certificate is attached to the thing of its client id, see [`crate::broker`]).
 //! Anything else a policy uses fails at start-up, naming it.
 
 use serde_yaml_ng::Value;

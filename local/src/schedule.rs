@@ -1,4 +1,5 @@
-//! A function's `Schedule` event: a timer that invokes it with the event EventBridge sends.
+//! A function's `Schedule` event: a timer that invokes it with the event EventBridge sends (the
+//! schedule's `Input` when it has one, as AWS sends it, else the scheduled event).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -34,7 +35,8 @@ pub fn spawn(schedule: Schedule, functions: Arc<Functions>, stats: Arc<Stats>) -
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
-            let event = scheduled_event(&schedule.function, time::now_ms());
+            let event =
+                schedule.input.clone().unwrap_or_else(|| scheduled_event(&schedule.function, time::now_ms()));
             if let Err(e) = functions.invoke(&schedule.function, &event).await {
                 warn!(function = schedule.function, error = %e, "scheduled invocation failed");
                 stats.dead_lettered.fetch_add(1, Relaxed);

@@ -1,6 +1,7 @@
 //! Reads what the local IoT Core runs from `infra/template.yaml` — the same file that deploys:
 //! the topic rules (so the local rules engine runs exactly the rules the cloud runs), the
-//! functions' schedules, and the device policy.
+//! functions' schedules, the device and claim policies, and the fleet-provisioning templates
+//! (their body and pre-provisioning hook, see [`crate::provisioning`]).
 //!
 //! Each enabled `AWS::IoT::TopicRule` becomes a [`Rule`]: its SQL parsed (see [`super::sql`]) and
 //! its action resolved to the function it feeds in the cloud: an `Sqs` action to the function
@@ -29,6 +30,26 @@ pub struct Template {
     pub schedules: Vec<Schedule>,
     /// The device policy (`None` when the template declares none: every client may do anything).
     pub device_policy: Option<IotPolicy>,
+    /// The policy of the provisioning claim certificate ([`CLAIM_POLICY`]; `None`: the
+    /// template has none, and a claim may do anything).
+    pub claim_policy: Option<IotPolicy>,
+    /// Fleet-provisioning templates (`AWS::IoT::ProvisioningTemplate`).
+    pub provisioning: Vec<ProvisioningTemplate>,
+}
+
+/// The logical id of the claim certificate's IoT policy.
+pub const CLAIM_POLICY: &str = "ClaimPolicy";
+
+/// A fleet-provisioning template, as `RegisterThing` runs it.
+#[derive(Debug, Clone)]
+pub struct ProvisioningTemplate {
+    pub logical_id: String,
+    /// The deployed name (`TemplateName`, parameters at their defaults): what devices address
+    /// in `$aws/provisioning-templates/<name>/provision/json`.
+    pub name: String,
+    /// The pre-provisioning hook's function (logical id), if the template has a hook.
+    pub hook: Option<String>,
+    pub body: crate::provisioning::TemplateBody,
 }
 
 /// The logical id of the devices' IoT policy when the template has several.
@@ -54,7 +75,15 @@ impl Template {
                 });
             }
         };
-        Ok(Template { rules: rules_of(&doc)?, schedules: schedules_of(&doc)?, device_policy })
+        let claim_policy =
+            policies.iter().position(|p| p.name == CLAIM_POLICY).map(|i| policies.swap_remove(i));
+        Ok(Template {
+            rules: rules_of(&doc)?,
+            schedules: schedules_of(&doc)?,
+            device_policy,
+            claim_policy,
+            provisioning: provisioning_of(&doc)?,
+        })
     }
 
     /// Every function a rule, queue or schedule invokes.
@@ -69,8 +98,66 @@ impl Template {
         });
         let from_schedules =
             self.schedules.iter().map(|s| (s.function.as_str(), format!("schedule {}", s.expression)));
-        from_rules.chain(from_schedules)
+        let from_hooks = self.provisioning.iter().filter_map(|t| {
+            Some((
+                t.hook.as_deref()?,
+                format!("the pre-provisioning hook of provisioning template {}", t.name),
+            ))
+        });
+        from_rules.chain(from_schedules).chain(from_hooks)
     }
+}
+
+/// The string of a `TemplateBody`: plain, `!Sub` / `Fn::Sub` of one, or `!Sub [string, vars]`
+/// (the variables name policies and the like, inside JSON strings: the body is JSON either way).
+fn sub_body(v: &Value) -> Option<&str> {
+    let list = match v {
+        Value::Tagged(t) if t.tag == "!Sub" => t.value.as_sequence(),
+        Value::Mapping(m) => m.get("Fn::Sub").and_then(Value::as_sequence),
+        _ => None,
+    };
+    match list {
+        Some(list) => list.first().and_then(Value::as_str),
+        None => policy::sub_string(v),
+    }
+}
+
+/// Every enabled `AWS::IoT::ProvisioningTemplate`; a construct the local IoT Core cannot run
+/// fails naming the template.
+fn provisioning_of(doc: &Value) -> Result<Vec<ProvisioningTemplate>, TemplateError> {
+    let parameters = parameter_defaults(doc);
+    let mut out = Vec::new();
+    let Some(resources) = doc.get("Resources").and_then(Value::as_mapping) else { return Ok(out) };
+    for (id, r) in resources {
+        if r.get("Type").and_then(Value::as_str) != Some("AWS::IoT::ProvisioningTemplate") {
+            continue;
+        }
+        let id = id.as_str().unwrap_or_default().to_owned();
+        let fail =
+            |problem: String| TemplateError::Rule { rule: format!("provisioning template {id}"), problem };
+        let props = r.get("Properties").ok_or_else(|| fail("no Properties".into()))?;
+        if props.get("Enabled").and_then(Value::as_bool) != Some(true) {
+            continue;
+        }
+        let name = props
+            .get("TemplateName")
+            .and_then(policy::sub_string)
+            .map(|n| with_parameters(n, &parameters))
+            .unwrap_or_else(|| id.clone());
+        let hook = match props.get("PreProvisioningHook") {
+            None => None,
+            Some(h) => Some(
+                h.get("TargetArn")
+                    .and_then(reference)
+                    .ok_or_else(|| fail("PreProvisioningHook without a !GetAtt TargetArn".into()))?,
+            ),
+        };
+        let body =
+            props.get("TemplateBody").and_then(sub_body).ok_or_else(|| fail("no TemplateBody".into()))?;
+        let body = crate::provisioning::TemplateBody::parse(body).map_err(fail)?;
+        out.push(ProvisioningTemplate { logical_id: id, name, hook, body });
+    }
+    Ok(out)
 }
 
 fn document(text: &str) -> Result<Value, TemplateError> {
@@ -94,6 +181,8 @@ pub struct Schedule {
     pub function: String,
     pub expression: String,
     pub every: std::time::Duration,
+    /// The event's `Input` (JSON): sent instead of EventBridge's scheduled event, as AWS does.
+    pub input: Option<serde_json::Value>,
 }
 
 /// `rate(N minute|minutes|hour|hours|day|days)`; `cron(...)` is not supported locally.
@@ -143,9 +232,16 @@ fn schedules_of(doc: &Value) -> Result<Vec<Schedule>, TemplateError> {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
-            let every = parse_rate(&expression)
-                .map_err(|problem| TemplateError::Rule { rule: format!("{function} schedule"), problem })?;
-            out.push(Schedule { function: function.to_owned(), expression, every });
+            let fail = |problem| TemplateError::Rule { rule: format!("{function} schedule"), problem };
+            let every = parse_rate(&expression).map_err(fail)?;
+            let input = match e.get("Properties").and_then(|p| p.get("Input")) {
+                None => None,
+                Some(Value::String(json)) => Some(
+                    serde_json::from_str(json).map_err(|err| fail(format!("Input is not JSON: {err}")))?,
+                ),
+                Some(_) => return Err(fail("Input must be a JSON string".to_owned())),
+            };
+            out.push(Schedule { function: function.to_owned(), expression, every, input });
         }
     }
     Ok(out)
@@ -389,9 +485,17 @@ mod tests {
         let ours: Vec<(&str, u64)> = ours.iter().map(|s| (s.function.as_str(), s.every.as_secs())).collect();
         assert_eq!(
             ours,
-            [("TwinSyncFunction", 300), ("CertExpiryCheckFunction", 86_400)],
+            [
+                ("TwinSyncFunction", 300),
+                ("CertExpiryCheckFunction", 86_400),
+                ("CertExpiryCheckFunction", 3_600)
+            ],
             "the template's schedules"
         );
+        let reconcile = schedules(TEMPLATE)?.into_iter().find_map(|s| s.input);
+        assert_eq!(reconcile, Some(serde_json::json!({"task": "reconcile"})));
+        let bad = "Resources:\n  F:\n    Type: AWS::Serverless::Function\n    Properties:\n      Events:\n        T:\n          Type: Schedule\n          Properties:\n            Schedule: rate(1 hour)\n            Input: '{not json'\n";
+        assert!(schedules(bad).unwrap_err().to_string().contains("Input is not JSON"));
         let t = "Resources:\n  HealthFunction:\n    Type: AWS::Serverless::Function\n    Properties:\n      Events:\n        Tick:\n          Type: Schedule\n          Properties:\n            Schedule: rate(5 minutes)\n";
         let s = schedules(t)?;
         assert_eq!((s[0].function.as_str(), s[0].every.as_secs()), ("HealthFunction", 300));

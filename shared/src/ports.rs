@@ -21,6 +21,9 @@
 //! | [`ProvisioningAudit`] | `CertificatesTable` | `dynamodb:PutItem` (audit events), `dynamodb:UpdateItem` (claim counters) |
 //! | [`DeviceCertStatus`] | `DevicesTable` | `dynamodb:BatchWriteItem` on the Devices table (item `cert` per device) |
 //! | [`Reports`] | `S3Archive` | `s3:PutObject` on `reports/*` |
+//! | [`ReconcileProgress`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (item `$reconcile`) |
+//! | [`CertificateRegistry`] | `IotControlPlane` | `iot:ListCertificates`, `iot:DescribeCertificate` on `cert/*`, `iot:ListPrincipalThings`, `iot:ListThingPrincipals` on `thing/*` (reconciliation, decommission) |
+//! | [`CertificateControl`] | `IotControlPlane` | `iot:UpdateCertificate` on `cert/*` (operators: decommission) |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,8 +32,8 @@ use std::sync::Arc;
 use crate::error::{ErrorKind, StoreError};
 use crate::ingest::{ArchiveObject, QuarantineLine};
 use crate::model::{
-    AllowlistEntry, Certificate, CertificateId, Device, DeviceRegistration, DeviceState, DriftSummary,
-    ShadowName, StoredReading, ThingName, Twin,
+    AllowlistEntry, CertStatus, Certificate, CertificateDetail, CertificateId, CertificatePage, Device,
+    DeviceRegistration, DeviceState, DriftSummary, ShadowName, StoredReading, ThingName, Twin,
 };
 use crate::twin::policy::StalePolicy;
 
@@ -433,4 +436,64 @@ pub trait DeviceCertStatus: Send + Sync {
 /// Reports written next to the archive (`reports/...`, JSON).
 pub trait Reports: Send + Sync {
     fn put_report(&self, key: &str, json: &[u8]) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// AWS IoT's certificate registry, read: what reconciliation compares the inventory with.
+/// Throttling is a [`Transient`](ErrorKind::Transient) error; the caller backs off.
+pub trait CertificateRegistry: Send + Sync {
+    /// One page of certificates (ListCertificates), oldest first, after `marker`.
+    fn list_certificates(
+        &self,
+        marker: Option<&str>,
+        page_size: usize,
+    ) -> impl Future<Output = Result<CertificatePage, StoreError>> + Send;
+
+    /// DescribeCertificate; `None` when the registry no longer has it.
+    fn describe_certificate(
+        &self,
+        id: &CertificateId,
+    ) -> impl Future<Output = Result<Option<CertificateDetail>, StoreError>> + Send;
+
+    /// The things a certificate is attached to (ListPrincipalThings, every page).
+    fn certificate_things(
+        &self,
+        arn: &str,
+    ) -> impl Future<Output = Result<Vec<ThingName>, StoreError>> + Send;
+
+    /// The certificates attached to a thing (ListThingPrincipals, certificate principals only).
+    fn thing_certificates(
+        &self,
+        thing: &ThingName,
+    ) -> impl Future<Output = Result<Vec<CertificateId>, StoreError>> + Send;
+}
+
+/// AWS IoT's certificate registry, changed: what decommissioning a device does to it.
+pub trait CertificateControl: Send + Sync {
+    /// UpdateCertificate: set a certificate's status (`INACTIVE`, `REVOKED`, `ACTIVE`).
+    fn set_certificate_status(
+        &self,
+        id: &CertificateId,
+        status: CertStatus,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Where the weekly reconciliation stands: a sweep in progress (its start, the marker of its
+/// next ListCertificates page) or, when `marker` is `None` and `finished_ms` is set, the last
+/// one finished.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReconcileState {
+    pub started_ms: i64,
+    pub marker: Option<String>,
+    pub finished_ms: Option<i64>,
+    /// Slices (invocations) this sweep has taken so far.
+    pub slices: u32,
+}
+
+/// The reconciliation's cursor, kept between the slices of a sweep.
+pub trait ReconcileProgress: Send + Sync {
+    fn reconcile_state(&self) -> impl Future<Output = Result<Option<ReconcileState>, StoreError>> + Send;
+    fn save_reconcile_state(
+        &self,
+        state: &ReconcileState,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -4,17 +4,14 @@
 //! 50 operators writing one shadow at once.
 //!
 //! moto serves shadows only for things in its IoT registry, so each test first creates its
-//! thing with IoT's CreateThing (`POST /things/<name>`), sent as a plain HTTP request whose
-//! credential scope names the `iot` service (moto routes a request on one port by that scope).
+//! thing with IoT's CreateThing (`IotControlPlane`, signed for the `iot` service: moto routes a
+//! request on one port by its credential scope).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use fleet_shared::adapters::aws::IotDataShadows;
+use fleet_shared::adapters::aws::{IotControlPlane, IotDataShadows};
 use fleet_shared::model::{ShadowName, ThingName};
 use fleet_shared::ports::{ShadowCallError, ShadowService, ShadowState};
 use fleet_shared::twin::write::{set_desired, WriteOutcome};
@@ -26,7 +23,7 @@ use serde_json::{json, Map, Value};
 #[ignore = "needs the moto server started by scripts/test.sh"]
 async fn update_get_conflict_and_delete_through_iot_data() -> Result<()> {
     // GIVEN a registered thing without a shadow
-    let (shadows, thing) = (adapter().await?, fresh_thing()?);
+    let (shadows, thing) = (adapter().await?, fresh_thing().await?);
     let classic = ShadowName::classic();
     ensure!(shadows.get_shadow(&thing, &classic).await?.is_none(), "a new thing has a shadow");
 
@@ -73,7 +70,7 @@ async fn update_get_conflict_and_delete_through_iot_data() -> Result<()> {
 #[ignore = "needs the moto server started by scripts/test.sh"]
 async fn a_named_shadow_is_separate_from_the_classic_one() -> Result<()> {
     // GIVEN a registered thing
-    let (shadows, thing) = (adapter().await?, fresh_thing()?);
+    let (shadows, thing) = (adapter().await?, fresh_thing().await?);
     let (classic, config) = (ShadowName::classic(), ShadowName::parse("config")?);
 
     // WHEN only its named shadow "config" is written, twice
@@ -102,7 +99,7 @@ async fn a_named_shadow_is_separate_from_the_classic_one() -> Result<()> {
 #[ignore = "needs the moto server started by scripts/test.sh"]
 async fn delete_of_a_shadow_that_never_existed_is_none() -> Result<()> {
     // GIVEN a registered thing whose shadow was never written
-    let (shadows, thing) = (adapter().await?, fresh_thing()?);
+    let (shadows, thing) = (adapter().await?, fresh_thing().await?);
     // WHEN it is deleted
     let deleted = shadows.delete_shadow(&thing, &ShadowName::classic()).await?;
     // THEN there was nothing to delete (404 → None)
@@ -141,7 +138,7 @@ async fn a_thing_that_does_not_exist_has_no_shadow() -> Result<()> {
 #[ignore = "needs the moto server started by scripts/test.sh"]
 async fn set_desired_applies_and_after_a_concurrent_write_rereads_and_retries() -> Result<()> {
     // GIVEN a device that reported its firmware
-    let (shadows, thing) = (adapter().await?, fresh_thing()?);
+    let (shadows, thing) = (adapter().await?, fresh_thing().await?);
     let classic = ShadowName::classic();
     shadows.update_shadow(&thing, &classic, &json!({"state": {"reported": {"fw": "1.4.2"}}})).await?;
 
@@ -177,7 +174,7 @@ async fn set_desired_applies_and_after_a_concurrent_write_rereads_and_retries() 
 async fn fifty_concurrent_operator_writes_through_iot_data_are_each_applied_or_reported() -> Result<()> {
     // GIVEN one shadow on moto's iot-data (its version check and write made atomic, as AWS's,
     // by scripts/moto_server.py)
-    let (shadows, thing) = (std::sync::Arc::new(adapter().await?), fresh_thing()?);
+    let (shadows, thing) = (std::sync::Arc::new(adapter().await?), fresh_thing().await?);
     let classic = ShadowName::classic();
     shadows.update_shadow(&thing, &classic, &json!({"state": {"reported": {"fw": "1.4.2"}}})).await?;
     // WHEN 50 writers each set their own desired key at once
@@ -261,27 +258,9 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A thing created in moto's IoT registry with CreateThing (`POST /things/<name>`, body `{}`).
-/// moto checks no signature; the credential scope's service (`iot`) routes the request.
-fn fresh_thing() -> Result<ThingName> {
+/// A thing created in moto's IoT registry (CreateThing through the IoT control-plane adapter).
+async fn fresh_thing() -> Result<ThingName> {
     let thing = ThingName::parse(&unique("shadow-thing"))?;
-    let endpoint = moto::endpoint()?;
-    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = TcpStream::connect(host).with_context(|| format!("connecting to moto at {host}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "POST /things/{} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\
-         Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/iot/aws4_request, \
-         SignedHeaders=host, Signature=0\r\nConnection: close\r\n\r\n{{}}",
-        thing.as_str()
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "CreateThing {}: {head}\n{body}", thing.as_str());
-    let created: Value =
-        serde_json::from_str(body).with_context(|| format!("CreateThing answered {body}"))?;
-    ensure!(created["thingName"] == thing.as_str(), "CreateThing answered {body}");
+    IotControlPlane::new(&moto::sdk_config().await?)?.create_thing(&thing).await?;
     Ok(thing)
 }

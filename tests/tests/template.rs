@@ -377,7 +377,14 @@ fn grants_name_their_resources_and_failures_have_separate_queues() {
     for variant in [&[][..], &[("HotStore", "timestream")][..]] {
         let r = render(variant);
         // "*" only where the service has no resource types to name.
-        let star_ok = ["xray:PutTraceSegments", "xray:PutTelemetryRecords", "timestream:DescribeEndpoints"];
+        let star_ok = [
+            "xray:PutTraceSegments",
+            "xray:PutTelemetryRecords",
+            "timestream:DescribeEndpoints",
+            // AWS IoT's list calls over the whole registry (resource type: none).
+            "iot:ListCertificates",
+            "iot:ListPrincipalThings",
+        ];
         for s in iam_statements(&r) {
             if s["Resource"].as_str() == Some("*") {
                 assert!(actions(&s).iter().all(|a| star_ok.contains(&a.as_str())), "Resource \"*\": {s:?}");
@@ -482,8 +489,18 @@ fn the_expiry_check_runs_daily_and_reads_the_expiry_index_only() {
     let r = render(&[]);
     let f = &r.resources["CertExpiryCheckFunction"]["Properties"];
     assert_eq!(f["Events"]["Daily"]["Properties"]["Schedule"].as_str(), Some("rate(1 day)"));
-    // DynamoDB: Query on the by_expiry index (never the table), device marks; S3: reports only.
-    assert_eq!(dynamodb_actions(&r, "CertExpiryCheckRole"), ["dynamodb:BatchWriteItem", "dynamodb:Query"]);
+    // Reconciliation: hourly slices of a weekly sweep, told apart by their input.
+    let reconcile = &f["Events"]["Reconcile"]["Properties"];
+    assert_eq!(reconcile["Schedule"].as_str(), Some("rate(1 hour)"));
+    let input: Value =
+        serde_yaml_ng::from_str(reconcile["Input"].as_str().unwrap_or_default()).unwrap_or_default();
+    assert_eq!(input["task"].as_str(), Some("reconcile"));
+    // DynamoDB: Query on the by_expiry index, records by key (reconciliation), device marks;
+    // S3: reports only.
+    assert_eq!(
+        dynamodb_actions(&r, "CertExpiryCheckRole"),
+        ["dynamodb:BatchWriteItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"]
+    );
     let statements = r.resources["CertExpiryCheckRole"]["Properties"]["Policies"][0]["PolicyDocument"]
         ["Statement"]
         .as_sequence()
@@ -496,6 +513,18 @@ fn the_expiry_check_runs_daily_and_reads_the_expiry_index_only() {
             .map(|s| format!("{:?}", s["Resource"]))
     };
     assert!(resource_of("dynamodb:Query").is_some_and(|r| r.contains("/index/by_expiry")));
+    // AWS IoT: the registry's reads, named, never iot:* and never a write.
+    let iot: Vec<String> = statements.iter().flat_map(actions).filter(|a| a.starts_with("iot:")).collect();
+    assert_eq!(
+        iot,
+        [
+            "iot:ListCertificates",
+            "iot:ListPrincipalThings",
+            "iot:DescribeCertificate",
+            "iot:ListThingPrincipals"
+        ]
+    );
+    assert!(resource_of("iot:DescribeCertificate").is_some_and(|r| r.contains(":cert/*")));
     assert!(resource_of("s3:PutObject").is_some_and(|r| r.contains("/reports/*")));
     let env = function_env(&r, "CertExpiryCheckFunction");
     let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();

@@ -8,9 +8,15 @@
 //! - [`hook`]: the provisioning decision: allowed only for a serial number on the allowlist,
 //!   not decommissioned, not provisioned with another certificate, presenting a certificate
 //!   that is currently valid and whose id matches its PEM.
+//! - [`reconcile`]: the inventory against AWS IoT's registry (adopting certificates made
+//!   outside the hook, following status changes, Device-Defender-style findings), at bounded
+//!   concurrency with backoff, in budgeted slices. Not pure: it runs over two ports.
+//! - [`decommission`]: a device out of service (allowlist mark, certificates inactive, audit).
 
+pub mod decommission;
 pub mod expiry;
 pub mod hook;
+pub mod reconcile;
 
 use x509_parser::prelude::*;
 
@@ -62,8 +68,8 @@ pub fn parse_pem(pem: &str) -> Result<ParsedCert, PemError> {
     })
 }
 
-#[cfg(test)]
-pub(crate) mod test_certs {
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_certs {
     //! Real certificates with chosen validity, made with rcgen.
 
     use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SerialNumber};

@@ -30,6 +30,13 @@ impl CertificateId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The id in a certificate ARN (`arn:aws:iot:<region>:<account>:cert/<id>`); `None` for
+    /// other principals (Cognito identities, policies).
+    pub fn of_arn(arn: &str) -> Option<Self> {
+        let (_, id) = arn.rsplit_once(":cert/")?;
+        Self::parse(id).ok()
+    }
 }
 
 impl TryFrom<String> for CertificateId {
@@ -56,7 +63,7 @@ impl fmt::Display for CertificateId {
 }
 
 /// A certificate's status in AWS IoT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum CertStatus {
     Active,
@@ -131,6 +138,32 @@ pub struct AllowlistEntry {
     pub added_ms: i64,
     #[serde(flatten)]
     pub enrolment: Enrolment,
+}
+
+/// A certificate as AWS IoT's registry lists it (ListCertificates).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredCertificate {
+    pub id: CertificateId,
+    pub arn: String,
+    pub status: CertStatus,
+    pub created_ms: i64,
+}
+
+/// One page of the registry's certificates, and the marker of the next (`None`: the last).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CertificatePage {
+    pub certificates: Vec<RegisteredCertificate>,
+    pub next: Option<String>,
+}
+
+/// A certificate described by the registry (DescribeCertificate): its listing and its PEM.
+/// The validity the registry reports is not used: the PEM's own dates are the truth (moto's
+/// are synthetic).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateDetail {
+    #[serde(flatten)]
+    pub listed: RegisteredCertificate,
+    pub pem: String,
 }
 
 #[cfg(test)]

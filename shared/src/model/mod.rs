@@ -6,7 +6,10 @@ mod telemetry;
 mod thing;
 mod twin;
 
-pub use cert::{AllowlistEntry, CertStatus, Certificate, CertificateId, Enrolment, InvalidCertificateId};
+pub use cert::{
+    AllowlistEntry, CertStatus, Certificate, CertificateDetail, CertificateId, CertificatePage, Enrolment,
+    InvalidCertificateId, RegisteredCertificate,
+};
 pub use device::{
     validate_label, Device, DeviceRegistration, DeviceState, InvalidLabel, MAX_LABEL_LEN, UNREGISTERED_CLASS,
 };

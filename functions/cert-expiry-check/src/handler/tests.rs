@@ -25,7 +25,9 @@ fn deps() -> Result<EmbeddedDeps> {
     Ok(Deps {
         inventory: db.clone(),
         devices: db.clone(),
-        reports: db,
+        reports: db.clone(),
+        registry: db.clone(),
+        progress: db,
         threshold: Threshold::default(),
         clock: fixed_clock,
         metrics: MetricsOut::Off,
@@ -48,7 +50,10 @@ fn cert(n: u32, not_after_ms: i64, status: CertStatus) -> Certificate {
 
 async fn check(deps: &EmbeddedDeps) -> Result<CheckSummary, Retryable> {
     let payload = RawValue::from_string(DAILY.to_owned()).expect("JSON");
-    handle(deps, LambdaEvent::new(payload, Context::default())).await
+    match handle(deps, LambdaEvent::new(payload, Context::default())).await? {
+        Answer::Check(summary) => Ok(summary),
+        other => panic!("the daily event ran {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -154,7 +159,9 @@ async fn a_report_that_cannot_be_written_fails_the_check_for_a_retry() -> Result
     let db = SqliteStore::in_memory()?;
     let deps = Deps {
         inventory: db.clone(),
-        devices: db,
+        devices: db.clone(),
+        registry: db.clone(),
+        progress: db,
         reports: Busy,
         threshold: Threshold::default(),
         clock: fixed_clock,
@@ -165,4 +172,51 @@ async fn a_report_that_cannot_be_written_fails_the_check_for_a_retry() -> Result
         handle(&deps, LambdaEvent::new(payload, Context::default())).await.err().context("must fail")?;
     assert_eq!(fleet_shared::lambda::ErrorType::error_type(&err), "Retryable");
     Ok(())
+}
+
+const RECONCILE: &str = include_str!("../../../../events/cert-expiry-check/reconcile-weekly.json");
+
+async fn invoke(deps: &EmbeddedDeps, event: &str) -> Result<Answer, Retryable> {
+    let payload = RawValue::from_string(event.to_owned()).expect("JSON");
+    handle(deps, LambdaEvent::new(payload, Context::default())).await
+}
+
+#[tokio::test]
+async fn the_reconcile_task_adopts_reports_and_waits_a_week_before_the_next_sweep() -> Result<()> {
+    // GIVEN a certificate the local registry issued outside the hook, attached to dev-9
+    let deps = deps()?;
+    let now_s = fixed_clock() / 1000;
+    let pem = fleet_shared::certs::test_certs::pem("dev-9", 9, now_s - 86_400, now_s + 3 * 86_400);
+    let id = deps.registry.register_local_certificate(&pem, CertStatus::Active, fixed_clock()).await?;
+    deps.registry.attach_local_certificate(&ThingName::parse("dev-9")?, &id).await?;
+    // WHEN the weekly schedule's event arrives
+    let Answer::Reconcile(slice) = invoke(&deps, RECONCILE).await? else { panic!("not a reconciliation") };
+    // THEN one finished slice adopted it, with a report and the sweep recorded
+    assert!(slice.finished && slice.slice == 1, "{slice:?}");
+    let result = slice.result.context("no result")?;
+    assert_eq!((result.listed, result.adopted), (1, 1));
+    assert_eq!(
+        deps.inventory.certificate(&id).await?.context("not adopted")?.thing,
+        ThingName::parse("dev-9").ok()
+    );
+    let report = slice.report.context("no report")?;
+    assert!(report.starts_with("reports/cert-reconcile/2025-11-24T16:00:00"), "{report}");
+    assert!(!deps.reports.archive_objects("reports/cert-reconcile/").await?.is_empty());
+    // AND the next trigger within the week does nothing but say when the next sweep is due
+    let Answer::Reconcile(skipped) = invoke(&deps, RECONCILE).await? else { panic!("not a reconciliation") };
+    assert_eq!(skipped.next_sweep_ms, Some(fixed_clock() + SWEEP_EVERY_MS));
+    assert!(skipped.result.is_none(), "{skipped:?}");
+    // AND the daily check, run after it, sees the adopted certificate as critical
+    let daily = check(&deps).await?;
+    assert_eq!((daily.critical, daily.read), (1, 1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unknown_task_or_an_event_that_is_not_an_object_is_refused() {
+    let deps = deps().expect("deps");
+    for event in [r#"{"task":"rotate"}"#, r#""reconcile""#] {
+        let err = invoke(&deps, event).await.expect_err(event);
+        assert!(err.to_string().contains("task") || err.to_string().contains("event"), "{err}");
+    }
 }

@@ -6,6 +6,7 @@
 //! | allowlist entry | `serial#<serial>` | `allow` | `kind = allow` in `by_kind` (operators list the allowlist) |
 //! | certificate | `cert#<id>` | `cert` | `exp_bucket = d#<UTC day of notAfter>#<0..3>`, `not_after_ms` in `by_expiry` |
 //! | audit event | `audit#<serial>` | `<at_ms, 13 digits>#<n>` | |
+//! | reconciliation cursor | `$reconcile` | `state` | |
 //! | claim counter | `claim#<claim certificate id>` | `unknown` | `kind = suspicious` in `by_kind` once it reaches the threshold |
 //!
 //! The daily expiry check reads one `by_expiry` Query per day of its window and bucket shard
@@ -26,7 +27,10 @@ use crate::certs::hook::SUSPICIOUS_UNKNOWN_SERIALS;
 use crate::env::{ConfigError, Env};
 use crate::error::StoreError;
 use crate::model::{AllowlistEntry, Certificate, CertificateId, Enrolment, ThingName};
-use crate::ports::{Allowlist, AuditEvent, CertificateInventory, Enrolled, ProvisioningAudit};
+use crate::ports::{
+    Allowlist, AuditEvent, CertificateInventory, Enrolled, ProvisioningAudit, ReconcileProgress,
+    ReconcileState,
+};
 
 pub const EXPIRY_INDEX: &str = "by_expiry";
 pub const KIND_INDEX: &str = "by_kind";
@@ -445,5 +449,29 @@ impl ProvisioningAudit for CertificatesTable {
         .await?;
         out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         Ok(out)
+    }
+}
+
+impl ReconcileProgress for CertificatesTable {
+    async fn reconcile_state(&self) -> Result<Option<ReconcileState>, StoreError> {
+        let op = "dynamodb reconcile state get";
+        self.get(key("$reconcile".to_owned(), "state"), op)
+            .await?
+            .map(|item| json_attr(&item, "state", op))
+            .transpose()
+    }
+
+    async fn save_reconcile_state(&self, state: &ReconcileState) -> Result<(), StoreError> {
+        let op = "dynamodb reconcile state put";
+        let mut item = key("$reconcile".to_owned(), "state");
+        item.insert("state".into(), s(to_json(state, op)?));
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        Ok(())
     }
 }

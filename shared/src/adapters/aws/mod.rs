@@ -11,6 +11,7 @@ pub mod certs;
 pub mod counting;
 pub mod devices;
 pub mod hot_store;
+pub mod iot;
 pub mod s3;
 #[cfg(feature = "shadows")]
 pub mod shadows;
@@ -33,6 +34,7 @@ pub use devices::DevicesTable;
 #[cfg(feature = "operator")]
 pub use hot_store::TelemetryReader;
 pub use hot_store::{HotStore, HotStoreKind};
+pub use iot::IotControlPlane;
 pub use s3::S3Archive;
 #[cfg(feature = "shadows")]
 pub use shadows::IotDataShadows;

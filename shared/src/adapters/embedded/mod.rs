@@ -3,8 +3,10 @@
 
 mod certs;
 mod local_shadows;
+mod registry;
 mod sqlite;
 mod twins;
 
 pub use local_shadows::LocalShadow;
+pub use registry::{local_certificate_arn, LocalCredentials, LocalThing, LOCAL_ARN_PREFIX};
 pub use sqlite::{ContentConflict, SqliteStore};

@@ -89,6 +89,10 @@ const MIGRATIONS: &[&str] = &[
     super::certs::CERTS_SCHEMA,
     // Version 8: devices' certificate status (the daily expiry check).
     super::certs::CERT_STATUS_SCHEMA,
+    // Version 9: the local IoT Core's certificate registry (fleet provisioning, decommission).
+    super::registry::REGISTRY_SCHEMA,
+    // Version 10: the local IoT Core's things and its own credentials (CA, claim certificate).
+    super::registry::LOCAL_THINGS_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version

@@ -1,0 +1,139 @@
+//! The local IoT Core's certificate authority: where the certificates fleet provisioning hands
+//! out come from, as AWS IoT's own CA signs the certificates of `CreateKeysAndCertificate`.
+//!
+//! Made (rcgen) on the first start and kept in the local database (`local_credentials`), key
+//! included, so every certificate it issued stays verifiable after a restart; a second process
+//! starting on the same file adopts the one kept first. Keys are ECDSA P-256 (AWS issues RSA
+//! 2048 keys: P-256 keeps a hundred simulated devices provisioning in well under a second, and
+//! the SDKs and IoT Core accept both). The CA also issues the fleet's claim certificate once.
+
+use std::time::Duration;
+
+use fleet_shared::adapters::embedded::{LocalCredentials, SqliteStore};
+use fleet_shared::model::{CertStatus, CertificateId};
+use fleet_shared::StoreError;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+
+/// Where the CA's certificate and key are kept (`local_credentials`).
+const CA_CREDENTIALS: &str = "ca";
+/// Where the claim certificate and its key are kept.
+const CLAIM_CREDENTIALS: &str = "claim";
+/// The CA's subject: fixed, so the issuer rebuilt from the kept key after a restart names
+/// itself exactly as the kept certificate does.
+const CA_COMMON_NAME: &str = "Fleetline local IoT Core CA";
+const ORGANIZATION: &str = "Fleetline (local)";
+/// AWS IoT names the certificates it issues this way; ours say they are local.
+pub const ISSUED_COMMON_NAME: &str = "Fleetline local IoT Certificate";
+/// The CA's and the claim certificate's validity.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("local CA: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("local CA: {0}")]
+    Store(#[from] StoreError),
+    #[error("local CA: {0} is out of range")]
+    Time(i64),
+}
+
+/// A certificate the CA issued, with its new private key.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// As AWS IoT gives it: SHA-256 of the DER.
+    pub id: CertificateId,
+    pub cert_pem: String,
+    /// PKCS#8 PEM.
+    pub key_pem: String,
+}
+
+pub struct LocalCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA's certificate: what a device (or a test) verifies issued certificates against.
+    pub cert_pem: String,
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCa").field("subject", &CA_COMMON_NAME).finish_non_exhaustive()
+    }
+}
+
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    dn.push(DnType::OrganizationName, ORGANIZATION);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+fn at(ms: i64) -> Result<time::OffsetDateTime, CaError> {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).map_err(|_| CaError::Time(ms))
+}
+
+fn validity_end(from_ms: i64, validity: Duration) -> Result<time::OffsetDateTime, CaError> {
+    let ms = i64::try_from(validity.as_millis()).map_err(|_| CaError::Time(i64::MAX))?;
+    at(from_ms.checked_add(ms).ok_or(CaError::Time(i64::MAX))?)
+}
+
+impl LocalCa {
+    /// The CA kept in `store`, or a new one kept there now.
+    pub async fn open(store: &SqliteStore, now_ms: i64) -> Result<Self, CaError> {
+        let kept = match store.local_credentials(CA_CREDENTIALS).await? {
+            Some(kept) => kept,
+            None => {
+                let key = KeyPair::generate()?;
+                let mut params = ca_params()?;
+                params.not_before = at(now_ms)?;
+                params.not_after = validity_end(now_ms, CA_VALIDITY)?;
+                let cert = params.self_signed(&key)?;
+                let made = LocalCredentials { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
+                store.keep_local_credentials(CA_CREDENTIALS, &made, now_ms).await?
+            }
+        };
+        let key = KeyPair::from_pem(&kept.key_pem)?;
+        Ok(LocalCa { issuer: Issuer::new(ca_params()?, key), cert_pem: kept.cert_pem })
+    }
+
+    /// A new key pair and a certificate for it, valid from `now_ms` (whole seconds) for
+    /// `validity`, signed by this CA.
+    pub fn issue(&self, common_name: &str, now_ms: i64, validity: Duration) -> Result<Issued, CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.not_before = at(now_ms)?;
+        params.not_after = validity_end(now_ms, validity)?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            id: CertificateId::of_der(cert.der()),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The fleet's claim certificate: issued on the first start, kept, and registered ACTIVE in
+    /// the local registry (an operator deactivates it there to stop all provisioning by claim).
+    pub async fn claim(&self, store: &SqliteStore, now_ms: i64) -> Result<(CertificateId, Issued), CaError> {
+        let kept = match store.local_credentials(CLAIM_CREDENTIALS).await? {
+            Some(kept) => kept,
+            None => {
+                let made = self.issue("Fleetline local provisioning claim", now_ms, CA_VALIDITY)?;
+                let made = LocalCredentials { cert_pem: made.cert_pem, key_pem: made.key_pem };
+                store.keep_local_credentials(CLAIM_CREDENTIALS, &made, now_ms).await?
+            }
+        };
+        let id = store.register_local_certificate(&kept.cert_pem, CertStatus::Active, now_ms).await?;
+        Ok((id.clone(), Issued { id, cert_pem: kept.cert_pem, key_pem: kept.key_pem }))
+    }
+}

@@ -1,0 +1,342 @@
+//! Fleet provisioning by claim on the local IoT Core, with real MQTT clients: a claim holder
+//! gets its own key pair and certificate from the local CA (CreateKeysAndCertificate), the
+//! pre-provisioning hook decides (RegisterThing), and the device then publishes as its thing.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use fleet_local::provisioning::{Provisioning, Request, CREATE_TOPIC, TOKEN_LIFETIME};
+use fleet_local::{LocalOptions, LocalStack};
+use fleet_shared::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
+use fleet_shared::ports::{Allowlist, DeviceAdmin};
+use fleet_shared::Env;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+
+/// The template's provisioning template, deployed with `Stage=dev`.
+const TEMPLATE: &str = "fleetline-dev-devices";
+
+async fn start(db: &Path) -> Result<LocalStack> {
+    let opts = LocalOptions {
+        bind: [127, 0, 0, 1].into(),
+        mqtt_port: 0,
+        http_port: 0,
+        db: db.to_path_buf(),
+        template: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml")),
+        batch_window: Duration::from_millis(10),
+        env: Env::from_fn(|_| None),
+        drain_deadline: Duration::from_secs(10),
+    };
+    fleet_local::start(&opts).await
+}
+
+fn provisioning(stack: &LocalStack) -> Result<Arc<Provisioning>> {
+    stack.provisioning.clone().context("the template has a provisioning template")
+}
+
+async fn allow(stack: &LocalStack, serial: &str) -> Result<()> {
+    let entry = AllowlistEntry {
+        serial: ThingName::parse(serial)?,
+        class: "env-sensor".into(),
+        region: "eu-west".into(),
+        added_ms: 1,
+        enrolment: Enrolment::Allowed,
+    };
+    stack.store.allow(&[entry]).await?;
+    Ok(())
+}
+
+fn client(stack: &LocalStack, id: &str, username: &str) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", stack.mqtt.port());
+    opts.set_credentials(username, "");
+    AsyncClient::new(opts, 16)
+}
+
+/// Poll until `want` matches an event; everything else is skipped.
+async fn until<T>(events: &mut EventLoop, mut want: impl FnMut(&Event) -> Option<T>) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll()).await.context("timed out")??;
+        if let Some(t) = want(&event) {
+            return Ok(t);
+        }
+    }
+}
+
+/// A claim holder, subscribed to the provisioning answers.
+async fn claim_holder(stack: &LocalStack, id: &str) -> Result<(AsyncClient, EventLoop)> {
+    let claim = &provisioning(stack)?.claim;
+    let (c, mut events) = client(stack, id, &format!("cert/{claim}"));
+    c.subscribe(format!("{CREATE_TOPIC}/+"), QoS::AtLeastOnce).await?;
+    c.subscribe(format!("$aws/provisioning-templates/{TEMPLATE}/provision/json/+"), QoS::AtLeastOnce).await?;
+    for _ in 0..2 {
+        until(&mut events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
+    }
+    Ok((c, events))
+}
+
+/// Publish `body` on `topic` and wait for the answer: (`accepted` or `rejected`, its body).
+async fn ask(c: &AsyncClient, events: &mut EventLoop, topic: &str, body: String) -> Result<(String, Value)> {
+    c.publish(topic, QoS::AtLeastOnce, false, body).await?;
+    let prefix = format!("{topic}/");
+    until(events, |e| match e {
+        Event::Incoming(Packet::Publish(p)) if p.topic.starts_with(&prefix) => {
+            let answer = p.topic[prefix.len()..].to_owned();
+            Some((answer, serde_json::from_slice(&p.payload).unwrap_or(Value::Null)))
+        }
+        _ => None,
+    })
+    .await
+}
+
+fn register_topic() -> String {
+    format!("$aws/provisioning-templates/{TEMPLATE}/provision/json")
+}
+
+fn register_body(token: &Value, serial: &str) -> String {
+    json!({"certificateOwnershipToken": token, "parameters": {"SerialNumber": serial}}).to_string()
+}
+
+/// That `cert_pem` was signed by the CA of `ca_pem`: its issuer is the CA's subject and the
+/// CA's key verifies its signature (ECDSA P-256, the local CA's key).
+fn chains_to(cert_pem: &str, ca_pem: &str) -> Result<()> {
+    let (_, cert) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())?;
+    let (_, ca) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes())?;
+    let (cert, ca) = (cert.parse_x509()?, ca.parse_x509()?);
+    ensure!(cert.issuer() == ca.subject(), "issuer {} is not the CA {}", cert.issuer(), ca.subject());
+    let key = aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+        ca.public_key().subject_public_key.data.as_ref(),
+    );
+    key.verify(cert.tbs_certificate.as_ref(), cert.signature_value.data.as_ref())
+        .map_err(|_| anyhow::anyhow!("the CA's key does not verify the certificate's signature"))
+}
+
+fn reading() -> String {
+    let now = fleet_shared::time::now_ms();
+    format!(r#"{{"v":1,"seq":1,"boot":1,"ts":{now},"fw":"1.4.2","m":{{"temp_c":21.5}}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_holder_provisions_its_own_certificate_and_thing_then_publishes_as_that_thing() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let service = provisioning(&stack)?;
+    allow(&stack, "sensor-p01").await?;
+    let refused_before = stack.stats.snapshot(0).refused_by_policy;
+
+    // GIVEN a device holding only the claim, subscribed to the answers
+    let (claim, mut claim_events) = claim_holder(&stack, "sensor-p01").await?;
+    // WHEN it asks for keys and a certificate
+    let (answer, created) = ask(&claim, &mut claim_events, CREATE_TOPIC, String::new()).await?;
+    ensure!(answer == "accepted", "{answer}: {created}");
+    let cert_pem = created["certificatePem"].as_str().context("certificatePem")?;
+    let id = CertificateId::parse(created["certificateId"].as_str().context("certificateId")?)?;
+    ensure!(created["privateKey"].as_str().is_some_and(|k| k.contains("PRIVATE KEY")), "{created}");
+    // THEN the certificate is real, chains to the local CA, and waits for RegisterThing
+    let parsed = fleet_shared::certs::parse_pem(cert_pem)?;
+    assert_eq!(parsed.id, id, "the id is the SHA-256 of the DER");
+    chains_to(cert_pem, service.ca_pem())?;
+    assert_eq!(stack.store.local_certificate_status(&id).await?, Some(CertStatus::PendingActivation));
+    let days = (parsed.not_after_ms - parsed.not_before_ms) / 86_400_000;
+    assert_eq!(days, 365, "the default validity");
+
+    // WHEN it registers its thing with the ownership token
+    let (answer, registered) = ask(
+        &claim,
+        &mut claim_events,
+        &register_topic(),
+        register_body(&created["certificateOwnershipToken"], "sensor-p01"),
+    )
+    .await?;
+    // THEN the hook allowed it: the thing exists with the hook's class and region, the
+    // certificate is ACTIVE and attached, and the device is registered
+    ensure!(answer == "accepted", "{answer}: {registered}");
+    assert_eq!(registered, json!({"deviceConfiguration": {}, "thingName": "sensor-p01"}));
+    let thing = ThingName::parse("sensor-p01")?;
+    let local = stack.store.local_thing(&thing).await?.context("the thing")?;
+    assert_eq!(
+        (local.attributes["class"].as_str(), local.attributes["region"].as_str()),
+        ("env-sensor", "eu-west")
+    );
+    assert_eq!(stack.store.local_certificate_status(&id).await?, Some(CertStatus::Active));
+    assert!(stack.store.local_certificate_attached(&thing, &id).await?);
+    let device = stack.store.device(&thing).await?.context("registered by the hook")?;
+    assert_eq!(device.class(), "env-sensor");
+
+    // AND the claim itself may not publish telemetry (the claim policy)
+    claim.publish("dt/fleet/sensor-p01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut claim_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    assert_eq!(stack.stats.snapshot(0).refused_by_policy, refused_before + 1);
+    claim.disconnect().await?;
+
+    // WHEN the device connects with its own certificate and publishes telemetry
+    let (device, mut device_events) = client(&stack, "sensor-p01", &format!("cert/{id}"));
+    device.publish("dt/fleet/sensor-p01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut device_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    // AND another client presents that certificate under another thing's name
+    let (_other, mut other_events) = client(&stack, "sensor-p02", &format!("cert/{id}"));
+    let other = tokio::time::timeout(Duration::from_secs(10), other_events.poll()).await?;
+    // THEN its telemetry is stored under its thing, and the certificate opens no other thing
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stack.store.device(&thing).await?.and_then(|d| d.state).is_none() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("sensor-p01's telemetry was not stored");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(other.is_err(), "a certificate attached to sensor-p01 connected as sensor-p02: {other:?}");
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_not_on_the_allowlist_is_refused_by_the_hook_and_gets_no_thing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    // GIVEN a claim holder asking for a serial nobody allowed
+    let (claim, mut events) = claim_holder(&stack, "rogue-1").await?;
+    let (_, created) = ask(&claim, &mut events, CREATE_TOPIC, "{}".into()).await?;
+    let id = CertificateId::parse(created["certificateId"].as_str().context("certificateId")?)?;
+    // WHEN it registers
+    let (answer, refused) = ask(
+        &claim,
+        &mut events,
+        &register_topic(),
+        register_body(&created["certificateOwnershipToken"], "rogue-1"),
+    )
+    .await?;
+    // THEN it is rejected with the hook's refusal, and nothing was provisioned
+    assert_eq!(answer, "rejected", "{refused}");
+    assert_eq!(
+        (refused["statusCode"].as_u64(), refused["errorCode"].as_str()),
+        (Some(403), Some("AccessDenied"))
+    );
+    assert!(
+        refused["errorMessage"].as_str().is_some_and(|m| m.contains("pre-provisioning hook")),
+        "{refused}"
+    );
+    let thing = ThingName::parse("rogue-1")?;
+    assert_eq!(stack.store.local_thing(&thing).await?, None);
+    assert!(!stack.store.local_certificate_attached(&thing, &id).await?);
+    assert_eq!(stack.store.local_certificate_status(&id).await?, Some(CertStatus::PendingActivation));
+    assert!(stack.store.device(&thing).await?.is_none());
+    stack.shutdown().await
+}
+
+/// The answer of one request made straight to the service: (`accepted`/`rejected`, body).
+async fn direct(
+    p: &Provisioning,
+    request: &Request,
+    client_id: &str,
+    body: &str,
+    now_ms: i64,
+) -> Result<(String, Value)> {
+    let claim = p.claim.clone();
+    let answers = p.handle(request, client_id, Some(&claim), body.as_bytes(), now_ms).await;
+    let [(topic, payload)] = answers.as_slice() else { bail!("one answer expected: {answers:?}") };
+    let kind = topic.rsplit('/').next().unwrap_or_default().to_owned();
+    Ok((kind, serde_json::from_slice(payload)?))
+}
+
+fn code(answer: &(String, Value)) -> (&str, Option<u64>, Option<&str>) {
+    (answer.0.as_str(), answer.1["statusCode"].as_u64(), answer.1["errorCode"].as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ownership_tokens_are_bound_to_their_client_used_once_and_expire() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let p = provisioning(&stack)?;
+    allow(&stack, "sensor-t01").await?;
+    let create = Request::CreateKeysAndCertificate;
+    let register = Request::RegisterThing { template: TEMPLATE.into() };
+    let now = fleet_shared::time::now_ms();
+    let (_, created) = direct(&p, &create, "sensor-t01", "", now).await?;
+    let token = &created["certificateOwnershipToken"];
+    assert_eq!(token.as_str().map(str::len), Some(64), "256 random bits");
+
+    // A wrong token, an empty one, and the right one from another client are rejected
+    let bad =
+        code(&direct(&p, &register, "sensor-t01", &register_body(&json!("f00"), "sensor-t01"), now).await?)
+            .2
+            .map(str::to_owned);
+    assert_eq!(bad.as_deref(), Some("InvalidCertificateOwnershipToken"));
+    let empty = direct(&p, &register, "sensor-t01", &register_body(&json!(""), "sensor-t01"), now).await?;
+    assert_eq!(code(&empty), ("rejected", Some(400), Some("InvalidCertificateOwnershipToken")));
+    let stolen = direct(&p, &register, "sensor-t99", &register_body(token, "sensor-t01"), now).await?;
+    assert_eq!(code(&stolen), ("rejected", Some(400), Some("InvalidCertificateOwnershipToken")));
+    // The right client provisions once; the token is then used up
+    let ok = direct(&p, &register, "sensor-t01", &register_body(token, "sensor-t01"), now).await?;
+    assert_eq!(ok.0, "accepted", "{}", ok.1);
+    let again = direct(&p, &register, "sensor-t01", &register_body(token, "sensor-t01"), now).await?;
+    assert_eq!(code(&again), ("rejected", Some(400), Some("InvalidCertificateOwnershipToken")));
+
+    // A token unused for an hour has expired, and its pending certificate is gone
+    let (_, late) = direct(&p, &create, "sensor-t02", "", now).await?;
+    let late_id = CertificateId::parse(late["certificateId"].as_str().context("id")?)?;
+    let hour = i64::try_from(TOKEN_LIFETIME.as_millis())?;
+    let expired = direct(
+        &p,
+        &register,
+        "sensor-t02",
+        &register_body(&late["certificateOwnershipToken"], "sensor-t02"),
+        now + hour,
+    )
+    .await?;
+    assert_eq!(code(&expired), ("rejected", Some(400), Some("InvalidCertificateOwnershipToken")));
+    assert_eq!(stack.store.local_certificate_status(&late_id).await?, None, "deleted with its token");
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_rejected_with_a_clear_error() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let p = provisioning(&stack)?;
+    let now = fleet_shared::time::now_ms();
+    let register = Request::RegisterThing { template: TEMPLATE.into() };
+    for (request, body) in [
+        (&Request::CreateKeysAndCertificate, "{not json"),
+        (&Request::CreateKeysAndCertificate, "[1]"),
+        (&register, "{not json"),
+        (&register, r#"{"certificateOwnershipToken": 7}"#),
+        (&register, r#"{"certificateOwnershipToken": "t", "parameters": {"SerialNumber": 1}}"#),
+        (&register, "\u{0}\u{ff}"),
+    ] {
+        let answer = direct(&p, request, "sensor-m01", body, now).await?;
+        assert_eq!(code(&answer), ("rejected", Some(400), Some("InvalidPayload")), "{body}");
+        assert!(answer.1["errorMessage"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    }
+    let unknown = Request::RegisterThing { template: "no-such-template".into() };
+    let answer = direct(&p, &unknown, "sensor-m01", &register_body(&json!("t"), "x"), now).await?;
+    assert_eq!(code(&answer), ("rejected", Some(404), Some("ResourceNotFound")));
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_and_the_claim_survive_a_restart() -> Result<()> {
+    // GIVEN a certificate issued before a restart
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("fleet.sqlite");
+    let stack = start(&db).await?;
+    let before = provisioning(&stack)?;
+    let (_, old) =
+        direct(&before, &Request::CreateKeysAndCertificate, "d1", "", fleet_shared::time::now_ms()).await?;
+    let (ca, claim) = (before.ca_pem().to_owned(), before.claim.clone());
+    drop(before);
+    stack.shutdown().await?;
+    // WHEN the local IoT Core starts again on the same file
+    let stack = start(&db).await?;
+    let after = provisioning(&stack)?;
+    let (_, new) =
+        direct(&after, &Request::CreateKeysAndCertificate, "d1", "", fleet_shared::time::now_ms()).await?;
+    // THEN it has the same CA and claim, and both certificates chain to that CA
+    assert_eq!((after.ca_pem(), &after.claim), (ca.as_str(), &claim));
+    chains_to(old["certificatePem"].as_str().context("old pem")?, &ca)?;
+    chains_to(new["certificatePem"].as_str().context("new pem")?, &ca)?;
+    drop(after);
+    stack.shutdown().await
+}

@@ -1,0 +1,566 @@
+//! [`IotControlPlane`]: AWS IoT's certificate registry (the control plane's REST API), for
+//! reconciliation ([`CertificateRegistry`]) and decommissioning ([`CertificateControl`]).
+//!
+//! Five calls, signed with SigV4 (`aws-sigv4`, service `iot`) and sent on the SDK's own HTTPS
+//! connector (`aws-smithy-http-client`, rustls), with the credentials and region of the one
+//! `SdkConfig` the process loaded. Not `aws-sdk-iot`: that crate is 2.5 MB of source for some
+//! 300 operations (2.7 times `aws-sdk-dynamodb`), and every clippy, test and release build
+//! would compile it for these five. The wire format is the documented REST-JSON one:
+//!
+//! | call | request |
+//! |---|---|
+//! | ListCertificates | `GET /certificates?pageSize=&marker=&isAscendingOrder=true` |
+//! | DescribeCertificate | `GET /certificates/<id>` |
+//! | ListPrincipalThings | `GET /principals/things?maxResults=&nextToken=`, header `x-amzn-principal` |
+//! | ListThingPrincipals | `GET /things/<thing>/principals?maxResults=&nextToken=` |
+//! | UpdateCertificate | `PUT /certificates/<id>?newStatus=` |
+//!
+//! Throttling (429, `ThrottlingException`), 5xx and connection failures are
+//! [`Transient`](crate::error::ErrorKind::Transient); the caller backs off (reconciliation does,
+//! with bounded concurrency). Each call has a deadline. The endpoint is
+//! `AWS_ENDPOINT_URL_IOT`, else the config's endpoint URL (moto in tests), else
+//! `https://iot.<region>.amazonaws.com`.
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::SdkConfig;
+use aws_credential_types::provider::ProvideCredentials;
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
+use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+use aws_smithy_http_client::Connector;
+use aws_smithy_runtime_api::client::http::HttpConnector;
+use aws_smithy_runtime_api::client::identity::Identity;
+use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
+use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::byte_stream::ByteStream;
+use serde::Deserialize;
+
+use crate::error::StoreError;
+use crate::model::{
+    CertStatus, CertificateDetail, CertificateId, CertificatePage, RegisteredCertificate, ThingName,
+};
+use crate::ports::{CertificateControl, CertificateRegistry};
+
+/// The most certificates ListCertificates returns per page.
+pub const MAX_PAGE_SIZE: usize = 250;
+/// The most things / principals one ListPrincipalThings / ListThingPrincipals page holds.
+const MAX_RESULTS: usize = 250;
+/// One call's deadline (connect, send, read the whole answer).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// AWS IoT's control plane, for the certificate registry.
+pub struct IotControlPlane {
+    connector: Connector,
+    endpoint: String,
+    region: String,
+    credentials: aws_credential_types::provider::SharedCredentialsProvider,
+}
+
+/// What AWS IoT answered, when it was not a success.
+#[derive(Debug, thiserror::Error)]
+#[error("AWS IoT answered {status} {code}: {message}")]
+pub struct IotApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl IotApiError {
+    fn is_transient(&self) -> bool {
+        self.status == 429
+            || self.status >= 500
+            || matches!(self.code.as_str(), "ThrottlingException" | "ServiceUnavailableException")
+    }
+}
+
+impl IotControlPlane {
+    /// From the process's `SdkConfig`: its credentials, region and endpoint override.
+    pub fn new(sdk: &SdkConfig) -> Result<Self, crate::ConfigError> {
+        let region =
+            sdk.region().map(ToString::to_string).ok_or(crate::ConfigError::Missing("AWS_REGION"))?;
+        let credentials =
+            sdk.credentials_provider().ok_or(crate::ConfigError::Missing("AWS_ACCESS_KEY_ID"))?;
+        let endpoint = std::env::var("AWS_ENDPOINT_URL_IOT")
+            .ok()
+            .or_else(|| sdk.endpoint_url().map(ToOwned::to_owned))
+            .unwrap_or_else(|| format!("https://iot.{region}.amazonaws.com"));
+        Ok(Self::with_endpoint(endpoint, region, credentials))
+    }
+
+    /// Against a given endpoint (tests: a scripted server).
+    pub fn with_endpoint(
+        endpoint: impl Into<String>,
+        region: impl Into<String>,
+        credentials: aws_credential_types::provider::SharedCredentialsProvider,
+    ) -> Self {
+        Self {
+            connector: Connector::builder().tls_provider(Provider::Rustls(CryptoMode::AwsLc)).build(),
+            endpoint: endpoint.into().trim_end_matches('/').to_owned(),
+            region: region.into(),
+            credentials,
+        }
+    }
+
+    /// One signed call; the answer's body on 2xx, a typed error otherwise.
+    async fn call(
+        &self,
+        op: &'static str,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&'static str, &str)],
+        body: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let answer = tokio::time::timeout(CALL_TIMEOUT, self.send(op, method, path_and_query, headers, body))
+            .await
+            .map_err(|_| StoreError::transient(op, format!("no answer within {CALL_TIMEOUT:?}")))??;
+        let (status, body) = answer;
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let error = api_error(status, &body);
+        Err(if error.is_transient() {
+            StoreError::transient(op, error)
+        } else {
+            StoreError::permanent(op, error)
+        })
+    }
+
+    async fn send(
+        &self,
+        op: &'static str,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&'static str, &str)],
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), StoreError> {
+        let credentials =
+            self.credentials.provide_credentials().await.map_err(|e| StoreError::permanent(op, e))?;
+        let identity = Identity::from(credentials);
+        let uri = format!("{}{}", self.endpoint, path_and_query);
+        let host = uri
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
+            .unwrap_or_default()
+            .to_owned();
+        let mut request = http::Request::builder().method(method).uri(&uri).header("host", &host);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if !body.is_empty() {
+            request = request.header("content-type", "application/json");
+        }
+        let mut request =
+            request.body(SdkBody::from(body.to_vec())).map_err(|e| StoreError::permanent(op, e))?;
+
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name("iot")
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| StoreError::permanent(op, e))?
+            .into();
+        let signable = SignableRequest::new(
+            method,
+            uri.as_str(),
+            request.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
+            SignableBody::Bytes(body),
+        )
+        .map_err(|e| StoreError::permanent(op, e))?;
+        let (instructions, _signature) =
+            sign(signable, &params).map_err(|e| StoreError::permanent(op, e))?.into_parts();
+        instructions.apply_to_request_http1x(&mut request);
+
+        let request = HttpRequest::try_from(request).map_err(|e| StoreError::permanent(op, e))?;
+        let response = self.connector.call(request).await.map_err(|e| StoreError::transient(op, e))?;
+        let status = response.status().as_u16();
+        let body = ByteStream::new(response.into_body())
+            .collect()
+            .await
+            .map_err(|e| StoreError::transient(op, e))?
+            .into_bytes()
+            .to_vec();
+        Ok((status, body))
+    }
+}
+
+/// The error in an AWS IoT answer: the `x-amzn-ErrorType`-style code in the body's `__type`
+/// or `code`, and its message.
+fn api_error(status: u16, body: &[u8]) -> IotApiError {
+    #[derive(Deserialize, Default)]
+    struct Body {
+        #[serde(rename = "__type", alias = "code", alias = "Code")]
+        code: Option<String>,
+        #[serde(alias = "Message")]
+        message: Option<String>,
+    }
+    let parsed: Body = serde_json::from_slice(body).unwrap_or_default();
+    let code = parsed.code.map(|c| c.rsplit(['#', ':']).next().unwrap_or_default().to_owned());
+    IotApiError {
+        status,
+        code: code.unwrap_or_else(|| {
+            match status {
+                429 => "ThrottlingException",
+                404 => "ResourceNotFoundException",
+                _ => "UnknownError",
+            }
+            .to_owned()
+        }),
+        message: parsed.message.unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect()),
+    }
+}
+
+/// Percent-encoding for a query value or path segment (SigV4's unreserved set stays as is).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn decode<T: serde::de::DeserializeOwned>(op: &'static str, body: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(body).map_err(|e| StoreError::permanent(op, e))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Listed {
+    certificate_arn: String,
+    certificate_id: String,
+    status: String,
+    /// Epoch seconds (REST-JSON timestamps).
+    creation_date: Option<f64>,
+}
+
+impl Listed {
+    fn into_domain(self, op: &'static str) -> Result<RegisteredCertificate, StoreError> {
+        Ok(RegisteredCertificate {
+            id: CertificateId::parse(&self.certificate_id).map_err(|e| StoreError::permanent(op, e))?,
+            status: CertStatus::parse(&self.status).ok_or_else(|| {
+                StoreError::permanent(op, format!("unknown certificate status {:?}", self.status))
+            })?,
+            arn: self.certificate_arn,
+            created_ms: self.creation_date.map_or(0, |s| (s * 1000.0) as i64),
+        })
+    }
+}
+
+impl CertificateRegistry for IotControlPlane {
+    async fn list_certificates(
+        &self,
+        marker: Option<&str>,
+        page_size: usize,
+    ) -> Result<CertificatePage, StoreError> {
+        const OP: &str = "iot ListCertificates";
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            #[serde(default)]
+            certificates: Vec<Listed>,
+            next_marker: Option<String>,
+        }
+        let mut path =
+            format!("/certificates?isAscendingOrder=true&pageSize={}", page_size.clamp(1, MAX_PAGE_SIZE));
+        if let Some(marker) = marker {
+            path.push_str(&format!("&marker={}", encode(marker)));
+        }
+        let page: Page = decode(OP, &self.call(OP, "GET", &path, &[], &[]).await?)?;
+        Ok(CertificatePage {
+            certificates: page
+                .certificates
+                .into_iter()
+                .map(|c| c.into_domain(OP))
+                .collect::<Result<_, _>>()?,
+            next: page.next_marker.filter(|m| !m.is_empty()),
+        })
+    }
+
+    async fn describe_certificate(
+        &self,
+        id: &CertificateId,
+    ) -> Result<Option<CertificateDetail>, StoreError> {
+        const OP: &str = "iot DescribeCertificate";
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Described {
+            certificate_description: Description,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Description {
+            #[serde(flatten)]
+            listed: Listed,
+            certificate_pem: String,
+        }
+        let body = match self.call(OP, "GET", &format!("/certificates/{id}"), &[], &[]).await {
+            Ok(body) => body,
+            Err(e) if not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let d: Described = decode(OP, &body)?;
+        let d = d.certificate_description;
+        Ok(Some(CertificateDetail { listed: d.listed.into_domain(OP)?, pem: d.certificate_pem }))
+    }
+
+    async fn certificate_things(&self, arn: &str) -> Result<Vec<ThingName>, StoreError> {
+        const OP: &str = "iot ListPrincipalThings";
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            #[serde(default)]
+            things: Vec<String>,
+            next_token: Option<String>,
+        }
+        let mut things = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut path = format!("/principals/things?maxResults={MAX_RESULTS}");
+            if let Some(t) = &token {
+                path.push_str(&format!("&nextToken={}", encode(t)));
+            }
+            let page: Page =
+                decode(OP, &self.call(OP, "GET", &path, &[("x-amzn-principal", arn)], &[]).await?)?;
+            for name in page.things {
+                things.push(ThingName::parse(&name).map_err(|e| StoreError::permanent(OP, e))?);
+            }
+            match page.next_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return Ok(things),
+            }
+        }
+    }
+
+    async fn thing_certificates(&self, thing: &ThingName) -> Result<Vec<CertificateId>, StoreError> {
+        const OP: &str = "iot ListThingPrincipals";
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            #[serde(default)]
+            principals: Vec<String>,
+            next_token: Option<String>,
+        }
+        let mut ids = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut path = format!("/things/{}/principals?maxResults={MAX_RESULTS}", encode(thing.as_str()));
+            if let Some(t) = &token {
+                path.push_str(&format!("&nextToken={}", encode(t)));
+            }
+            let page: Page = decode(OP, &self.call(OP, "GET", &path, &[], &[]).await?)?;
+            // Principals are certificate ARNs (`…:cert/<id>`) or others (Cognito ids): only
+            // certificates are kept.
+            ids.extend(page.principals.iter().filter_map(|p| CertificateId::of_arn(p)));
+            match page.next_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return Ok(ids),
+            }
+        }
+    }
+}
+
+impl CertificateControl for IotControlPlane {
+    async fn set_certificate_status(&self, id: &CertificateId, status: CertStatus) -> Result<(), StoreError> {
+        const OP: &str = "iot UpdateCertificate";
+        self.call(OP, "PUT", &format!("/certificates/{id}?newStatus={}", status.as_str()), &[], &[])
+            .await
+            .map(drop)
+    }
+}
+
+/// What tests put in a registry (moto) before reconciling it: certificates registered without a
+/// CA, things, attachments. Not used by any function.
+#[cfg(feature = "test-support")]
+impl IotControlPlane {
+    /// RegisterCertificateWithoutCA: the certificate's id.
+    pub async fn register_certificate(
+        &self,
+        pem: &str,
+        status: CertStatus,
+    ) -> Result<CertificateId, StoreError> {
+        const OP: &str = "iot RegisterCertificateWithoutCA";
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Registered {
+            certificate_id: String,
+        }
+        let body = serde_json::json!({ "certificatePem": pem, "status": status.as_str() }).to_string();
+        let r: Registered =
+            decode(OP, &self.call(OP, "POST", "/certificate/register-no-ca", &[], body.as_bytes()).await?)?;
+        CertificateId::parse(&r.certificate_id).map_err(|e| StoreError::permanent(OP, e))
+    }
+
+    /// CreateThing.
+    pub async fn create_thing(&self, thing: &ThingName) -> Result<(), StoreError> {
+        const OP: &str = "iot CreateThing";
+        self.call(OP, "POST", &format!("/things/{}", encode(thing.as_str())), &[], b"{}").await.map(drop)
+    }
+
+    /// AttachThingPrincipal.
+    pub async fn attach(&self, thing: &ThingName, arn: &str) -> Result<(), StoreError> {
+        const OP: &str = "iot AttachThingPrincipal";
+        let path = format!("/things/{}/principals", encode(thing.as_str()));
+        self.call(OP, "PUT", &path, &[("x-amzn-principal", arn)], &[]).await.map(drop)
+    }
+}
+
+fn not_found(e: &StoreError) -> bool {
+    e.source
+        .downcast_ref::<IotApiError>()
+        .is_some_and(|a| a.status == 404 || a.code == "ResourceNotFoundException")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use aws_credential_types::provider::SharedCredentialsProvider;
+    use aws_credential_types::Credentials;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A loopback HTTP server answering each request with the next scripted `(status, body)`,
+    /// keeping what it was sent (request line and headers, lowercased names).
+    struct Scripted {
+        url: String,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Scripted {
+        async fn start(answers: Vec<(u16, &'static str)>) -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let url = format!("http://{}", listener.local_addr().expect("addr"));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let log = Arc::clone(&seen);
+            tokio::spawn(async move {
+                for (status, body) in answers {
+                    let Ok((mut conn, _)) = listener.accept().await else { return };
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    log.lock().unwrap().push(String::from_utf8_lossy(&buf).to_lowercase());
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                }
+            });
+            Self { url, seen }
+        }
+    }
+
+    fn plane(url: &str) -> IotControlPlane {
+        let creds = Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
+        IotControlPlane::with_endpoint(url, "eu-west-1", SharedCredentialsProvider::new(creds))
+    }
+
+    const PAGE_1: &str = r#"{"certificates":[{"certificateArn":"arn:aws:iot:eu-west-1:123456789012:cert/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","certificateId":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","status":"ACTIVE","creationDate":1764000000.5}],"nextMarker":"m/2+"}"#;
+    const PAGE_2: &str = r#"{"certificates":[{"certificateArn":"arn:aws:iot:eu-west-1:123456789012:cert/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","certificateId":"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","status":"REVOKED","creationDate":1764000001}]}"#;
+
+    #[tokio::test]
+    async fn pages_follow_the_marker_throttling_is_transient_and_every_call_is_signed() {
+        let server = Scripted::start(vec![
+            (400, r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#),
+            (200, PAGE_1),
+            (200, PAGE_2),
+            (403, r#"{"__type":"AccessDeniedException","message":"not allowed"}"#),
+        ])
+        .await;
+        let iot = plane(&server.url);
+
+        let throttled = iot.list_certificates(None, 1).await.expect_err("throttled");
+        assert!(throttled.is_transient(), "{throttled}");
+        let first = iot.list_certificates(None, 1).await.expect("page 1");
+        assert_eq!(first.certificates[0].created_ms, 1_764_000_000_500);
+        assert_eq!(first.next.as_deref(), Some("m/2+"));
+        let second = iot.list_certificates(first.next.as_deref(), 1).await.expect("page 2");
+        assert_eq!((second.certificates[0].status, second.next), (CertStatus::Revoked, None));
+        let denied = iot.list_certificates(None, 1).await.expect_err("denied");
+        assert!(!denied.is_transient() && denied.to_string().contains("AccessDeniedException"), "{denied}");
+
+        let seen = server.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 4);
+        assert!(
+            seen[2].starts_with("get /certificates?isascendingorder=true&pagesize=1&marker=m%2f2%2b "),
+            "{}",
+            seen[2]
+        );
+        for request in &seen {
+            assert!(
+                request.contains("authorization: aws4-hmac-sha256 credential=akidexample/")
+                    && request.contains("/eu-west-1/iot/aws4_request"),
+                "unsigned: {request}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_certificate_is_none_and_other_principals_are_not_certificates() {
+        let id = "c".repeat(64);
+        let principals: &'static str = Box::leak(
+            format!(r#"{{"principals":["arn:aws:iot:eu-west-1:1:cert/{id}","eu-west-1:cognito-id"],"nextToken":"t"}}"#)
+                .into_boxed_str(),
+        );
+        let server = Scripted::start(vec![
+            (404, r#"{"__type":"ResourceNotFoundException","message":"gone"}"#),
+            (200, principals),
+            (200, r#"{"principals":[]}"#),
+        ])
+        .await;
+        let iot = plane(&server.url);
+        assert_eq!(
+            iot.describe_certificate(&CertificateId::parse(&id).unwrap()).await.expect("answer"),
+            None
+        );
+        let ids = iot.thing_certificates(&ThingName::parse("sensor-1").unwrap()).await.expect("principals");
+        assert_eq!(ids, vec![CertificateId::parse(&id).unwrap()]);
+        let seen = server.seen.lock().unwrap().clone();
+        assert!(
+            seen[2].starts_with("get /things/sensor-1/principals?maxresults=250&nexttoken=t "),
+            "{}",
+            seen[2]
+        );
+    }
+
+    #[test]
+    fn errors_name_what_aws_said_and_whether_a_retry_can_help() {
+        let throttled = api_error(400, br#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#);
+        assert_eq!((throttled.code.as_str(), throttled.is_transient()), ("ThrottlingException", true));
+        assert!(api_error(429, b"").is_transient());
+        assert!(api_error(503, b"<html>").is_transient());
+        let missing = api_error(404, br#"{"message":"no such certificate"}"#);
+        assert_eq!((missing.code.as_str(), missing.is_transient()), ("ResourceNotFoundException", false));
+        let denied = api_error(403, br#"{"__type":"com.amazon#AccessDeniedException","message":"no"}"#);
+        assert_eq!((denied.code.as_str(), denied.is_transient()), ("AccessDeniedException", false));
+    }
+
+    #[test]
+    fn markers_and_names_are_encoded_for_the_query() {
+        assert_eq!(encode("a+b/c=="), "a%2Bb%2Fc%3D%3D");
+        assert_eq!(encode("thing_1-a.b~"), "thing_1-a.b~");
+    }
+
+    #[test]
+    fn only_certificate_principals_are_certificates() {
+        let id = "a".repeat(64);
+        assert_eq!(
+            CertificateId::of_arn(&format!("arn:aws:iot:us-east-1:123456789012:cert/{id}")),
+            Some(CertificateId::parse(&id).unwrap())
+        );
+        assert_eq!(CertificateId::of_arn("us-east-1:11111111-2222-3333-4444-555555555555"), None);
+    }
+}
