@@ -19,8 +19,8 @@
 //! | [`Allowlist`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:UpdateItem` (enrol, conditional) on the Certificates table (`PutItem`, `DeleteItem`, `Query` for operators) |
 //! | [`CertificateInventory`] | `CertificatesTable` | `dynamodb:PutItem` (hook), `dynamodb:Query` on its `by_expiry` index (expiry check), `GetItem` |
 //! | [`ProvisioningAudit`] | `CertificatesTable` | `dynamodb:PutItem` (audit events), `dynamodb:UpdateItem` (claim counters) |
-//! | [`DeviceCertStatus`] | `DevicesTable` | `dynamodb:BatchWriteItem` on the Devices table (item `cert` per device) |
-//! | [`Reports`] | `S3Archive` | `s3:PutObject` on `reports/*` |
+//! | [`DeviceCertStatus`] | `DevicesTable` | `dynamodb:BatchWriteItem` on the Devices table (item `cert` per device: put, delete) |
+//! | [`Reports`] | `S3Archive` | `s3:PutObject`, `s3:GetObject` on `reports/*`, `s3:ListBucket` under `reports/` (a missing report is then 404, not 403) |
 //! | [`ReconcileProgress`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (item `$reconcile`) |
 //! | [`CertificateRegistry`] | `IotControlPlane` | `iot:ListCertificates`, `iot:DescribeCertificate` on `cert/*`, `iot:ListPrincipalThings`, `iot:ListThingPrincipals` on `thing/*` (reconciliation, decommission) |
 //! | [`CertificateControl`] | `IotControlPlane` | `iot:UpdateCertificate` on `cert/*` (operators: decommission) |
@@ -431,11 +431,17 @@ pub trait DeviceCertStatus: Send + Sync {
         &self,
         thing: &ThingName,
     ) -> impl Future<Output = Result<Option<CertMark>, StoreError>> + Send;
+
+    /// Remove devices' marks (their certificate no longer expires: rotated, or deactivated).
+    fn clear_cert_status(&self, things: &[ThingName]) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Reports written next to the archive (`reports/...`, JSON).
 pub trait Reports: Send + Sync {
     fn put_report(&self, key: &str, json: &[u8]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A report written before (`None`: there is none under that key).
+    fn report(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 }
 
 /// AWS IoT's certificate registry, read: what reconciliation compares the inventory with.

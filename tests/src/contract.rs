@@ -573,6 +573,9 @@ pub async fn device_cert_status_round_trips_and_leaves_the_device_alone<S: Devic
     ensure!(s.cert_status(&t).await? == Some(mark(ExpiryClass::Critical, 100)), "the newest mark");
     let d = s.device(&t).await?.context("device")?;
     ensure!(d.registration.is_some_and(|r| r.class == "env-sensor"), "registration kept");
+    s.clear_cert_status(&[t.clone(), thing(851)]).await?;
+    ensure!(s.cert_status(&t).await?.is_none(), "the mark is cleared");
+    ensure!(s.device(&t).await?.is_some(), "clearing a mark keeps the device");
     Ok(())
 }
 
@@ -584,6 +587,11 @@ pub async fn reports_are_written_under_reports_only<S: Reports + ArchiveReader>(
         s.archive_object("reports/cert-expiry/2025-11-24.json").await? == br#"{"expired":1}"#,
         "read back"
     );
+    ensure!(
+        s.report("reports/cert-expiry/2025-11-24.json").await?.as_deref() == Some(&br#"{"expired":1}"#[..]),
+        "read back as a report"
+    );
+    ensure!(s.report("reports/cert-expiry/1999-01-01.json").await?.is_none(), "a missing report is None");
     Ok(())
 }
 

@@ -526,6 +526,7 @@ fn the_expiry_check_runs_daily_and_reads_the_expiry_index_only() {
     );
     assert!(resource_of("iot:DescribeCertificate").is_some_and(|r| r.contains(":cert/*")));
     assert!(resource_of("s3:PutObject").is_some_and(|r| r.contains("/reports/*")));
+    assert!(resource_of("s3:GetObject").is_some_and(|r| r.contains("/reports/*")));
     let env = function_env(&r, "CertExpiryCheckFunction");
     let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
     assert_eq!(

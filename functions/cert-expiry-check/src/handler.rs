@@ -26,6 +26,7 @@ use fleet_shared::certs::expiry::{self, ExpiryReport, Threshold};
 use fleet_shared::certs::reconcile::{self, Reconciliation};
 use fleet_shared::lambda::{AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
+use fleet_shared::model::ThingName;
 use fleet_shared::ports::{
     CertMark, CertificateInventory, CertificateRegistry, DeviceCertStatus, ReconcileProgress, ReconcileState,
     Reports,
@@ -131,6 +132,9 @@ pub struct CheckSummary {
     /// Certificates read from the expiry index (the check's whole cost).
     pub read: usize,
     pub devices_marked: usize,
+    /// Devices marked by the previous report and not by this one: their marks removed.
+    #[serde(default)]
+    pub devices_cleared: usize,
     pub report: String,
     /// The window held more than [`MAX_CERTIFICATES`]: the rest waits for tomorrow.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -282,6 +286,24 @@ where
     })
 }
 
+/// The daily report's key: `reports/cert-expiry/<UTC day>.json`.
+fn report_key(at_ms: i64) -> String {
+    format!("reports/cert-expiry/{}.json", &time::rfc3339_ms(at_ms)[..10])
+}
+
+/// The newest report of the last week (today's first, from an earlier run today), if any.
+async fn previous_report(reports: &impl Reports, now: i64) -> Result<Option<ExpiryReport>, StoreError> {
+    for days_ago in 0..=expiry::LOOKBACK_DAYS {
+        let Some(body) = reports.report(&report_key(now - i64::from(days_ago) * 86_400_000)).await? else {
+            continue;
+        };
+        return serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| StoreError::permanent("previous report", e));
+    }
+    Ok(None)
+}
+
 /// The daily expiry check.
 pub async fn check<I, D, R, G, P>(deps: &Deps<I, D, R, G, P>) -> Result<CheckSummary, Retryable>
 where
@@ -317,7 +339,18 @@ where
         })
         .collect();
     deps.devices.mark_cert_status(&marks).await.map_err(retry("device certificate status not written"))?;
-    let key = format!("reports/cert-expiry/{}.json", &time::rfc3339_ms(now)[..10]);
+    // Devices the last report marked and this one does not (rotated, or their old certificate
+    // deactivated): their marks go, so `rotation_due` is never left behind.
+    let previous = previous_report(&deps.reports, now).await.map_err(retry("previous report not read"))?;
+    let cleared: Vec<ThingName> = previous
+        .iter()
+        .flat_map(|r| r.findings.iter().filter_map(|f| f.thing.clone()))
+        .filter(|t| !marked.contains(t))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    deps.devices.clear_cert_status(&cleared).await.map_err(retry("device certificate status not cleared"))?;
+    let key = report_key(now);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| Retryable {
         what: "findings report not encoded",
         source: Arc::new(StoreError::permanent("report encode", e)),
@@ -330,6 +363,7 @@ where
         not_active: report.not_active,
         read: certs.len(),
         devices_marked: marks.len(),
+        devices_cleared: cleared.len(),
         report: key,
         truncated: certs.len() == MAX_CERTIFICATES,
     };

@@ -152,6 +152,9 @@ impl Reports for Busy {
     async fn put_report(&self, _: &str, _: &[u8]) -> Result<(), StoreError> {
         Err(StoreError::transient("report put", "throttled"))
     }
+    async fn report(&self, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
 }
 
 #[tokio::test]
@@ -219,4 +222,30 @@ async fn an_unknown_task_or_an_event_that_is_not_an_object_is_refused() {
         let err = invoke(&deps, event).await.expect_err(event);
         assert!(err.to_string().contains("task") || err.to_string().contains("event"), "{err}");
     }
+}
+
+fn next_day() -> i64 {
+    fixed_clock() + DAY_MS
+}
+
+#[tokio::test]
+async fn a_device_whose_expiring_certificate_was_deactivated_loses_its_mark_the_next_day() -> Result<()> {
+    // GIVEN dev-1 marked today for a certificate expiring in 3 days, dev-2 for one in 4 days
+    let mut deps = deps()?;
+    let (c1, c2) = (
+        cert(1, fixed_clock() + 3 * DAY_MS, CertStatus::Active),
+        cert(2, fixed_clock() + 4 * DAY_MS, CertStatus::Active),
+    );
+    deps.inventory.record_many(&[c1.clone(), c2]).await?;
+    let first = check(&deps).await?;
+    assert_eq!((first.devices_marked, first.devices_cleared), (2, 0));
+    // WHEN dev-1 rotates (its old certificate deactivated) and the check runs the next day
+    deps.inventory.record(&Certificate { status: CertStatus::Inactive, ..c1 }).await?;
+    deps.clock = next_day;
+    let second = check(&deps).await?;
+    // THEN dev-1's mark is gone, dev-2's stays
+    assert_eq!((second.devices_marked, second.devices_cleared), (1, 1));
+    assert!(deps.devices.cert_status(&ThingName::parse("dev-1")?).await?.is_none());
+    assert!(deps.devices.cert_status(&ThingName::parse("dev-2")?).await?.is_some());
+    Ok(())
 }

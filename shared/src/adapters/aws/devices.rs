@@ -13,7 +13,7 @@ use aws_config::SdkConfig;
 use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{
     AttributeValue, BatchStatementErrorCodeEnum as Code, BatchStatementRequest, BatchStatementResponse,
-    KeysAndAttributes, PutRequest, WriteRequest,
+    DeleteRequest, KeysAndAttributes, PutRequest, WriteRequest,
 };
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -488,6 +488,24 @@ impl crate::ports::DeviceCertStatus for DevicesTable {
                         .build()
                         .map_err(|e| StoreError::permanent(op, e))?;
                     Ok(WriteRequest::builder().put_request(put).build())
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            self.batch_write(requests).await?;
+        }
+        Ok(())
+    }
+
+    async fn clear_cert_status(&self, things: &[ThingName]) -> Result<(), StoreError> {
+        let op = "dynamodb cert status clear";
+        for chunk in things.chunks(BATCH_WRITE_MAX_ITEMS) {
+            let requests = chunk
+                .iter()
+                .map(|t| {
+                    let delete = DeleteRequest::builder()
+                        .set_key(Some(key(t.as_str(), CERT)))
+                        .build()
+                        .map_err(|e| StoreError::permanent(op, e))?;
+                    Ok(WriteRequest::builder().delete_request(delete).build())
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
             self.batch_write(requests).await?;

@@ -172,4 +172,15 @@ impl crate::ports::Reports for S3Archive {
             .map_err(|e| classify(op, e))?;
         Ok(())
     }
+
+    async fn report(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let op = "s3 get report";
+        let out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(classify(op, e)),
+        };
+        let bytes = out.body.collect().await.map_err(|e| StoreError::transient(op, e))?;
+        Ok(Some(bytes.into_bytes().to_vec()))
+    }
 }

@@ -320,6 +320,21 @@ impl DeviceCertStatus for SqliteStore {
         .await
     }
 
+    async fn clear_cert_status(&self, things: &[ThingName]) -> Result<(), StoreError> {
+        let things: Vec<String> = things.iter().map(ToString::to_string).collect();
+        self.with("sqlite cert status clear", move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached("DELETE FROM device_cert_status WHERE thing = ?1")?;
+                for thing in things {
+                    st.execute([thing])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
     async fn cert_status(&self, thing: &ThingName) -> Result<Option<CertMark>, StoreError> {
         let thing = thing.to_string();
         self.with("sqlite cert status get", move |c| {
@@ -338,6 +353,16 @@ impl Reports for SqliteStore {
             c.prepare_cached("INSERT OR REPLACE INTO archive (key, body, lines) VALUES (?1, ?2, 1)")?
                 .execute(params![key, body])
                 .map(drop)
+        })
+        .await
+    }
+
+    async fn report(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_owned();
+        self.with("sqlite report get", move |c| {
+            c.prepare_cached("SELECT body FROM archive WHERE key = ?1")?
+                .query_row([key], |r| r.get(0))
+                .optional()
         })
         .await
     }
