@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Fuzzes the ingest decoder (`decode`) and the SQS-event entry point (`sqs_event`) for a
-# bounded time each, then prints the figures. The corpus lives in fuzz/corpus/<target> (kept
-# in the repository, minimised), seeded from events/. Needs the nightly toolchain; installs
-# cargo-fuzz from crates.io when missing. Usage: scripts/fuzz.sh [seconds per target, default 60]
+# Fuzzes the ingest decoder (`decode`), the SQS-event entry point (`sqs_event`), PEM
+# certificates (`cert_pem`) and the provisioning hook's store-free checks (`hook_request`) for
+# a bounded time each, then prints the figures. The corpus lives in fuzz/corpus/<target> (kept
+# in the repository, minimised), seeded from events/ and real certificates. Needs the nightly
+# toolchain; installs cargo-fuzz from crates.io when missing.
+# Usage: scripts/fuzz.sh [seconds per target, default 60]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
 mkdir -p target
-for t in decode sqs_event; do
+for t in decode sqs_event cert_pem hook_request; do
   corpus=fuzz/corpus/$t
   mkdir -p "$corpus"
   log=target/fuzz-$t.log

@@ -20,8 +20,8 @@ use fleet_shared::model::{
 };
 use fleet_shared::ports::{
     Allowlist, ArchiveReader, CertificateControl, CertificateInventory, CertificateRegistry, DeviceAdmin,
-    DeviceRegistry, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive, ShadowService,
-    TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
+    DeviceRegistry, PresenceStore, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive,
+    ShadowService, TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
 };
 use fleet_shared::twin::policy::StalePolicy;
 use fleet_shared::twin::write::WriteOutcome;
@@ -322,7 +322,11 @@ async fn local(opts: fleet_local::LocalOptions) -> Result<()> {
     Ok(())
 }
 
-async fn devices(store: &impl DeviceAdmin, command: DevicesCommand, json: bool) -> Result<()> {
+async fn devices(
+    store: &(impl DeviceAdmin + PresenceStore),
+    command: DevicesCommand,
+    json: bool,
+) -> Result<()> {
     match command {
         DevicesCommand::Register { thing, class, region, fw } => {
             let thing = ThingName::parse(&thing)?;
@@ -341,6 +345,13 @@ async fn devices(store: &impl DeviceAdmin, command: DevicesCommand, json: bool) 
             match store.device(&thing).await? {
                 Some(d) => output::device(&d, json),
                 None => bail!("no device {thing}"),
+            }
+        }
+        DevicesCommand::Presence { thing } => {
+            let thing = ThingName::parse(&thing)?;
+            match store.presence(&thing).await? {
+                Some(p) => output::presence(&thing, &p, json),
+                None => bail!("no lifecycle event of {thing} recorded yet"),
             }
         }
         DevicesCommand::Decommission { .. } => unreachable!("needs the certificate ports: handled by run"),

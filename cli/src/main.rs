@@ -197,6 +197,9 @@ pub enum DevicesCommand {
     List,
     /// One device: registration and last reported state.
     Show { thing: String },
+    /// A device's connectivity from IoT Core's lifecycle events: connected or not, since when,
+    /// its last session's length and why it ended.
+    Presence { thing: String },
     /// Take a device out of service: marked decommissioned on the allowlist (never provisioned
     /// again), every certificate attached to its thing set INACTIVE in AWS IoT (or the local
     /// IoT Core) and the inventory, the decision in its audit trail. History is kept.

@@ -472,3 +472,24 @@ pub fn reconciliation(r: &fleet_shared::certs::reconcile::Reconciliation, json: 
         .collect();
     table(&["FINDING", "CERTIFICATE", "THINGS", "DETAIL"], &rows)
 }
+
+pub fn presence(thing: &ThingName, p: &fleet_shared::health::presence::Presence, json: bool) -> Result<()> {
+    if json {
+        return print_json(&json!({"thing": thing, "presence": p}));
+    }
+    let since = p.session_started_ms.map(rfc3339_ms).unwrap_or_else(|| "-".to_owned());
+    let length = p.session_ms.map(|ms| format!("{} s", ms / 1000)).unwrap_or_else(|| "-".to_owned());
+    let row = vec![
+        thing.to_string(),
+        if p.connected { "connected" } else { "disconnected" }.to_owned(),
+        rfc3339_ms(p.place.at_ms),
+        since,
+        length,
+        opt(p.disconnect_reason.clone()),
+        p.place.version.to_string(),
+    ];
+    table(
+        &["THING", "STATE", "AT", "SESSION START", "SESSION LENGTH", "DISCONNECT REASON", "VERSION"],
+        &[row],
+    )
+}

@@ -47,7 +47,20 @@ pub fn functions(
             cert_expiry_check::handler::handle(&d, e).await
         }),
     );
+    f.add(
+        "PresenceFunction",
+        lambda(presence(backend, metrics)?, |d, e| async move { presence::handler::handle(&d, e).await }),
+    );
     Ok(f)
+}
+
+fn presence(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+) -> Result<Arc<presence::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = presence::handler::EmbeddedDeps::on_embedded(b)?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
 }
 
 fn cert_expiry_check(

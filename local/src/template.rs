@@ -430,6 +430,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "PresenceRule",
                 "TelemetryTopicRule",
                 "TwinDeleteRule",
                 "TwinDocumentsRule",
@@ -437,7 +438,16 @@ mod tests {
                 "TwinNamedDocumentsRule"
             ]
         );
-        for twin_rule in &rules[1..] {
+        assert_eq!(
+            rules[0].targets,
+            vec![Target::Queue {
+                queue: "PresenceEventsQueue".into(),
+                function: "PresenceFunction".into(),
+                batch_size: 100,
+                max_concurrency: 5
+            }]
+        );
+        for twin_rule in &rules[2..] {
             assert_eq!(
                 twin_rule.targets,
                 vec![Target::Queue {
@@ -449,7 +459,7 @@ mod tests {
             );
         }
         assert_eq!(
-            rules[0].targets,
+            rules[1].targets,
             vec![Target::Queue {
                 queue: "TelemetryQueue".into(),
                 function: "IngestTelemetryFunction".into(),

@@ -165,9 +165,13 @@ async fn a_payload_of_exactly_128_kib_is_stored_and_one_byte_more_reaches_no_rul
         until(&mut events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
     }
     // THEN the first is stored, the second refused at the broker and never routed
-    let s = settled(&stack, |s| s.metric("Accepted") >= 1 && s.payload_too_large >= 1).await?;
+    let s = settled(&stack, |s| {
+        s.metric("Accepted") >= 1 && s.payload_too_large >= 1 && s.metric("Connects") >= 1
+    })
+    .await?;
     assert_eq!((s.metric("Accepted"), s.metric("Quarantined"), s.payload_too_large), (1, 0, 1), "{s:?}");
-    assert_eq!(s.routed, 1, "{s:?}");
+    // Routed: the stored reading and the device's connect (the presence rule), nothing else.
+    assert_eq!((s.routed, s.metric("Connects")), (2, 1), "{s:?}");
     stack.shutdown().await
 }
 

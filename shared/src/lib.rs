@@ -25,6 +25,7 @@ pub mod certs;
 pub mod env;
 pub mod error;
 pub mod hash;
+pub mod health;
 pub mod ingest;
 #[cfg(feature = "lambda")]
 pub mod lambda;

@@ -22,6 +22,7 @@
 //! | [`DeviceCertStatus`] | `DevicesTable` | `dynamodb:BatchWriteItem` on the Devices table (item `cert` per device: put, delete) |
 //! | [`Reports`] | `S3Archive` | `s3:PutObject`, `s3:GetObject` on `reports/*`, `s3:ListBucket` under `reports/` (a missing report is then 404, not 403) |
 //! | [`ReconcileProgress`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (item `$reconcile`) |
+//! | [`PresenceStore`] | `DevicesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (conditional) on the Devices table (item `presence` per device) |
 //! | [`CertificateRegistry`] | `IotControlPlane` | `iot:ListCertificates`, `iot:DescribeCertificate` on `cert/*`, `iot:ListPrincipalThings`, `iot:ListThingPrincipals` on `thing/*` (reconciliation, decommission) |
 //! | [`CertificateControl`] | `IotControlPlane` | `iot:UpdateCertificate` on `cert/*` (operators: decommission) |
 
@@ -502,4 +503,21 @@ pub trait ReconcileProgress: Send + Sync {
         &self,
         state: &ReconcileState,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Devices' connectivity ([`crate::health::presence`]), written with optimistic concurrency.
+pub trait PresenceStore: Send + Sync {
+    fn presence(
+        &self,
+        thing: &ThingName,
+    ) -> impl Future<Output = Result<Option<crate::health::presence::Presence>, StoreError>> + Send;
+
+    /// Store `next` if the stored presence is still the one read (`expected`: its place;
+    /// `None`: none stored). `false`: it changed meanwhile (read again and decide again).
+    fn put_presence(
+        &self,
+        thing: &ThingName,
+        next: &crate::health::presence::Presence,
+        expected: Option<&crate::health::presence::Place>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }

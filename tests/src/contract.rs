@@ -53,6 +53,7 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; a_serial_enrols_once_and_keeps_its_history(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; devices_racing_for_one_serial_leave_one_winner(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; device_cert_status_round_trips_and_leaves_the_device_alone(devices));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; presence_is_written_only_over_the_presence_read(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; reports_are_written_under_reports_only(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; expiring_certificates_are_read_by_window_only(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; the_audit_trail_and_claim_counters_keep_every_decision(certs));
@@ -615,5 +616,32 @@ pub async fn devices_racing_for_one_serial_leave_one_winner<S: Allowlist>(s: &S)
         let want = if *c == won { Enrolled::Yes } else { Enrolled::Taken(won.clone()) };
         ensure!(*o == want, "{c}: {o:?}, expected {want:?}");
     }
+    Ok(())
+}
+
+pub async fn presence_is_written_only_over_the_presence_read<
+    S: fleet_shared::ports::PresenceStore + DeviceAdmin,
+>(
+    s: &S,
+) -> Result<()> {
+    use fleet_shared::health::presence::{fold, LifecycleEvent};
+    let t = thing(860);
+    s.register(&[(t.clone(), registration("env-sensor"))]).await?;
+    let event = |json: &str| LifecycleEvent::parse(json.as_bytes()).map(|(_, e)| e);
+    let c1 = event(r#"{"clientId":"x","timestamp":100,"eventType":"connected","versionNumber":1}"#)?;
+    let d1 = event(
+        r#"{"clientId":"x","timestamp":200,"eventType":"disconnected","versionNumber":1,"disconnectReason":"CONNECTION_LOST"}"#,
+    )?;
+    ensure!(s.presence(&t).await?.is_none(), "no presence yet");
+    let connected = fold(None, [&c1]).context("a state")?;
+    ensure!(s.put_presence(&t, &connected, None).await?, "the first write");
+    ensure!(!s.put_presence(&t, &connected, None).await?, "a second first write loses");
+    let ended = fold(Some(&connected), [&d1]).context("a state")?;
+    let stale_read = fold(None, [&d1]).context("a state")?.place;
+    ensure!(!s.put_presence(&t, &ended, Some(&stale_read)).await?, "a write over another read loses");
+    ensure!(s.put_presence(&t, &ended, Some(&connected.place)).await?, "a write over the read wins");
+    ensure!(s.presence(&t).await? == Some(ended), "read back");
+    let d = s.device(&t).await?.context("device")?;
+    ensure!(d.registration.is_some_and(|r| r.class == "env-sensor"), "registration kept");
     Ok(())
 }

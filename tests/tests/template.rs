@@ -319,6 +319,21 @@ fn dynamodb_actions(r: &Rendered, role: &str) -> Vec<String> {
 }
 
 #[test]
+fn presence_reads_every_lifecycle_event_and_writes_only_device_presence() {
+    let r = render(&[]);
+    // Devices table: GetItem, then PutItem conditioned on the place read; nothing else.
+    assert_eq!(dynamodb_actions(&r, "PresenceRole"), ["dynamodb:GetItem", "dynamodb:PutItem"]);
+    let env = function_env(&r, "PresenceFunction");
+    let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
+    assert_eq!(vars, ["FLEET_DEVICES_TABLE"], "presence gets only its own resources");
+    let rule = &r.resources["PresenceRule"]["Properties"]["TopicRulePayload"];
+    assert_eq!(rule["Sql"].as_str(), Some("SELECT * FROM '$aws/events/presence/+/+'"));
+    assert!(rule.get("ErrorAction").is_some(), "the presence rule has an error action");
+    let events = &r.resources["PresenceFunction"]["Properties"]["Events"]["LifecycleEvents"]["Properties"];
+    assert_eq!(events["FunctionResponseTypes"][0].as_str(), Some("ReportBatchItemFailures"));
+}
+
+#[test]
 fn twin_sync_reads_and_conditionally_writes_twins_only() {
     // TwinsTable as twin::sync uses it: GetItem, then PutItem conditioned on the revision;
     // the scheduled sweep queries the drift index, and only that index.

@@ -530,3 +530,59 @@ impl crate::ports::DeviceCertStatus for DevicesTable {
         serde_json::from_str(text).map(Some).map_err(|e| StoreError::permanent(op, e))
     }
 }
+
+/// The `presence` item of a device: its connectivity (`health::presence`), with its place as
+/// a string the conditional write compares.
+const PRESENCE: &str = "presence";
+
+impl crate::ports::PresenceStore for DevicesTable {
+    async fn presence(
+        &self,
+        thing: &ThingName,
+    ) -> Result<Option<crate::health::presence::Presence>, StoreError> {
+        let op = "dynamodb presence get";
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(thing.as_str(), PRESENCE)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        let Some(text) = out.item().and_then(|i| i.get("state")).and_then(|v| v.as_s().ok()) else {
+            return Ok(None);
+        };
+        serde_json::from_str(text).map(Some).map_err(|e| StoreError::permanent(op, e))
+    }
+
+    async fn put_presence(
+        &self,
+        thing: &ThingName,
+        next: &crate::health::presence::Presence,
+        expected: Option<&crate::health::presence::Place>,
+    ) -> Result<bool, StoreError> {
+        let op = "dynamodb presence put";
+        fn encode(v: &impl Serialize) -> Result<String, StoreError> {
+            serde_json::to_string(v).map_err(|e| StoreError::permanent("dynamodb presence put", e))
+        }
+        let mut item = key(thing.as_str(), PRESENCE);
+        item.insert("place".into(), AttributeValue::S(encode(&next.place)?));
+        item.insert("state".into(), AttributeValue::S(encode(next)?));
+        item.insert("connected".into(), AttributeValue::Bool(next.connected));
+        let mut req = self.client.put_item().table_name(&self.table).set_item(Some(item));
+        req = match expected {
+            None => req.condition_expression("attribute_not_exists(thing)"),
+            Some(place) => req
+                .condition_expression("place = :read")
+                .expression_attribute_values(":read", AttributeValue::S(encode(place)?)),
+        };
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
+                Ok(false)
+            }
+            Err(e) => Err(classify(op, e)),
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 mod certs;
 mod local_shadows;
+mod presence;
 mod registry;
 mod sqlite;
 mod twins;

@@ -93,6 +93,8 @@ const MIGRATIONS: &[&str] = &[
     super::registry::REGISTRY_SCHEMA,
     // Version 10: the local IoT Core's things and its own credentials (CA, claim certificate).
     super::registry::LOCAL_THINGS_SCHEMA,
+    // Version 11: devices' connectivity (presence).
+    super::presence::PRESENCE_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version

@@ -1,0 +1,218 @@
+//! IoT Core's lifecycle events → each device's connectivity.
+//!
+//! The topic rule puts every `$aws/events/presence/connected|disconnected/<clientId>` event on
+//! the presence queue; this function groups a batch's events by device, folds them into the
+//! device's stored presence in session order (`fleet_shared::health::presence`: the greatest
+//! `(versionNumber, connected < disconnected, timestamp)` wins, so duplicates and any arrival
+//! order end in the state of the last session), and writes it only if the stored presence is
+//! still the one read (re-read and fold again on a race).
+//! - SQS: the answer names exactly the events of devices whose write failed transiently.
+//! - A direct invocation (one event, e.g. `cargo lambda invoke`): `{"applied":n,"stale":n,
+//!   "rejected":[reason]}`, or an error `Retryable`.
+//!
+//! An event that cannot be read (not a lifecycle event, a client id that is not a thing name)
+//! is rejected with its reason (logged, counted `Rejected`), never retried: IoT Core wrote it,
+//! so retrying cannot change it. Metrics: `Events`, `Connects`, `Disconnects`,
+//! `DuplicateClientId` (sessions ended because another connection took the client id: a
+//! cloned identity), `PresenceChanged`, `StaleIgnored`, `Rejected`, `Failed`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fleet_shared::adapters::aws::DevicesTable;
+use fleet_shared::health::presence::{fold, Kind, LifecycleEvent};
+use fleet_shared::ingest::{parse_event, OwnedInbound, Trigger};
+use fleet_shared::lambda::{self, AwsBackend, Retryable, StartupError};
+use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
+use fleet_shared::model::ThingName;
+use fleet_shared::ports::PresenceStore;
+use fleet_shared::{time, StoreError};
+use lambda_runtime::LambdaEvent;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tracing::{info, warn};
+
+pub const FUNCTION: &str = "presence";
+
+/// Reads and conditional writes one device may take in one batch before its events are
+/// retried.
+pub const MAX_ATTEMPTS: usize = 5;
+
+/// Everything the handler needs, built once per cold start.
+pub struct Deps<P> {
+    /// Devices table: the `presence` item per device.
+    pub presence: P,
+    pub clock: fn() -> i64,
+    pub metrics: MetricsOut,
+}
+
+impl Deps<DevicesTable> {
+    /// On AWS: the Devices table (`FLEET_DEVICES_TABLE`).
+    pub fn on_aws(aws: &AwsBackend) -> Result<Self, StartupError> {
+        Ok(Self {
+            presence: DevicesTable::from_env(&aws.sdk, &aws.env)?,
+            clock: time::now_ms,
+            metrics: MetricsOut::stdout(&aws.env)?,
+        })
+    }
+}
+
+#[cfg(feature = "embedded")]
+pub type EmbeddedDeps = Deps<fleet_shared::adapters::embedded::SqliteStore>;
+
+#[cfg(feature = "embedded")]
+impl EmbeddedDeps {
+    /// On the embedded backend: the one SQLite database; the stage is `local`.
+    pub fn on_embedded(e: &lambda::EmbeddedBackend) -> Result<Self, StartupError> {
+        Ok(Self {
+            presence: e.db.clone(),
+            clock: time::now_ms,
+            metrics: MetricsOut::Stdout { stage: "local".to_owned() },
+        })
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub events: usize,
+    pub connects: usize,
+    pub disconnects: usize,
+    pub duplicate_clientid: usize,
+    /// Devices whose presence changed.
+    pub changed: usize,
+    /// Events that changed nothing (older, or already seen).
+    pub stale: usize,
+    /// Events refused for good, with the reason.
+    pub rejected: Vec<(String, String)>,
+    /// Events whose device's write failed transiently: (message id, error), retried.
+    pub failed: Vec<(String, Arc<StoreError>)>,
+}
+
+/// The answer to a direct invocation.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct DirectResponse {
+    pub applied: usize,
+    pub stale: usize,
+    pub rejected: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Response {
+    Sqs(aws_lambda_events::event::sqs::SqsBatchResponse),
+    Direct(DirectResponse),
+}
+
+pub async fn handle<P: PresenceStore>(
+    deps: &Deps<P>,
+    event: LambdaEvent<Box<RawValue>>,
+) -> Result<Response, Retryable> {
+    let now = (deps.clock)();
+    match parse_event(event.payload.get(), now) {
+        Trigger::Sqs(messages) => {
+            let outcome = run(deps, now, &messages).await;
+            Ok(Response::Sqs(lambda::batch_response(outcome.failed.iter().map(|(id, _)| id.as_str()))))
+        }
+        Trigger::Direct(message) => {
+            let outcome = run(deps, now, std::slice::from_ref(&message)).await;
+            if let Some((_, e)) = outcome.failed.into_iter().next() {
+                return Err(Retryable { what: "presence not recorded", source: e });
+            }
+            Ok(Response::Direct(DirectResponse {
+                applied: outcome.changed,
+                stale: outcome.stale,
+                rejected: outcome.rejected.into_iter().map(|(_, why)| why).collect(),
+            }))
+        }
+    }
+}
+
+/// A batch's events, by device, into each device's presence; logged and measured.
+pub async fn run<P: PresenceStore>(deps: &Deps<P>, now: i64, messages: &[OwnedInbound]) -> Outcome {
+    let mut out = Outcome { events: messages.len(), ..Outcome::default() };
+    let mut by_thing: BTreeMap<ThingName, Vec<(&str, LifecycleEvent)>> = BTreeMap::new();
+    for m in messages {
+        let parsed = match m.defect.as_ref() {
+            Some(defect) => Err(defect.detail.clone()),
+            None => LifecycleEvent::parse(&m.body).map_err(|e| e.to_string()),
+        };
+        match parsed {
+            Ok((thing, e)) => {
+                match e.event_type {
+                    Kind::Connected => out.connects += 1,
+                    Kind::Disconnected => out.disconnects += 1,
+                }
+                out.duplicate_clientid +=
+                    usize::from(e.disconnect_reason.as_deref() == Some("DUPLICATE_CLIENTID"));
+                by_thing.entry(thing).or_default().push((m.message_id.as_str(), e));
+            }
+            Err(why) => {
+                warn!(message_id = %m.message_id, reason = %why, "lifecycle event rejected");
+                out.rejected.push((m.message_id.clone(), why));
+            }
+        }
+    }
+    for (thing, events) in &by_thing {
+        match record(&deps.presence, thing, events.iter().map(|(_, e)| e)).await {
+            Ok(true) => {
+                out.changed += 1;
+                out.stale += events.len() - 1;
+            }
+            Ok(false) => out.stale += events.len(),
+            Err(e) if e.is_transient() => {
+                warn!(%thing, error = %e, "presence not recorded; its events will be retried");
+                let e = Arc::new(e);
+                out.failed.extend(events.iter().map(|(id, _)| ((*id).to_owned(), Arc::clone(&e))));
+            }
+            Err(e) => {
+                warn!(%thing, error = %e, "presence refused by the store");
+                out.rejected.extend(events.iter().map(|(id, _)| ((*id).to_owned(), e.to_string())));
+            }
+        }
+    }
+    info!(
+        events = out.events,
+        changed = out.changed,
+        stale = out.stale,
+        rejected = out.rejected.len(),
+        failed = out.failed.len(),
+        "lifecycle events recorded"
+    );
+    deps.metrics.emit(&[MetricSet {
+        timestamp_ms: now,
+        dimensions: vec![("Function", FUNCTION.to_owned())],
+        values: vec![
+            ("Events", out.events as f64, Unit::Count),
+            ("Connects", out.connects as f64, Unit::Count),
+            ("Disconnects", out.disconnects as f64, Unit::Count),
+            ("DuplicateClientId", out.duplicate_clientid as f64, Unit::Count),
+            ("PresenceChanged", out.changed as f64, Unit::Count),
+            ("StaleIgnored", out.stale as f64, Unit::Count),
+            ("Rejected", out.rejected.len() as f64, Unit::Count),
+            ("Failed", out.failed.len() as f64, Unit::Count),
+        ],
+    }]);
+    out
+}
+
+/// Fold one device's events into its stored presence and write it if it changed, on the
+/// presence read (re-read and fold again when another writer got there first). `true`: it
+/// changed.
+pub async fn record<'a, P: PresenceStore>(
+    store: &P,
+    thing: &ThingName,
+    events: impl Iterator<Item = &'a LifecycleEvent> + Clone,
+) -> Result<bool, StoreError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let stored = store.presence(thing).await?;
+        let Some(next) = fold(stored.as_ref(), events.clone()) else { return Ok(false) };
+        if store.put_presence(thing, &next, stored.as_ref().map(|p| &p.place)).await? {
+            return Ok(true);
+        }
+    }
+    Err(StoreError::transient("presence write", "the device's presence kept changing underneath"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,66 @@
+//! [`PresenceStore`] on SQLite: one row per device, written only if the row is still the one
+//! read (compare and set inside one transaction).
+
+use rusqlite::{params, OptionalExtension};
+
+use super::SqliteStore;
+use crate::error::StoreError;
+use crate::health::presence::{Place, Presence};
+use crate::model::ThingName;
+use crate::ports::PresenceStore;
+
+/// Migration step 11 (see `MIGRATIONS` in `sqlite.rs`).
+pub(super) const PRESENCE_SCHEMA: &str = "
+CREATE TABLE presence (
+    thing TEXT NOT NULL PRIMARY KEY,
+    place TEXT NOT NULL, -- the Place as JSON (what a conditional write compares)
+    state TEXT NOT NULL  -- the Presence as JSON
+) WITHOUT ROWID;
+";
+
+fn json<T: serde::Serialize>(op: &'static str, v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::permanent(op, e))
+}
+
+impl PresenceStore for SqliteStore {
+    async fn presence(&self, thing: &ThingName) -> Result<Option<Presence>, StoreError> {
+        const OP: &str = "sqlite presence get";
+        let key = thing.to_string();
+        let state: Option<String> = self
+            .with(OP, move |c| {
+                c.prepare_cached("SELECT state FROM presence WHERE thing = ?1")?
+                    .query_row([key], |r| r.get(0))
+                    .optional()
+            })
+            .await?;
+        state.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::permanent(OP, e))).transpose()
+    }
+
+    async fn put_presence(
+        &self,
+        thing: &ThingName,
+        next: &Presence,
+        expected: Option<&Place>,
+    ) -> Result<bool, StoreError> {
+        const OP: &str = "sqlite presence put";
+        let (key, place, state) = (thing.to_string(), json(OP, &next.place)?, json(OP, next)?);
+        let expected = expected.map(|p| json(OP, p)).transpose()?;
+        self.with(OP, move |c| {
+            let tx = c.transaction()?;
+            let stored: Option<String> = tx
+                .query_row("SELECT place FROM presence WHERE thing = ?1", [&key], |r| r.get(0))
+                .optional()?;
+            if stored != expected {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO presence (thing, place, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (thing) DO UPDATE SET place = excluded.place, state = excluded.state",
+                params![key, place, state],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+}
