@@ -172,6 +172,10 @@ impl Claim {
         client.publish(register.as_str(), QoS::AtLeastOnce, false, request.to_string()).await?;
         tokio::time::timeout(PROVISIONING_TIMEOUT, answer(&mut events, &register)).await??;
         let _ = client.disconnect().await;
+        // Until the connection is closed: the next device's claim session may listen for
+        // answers only once this one is gone (the local IoT Core answers every listener).
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} })
+            .await;
         let id = created["certificateId"].as_str().context("no certificateId")?;
         Ok(format!("{}{id}", fleet_local::broker::CERTIFICATE_USERNAME_PREFIX))
     }

@@ -11,7 +11,11 @@
 //!   provisioning topics only); any other certificate must be ACTIVE in the local registry
 //!   and attached to the thing named by the client id, as IoT Core maps a certificate to its
 //!   thing. A client without a username is a device whose thing is its client id (no
-//!   certificate is checked: the local IoT Core's default);
+//!   certificate is checked: the local IoT Core's default, which `mosquitto_pub -i <thing>`
+//!   and the demo use; so a decommissioned device can still connect that way, and a
+//!   certificate made inactive does not end a session already open: the checks are at
+//!   connect). One claim session at a time may subscribe to the provisioning answers (they
+//!   carry private keys, and this broker cannot answer one connection only);
 //! - **fleet provisioning**: requests on the provisioning topics are answered by
 //!   [`crate::provisioning`] (and reach no subscriber or rule);
 //! - **intake**: every publish is handed to the rules engine, with its client id, *before* the
@@ -114,6 +118,9 @@ struct IotCore {
     provisioning: Option<Arc<Provisioning>>,
     /// `cert/<claim certificate id>`: the username of a claim holder.
     claim_user: Option<String>,
+    /// The claim session that may receive provisioning answers now (see
+    /// [`IotCore::claim_may_listen`]).
+    answer_listener: Mutex<Option<String>>,
     router: OnceLock<Arc<MessageRouter>>,
     stats: Arc<Stats>,
     max_payload_bytes: usize,
@@ -122,6 +129,29 @@ struct IotCore {
 impl IotCore {
     fn is_claim(&self, user: Option<&str>) -> bool {
         user.is_some() && user == self.claim_user.as_deref()
+    }
+
+    /// IoT Core answers fleet-provisioning requests to the requesting connection only; this
+    /// broker can only publish to every subscriber, and the answers carry private keys. So one
+    /// claim session at a time may subscribe to a filter that can match them: another claim
+    /// session's subscription is refused until the first disconnects.
+    async fn claim_may_listen(&self, client_id: &str, filter: &str) -> bool {
+        if !may_match_provisioning_answers(filter) {
+            return true;
+        }
+        let holder = self.answer_listener.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(other) = holder.filter(|h| h != client_id) {
+            let connected = match self.router.get() {
+                Some(router) => router.is_connected(&other).await,
+                None => false,
+            };
+            if connected {
+                warn!(client_id, other, filter, "refused: another claim session listens for provisioning answers (the local IoT Core cannot answer one connection only)");
+                return false;
+            }
+        }
+        *self.answer_listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(client_id.to_owned());
+        true
     }
 
     fn device_may(&self, action: Action, resource: &str, client_id: &str, user: Option<&str>) -> bool {
@@ -265,7 +295,9 @@ impl AuthProvider for IotCore {
         filter: &'a str,
     ) -> Boxed<'a, bool> {
         let allowed = self.device_may(Action::Subscribe, &format!("topicfilter/{filter}"), client_id, user);
-        Box::pin(async move { allowed })
+        let claim = self.is_claim(user);
+        let client_id = client_id.to_owned();
+        Box::pin(async move { allowed && (!claim || self.claim_may_listen(&client_id, filter).await) })
     }
 }
 
@@ -398,6 +430,7 @@ impl Broker {
                 .map(|p| format!("{CERTIFICATE_USERNAME_PREFIX}{}", p.claim)),
             claim_policy: opts.claim_policy,
             provisioning: opts.provisioning,
+            answer_listener: Mutex::default(),
             router: OnceLock::new(),
             stats,
             max_payload_bytes: opts.max_payload_bytes,
@@ -475,6 +508,41 @@ impl Intake {
                 Err(TryRecvError::Empty) if settled => return None,
                 Err(TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(1)).await,
             }
+        }
+    }
+}
+
+/// Whether a topic filter can match an answer of the fleet-provisioning MQTT API
+/// (`$aws/certificates/create/…`, `$aws/provisioning-templates/…`). Wildcards at the first
+/// level never match `$` topics.
+fn may_match_provisioning_answers(filter: &str) -> bool {
+    let mut levels = filter.split('/');
+    levels.next() == Some("$aws")
+        && matches!(levels.next(), Some("certificates" | "provisioning-templates" | "+" | "#"))
+}
+
+#[cfg(test)]
+mod answer_filter_tests {
+    use super::may_match_provisioning_answers as m;
+
+    #[test]
+    fn filters_that_can_reach_provisioning_answers() {
+        for yes in [
+            "$aws/certificates/create/json/+",
+            "$aws/certificates/#",
+            "$aws/+/create/json/accepted",
+            "$aws/#",
+            "$aws/provisioning-templates/t/provision/json/accepted",
+        ] {
+            assert!(m(yes), "{yes}");
+        }
+        for no in [
+            "#",
+            "+/certificates/create/json/accepted",
+            "$aws/things/t/shadow/update/accepted",
+            "dt/fleet/x/telemetry",
+        ] {
+            assert!(!m(no), "{no}");
         }
     }
 }

@@ -37,8 +37,10 @@
 //! `DeviceConfiguration` (anything else fails at start-up, naming it); the template's policy
 //! (locally every provisioned device is held to the template's device policy); and answers
 //! go to every connection subscribed to the answer topic, where AWS answers only the
-//! requesting connection (mqtt5 has no delivery to one connection) — the token is bound to the
-//! requesting client id, so another claim client cannot use what it overhears.
+//! requesting connection (mqtt5 has no delivery to one connection). Because the answers carry
+//! private keys, the broker lets one claim session at a time subscribe to a filter that can
+//! match them (`crate::broker`): claim clients provision one after another, as
+//! `fleetctl demo --provision` does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,8 @@ use crate::template::ProvisioningTemplate;
 
 /// AWS IoT waits this long for the pre-provisioning hook.
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Unused certificates (and their tokens) one client may hold at a time.
+pub const MAX_PENDING_PER_CLIENT: usize = 5;
 /// How long AWS keeps an ownership token.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// The validity of issued certificates unless `FLEET_LOCAL_CERT_VALIDITY_DAYS` says otherwise.
@@ -429,6 +433,21 @@ impl Provisioning {
                 }
                 Err(e) => return Err(Rejection::invalid_payload(format!("Payload is not valid JSON: {e}"))),
             }
+        }
+        // A claim client looping on CreateKeysAndCertificate would grow the registry and the
+        // tokens for an hour each: a few unused certificates per client at a time.
+        let outstanding = {
+            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            tokens.values().filter(|p| p.client_id == client_id && p.expires_ms > now_ms).count()
+        };
+        if outstanding >= MAX_PENDING_PER_CLIENT {
+            return Err(Rejection::new(
+                429,
+                "ThrottlingException",
+                format!(
+                    "{outstanding} certificates created by this client wait for RegisterThing: use one, or wait for their tokens to expire"
+                ),
+            ));
         }
         let issued = self
             .ca

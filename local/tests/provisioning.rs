@@ -72,7 +72,15 @@ async fn claim_holder(stack: &LocalStack, id: &str) -> Result<(AsyncClient, Even
     c.subscribe(format!("{CREATE_TOPIC}/+"), QoS::AtLeastOnce).await?;
     c.subscribe(format!("$aws/provisioning-templates/{TEMPLATE}/provision/json/+"), QoS::AtLeastOnce).await?;
     for _ in 0..2 {
-        until(&mut events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
+        let codes = until(&mut events, |e| match e {
+            Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),
+            _ => None,
+        })
+        .await?;
+        anyhow::ensure!(
+            codes.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+            "{id}: subscription refused: {codes:?}"
+        );
     }
     Ok((c, events))
 }
@@ -338,5 +346,53 @@ async fn the_ca_and_the_claim_survive_a_restart() -> Result<()> {
     chains_to(old["certificatePem"].as_str().context("old pem")?, &ca)?;
     chains_to(new["certificatePem"].as_str().context("new pem")?, &ca)?;
     drop(after);
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_claim_session_cannot_listen_for_answers_carrying_private_keys() -> Result<()> {
+    // GIVEN one claim session subscribed to the provisioning answers
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let claim = provisioning(&stack)?.claim.clone();
+    let (first, mut first_events) = claim_holder(&stack, "sensor-l01").await?;
+    // WHEN another claim session subscribes to them, even through a wildcard
+    let (eavesdropper, mut events) = client(&stack, "sensor-l02", &format!("cert/{claim}"));
+    eavesdropper.subscribe("$aws/certificates/#", QoS::AtLeastOnce).await?;
+    let refused = until(&mut events, |e| match e {
+        Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),
+        _ => None,
+    })
+    .await?;
+    // THEN it is refused, and the first session still gets its certificate
+    assert!(
+        refused.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)),
+        "the second listener must be refused: {refused:?}"
+    );
+    let (answer, created) = ask(&first, &mut first_events, CREATE_TOPIC, "{}".into()).await?;
+    assert_eq!(answer, "accepted", "{created}");
+    // AND once the first session has gone, the next claim session may listen
+    first.disconnect().await?;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), async { while first_events.poll().await.is_ok() {} })
+            .await;
+    claim_holder(&stack, "sensor-l03").await?;
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_creating_certificates_in_a_loop_is_throttled() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let p = provisioning(&stack)?;
+    let create = Request::CreateKeysAndCertificate;
+    let now = fleet_shared::time::now_ms();
+    for _ in 0..fleet_local::provisioning::MAX_PENDING_PER_CLIENT {
+        assert_eq!(direct(&p, &create, "sensor-loop", "", now).await?.0, "accepted");
+    }
+    let throttled = direct(&p, &create, "sensor-loop", "", now).await?;
+    assert_eq!(code(&throttled), ("rejected", Some(429), Some("ThrottlingException")));
+    // Another client is not held back by it.
+    assert_eq!(direct(&p, &create, "sensor-other", "", now).await?.0, "accepted");
     stack.shutdown().await
 }

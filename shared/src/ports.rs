@@ -20,7 +20,7 @@
 //! | [`CertificateInventory`] | `CertificatesTable` | `dynamodb:PutItem` (hook), `dynamodb:Query` on its `by_expiry` index (expiry check), `GetItem` |
 //! | [`ProvisioningAudit`] | `CertificatesTable` | `dynamodb:PutItem` (audit events), `dynamodb:UpdateItem` (claim counters) |
 //! | [`DeviceCertStatus`] | `DevicesTable` | `dynamodb:BatchWriteItem` on the Devices table (item `cert` per device: put, delete) |
-//! | [`Reports`] | `S3Archive` | `s3:PutObject`, `s3:GetObject` on `reports/*`, `s3:ListBucket` under `reports/` (a missing report is then 404, not 403) |
+//! | [`Reports`] | `S3Archive` | `s3:PutObject`, `s3:GetObject` on `reports/*`, `s3:ListBucket` under `reports/` (a report is listed before it is read) |
 //! | [`ReconcileProgress`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (item `$reconcile`) |
 //! | [`PresenceStore`] | `DevicesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (conditional) on the Devices table (item `presence` per device) |
 //! | [`CertificateRegistry`] | `IotControlPlane` | `iot:ListCertificates`, `iot:DescribeCertificate` on `cert/*`, `iot:ListPrincipalThings`, `iot:ListThingPrincipals` on `thing/*` (reconciliation, decommission) |
@@ -484,9 +484,9 @@ pub trait CertificateControl: Send + Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// Where the weekly reconciliation stands: a sweep in progress (its start, the marker of its
-/// next ListCertificates page) or, when `marker` is `None` and `finished_ms` is set, the last
-/// one finished.
+/// Where the weekly reconciliation stands: a sweep in progress (`finished_ms` unset: its start,
+/// the marker of its next ListCertificates page, `None` for the first) or the last one
+/// finished.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReconcileState {
     pub started_ms: i64,

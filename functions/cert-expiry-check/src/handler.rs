@@ -132,7 +132,8 @@ pub struct CheckSummary {
     /// Certificates read from the expiry index (the check's whole cost).
     pub read: usize,
     pub devices_marked: usize,
-    /// Devices marked by the previous report and not by this one: their marks removed.
+    /// Devices marked by the previous report and not by this one, whose marked certificate is
+    /// no longer active: their marks removed.
     #[serde(default)]
     pub devices_cleared: usize,
     pub report: String,
@@ -222,7 +223,8 @@ where
     let retry = |what| move |e: StoreError| Retryable { what, source: Arc::new(e) };
     let state = deps.progress.reconcile_state().await.map_err(retry("reconciliation state not read"))?;
     let state = match state {
-        Some(s) if s.marker.is_some() => s,
+        // A sweep in progress (its next page's marker; `None`: its first page again).
+        Some(s) if s.finished_ms.is_none() => s,
         Some(s) if s.started_ms + SWEEP_EVERY_MS > now => {
             return Ok(SliceSummary {
                 sweep_started_ms: None,
@@ -339,16 +341,28 @@ where
         })
         .collect();
     deps.devices.mark_cert_status(&marks).await.map_err(retry("device certificate status not written"))?;
-    // Devices the last report marked and this one does not (rotated, or their old certificate
-    // deactivated): their marks go, so `rotation_due` is never left behind.
-    let previous = previous_report(&deps.reports, now).await.map_err(retry("previous report not read"))?;
-    let cleared: Vec<ThingName> = previous
-        .iter()
-        .flat_map(|r| r.findings.iter().filter_map(|f| f.thing.clone()))
-        .filter(|t| !marked.contains(t))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    // Devices the last report marked and this one does not, whose marked certificate is no
+    // longer active (deactivated or revoked after a rotation, or gone): their marks go, so
+    // `rotation_due` is never left behind. A certificate still active keeps its device's mark
+    // even once it has left the window (expired more than a week ago, the device still cut
+    // off); a truncated read clears nothing (what it did not read is not known to be fine).
+    let mut cleared: Vec<ThingName> = Vec::new();
+    if certs.len() < MAX_CERTIFICATES {
+        let previous =
+            previous_report(&deps.reports, now).await.map_err(retry("previous report not read"))?;
+        let candidates: std::collections::BTreeMap<ThingName, fleet_shared::model::CertificateId> = previous
+            .iter()
+            .flat_map(|r| r.findings.iter())
+            .filter_map(|f| Some((f.thing.clone()?, f.certificate.clone())))
+            .filter(|(t, _)| !marked.contains(t))
+            .collect();
+        for (thing, id) in candidates {
+            let cert = deps.inventory.certificate(&id).await.map_err(retry("marked certificate not read"))?;
+            if cert.is_none_or(|c| c.status != fleet_shared::model::CertStatus::Active) {
+                cleared.push(thing);
+            }
+        }
+    }
     deps.devices.clear_cert_status(&cleared).await.map_err(retry("device certificate status not cleared"))?;
     let key = report_key(now);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| Retryable {

@@ -1,6 +1,7 @@
 //! End to end: the real `cert-expiry-check` bootstrap (the binary this test build made, with
 //! the `embedded` feature) polling cargo-lambda's runtime emulator, driven by
-//! `cargo lambda invoke --data-file events/cert-expiry-check/scheduled-daily.json`.
+//! `cargo lambda invoke --data-file events/cert-expiry-check/scheduled-daily.json` and
+//! `…/reconcile-weekly.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::lambda::emulator::Emulator;
 use fleet_shared::model::{CertStatus, Certificate, CertificateId, ThingName};
-use fleet_shared::ports::{CertificateInventory, DeviceCertStatus};
+use fleet_shared::ports::{CertificateInventory, DeviceCertStatus, ReconcileProgress};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -51,5 +52,10 @@ async fn cargo_lambda_invoke_runs_the_daily_check_on_the_embedded_backend() -> R
     let mark = store.cert_status(&ThingName::parse("sensor-001")?).await?.context("sensor-001 not marked")?;
     ensure!(mark.rotation_due, "{mark:?}");
     ensure!(store.cert_status(&ThingName::parse("sensor-002")?).await?.is_none(), "sensor-002 is fine");
+    // AND the weekly schedule's event runs one reconciliation slice over the local registry
+    // (empty here): finished in one slice, its cursor kept
+    let r = lambda.invoke(&workspace().join("events/cert-expiry-check/reconcile-weekly.json"))?;
+    ensure!(r["finished"] == true && r["slice"] == 1 && r["result"]["listed"] == 0, "{r}");
+    ensure!(store.reconcile_state().await?.is_some_and(|s| s.finished_ms.is_some()), "no sweep recorded");
     Ok(())
 }

@@ -52,9 +52,10 @@ where
     I: CertificateInventory,
     P: ProvisioningAudit,
 {
-    let attached = ports.registry.thing_certificates(thing).await?;
-    // First the allowlist, so the device cannot provision again while its certificates go.
+    // First the allowlist, so the device cannot provision again while its certificates go (a
+    // provisioning finishing meanwhile attaches its certificate before the list below).
     let entry_before = ports.allowlist.decommission(thing, now_ms).await?;
+    let attached = ports.registry.thing_certificates(thing).await?;
     if entry_before.is_none() && attached.is_empty() {
         return Err(DecommissionError::Unknown(thing.clone()));
     }

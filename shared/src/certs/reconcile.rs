@@ -35,6 +35,8 @@ pub const DEFAULT_CONCURRENCY: usize = 8;
 pub const DEFAULT_PAGE_SIZE: usize = 250;
 /// Retries of one call after throttling or a transient failure, backing off from 200 ms to 20 s.
 pub const MAX_RETRIES: usize = 8;
+/// How long past its budget a slice lets the page in hand finish before cutting it off.
+pub const PAGE_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -102,15 +104,21 @@ pub struct Reconciliation {
     /// Calls retried after throttling or a transient failure.
     pub retried: u64,
     pub unreadable: Vec<Unreadable>,
+    /// Certificates a permanent error stopped (access denied on one, a thing name AWS would
+    /// not give): the rest of the sweep goes on without them.
+    pub failed: Vec<Unreadable>,
     /// Sorted, each once.
     pub findings: Vec<Finding>,
-    /// Where to continue: the budget ran out before the registry's last page.
+    /// The budget ran out before the registry's last page: continue from `next_marker`
+    /// (`None`: the first page again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unfinished: bool,
     pub next_marker: Option<String>,
 }
 
 impl Reconciliation {
     pub fn finished(&self) -> bool {
-        self.next_marker.is_none()
+        !self.unfinished
     }
 
     /// Findings per kind.
@@ -134,7 +142,10 @@ struct Outcome {
 }
 
 /// Reconcile from `marker` (`None`: the registry's first page) until the registry's end or the
-/// budget (checked between pages; at least one page is done). Fails on a call that still fails after its retries, or a permanent error (access
+/// budget (checked between pages, at least one page done; a page still running past the budget
+/// and [`PAGE_GRACE`] is cut off and done again next time). A certificate a permanent error
+/// stops is listed in `failed` and the sweep goes on; a call still failing transiently after
+/// its retries fails the reconciliation (the caller keeps its cursor and runs again). Fails on a call that still fails after its retries, or a permanent error (access
 /// denied): the caller keeps its cursor and runs again.
 pub async fn reconcile<R, I>(
     registry: &R,
@@ -153,26 +164,59 @@ where
     let mut findings = BTreeSet::new();
     let mut marker = marker;
     loop {
-        let page =
-            with_retries(opts, &retried, || registry.list_certificates(marker.as_deref(), opts.page_size))
-                .await?;
+        // A page under heavy throttling can outlast the budget: it is cut off at the budget
+        // (and a grace for the calls in flight) and done again by the next slice, from its own
+        // marker (every step is idempotent).
+        let page_work = async {
+            let page = with_retries(opts, &retried, || {
+                registry.list_certificates(marker.as_deref(), opts.page_size)
+            })
+            .await?;
+            let outcomes: Vec<(CertificateId, Result<Outcome, StoreError>)> =
+                stream::iter(page.certificates.clone())
+                    .map(|listed| async {
+                        let id = listed.id.clone();
+                        (id, one(registry, inventory, listed, now_ms, opts, &retried).await)
+                    })
+                    .buffer_unordered(opts.concurrency.max(1))
+                    .collect()
+                    .await;
+            Ok::<_, StoreError>((page, outcomes))
+        };
+        let worked = match opts.budget {
+            Some(budget) => {
+                let left = budget.saturating_sub(started.elapsed()) + PAGE_GRACE;
+                match tokio::time::timeout(left, page_work).await {
+                    Ok(worked) => worked,
+                    Err(_) => {
+                        out.unfinished = true;
+                        out.next_marker = marker;
+                        break;
+                    }
+                }
+            }
+            None => page_work.await,
+        };
+        let (page, outcomes) = worked?;
         out.listed += page.certificates.len() as u64;
-        let outcomes: Vec<Result<Outcome, StoreError>> = stream::iter(page.certificates)
-            .map(|listed| one(registry, inventory, listed, now_ms, opts, &retried))
-            .buffer_unordered(opts.concurrency.max(1))
-            .collect()
-            .await;
-        for outcome in outcomes {
-            let o = outcome?;
-            out.described += u64::from(o.described);
-            out.adopted += u64::from(o.adopted);
-            out.updated += u64::from(o.updated);
-            out.unreadable.extend(o.unreadable);
-            findings.extend(o.findings);
+        for (id, outcome) in outcomes {
+            match outcome {
+                Ok(o) => {
+                    out.described += u64::from(o.described);
+                    out.adopted += u64::from(o.adopted);
+                    out.updated += u64::from(o.updated);
+                    out.unreadable.extend(o.unreadable);
+                    findings.extend(o.findings);
+                }
+                // Still failing after its retries: the slice fails and its page is done again.
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => out.failed.push(Unreadable { certificate: id, error: e.to_string() }),
+            }
         }
         match page.next {
             // At least one page per call, so every slice makes progress.
             Some(next) if opts.budget.is_some_and(|b| started.elapsed() >= b) => {
+                out.unfinished = true;
                 out.next_marker = Some(next);
                 break;
             }
@@ -183,6 +227,7 @@ where
     out.retried = retried.load(Relaxed);
     out.findings = findings.into_iter().collect();
     out.unreadable.sort_by(|a, b| a.certificate.cmp(&b.certificate));
+    out.failed.sort_by(|a, b| a.certificate.cmp(&b.certificate));
     Ok(out)
 }
 
@@ -204,7 +249,7 @@ where
         [only] => Some(only.clone()),
         _ => None,
     };
-    let known = inventory.certificate(&listed.id).await?;
+    let known = with_retries(opts, retried, || inventory.certificate(&listed.id)).await?;
     let cert = match known {
         Some(mut cert) => {
             let thing = cert.thing.clone().or(sole_thing);
@@ -212,7 +257,7 @@ where
                 cert.status = listed.status;
                 cert.thing = thing;
                 cert.recorded_ms = now_ms;
-                inventory.record(&cert).await?;
+                with_retries(opts, retried, || inventory.record(&cert)).await?;
                 o.updated = true;
             }
             cert
@@ -249,7 +294,7 @@ where
                 status: detail.listed.status,
                 recorded_ms: now_ms,
             };
-            inventory.record(&cert).await?;
+            with_retries(opts, retried, || inventory.record(&cert)).await?;
             o.adopted = true;
             cert
         }
@@ -294,15 +339,18 @@ where
 {
     let attached = with_retries(opts, retried, || registry.thing_certificates(thing)).await?;
     for other in attached.iter().filter(|id| **id != expired.id) {
-        let Some(cert) = inventory.certificate(other).await? else {
+        let Some(cert) = with_retries(opts, retried, || inventory.certificate(other)).await? else {
             // Not in the inventory yet (this sweep adopts it on its own page): judge it by the
-            // registry.
+            // registry, with the same rules as below.
             match with_retries(opts, retried, || registry.describe_certificate(other)).await? {
-                Some(d) if d.listed.status == CertStatus::Active => match parse_pem(&d.pem) {
-                    Ok(p) if p.not_after_ms > now_ms => return Ok(None),
+                Some(d) => match parse_pem(&d.pem) {
+                    Ok(p) if d.listed.status == CertStatus::Active && p.not_after_ms > now_ms => {
+                        return Ok(None)
+                    }
+                    Ok(p) if p.not_after_ms <= now_ms && *other < expired.id => return Ok(None),
                     _ => continue,
                 },
-                _ => continue,
+                None => continue,
             }
         };
         if cert.status == CertStatus::Active && cert.not_after_ms > now_ms {

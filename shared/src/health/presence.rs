@@ -8,6 +8,14 @@
 //! is the event with the greatest place: a stale event (an older session's, or a session's
 //! connect after its disconnect) never flips a device. It still says something: a session's
 //! connect arriving after its disconnect gives the session's length.
+//!
+//! AWS resets a client's `versionNumber` to 0 once it has stayed disconnected for about an hour
+//! (longer for persistent sessions, after their time to live). So an event with a lower
+//! version that is [`RESET_GAP_MS`] or more later than another belongs to a newer count and
+//! comes after it ([`is_after`]); within that gap versions decide, as when a new connection
+//! takes a client id over and the old session's disconnect is stamped a moment after the new
+//! session's connect. A connect and a disconnect belong to one session when they share its
+//! `versionNumber` and, where both carry one, its `sessionIdentifier`.
 
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +75,21 @@ impl LifecycleEvent {
     }
 }
 
+/// A lower `versionNumber` at least this much later than another event is a new count (AWS
+/// resets it after about an hour disconnected), not an older event.
+pub const RESET_GAP_MS: i64 = 30 * 60 * 1000;
+
+/// Whether `a` comes after `b` in a device's history.
+pub fn is_after(a: &Place, b: &Place) -> bool {
+    if a.version < b.version && a.at_ms >= b.at_ms.saturating_add(RESET_GAP_MS) {
+        return true; // a is in a newer count
+    }
+    if a.version > b.version && b.at_ms >= a.at_ms.saturating_add(RESET_GAP_MS) {
+        return false; // b is in a newer count
+    }
+    a > b
+}
+
 /// An event's place in a device's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Place {
@@ -89,6 +112,18 @@ pub struct Presence {
     /// Why the latest session ended (`MQTT_KEEP_ALIVE_TIMEOUT`, `CONNECTION_LOST`,
     /// `DUPLICATE_CLIENTID`, `AUTH_ERROR`, ...); `None` while connected.
     pub disconnect_reason: Option<String>,
+    /// The latest session's `sessionIdentifier`, when its events carry one.
+    #[serde(default)]
+    pub session: Option<String>,
+}
+
+/// Whether `e` is an event of the session `p` describes.
+fn same_session(p: &Presence, e: &LifecycleEvent) -> bool {
+    p.place.version == e.version_number
+        && match (&p.session, &e.session_identifier) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
 }
 
 /// What one event does to a device's presence.
@@ -109,7 +144,7 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
     let Some(cur) = current else {
         return Applied::Now(first(e));
     };
-    if place > cur.place {
+    if is_after(&place, &cur.place) {
         let next = match e.event_type {
             Kind::Connected => Presence {
                 connected: true,
@@ -117,10 +152,11 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
                 session_started_ms: Some(e.timestamp),
                 session_ms: None,
                 disconnect_reason: None,
+                session: e.session_identifier.clone(),
             },
             Kind::Disconnected => {
                 // Its connect seen (it is the state now): the session's start and length.
-                let started = (cur.place.version == place.version && cur.place.kind == Kind::Connected)
+                let started = (cur.place.kind == Kind::Connected && same_session(cur, e))
                     .then_some(cur.session_started_ms)
                     .flatten();
                 Presence {
@@ -129,6 +165,7 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
                     session_started_ms: started,
                     session_ms: started.map(|s| e.timestamp.saturating_sub(s)),
                     disconnect_reason: e.disconnect_reason.clone(),
+                    session: e.session_identifier.clone(),
                 }
             }
         };
@@ -136,8 +173,9 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
     }
     // A connect arriving after its own session's disconnect: the session's start and length.
     if place.kind == Kind::Connected
-        && place.version == cur.place.version
         && cur.place.kind == Kind::Disconnected
+        && same_session(cur, e)
+        && e.timestamp <= cur.place.at_ms
         && cur.session_started_ms.is_none()
     {
         let mut next = cur.clone();
@@ -156,6 +194,7 @@ fn first(e: &LifecycleEvent) -> Presence {
         session_started_ms: connected.then_some(e.timestamp),
         session_ms: None,
         disconnect_reason: if connected { None } else { e.disconnect_reason.clone() },
+        session: e.session_identifier.clone(),
     }
 }
 
@@ -166,8 +205,8 @@ pub fn fold<'a>(
     events: impl IntoIterator<Item = &'a LifecycleEvent>,
 ) -> Option<Presence> {
     let mut events: Vec<&LifecycleEvent> = events.into_iter().collect();
-    // In place order, so each disconnect meets its connect first when both are in the batch.
-    events.sort_by_key(|e| e.place());
+    // In time order (any order ends in the same state; this one applies the fewest states).
+    events.sort_by_key(|e| (e.timestamp, e.place()));
     let mut state = current.cloned();
     let mut changed = false;
     for e in events {

@@ -249,3 +249,29 @@ async fn a_device_whose_expiring_certificate_was_deactivated_loses_its_mark_the_
     assert!(deps.devices.cert_status(&ThingName::parse("dev-2")?).await?.is_some());
     Ok(())
 }
+
+fn in_seven_days() -> i64 {
+    fixed_clock() + 7 * DAY_MS
+}
+
+fn in_eight_and_a_half_days() -> i64 {
+    fixed_clock() + 8 * DAY_MS + 12 * HOUR_MS
+}
+
+#[tokio::test]
+async fn a_device_whose_certificate_expired_beyond_the_look_back_keeps_its_mark() -> Result<()> {
+    // GIVEN dev-3 marked for a certificate expiring tomorrow, which nobody rotates, and the
+    // check run again a week later (expired 6 days ago: still in the window, still marked)
+    let mut deps = deps()?;
+    deps.inventory.record(&cert(3, fixed_clock() + DAY_MS, CertStatus::Active)).await?;
+    assert_eq!(check(&deps).await?.devices_marked, 1);
+    deps.clock = in_seven_days;
+    assert_eq!(check(&deps).await?.devices_marked, 1);
+    // WHEN it runs a day and a half later: expired 7.5 days ago, out of the window
+    deps.clock = in_eight_and_a_half_days;
+    let later = check(&deps).await?;
+    // THEN the device keeps its mark: it is cut off, not fixed
+    assert_eq!((later.devices_marked, later.devices_cleared), (0, 0));
+    assert!(deps.devices.cert_status(&ThingName::parse("dev-3")?).await?.is_some());
+    Ok(())
+}

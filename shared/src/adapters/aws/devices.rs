@@ -143,6 +143,9 @@ fn devices_from(items: impl IntoIterator<Item = Item>) -> HashMap<ThingName, Dev
             _ => {}
         }
     }
+    // Only a device's other items (`cert`, `presence`: a console or claim client's connects)
+    // do not make a device.
+    out.retain(|_, d| d.registration.is_some() || d.state.is_some());
     out
 }
 

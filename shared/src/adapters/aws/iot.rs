@@ -197,7 +197,11 @@ fn api_error(status: u16, body: &[u8]) -> IotApiError {
         message: Option<String>,
     }
     let parsed: Body = serde_json::from_slice(body).unwrap_or_default();
-    let code = parsed.code.map(|c| c.rsplit(['#', ':']).next().unwrap_or_default().to_owned());
+    // `ThrottlingException`, `com.amazon.coral#ThrottlingException` or
+    // `ThrottlingException:http://internal.amazon.com/...`: the name alone.
+    let code = parsed
+        .code
+        .map(|c| c.split(':').next().unwrap_or_default().rsplit('#').next().unwrap_or_default().to_owned());
     IotApiError {
         status,
         code: code.unwrap_or_else(|| {
@@ -311,55 +315,49 @@ impl CertificateRegistry for IotControlPlane {
 
     async fn certificate_things(&self, arn: &str) -> Result<Vec<ThingName>, StoreError> {
         const OP: &str = "iot ListPrincipalThings";
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Page {
-            #[serde(default)]
-            things: Vec<String>,
-            next_token: Option<String>,
-        }
-        let mut things = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut path = format!("/principals/things?maxResults={MAX_RESULTS}");
-            if let Some(t) = &token {
-                path.push_str(&format!("&nextToken={}", encode(t)));
-            }
-            let page: Page =
-                decode(OP, &self.call(OP, "GET", &path, &[("x-amzn-principal", arn)], &[]).await?)?;
-            for name in page.things {
-                things.push(ThingName::parse(&name).map_err(|e| StoreError::permanent(OP, e))?);
-            }
-            match page.next_token.filter(|t| !t.is_empty()) {
-                Some(t) => token = Some(t),
-                None => return Ok(things),
-            }
-        }
+        let names = self.all_pages(OP, "/principals/things", &[("x-amzn-principal", arn)], "things").await?;
+        names.iter().map(|n| ThingName::parse(n).map_err(|e| StoreError::permanent(OP, e))).collect()
     }
 
     async fn thing_certificates(&self, thing: &ThingName) -> Result<Vec<CertificateId>, StoreError> {
         const OP: &str = "iot ListThingPrincipals";
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Page {
-            #[serde(default)]
-            principals: Vec<String>,
-            next_token: Option<String>,
-        }
-        let mut ids = Vec::new();
+        let path = format!("/things/{}/principals", encode(thing.as_str()));
+        let principals = self.all_pages(OP, &path, &[], "principals").await?;
+        // Principals are certificate ARNs (`…:cert/<id>`) or others (Cognito ids): only
+        // certificates are kept.
+        Ok(principals.iter().filter_map(|p| CertificateId::of_arn(p)).collect())
+    }
+}
+
+impl IotControlPlane {
+    /// Every page of a list call that pages with `maxResults` / `nextToken`: the strings of
+    /// the answer's `field`.
+    async fn all_pages(
+        &self,
+        op: &'static str,
+        path: &str,
+        headers: &[(&'static str, &str)],
+        field: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut path = format!("/things/{}/principals?maxResults={MAX_RESULTS}", encode(thing.as_str()));
+            let mut url = format!("{path}?maxResults={MAX_RESULTS}");
             if let Some(t) = &token {
-                path.push_str(&format!("&nextToken={}", encode(t)));
+                url.push_str(&format!("&nextToken={}", encode(t)));
             }
-            let page: Page = decode(OP, &self.call(OP, "GET", &path, &[], &[]).await?)?;
-            // Principals are certificate ARNs (`…:cert/<id>`) or others (Cognito ids): only
-            // certificates are kept.
-            ids.extend(page.principals.iter().filter_map(|p| CertificateId::of_arn(p)));
-            match page.next_token.filter(|t| !t.is_empty()) {
-                Some(t) => token = Some(t),
-                None => return Ok(ids),
+            let mut page: serde_json::Value = decode(op, &self.call(op, "GET", &url, headers, &[]).await?)?;
+            match page.get_mut(field).map(serde_json::Value::take) {
+                None | Some(serde_json::Value::Null) => {}
+                Some(items) => {
+                    let items: Vec<String> =
+                        serde_json::from_value(items).map_err(|e| StoreError::permanent(op, e))?;
+                    out.extend(items);
+                }
+            }
+            match page.get("nextToken").and_then(serde_json::Value::as_str).filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t.to_owned()),
+                None => return Ok(out),
             }
         }
     }
@@ -546,6 +544,8 @@ mod tests {
         assert_eq!((missing.code.as_str(), missing.is_transient()), ("ResourceNotFoundException", false));
         let denied = api_error(403, br#"{"__type":"com.amazon#AccessDeniedException","message":"no"}"#);
         assert_eq!((denied.code.as_str(), denied.is_transient()), ("AccessDeniedException", false));
+        let coral = api_error(400, br#"{"__type":"ThrottlingException:http://internal.amazon.com/coral/"}"#);
+        assert_eq!((coral.code.as_str(), coral.is_transient()), ("ThrottlingException", true));
     }
 
     #[test]

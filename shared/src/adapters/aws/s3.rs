@@ -175,6 +175,11 @@ impl crate::ports::Reports for S3Archive {
 
     async fn report(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let op = "s3 get report";
+        // Listed first: the role may list `reports/` only (a condition on `s3:prefix`), and
+        // without ListBucket on the request S3 answers a missing key with 403, not 404.
+        if !self.list_keys(key, None, 1).await?.iter().any(|k| k == key) {
+            return Ok(None);
+        }
         let out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
             Ok(out) => out,
             Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => return Ok(None),

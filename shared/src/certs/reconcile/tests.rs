@@ -127,10 +127,10 @@ async fn a_budget_stops_between_pages_and_the_marker_continues_to_the_same_end()
         let slice = reconcile(&slow, &db, marker, NOW_MS, &opts).await.expect("slice");
         listed += slice.listed;
         slices += 1;
-        match slice.next_marker {
-            Some(m) => marker = Some(m),
-            None => break,
+        if slice.finished() {
+            break;
         }
+        marker = slice.next_marker;
     }
     // THEN one page a slice, every certificate listed once
     assert_eq!((listed, slices), (7, 3));
@@ -257,4 +257,90 @@ async fn a_permanent_error_fails_the_reconciliation() {
 fn local_arns_name_their_certificate() {
     let id = CertificateId::of_der(b"x");
     assert_eq!(CertificateId::of_arn(&local_certificate_arn(&id)), Some(id));
+}
+
+/// A registry whose second page never answers (a throttled page that outlasts the budget).
+struct Stuck<'a> {
+    inner: &'a SqliteStore,
+}
+
+impl CertificateRegistry for Stuck<'_> {
+    async fn list_certificates(
+        &self,
+        marker: Option<&str>,
+        size: usize,
+    ) -> Result<CertificatePage, StoreError> {
+        if marker.is_some() {
+            std::future::pending::<()>().await;
+        }
+        self.inner.list_certificates(marker, size).await
+    }
+    async fn describe_certificate(
+        &self,
+        id: &CertificateId,
+    ) -> Result<Option<crate::model::CertificateDetail>, StoreError> {
+        self.inner.describe_certificate(id).await
+    }
+    async fn certificate_things(&self, arn: &str) -> Result<Vec<ThingName>, StoreError> {
+        self.inner.certificate_things(arn).await
+    }
+    async fn thing_certificates(&self, thing: &ThingName) -> Result<Vec<CertificateId>, StoreError> {
+        self.inner.thing_certificates(thing).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_page_that_outlasts_the_budget_is_cut_off_and_done_again_next_time() {
+    let db = SqliteStore::in_memory().expect("db");
+    for n in 0..4 {
+        registered(&db, n, 100, CertStatus::Active, &[]).await;
+    }
+    let opts = Options { page_size: 2, budget: Some(Duration::from_secs(60)), ..fast() };
+    let first = reconcile(&Stuck { inner: &db }, &db, None, NOW_MS, &opts).await.expect("slice");
+    // The first page done, the second cut off after the budget and the grace: continue there.
+    assert!(first.unfinished && first.listed == 2, "{first:?}");
+    let second = reconcile(&db, &db, first.next_marker, NOW_MS, &opts).await.expect("slice");
+    assert!(second.finished() && second.listed == 2, "{second:?}");
+}
+
+/// A registry that refuses one certificate's attachments for good.
+struct DeniedOne<'a> {
+    inner: &'a SqliteStore,
+    denied: String,
+}
+
+impl CertificateRegistry for DeniedOne<'_> {
+    async fn list_certificates(
+        &self,
+        marker: Option<&str>,
+        size: usize,
+    ) -> Result<CertificatePage, StoreError> {
+        self.inner.list_certificates(marker, size).await
+    }
+    async fn describe_certificate(
+        &self,
+        id: &CertificateId,
+    ) -> Result<Option<crate::model::CertificateDetail>, StoreError> {
+        self.inner.describe_certificate(id).await
+    }
+    async fn certificate_things(&self, arn: &str) -> Result<Vec<ThingName>, StoreError> {
+        if arn == self.denied {
+            return Err(StoreError::permanent("iot ListPrincipalThings", "AccessDeniedException"));
+        }
+        self.inner.certificate_things(arn).await
+    }
+    async fn thing_certificates(&self, thing: &ThingName) -> Result<Vec<CertificateId>, StoreError> {
+        self.inner.thing_certificates(thing).await
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_refused_for_good_is_reported_and_the_sweep_goes_on() {
+    let db = SqliteStore::in_memory().expect("db");
+    let denied = registered(&db, 1, 100, CertStatus::Active, &[]).await;
+    registered(&db, 2, 100, CertStatus::Active, &[]).await;
+    let registry = DeniedOne { inner: &db, denied: local_certificate_arn(&denied) };
+    let r = reconcile(&registry, &db, None, NOW_MS, &fast()).await.expect("the sweep goes on");
+    assert_eq!((r.listed, r.adopted), (2, 1));
+    assert_eq!(r.failed.iter().map(|f| &f.certificate).collect::<Vec<_>>(), vec![&denied]);
 }

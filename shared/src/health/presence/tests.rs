@@ -56,6 +56,7 @@ fn any_order_with_duplicates_ends_in_the_last_sessions_state() {
         session_started_ms: Some(300),
         session_ms: Some(150),
         disconnect_reason: Some("MQTT_KEEP_ALIVE_TIMEOUT".into()),
+        session: Some("s-5".into()),
     };
     // 4 events, each twice: 8! orders of delivery.
     let events = [c1.clone(), d1.clone(), c2.clone(), d2.clone(), c1, d1, c2, d2];
@@ -117,4 +118,26 @@ fn events_are_parsed_strictly() {
         let err = LifecycleEvent::parse(bad).expect_err(what).to_string();
         assert!(err.contains(what), "{err}");
     }
+}
+
+#[test]
+fn a_version_reset_after_an_hour_offline_starts_a_newer_count() {
+    // Session 7 ends; the device stays offline two hours, and AWS counts from 0 again.
+    const HOUR: i64 = 3_600_000;
+    let c7 = event(Kind::Connected, 7, 1_000, None);
+    let d7 = event(Kind::Disconnected, 7, 1_000 + HOUR / 6, Some("CONNECTION_LOST"));
+    let c0 = event(Kind::Connected, 0, 1_000 + 2 * HOUR, None);
+    let d0 = event(Kind::Disconnected, 0, 1_000 + 3 * HOUR, Some("CLIENT_INITIATED_DISCONNECT"));
+    let c1 = event(Kind::Connected, 1, 1_000 + 3 * HOUR + 60_000, None);
+    // Every arrival order of the five, each twice, ends connected in session 1 of the new count.
+    let events = [c7.clone(), d7.clone(), c0.clone(), d0.clone(), c1.clone()];
+    for order in permutations(&events) {
+        let doubled: Vec<LifecycleEvent> = order.iter().chain(order.iter().rev()).cloned().collect();
+        let p = one_at_a_time(&doubled).expect("a state");
+        assert!(p.connected && p.place == c1.place(), "{order:?} -> {p:?}");
+        assert_eq!(fold(None, &doubled).as_ref(), Some(&p), "one batch: {order:?}");
+    }
+    // And a late event of the old count never flips the new one.
+    let now = fold(None, [&c0]).expect("state");
+    assert_eq!(apply(Some(&now), &d7), Applied::Stale);
 }
