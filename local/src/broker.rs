@@ -120,7 +120,7 @@ struct IotCore {
     claim_user: Option<String>,
     /// The claim session that may receive provisioning answers now (see
     /// [`IotCore::claim_may_listen`]).
-    answer_listener: Mutex<Option<String>>,
+    answer_listener: tokio::sync::Mutex<Option<String>>,
     router: OnceLock<Arc<MessageRouter>>,
     stats: Arc<Stats>,
     max_payload_bytes: usize,
@@ -139,10 +139,12 @@ impl IotCore {
         if !may_match_provisioning_answers(filter) {
             return true;
         }
-        let holder = self.answer_listener.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(other) = holder.filter(|h| h != client_id) {
+        // Held across the check and the claim, so two sessions subscribing at once cannot both
+        // pass.
+        let mut holder = self.answer_listener.lock().await;
+        if let Some(other) = holder.as_deref().filter(|h| *h != client_id) {
             let connected = match self.router.get() {
-                Some(router) => router.is_connected(&other).await,
+                Some(router) => router.is_connected(other).await,
                 None => false,
             };
             if connected {
@@ -150,7 +152,7 @@ impl IotCore {
                 return false;
             }
         }
-        *self.answer_listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(client_id.to_owned());
+        *holder = Some(client_id.to_owned());
         true
     }
 
@@ -430,7 +432,7 @@ impl Broker {
                 .map(|p| format!("{CERTIFICATE_USERNAME_PREFIX}{}", p.claim)),
             claim_policy: opts.claim_policy,
             provisioning: opts.provisioning,
-            answer_listener: Mutex::default(),
+            answer_listener: tokio::sync::Mutex::default(),
             router: OnceLock::new(),
             stats,
             max_payload_bytes: opts.max_payload_bytes,
