@@ -243,11 +243,7 @@ where
         .map_err(retry("reconciliation slice failed"))?;
     let slice = state.slices + 1;
     let key = format!("reports/cert-reconcile/{}/slice-{slice:04}.json", time::rfc3339_ms(state.started_ms));
-    let json = serde_json::to_vec_pretty(&result).map_err(|e| Retryable {
-        what: "reconciliation report not encoded",
-        source: Arc::new(StoreError::permanent("report encode", e)),
-    })?;
-    deps.reports.put_report(&key, &json).await.map_err(retry("reconciliation report not written"))?;
+    write_report(&deps.reports, &key, &result).await?;
     let next = ReconcileState {
         started_ms: state.started_ms,
         marker: result.next_marker.clone(),
@@ -286,6 +282,14 @@ where
         report: Some(key),
         result: Some(result),
     })
+}
+
+/// A report as pretty JSON under `key`; a failure is `Retryable` (the run is idempotent).
+async fn write_report(reports: &impl Reports, key: &str, value: &impl Serialize) -> Result<(), Retryable> {
+    let failed = |e: StoreError| Retryable { what: "report not written", source: Arc::new(e) };
+    let json =
+        serde_json::to_vec_pretty(value).map_err(|e| failed(StoreError::permanent("report encode", e)))?;
+    reports.put_report(key, &json).await.map_err(failed)
 }
 
 /// The daily report's key: `reports/cert-expiry/<UTC day>.json`.
@@ -365,11 +369,7 @@ where
     }
     deps.devices.clear_cert_status(&cleared).await.map_err(retry("device certificate status not cleared"))?;
     let key = report_key(now);
-    let json = serde_json::to_vec_pretty(&report).map_err(|e| Retryable {
-        what: "findings report not encoded",
-        source: Arc::new(StoreError::permanent("report encode", e)),
-    })?;
-    deps.reports.put_report(&key, &json).await.map_err(retry("findings report not written"))?;
+    write_report(&deps.reports, &key, &report).await?;
     let summary = CheckSummary {
         expired: report.expired,
         critical: report.critical,
