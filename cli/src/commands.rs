@@ -20,7 +20,7 @@ use fleet_shared::model::{
 };
 use fleet_shared::ports::{
     Allowlist, ArchiveReader, CertificateControl, CertificateInventory, CertificateRegistry, DeviceAdmin,
-    DeviceRegistry, PresenceStore, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive,
+    DeviceRegistry, PresenceReader, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive,
     ShadowService, TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
 };
 use fleet_shared::twin::policy::StalePolicy;
@@ -323,7 +323,7 @@ async fn local(opts: fleet_local::LocalOptions) -> Result<()> {
 }
 
 async fn devices(
-    store: &(impl DeviceAdmin + PresenceStore),
+    store: &(impl DeviceAdmin + PresenceReader),
     command: DevicesCommand,
     json: bool,
 ) -> Result<()> {

@@ -51,7 +51,23 @@ pub fn functions(
         "PresenceFunction",
         lambda(presence(backend, metrics)?, |d, e| async move { presence::handler::handle(&d, e).await }),
     );
+    f.add(
+        "FleetHealthFunction",
+        lambda(
+            fleet_health(backend, metrics)?,
+            |d, e| async move { fleet_health::handler::handle(&d, e).await },
+        ),
+    );
     Ok(f)
+}
+
+fn fleet_health(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+) -> Result<Arc<fleet_health::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = fleet_health::handler::EmbeddedDeps::on_embedded(b)?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
 }
 
 fn presence(

@@ -498,7 +498,8 @@ mod tests {
             [
                 ("TwinSyncFunction", 300),
                 ("CertExpiryCheckFunction", 86_400),
-                ("CertExpiryCheckFunction", 3_600)
+                ("CertExpiryCheckFunction", 3_600),
+                ("FleetHealthFunction", 60)
             ],
             "the template's schedules"
         );

@@ -11,6 +11,11 @@
 //!   drift start.
 //! - [`certs`]: device certificates (pure): PEM reading, expiry classes and index buckets,
 //!   the pre-provisioning hook's decision.
+//! - [`commands`]: signed, sequenced, expiring commands to devices: the envelope and its
+//!   canonical signing bytes, the cloud's signer, the device-side verifier (anti-replay
+//!   window, clock skew), acknowledgements.
+//! - [`health`]: presence from lifecycle events, health counters, the SLO catalog, the
+//!   ledger, burn rates and the OTA gate's question.
 //! - [`ports`]: small traits in domain types, one per capability / IAM grant.
 //! - [`adapters`]: one AWS adapter per resource (feature `aws`), all from one `aws_config`
 //!   load; the SQLite implementation of the same ports (feature `embedded`), with migrations.
@@ -22,6 +27,7 @@
 
 pub mod adapters;
 pub mod certs;
+pub mod commands;
 pub mod env;
 pub mod error;
 pub mod hash;

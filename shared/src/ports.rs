@@ -22,7 +22,11 @@
 //! | [`DeviceCertStatus`] | `DevicesTable` | `dynamodb:BatchWriteItem` on the Devices table (item `cert` per device: put, delete) |
 //! | [`Reports`] | `S3Archive` | `s3:PutObject`, `s3:GetObject` on `reports/*`, `s3:ListBucket` under `reports/` (a report is listed before it is read) |
 //! | [`ReconcileProgress`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (item `$reconcile`) |
-//! | [`PresenceStore`] | `DevicesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (conditional) on the Devices table (item `presence` per device) |
+//! | [`PresenceReader`] | `DevicesTable` | `dynamodb:GetItem` on the Devices table (item `presence` per device) |
+//! | [`PresenceStore`] | `PresenceTables` | `dynamodb:GetItem`, `dynamodb:PutItem` (conditional) on the Devices table, `dynamodb:UpdateItem` on the Health table, in one `TransactWriteItems` |
+//! | [`HealthCounters`] | `HealthTable` | `dynamodb:UpdateItem` on the Health table |
+//! | [`SloReader`] | `HealthTable` | `dynamodb:GetItem`, `dynamodb:Query` on the Health table |
+//! | [`HealthLedger`] | `HealthTable` | `dynamodb:Query`, `GetItem`, `BatchWriteItem`, `PutItem` on the Health table |
 //! | [`CertificateRegistry`] | `IotControlPlane` | `iot:ListCertificates`, `iot:DescribeCertificate` on `cert/*`, `iot:ListPrincipalThings`, `iot:ListThingPrincipals` on `thing/*` (reconciliation, decommission) |
 //! | [`CertificateControl`] | `IotControlPlane` | `iot:UpdateCertificate` on `cert/*` (operators: decommission) |
 
@@ -505,19 +509,92 @@ pub trait ReconcileProgress: Send + Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// Devices' connectivity ([`crate::health::presence`]), written with optimistic concurrency.
-pub trait PresenceStore: Send + Sync {
+/// Reading devices' connectivity ([`crate::health::presence`]).
+pub trait PresenceReader: Send + Sync {
     fn presence(
         &self,
         thing: &ThingName,
     ) -> impl Future<Output = Result<Option<crate::health::presence::Presence>, StoreError>> + Send;
+}
 
+/// Devices' connectivity, written with optimistic concurrency.
+pub trait PresenceStore: PresenceReader {
     /// Store `next` if the stored presence is still the one read (`expected`: its place;
-    /// `None`: none stored). `false`: it changed meanwhile (read again and decide again).
+    /// `None`: none stored), and add `counts` (the connected gauge's move) to the health
+    /// counters in the same transaction, so the gauge counts exactly the devices stored as
+    /// connected. `false`: it changed meanwhile (read again and decide again); nothing added.
     fn put_presence(
         &self,
         thing: &ThingName,
         next: &crate::health::presence::Presence,
         expected: Option<&crate::health::presence::Place>,
+        counts: &crate::health::tally::HealthDelta,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// The health counters every function adds to as it works ([`crate::health::tally`]).
+pub trait HealthCounters: Send + Sync {
+    /// Add every tally of `delta` to its bucket and cohort, atomically per counter.
+    fn add_health(
+        &self,
+        delta: &crate::health::tally::HealthDelta,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// A cohort's cumulative ledger row and the minute it is at.
+pub type LedgerRow = (i64, crate::health::tally::Tally);
+
+/// Reading the SLO ledger ([`crate::health::ledger`]): fleet-health, OTA gates, dashboards.
+pub trait SloReader: Send + Sync {
+    /// The newest row of `cohort` at or before `minute`.
+    fn row_at(
+        &self,
+        cohort: &crate::health::tally::Cohort,
+        minute: i64,
+    ) -> impl Future<Output = Result<Option<LedgerRow>, StoreError>> + Send;
+
+    /// Every cohort's newest row (base cohorts and aggregates).
+    fn heads(
+        &self,
+    ) -> impl Future<
+        Output = Result<std::collections::BTreeMap<crate::health::tally::Cohort, LedgerRow>, StoreError>,
+    > + Send;
+
+    /// The last evaluation fleet-health stored.
+    fn latest_health(
+        &self,
+    ) -> impl Future<Output = Result<Option<crate::health::ledger::HealthReport>, StoreError>> + Send;
+}
+
+/// What fleet-health writes: it reads counters, closes minutes into the ledger.
+pub trait HealthLedger: SloReader {
+    /// The counters of each bucket asked for, by cohort (absent: nothing counted).
+    fn buckets(
+        &self,
+        buckets: &[crate::health::tally::Bucket],
+    ) -> impl Future<
+        Output = Result<
+            std::collections::BTreeMap<
+                crate::health::tally::Bucket,
+                std::collections::BTreeMap<crate::health::tally::Cohort, crate::health::tally::Tally>,
+            >,
+            StoreError,
+        >,
+    > + Send;
+
+    /// The last minute closed (`None`: never).
+    fn closed_through(&self) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+
+    /// Write `minute`'s rows (also the cohorts' heads), then mark it closed. Idempotent: a
+    /// minute written twice writes the same rows.
+    fn close_minute(
+        &self,
+        minute: i64,
+        rows: &[(crate::health::tally::Cohort, crate::health::tally::Tally)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn put_health(
+        &self,
+        report: &crate::health::ledger::HealthReport,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

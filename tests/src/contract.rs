@@ -22,13 +22,16 @@ use fleet_shared::ports::{
 use fleet_shared::twin::{apply, sync, ShadowEvent, TwinChange, TwinEvent};
 
 /// One backend's adapters for the contract: the devices table, the hot store, the archive
-/// bucket (raw + quarantine), the twins table, the certificates table.
-pub struct Ports<D, S, A, T, C> {
+/// bucket (raw + quarantine), the twins table, the certificates table, presence (devices and
+/// health tables), the health table.
+pub struct Ports<D, S, A, T, C, P, H> {
     pub devices: D,
     pub sink: S,
     pub archive: A,
     pub twins: T,
     pub certs: C,
+    pub presence: P,
+    pub health: H,
 }
 
 /// The whole contract suite as tests, for the backend `ports()` builds. Extra attributes
@@ -53,10 +56,19 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; a_serial_enrols_once_and_keeps_its_history(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; devices_racing_for_one_serial_leave_one_winner(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; device_cert_status_round_trips_and_leaves_the_device_alone(devices));
-        $crate::port_contract!(@one [$(#[$attr])*] $ports; presence_is_written_only_over_the_presence_read(devices));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; presence_is_written_only_over_the_presence_read(presence, health));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; health_counters_add_up_and_the_ledger_answers_windows(health));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; reports_are_written_under_reports_only(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; expiring_certificates_are_read_by_window_only(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; the_audit_trail_and_claim_counters_keep_every_decision(certs));
+    };
+    (@one [$($attrs:tt)*] $ports:expr; $check:ident($a:ident, $b:ident)) => {
+        #[tokio::test]
+        $($attrs)*
+        async fn $check() -> anyhow::Result<()> {
+            let ports = $ports.await?;
+            $crate::contract::$check(&ports.$a, &ports.$b).await
+        }
     };
     (@one [$($attrs:tt)*] $ports:expr; $check:ident($port:ident)) => {
         #[tokio::test]
@@ -620,28 +632,99 @@ pub async fn devices_racing_for_one_serial_leave_one_winner<S: Allowlist>(s: &S)
 }
 
 pub async fn presence_is_written_only_over_the_presence_read<
-    S: fleet_shared::ports::PresenceStore + DeviceAdmin,
+    S: fleet_shared::ports::PresenceStore,
+    H: fleet_shared::ports::HealthLedger,
 >(
     s: &S,
+    health: &H,
 ) -> Result<()> {
     use fleet_shared::health::presence::{fold, LifecycleEvent};
+    use fleet_shared::health::tally::{counter, Bucket, Cohort, HealthDelta};
     let t = thing(860);
-    s.register(&[(t.clone(), registration("env-sensor"))]).await?;
+    let cohort = Cohort::new("env-sensor", "eu-west", "1.0");
     let event = |json: &str| LifecycleEvent::parse(json.as_bytes()).map(|(_, e)| e);
     let c1 = event(r#"{"clientId":"x","timestamp":100,"eventType":"connected","versionNumber":1}"#)?;
     let d1 = event(
         r#"{"clientId":"x","timestamp":200,"eventType":"disconnected","versionNumber":1,"disconnectReason":"CONNECTION_LOST"}"#,
     )?;
+    let gauge = |n: i64| {
+        let mut d = HealthDelta::default();
+        d.add(Bucket::Gauge, &cohort, counter::CONNECTED, n);
+        d
+    };
+    let connected_now = || async {
+        let b = health.buckets(&[Bucket::Gauge]).await?;
+        anyhow::Ok(
+            b.get(&Bucket::Gauge).and_then(|g| g.get(&cohort)).map_or(0, |t| t.get(counter::CONNECTED)),
+        )
+    };
     ensure!(s.presence(&t).await?.is_none(), "no presence yet");
     let connected = fold(None, [&c1]).context("a state")?;
-    ensure!(s.put_presence(&t, &connected, None).await?, "the first write");
-    ensure!(!s.put_presence(&t, &connected, None).await?, "a second first write loses");
+    ensure!(s.put_presence(&t, &connected, None, &gauge(1)).await?, "the first write");
+    ensure!(!s.put_presence(&t, &connected, None, &gauge(1)).await?, "a second first write loses");
+    ensure!(connected_now().await? == 1, "the gauge moved with the write that won only");
     let ended = fold(Some(&connected), [&d1]).context("a state")?;
     let stale_read = fold(None, [&d1]).context("a state")?.place;
-    ensure!(!s.put_presence(&t, &ended, Some(&stale_read)).await?, "a write over another read loses");
-    ensure!(s.put_presence(&t, &ended, Some(&connected.place)).await?, "a write over the read wins");
+    ensure!(
+        !s.put_presence(&t, &ended, Some(&stale_read), &gauge(-1)).await?,
+        "a write over another read loses"
+    );
+    ensure!(
+        s.put_presence(&t, &ended, Some(&connected.place), &gauge(-1)).await?,
+        "a write over the read wins"
+    );
     ensure!(s.presence(&t).await? == Some(ended), "read back");
-    let d = s.device(&t).await?.context("device")?;
-    ensure!(d.registration.is_some_and(|r| r.class == "env-sensor"), "registration kept");
+    ensure!(connected_now().await? == 0, "the gauge is back to 0");
+    Ok(())
+}
+
+pub async fn health_counters_add_up_and_the_ledger_answers_windows<
+    S: fleet_shared::ports::HealthCounters + fleet_shared::ports::HealthLedger,
+>(
+    s: &S,
+) -> Result<()> {
+    use fleet_shared::health::tally::{counter, Bucket, Cohort, HealthDelta, Tally};
+    let a = Cohort::new("env-sensor", "eu-west", "1.0");
+    let b = Cohort::new("gateway", "us-east", "-");
+    // GIVEN two writers adding to one minute at once, and one to an hour
+    let mut d1 = HealthDelta::default();
+    d1.add(Bucket::Minute(1_000), &a, counter::RECEIVED, 7);
+    d1.add(Bucket::Minute(1_000), &b, counter::QUARANTINED, 1);
+    let mut d2 = HealthDelta::default();
+    d2.add(Bucket::Minute(1_000), &a, counter::RECEIVED, 5);
+    d2.add(Bucket::Minute(1_000), &a, counter::LATEST, -2);
+    d2.add(Bucket::Hour(16), &a, counter::LATEST, 3);
+    let (r1, r2) = tokio::join!(s.add_health(&d1), s.add_health(&d2));
+    r1?;
+    r2?;
+    // THEN each bucket reads back summed, by cohort; an empty bucket is absent
+    let got = s.buckets(&[Bucket::Minute(1_000), Bucket::Hour(16), Bucket::Minute(999)]).await?;
+    ensure!(got.len() == 2, "two buckets with counts: {got:?}");
+    let minute = &got[&Bucket::Minute(1_000)];
+    ensure!(minute[&a].get(counter::RECEIVED) == 12 && minute[&a].get(counter::LATEST) == -2, "{minute:?}");
+    ensure!(minute[&b].get(counter::QUARANTINED) == 1, "{minute:?}");
+    ensure!(got[&Bucket::Hour(16)][&a].get(counter::LATEST) == 3, "{got:?}");
+
+    // GIVEN ledger rows at minutes 10 and 20
+    ensure!(s.closed_through().await?.is_none(), "nothing closed yet");
+    let row = |n: i64| {
+        let mut t = Tally::default();
+        t.add(counter::RECEIVED, n);
+        t
+    };
+    s.close_minute(10, &[(a.clone(), row(5)), (Cohort::fleet(), row(5))]).await?;
+    s.close_minute(20, &[(a.clone(), row(9))]).await?;
+    s.close_minute(20, &[(a.clone(), row(9))]).await?; // idempotent
+                                                       // THEN a window's start is the newest row at or before it
+    ensure!(s.closed_through().await? == Some(20), "cursor");
+    ensure!(s.row_at(&a, 9).await?.is_none(), "before the first row");
+    ensure!(s.row_at(&a, 15).await? == Some((10, row(5))), "between rows");
+    ensure!(s.row_at(&a, 20).await? == Some((20, row(9))), "at a row");
+    ensure!(s.row_at(&a, 1_000).await? == Some((20, row(9))), "after the last");
+    let heads = s.heads().await?;
+    ensure!(
+        heads.len() == 2 && heads[&a] == (20, row(9)) && heads[&Cohort::fleet()] == (10, row(5)),
+        "{heads:?}"
+    );
     Ok(())
 }

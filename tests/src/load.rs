@@ -15,7 +15,7 @@ use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
-use fleet_shared::adapters::aws::{DevicesTable, HotStore, S3Archive, TimestreamSink};
+use fleet_shared::adapters::aws::{DevicesTable, HealthTable, HotStore, S3Archive, TimestreamSink};
 use fleet_shared::ingest::{sim, IngestPolicy, OwnedInbound};
 use fleet_shared::metrics::MetricsOut;
 use fleet_shared::model::{Device, ThingName};
@@ -143,7 +143,8 @@ pub async fn ingest_on_moto(load: Load) -> Result<LoadFigures> {
     );
     let archive = S3Archive::new(s3, &resources.archive_bucket);
     let deps = Deps {
-        registry: DevicesTable::new(dynamodb, &resources.devices_table),
+        registry: DevicesTable::new(dynamodb.clone(), &resources.devices_table),
+        health: HealthTable::new(dynamodb, &resources.health_table),
         sink: if load.timestream {
             HotStore::Timestream(TimestreamSink::new(
                 timestream,

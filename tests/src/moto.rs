@@ -13,7 +13,8 @@ use aws_sdk_dynamodb::types::{
 use fleet_shared::adapters::aws::certs::{EXPIRY_INDEX, KIND_INDEX};
 use fleet_shared::adapters::aws::twins::{DRIFT_INDEX, FW_INDEX};
 use fleet_shared::adapters::aws::{
-    CertificatesTable, DevicesTable, S3Archive, TimestreamQuery, TimestreamSink, TwinsTable,
+    CertificatesTable, DevicesTable, HealthTable, PresenceTables, S3Archive, TimestreamQuery, TimestreamSink,
+    TwinsTable,
 };
 use fleet_shared::Env;
 
@@ -25,6 +26,7 @@ pub struct AwsResources {
     pub devices_table: String,
     pub twins_table: String,
     pub certificates_table: String,
+    pub health_table: String,
     pub telemetry_database: String,
     pub telemetry_table: String,
     pub archive_bucket: String,
@@ -39,6 +41,7 @@ impl AwsResources {
             ("FLEET_DEVICES_TABLE", self.devices_table.clone()),
             ("FLEET_TWINS_TABLE", self.twins_table.clone()),
             ("FLEET_CERTIFICATES_TABLE", self.certificates_table.clone()),
+            ("FLEET_HEALTH_TABLE", self.health_table.clone()),
             ("FLEET_TELEMETRY_DB", self.telemetry_database.clone()),
             ("FLEET_TELEMETRY_TABLE", self.telemetry_table.clone()),
             ("FLEET_ARCHIVE_BUCKET", self.archive_bucket.clone()),
@@ -57,6 +60,7 @@ pub struct AwsAdapters {
     pub devices: DevicesTable,
     pub twins: TwinsTable,
     pub certs: CertificatesTable,
+    pub health: HealthTable,
     pub sink: TimestreamSink,
     pub query: TimestreamQuery,
     pub archive: S3Archive,
@@ -97,6 +101,7 @@ pub async fn fresh_resources() -> Result<AwsResources> {
         devices_table: unique("devices"),
         twins_table: unique("twins"),
         certificates_table: unique("certificates"),
+        health_table: unique("health"),
         telemetry_database: unique("fleet"),
         telemetry_table: "telemetry".into(),
         archive_bucket: unique("archive"),
@@ -115,6 +120,7 @@ pub async fn fresh_adapters() -> Result<AwsAdapters> {
         devices: DevicesTable::from_env(&sdk, &env)?,
         twins: TwinsTable::from_env(&sdk, &env)?,
         certs: CertificatesTable::from_env(&sdk, &env)?,
+        health: HealthTable::from_env(&sdk, &env)?,
         sink: TimestreamSink::from_env(&sdk, &env).await?,
         query: TimestreamQuery::from_env(&sdk, &env)?,
         archive: S3Archive::from_env(&sdk, &env)?,
@@ -123,10 +129,27 @@ pub async fn fresh_adapters() -> Result<AwsAdapters> {
 }
 
 /// The contract's ports on fresh moto resources.
-pub async fn fresh_ports(
-) -> Result<Ports<DevicesTable, TimestreamSink, S3Archive, TwinsTable, CertificatesTable>> {
+pub async fn fresh_ports() -> Result<
+    Ports<
+        DevicesTable,
+        TimestreamSink,
+        S3Archive,
+        TwinsTable,
+        CertificatesTable,
+        PresenceTables,
+        HealthTable,
+    >,
+> {
     let a = fresh_adapters().await?;
-    Ok(Ports { devices: a.devices, sink: a.sink, archive: a.archive, twins: a.twins, certs: a.certs })
+    Ok(Ports {
+        presence: PresenceTables { devices: a.devices.clone(), health: a.health.clone() },
+        health: a.health,
+        devices: a.devices,
+        sink: a.sink,
+        archive: a.archive,
+        twins: a.twins,
+        certs: a.certs,
+    })
 }
 
 /// The same resources `infra/template.yaml` declares (keys, Timestream table).
@@ -201,6 +224,17 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .send()
         .await
         .context("create certificates table")?;
+    aws_sdk_dynamodb::Client::new(config)
+        .create_table()
+        .table_name(&r.health_table)
+        .attribute_definitions(attr("pk")?)
+        .attribute_definitions(attr("sk")?)
+        .key_schema(key("pk", KeyType::Hash)?)
+        .key_schema(key("sk", KeyType::Range)?)
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .context("create health table")?;
     let ts = aws_sdk_timestreamwrite::Client::new(config);
     ts.create_database().database_name(&r.telemetry_database).send().await.context("create timestream db")?;
     ts.create_table()

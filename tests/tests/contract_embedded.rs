@@ -5,9 +5,20 @@ use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::ports::TelemetryQuery;
 use fleet_tests::contract::{self, Ports};
 
-async fn ports() -> Result<Ports<SqliteStore, SqliteStore, SqliteStore, SqliteStore, SqliteStore>> {
+#[allow(clippy::type_complexity)]
+async fn ports(
+) -> Result<Ports<SqliteStore, SqliteStore, SqliteStore, SqliteStore, SqliteStore, SqliteStore, SqliteStore>>
+{
     let db = SqliteStore::in_memory()?;
-    Ok(Ports { devices: db.clone(), sink: db.clone(), archive: db.clone(), twins: db.clone(), certs: db })
+    Ok(Ports {
+        devices: db.clone(),
+        sink: db.clone(),
+        archive: db.clone(),
+        twins: db.clone(),
+        certs: db.clone(),
+        presence: db.clone(),
+        health: db,
+    })
 }
 
 fleet_tests::port_contract!(ports = ports());

@@ -3,7 +3,7 @@
 //! the rest with reasons, a redelivery changes nothing, and a replay of the archive fails nothing.
 
 use anyhow::{anyhow, ensure, Context, Result};
-use fleet_shared::adapters::aws::{DevicesTable, HotStore, S3Archive, TelemetryReader};
+use fleet_shared::adapters::aws::{DevicesTable, HealthTable, HotStore, S3Archive, TelemetryReader};
 use fleet_shared::ingest::{decode_lines, replay, IngestPolicy, Reason, ReplayPorts};
 use fleet_shared::lambda::AwsBackend;
 use fleet_shared::metrics::MetricsOut;
@@ -24,7 +24,7 @@ fn now() -> i64 {
 }
 
 async fn invoke<S: TelemetrySink>(
-    deps: &Deps<DevicesTable, S, S3Archive, S3Archive>,
+    deps: &Deps<DevicesTable, S, S3Archive, S3Archive, HealthTable>,
     event: &str,
 ) -> Result<Vec<String>> {
     let event = LambdaEvent::new(RawValue::from_string(event.to_owned())?, LambdaContext::default());
@@ -45,6 +45,7 @@ async fn mixed_batch_through_the_handler_on_aws_stores_neighbours_quarantines_ba
         sink: a.sink.clone(),
         archive: a.archive.clone(),
         quarantine: a.archive.clone(),
+        health: a.health.clone(),
         policy: IngestPolicy::default(),
         clock: now,
         metrics: MetricsOut::Off,
@@ -110,6 +111,7 @@ async fn without_a_hot_store_the_archive_is_the_store_and_fleetctl_reads_telemet
         ("FLEET_STAGE", "test".to_owned()),
         ("FLEET_HOT_STORE", "none".to_owned()),
         ("FLEET_DEVICES_TABLE", r.devices_table.clone()),
+        ("FLEET_HEALTH_TABLE", r.health_table.clone()),
         ("FLEET_ARCHIVE_BUCKET", r.archive_bucket.clone()),
     ];
     let env = Env::from_fn(move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()));

@@ -321,11 +321,17 @@ fn dynamodb_actions(r: &Rendered, role: &str) -> Vec<String> {
 #[test]
 fn presence_reads_every_lifecycle_event_and_writes_only_device_presence() {
     let r = render(&[]);
-    // Devices table: GetItem, then PutItem conditioned on the place read; nothing else.
-    assert_eq!(dynamodb_actions(&r, "PresenceRole"), ["dynamodb:GetItem", "dynamodb:PutItem"]);
+    // Devices table: BatchGetItem (cohorts), GetItem, then PutItem conditioned on the place
+    // read, in a transaction with the Health table's gauge (UpdateItem); nothing else.
+    assert_eq!(
+        dynamodb_actions(&r, "PresenceRole"),
+        ["dynamodb:BatchGetItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
+    );
+    assert_eq!(grant_resource(&r, "PresenceRole", "dynamodb:UpdateItem"), "HealthTable");
+    assert_eq!(grant_resource(&r, "PresenceRole", "dynamodb:PutItem"), "DevicesTable");
     let env = function_env(&r, "PresenceFunction");
     let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
-    assert_eq!(vars, ["FLEET_DEVICES_TABLE"], "presence gets only its own resources");
+    assert_eq!(vars, ["FLEET_DEVICES_TABLE", "FLEET_HEALTH_TABLE"], "presence gets only its own resources");
     let rule = &r.resources["PresenceRule"]["Properties"]["TopicRulePayload"];
     assert_eq!(rule["Sql"].as_str(), Some("SELECT * FROM '$aws/events/presence/+/+'"));
     assert!(rule.get("ErrorAction").is_some(), "the presence rule has an error action");
@@ -383,8 +389,65 @@ fn the_ingest_role_grants_the_devices_table_calls_ingest_makes_and_no_more() {
     // DevicesTable: BatchGetItem (enrichment), BatchExecuteStatement of PartiQL UPDATE and
     // INSERT (state), which IAM authorises per statement type.
     let r = render(&[]);
+    // HealthTable: UpdateItem (ADD to the health counters).
     let granted = dynamodb_actions(&r, "IngestTelemetryRole");
-    assert_eq!(granted, ["dynamodb:BatchGetItem", "dynamodb:PartiQLInsert", "dynamodb:PartiQLUpdate"]);
+    assert_eq!(
+        granted,
+        ["dynamodb:BatchGetItem", "dynamodb:PartiQLInsert", "dynamodb:PartiQLUpdate", "dynamodb:UpdateItem"]
+    );
+    assert_eq!(grant_resource(&r, "IngestTelemetryRole", "dynamodb:UpdateItem"), "HealthTable");
+}
+
+/// The resource (logical id) of the one statement of `role` granting `action`.
+fn grant_resource(r: &Rendered, role: &str, action: &str) -> String {
+    let policies = &r.resources[role]["Properties"]["Policies"];
+    let statements: Vec<Value> = policies
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["PolicyDocument"]["Statement"].as_sequence().cloned().unwrap_or_default())
+        .filter(|s| actions(s).iter().any(|a| a == action))
+        .collect();
+    assert_eq!(statements.len(), 1, "{role}: {action} in {} statements", statements.len());
+    statements[0]["Resource"]["Fn::GetAtt"][0].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn fleet_health_runs_every_minute_on_the_health_table_only_and_every_slo_has_burn_rate_alarms() {
+    let r = render(&[]);
+    let events = &r.resources["FleetHealthFunction"]["Properties"]["Events"]["EveryMinute"];
+    assert_eq!(events["Properties"]["Schedule"].as_str(), Some("rate(1 minute)"));
+    let env = function_env(&r, "FleetHealthFunction");
+    let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
+    assert_eq!(vars, ["FLEET_HEALTH_TABLE"]);
+    assert_eq!(
+        dynamodb_actions(&r, "FleetHealthRole"),
+        ["dynamodb:BatchWriteItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"]
+    );
+    assert_eq!(grant_resource(&r, "FleetHealthRole", "dynamodb:Query"), "HealthTable");
+    // Every SLO of the catalog: a page and a ticket alarm on its two burn-rate windows, per stage.
+    let catalog = fleet_shared::health::slo::Catalog::builtin();
+    let slo_alarms: Vec<&Value> = of_type(&r.resources, "AWS::CloudWatch::Alarm")
+        .filter(|(id, _)| id.starts_with("Slo"))
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(slo_alarms.len(), catalog.slos.len() * catalog.alerts.len());
+    for a in slo_alarms {
+        let metrics = a["Properties"]["Metrics"].as_sequence().cloned().unwrap_or_default();
+        let stats: Vec<&Value> = metrics.iter().filter_map(|m| m.get("MetricStat")).collect();
+        assert_eq!(stats.len(), 2, "a long and a short window");
+        for st in stats {
+            let dims: Vec<&str> = st["Metric"]["Dimensions"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d["Name"].as_str())
+                .collect();
+            assert_eq!(dims, ["Stage", "Slo", "Cohort", "Window"]);
+        }
+        assert!(metrics.iter().any(|m| m["Expression"].as_str().is_some_and(|e| e.contains(" AND "))));
+    }
+    assert!(r.resources.contains_key("HealthDashboard"));
 }
 
 #[test]
@@ -413,6 +476,14 @@ fn grants_name_their_resources_and_failures_have_separate_queues() {
             // function with no event source (the provisioning hook: AWS IoT calls it
             // synchronously) has no async failures.
             if f["Properties"].get("Events").is_none() {
+                continue;
+            }
+            // A scheduled tick that is never retried (fleet-health: the next minute's run closes
+            // what this one missed) has nothing to keep.
+            let events = f["Properties"]["Events"].as_mapping().cloned().unwrap_or_default();
+            let only_schedules = events.values().all(|e| e["Type"].as_str() == Some("Schedule"));
+            let no_retries = f["Properties"]["EventInvokeConfig"]["MaximumRetryAttempts"].as_u64() == Some(0);
+            if only_schedules && no_retries {
                 continue;
             }
             let on_failure = &f["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"];

@@ -10,14 +10,14 @@
 use std::time::Instant;
 
 use aws_lambda_events::event::sqs::SqsBatchResponse;
-use fleet_shared::adapters::aws::{DevicesTable, HotStore, HotStoreKind, S3Archive};
+use fleet_shared::adapters::aws::{DevicesTable, HealthTable, HotStore, HotStoreKind, S3Archive};
 use fleet_shared::ingest::metrics::ingest_batch_metrics;
 use fleet_shared::ingest::{
     ingest_batch, parse_event, BatchOutcome, IngestPolicy, IngestPorts, OwnedInbound, Problem, Trigger,
 };
 use fleet_shared::lambda::{self, AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::MetricsOut;
-use fleet_shared::ports::{DeviceRegistry, Quarantine, RawArchive, TelemetrySink};
+use fleet_shared::ports::{DeviceRegistry, HealthCounters, Quarantine, RawArchive, TelemetrySink};
 use fleet_shared::time;
 use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,7 @@ pub const FUNCTION: &str = "ingest-telemetry";
 
 /// Everything the handler needs, built once per cold start: one field per port (the
 /// template grants exactly these), the time rules, the clock and where metrics go.
-pub struct Deps<R, S, A, Q> {
+pub struct Deps<R, S, A, Q, H> {
     /// Devices table: enrichment lookup + last-seen state.
     pub registry: R,
     /// Hot store.
@@ -37,13 +37,15 @@ pub struct Deps<R, S, A, Q> {
     pub archive: A,
     /// Quarantine (`quarantine/`).
     pub quarantine: Q,
+    /// Health counters (Health table): messages and devices' newest data per cohort.
+    pub health: H,
     pub policy: IngestPolicy,
     /// Milliseconds since the epoch; tests pass a fixed clock.
     pub clock: fn() -> i64,
     pub metrics: MetricsOut,
 }
 
-impl Deps<DevicesTable, HotStore, S3Archive, S3Archive> {
+impl Deps<DevicesTable, HotStore, S3Archive, S3Archive, HealthTable> {
     /// On AWS: the Devices table, the archive bucket and the hot store the deployment chose
     /// (`FLEET_HOT_STORE`: Timestream, or none), each from its own variables, all from the one
     /// `SdkConfig`.
@@ -55,6 +57,7 @@ impl Deps<DevicesTable, HotStore, S3Archive, S3Archive> {
             sink: HotStore::from_env(&aws.sdk, &aws.env).await?,
             quarantine: archive.clone(),
             archive,
+            health: HealthTable::from_env(&aws.sdk, &aws.env)?,
             policy: hot.policy(IngestPolicy::from_env(&aws.env, &fleet_shared::BackendKind::Aws)?),
             clock: time::now_ms,
             metrics: MetricsOut::stdout(&aws.env)?,
@@ -64,6 +67,7 @@ impl Deps<DevicesTable, HotStore, S3Archive, S3Archive> {
 
 #[cfg(feature = "embedded")]
 pub type EmbeddedDeps = Deps<
+    fleet_shared::adapters::embedded::SqliteStore,
     fleet_shared::adapters::embedded::SqliteStore,
     fleet_shared::adapters::embedded::SqliteStore,
     fleet_shared::adapters::embedded::SqliteStore,
@@ -89,7 +93,8 @@ impl EmbeddedDeps {
             registry: db.clone(),
             sink: db.clone(),
             archive: db.clone(),
-            quarantine: db,
+            quarantine: db.clone(),
+            health: db,
             policy,
             clock: time::now_ms,
             metrics,
@@ -119,8 +124,8 @@ pub enum Response {
     Direct(DirectResponse),
 }
 
-pub async fn handle<R, S, A, Q>(
-    deps: &Deps<R, S, A, Q>,
+pub async fn handle<R, S, A, Q, H>(
+    deps: &Deps<R, S, A, Q, H>,
     event: LambdaEvent<Box<RawValue>>,
 ) -> Result<Response, Retryable>
 where
@@ -128,6 +133,7 @@ where
     S: TelemetrySink,
     A: RawArchive,
     Q: Quarantine,
+    H: HealthCounters,
 {
     let now = (deps.clock)();
     match parse_event(event.payload.get(), now) {
@@ -139,8 +145,8 @@ where
     }
 }
 
-async fn direct<R, S, A, Q>(
-    deps: &Deps<R, S, A, Q>,
+async fn direct<R, S, A, Q, H>(
+    deps: &Deps<R, S, A, Q, H>,
     now: i64,
     message: OwnedInbound,
 ) -> Result<DirectResponse, Retryable>
@@ -149,6 +155,7 @@ where
     S: TelemetrySink,
     A: RawArchive,
     Q: Quarantine,
+    H: HealthCounters,
 {
     let outcome = run(deps, now, std::slice::from_ref(&message)).await;
     if let Some(f) = outcome.failed.into_iter().next() {
@@ -169,12 +176,17 @@ where
 }
 
 /// One batch of messages through the ingest use case, logged and measured.
-pub async fn run<R, S, A, Q>(deps: &Deps<R, S, A, Q>, now: i64, messages: &[OwnedInbound]) -> BatchOutcome
+pub async fn run<R, S, A, Q, H>(
+    deps: &Deps<R, S, A, Q, H>,
+    now: i64,
+    messages: &[OwnedInbound],
+) -> BatchOutcome
 where
     R: DeviceRegistry,
     S: TelemetrySink,
     A: RawArchive,
     Q: Quarantine,
+    H: HealthCounters,
 {
     let started = Instant::now();
     let inbound: Vec<_> = messages.iter().map(OwnedInbound::borrow).collect();
@@ -185,6 +197,15 @@ where
         quarantine: &deps.quarantine,
     };
     let outcome = ingest_batch(ports, &deps.policy, now, &inbound).await;
+    // The batch is stored: a count that fails is logged, not retried (a retry would store
+    // nothing new and count the batch twice).
+    let health_failed = match deps.health.add_health(&outcome.health).await {
+        Ok(()) => false,
+        Err(e) => {
+            warn!(error = %e, "health counters not updated");
+            true
+        }
+    };
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     for q in &outcome.quarantined {
         warn!(message_id = %q.message_id, thing = q.thing.as_deref().unwrap_or("?"),
@@ -202,7 +223,15 @@ where
         elapsed_ms,
         "batch ingested"
     );
-    deps.metrics.emit(&ingest_batch_metrics(FUNCTION, &outcome, elapsed_ms, now));
+    let mut metrics = ingest_batch_metrics(FUNCTION, &outcome, elapsed_ms, now);
+    if let Some(first) = metrics.first_mut() {
+        first.values.push((
+            "HealthNotCounted",
+            f64::from(u8::from(health_failed)),
+            fleet_shared::metrics::Unit::Count,
+        ));
+    }
+    deps.metrics.emit(&metrics);
     outcome
 }
 

@@ -19,13 +19,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fleet_shared::adapters::aws::DevicesTable;
-use fleet_shared::health::presence::{fold, Kind, LifecycleEvent};
+use fleet_shared::adapters::aws::{DevicesTable, HealthTable, PresenceTables};
+use fleet_shared::health::presence::{fold, Kind, LifecycleEvent, Presence};
+use fleet_shared::health::signals;
+use fleet_shared::health::tally::{Cohort, HealthDelta};
 use fleet_shared::ingest::{parse_event, OwnedInbound, Trigger};
 use fleet_shared::lambda::{self, AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
 use fleet_shared::model::ThingName;
-use fleet_shared::ports::PresenceStore;
+use fleet_shared::ports::{DeviceRegistry, HealthCounters, PresenceStore};
 use fleet_shared::{time, StoreError};
 use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
@@ -39,18 +41,27 @@ pub const FUNCTION: &str = "presence";
 pub const MAX_ATTEMPTS: usize = 5;
 
 /// Everything the handler needs, built once per cold start.
-pub struct Deps<P> {
-    /// Devices table: the `presence` item per device.
+pub struct Deps<R, P, H> {
+    /// Devices table: each device's class, region and firmware (its health cohort).
+    pub registry: R,
+    /// Devices table (the `presence` item per device) with the Health table's connected gauge.
     pub presence: P,
+    /// Health table: connects, disconnects, DUPLICATE_CLIENTID per cohort and minute.
+    pub health: H,
     pub clock: fn() -> i64,
     pub metrics: MetricsOut,
 }
 
-impl Deps<DevicesTable> {
-    /// On AWS: the Devices table (`FLEET_DEVICES_TABLE`).
+impl Deps<DevicesTable, PresenceTables, HealthTable> {
+    /// On AWS: the Devices table (`FLEET_DEVICES_TABLE`) and the Health table
+    /// (`FLEET_HEALTH_TABLE`).
     pub fn on_aws(aws: &AwsBackend) -> Result<Self, StartupError> {
+        let devices = DevicesTable::from_env(&aws.sdk, &aws.env)?;
+        let health = HealthTable::from_env(&aws.sdk, &aws.env)?;
         Ok(Self {
-            presence: DevicesTable::from_env(&aws.sdk, &aws.env)?,
+            registry: devices.clone(),
+            presence: PresenceTables { devices, health: health.clone() },
+            health,
             clock: time::now_ms,
             metrics: MetricsOut::stdout(&aws.env)?,
         })
@@ -58,14 +69,20 @@ impl Deps<DevicesTable> {
 }
 
 #[cfg(feature = "embedded")]
-pub type EmbeddedDeps = Deps<fleet_shared::adapters::embedded::SqliteStore>;
+pub type EmbeddedDeps = Deps<
+    fleet_shared::adapters::embedded::SqliteStore,
+    fleet_shared::adapters::embedded::SqliteStore,
+    fleet_shared::adapters::embedded::SqliteStore,
+>;
 
 #[cfg(feature = "embedded")]
 impl EmbeddedDeps {
     /// On the embedded backend: the one SQLite database; the stage is `local`.
     pub fn on_embedded(e: &lambda::EmbeddedBackend) -> Result<Self, StartupError> {
         Ok(Self {
+            registry: e.db.clone(),
             presence: e.db.clone(),
+            health: e.db.clone(),
             clock: time::now_ms,
             metrics: MetricsOut::Stdout { stage: "local".to_owned() },
         })
@@ -104,8 +121,8 @@ pub enum Response {
     Direct(DirectResponse),
 }
 
-pub async fn handle<P: PresenceStore>(
-    deps: &Deps<P>,
+pub async fn handle<R: DeviceRegistry, P: PresenceStore, H: HealthCounters>(
+    deps: &Deps<R, P, H>,
     event: LambdaEvent<Box<RawValue>>,
 ) -> Result<Response, Retryable> {
     let now = (deps.clock)();
@@ -129,7 +146,11 @@ pub async fn handle<P: PresenceStore>(
 }
 
 /// A batch's events, by device, into each device's presence; logged and measured.
-pub async fn run<P: PresenceStore>(deps: &Deps<P>, now: i64, messages: &[OwnedInbound]) -> Outcome {
+pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters>(
+    deps: &Deps<R, P, H>,
+    now: i64,
+    messages: &[OwnedInbound],
+) -> Outcome {
     let mut out = Outcome { events: messages.len(), ..Outcome::default() };
     let mut by_thing: BTreeMap<ThingName, Vec<(&str, LifecycleEvent)>> = BTreeMap::new();
     for m in messages {
@@ -153,13 +174,33 @@ pub async fn run<P: PresenceStore>(deps: &Deps<P>, now: i64, messages: &[OwnedIn
             }
         }
     }
+    // Each device's health cohort (class, region, firmware): one batched lookup. Without it the
+    // events still count, as unregistered devices'.
+    let things: Vec<ThingName> = by_thing.keys().cloned().collect();
+    let devices = match deps.registry.get_many(&things).await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "devices not looked up; their presence counts as unregistered");
+            Default::default()
+        }
+    };
+    let mut counts = HealthDelta::default();
     for (thing, events) in &by_thing {
-        match record(&deps.presence, thing, events.iter().map(|(_, e)| e)).await {
-            Ok(true) => {
+        // Connectivity is counted per class and region: a device's firmware is often not
+        // known yet when it connects.
+        let cohort = Cohort::of(devices.get(thing), None).without_fw();
+        let n = |kind: Kind| events.iter().filter(|(_, e)| e.event_type == kind).count() as i64;
+        match record(&deps.presence, thing, &cohort, events.iter().map(|(_, e)| e)).await {
+            Ok(Some(now_stored)) => {
                 out.changed += 1;
                 out.stale += events.len() - 1;
+                // A session taken over by another connection with the same client id (a cloned
+                // identity), counted once however often its event is delivered.
+                let taken_over = now_stored.disconnect_reason.as_deref() == Some("DUPLICATE_CLIENTID");
+                let (c, d) = (n(Kind::Connected), n(Kind::Disconnected));
+                signals::lifecycle(&mut counts, now, &cohort, c, d, i64::from(taken_over));
             }
-            Ok(false) => out.stale += events.len(),
+            Ok(None) => out.stale += events.len(),
             Err(e) if e.is_transient() => {
                 warn!(%thing, error = %e, "presence not recorded; its events will be retried");
                 let e = Arc::new(e);
@@ -170,6 +211,9 @@ pub async fn run<P: PresenceStore>(deps: &Deps<P>, now: i64, messages: &[OwnedIn
                 out.rejected.extend(events.iter().map(|(id, _)| ((*id).to_owned(), e.to_string())));
             }
         }
+    }
+    if let Err(e) = deps.health.add_health(&counts).await {
+        warn!(error = %e, "lifecycle counts not added to the health counters");
     }
     info!(
         events = out.events,
@@ -197,18 +241,23 @@ pub async fn run<P: PresenceStore>(deps: &Deps<P>, now: i64, messages: &[OwnedIn
 }
 
 /// Fold one device's events into its stored presence and write it if it changed, on the
-/// presence read (re-read and fold again when another writer got there first). `true`: it
-/// changed.
+/// presence read (re-read and fold again when another writer got there first), moving the
+/// connected gauge with it: a connected device counts in `cohort`. The presence stored now,
+/// if it changed.
 pub async fn record<'a, P: PresenceStore>(
     store: &P,
     thing: &ThingName,
+    cohort: &Cohort,
     events: impl Iterator<Item = &'a LifecycleEvent> + Clone,
-) -> Result<bool, StoreError> {
+) -> Result<Option<Presence>, StoreError> {
     for _ in 0..MAX_ATTEMPTS {
         let stored = store.presence(thing).await?;
-        let Some(next) = fold(stored.as_ref(), events.clone()) else { return Ok(false) };
-        if store.put_presence(thing, &next, stored.as_ref().map(|p| &p.place)).await? {
-            return Ok(true);
+        let Some(mut next) = fold(stored.as_ref(), events.clone()) else { return Ok(None) };
+        next.counted_in = next.connected.then(|| cohort.clone());
+        let mut gauge = HealthDelta::default();
+        signals::presence(&mut gauge, stored.as_ref(), &next);
+        if store.put_presence(thing, &next, stored.as_ref().map(|p| &p.place), &gauge).await? {
+            return Ok(Some(next));
         }
     }
     Err(StoreError::transient("presence write", "the device's presence kept changing underneath"))

@@ -8,7 +8,7 @@ use anyhow::{ensure, Context, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::lambda::emulator::Emulator;
 use fleet_shared::model::ThingName;
-use fleet_shared::ports::PresenceStore;
+use fleet_shared::ports::PresenceReader;
 use serde_json::json;
 
 fn workspace() -> PathBuf {

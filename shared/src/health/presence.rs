@@ -115,6 +115,10 @@ pub struct Presence {
     /// The latest session's `sessionIdentifier`, when its events carry one.
     #[serde(default)]
     pub session: Option<String>,
+    /// While connected: the cohort whose connected gauge counts this device (set by the
+    /// presence function; [`crate::health::signals::presence`] moves the count with it).
+    #[serde(default)]
+    pub counted_in: Option<crate::health::tally::Cohort>,
 }
 
 /// Whether `e` is an event of the session `p` describes.
@@ -153,6 +157,7 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
                 session_ms: None,
                 disconnect_reason: None,
                 session: e.session_identifier.clone(),
+                counted_in: None,
             },
             Kind::Disconnected => {
                 // Its connect seen (it is the state now): the session's start and length.
@@ -166,6 +171,7 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
                     session_ms: started.map(|s| e.timestamp.saturating_sub(s)),
                     disconnect_reason: e.disconnect_reason.clone(),
                     session: e.session_identifier.clone(),
+                    counted_in: None,
                 }
             }
         };
@@ -195,6 +201,7 @@ fn first(e: &LifecycleEvent) -> Presence {
         session_ms: None,
         disconnect_reason: if connected { None } else { e.disconnect_reason.clone() },
         session: e.session_identifier.clone(),
+        counted_in: None,
     }
 }
 

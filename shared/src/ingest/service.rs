@@ -14,6 +14,8 @@ use super::batch::{plan, Inbound, Plan};
 use super::envelope::IngestPolicy;
 use super::reason::{Problem, Reason};
 use crate::error::{ErrorKind, StoreError};
+use crate::health::signals;
+use crate::health::tally::{Cohort, HealthDelta};
 use crate::model::{Device, DeviceState, Reading, StoredReading, ThingName, UNREGISTERED_CLASS};
 use crate::ports::{DeviceRegistry, Quarantine, RawArchive, TelemetrySink, WriteStatus};
 
@@ -71,6 +73,9 @@ pub struct BatchOutcome {
     pub quarantined: Vec<QuarantinedMessage>,
     /// Not stored because of a transient downstream failure: retry these.
     pub failed: Vec<FailedMessage>,
+    /// What fleet health counts of this batch (messages settled and quarantined per cohort,
+    /// devices' newest data, reboots, battery): the caller adds it to the health counters.
+    pub health: HealthDelta,
 }
 
 impl BatchOutcome {
@@ -90,6 +95,8 @@ struct MessageFate {
     /// Why a store refused its readings for good.
     refused: Vec<Problem>,
     thing: Option<String>,
+    /// One of its readings (they share a thing).
+    of: Option<usize>,
 }
 
 /// A message on its way to the quarantine.
@@ -125,10 +132,13 @@ where
         .collect();
 
     let readings = std::mem::take(&mut plan.readings);
+    let mut devices: HashMap<ThingName, Device> = HashMap::new();
+    let mut settled: Vec<ThingName> = Vec::new();
     if !readings.is_empty() {
-        let (fates, stored) = store(&ports, &readings, &plan, messages, now_ms)
+        let (fates, stored, known) = store(&ports, &readings, &plan, messages, now_ms, &mut out.health)
             .instrument(info_span!("store", readings = readings.len()))
             .await;
+        devices = known;
         let mut unknown: HashSet<&ThingName> = HashSet::new();
         // A message's fate is its readings' (a v2 pack carries several): retried if any failed
         // transiently, quarantined if any was refused for good, accepted if any was newly
@@ -150,12 +160,10 @@ where
                         unknown.insert(&reading.id.thing);
                     }
                     per_message.entry(origin).or_default().stored_new = true;
-                    for m in repeats[r].iter() {
-                        per_message.entry(*m).or_default();
-                    }
+                    carriers().for_each(|m| per_message.entry(m).or_default().of = Some(r));
                 }
                 WriteStatus::Duplicate => carriers().for_each(|m| {
-                    per_message.entry(m).or_default();
+                    per_message.entry(m).or_default().of = Some(r);
                 }),
                 WriteStatus::Refused(e) if e.is_transient() => carriers().for_each(|m| {
                     per_message.entry(m).or_default().transient = Some(Arc::clone(e));
@@ -177,8 +185,10 @@ where
                 to_quarantine.push(ToQuarantine { index, thing: f.thing, problems: f.refused });
             } else if f.stored_new {
                 out.accepted += 1;
+                settled.extend(f.of.map(|r| readings[r].id.thing.clone()));
             } else {
                 out.duplicates += 1;
+                settled.extend(f.of.map(|r| readings[r].id.thing.clone()));
             }
         }
         out.unknown_devices = unknown.len();
@@ -219,8 +229,49 @@ where
             }
         }
     }
+    count_settled(ports.registry, &mut out, &settled, devices, now_ms).await;
     debug_assert!(out.reconciles(), "{out:?}");
     out
+}
+
+/// Count the batch's settled messages per cohort: `settled` are the things of the messages
+/// stored or found duplicate, and the quarantined ones count as received and quarantined
+/// (messages to retry count when they settle). Things only quarantined are looked up once
+/// more; if that fails they count as unregistered.
+async fn count_settled<R: DeviceRegistry>(
+    registry: &R,
+    out: &mut BatchOutcome,
+    settled: &[ThingName],
+    mut devices: HashMap<ThingName, Device>,
+    now_ms: i64,
+) {
+    let quarantined: Vec<Option<ThingName>> =
+        out.quarantined.iter().map(|q| q.thing.as_deref().and_then(|t| ThingName::parse(t).ok())).collect();
+    let mut missing: Vec<ThingName> =
+        quarantined.iter().flatten().filter(|t| !devices.contains_key(*t)).cloned().collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if !missing.is_empty() {
+        match registry.get_many(&missing).await {
+            Ok(more) => devices.extend(more),
+            Err(e) => {
+                warn!(error = %e, "quarantined messages' devices not looked up; counted as unregistered")
+            }
+        }
+    }
+    let cohort = |thing: Option<&ThingName>| Cohort::of(thing.and_then(|t| devices.get(t)), None);
+    let mut counts: std::collections::BTreeMap<Cohort, (i64, i64)> = Default::default();
+    for thing in settled {
+        counts.entry(cohort(Some(thing))).or_default().0 += 1;
+    }
+    for thing in &quarantined {
+        let c = counts.entry(cohort(thing.as_ref())).or_default();
+        c.0 += 1;
+        c.1 += 1;
+    }
+    for (c, (rx, bad)) in counts {
+        signals::received(&mut out.health, now_ms, &c, rx, bad);
+    }
 }
 
 /// Enrich, archive, write the hot store and record device state: one fate per reading, and
@@ -231,7 +282,8 @@ async fn store<R, S, A, Q>(
     plan: &Plan,
     messages: &[Inbound<'_>],
     now_ms: i64,
-) -> (Vec<WriteStatus>, Vec<StoredReading>)
+    health: &mut HealthDelta,
+) -> (Vec<WriteStatus>, Vec<StoredReading>, HashMap<ThingName, Device>)
 where
     R: DeviceRegistry,
     S: TelemetrySink,
@@ -249,7 +301,7 @@ where
     things.dedup();
     let devices = match ports.registry.get_many(&things).await {
         Ok(d) => d,
-        Err(e) => return (all(e), Vec::new()),
+        Err(e) => return (all(e), Vec::new(), HashMap::new()),
     };
     let stored: Vec<StoredReading> = readings.iter().map(|r| enrich(r, devices.get(&r.id.thing))).collect();
 
@@ -259,7 +311,7 @@ where
     let received_ms = plan.origin.iter().map(|&i| messages[i].received_ms).max().unwrap_or(now_ms);
     if let Some(object) = raw_object(plan.origin.iter().map(|&i| messages[i].body), received_ms) {
         if let Err(e) = ports.archive.put_raw(&object).await {
-            return (all(e), stored);
+            return (all(e), stored, devices);
         }
     }
 
@@ -315,6 +367,7 @@ where
             (r.id.thing.clone(), state)
         })
         .collect();
+    let mut failed: Vec<ThingName> = Vec::new();
     for (thing, e) in ports.registry.record_states(&states).await {
         warn!(thing = %thing, error = %e, "device state not recorded");
         let e = Arc::new(e);
@@ -323,8 +376,18 @@ where
                 *f = WriteStatus::Refused(Arc::clone(&e));
             }
         }
+        failed.push(thing);
     }
-    (fates, stored)
+    // Health: each recorded state that is newer than the one read moves its device's newest
+    // data (an older one was not written: a newer state is stored).
+    for (thing, state) in &states {
+        let before = devices.get(thing);
+        let newer = before.and_then(|d| d.state.as_ref()).is_none_or(|s| state.last_ts_ms > s.last_ts_ms);
+        if newer && !failed.contains(thing) {
+            signals::telemetry(health, before, state);
+        }
+    }
+    (fates, stored, devices)
 }
 
 /// Newest first by stored time, then by boot and seq.

@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context as _, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::error::StoreError;
 use fleet_shared::ingest::{decode_lines, QuarantineLine, Reason};
 use fleet_shared::model::{DeviceRegistration, StoredReading, ThingName};
-use fleet_shared::ports::{DeviceAdmin, QuarantineReader, TelemetryQuery, TelemetrySink, WriteStatus};
+use fleet_shared::ports::{
+    DeviceAdmin, HealthCounters, QuarantineReader, TelemetryQuery, TelemetrySink, WriteStatus,
+};
 use lambda_runtime::{Context, Diagnostic, LambdaEvent};
 
 use super::*;
@@ -59,12 +61,13 @@ fn event(json: &str) -> Result<LambdaEvent<Box<RawValue>>> {
     Ok(LambdaEvent::new(RawValue::from_string(json.to_owned())?, Context::default()))
 }
 
-async fn sqs<R, S, A, Q>(deps: &Deps<R, S, A, Q>, json: &str) -> Result<SqsBatchResponse>
+async fn sqs<R, S, A, Q, H>(deps: &Deps<R, S, A, Q, H>, json: &str) -> Result<SqsBatchResponse>
 where
     R: DeviceRegistry,
     S: TelemetrySink,
     A: RawArchive,
     Q: Quarantine,
+    H: HealthCounters,
 {
     match handle(deps, event(json)?).await? {
         Response::Sqs(r) => Ok(r),
@@ -121,6 +124,29 @@ async fn stores_every_reading_of_a_valid_v1_batch() -> Result<()> {
     assert_eq!(raw.len(), 1);
     assert_eq!(raw[0].lines, 4);
     assert!(raw[0].key.starts_with("raw/dt=2025-11-24/hour=16/"), "{}", raw[0].key);
+    Ok(())
+}
+
+#[tokio::test]
+async fn counts_settled_and_quarantined_messages_and_fresh_devices_for_fleet_health() -> Result<()> {
+    use fleet_shared::health::tally::{counter, minute_of, Bucket, Cohort};
+    use fleet_shared::ports::HealthLedger;
+    // GIVEN a registered fleet
+    let deps = deps_with_fleet().await?;
+    // WHEN the mixed batch (3 valid, 8 bad) arrives, then again (all duplicates or quarantined)
+    sqs(&deps, MIXED).await?;
+    sqs(&deps, MIXED).await?;
+    // THEN the arrival minute counts 22 messages received, 16 quarantined, over every cohort
+    let minute = Bucket::Minute(minute_of(fixed_clock()));
+    let buckets = deps.health.buckets(&[minute]).await?;
+    let counts = buckets.get(&minute).context("the minute's counters")?;
+    let sum = |name: &str| counts.values().map(|t| t.get(name)).sum::<i64>();
+    assert_eq!((sum(counter::RECEIVED), sum(counter::QUARANTINED)), (22, 16));
+    // AND the three devices' newest data is in that minute, once (the repeat moved nothing)
+    assert_eq!(sum(counter::LATEST), 3);
+    let registered = counts.keys().find(|c| c.class == "env-sensor").context("the registered cohort")?;
+    assert_eq!(registered.region, "eu-west");
+    assert!(counts.keys().all(|c| *c != Cohort::fleet()), "writers count base cohorts only");
     Ok(())
 }
 
@@ -371,14 +397,15 @@ impl TelemetrySink for RefuseFor {
 async fn refusing(
     thing_name: &str,
     kind: fleet_shared::ErrorKind,
-) -> Result<(EmbeddedDeps, Deps<SqliteStore, RefuseFor, SqliteStore, SqliteStore>)> {
+) -> Result<(EmbeddedDeps, Deps<SqliteStore, RefuseFor, SqliteStore, SqliteStore, SqliteStore>)> {
     let fleet = deps_with_fleet().await?;
     let db = fleet.registry.clone();
     let deps = Deps {
         sink: RefuseFor { inner: db.clone(), thing: thing(thing_name), kind },
         registry: db.clone(),
         archive: db.clone(),
-        quarantine: db,
+        quarantine: db.clone(),
+        health: db,
         policy: fleet.policy,
         clock: fixed_clock,
         metrics: MetricsOut::Off,

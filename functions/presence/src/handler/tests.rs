@@ -8,6 +8,8 @@ use fleet_shared::health::presence::{Place, Presence};
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::{json, Value};
 
+use fleet_shared::ports::PresenceReader;
+
 use super::*;
 
 const BATCH: &str = include_str!("../../../../events/presence/sqs-out-of-order.json");
@@ -18,11 +20,21 @@ fn fixed_clock() -> i64 {
     1_764_001_000_000
 }
 
-fn deps() -> Result<Deps<SqliteStore>> {
-    Ok(Deps { presence: SqliteStore::in_memory()?, clock: fixed_clock, metrics: MetricsOut::Off })
+fn deps() -> Result<Deps<SqliteStore, SqliteStore, SqliteStore>> {
+    let db = SqliteStore::in_memory()?;
+    Ok(Deps {
+        registry: db.clone(),
+        presence: db.clone(),
+        health: db,
+        clock: fixed_clock,
+        metrics: MetricsOut::Off,
+    })
 }
 
-async fn invoke<P: PresenceStore>(deps: &Deps<P>, event: &str) -> Result<Value> {
+async fn invoke<R: DeviceRegistry, P: PresenceStore, H: HealthCounters>(
+    deps: &Deps<R, P, H>,
+    event: &str,
+) -> Result<Value> {
     let payload = RawValue::from_string(event.to_owned())?;
     let answer = handle(deps, LambdaEvent::new(payload, Context::default())).await?;
     Ok(serde_json::to_value(answer)?)
@@ -55,6 +67,17 @@ async fn an_out_of_order_batch_ends_in_each_devices_last_session() -> Result<()>
     let p3 = deps.presence.presence(&thing("sensor-003")).await?.context("sensor-003")?;
     assert_eq!(p3.disconnect_reason.as_deref(), Some("DUPLICATE_CLIENTID"));
     assert!(deps.presence.presence(&thing("sensor-004")).await?.is_none());
+    // AND fleet health counts one device connected, and one session taken over once, though
+    // the batch came twice
+    use fleet_shared::health::tally::{counter, minute_of, Bucket};
+    use fleet_shared::ports::HealthLedger;
+    let minute = Bucket::Minute(minute_of(fixed_clock()));
+    let b = deps.health.buckets(&[Bucket::Gauge, minute]).await?;
+    let sum = |bucket: Bucket, name: &str| {
+        b.get(&bucket).map_or(0, |m| m.values().map(|t| t.get(name)).sum::<i64>())
+    };
+    assert_eq!(sum(Bucket::Gauge, counter::CONNECTED), 1);
+    assert_eq!(sum(minute, counter::DUPLICATE_CLIENTID), 1);
     Ok(())
 }
 
@@ -80,15 +103,19 @@ struct Racing {
     raced: std::sync::atomic::AtomicBool,
 }
 
-impl PresenceStore for Racing {
+impl PresenceReader for Racing {
     async fn presence(&self, thing: &ThingName) -> Result<Option<Presence>, StoreError> {
         self.inner.presence(thing).await
     }
+}
+
+impl PresenceStore for Racing {
     async fn put_presence(
         &self,
         thing: &ThingName,
         next: &Presence,
         expected: Option<&Place>,
+        counts: &HealthDelta,
     ) -> Result<bool, StoreError> {
         if !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
             // Another invocation records session 4's connect first.
@@ -97,16 +124,19 @@ impl PresenceStore for Racing {
             )
             .expect("event");
             let theirs = fold(None, [&c4]).expect("state");
-            assert!(self.inner.put_presence(thing, &theirs, None).await?);
+            assert!(self.inner.put_presence(thing, &theirs, None, &HealthDelta::default()).await?);
         }
-        self.inner.put_presence(thing, next, expected).await
+        self.inner.put_presence(thing, next, expected, counts).await
     }
 }
 
 #[tokio::test]
 async fn a_concurrent_writer_is_read_again_and_the_later_session_still_wins() -> Result<()> {
+    let db = SqliteStore::in_memory()?;
     let deps = Deps {
-        presence: Racing { inner: SqliteStore::in_memory()?, raced: false.into() },
+        registry: db.clone(),
+        presence: Racing { inner: db.clone(), raced: false.into() },
+        health: db,
         clock: fixed_clock,
         metrics: MetricsOut::Off,
     };
@@ -119,18 +149,34 @@ async fn a_concurrent_writer_is_read_again_and_the_later_session_still_wins() ->
 /// A store that is always busy.
 struct Busy;
 
-impl PresenceStore for Busy {
+impl PresenceReader for Busy {
     async fn presence(&self, _: &ThingName) -> Result<Option<Presence>, StoreError> {
         Err(StoreError::transient("presence get", "ProvisionedThroughputExceeded"))
     }
-    async fn put_presence(&self, _: &ThingName, _: &Presence, _: Option<&Place>) -> Result<bool, StoreError> {
+}
+
+impl PresenceStore for Busy {
+    async fn put_presence(
+        &self,
+        _: &ThingName,
+        _: &Presence,
+        _: Option<&Place>,
+        _: &HealthDelta,
+    ) -> Result<bool, StoreError> {
         unreachable!("never read")
     }
 }
 
 #[tokio::test]
 async fn a_busy_store_retries_exactly_the_readable_events() -> Result<()> {
-    let deps = Deps { presence: Busy, clock: fixed_clock, metrics: MetricsOut::Off };
+    let db = SqliteStore::in_memory()?;
+    let deps = Deps {
+        registry: db.clone(),
+        presence: Busy,
+        health: db,
+        clock: fixed_clock,
+        metrics: MetricsOut::Off,
+    };
     let answer = invoke(&deps, BATCH).await?;
     let failed: Vec<&str> = answer["batchItemFailures"]
         .as_array()

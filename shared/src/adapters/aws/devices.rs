@@ -187,31 +187,8 @@ impl DevicesTable {
     }
 
     /// BatchWriteItem of `requests` (≤ 25), resubmitting UnprocessedItems with backoff.
-    async fn batch_write(&self, mut requests: Vec<WriteRequest>) -> Result<(), StoreError> {
-        let table = self.table.clone();
-        let mut delays = batch_backoff();
-        loop {
-            let out = self
-                .client
-                .batch_write_item()
-                .request_items(&table, requests)
-                .send()
-                .await
-                .map_err(|e| classify("dynamodb batch write", e))?;
-            match out.unprocessed_items.and_then(|mut u| u.remove(&table)).filter(|r| !r.is_empty()) {
-                None => return Ok(()),
-                Some(rest) => {
-                    requests = rest;
-                    let Some(delay) = delays.next() else {
-                        return Err(StoreError::transient(
-                            "dynamodb batch write",
-                            "unprocessed items remained after retries",
-                        ));
-                    };
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
+    async fn batch_write(&self, requests: Vec<WriteRequest>) -> Result<(), StoreError> {
+        super::batch_write(&self.client, &self.table, requests).await
     }
 }
 
@@ -538,8 +515,21 @@ impl crate::ports::DeviceCertStatus for DevicesTable {
 /// a string the conditional write compares.
 const PRESENCE: &str = "presence";
 
-impl crate::ports::PresenceStore for DevicesTable {
+impl crate::ports::PresenceReader for DevicesTable {
     async fn presence(
+        &self,
+        thing: &ThingName,
+    ) -> Result<Option<crate::health::presence::Presence>, StoreError> {
+        self.presence_item(thing).await
+    }
+}
+
+impl DevicesTable {
+    pub(crate) fn client(&self) -> &aws_sdk_dynamodb::Client {
+        &self.client
+    }
+
+    pub(crate) async fn presence_item(
         &self,
         thing: &ThingName,
     ) -> Result<Option<crate::health::presence::Presence>, StoreError> {
@@ -559,13 +549,13 @@ impl crate::ports::PresenceStore for DevicesTable {
         serde_json::from_str(text).map(Some).map_err(|e| StoreError::permanent(op, e))
     }
 
-    async fn put_presence(
+    /// The conditional Put of a device's presence: only over the place read (`None`: none).
+    pub(crate) fn presence_put(
         &self,
         thing: &ThingName,
         next: &crate::health::presence::Presence,
         expected: Option<&crate::health::presence::Place>,
-    ) -> Result<bool, StoreError> {
-        let op = "dynamodb presence put";
+    ) -> Result<aws_sdk_dynamodb::types::Put, StoreError> {
         fn encode(v: &impl Serialize) -> Result<String, StoreError> {
             serde_json::to_string(v).map_err(|e| StoreError::permanent("dynamodb presence put", e))
         }
@@ -573,19 +563,13 @@ impl crate::ports::PresenceStore for DevicesTable {
         item.insert("place".into(), AttributeValue::S(encode(&next.place)?));
         item.insert("state".into(), AttributeValue::S(encode(next)?));
         item.insert("connected".into(), AttributeValue::Bool(next.connected));
-        let mut req = self.client.put_item().table_name(&self.table).set_item(Some(item));
-        req = match expected {
-            None => req.condition_expression("attribute_not_exists(thing)"),
-            Some(place) => req
+        let put = aws_sdk_dynamodb::types::Put::builder().table_name(&self.table).set_item(Some(item));
+        let put = match expected {
+            None => put.condition_expression("attribute_not_exists(thing)"),
+            Some(place) => put
                 .condition_expression("place = :read")
                 .expression_attribute_values(":read", AttributeValue::S(encode(place)?)),
         };
-        match req.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
-                Ok(false)
-            }
-            Err(e) => Err(classify(op, e)),
-        }
+        put.build().map_err(|e| StoreError::permanent("dynamodb presence put", e))
     }
 }

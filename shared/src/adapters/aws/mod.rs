@@ -10,6 +10,7 @@ pub mod certs;
 #[cfg(feature = "test-support")]
 pub mod counting;
 pub mod devices;
+pub mod health;
 pub mod hot_store;
 pub mod iot;
 pub mod s3;
@@ -31,6 +32,7 @@ use crate::error::StoreError;
 
 pub use certs::CertificatesTable;
 pub use devices::DevicesTable;
+pub use health::{HealthTable, PresenceTables};
 #[cfg(feature = "operator")]
 pub use hot_store::TelemetryReader;
 pub use hot_store::{HotStore, HotStoreKind};
@@ -126,6 +128,34 @@ pub(crate) async fn query_items<T>(
         }
     }
     Ok(out)
+}
+
+/// BatchWriteItem of `requests` (≤ 25) to one table, resubmitting UnprocessedItems with backoff.
+pub(crate) async fn batch_write(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    mut requests: Vec<aws_sdk_dynamodb::types::WriteRequest>,
+) -> Result<(), StoreError> {
+    const OP: &str = "dynamodb batch write";
+    let mut delays = batch_backoff();
+    loop {
+        let out = client
+            .batch_write_item()
+            .request_items(table, requests)
+            .send()
+            .await
+            .map_err(|e| classify(OP, e))?;
+        match out.unprocessed_items.and_then(|mut u| u.remove(table)).filter(|r| !r.is_empty()) {
+            None => return Ok(()),
+            Some(rest) => {
+                requests = rest;
+                let Some(delay) = delays.next() else {
+                    return Err(StoreError::transient(OP, "unprocessed items remained after retries"));
+                };
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 #[cfg(all(test, feature = "operator"))]

@@ -2,6 +2,7 @@
 //! local stack, `cargo lambda watch --features embedded` and tests. No AWS account needed.
 
 mod certs;
+mod health;
 mod local_shadows;
 mod presence;
 mod registry;

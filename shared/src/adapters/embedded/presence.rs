@@ -1,13 +1,15 @@
 //! [`PresenceStore`] on SQLite: one row per device, written only if the row is still the one
-//! read (compare and set inside one transaction).
+//! read (compare and set inside one transaction), with the connected gauge in the same
+//! transaction.
 
 use rusqlite::{params, OptionalExtension};
 
 use super::SqliteStore;
 use crate::error::StoreError;
 use crate::health::presence::{Place, Presence};
+use crate::health::tally::HealthDelta;
 use crate::model::ThingName;
-use crate::ports::PresenceStore;
+use crate::ports::{PresenceReader, PresenceStore};
 
 /// Migration step 11 (see `MIGRATIONS` in `sqlite.rs`).
 pub(super) const PRESENCE_SCHEMA: &str = "
@@ -22,7 +24,7 @@ fn json<T: serde::Serialize>(op: &'static str, v: &T) -> Result<String, StoreErr
     serde_json::to_string(v).map_err(|e| StoreError::permanent(op, e))
 }
 
-impl PresenceStore for SqliteStore {
+impl PresenceReader for SqliteStore {
     async fn presence(&self, thing: &ThingName) -> Result<Option<Presence>, StoreError> {
         const OP: &str = "sqlite presence get";
         let key = thing.to_string();
@@ -35,16 +37,20 @@ impl PresenceStore for SqliteStore {
             .await?;
         state.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::permanent(OP, e))).transpose()
     }
+}
 
+impl PresenceStore for SqliteStore {
     async fn put_presence(
         &self,
         thing: &ThingName,
         next: &Presence,
         expected: Option<&Place>,
+        counts: &HealthDelta,
     ) -> Result<bool, StoreError> {
         const OP: &str = "sqlite presence put";
         let (key, place, state) = (thing.to_string(), json(OP, &next.place)?, json(OP, next)?);
         let expected = expected.map(|p| json(OP, p)).transpose()?;
+        let counts = counts.clone();
         self.with(OP, move |c| {
             let tx = c.transaction()?;
             let stored: Option<String> = tx
@@ -58,6 +64,7 @@ impl PresenceStore for SqliteStore {
                  ON CONFLICT (thing) DO UPDATE SET place = excluded.place, state = excluded.state",
                 params![key, place, state],
             )?;
+            super::health::add_delta(&tx, &counts)?;
             tx.commit()?;
             Ok(true)
         })

@@ -95,6 +95,8 @@ const MIGRATIONS: &[&str] = &[
     super::registry::LOCAL_THINGS_SCHEMA,
     // Version 11: devices' connectivity (presence).
     super::presence::PRESENCE_SCHEMA,
+    // Version 12: health counters and the SLO ledger (fleet-health).
+    super::health::HEALTH_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version

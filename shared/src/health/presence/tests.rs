@@ -57,6 +57,7 @@ fn any_order_with_duplicates_ends_in_the_last_sessions_state() {
         session_ms: Some(150),
         disconnect_reason: Some("MQTT_KEEP_ALIVE_TIMEOUT".into()),
         session: Some("s-5".into()),
+        counted_in: None,
     };
     // 4 events, each twice: 8! orders of delivery.
     let events = [c1.clone(), d1.clone(), c2.clone(), d2.clone(), c1, d1, c2, d2];
