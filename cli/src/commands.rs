@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::adapters::aws::{
-    CertificatesTable, DevicesTable, HotStore, HotStoreKind, IotControlPlane, IotDataShadows, S3Archive,
-    TelemetryReader, TwinsTable,
+    CertificatesTable, CommandsTable, DevicesTable, HotStore, HotStoreKind, IotControlPlane, IotDataShadows,
+    LambdaInvoker, S3Archive, TelemetryReader, TwinsTable,
 };
 use fleet_shared::certs::{decommission, reconcile};
 use fleet_shared::ingest::{
@@ -19,8 +19,8 @@ use fleet_shared::model::{
     ThingName, Twin,
 };
 use fleet_shared::ports::{
-    Allowlist, ArchiveReader, CertificateControl, CertificateInventory, CertificateRegistry, DeviceAdmin,
-    DeviceRegistry, PresenceReader, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive,
+    Allowlist, ArchiveReader, CertificateControl, CertificateInventory, CertificateRegistry, CommandStore,
+    DeviceAdmin, DeviceRegistry, PresenceReader, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive,
     ShadowService, TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
 };
 use fleet_shared::twin::policy::StalePolicy;
@@ -29,8 +29,8 @@ use fleet_shared::{time, BackendKind, Env};
 
 use crate::output;
 use crate::{
-    AllowlistCommand, CertsCommand, Cli, Cohort, Command, DevicesCommand, PolicyAction, PolicyCommand,
-    QuarantineCommand, TwinCommand,
+    AllowlistCommand, CertsCommand, Cli, Cohort, Command, CommandCommand, DevicesCommand, PolicyAction,
+    PolicyCommand, QuarantineCommand, TwinCommand,
 };
 
 /// The functions' variables, with the embedded backend (on `--db`) as the default.
@@ -160,6 +160,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let certs_table = CertificatesTable::from_env(sdk, env)?;
                     certs(&certs_table, &certs_table, command, json).await
                 }
+                Command::Command { command: CommandCommand::Send { thing, name, args, ttl, .. } } => {
+                    let function = env.required("FLEET_COMMAND_FUNCTION")?;
+                    let request = command_request(&thing, &name, &args, ttl)?;
+                    let sent =
+                        LambdaInvoker::new(sdk)?.invoke(&function, &serde_json::to_value(&request)?).await?;
+                    output::command_sent(&serde_json::from_value(sent)?, json)
+                }
+                Command::Command { command } => {
+                    commands_read(&CommandsTable::from_env(sdk, env)?, command, json).await
+                }
                 Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }
         }
@@ -209,6 +219,35 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let ports = IngestPorts { registry: db, sink: db, archive: db, quarantine: db };
                     ingest_files(ports, &policy, &files, json).await
                 }
+                Command::Command { command: CommandCommand::Send { thing, name, args, ttl, mqtt } } => {
+                    // The same function code, signing with the local IoT Core's key and
+                    // publishing through its broker (which must be running).
+                    let key_file = e.env.optional("FLEET_COMMAND_KEY_FILE").unwrap_or_else(|| {
+                        let mut p = cli.db.clone().into_os_string();
+                        p.push(".command-key");
+                        p.to_string_lossy().into_owned()
+                    });
+                    let kid = e.env.optional("FLEET_COMMAND_KEY_ID").unwrap_or_else(|| "local".to_owned());
+                    let env = fleet_shared::Env::from_fn(move |k| match k {
+                        "FLEET_COMMAND_KEY_FILE" => Some(key_file.clone()),
+                        "FLEET_COMMAND_KEY_ID" => Some(kid.clone()),
+                        _ => None,
+                    });
+                    let backend = fleet_shared::lambda::EmbeddedBackend { db: db.clone(), env };
+                    let mut deps = command_dispatch::handler::EmbeddedDeps::embedded(
+                        &backend,
+                        fleet_shared::adapters::embedded::MqttPublisher::at(mqtt),
+                    )
+                    .map_err(|err| {
+                        anyhow::anyhow!("{err} (is `fleetctl local` running on this database?)")
+                    })?;
+                    // Its metrics are the local IoT Core's business, not this command's output.
+                    deps.metrics = fleet_shared::metrics::MetricsOut::Off;
+                    let request = command_request(&thing, &name, &args, ttl)?;
+                    let sent = command_dispatch::handler::dispatch(&deps, request).await?;
+                    output::command_sent(&sent, json)
+                }
+                Command::Command { command } => commands_read(db, command, json).await,
                 Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }
         }
@@ -657,6 +696,39 @@ where
     let owned = messages_from_event(&text, now);
     let inbound: Vec<Inbound<'_>> = owned.iter().map(OwnedInbound::borrow).collect();
     Ok(ingest_batch(ports, policy, now, &inbound).await)
+}
+
+/// What `fleetctl command send` asks command-dispatch for.
+fn command_request(
+    thing: &str,
+    name: &str,
+    args: &str,
+    ttl: std::time::Duration,
+) -> Result<command_dispatch::handler::Request> {
+    let args: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(args).context("the arguments are not a JSON object")?;
+    Ok(command_dispatch::handler::Request {
+        thing: thing.to_owned(),
+        name: name.to_owned(),
+        args,
+        ttl_s: Some(ttl.as_secs()),
+    })
+}
+
+/// `command status` and `command list`.
+async fn commands_read(store: &impl CommandStore, command: CommandCommand, json: bool) -> Result<()> {
+    let now = time::now_ms();
+    match command {
+        CommandCommand::Status { cmd_id } => match store.command(&cmd_id).await? {
+            Some(c) => output::commands(&[c], now, json),
+            None => bail!("no command {cmd_id}"),
+        },
+        CommandCommand::List { thing, limit } => {
+            let thing = ThingName::parse(&thing)?;
+            output::commands(&store.commands_of(&thing, limit.clamp(1, 1_000)).await?, now, json)
+        }
+        CommandCommand::Send { .. } => unreachable!("sent by the caller"),
+    }
 }
 
 #[cfg(test)]

@@ -17,9 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fleet_shared::ingest::sim::{firmware, DeviceSim, Quirks};
+use fleet_shared::commands::sim::{Action, SimulatedCommands};
+use fleet_shared::commands::{request_topic, CommandStatus, CommandVerifier, ReplayState, VerifierConfig};
+use fleet_shared::ingest::sim::{firmware, thing_name, DeviceSim, Quirks};
 use fleet_shared::model::{AllowlistEntry, DeviceRegistration, Enrolment, ThingName};
-use fleet_shared::ports::{Allowlist, DeviceAdmin, TwinStore};
+use fleet_shared::ports::{Allowlist, CommandStore, DeviceAdmin, TwinStore};
 use fleet_shared::time;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
@@ -58,6 +60,9 @@ struct Counters {
     published: AtomicU64,
     acked: AtomicU64,
     connection_errors: AtomicU64,
+    /// Signed commands the devices obeyed, and refused by reason (a replay, a bad signature).
+    commands_obeyed: AtomicU64,
+    commands_refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,6 +91,12 @@ pub struct Report {
     pub desired_writes: usize,
     /// Twins whose desired state is not reported (the desired firmware awaits OTA).
     pub twins_drifting: usize,
+    /// Signed commands the operator sent (a ping to each of the first devices), the devices
+    /// obeyed, the acks that settled them, and the commands devices refused, by reason.
+    pub commands_sent: usize,
+    pub commands_obeyed: u64,
+    pub commands_settled: usize,
+    pub commands_refused: std::collections::BTreeMap<String, u64>,
     pub latency_p50_ms: Option<u32>,
     pub latency_p99_ms: Option<u32>,
     pub dashboard: String,
@@ -256,6 +267,7 @@ async fn device(
     stop: Instant,
     counters: Arc<Counters>,
     claim: Option<Claim>,
+    commands: SimulatedCommands,
 ) {
     let mut opts = MqttOptions::new(sim.thing.clone(), mqtt.ip().to_string(), mqtt.port());
     if let Some(claim) = claim {
@@ -283,6 +295,12 @@ async fn device(
     let _ = client.subscribe(format!("{shadow}/delta"), QoS::AtMostOnce).await;
     let reported = serde_json::json!({"state": {"reported": {"fw": firmware(sim.index), "mode": "normal"}}});
     let _ = client.publish(shadow.clone(), QoS::AtMostOnce, false, reported.to_string()).await;
+    // Signed commands: verified, obeyed, acknowledged (fleet_shared::commands::sim).
+    let requests = request_topic(&sim.thing);
+    let _ = client.subscribe(requests.clone(), QoS::AtLeastOnce).await;
+    let commands = Arc::new(std::sync::Mutex::new(commands));
+    let reboots = Arc::new(AtomicU64::new(0));
+    let (device_commands, reboot_requests) = (Arc::clone(&commands), Arc::clone(&reboots));
     let responder = client.clone();
     let events = tokio::spawn(async move {
         loop {
@@ -290,6 +308,23 @@ async fn device(
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
                     acked.fetch_add(1, Relaxed);
                     loop_counters.acked.fetch_add(1, Relaxed);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == requests => {
+                    let answer = device_commands.lock().expect("lock").receive(&p.payload, time::now_ms());
+                    match answer.action {
+                        Some(Action::Reboot) => {
+                            reboot_requests.fetch_add(1, Relaxed);
+                            loop_counters.commands_obeyed.fetch_add(1, Relaxed);
+                        }
+                        Some(Action::Ping) => {
+                            loop_counters.commands_obeyed.fetch_add(1, Relaxed);
+                        }
+                        None => {}
+                    }
+                    // QoS 0: the broker's PUBACKs here count telemetry only.
+                    if let Some(ack) = answer.ack {
+                        let _ = responder.try_publish(answer.topic, QoS::AtMostOnce, false, ack.to_json());
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/update/delta") => {
                     let delta: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
@@ -315,6 +350,9 @@ async fn device(
     let mut published = 0u64;
     while Instant::now() < stop {
         tick.tick().await;
+        if reboots.swap(0, Relaxed) > 0 {
+            sim.reboot();
+        }
         for payload in sim.tick(time::now_ms()) {
             if client.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await.is_ok() {
                 published += 1;
@@ -334,6 +372,45 @@ async fn device(
     }
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), events).await;
+    let refused = std::mem::take(&mut commands.lock().expect("lock").refused);
+    let mut all = counters.commands_refused.lock().expect("lock");
+    for (code, n) in refused {
+        *all.entry(code).or_default() += n;
+    }
+}
+
+/// The operator pings the first devices with signed commands (through command-dispatch, as
+/// `fleetctl command send` does) once they are connected; the number sent.
+async fn operator_commands(stack: &LocalStack, devices: usize) -> usize {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut sent = 0;
+    for i in 0..devices.min(COMMANDED_DEVICES) {
+        let request = serde_json::json!({"thing": thing_name(i), "name": "ping", "ttl_s": 30});
+        match stack.invoke("CommandDispatchFunction", &request).await {
+            Ok(_) => sent += 1,
+            Err(e) => eprintln!("\n  command to {} not sent: {e:#}", thing_name(i)),
+        }
+    }
+    sent
+}
+
+/// Devices the operator sends a signed command to.
+const COMMANDED_DEVICES: usize = 10;
+
+/// Commands to the first `devices` that an ack settled.
+async fn settled_commands(stack: &LocalStack, devices: usize) -> Result<usize> {
+    let mut n = 0;
+    for i in 0..devices {
+        let thing = ThingName::parse(&thing_name(i))?;
+        n += stack
+            .store
+            .commands_of(&thing, 100)
+            .await?
+            .iter()
+            .filter(|c| c.status != CommandStatus::Sent)
+            .count();
+    }
+    Ok(n)
 }
 
 /// Messages the ingest function has settled: stored, absorbed as duplicates, or quarantined,
@@ -385,15 +462,30 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     let period = Duration::from_secs_f64(1.0 / opts.rate);
     let started = Instant::now();
     let stop = started + opts.duration;
+    let (kid, key) = stack.command_key.clone();
     let tasks: Vec<_> = (0..opts.devices)
         .map(|i| {
             let (sim, topic) = device_kind(i, &opts, &rule);
             let offset = period.mul_f64(i as f64 / opts.devices as f64);
             let claim = claim.clone();
-            tokio::spawn(device(sim, topic, stack.mqtt, period, offset, stop, Arc::clone(&counters), claim))
+            let config = VerifierConfig::new(sim.thing.clone(), vec![(kid.clone(), key)]);
+            let verifier = CommandVerifier::new(config, ReplayState::default()).expect("the default window");
+            let commands = SimulatedCommands::new(sim.thing.clone(), verifier);
+            tokio::spawn(device(
+                sim,
+                topic,
+                stack.mqtt,
+                period,
+                offset,
+                stop,
+                Arc::clone(&counters),
+                claim,
+                commands,
+            ))
         })
         .collect();
     let operator = tokio::spawn(operator_desires(stack.mqtt, opts.devices));
+    let commands_sent = operator_commands(&stack, opts.devices).await;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut sustained: Option<f64> = None;
     while !tasks.iter().all(|t| t.is_finished()) {
@@ -447,6 +539,16 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         telemetry_freshness: health.telemetry_freshness,
         desired_writes: desired,
         twins_drifting: stack.store.drifting_since(now, 1_000_000).await?.len(),
+        commands_sent,
+        commands_obeyed: counters.commands_obeyed.load(Relaxed),
+        commands_settled: settled_commands(&stack, opts.devices.min(COMMANDED_DEVICES)).await?,
+        commands_refused: counters
+            .commands_refused
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect(),
         latency_p50_ms: s.latency_p50_ms,
         latency_p99_ms: s.latency_p99_ms,
         dashboard: dashboard.clone(),
@@ -502,6 +604,14 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
     println!(
         "  twins                      {} desired writes, {} twins drifting (fleetctl twin drift)",
         r.desired_writes, r.twins_drifting
+    );
+    let refused: Vec<String> = r.commands_refused.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    println!(
+        "  signed commands            {} sent, {} obeyed, {} acks settled them; refused: {}",
+        r.commands_sent,
+        r.commands_obeyed,
+        r.commands_settled,
+        if refused.is_empty() { "none".to_owned() } else { refused.join(", ") }
     );
     println!("  latency (rx -> stored)     p50 {}, p99 {}", ms(r.latency_p50_ms), ms(r.latency_p99_ms));
     if connection_errors > 0 {

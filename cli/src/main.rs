@@ -108,6 +108,40 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Signed commands to devices (Ed25519, per-device sequence, expiry) and their acks.
+    Command {
+        #[command(subcommand)]
+        command: CommandCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CommandCommand {
+    /// Sign and send a command through command-dispatch: on AWS by invoking the function
+    /// (FLEET_COMMAND_FUNCTION), locally through the running local IoT Core's broker, signed
+    /// with its key (<db>.command-key). Prints the command's id.
+    Send {
+        thing: String,
+        name: String,
+        /// Arguments: a JSON object (integers, strings, booleans; no floats).
+        #[arg(default_value = "{}")]
+        args: String,
+        /// How long the device may take to get it (e.g. 60s, 5m; at most a day).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// The local IoT Core's MQTT listener (embedded backend).
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt: std::net::SocketAddr,
+    },
+    /// One command: sent, succeeded, failed, rejected (by the device, with its reason) or
+    /// expired, with the device's result and the delivery latency.
+    Status { cmd_id: String },
+    /// A device's commands, newest first.
+    List {
+        thing: String,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 #[derive(Subcommand)]

@@ -493,3 +493,50 @@ pub fn presence(thing: &ThingName, p: &fleet_shared::health::presence::Presence,
         &[row],
     )
 }
+
+/// What `fleetctl command send` sent.
+pub fn command_sent(sent: &command_dispatch::handler::Sent, json: bool) -> Result<()> {
+    if json {
+        return print_json(sent);
+    }
+    table(
+        &["CMD_ID", "SEQ", "EXPIRES", "TOPIC"],
+        &[vec![
+            sent.cmd_id.clone(),
+            sent.seq.to_string(),
+            rfc3339_ms(sent.expires_at),
+            printable(&sent.topic).into_owned(),
+        ]],
+    )
+}
+
+/// Commands with the status a reader sees (`expired` for one never answered in time).
+pub fn commands(commands: &[fleet_shared::commands::CommandRecord], now_ms: i64, json: bool) -> Result<()> {
+    if json {
+        let shown: Vec<serde_json::Value> = commands
+            .iter()
+            .map(|c| {
+                let mut v = serde_json::to_value(c).unwrap_or_default();
+                v["status"] = json!(c.shown_status(now_ms));
+                v
+            })
+            .collect();
+        return print_json(&shown);
+    }
+    let rows: Vec<Vec<String>> = commands
+        .iter()
+        .map(|c| {
+            vec![
+                printable(&c.cmd_id).into_owned(),
+                printable(&c.thing).into_owned(),
+                c.seq.to_string(),
+                printable(&c.name).into_owned(),
+                c.shown_status(now_ms).to_owned(),
+                opt(c.latency_ms.map(|l| format!("{l} ms"))),
+                printable(c.reason.as_deref().unwrap_or("")).into_owned(),
+                rfc3339_ms(c.issued_at),
+            ]
+        })
+        .collect();
+    table(&["CMD_ID", "THING", "SEQ", "NAME", "STATUS", "LATENCY", "REASON", "ISSUED"], &rows)
+}

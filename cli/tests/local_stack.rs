@@ -488,6 +488,70 @@ fn dashboard_lists_a_drifting_twin_with_its_keys_and_shows_its_shadow_in_headles
 }
 
 #[test]
+#[ignore = "needs mosquitto_pub and mosquitto_sub (mosquitto-clients), installed by scripts/test.sh"]
+fn fleetctl_sends_a_signed_command_that_a_device_acks_and_shows_its_status_and_list() -> Result<()> {
+    let local = Local::start()?;
+    // GIVEN sensor-001 listening on its request topic (mosquitto_sub as the device)
+    let device = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &local.mqtt.to_string(), "-q", "1", "-i", "sensor-001"])
+        .args(["-t", "cmd/fleet/sensor-001/req", "-C", "1", "-W", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running mosquitto_sub (scripts/test.sh installs mosquitto-clients)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    // WHEN the operator sends it a command
+    let mqtt = format!("127.0.0.1:{}", local.mqtt);
+    let sent = local.fleetctl_json(&[
+        "command",
+        "send",
+        "sensor-001",
+        "reboot",
+        r#"{"delay_s":5}"#,
+        "--ttl",
+        "2m",
+        "--mqtt",
+        &mqtt,
+    ])?;
+    let cmd_id = sent["cmd_id"].as_str().context("cmd_id")?.to_owned();
+    // THEN the device gets the signed envelope
+    let out = device.wait_with_output()?;
+    let envelope: Value = serde_json::from_slice(&out.stdout).context("the device got one command")?;
+    ensure!(envelope["cmd_id"] == cmd_id.as_str() && envelope["seq"] == 1, "{envelope}");
+    ensure!(
+        envelope["sig"].as_str().is_some_and(|s| s.len() == 88) && envelope["kid"] == "local",
+        "{envelope}"
+    );
+    ensure!(
+        envelope["expires_at"].as_i64() == envelope["issued_at"].as_i64().map(|t| t + 120_000),
+        "{envelope}"
+    );
+    // WHEN the device acknowledges it
+    let ack = format!(r#"{{"cmd_id":"{cmd_id}","status":"succeeded","result":{{"rebooting":true}}}}"#);
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &local.mqtt.to_string(), "-q", "1", "-i", "sensor-001"])
+        .args(["-t", "cmd/fleet/sensor-001/res", "-m", &ack])
+        .output()?;
+    ensure!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    // THEN `command status` and `command list` show it succeeded, with its latency
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = local.fleetctl_json(&["command", "status", &cmd_id])?;
+        if s[0]["status"] != "sent" || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(status[0]["status"] == "succeeded", "{status}\n{}", local.log());
+    ensure!(
+        status[0]["latency_ms"].as_i64().is_some() && status[0]["result"]["rebooting"] == true,
+        "{status}"
+    );
+    let list = local.fleetctl_json(&["command", "list", "sensor-001"])?;
+    ensure!(list.as_array().is_some_and(|l| l.len() == 1) && list[0]["cmd_id"] == cmd_id.as_str(), "{list}");
+    Ok(())
+}
+
+#[test]
 fn refuses_to_start_on_a_rule_it_cannot_evaluate() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let template = dir.path().join("template.yaml");

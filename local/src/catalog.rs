@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
+use fleet_shared::adapters::embedded::MqttPublisher;
 use fleet_shared::lambda::{EmbeddedBackend, StartupError};
 use fleet_shared::metrics::MetricsOut;
 
@@ -30,10 +31,9 @@ pub fn functions(
     );
     f.add(
         "TwinSyncFunction",
-        lambda(
-            twin_sync(backend, metrics, mqtt)?,
-            |d, e| async move { twin_sync::handler::handle(&d, e).await },
-        ),
+        lambda(twin_sync(backend, metrics, Arc::clone(&mqtt))?, |d, e| async move {
+            twin_sync::handler::handle(&d, e).await
+        }),
     );
     f.add(
         "ProvisioningHookFunction",
@@ -52,6 +52,19 @@ pub fn functions(
         lambda(presence(backend, metrics)?, |d, e| async move { presence::handler::handle(&d, e).await }),
     );
     f.add(
+        "CommandDispatchFunction",
+        lambda(command_dispatch(backend, metrics, Arc::clone(&mqtt))?, |d, e| async move {
+            command_dispatch::handler::handle(&d, e).await
+        }),
+    );
+    f.add(
+        "CommandAckFunction",
+        lambda(
+            command_ack(backend, metrics)?,
+            |d, e| async move { command_ack::handler::handle(&d, e).await },
+        ),
+    );
+    f.add(
         "FleetHealthFunction",
         lambda(
             fleet_health(backend, metrics)?,
@@ -59,6 +72,26 @@ pub fn functions(
         ),
     );
     Ok(f)
+}
+
+/// Commands go out through the broker, as an operator publishes, once it listens.
+fn command_dispatch(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+    mqtt: Arc<OnceLock<SocketAddr>>,
+) -> Result<Arc<command_dispatch::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = command_dispatch::handler::EmbeddedDeps::embedded(b, MqttPublisher::new(mqtt))?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
+}
+
+fn command_ack(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+) -> Result<Arc<command_ack::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = command_ack::handler::EmbeddedDeps::on_embedded(b)?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
 }
 
 fn fleet_health(

@@ -2,8 +2,12 @@
 //! otherwise), charts drawn as SVG in Rust (plotters), no JavaScript. Pages refresh themselves
 //! every few seconds. Every list a page shows is bounded, so no page grows with the fleet.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use fleet_health::handler::window_name;
+use fleet_shared::health::ledger::{window, CohortHealth, HealthReport, SloStatus};
+use fleet_shared::health::slo::{BurnAlert, Catalog, Events, Slo};
+use fleet_shared::health::tally::{Cohort, Tally, MINUTE_MS};
 use fleet_shared::model::{Device, ShadowName, StoredReading, ThingName, Twin};
 use fleet_shared::text::printable;
 use fleet_shared::time::rfc3339_ms;
@@ -31,16 +35,29 @@ code,pre{font-family:ui-monospace,monospace;font-size:.85rem} td code{overflow-w
 td.more{font-style:italic}
 .docs{display:flex;flex-wrap:wrap;gap:1rem} .docs section{flex:1 1 18rem}
 pre{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:.6rem;margin:.3rem 0;overflow:auto}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.desc{color:#57606a;font-size:.8rem} .small{font-size:.75rem}
+.over{color:#cf222e;font-weight:600} .burn-page{background:#ffebe9} .burn-ticket{background:#fff8c5}
+.badge{display:inline-block;border-radius:1em;padding:0 .6em;font-size:.8rem;font-weight:600;color:#fff;background:#57606a}
+.badge.page{background:#cf222e} .badge.ticket{background:#9a6700}
+.charts{display:flex;flex-wrap:wrap;gap:0 .8rem} h3{margin:1.2rem 0 .2rem} h3 code{font-size:1rem}
+table.slo{width:100%;max-width:78rem} table.slo td:first-child{width:30%} td.alerts{white-space:nowrap}
+.warn{background:#fff8c5;border:1px solid #d4a72c;border-radius:8px;padding:.5rem .8rem}
 ";
 
 /// Every page: refreshes itself every few seconds.
 fn page(title: &str, body: Markup) -> Markup {
+    page_every(title, 5, body)
+}
+
+/// A page that refreshes itself every `refresh_s` seconds.
+fn page_every(title: &str, refresh_s: u32, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
             head {
                 meta charset="utf-8";
-                meta http-equiv="refresh" content="5";
+                meta http-equiv="refresh" content=(refresh_s);
                 title { (title) " · Fleetline" }
                 style { (PreEscaped(STYLE)) }
             }
@@ -71,7 +88,7 @@ pub fn fleet_page(h: &FleetHealth, devices: &[Device], drifting: u64, now: i64) 
     ];
     let body = html! {
         h1 { "Fleetline — local fleet" }
-        p.nav { a href="/twins" { "Twins drifting →" } }
+        p.nav { a href="/twins" { "Twins drifting →" } " · " a href="/slo" { "SLOs →" } }
         div.cards { @for (id, label, value) in &cards { (card(id, label, value)) } }
         h2 { "Quarantine by reason" }
         (reason_table(&h.quarantined_by_reason))
@@ -404,6 +421,458 @@ pub fn no_twin_page(thing: &ThingName, shadow: &ShadowName) -> Markup {
     page(&format!("Twin {}", thing.as_str()), body)
 }
 
+/// The SLO charts: the fleet's SLI per [`SLO_CHART_STEP`] minutes over the last
+/// [`SLO_CHART_MINUTES`], computed from its ledger rows, and the page alert's burn rates.
+pub const SLO_CHART_MINUTES: i64 = 6 * 60;
+pub const SLO_CHART_STEP: i64 = 5;
+/// Cohorts the SLO page lists below the fleet, alerting ones first (`/api/slo` has the rest).
+pub const SLO_COHORTS: usize = 50;
+/// A report older than this comes from a fleet-health that stopped running.
+const SLO_REPORT_STALE_MS: i64 = 3 * MINUTE_MS;
+/// The SLO page changes once a minute; no need to redraw it every few seconds.
+const SLO_REFRESH_S: u32 = 30;
+
+/// The fleet's cumulative ledger rows the SLO charts are drawn from, by the minute asked for
+/// ([`slo_chart_minutes`]): the newest row at or before it, `None` before the ledger's first.
+pub type LedgerSamples = BTreeMap<i64, Option<Tally>>;
+
+/// The alert whose windows the burn-rate charts show: `page` (else the catalog's first alert).
+fn charted_alert(catalog: &Catalog) -> Option<&BurnAlert> {
+    catalog.alerts.iter().find(|a| a.severity == "page").or(catalog.alerts.first())
+}
+
+/// The minutes ending each charted step of a report closed at `end`, oldest first.
+fn chart_steps(end: i64) -> impl Iterator<Item = i64> {
+    (0..=SLO_CHART_MINUTES / SLO_CHART_STEP).map(move |k| end - SLO_CHART_MINUTES + k * SLO_CHART_STEP)
+}
+
+/// The minutes whose ledger rows [`slo_page`] charts for a report closed at `end`: each step's
+/// end, and the start of each window charted there (the step, the page alert's two windows).
+pub fn slo_chart_minutes(catalog: &Catalog, end: i64) -> BTreeSet<i64> {
+    let mut windows = vec![0, SLO_CHART_STEP];
+    windows.extend(charted_alert(catalog).into_iter().flat_map(|a| [a.short_minutes, a.long_minutes]));
+    chart_steps(end).flat_map(|m| windows.iter().map(move |w| m - w).collect::<Vec<_>>()).collect()
+}
+
+/// An SLO's events over the `minutes` ending with minute `m`; `None` when a row it needs was
+/// not read or the cohort had no row yet by `m`.
+fn events_over(slo: &Slo, rows: &LedgerSamples, m: i64, minutes: i64) -> Option<Events> {
+    let head = rows.get(&m)?.as_ref()?;
+    let start = rows.get(&(m - minutes))?;
+    Some(slo.events(&window(head, start.as_ref())))
+}
+
+/// A value per charted step: (hours before the end, value), `None` where there is none.
+type Series = Vec<(f64, Option<f64>)>;
+
+fn series(end: i64, value: impl Fn(i64) -> Option<f64>) -> Series {
+    chart_steps(end).map(|m| ((m - end) as f64 / 60.0, value(m))).collect()
+}
+
+/// The SLI per step: good / total events in the step, none without events.
+fn sli_series(slo: &Slo, rows: &LedgerSamples, end: i64) -> Series {
+    series(end, |m| events_over(slo, rows, m, SLO_CHART_STEP)?.ratio())
+}
+
+/// The burn rate over the `minutes` ending at each step, none without events.
+fn burn_series(slo: &Slo, rows: &LedgerSamples, end: i64, minutes: i64) -> Series {
+    series(end, |m| slo.burn_rate(events_over(slo, rows, m, minutes)?))
+}
+
+/// The runs of consecutive values: each is drawn as its own line, so missing data is a gap.
+fn runs(points: &[(f64, Option<f64>)]) -> Vec<Vec<(f64, f64)>> {
+    let mut out: Vec<Vec<(f64, f64)>> = vec![];
+    let mut run = vec![];
+    for &(x, y) in points {
+        match y {
+            Some(y) => run.push((x, y)),
+            None if !run.is_empty() => out.push(std::mem::take(&mut run)),
+            None => {}
+        }
+    }
+    if !run.is_empty() {
+        out.push(run);
+    }
+    out
+}
+
+/// A line of a chart: its legend, colour, width and values (gaps where `None`).
+struct Line<'a> {
+    label: String,
+    color: RGBColor,
+    width: u32,
+    dashed: bool,
+    points: &'a [(f64, Option<f64>)],
+}
+
+const INK: RGBColor = RGBColor(11, 98, 196);
+const PALE_INK: RGBColor = RGBColor(120, 170, 230);
+const ALERT_RED: RGBColor = RGBColor(207, 34, 46);
+
+/// Digits after the point a percent axis needs to tell its labels apart.
+fn percent_decimals(span: f64) -> usize {
+    match span {
+        s if s <= 1.0 => 2,
+        s if s <= 10.0 => 1,
+        _ => 0,
+    }
+}
+
+/// A chart of the last [`SLO_CHART_MINUTES`] (x: hours before `end_label`): each line's runs
+/// drawn separately, a lone value as a dot, a legend. No text in it comes from a device.
+fn steps_chart(
+    y_desc: &str,
+    y: std::ops::Range<f64>,
+    y_label: &dyn Fn(&f64) -> String,
+    lines: &[Line<'_>],
+    legend: SeriesLabelPosition,
+    end_label: &str,
+) -> Result<PreEscaped<String>, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (560, 240)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let x0 = -(SLO_CHART_MINUTES as f64) / 60.0;
+        let mut c = ChartBuilder::on(&root)
+            .margin(10)
+            .x_label_area_size(32)
+            .y_label_area_size(62)
+            .build_cartesian_2d(x0..0.0, y)
+            .map_err(|e| e.to_string())?;
+        c.configure_mesh()
+            .x_labels(7)
+            .x_label_formatter(&|h| format!("{:.0} h", h.abs()))
+            .x_desc(format!("hours before {end_label}"))
+            .y_desc(y_desc)
+            .y_label_formatter(y_label)
+            .light_line_style(RGBColor(240, 242, 244))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let mut labelled = false;
+        for line in lines {
+            let style = ShapeStyle::from(line.color).stroke_width(line.width);
+            for (i, run) in runs(line.points).into_iter().enumerate() {
+                let drawn = if line.dashed {
+                    c.draw_series(DashedLineSeries::new(run.clone(), 6, 4, style))
+                } else if run.len() == 1 {
+                    c.draw_series(run.iter().map(|p| Circle::new(*p, 2, style.filled())))
+                } else {
+                    c.draw_series(LineSeries::new(run.clone(), style))
+                }
+                .map_err(|e| e.to_string())?;
+                if i == 0 {
+                    labelled = true;
+                    drawn
+                        .label(line.label.as_str())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                }
+            }
+        }
+        if labelled {
+            c.configure_series_labels()
+                .position(legend)
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(208, 215, 222))
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(PreEscaped(svg))
+}
+
+/// The SLI per step in percent, against the objective (a dashed line).
+fn sli_chart(slo: &Slo, sli: &Series, end_label: &str) -> Result<PreEscaped<String>, String> {
+    let pct: Series = sli.iter().map(|(x, v)| (*x, v.map(|v| v * 100.0))).collect();
+    let objective = slo.objective * 100.0;
+    // From a little below the objective (twice the budget) or the lowest value, to 100 %.
+    let low = pct.iter().filter_map(|p| p.1).fold(objective - 2.0 * (100.0 - objective), f64::min);
+    let span = 100.0 - low.max(0.0);
+    let lo = (low - span * 0.05).max(0.0);
+    let decimals = percent_decimals(100.0 - lo);
+    let target = [(-(SLO_CHART_MINUTES as f64) / 60.0, Some(objective)), (0.0, Some(objective))];
+    let lines = [
+        Line {
+            label: format!("SLI per {}", window_name(SLO_CHART_STEP)),
+            color: INK,
+            width: 2,
+            dashed: false,
+            points: &pct,
+        },
+        Line {
+            label: format!("objective {}", objective_text(slo.objective)),
+            color: ALERT_RED,
+            width: 1,
+            dashed: true,
+            points: &target,
+        },
+    ];
+    // An SLI mostly sits near the top: the legend goes below it.
+    let legend = SeriesLabelPosition::LowerLeft;
+    steps_chart("SLI", lo..100.0, &|v| format!("{v:.decimals$}%"), &lines, legend, end_label)
+}
+
+/// The page alert's two burn rates per step, against its threshold (a dashed line).
+fn burn_chart(
+    alert: &BurnAlert,
+    long: &Series,
+    short: &Series,
+    end_label: &str,
+) -> Result<PreEscaped<String>, String> {
+    let top = long.iter().chain(short).filter_map(|p| p.1).fold(alert.burn_rate, f64::max) * 1.15;
+    let threshold =
+        [(-(SLO_CHART_MINUTES as f64) / 60.0, Some(alert.burn_rate)), (0.0, Some(alert.burn_rate))];
+    let lines = [
+        Line {
+            label: format!("burn rate {}", window_name(alert.short_minutes)),
+            color: PALE_INK,
+            width: 1,
+            dashed: false,
+            points: short,
+        },
+        Line {
+            label: format!("burn rate {}", window_name(alert.long_minutes)),
+            color: INK,
+            width: 2,
+            dashed: false,
+            points: long,
+        },
+        Line {
+            label: format!("{} above {} on both", alert.severity, alert.burn_rate),
+            color: ALERT_RED,
+            width: 1,
+            dashed: true,
+            points: &threshold,
+        },
+    ];
+    let decimals = if top < 5.0 { 1 } else { 0 };
+    // A burn rate mostly sits near zero: the legend goes above it.
+    let legend = SeriesLabelPosition::UpperLeft;
+    steps_chart("burn rate (× budget)", 0.0..top, &|v| format!("{v:.decimals$}"), &lines, legend, end_label)
+}
+
+/// An objective in percent, as few digits as it needs: `95%`, `99.9%`.
+fn objective_text(objective: f64) -> String {
+    format!("{}%", (objective * 100_000.0).round() / 1000.0)
+}
+
+/// An SLI in percent to two places, never rounded up to 100 % when not every event was good.
+fn sli_text(sli: Option<f64>) -> String {
+    match sli {
+        None => "–".to_owned(),
+        Some(v) if v >= 1.0 => "100%".to_owned(),
+        Some(v) => {
+            let s = format!("{:.2}", v * 100.0);
+            if s == "100.00" {
+                "99.99%".to_owned()
+            } else {
+                format!("{s}%")
+            }
+        }
+    }
+}
+
+/// A burn rate: two places below 10, one below 100, none above.
+fn burn_text(rate: Option<f64>) -> String {
+    match rate {
+        None => "–".to_owned(),
+        Some(r) if r.abs() < 10.0 => format!("{r:.2}"),
+        Some(r) if r.abs() < 100.0 => format!("{r:.1}"),
+        Some(r) => format!("{r:.0}"),
+    }
+}
+
+/// The most severe alert (catalog order) that uses window `minutes` and whose rate `rate`
+/// exceeds: the cell is shaded for it (shaded is not firing: that needs both windows).
+fn burn_class(catalog: &Catalog, minutes: i64, rate: Option<f64>) -> Option<&'static str> {
+    let rate = rate?;
+    let alert = catalog
+        .alerts
+        .iter()
+        .find(|a| (a.long_minutes == minutes || a.short_minutes == minutes) && rate > a.burn_rate)?;
+    Some(if alert.severity == "page" { "burn-page" } else { "burn-ticket" })
+}
+
+fn badge(severity: &str) -> Markup {
+    let class = match severity {
+        "page" => "badge page",
+        "ticket" => "badge ticket",
+        _ => "badge",
+    };
+    html! { span class=(class) { (severity) } }
+}
+
+fn alerting(h: &CohortHealth) -> bool {
+    h.slos.iter().any(|s| !s.firing.is_empty())
+}
+
+/// `14:06 UTC`: the end of minute `minute` (Unix minute), for people.
+fn minute_end_text(minute: i64) -> String {
+    let t = rfc3339_ms((minute + 1) * MINUTE_MS);
+    format!("{} UTC", t.get(11..16).unwrap_or(&t))
+}
+
+/// One SLO's row; its description under its name, or (`described` false) as its tooltip.
+fn slo_row(catalog: &Catalog, s: &SloStatus, windows: &[i64], described: bool) -> Markup {
+    let description = catalog.slo(&s.slo).map(|d| d.description.as_str());
+    let rate = |w: i64| s.burn_rates.iter().find(|(x, _)| *x == w).and_then(|(_, r)| *r);
+    html! {
+        tr {
+            td title=[description.filter(|_| !described)] {
+                strong { (s.slo) }
+                @if let Some(d) = description.filter(|_| described) { br; span.desc { (d) } }
+            }
+            td.num { (objective_text(s.objective)) }
+            td.num title="good / total events" {
+                (sli_text(s.sli)) br;
+                span.muted.small { (s.good) " / " (s.total) }
+            }
+            td.num.over[s.budget_remaining < 0.0] { (format!("{:.1}%", s.budget_remaining * 100.0)) }
+            @for w in windows {
+                @let r = rate(*w);
+                @let hot = burn_class(catalog, *w, r);
+                td.num.burn-page[hot == Some("burn-page")].burn-ticket[hot == Some("burn-ticket")] { (burn_text(r)) }
+            }
+            td.alerts {
+                @if s.firing.is_empty() { span.muted { "none" } }
+                @for (i, a) in s.firing.iter().enumerate() { @if i > 0 { " " } (badge(a)) }
+            }
+        }
+    }
+}
+
+/// One cohort's SLOs: a row each, with the SLOs' descriptions when `described`.
+fn slo_table(catalog: &Catalog, h: &CohortHealth, id: Option<&str>, described: bool) -> Markup {
+    let windows = catalog.windows();
+    html! {
+        table.slo id=[id] {
+            tr {
+                th { "SLO" } th { "objective" } th { "SLI " (window_name(catalog.window_minutes())) }
+                th { "error budget left" }
+                @for w in &windows { th.num { "burn " (window_name(*w)) } }
+                th { "alerts" }
+            }
+            @for s in &h.slos { (slo_row(catalog, s, &windows, described)) }
+        }
+    }
+}
+
+/// The fleet's charts: per SLO, its SLI per step against the objective and the page alert's
+/// burn rates against its threshold; a note instead for an SLO without events in the span.
+fn fleet_charts(catalog: &Catalog, rows: &LedgerSamples, end: i64) -> Markup {
+    let end_label = minute_end_text(end);
+    let alert = charted_alert(catalog);
+    let span = window_name(SLO_CHART_MINUTES);
+    html! {
+        @for slo in &catalog.slos {
+            @let sli = sli_series(slo, rows, end);
+            h3 { (slo.name) }
+            @if sli.iter().all(|p| p.1.is_none()) {
+                p.muted.no-events { "No " (slo.name) " events in the last " (span) ": nothing to chart." }
+            } @else {
+                div.charts {
+                    @match sli_chart(slo, &sli, &end_label) {
+                        Ok(svg) => div.chart { (svg) },
+                        Err(e) => p { "chart failed: " (e) },
+                    }
+                    @if let Some(a) = alert {
+                        @let long = burn_series(slo, rows, end, a.long_minutes);
+                        @let short = burn_series(slo, rows, end, a.short_minutes);
+                        @match burn_chart(a, &long, &short, &end_label) {
+                            Ok(svg) => div.chart { (svg) },
+                            Err(e) => p { "chart failed: " (e) },
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn slo_nav() -> Markup {
+    html! { p.nav { a href="/" { "← fleet" } " · " a href="/twins" { "twins drifting" } } }
+}
+
+/// `/slo`: fleet-health's last evaluation. The fleet's SLOs (with charts of the last
+/// [`SLO_CHART_MINUTES`] from `fleet_rows`), then each class in each region (at most
+/// [`SLO_COHORTS`], alerting ones first).
+pub fn slo_page(catalog: &Catalog, report: &HealthReport, fleet_rows: &LedgerSamples, now: i64) -> Markup {
+    let fleet = report.cohorts.iter().find(|h| h.cohort == Cohort::fleet());
+    let mut others: Vec<&CohortHealth> =
+        report.cohorts.iter().filter(|h| h.cohort != Cohort::fleet()).collect();
+    others.sort_by(|a, b| alerting(b).cmp(&alerting(a)).then_with(|| a.cohort.cmp(&b.cohort)));
+    let hidden = others.len().saturating_sub(SLO_COHORTS);
+    let hidden_alerting = others.iter().skip(SLO_COHORTS).filter(|h| alerting(h)).count();
+    others.truncate(SLO_COHORTS);
+    let firing: usize = report.cohorts.iter().flat_map(|h| &h.slos).map(|s| s.firing.len()).sum();
+    let devices = fleet.map(|h| &h.last_hour);
+    let figure = |v: Option<i64>| v.map_or("-".to_owned(), |v| v.to_string());
+    let cards = [
+        ("slo-alerts", "alerts firing (all cohorts)", firing.to_string()),
+        ("slo-active", "devices active (24 h)", figure(devices.map(|d| d.devices_active))),
+        ("slo-fresh", "fresh (data in 2 min)", figure(devices.map(|d| d.devices_fresh))),
+        ("slo-connected", "connected", figure(devices.map(|d| d.devices_connected))),
+        ("slo-evaluated", "evaluated", format!("{} ago", age(report.computed_at_ms, now))),
+    ];
+    let body = html! {
+        (slo_nav())
+        h1 { "Service level objectives" }
+        @if now - report.computed_at_ms > SLO_REPORT_STALE_MS {
+            p.warn #slo-stale {
+                "fleet-health last ran " (age(report.computed_at_ms, now)) " ago (it runs every minute): "
+                "these figures are from then."
+            }
+        }
+        div.cards { @for (id, label, value) in &cards { (card(id, label, value)) } }
+        p.muted {
+            "Through " (minute_end_text(report.minute)) ". SLIs and error budgets over "
+            (window_name(catalog.window_minutes())) "; a burn rate of 1 spends the budget in exactly that window. "
+            @for (i, a) in catalog.alerts.iter().enumerate() {
+                @if i > 0 { "; " }
+                (badge(&a.severity)) " when the " (window_name(a.long_minutes)) " and "
+                (window_name(a.short_minutes)) " burn rates both exceed " (a.burn_rate)
+            }
+            ". A shaded burn rate is over the threshold of an alert on its window."
+        }
+        h2 { "Fleet " code { (Cohort::fleet()) } }
+        @match fleet {
+            Some(h) => {
+                (slo_table(catalog, h, Some("slo-fleet"), true))
+                h2 { "Fleet, last " (window_name(SLO_CHART_MINUTES)) }
+                p.muted {
+                    "Each SLI per " (window_name(SLO_CHART_STEP)) " from the SLO ledger; gaps where nothing was counted."
+                }
+                (fleet_charts(catalog, fleet_rows, report.minute))
+            },
+            None => p #slo-fleet-none { "No fleet figures in this evaluation: no device has counted anything yet." },
+        }
+        h2 { "By class and region" }
+        @if others.is_empty() { p.muted { "No class and region has counted anything yet." } }
+        @for h in &others {
+            h3 { code { (h.cohort) } }
+            (slo_table(catalog, h, None, false))
+        }
+        @if hidden > 0 {
+            p.muted #slo-more {
+                (hidden) " more cohorts not shown (" (hidden_alerting) " of them alerting): "
+                a href="/api/slo" { "/api/slo" } " lists them."
+            }
+        }
+    };
+    page_every("SLOs", SLO_REFRESH_S, body)
+}
+
+/// `/slo` before fleet-health has stored its first evaluation.
+pub fn no_slo_page() -> Markup {
+    let body = html! {
+        (slo_nav())
+        h1 { "Service level objectives" }
+        p #slo-none { "fleet-health has not run yet: it runs every minute." }
+        p.muted { "This page fills in once it has closed a minute of what the devices sent." }
+    };
+    page_every("SLOs", SLO_REFRESH_S, body)
+}
+
 /// One metric over time as an SVG line chart (x: seconds before the newest point). The SVG is
 /// drawn here from numbers; the one text from a device, the metric name, is reduced to
 /// characters that need no escaping in SVG.
@@ -578,6 +1047,126 @@ mod tests {
         ] {
             assert!(html.contains(part), "lacks {part}:\n{html}");
         }
+    }
+
+    /// The fleet's cumulative rows as fleet-health writes them: each minute of `minutes` adds
+    /// `fresh` of 10 active device-minutes; the samples are what `row_at` answers at each
+    /// minute [`slo_chart_minutes`] asks for.
+    fn ledger(catalog: &Catalog, end: i64, minutes: &[(i64, i64)]) -> LedgerSamples {
+        let mut rows: BTreeMap<i64, Tally> = BTreeMap::new();
+        let mut sum = Tally::default();
+        for &(m, fresh) in minutes {
+            sum.add(fleet_shared::health::tally::counter::FRESH_MINUTES, fresh);
+            sum.add(fleet_shared::health::tally::counter::ACTIVE_MINUTES, 10);
+            rows.insert(m, sum.clone());
+        }
+        slo_chart_minutes(catalog, end)
+            .into_iter()
+            .map(|m| (m, rows.range(..=m).next_back().map(|(_, t)| t.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn slo_charts_leave_gaps_where_the_ledger_counted_nothing() {
+        // GIVEN a ledger that starts 2 hours before the end, 9 of 10 devices fresh each minute,
+        // with nothing counted for the 20 minutes from 60 minutes before the end
+        let catalog = Catalog::builtin();
+        let freshness = catalog.slo("freshness").expect("freshness is in the catalog");
+        let end = 29_000_000;
+        let minutes: Vec<(i64, i64)> =
+            (end - 120..=end).filter(|m| !(end - 60..end - 40).contains(m)).map(|m| (m, 9)).collect();
+        let rows = ledger(&catalog, end, &minutes);
+        // WHEN the SLI per 5 minutes is charted over 6 hours
+        let sli = sli_series(freshness, &rows, end);
+        // THEN there is a value per 5-minute step, 90 % where minutes were counted ...
+        assert_eq!(sli.len() as i64, SLO_CHART_MINUTES / SLO_CHART_STEP + 1);
+        let at = |minutes_before: i64| sli[((SLO_CHART_MINUTES - minutes_before) / SLO_CHART_STEP) as usize];
+        assert_eq!(at(0), (0.0, Some(0.9)));
+        assert_eq!(at(30), (-0.5, Some(0.9)));
+        // ... and none before the ledger's first row or in the steps with nothing counted
+        assert_eq!(at(125).1, None);
+        assert_eq!(at(50).1, None);
+        assert_eq!(at(45).1, None);
+        assert_eq!(at(40).1, Some(0.9), "the step ending 40 min before holds its one counted minute");
+        // AND the values are drawn as separate lines across the gap
+        let runs = runs(&sli);
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert!(runs.iter().flatten().all(|p| p.1 == 0.9));
+        // AND the 1 h burn rate is 2 (10 % bad of a 5 % budget) wherever an hour holds events
+        let burn = burn_series(freshness, &rows, end, 60);
+        assert!(burn.iter().filter_map(|p| p.1).all(|b| (b - 2.0).abs() < 1e-9));
+        assert_eq!(burn.iter().filter(|p| p.1.is_some()).count(), 25, "steps from 2 h before the end");
+    }
+
+    #[test]
+    fn slo_figures_read_as_percent_and_never_round_up_to_perfect() {
+        assert_eq!([objective_text(0.95), objective_text(0.999)], ["95%", "99.9%"]);
+        assert_eq!([sli_text(Some(0.9)), sli_text(Some(1.0)), sli_text(None)], ["90.00%", "100%", "–"]);
+        assert_eq!(sli_text(Some(0.999_99)), "99.99%", "not every event was good");
+        assert_eq!(
+            [burn_text(Some(2.0)), burn_text(Some(14.4)), burn_text(Some(999.6))],
+            ["2.00", "14.4", "1000"]
+        );
+        assert_eq!(minute_end_text(29_000_000), "21:21 UTC", "the end of minute 21:20");
+    }
+
+    #[test]
+    fn slo_page_lists_alerting_cohorts_first_and_at_most_a_page_of_them() {
+        // GIVEN a report of more class/region cohorts than the page lists, the last one paging
+        let catalog = Catalog::builtin();
+        let status = |firing: &[&str]| SloStatus {
+            slo: "freshness".into(),
+            objective: 0.95,
+            sli: Some(0.9),
+            good: 9,
+            total: 10,
+            budget_remaining: -1.0,
+            burn_rates: vec![(5, Some(20.0)), (60, Some(15.0))],
+            firing: firing.iter().map(|f| f.to_string()).collect(),
+        };
+        let cohorts: Vec<CohortHealth> = (0..=SLO_COHORTS)
+            .map(|i| CohortHealth {
+                cohort: Cohort::new(&format!("class-{i:03}"), "eu-west", Cohort::ANY),
+                minute: 29_000_000,
+                slos: vec![status(if i == SLO_COHORTS { &["page"] } else { &[] })],
+                last_hour: Default::default(),
+            })
+            .collect();
+        let report = HealthReport { minute: 29_000_000, computed_at_ms: 29_000_001 * MINUTE_MS, cohorts };
+        // WHEN the page is rendered
+        let html = slo_page(&catalog, &report, &LedgerSamples::new(), 29_000_002 * MINUTE_MS).into_string();
+        // THEN the paging cohort comes first, a page of cohorts is listed, and the rest counted
+        let first = html.find("class-050/eu-west/*").expect("the paging cohort is listed");
+        assert!(first < html.find("class-000/eu-west/*").expect("the first cohort is listed"), "{html}");
+        assert!(!html.contains("class-049/eu-west/*"), "{html}");
+        assert!(html.contains("1 more cohorts not shown (0 of them alerting)"), "{html}");
+        assert!(html.contains(r#"<span class="badge page">page</span>"#), "{html}");
+        // AND burn rates over an alert's threshold are shaded, an overspent budget is red
+        assert!(html.contains(r#"<td class="num burn-page">20.0</td>"#), "{html}");
+        assert!(html.contains(r#"<td class="num over">-100.0%</td>"#), "{html}");
+        // AND without fleet figures it says so instead of charting
+        assert!(html.contains("slo-fleet-none") && !html.contains("<svg"), "{html}");
+    }
+
+    #[test]
+    fn slo_charts_are_svg_with_the_objective_and_the_page_threshold() -> Result<(), String> {
+        // GIVEN an SLI dipping to 50 % in one step and burning fast there
+        let catalog = Catalog::builtin();
+        let slo = catalog.slo("freshness").ok_or("no freshness SLO")?;
+        let alert = charted_alert(&catalog).ok_or("no alert")?;
+        let sli: Series = vec![(-1.0, Some(0.99)), (-0.5, Some(0.5)), (0.0, None)];
+        let burn: Series = vec![(-1.0, Some(0.2)), (-0.5, Some(10.0)), (0.0, None)];
+        // WHEN both are charted
+        let sli_svg = sli_chart(slo, &sli, "10:41 UTC")?.0;
+        let burn_svg = burn_chart(alert, &burn, &burn, "10:41 UTC")?.0;
+        // THEN each is an SVG with its lines, legend and percent or burn axis
+        assert!(sli_svg.starts_with("<svg") && sli_svg.contains("objective 95%"), "{sli_svg}");
+        assert!(sli_svg.contains("50%") && sli_svg.contains("hours before 10:41 UTC"), "{sli_svg}");
+        assert!(
+            burn_svg.contains("page above 14.4 on both") && burn_svg.contains("burn rate 1h"),
+            "{burn_svg}"
+        );
+        Ok(())
     }
 
     #[test]

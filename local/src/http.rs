@@ -6,6 +6,8 @@
 //! | `GET /devices/{thing}` | dashboard: one device, metrics charted |
 //! | `GET /twins` | dashboard: drifting twins, oldest drift first (at most [`dashboard::TWIN_ROWS`]) |
 //! | `GET /twins/{thing}?shadow=` | dashboard: one twin (classic shadow unless `shadow` names one) |
+//! | `GET /slo` | dashboard: fleet-health's last evaluation, the fleet's SLIs charted from the SLO ledger |
+//! | `GET /api/slo` | fleet-health's last evaluation (`HealthReport`, at most [`MAX_PAGE`] cohorts, the fleet first); 404 before its first run |
 //! | `GET /api/health` | fleet health summary (JSON) |
 //! | `GET /api/devices?limit=&cursor=` | devices by thing name |
 //! | `GET /api/devices/{thing}/telemetry?since_ms=&limit=&cursor=` | a device's readings, oldest first |
@@ -24,9 +26,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::health::ledger::HealthReport;
+use fleet_shared::health::slo::Catalog;
+use fleet_shared::health::tally::Cohort;
 use fleet_shared::ingest::{QuarantineLine, Reason};
 use fleet_shared::model::{Device, ShadowName, StoredReading, ThingName};
-use fleet_shared::ports::{DeviceAdmin, TelemetryQuery, TwinStore};
+use fleet_shared::ports::{DeviceAdmin, SloReader, TelemetryQuery, TwinStore};
 use fleet_shared::time;
 use serde::{Deserialize, Serialize};
 
@@ -289,16 +294,55 @@ async fn page_device(State(state): State<AppState>, Path(t): Path<String>) -> Re
     Ok(dashboard::device_page(&device, tail, time::now_ms()).into_response())
 }
 
+/// `/slo`: the last evaluation, and the fleet's ledger rows its charts are drawn from (one
+/// read per minute charted: [`dashboard::slo_chart_minutes`], whatever the fleet's size).
+async fn page_slo(State(state): State<AppState>) -> Result<maud::Markup, ApiError> {
+    let Some(report) = state.store.latest_health().await? else {
+        return Ok(dashboard::no_slo_page());
+    };
+    let catalog = Catalog::builtin();
+    let fleet = Cohort::fleet();
+    let mut rows = dashboard::LedgerSamples::new();
+    for m in dashboard::slo_chart_minutes(&catalog, report.minute) {
+        rows.insert(m, state.store.row_at(&fleet, m).await?.map(|(_, tally)| tally));
+    }
+    Ok(dashboard::slo_page(&catalog, &report, &rows, time::now_ms()))
+}
+
+/// `/api/slo`: the last evaluation, at most [`MAX_PAGE`] cohorts (the report lists the fleet
+/// first); `cohorts_omitted` says how many more it held.
+#[derive(Debug, Serialize)]
+struct SloAnswer {
+    #[serde(flatten)]
+    report: HealthReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cohorts_omitted: Option<usize>,
+}
+
+async fn api_slo(State(state): State<AppState>) -> Result<Json<SloAnswer>, ApiError> {
+    let Some(mut report) = state.store.latest_health().await? else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "no fleet health report yet: fleet-health has not run (it runs every minute)".to_owned(),
+        ));
+    };
+    let omitted = report.cohorts.len().saturating_sub(MAX_PAGE);
+    report.cohorts.truncate(MAX_PAGE);
+    Ok(Json(SloAnswer { report, cohorts_omitted: (omitted > 0).then_some(omitted) }))
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(page_fleet))
         .route("/devices/{thing}", get(page_device))
         .route("/twins", get(page_twins))
         .route("/twins/{thing}", get(page_twin))
+        .route("/slo", get(page_slo))
         .route("/api/health", get(api_health))
         .route("/api/devices", get(api_devices))
         .route("/api/devices/{thing}/telemetry", get(api_telemetry))
         .route("/api/quarantine", get(api_quarantine))
+        .route("/api/slo", get(api_slo))
         .with_state(state)
 }
 

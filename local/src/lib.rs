@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::commands::CommandSigner;
 use fleet_shared::lambda::EmbeddedBackend;
 use fleet_shared::metrics::MetricsOut;
 use fleet_shared::{time, Env};
@@ -84,6 +85,8 @@ pub struct LocalStack {
     /// Fleet provisioning (`None`: the template has no provisioning template): its claim
     /// certificate and the local CA.
     pub provisioning: Option<Arc<provisioning::Provisioning>>,
+    /// The key commands are signed with here: its id and public half (what devices trust).
+    pub command_key: (String, fleet_shared::commands::VerifyingKey),
     functions: Arc<functions::Functions>,
     broker: Broker,
     drain_deadline: Duration,
@@ -108,6 +111,45 @@ fn load_template(opts: &LocalOptions) -> Result<(Template, String)> {
     Ok((template, source))
 }
 
+/// The command signing key's file, and the functions' variables naming it (`FLEET_COMMAND_KEY_FILE`,
+/// `FLEET_COMMAND_KEY_ID`). Unless the user gave one, the key is `<db>.command-key`, 32 random
+/// bytes in base64, made (owner-readable only) on first start.
+fn command_key(opts: &LocalOptions) -> Result<(CommandSigner, Env)> {
+    let kid = opts.env.optional("FLEET_COMMAND_KEY_ID").unwrap_or_else(|| "local".to_owned());
+    let path = match opts.env.optional("FLEET_COMMAND_KEY_FILE") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let mut p = opts.db.clone().into_os_string();
+            p.push(".command-key");
+            PathBuf::from(p)
+        }
+    };
+    if !path.exists() {
+        use base64::Engine as _;
+        use std::io::Write as _;
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the command key: {e}"))?;
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        file.open(&path)
+            .and_then(|mut f| f.write_all(base64::engine::general_purpose::STANDARD.encode(seed).as_bytes()))
+            .with_context(|| format!("writing the command key {}", path.display()))?;
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the command key {}", path.display()))?;
+    let signer = CommandSigner::from_text(kid.clone(), &text).with_context(|| path.display().to_string())?;
+    let base = opts.env.clone();
+    let file = path.display().to_string();
+    let env = Env::from_fn(move |k| match k {
+        "FLEET_COMMAND_KEY_FILE" => Some(file.clone()),
+        "FLEET_COMMAND_KEY_ID" => Some(kid.clone()),
+        _ => base.optional(k),
+    });
+    Ok((signer, env))
+}
+
 pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     let (template, template_source) = load_template(opts)?;
     let store = SqliteStore::open(&opts.db)?;
@@ -115,7 +157,10 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     // The functions' metrics feed the counters, as their EMF lines feed CloudWatch.
     let metric_stats = Arc::clone(&stats);
     let metrics = MetricsOut::Collect(Arc::new(move |set| metric_stats.record_metrics(set)));
-    let backend = EmbeddedBackend { db: store.clone(), env: opts.env.clone() };
+    // The key command-dispatch signs with: the user's (FLEET_COMMAND_KEY_FILE), else one kept
+    // next to the database, made on first start.
+    let (command_key, env) = command_key(opts)?;
+    let backend = EmbeddedBackend { db: store.clone(), env };
     // Functions that write shadows (twin-sync's stale-desired releases) reach the shadow
     // service over MQTT, as an operator would, once the broker listens.
     let mqtt_addr = Arc::new(std::sync::OnceLock::new());
@@ -216,6 +261,7 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         template,
         template_source,
         provisioning,
+        command_key: (command_key.kid().to_owned(), command_key.verifying_key()),
         functions,
         broker,
         drain_deadline: opts.drain_deadline,
@@ -234,6 +280,11 @@ impl LocalStack {
 
     /// Run a scheduled function now, with the event its timer sends (EventBridge's shape);
     /// its answer.
+    /// Invoke one of the template's functions by logical id, as Lambda's Invoke would.
+    pub async fn invoke(&self, function: &str, event: &serde_json::Value) -> Result<serde_json::Value> {
+        self.functions.invoke(function, event).await.map_err(|e| anyhow::anyhow!("{function}: {e}"))
+    }
+
     pub async fn run_schedule(&self, function: &str) -> Result<serde_json::Value> {
         let event = schedule::scheduled_event(function, time::now_ms());
         Ok(self.functions.invoke(function, &event).await?)

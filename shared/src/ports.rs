@@ -27,6 +27,8 @@
 //! | [`HealthCounters`] | `HealthTable` | `dynamodb:UpdateItem` on the Health table |
 //! | [`SloReader`] | `HealthTable` | `dynamodb:GetItem`, `dynamodb:Query` on the Health table |
 //! | [`HealthLedger`] | `HealthTable` | `dynamodb:Query`, `GetItem`, `BatchWriteItem`, `PutItem` on the Health table |
+//! | [`CommandStore`] | `CommandsTable` | `dynamodb:UpdateItem` (the seq counter, a settled command, conditional), `PutItem` (conditional), `GetItem`, `Query` on its `by_thing` index |
+//! | [`CommandPublisher`] | `IotDataShadows` (locally `MqttPublisher`, the broker) | `iot:Publish` on `topic/cmd/fleet/*/req` |
 //! | [`CertificateRegistry`] | `IotControlPlane` | `iot:ListCertificates`, `iot:DescribeCertificate` on `cert/*`, `iot:ListPrincipalThings`, `iot:ListThingPrincipals` on `thing/*` (reconciliation, decommission) |
 //! | [`CertificateControl`] | `IotControlPlane` | `iot:UpdateCertificate` on `cert/*` (operators: decommission) |
 
@@ -597,4 +599,43 @@ pub trait HealthLedger: SloReader {
         &self,
         report: &crate::health::ledger::HealthReport,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The commands sent to devices ([`crate::commands::CommandRecord`]) and each device's
+/// command counter.
+pub trait CommandStore: Send + Sync {
+    /// The thing's next `seq` (1, 2, ...), by an atomic increment: two dispatchers never get
+    /// the same one.
+    fn next_seq(&self, thing: &ThingName) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Store a new command; a `cmd_id` already stored is a conflict.
+    fn put_command(
+        &self,
+        command: &crate::commands::CommandRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn command(
+        &self,
+        cmd_id: &str,
+    ) -> impl Future<Output = Result<Option<crate::commands::CommandRecord>, StoreError>> + Send;
+
+    /// The thing's commands, newest (highest `seq`) first, at most `limit`.
+    fn commands_of(
+        &self,
+        thing: &ThingName,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<crate::commands::CommandRecord>, StoreError>> + Send;
+
+    /// Store a settled command if the stored one is still `sent`; `false`: an ack settled it
+    /// meanwhile.
+    fn settle_command(
+        &self,
+        command: &crate::commands::CommandRecord,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// Publishing a message to devices (IoT Core's data plane; the local broker).
+pub trait CommandPublisher: Send + Sync {
+    /// Publish `payload` on `topic` at QoS 1.
+    fn publish(&self, topic: &str, payload: &[u8]) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -23,8 +23,8 @@ use fleet_shared::twin::{apply, sync, ShadowEvent, TwinChange, TwinEvent};
 
 /// One backend's adapters for the contract: the devices table, the hot store, the archive
 /// bucket (raw + quarantine), the twins table, the certificates table, presence (devices and
-/// health tables), the health table.
-pub struct Ports<D, S, A, T, C, P, H> {
+/// health tables), the health table, the commands table.
+pub struct Ports<D, S, A, T, C, P, H, K> {
     pub devices: D,
     pub sink: S,
     pub archive: A,
@@ -32,6 +32,7 @@ pub struct Ports<D, S, A, T, C, P, H> {
     pub certs: C,
     pub presence: P,
     pub health: H,
+    pub commands: K,
 }
 
 /// The whole contract suite as tests, for the backend `ports()` builds. Extra attributes
@@ -58,6 +59,7 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; device_cert_status_round_trips_and_leaves_the_device_alone(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; presence_is_written_only_over_the_presence_read(presence, health));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; health_counters_add_up_and_the_ledger_answers_windows(health));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; commands_are_sequenced_per_device_and_settled_once(commands));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; reports_are_written_under_reports_only(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; expiring_certificates_are_read_by_window_only(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; the_audit_trail_and_claim_counters_keep_every_decision(certs));
@@ -726,5 +728,54 @@ pub async fn health_counters_add_up_and_the_ledger_answers_windows<
         heads.len() == 2 && heads[&a] == (20, row(9)) && heads[&Cohort::fleet()] == (10, row(5)),
         "{heads:?}"
     );
+    Ok(())
+}
+
+pub async fn commands_are_sequenced_per_device_and_settled_once<S: fleet_shared::ports::CommandStore>(
+    s: &S,
+) -> Result<()> {
+    use fleet_shared::commands::{CommandRecord, CommandStatus};
+    let (a, b) = (thing(870), thing(871));
+    // Concurrent dispatches to one device never share a seq; each device counts from 1.
+    let seqs = futures_util::future::try_join_all((0..8).map(|_| s.next_seq(&a))).await?;
+    let mut sorted = seqs.clone();
+    sorted.sort_unstable();
+    ensure!(sorted == (1..=8).collect::<Vec<u64>>(), "seqs {seqs:?}");
+    ensure!(s.next_seq(&b).await? == 1, "another device starts at 1");
+    let record = |seq: u64| CommandRecord {
+        cmd_id: format!("c-contract-{seq}"),
+        thing: a.to_string(),
+        seq,
+        name: "reboot".into(),
+        args: Default::default(),
+        issued_at: 1_000,
+        expires_at: 61_000,
+        status: CommandStatus::Sent,
+        acked_at: None,
+        latency_ms: None,
+        reason: None,
+        result: None,
+        cohort: "sensor/eu/-".into(),
+    };
+    for seq in 1..=3 {
+        s.put_command(&record(seq)).await?;
+    }
+    ensure!(
+        s.put_command(&record(2)).await.is_err_and(|e| e.kind == fleet_shared::ErrorKind::Conflict),
+        "an id twice"
+    );
+    ensure!(s.command("c-contract-2").await? == Some(record(2)), "read back");
+    ensure!(s.command("c-contract-9").await?.is_none(), "unknown");
+    let listed: Vec<u64> = s.commands_of(&a, 2).await?.iter().map(|c| c.seq).collect();
+    ensure!(listed == [3, 2], "newest first, limited: {listed:?}");
+    ensure!(s.commands_of(&b, 10).await?.is_empty(), "the counter is not a command");
+    let mut done = record(2);
+    done.status = CommandStatus::Succeeded;
+    done.latency_ms = Some(40);
+    ensure!(s.settle_command(&done).await?, "settled");
+    let mut again = done.clone();
+    again.status = CommandStatus::Failed;
+    ensure!(!s.settle_command(&again).await?, "settled once");
+    ensure!(s.command("c-contract-2").await? == Some(done), "the first ack stands");
     Ok(())
 }

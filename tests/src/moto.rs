@@ -13,8 +13,8 @@ use aws_sdk_dynamodb::types::{
 use fleet_shared::adapters::aws::certs::{EXPIRY_INDEX, KIND_INDEX};
 use fleet_shared::adapters::aws::twins::{DRIFT_INDEX, FW_INDEX};
 use fleet_shared::adapters::aws::{
-    CertificatesTable, DevicesTable, HealthTable, PresenceTables, S3Archive, TimestreamQuery, TimestreamSink,
-    TwinsTable,
+    CertificatesTable, CommandsTable, DevicesTable, HealthTable, PresenceTables, S3Archive, TimestreamQuery,
+    TimestreamSink, TwinsTable,
 };
 use fleet_shared::Env;
 
@@ -27,6 +27,7 @@ pub struct AwsResources {
     pub twins_table: String,
     pub certificates_table: String,
     pub health_table: String,
+    pub commands_table: String,
     pub telemetry_database: String,
     pub telemetry_table: String,
     pub archive_bucket: String,
@@ -42,6 +43,7 @@ impl AwsResources {
             ("FLEET_TWINS_TABLE", self.twins_table.clone()),
             ("FLEET_CERTIFICATES_TABLE", self.certificates_table.clone()),
             ("FLEET_HEALTH_TABLE", self.health_table.clone()),
+            ("FLEET_COMMANDS_TABLE", self.commands_table.clone()),
             ("FLEET_TELEMETRY_DB", self.telemetry_database.clone()),
             ("FLEET_TELEMETRY_TABLE", self.telemetry_table.clone()),
             ("FLEET_ARCHIVE_BUCKET", self.archive_bucket.clone()),
@@ -61,6 +63,7 @@ pub struct AwsAdapters {
     pub twins: TwinsTable,
     pub certs: CertificatesTable,
     pub health: HealthTable,
+    pub commands: CommandsTable,
     pub sink: TimestreamSink,
     pub query: TimestreamQuery,
     pub archive: S3Archive,
@@ -102,6 +105,7 @@ pub async fn fresh_resources() -> Result<AwsResources> {
         twins_table: unique("twins"),
         certificates_table: unique("certificates"),
         health_table: unique("health"),
+        commands_table: unique("commands"),
         telemetry_database: unique("fleet"),
         telemetry_table: "telemetry".into(),
         archive_bucket: unique("archive"),
@@ -121,6 +125,7 @@ pub async fn fresh_adapters() -> Result<AwsAdapters> {
         twins: TwinsTable::from_env(&sdk, &env)?,
         certs: CertificatesTable::from_env(&sdk, &env)?,
         health: HealthTable::from_env(&sdk, &env)?,
+        commands: CommandsTable::from_env(&sdk, &env)?,
         sink: TimestreamSink::from_env(&sdk, &env).await?,
         query: TimestreamQuery::from_env(&sdk, &env)?,
         archive: S3Archive::from_env(&sdk, &env)?,
@@ -138,12 +143,14 @@ pub async fn fresh_ports() -> Result<
         CertificatesTable,
         PresenceTables,
         HealthTable,
+        CommandsTable,
     >,
 > {
     let a = fresh_adapters().await?;
     Ok(Ports {
         presence: PresenceTables { devices: a.devices.clone(), health: a.health.clone() },
         health: a.health,
+        commands: a.commands,
         devices: a.devices,
         sink: a.sink,
         archive: a.archive,
@@ -235,6 +242,24 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .send()
         .await
         .context("create health table")?;
+    let by_thing = GlobalSecondaryIndex::builder()
+        .index_name(fleet_shared::adapters::aws::commands::BY_THING_INDEX)
+        .key_schema(key("thing", KeyType::Hash)?)
+        .key_schema(key("seq", KeyType::Range)?)
+        .projection(Projection::builder().projection_type(ProjectionType::All).build())
+        .build()?;
+    aws_sdk_dynamodb::Client::new(config)
+        .create_table()
+        .table_name(&r.commands_table)
+        .attribute_definitions(attr("cmd_id")?)
+        .attribute_definitions(attr("thing")?)
+        .attribute_definitions(number("seq")?)
+        .key_schema(key("cmd_id", KeyType::Hash)?)
+        .global_secondary_indexes(by_thing)
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .context("create commands table")?;
     let ts = aws_sdk_timestreamwrite::Client::new(config);
     ts.create_database().database_name(&r.telemetry_database).send().await.context("create timestream db")?;
     ts.create_table()

@@ -5,10 +5,19 @@ use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::ports::TelemetryQuery;
 use fleet_tests::contract::{self, Ports};
 
-#[allow(clippy::type_complexity)]
-async fn ports(
-) -> Result<Ports<SqliteStore, SqliteStore, SqliteStore, SqliteStore, SqliteStore, SqliteStore, SqliteStore>>
-{
+/// Every port on the one store.
+type Embedded = Ports<
+    SqliteStore,
+    SqliteStore,
+    SqliteStore,
+    SqliteStore,
+    SqliteStore,
+    SqliteStore,
+    SqliteStore,
+    SqliteStore,
+>;
+
+async fn ports() -> Result<Embedded> {
     let db = SqliteStore::in_memory()?;
     Ok(Ports {
         devices: db.clone(),
@@ -17,7 +26,8 @@ async fn ports(
         twins: db.clone(),
         certs: db.clone(),
         presence: db.clone(),
-        health: db,
+        health: db.clone(),
+        commands: db,
     })
 }
 

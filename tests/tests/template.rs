@@ -631,3 +631,38 @@ fn the_expiry_check_runs_daily_and_reads_the_expiry_index_only() {
         (Some(30), Some(3652), Some(30))
     );
 }
+
+#[test]
+fn commands_are_published_only_by_dispatch_with_its_key_and_acks_reach_command_ack() {
+    let r = render(&[]);
+    assert_eq!(
+        dynamodb_actions(&r, "CommandDispatchRole"),
+        ["dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:UpdateItem"]
+    );
+    assert_eq!(grant_resource(&r, "CommandDispatchRole", "dynamodb:PutItem"), "CommandsTable");
+    let statements = iam_statements(&r);
+    let publish: Vec<&Value> =
+        statements.iter().filter(|s| actions(s).iter().any(|a| a == "iot:Publish")).collect();
+    assert_eq!(publish.len(), 1, "only command-dispatch publishes");
+    let topic = format!("{:?}", publish[0]["Resource"]);
+    assert!(topic.contains("topic/cmd/fleet/*/req"), "{topic}");
+    assert!(statements.iter().any(|s| actions(s) == ["ssm:GetParameter"]), "the signing key from SSM");
+    let env = function_env(&r, "CommandDispatchFunction");
+    for var in
+        ["FLEET_COMMANDS_TABLE", "FLEET_COMMAND_KEY_PARAM", "FLEET_COMMAND_KEY_ID", "FLEET_IOT_DATA_ENDPOINT"]
+    {
+        assert!(env.contains_key(var), "command-dispatch has no {var}");
+    }
+    assert_eq!(
+        dynamodb_actions(&r, "CommandAckRole"),
+        ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
+    );
+    let rule = &r.resources["CommandAckRule"]["Properties"]["TopicRulePayload"];
+    assert_eq!(
+        rule["Sql"].as_str(),
+        Some("SELECT *, topic(3) AS thing, timestamp() AS rx_ms FROM 'cmd/fleet/+/res'")
+    );
+    assert!(rule.get("ErrorAction").is_some());
+    let policy = format!("{:?}", r.resources["DevicePolicy"]["Properties"]["PolicyDocument"]);
+    assert!(policy.contains("iot:Connection.Thing.ThingName}/res"), "devices may ack: {policy}");
+}

@@ -83,13 +83,19 @@
 
 mod ack;
 mod envelope;
+mod record;
 mod sign;
+#[cfg(feature = "sim")]
+pub mod sim;
 #[cfg(test)]
 mod tests;
 mod verify;
 
 pub use ack::{AckStatus, CommandAck};
+/// A device's trusted public key.
+pub use ed25519_dalek::VerifyingKey;
 pub use envelope::{CommandEnvelope, Malformed, UnsignedCommand, DOMAIN, MAX_ENVELOPE_BYTES};
+pub use record::{settle, CommandRecord, CommandStatus, Settled};
 pub use sign::{CommandSigner, KeyError};
 pub use verify::{CommandVerifier, Rejection, ReplayState, VerifierConfig, WindowOutOfRange};
 

@@ -229,6 +229,18 @@ impl DeviceSim {
         vec![bytes]
     }
 
+    /// Reboot now (a command asked for it): a new boot, its sequence from the start, samples
+    /// not yet sent lost.
+    pub fn reboot(&mut self) {
+        self.boot += 1;
+        self.seq = 0;
+        self.pending.clear();
+    }
+
+    pub fn boot(&self) -> u32 {
+        self.boot
+    }
+
     /// A message held back for out-of-order delivery, if any (publish it before stopping).
     pub fn flush(&mut self) -> Option<Vec<u8>> {
         self.held.take()

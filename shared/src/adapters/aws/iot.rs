@@ -21,20 +21,12 @@
 //! `AWS_ENDPOINT_URL_IOT`, else the config's endpoint URL (moto in tests), else
 //! `https://iot.<region>.amazonaws.com`.
 
-use std::time::{Duration, SystemTime};
-
 use aws_config::SdkConfig;
-use aws_credential_types::provider::ProvideCredentials;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-use aws_sigv4::sign::v4;
-use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-use aws_smithy_http_client::Connector;
-use aws_smithy_runtime_api::client::http::HttpConnector;
-use aws_smithy_runtime_api::client::identity::Identity;
-use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
-use aws_smithy_types::body::SdkBody;
-use aws_smithy_types::byte_stream::ByteStream;
 use serde::Deserialize;
+
+#[cfg(test)]
+use super::signed::api_error;
+use super::signed::{ApiError, SignedClient};
 
 use crate::error::StoreError;
 use crate::model::{
@@ -46,46 +38,19 @@ use crate::ports::{CertificateControl, CertificateRegistry};
 pub const MAX_PAGE_SIZE: usize = 250;
 /// The most things / principals one ListPrincipalThings / ListThingPrincipals page holds.
 const MAX_RESULTS: usize = 250;
-/// One call's deadline (connect, send, read the whole answer).
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// AWS IoT's control plane, for the certificate registry.
 pub struct IotControlPlane {
-    connector: Connector,
-    endpoint: String,
-    region: String,
-    credentials: aws_credential_types::provider::SharedCredentialsProvider,
+    client: SignedClient,
 }
 
 /// What AWS IoT answered, when it was not a success.
-#[derive(Debug, thiserror::Error)]
-#[error("AWS IoT answered {status} {code}: {message}")]
-pub struct IotApiError {
-    pub status: u16,
-    pub code: String,
-    pub message: String,
-}
-
-impl IotApiError {
-    fn is_transient(&self) -> bool {
-        self.status == 429
-            || self.status >= 500
-            || matches!(self.code.as_str(), "ThrottlingException" | "ServiceUnavailableException")
-    }
-}
+pub type IotApiError = ApiError;
 
 impl IotControlPlane {
     /// From the process's `SdkConfig`: its credentials, region and endpoint override.
     pub fn new(sdk: &SdkConfig) -> Result<Self, crate::ConfigError> {
-        let region =
-            sdk.region().map(ToString::to_string).ok_or(crate::ConfigError::Missing("AWS_REGION"))?;
-        let credentials =
-            sdk.credentials_provider().ok_or(crate::ConfigError::Missing("AWS_ACCESS_KEY_ID"))?;
-        let endpoint = std::env::var("AWS_ENDPOINT_URL_IOT")
-            .ok()
-            .or_else(|| sdk.endpoint_url().map(ToOwned::to_owned))
-            .unwrap_or_else(|| format!("https://iot.{region}.amazonaws.com"));
-        Ok(Self::with_endpoint(endpoint, region, credentials))
+        Ok(Self { client: SignedClient::new(sdk, "iot", "AWS_ENDPOINT_URL_IOT", "iot")? })
     }
 
     /// Against a given endpoint (tests: a scripted server).
@@ -94,15 +59,9 @@ impl IotControlPlane {
         region: impl Into<String>,
         credentials: aws_credential_types::provider::SharedCredentialsProvider,
     ) -> Self {
-        Self {
-            connector: Connector::builder().tls_provider(Provider::Rustls(CryptoMode::AwsLc)).build(),
-            endpoint: endpoint.into().trim_end_matches('/').to_owned(),
-            region: region.into(),
-            credentials,
-        }
+        Self { client: SignedClient::with_endpoint("iot", endpoint, region, credentials) }
     }
 
-    /// One signed call; the answer's body on 2xx, a typed error otherwise.
     async fn call(
         &self,
         op: &'static str,
@@ -111,108 +70,7 @@ impl IotControlPlane {
         headers: &[(&'static str, &str)],
         body: &[u8],
     ) -> Result<Vec<u8>, StoreError> {
-        let answer = tokio::time::timeout(CALL_TIMEOUT, self.send(op, method, path_and_query, headers, body))
-            .await
-            .map_err(|_| StoreError::transient(op, format!("no answer within {CALL_TIMEOUT:?}")))??;
-        let (status, body) = answer;
-        if (200..300).contains(&status) {
-            return Ok(body);
-        }
-        let error = api_error(status, &body);
-        Err(if error.is_transient() {
-            StoreError::transient(op, error)
-        } else {
-            StoreError::permanent(op, error)
-        })
-    }
-
-    async fn send(
-        &self,
-        op: &'static str,
-        method: &str,
-        path_and_query: &str,
-        headers: &[(&'static str, &str)],
-        body: &[u8],
-    ) -> Result<(u16, Vec<u8>), StoreError> {
-        let credentials =
-            self.credentials.provide_credentials().await.map_err(|e| StoreError::permanent(op, e))?;
-        let identity = Identity::from(credentials);
-        let uri = format!("{}{}", self.endpoint, path_and_query);
-        let host = uri
-            .split_once("://")
-            .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
-            .unwrap_or_default()
-            .to_owned();
-        let mut request = http::Request::builder().method(method).uri(&uri).header("host", &host);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        if !body.is_empty() {
-            request = request.header("content-type", "application/json");
-        }
-        let mut request =
-            request.body(SdkBody::from(body.to_vec())).map_err(|e| StoreError::permanent(op, e))?;
-
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name("iot")
-            .time(SystemTime::now())
-            .settings(SigningSettings::default())
-            .build()
-            .map_err(|e| StoreError::permanent(op, e))?
-            .into();
-        let signable = SignableRequest::new(
-            method,
-            uri.as_str(),
-            request.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
-            SignableBody::Bytes(body),
-        )
-        .map_err(|e| StoreError::permanent(op, e))?;
-        let (instructions, _signature) =
-            sign(signable, &params).map_err(|e| StoreError::permanent(op, e))?.into_parts();
-        instructions.apply_to_request_http1x(&mut request);
-
-        let request = HttpRequest::try_from(request).map_err(|e| StoreError::permanent(op, e))?;
-        let response = self.connector.call(request).await.map_err(|e| StoreError::transient(op, e))?;
-        let status = response.status().as_u16();
-        let body = ByteStream::new(response.into_body())
-            .collect()
-            .await
-            .map_err(|e| StoreError::transient(op, e))?
-            .into_bytes()
-            .to_vec();
-        Ok((status, body))
-    }
-}
-
-/// The error in an AWS IoT answer: the `x-amzn-ErrorType`-style code in the body's `__type`
-/// or `code`, and its message.
-fn api_error(status: u16, body: &[u8]) -> IotApiError {
-    #[derive(Deserialize, Default)]
-    struct Body {
-        #[serde(rename = "__type", alias = "code", alias = "Code")]
-        code: Option<String>,
-        #[serde(alias = "Message")]
-        message: Option<String>,
-    }
-    let parsed: Body = serde_json::from_slice(body).unwrap_or_default();
-    // `ThrottlingException`, `com.amazon.coral#ThrottlingException` or
-    // `ThrottlingException:http://internal.amazon.com/...`: the name alone.
-    let code = parsed
-        .code
-        .map(|c| c.split(':').next().unwrap_or_default().rsplit('#').next().unwrap_or_default().to_owned());
-    IotApiError {
-        status,
-        code: code.unwrap_or_else(|| {
-            match status {
-                429 => "ThrottlingException",
-                404 => "ResourceNotFoundException",
-                _ => "UnknownError",
-            }
-            .to_owned()
-        }),
-        message: parsed.message.unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect()),
+        self.client.call(op, method, path_and_query, headers, body).await
     }
 }
 

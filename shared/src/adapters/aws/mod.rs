@@ -7,6 +7,7 @@
 //! them. Endpoints follow the SDK's `AWS_ENDPOINT_URL*` variables.
 
 pub mod certs;
+pub mod commands;
 #[cfg(feature = "test-support")]
 pub mod counting;
 pub mod devices;
@@ -16,6 +17,7 @@ pub mod iot;
 pub mod s3;
 #[cfg(feature = "shadows")]
 pub mod shadows;
+pub mod signed;
 pub mod timestream;
 #[cfg(feature = "operator")]
 pub mod timestream_query;
@@ -31,6 +33,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use crate::error::StoreError;
 
 pub use certs::CertificatesTable;
+pub use commands::CommandsTable;
 pub use devices::DevicesTable;
 pub use health::{HealthTable, PresenceTables};
 #[cfg(feature = "operator")]
@@ -40,6 +43,7 @@ pub use iot::IotControlPlane;
 pub use s3::S3Archive;
 #[cfg(feature = "shadows")]
 pub use shadows::IotDataShadows;
+pub use signed::{LambdaInvoker, SignedClient, SsmParameter};
 pub use timestream::TimestreamSink;
 #[cfg(feature = "operator")]
 pub use timestream_query::TimestreamQuery;

@@ -143,3 +143,18 @@ impl ShadowService for IotDataShadows {
         }
     }
 }
+
+/// Commands go out through the same data plane: IoT Core's Publish.
+impl crate::ports::CommandPublisher for IotDataShadows {
+    async fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), StoreError> {
+        self.client
+            .publish()
+            .topic(topic)
+            .qos(1)
+            .payload(aws_sdk_iotdataplane::primitives::Blob::new(payload.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("iot-data publish", e))
+    }
+}

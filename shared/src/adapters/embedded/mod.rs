@@ -2,13 +2,18 @@
 //! local stack, `cargo lambda watch --features embedded` and tests. No AWS account needed.
 
 mod certs;
+mod commands;
 mod health;
 mod local_shadows;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 mod presence;
 mod registry;
 mod sqlite;
 mod twins;
 
 pub use local_shadows::LocalShadow;
+#[cfg(feature = "mqtt")]
+pub use mqtt::{MqttPublisher, LOCAL_OPERATOR_USERNAME};
 pub use registry::{local_certificate_arn, LocalCredentials, LocalThing, LOCAL_ARN_PREFIX};
 pub use sqlite::{ContentConflict, SqliteStore};

@@ -97,6 +97,8 @@ const MIGRATIONS: &[&str] = &[
     super::presence::PRESENCE_SCHEMA,
     // Version 12: health counters and the SLO ledger (fleet-health).
     super::health::HEALTH_SCHEMA,
+    // Version 13: commands sent to devices and each device's command counter.
+    super::commands::COMMANDS_SCHEMA,
 ];
 
 /// Bring the file to the newest schema, each step in its own transaction with its version
