@@ -430,6 +430,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "CommandAckRule",
                 "PresenceRule",
                 "TelemetryTopicRule",
                 "TwinDeleteRule",
@@ -438,6 +439,8 @@ mod tests {
                 "TwinNamedDocumentsRule"
             ]
         );
+        assert_eq!(rules[0].targets, vec![Target::Function { function: "CommandAckFunction".into() }]);
+        let rules = &rules[1..];
         assert_eq!(
             rules[0].targets,
             vec![Target::Queue {

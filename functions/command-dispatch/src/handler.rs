@@ -232,23 +232,26 @@ where
     if !(1..=MAX_TTL_S).contains(&ttl_s) {
         return Err(refused(deps, format!("ttl_s {ttl_s} is not 1-{MAX_TTL_S}")));
     }
+    let now = (deps.clock)();
+    let mut unsigned = UnsignedCommand {
+        cmd_id: command_id(&thing, 1),
+        thing: thing.to_string(),
+        seq: 1,
+        issued_at: now,
+        expires_at: now + (ttl_s * 1000) as i64,
+        name: request.name,
+        args: request.args,
+    };
+    // The envelope rules (name charset, args without floats, size) before a seq is spent.
+    deps.signer.check(&unsigned).map_err(|e| refused(deps, e.to_string()))?;
     let devices =
         deps.registry.get_many(std::slice::from_ref(&thing)).await.map_err(retry("device not looked up"))?;
     let Some(device) = devices.get(&thing) else {
         return Err(refused(deps, format!("no device {thing}")));
     };
     let seq = deps.commands.next_seq(&thing).await.map_err(retry("command counter not incremented"))?;
-    let now = (deps.clock)();
-    let unsigned = UnsignedCommand {
-        cmd_id: command_id(&thing, seq),
-        thing: thing.to_string(),
-        seq,
-        issued_at: now,
-        expires_at: now + (ttl_s * 1000) as i64,
-        name: request.name,
-        args: request.args,
-    };
-    // The envelope rules (name charset, args without floats or repeated keys, size).
+    unsigned.seq = seq;
+    unsigned.cmd_id = command_id(&thing, seq);
     let envelope = deps.signer.sign(unsigned).map_err(|e| refused(deps, e.to_string()))?;
     let cohort = Cohort::of(Some(device), None);
     let record = CommandRecord {

@@ -5,9 +5,10 @@
 //!
 //! It never reads the fleet: the functions that see devices (ingest-telemetry, presence,
 //! command-ack) add to health counters per cohort and minute as they work
-//! (`fleet_shared::health::tally`), and closing a minute reads O(cohorts) items: the minute's
-//! and the previous minute's counters, 24 hour buckets (devices active in the last day), the
-//! gauges, and the ledger's heads (`fleet_shared::health::ledger`).
+//! (`fleet_shared::health::tally`), and closing a minute reads O(cohorts) items: the minute's,
+//! the previous and the next minute's counters (devices fresh at the close: newest data in the
+//! last two minutes and the one in progress), 24 hour buckets (devices active in the last
+//! day), the gauges, and the ledger's heads (`fleet_shared::health::ledger`).
 //!
 //! A minute is closed [`GRACE_MS`] after it ends (what was in flight has landed). Minutes missed
 //! (the function was failing) are closed on the next run, at most [`MAX_CATCH_UP`] a run; older
@@ -173,18 +174,21 @@ pub async fn run<L: HealthLedger>(deps: &Deps<L>, now: i64) -> Result<Answer, St
     Ok(Answer { closed_through: Some(minute), minutes_closed, minutes_skipped: skipped.max(0), firing })
 }
 
-/// What closing `minute` reads: its counters and the previous minute's, the hour buckets of
-/// the last 24 hours, the gauges.
+/// What closing `minute` reads: its counters, the previous and the next (in progress)
+/// minute's, the hour buckets of the last 24 hours (and the next minute's hour, where devices
+/// that reported since moved their newest data), the gauges.
 async fn minute_reads<L: HealthLedger>(ledger: &L, minute: i64) -> Result<MinuteReads, StoreError> {
-    let hour = minute * MINUTE_MS / fleet_shared::health::tally::HOUR_MS;
-    let mut buckets = vec![Bucket::Minute(minute), Bucket::Minute(minute - 1), Bucket::Gauge];
-    buckets.extend((hour - 23..=hour).map(Bucket::Hour));
+    let hour_of = |m: i64| m * MINUTE_MS / fleet_shared::health::tally::HOUR_MS;
+    let (first_hour, last_hour) = (hour_of(minute) - 23, hour_of(minute + 1));
+    let mut buckets =
+        vec![Bucket::Minute(minute), Bucket::Minute(minute - 1), Bucket::Minute(minute + 1), Bucket::Gauge];
+    buckets.extend((first_hour..=last_hour).map(Bucket::Hour));
     let mut got = ledger.buckets(&buckets).await?;
     let latest = |t: BTreeMap<Cohort, Tally>| -> BTreeMap<Cohort, i64> {
         t.into_iter().map(|(c, t)| (c, t.get(counter::LATEST))).collect()
     };
     let mut active: BTreeMap<Cohort, i64> = BTreeMap::new();
-    for h in hour - 23..=hour {
+    for h in first_hour..=last_hour {
         for (c, n) in latest(got.remove(&Bucket::Hour(h)).unwrap_or_default()) {
             *active.entry(c).or_default() += n;
         }
@@ -193,6 +197,7 @@ async fn minute_reads<L: HealthLedger>(ledger: &L, minute: i64) -> Result<Minute
         minute,
         counters: got.remove(&Bucket::Minute(minute)).unwrap_or_default(),
         previous_latest: latest(got.remove(&Bucket::Minute(minute - 1)).unwrap_or_default()),
+        next_latest: latest(got.remove(&Bucket::Minute(minute + 1)).unwrap_or_default()),
         active,
         gauges: got.remove(&Bucket::Gauge).unwrap_or_default(),
     })

@@ -57,8 +57,32 @@ impl CommandSigner {
 
     /// Checks `command` against the envelope rules and signs it under this key.
     pub fn sign(&self, command: UnsignedCommand) -> Result<CommandEnvelope, Malformed> {
+        let mut envelope = self.unsigned(command);
+        envelope.check()?;
+        envelope.sig = STANDARD.encode(self.key.sign(&envelope.signing_bytes()).to_bytes());
+        let bytes = envelope.to_json().len();
+        if bytes > MAX_ENVELOPE_BYTES {
+            return Err(Malformed::TooLarge { bytes });
+        }
+        Ok(envelope)
+    }
+
+    /// Whether [`Self::sign`] would take `command` (every envelope rule, the size with its
+    /// signature), without signing: a dispatcher checks before it spends a sequence number.
+    pub fn check(&self, command: &UnsignedCommand) -> Result<(), Malformed> {
+        let envelope = self.unsigned(command.clone());
+        envelope.check()?;
+        // The signature is 88 characters of base64 where the empty `sig` is now.
+        let bytes = envelope.to_json().len() + 88;
+        if bytes > MAX_ENVELOPE_BYTES {
+            return Err(Malformed::TooLarge { bytes });
+        }
+        Ok(())
+    }
+
+    fn unsigned(&self, command: UnsignedCommand) -> CommandEnvelope {
         let UnsignedCommand { cmd_id, thing, seq, issued_at, expires_at, name, args } = command;
-        let mut envelope = CommandEnvelope {
+        CommandEnvelope {
             cmd_id,
             thing,
             seq,
@@ -68,14 +92,7 @@ impl CommandSigner {
             args,
             kid: self.kid.clone(),
             sig: String::new(),
-        };
-        envelope.check()?;
-        envelope.sig = STANDARD.encode(self.key.sign(&envelope.signing_bytes()).to_bytes());
-        let bytes = envelope.to_json().len();
-        if bytes > MAX_ENVELOPE_BYTES {
-            return Err(Malformed::TooLarge { bytes });
         }
-        Ok(envelope)
     }
 }
 

@@ -27,6 +27,9 @@ pub struct MinuteReads {
     pub counters: BTreeMap<Cohort, Tally>,
     /// The previous minute's `latest`, by base cohort (fresh = data in the last 2 minutes).
     pub previous_latest: BTreeMap<Cohort, i64>,
+    /// The next minute's `latest` (the minute in progress when this one is closed: a device
+    /// that reported in it has moved its newest data there, and it was fresh at the close).
+    pub next_latest: BTreeMap<Cohort, i64>,
     /// `latest` summed over the hour buckets of the last 24 hours, by base cohort.
     pub active: BTreeMap<Cohort, i64>,
     /// The gauges now (devices connected), by base cohort.
@@ -44,6 +47,7 @@ pub fn close_minute(heads: &mut BTreeMap<Cohort, LedgerRow>, reads: &MinuteReads
     let mut cohorts: BTreeSet<&Cohort> = BTreeSet::new();
     cohorts.extend(reads.counters.keys());
     cohorts.extend(reads.previous_latest.keys());
+    cohorts.extend(reads.next_latest.keys());
     cohorts.extend(reads.active.keys());
     cohorts.extend(reads.gauges.keys());
 
@@ -65,7 +69,8 @@ pub fn close_minute(heads: &mut BTreeMap<Cohort, LedgerRow>, reads: &MinuteReads
             }
         }
         let latest_now = reads.counters.get(cohort).map_or(0, |t| t.get(counter::LATEST));
-        let fresh = (latest_now + reads.previous_latest.get(cohort).copied().unwrap_or(0)).max(0);
+        let around = |m: &BTreeMap<Cohort, i64>| m.get(cohort).copied().unwrap_or(0);
+        let fresh = (latest_now + around(&reads.previous_latest) + around(&reads.next_latest)).max(0);
         let active = reads.active.get(cohort).copied().unwrap_or(0).max(fresh);
         minute.add(counter::FRESH_MINUTES, fresh);
         minute.add(counter::ACTIVE_MINUTES, active);

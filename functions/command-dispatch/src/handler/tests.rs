@@ -118,6 +118,8 @@ async fn bad_commands_and_unknown_devices_are_refused_and_nothing_is_sent() -> R
         assert_eq!(err.error_type(), "InvalidCommand", "{bad}: {err}");
     }
     assert!(deps.publisher.messages.lock().expect("lock").is_empty());
+    // No sequence number was spent on them: the next good command is the device's first.
+    assert_eq!(invoke(&deps, SEND_REBOOT).await?.seq, 1);
     Ok(())
 }
 

@@ -171,6 +171,25 @@ async fn a_freshness_outage_pages_and_the_page_stops_after_recovery() -> Result<
 }
 
 #[tokio::test]
+async fn devices_that_reported_again_before_the_close_still_count_fresh() -> Result<()> {
+    // GIVEN 5 devices reporting every few seconds: by the time minute M is closed (10 s after
+    // it ended) each has moved its newest data into minute M+1, across an hour boundary
+    let deps = deps()?;
+    let mut fleet = Fleet::new(5);
+    let m = START_MINUTE + 59; // 16:59; M+1 is 17:00
+    fleet.report(&deps.ledger, m - 1, 5).await?;
+    fleet.report(&deps.ledger, m, 5).await?;
+    fleet.report(&deps.ledger, m + 1, 5).await?;
+    // WHEN minute M is closed
+    tick(&deps, m).await?;
+    // THEN all 5 were fresh and active at the close
+    let report = deps.ledger.latest_health().await?.context("report")?;
+    let fleet_health = report.cohorts.iter().find(|c| c.cohort == Cohort::fleet()).context("fleet")?;
+    assert_eq!((fleet_health.last_hour.devices_fresh, fleet_health.last_hour.devices_active), (5, 5));
+    Ok(())
+}
+
+#[tokio::test]
 async fn minutes_missed_are_closed_on_the_next_run_up_to_an_hour() -> Result<()> {
     let deps = deps()?;
     let mut fleet = Fleet::new(3);

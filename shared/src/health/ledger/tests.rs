@@ -41,6 +41,7 @@ impl Book {
             minute,
             counters: self.bucket(Bucket::Minute(minute)),
             previous_latest: latest(self.bucket(Bucket::Minute(minute - 1))),
+            next_latest: latest(self.bucket(Bucket::Minute(minute + 1))),
             active,
             gauges: self.bucket(Bucket::Gauge),
         };
