@@ -72,6 +72,23 @@ pub struct LocalOptions {
     pub drain_deadline: Duration,
 }
 
+impl LocalOptions {
+    /// On loopback, any free ports, the built-in template, no variables, short batch windows:
+    /// an embedded IoT Core for tests and tools that start one in-process.
+    pub fn ephemeral(db: &Path) -> Self {
+        Self {
+            bind: [127, 0, 0, 1].into(),
+            mqtt_port: 0,
+            http_port: 0,
+            db: db.to_path_buf(),
+            template: Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/template.yaml"))),
+            batch_window: Duration::from_millis(10),
+            env: Env::from_fn(|_| None),
+            drain_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
 // The validity of the certificates fleet provisioning issues is a variable of `env`
 // (`FLEET_LOCAL_CERT_VALIDITY_DAYS`, see [`provisioning::ProvisioningOptions::from_env`]).
 

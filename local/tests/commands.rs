@@ -1,7 +1,8 @@
 //! Signed commands on the local IoT Core, end to end: command-dispatch signs and publishes, a
 //! simulated device (the demo's command handling) verifies, obeys and acknowledges, command-ack
 //! settles the command; a raw `mosquitto_pub` replay of the same envelope is refused by the
-//! device and counted, and its rejection changes nothing in the cloud.
+//! device and counted, and its rejection changes nothing in the cloud. The device's connect and
+//! disconnect reach presence and fleet health's connected gauge.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,23 +14,12 @@ use fleet_local::{LocalOptions, LocalStack};
 use fleet_shared::commands::sim::SimulatedCommands;
 use fleet_shared::commands::{request_topic, CommandStatus, CommandVerifier, ReplayState, VerifierConfig};
 use fleet_shared::model::{DeviceRegistration, ThingName};
-use fleet_shared::ports::{CommandStore, DeviceAdmin};
-use fleet_shared::Env;
+use fleet_shared::ports::{CommandStore, DeviceAdmin, PresenceReader};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
 async fn start(db: &Path) -> Result<LocalStack> {
-    let opts = LocalOptions {
-        bind: [127, 0, 0, 1].into(),
-        mqtt_port: 0,
-        http_port: 0,
-        db: db.to_path_buf(),
-        template: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml")),
-        batch_window: Duration::from_millis(10),
-        env: Env::from_fn(|_| None),
-        drain_deadline: Duration::from_secs(10),
-    };
-    fleet_local::start(&opts).await
+    fleet_local::start(&LocalOptions::ephemeral(db)).await
 }
 
 /// Poll `check` every 50 ms for up to 10 s.
@@ -46,9 +36,18 @@ async fn eventually<T>(mut check: impl AsyncFnMut() -> Result<Option<T>>) -> Res
     }
 }
 
+/// Devices connected, by fleet health's gauge.
+async fn connected(stack: &LocalStack) -> Result<i64> {
+    use fleet_shared::health::tally::{counter, Bucket};
+    use fleet_shared::ports::HealthLedger;
+    let gauges = stack.store.buckets(&[Bucket::Gauge]).await?;
+    Ok(gauges.get(&Bucket::Gauge).map_or(0, |g| g.values().map(|t| t.get(counter::CONNECTED)).sum()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs mosquitto_pub (mosquitto-clients), installed by scripts/test.sh"]
-async fn a_device_obeys_a_signed_command_once_and_refuses_its_mosquitto_replay() -> Result<()> {
+async fn a_device_connects_obeys_a_signed_command_once_refuses_its_mosquitto_replay_and_disconnects(
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let stack = start(&dir.path().join("fleet.sqlite")).await?;
     let thing = ThingName::parse("sensor-001")?;
@@ -90,6 +89,10 @@ async fn a_device_obeys_a_signed_command_once_and_refuses_its_mosquitto_replay()
     });
     // (the subscription is in place before the first command)
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // AND its connection reached presence (the lifecycle event, its rule, the function) and
+    // fleet health's connected gauge
+    eventually(async || Ok(stack.store.presence(&thing).await?.filter(|p| p.connected))).await?;
+    eventually(async || Ok((connected(&stack).await? == 1).then_some(()))).await?;
 
     // WHEN the operator sends it a ping through command-dispatch
     let sent =
@@ -123,6 +126,13 @@ async fn a_device_obeys_a_signed_command_once_and_refuses_its_mosquitto_replay()
     eventually(async || Ok((stack.stats.metric("AcksDuplicate") == 1).then_some(()))).await?;
     let after = stack.store.command(&cmd_id).await?.context("recorded")?;
     ensure!(after.status == CommandStatus::Succeeded, "{after:?}");
+
+    // WHEN the device disconnects, THEN presence says so, with the session's length, and it
+    // no longer counts as connected
+    client.disconnect().await?;
+    let ended = eventually(async || Ok(stack.store.presence(&thing).await?.filter(|p| !p.connected))).await?;
+    ensure!(ended.session_ms.is_some(), "{ended:?}");
+    eventually(async || Ok((connected(&stack).await? == 0).then_some(()))).await?;
     loop_task.abort();
     stack.shutdown().await?;
     Ok(())

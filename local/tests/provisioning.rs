@@ -11,7 +11,6 @@ use fleet_local::provisioning::{Provisioning, Request, CREATE_TOPIC, TOKEN_LIFET
 use fleet_local::{LocalOptions, LocalStack};
 use fleet_shared::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
 use fleet_shared::ports::{Allowlist, DeviceAdmin};
-use fleet_shared::Env;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 
@@ -19,17 +18,7 @@ use serde_json::{json, Value};
 const TEMPLATE: &str = "fleetline-dev-devices";
 
 async fn start(db: &Path) -> Result<LocalStack> {
-    let opts = LocalOptions {
-        bind: [127, 0, 0, 1].into(),
-        mqtt_port: 0,
-        http_port: 0,
-        db: db.to_path_buf(),
-        template: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml")),
-        batch_window: Duration::from_millis(10),
-        env: Env::from_fn(|_| None),
-        drain_deadline: Duration::from_secs(10),
-    };
-    fleet_local::start(&opts).await
+    fleet_local::start(&LocalOptions::ephemeral(db)).await
 }
 
 fn provisioning(stack: &LocalStack) -> Result<Arc<Provisioning>> {

@@ -148,3 +148,12 @@ async fn decommission_deactivates_the_certificate_in_aws_iot() -> Result<()> {
     assert!(matches!(entry.enrolment, Enrolment::Decommissioned { .. }), "{entry:?}");
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "needs the moto server started by scripts/test.sh"]
+async fn the_accounts_data_endpoint_is_described_for_command_dispatch() -> Result<()> {
+    // command-dispatch publishes there when the stack's IotDataEndpoint is empty.
+    let endpoint = iot().await?.data_endpoint().await?;
+    anyhow::ensure!(endpoint.starts_with("https://") && endpoint.contains("-ats.iot."), "{endpoint}");
+    Ok(())
+}

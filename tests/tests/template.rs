@@ -462,6 +462,8 @@ fn grants_name_their_resources_and_failures_have_separate_queues() {
             // AWS IoT's list calls over the whole registry (resource type: none).
             "iot:ListCertificates",
             "iot:ListPrincipalThings",
+            // The account's data endpoint (command-dispatch, when IotDataEndpoint is empty).
+            "iot:DescribeEndpoint",
         ];
         for s in iam_statements(&r) {
             if s["Resource"].as_str() == Some("*") {

@@ -17,7 +17,9 @@
 //! shows as expired once its time is up. Metrics: `CommandsSent`, `CommandsRefused`,
 //! `PublishFailed`.
 
-use fleet_shared::adapters::aws::{CommandsTable, DevicesTable, HealthTable, IotDataShadows, SsmParameter};
+use fleet_shared::adapters::aws::{
+    CommandsTable, DevicesTable, HealthTable, IotControlPlane, IotDataShadows, SsmParameter,
+};
 use fleet_shared::commands::{request_topic, CommandRecord, CommandSigner, CommandStatus, UnsignedCommand};
 use fleet_shared::health::signals;
 use fleet_shared::health::tally::{counter, Cohort, HealthDelta};
@@ -69,14 +71,22 @@ fn signer(env: &Env, text: &str) -> Result<CommandSigner, StartupError> {
 
 impl Deps<CommandsTable, IotDataShadows, DevicesTable, HealthTable> {
     /// On AWS: the Commands, Devices and Health tables, IoT Core's data plane
-    /// (`FLEET_IOT_DATA_ENDPOINT`), and the key from SSM (`FLEET_COMMAND_KEY_PARAM`).
+    /// (`FLEET_IOT_DATA_ENDPOINT`, else the account's, from DescribeEndpoint), and the key from
+    /// SSM (`FLEET_COMMAND_KEY_PARAM`).
     pub async fn on_aws(aws: &AwsBackend) -> Result<Self, StartupError> {
         let param = aws.env.required("FLEET_COMMAND_KEY_PARAM")?;
         let ssm = SsmParameter::new(&aws.sdk)?;
         let key = ssm.get(&param).await?;
+        let publisher = match IotDataShadows::configured(&aws.sdk, &aws.env)? {
+            Some(named) => named,
+            None => {
+                let endpoint = IotControlPlane::new(&aws.sdk)?.data_endpoint().await?;
+                IotDataShadows::at(&aws.sdk, &endpoint)
+            }
+        };
         Ok(Self {
             commands: CommandsTable::from_env(&aws.sdk, &aws.env)?,
-            publisher: IotDataShadows::from_env(&aws.sdk, &aws.env)?,
+            publisher,
             registry: DevicesTable::from_env(&aws.sdk, &aws.env)?,
             health: HealthTable::from_env(&aws.sdk, &aws.env)?,
             signer: signer(&aws.env, &key)?,
@@ -233,10 +243,11 @@ where
         return Err(refused(deps, format!("ttl_s {ttl_s} is not 1-{MAX_TTL_S}")));
     }
     let now = (deps.clock)();
+    // Checked with the longest seq it could get, so the size check holds for the real one.
     let mut unsigned = UnsignedCommand {
-        cmd_id: command_id(&thing, 1),
+        cmd_id: command_id(&thing, u64::MAX),
         thing: thing.to_string(),
-        seq: 1,
+        seq: u64::MAX,
         issued_at: now,
         expires_at: now + (ttl_s * 1000) as i64,
         name: request.name,

@@ -12,8 +12,11 @@
 //!
 //! A minute is closed [`GRACE_MS`] after it ends (what was in flight has landed). Minutes missed
 //! (the function was failing) are closed on the next run, at most [`MAX_CATCH_UP`] a run; older
-//! ones are skipped and counted (`MinutesSkipped`). Two runs at once write the same rows
-//! (closing is idempotent per cohort and minute).
+//! ones are skipped and counted (`MinutesSkipped`). A minute closed late keeps its counted
+//! events (messages, reboots, commands) but no level sample (devices fresh, active, connected:
+//! the buckets only say where devices are now). A run that finds nothing to close changes
+//! nothing. The template runs one at a time (reserved concurrency 1); a rerun of a minute whose
+//! rows were written adds nothing twice (a cohort's head already at that minute is skipped).
 //!
 //! Metrics (dimensions `Stage`, and):
 //! - `Slo`, `Cohort`, `Window`: `BurnRate` (windows `5m`, `30m`, `1h`, `6h`, `28d`);
@@ -118,7 +121,8 @@ pub async fn run<L: HealthLedger>(deps: &Deps<L>, now: i64) -> Result<Answer, St
     let mut minutes_closed = 0;
     let mut last_minute: BTreeMap<Cohort, Tally> = BTreeMap::new();
     for minute in from..=last {
-        let reads = minute_reads(&deps.ledger, minute).await?;
+        // Levels are sampled for the minute that just ended only (see `MinuteReads`).
+        let reads = minute_reads(&deps.ledger, minute, minute == last).await?;
         let before = heads.clone();
         let rows = close_minute(&mut heads, &reads);
         deps.ledger.close_minute(minute, &rows).await?;
@@ -128,21 +132,19 @@ pub async fn run<L: HealthLedger>(deps: &Deps<L>, now: i64) -> Result<Answer, St
                 rows.iter().map(|(c, t)| (c.clone(), window(t, before.get(c).map(|(_, t)| t)))).collect();
         }
     }
-    let through = if minutes_closed > 0 { Some(last) } else { closed };
-    let Some(minute) = through else {
-        return Ok(Answer {
-            closed_through: None,
-            minutes_closed,
-            minutes_skipped: skipped.max(0),
-            firing: vec![],
-        });
-    };
+    if minutes_closed == 0 {
+        // A second tick in the same minute: the stored evaluation stands.
+        return Ok(Answer { closed_through: closed, minutes_closed, minutes_skipped: 0, firing: vec![] });
+    }
+    let minute = last;
 
     // Evaluate the aggregates: the fleet and each class in each region.
     let mut cohorts = Vec::new();
     for (cohort, (_, head)) in heads.iter().filter(|(c, _)| c.is_aggregate()) {
         let mut starts = BTreeMap::new();
-        for w in deps.catalog.windows() {
+        // The catalog's windows, and the last hour (the indicators').
+        let windows = deps.catalog.windows().into_iter().chain([60]);
+        for w in windows {
             starts.insert(w, deps.ledger.row_at(cohort, minute - w).await?.map(|(_, t)| t));
         }
         let sample = last_minute.get(cohort).cloned().unwrap_or_default();
@@ -177,7 +179,11 @@ pub async fn run<L: HealthLedger>(deps: &Deps<L>, now: i64) -> Result<Answer, St
 /// What closing `minute` reads: its counters, the previous and the next (in progress)
 /// minute's, the hour buckets of the last 24 hours (and the next minute's hour, where devices
 /// that reported since moved their newest data), the gauges.
-async fn minute_reads<L: HealthLedger>(ledger: &L, minute: i64) -> Result<MinuteReads, StoreError> {
+async fn minute_reads<L: HealthLedger>(
+    ledger: &L,
+    minute: i64,
+    sample_levels: bool,
+) -> Result<MinuteReads, StoreError> {
     let hour_of = |m: i64| m * MINUTE_MS / fleet_shared::health::tally::HOUR_MS;
     let (first_hour, last_hour) = (hour_of(minute) - 23, hour_of(minute + 1));
     let mut buckets =
@@ -200,6 +206,7 @@ async fn minute_reads<L: HealthLedger>(ledger: &L, minute: i64) -> Result<Minute
         next_latest: latest(got.remove(&Bucket::Minute(minute + 1)).unwrap_or_default()),
         active,
         gauges: got.remove(&Bucket::Gauge).unwrap_or_default(),
+        sample_levels,
     })
 }
 

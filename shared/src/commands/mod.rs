@@ -95,7 +95,7 @@ pub use ack::{AckStatus, CommandAck};
 /// A device's trusted public key.
 pub use ed25519_dalek::VerifyingKey;
 pub use envelope::{CommandEnvelope, Malformed, UnsignedCommand, DOMAIN, MAX_ENVELOPE_BYTES};
-pub use record::{settle, CommandRecord, CommandStatus, Settled};
+pub use record::{settle, CommandRecord, CommandStatus, Settled, ACK_GRACE_MS};
 pub use sign::{CommandSigner, KeyError};
 pub use verify::{CommandVerifier, Rejection, ReplayState, VerifierConfig, WindowOutOfRange};
 

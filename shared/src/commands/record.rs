@@ -4,14 +4,21 @@
 //! A command is `sent` until its device's ack settles it: `succeeded`, `failed` or `rejected`
 //! (the device refused it: [`super::Rejection::code`] is the reason). An ack settles a command
 //! once: a second ack for it is a duplicate, an ack for a command nobody sent (or sent to
-//! another device) is unknown, and an ack arriving after the command expired is counted
-//! expired and leaves it `sent` (a reader sees it as expired from `expires_at`). Each is
-//! counted by command-ack; none changes a record.
+//! another device) is unknown, and an ack arriving more than [`ACK_GRACE_MS`] after the command
+//! expired is counted expired and leaves it `sent` (a reader sees it as expired). A `rejected`
+//! ack saying `replayed` or `out_of_order` answers a *copy* of a command the device already
+//! handled (a QoS 1 redelivery, a replay): it never settles the command, whose own ack may still
+//! be on its way; it counts as a duplicate. Each is counted by command-ack; none changes a
+//! record.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{AckStatus, CommandAck};
+use super::{AckStatus, CommandAck, VerifierConfig};
+
+/// How long after `expires_at` an ack still settles its command: a device accepts a command
+/// until `expires_at` plus its clock-skew tolerance (30 s by default), and its ack then travels.
+pub const ACK_GRACE_MS: i64 = VerifierConfig::DEFAULT_SKEW_MS as i64 + 30_000;
 
 /// A command's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,9 +77,9 @@ pub struct CommandRecord {
 }
 
 impl CommandRecord {
-    /// `sent` past its expiry: it will not be obeyed any more.
+    /// `sent`, and past the time its ack could still settle it.
     pub fn is_expired(&self, now_ms: i64) -> bool {
-        self.status == CommandStatus::Sent && now_ms > self.expires_at
+        self.status == CommandStatus::Sent && now_ms > self.expires_at + ACK_GRACE_MS
     }
 
     /// The status a reader sees: `expired` for a command never answered in time.
@@ -102,10 +109,12 @@ pub enum Settled {
 /// stored command `stored`.
 pub fn settle(stored: Option<&CommandRecord>, thing: &str, ack: &CommandAck, rx_ms: i64) -> Settled {
     let Some(cmd) = stored.filter(|c| c.thing == thing) else { return Settled::Unknown };
-    if cmd.status != CommandStatus::Sent {
+    let about_a_copy = ack.status == AckStatus::Rejected
+        && matches!(ack.reason.as_deref(), Some("replayed") | Some("out_of_order"));
+    if cmd.status != CommandStatus::Sent || about_a_copy {
         return Settled::Duplicate;
     }
-    if rx_ms > cmd.expires_at {
+    if rx_ms > cmd.expires_at + ACK_GRACE_MS {
         return Settled::Expired;
     }
     let mut next = cmd.clone();
@@ -159,8 +168,25 @@ mod tests {
     fn acks_for_unknown_or_other_devices_commands_and_late_acks_change_nothing() {
         assert_eq!(settle(None, "sensor-1", &ack(AckStatus::Succeeded), 1_250), Settled::Unknown);
         assert_eq!(settle(Some(&sent()), "sensor-2", &ack(AckStatus::Succeeded), 1_250), Settled::Unknown);
-        assert_eq!(settle(Some(&sent()), "sensor-1", &ack(AckStatus::Succeeded), 61_001), Settled::Expired);
-        assert_eq!(sent().shown_status(61_001), "expired");
-        assert_eq!(sent().shown_status(61_000), "sent");
+        let late = 61_000 + ACK_GRACE_MS;
+        assert!(matches!(
+            settle(Some(&sent()), "sensor-1", &ack(AckStatus::Succeeded), late),
+            Settled::Now(_)
+        ));
+        assert_eq!(settle(Some(&sent()), "sensor-1", &ack(AckStatus::Succeeded), late + 1), Settled::Expired);
+        assert_eq!(sent().shown_status(late + 1), "expired");
+        assert_eq!(sent().shown_status(late), "sent");
+    }
+
+    #[test]
+    fn a_refusal_of_a_copy_never_settles_the_command() {
+        // A QoS 1 redelivery refused as a replay may be answered before the command's own ack.
+        for reason in ["replayed", "out_of_order"] {
+            let copy = CommandAck { reason: Some(reason.into()), ..ack(AckStatus::Rejected) };
+            assert_eq!(settle(Some(&sent()), "sensor-1", &copy, 1_100), Settled::Duplicate, "{reason}");
+        }
+        // A refusal of the command itself (tampered on its way, too late) settles it.
+        let refused = CommandAck { reason: Some("bad_signature".into()), ..ack(AckStatus::Rejected) };
+        assert!(matches!(settle(Some(&sent()), "sensor-1", &refused, 1_100), Settled::Now(_)));
     }
 }

@@ -34,6 +34,11 @@ pub struct MinuteReads {
     pub active: BTreeMap<Cohort, i64>,
     /// The gauges now (devices connected), by base cohort.
     pub gauges: BTreeMap<Cohort, Tally>,
+    /// Whether the levels (devices fresh, active, connected) are sampled for this minute.
+    /// Only when it is closed on time: the buckets and gauges say where devices are *now*, so
+    /// a minute closed late (a run catching up) would be booked with today's levels; it keeps
+    /// its counted events and no level sample.
+    pub sample_levels: bool,
 }
 
 /// Counters that are levels, not events: sampled, never summed into the ledger as they are.
@@ -72,14 +77,16 @@ pub fn close_minute(heads: &mut BTreeMap<Cohort, LedgerRow>, reads: &MinuteReads
         let around = |m: &BTreeMap<Cohort, i64>| m.get(cohort).copied().unwrap_or(0);
         let fresh = (latest_now + around(&reads.previous_latest) + around(&reads.next_latest)).max(0);
         let active = reads.active.get(cohort).copied().unwrap_or(0).max(fresh);
-        minute.add(counter::FRESH_MINUTES, fresh);
-        minute.add(counter::ACTIVE_MINUTES, active);
+        if reads.sample_levels {
+            minute.add(counter::FRESH_MINUTES, fresh);
+            minute.add(counter::ACTIVE_MINUTES, active);
+        }
         let group = by_class_region.entry(cohort.without_fw()).or_default();
         group.0 += active;
         group.1 += reads.gauges.get(cohort).map_or(0, |g| g.get(counter::CONNECTED));
         minutes.insert(cohort.clone(), minute);
     }
-    for (group, (active, connected)) in by_class_region {
+    for (group, (active, connected)) in by_class_region.into_iter().filter(|_| reads.sample_levels) {
         let connected = connected.max(0);
         let minute = minutes.entry(group).or_default();
         minute.add(counter::CONNECTED_MINUTES, connected);

@@ -117,8 +117,9 @@ async fn the_scheduled_event_closes_the_minute_that_ended_and_stores_the_evaluat
     assert_eq!((freshness.good, freshness.total), (8, 8));
     // ... and the class in its region is evaluated too
     assert!(report.cohorts.iter().any(|c| c.cohort.to_string() == "sensor/eu-west/*"));
-    // A second run in the same minute closes nothing new.
+    // A second run in the same minute closes nothing new, and leaves the evaluation alone.
     assert_eq!(tick(&deps, START_MINUTE).await?.minutes_closed, 0);
+    assert_eq!(deps.ledger.latest_health().await?.as_ref(), Some(&report));
     Ok(())
 }
 
@@ -202,6 +203,32 @@ async fn minutes_missed_are_closed_on_the_next_run_up_to_an_hour() -> Result<()>
     // AND after 3 hours without a run, it closes the last hour and skips the rest
     let answer = tick(&deps, START_MINUTE + 5 + 180).await?;
     assert_eq!((answer.minutes_closed, answer.minutes_skipped), (MAX_CATCH_UP, 180 - MAX_CATCH_UP));
+    Ok(())
+}
+
+#[tokio::test]
+async fn minutes_closed_late_keep_their_counts_and_do_not_book_todays_levels() -> Result<()> {
+    // GIVEN 10 connected devices reporting every minute, and fleet-health down for 30 minutes
+    let deps = deps()?;
+    let mut fleet = Fleet::new(10);
+    fleet.connect_all(&deps.ledger).await?;
+    for i in 0..40 {
+        fleet.report(&deps.ledger, START_MINUTE + i, 10).await?;
+        if !(5..35).contains(&i) {
+            tick(&deps, START_MINUTE + i).await?;
+        }
+    }
+    // THEN freshness and connectivity stay perfect (the catch-up sampled no levels) and the
+    // messages of the missed minutes are all counted
+    let report = deps.ledger.latest_health().await?.context("report")?;
+    let fleet_health = report.cohorts.iter().find(|c| c.cohort == Cohort::fleet()).context("fleet")?;
+    for slo in ["freshness", "connectivity"] {
+        let s = fleet_health.slos.iter().find(|s| s.slo == slo).context("slo")?;
+        assert_eq!(s.sli, Some(1.0), "{slo}: {s:?}");
+        assert!(s.firing.is_empty(), "{slo}: {s:?}");
+    }
+    let ingest = fleet_health.slos.iter().find(|s| s.slo == "ingest").context("ingest")?;
+    assert_eq!(ingest.total, 400);
     Ok(())
 }
 

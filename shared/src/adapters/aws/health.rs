@@ -371,17 +371,28 @@ impl PresenceStore for PresenceTables {
         match self.devices.client().transact_write_items().set_transact_items(Some(items)).send().await {
             Ok(_) => Ok(true),
             Err(e) => {
-                // Cancelled because the presence's condition failed (first reason): it changed.
-                let lost_race = e.as_service_error().is_some_and(|se| {
-                    se.is_transaction_canceled_exception()
-                        && matches!(se, aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(t)
-                            if t.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed"))
-                });
-                if lost_race {
-                    Ok(false)
-                } else {
-                    Err(classify(OP, e))
+                use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError as T;
+                let reasons: Vec<String> = match e.as_service_error() {
+                    Some(T::TransactionCanceledException(t)) => {
+                        t.cancellation_reasons().iter().filter_map(|r| r.code().map(str::to_owned)).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                // Cancelled because the presence's condition failed: it changed meanwhile.
+                if reasons.first().map(String::as_str) == Some("ConditionalCheckFailed") {
+                    return Ok(false);
                 }
+                // Another transaction on the shared gauge item, or throttling: retry later.
+                const BUSY: [&str; 4] = [
+                    "TransactionConflict",
+                    "ThrottlingError",
+                    "ProvisionedThroughputExceeded",
+                    "RequestLimitExceeded",
+                ];
+                if reasons.iter().any(|r| BUSY.contains(&r.as_str())) {
+                    return Err(StoreError::transient(OP, format!("transaction cancelled: {reasons:?}")));
+                }
+                Err(classify(OP, e))
             }
         }
     }

@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 #[cfg(test)]
 use super::signed::api_error;
-use super::signed::{ApiError, SignedClient};
+use super::signed::{percent as encode, ApiError, SignedClient};
 
 use crate::error::StoreError;
 use crate::model::{
@@ -72,19 +72,20 @@ impl IotControlPlane {
     ) -> Result<Vec<u8>, StoreError> {
         self.client.call(op, method, path_and_query, headers, body).await
     }
-}
 
-/// Percent-encoding for a query value or path segment (SigV4's unreserved set stays as is).
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
+    /// The account's iot-data (ATS) endpoint, `https://<prefix>-ats.iot.<region>.amazonaws.com`
+    /// (DescribeEndpoint, `iot:DescribeEndpoint`).
+    pub async fn data_endpoint(&self) -> Result<String, StoreError> {
+        const OP: &str = "iot describe endpoint";
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Endpoint {
+            endpoint_address: String,
         }
+        let body = self.call(OP, "GET", "/endpoint?endpointType=iot%3AData-ATS", &[], b"").await?;
+        let e: Endpoint = decode(OP, &body)?;
+        Ok(format!("https://{}", e.endpoint_address))
     }
-    out
 }
 
 fn decode<T: serde::de::DeserializeOwned>(op: &'static str, body: &[u8]) -> Result<T, StoreError> {

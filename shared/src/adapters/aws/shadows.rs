@@ -41,6 +41,12 @@ impl IotDataShadows {
         }
     }
 
+    /// Against a given iot-data endpoint (e.g. from [`super::IotControlPlane::data_endpoint`]).
+    pub fn at(sdk: &SdkConfig, endpoint: &str) -> Self {
+        let config = aws_sdk_iotdataplane::config::Builder::from(sdk).endpoint_url(endpoint);
+        Self::new(aws_sdk_iotdataplane::Client::from_conf(config.build()))
+    }
+
     pub fn new(client: aws_sdk_iotdataplane::Client) -> Self {
         Self { client }
     }

@@ -33,6 +33,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Signed calls to one AWS service.
 pub struct SignedClient {
     connector: Connector,
+    /// One call's deadline.
+    timeout: Duration,
     /// The SigV4 signing name (`iot`, `ssm`, `lambda`).
     service: &'static str,
     endpoint: String,
@@ -89,11 +91,19 @@ impl SignedClient {
     ) -> Self {
         Self {
             connector: Connector::builder().tls_provider(Provider::Rustls(CryptoMode::AwsLc)).build(),
+            timeout: CALL_TIMEOUT,
             service,
             endpoint: endpoint.into().trim_end_matches('/').to_owned(),
             region: region.into(),
             credentials,
         }
+    }
+
+    /// With another deadline per call (a synchronous Lambda invocation may take the function's
+    /// whole timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// One signed call; the answer's body on 2xx, a typed error otherwise. A body is sent as
@@ -106,9 +116,9 @@ impl SignedClient {
         headers: &[(&'static str, &str)],
         body: &[u8],
     ) -> Result<Vec<u8>, StoreError> {
-        let answer = tokio::time::timeout(CALL_TIMEOUT, self.send(op, method, path_and_query, headers, body))
+        let answer = tokio::time::timeout(self.timeout, self.send(op, method, path_and_query, headers, body))
             .await
-            .map_err(|_| StoreError::transient(op, format!("no answer within {CALL_TIMEOUT:?}")))??;
+            .map_err(|_| StoreError::transient(op, format!("no answer within {:?}", self.timeout)))??;
         let (status, body) = answer;
         if (200..300).contains(&status) {
             return Ok(body);
@@ -243,6 +253,10 @@ impl SsmParameter {
     }
 }
 
+/// A synchronous invocation's deadline: longer than any Fleetline function's timeout, so an
+/// answer is never given up on while the function still works.
+const INVOKE_TIMEOUT: Duration = Duration::from_secs(70);
+
 /// Lambda's Invoke (request-response): how `fleetctl` asks a function to act (on AWS, and on
 /// the local IoT Core, which serves the same path).
 pub struct LambdaInvoker {
@@ -251,7 +265,8 @@ pub struct LambdaInvoker {
 
 impl LambdaInvoker {
     pub fn new(sdk: &SdkConfig) -> Result<Self, crate::ConfigError> {
-        Ok(Self { client: SignedClient::new(sdk, "lambda", "AWS_ENDPOINT_URL_LAMBDA", "lambda")? })
+        let client = SignedClient::new(sdk, "lambda", "AWS_ENDPOINT_URL_LAMBDA", "lambda")?;
+        Ok(Self { client: client.timeout(INVOKE_TIMEOUT) })
     }
 
     /// Against a given endpoint (the local IoT Core's HTTP API).
@@ -260,7 +275,10 @@ impl LambdaInvoker {
         region: impl Into<String>,
         credentials: aws_credential_types::provider::SharedCredentialsProvider,
     ) -> Self {
-        Self { client: SignedClient::with_endpoint("lambda", endpoint, region, credentials) }
+        Self {
+            client: SignedClient::with_endpoint("lambda", endpoint, region, credentials)
+                .timeout(INVOKE_TIMEOUT),
+        }
     }
 
     /// Invoke `function` (name or ARN) with `payload`; its answer, or its error as a
@@ -283,8 +301,8 @@ impl LambdaInvoker {
     }
 }
 
-/// Percent-encoding of a path segment (SigV4's unreserved set stays as is).
-fn percent(s: &str) -> String {
+/// Percent-encoding of a query value or path segment (SigV4's unreserved set stays as is).
+pub(crate) fn percent(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

@@ -44,6 +44,7 @@ impl Book {
             next_latest: latest(self.bucket(Bucket::Minute(minute + 1))),
             active,
             gauges: self.bucket(Bucket::Gauge),
+            sample_levels: true,
         };
         for (c, t) in close_minute(&mut self.heads, &reads) {
             self.rows.insert((c, minute), t);
