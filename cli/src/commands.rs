@@ -5,10 +5,11 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::adapters::aws::{
-    CertificatesTable, CommandsTable, DevicesTable, HotStore, HotStoreKind, IotControlPlane, IotDataShadows,
-    LambdaInvoker, S3Archive, TelemetryReader, TwinsTable,
+    CertificatesTable, CommandsTable, DevicesTable, HealthTable, HotStore, HotStoreKind, IotControlPlane,
+    IotDataShadows, LambdaInvoker, PresenceTables, S3Archive, TelemetryReader, TwinsTable,
 };
 use fleet_shared::certs::{decommission, reconcile};
+use fleet_shared::health::backfill::count_connected;
 use fleet_shared::ingest::{
     ingest_batch, messages_from_event, replay, BatchOutcome, Inbound, IngestPolicy, IngestPorts,
     OwnedInbound, ReplayPorts,
@@ -90,6 +91,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             // Only the commands that read or write telemetry need to know the hot store.
             let hot_policy = || -> Result<IngestPolicy> { Ok(HotStoreKind::from_env(env)?.policy(policy)) };
             match cli.command {
+                Command::Devices { command: DevicesCommand::CountConnected { page } } => {
+                    let devices = DevicesTable::from_env(sdk, env)?;
+                    let presence =
+                        PresenceTables { devices: devices.clone(), health: HealthTable::from_env(sdk, env)? };
+                    output::backfilled(&count_connected(&presence, &devices, page).await?, json)
+                }
                 Command::Devices { command: DevicesCommand::Decommission { thing } } => {
                     let certs_table = CertificatesTable::from_env(sdk, env)?;
                     let iot = IotControlPlane::new(sdk)?;
@@ -176,6 +183,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Backend::Embedded(e) => {
             let db = &e.db;
             match cli.command {
+                Command::Devices { command: DevicesCommand::CountConnected { page } } => {
+                    output::backfilled(&count_connected(db, db, page).await?, json)
+                }
                 Command::Devices { command: DevicesCommand::Decommission { thing } } => {
                     let ports = decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
                     decommission_device(ports, &thing, json).await
@@ -338,6 +348,14 @@ async fn local(opts: fleet_local::LocalOptions) -> Result<()> {
             p.claim
         );
     }
+    {
+        use base64::Engine as _;
+        let (kid, key) = &stack.command_key;
+        eprintln!(
+            "  signed commands: key {kid}, public key (Ed25519, base64) {}; fleetctl command send <thing> <name>",
+            base64::engine::general_purpose::STANDARD.encode(key.as_bytes())
+        );
+    }
     eprintln!(
         "  publish e.g.: mosquitto_pub -p {} -i sensor-001 -t dt/fleet/sensor-001/telemetry -q 1 -m '{{...}}'",
         stack.mqtt.port()
@@ -394,6 +412,7 @@ async fn devices(
             }
         }
         DevicesCommand::Decommission { .. } => unreachable!("needs the certificate ports: handled by run"),
+        DevicesCommand::CountConnected { .. } => unreachable!("needs the presence store: handled by run"),
     }
 }
 

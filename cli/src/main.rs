@@ -238,6 +238,13 @@ pub enum DevicesCommand {
     /// again), every certificate attached to its thing set INACTIVE in AWS IoT (or the local
     /// IoT Core) and the inventory, the decision in its audit trail. History is kept.
     Decommission { thing: String },
+    /// Once, after deploying fleet health onto a running fleet: count the devices already
+    /// connected (stored by an older version) in fleet health's connected gauge. Reads every
+    /// device's presence; running it again counts nothing twice.
+    CountConnected {
+        #[arg(long, default_value_t = 500)]
+        page: usize,
+    },
 }
 
 #[derive(Subcommand)]

@@ -540,3 +540,14 @@ pub fn commands(commands: &[fleet_shared::commands::CommandRecord], now_ms: i64,
         .collect();
     table(&["CMD_ID", "THING", "SEQ", "NAME", "STATUS", "LATENCY", "REASON", "ISSUED"], &rows)
 }
+
+/// What `fleetctl devices count-connected` did.
+pub fn backfilled(b: &fleet_shared::health::backfill::Backfilled, json: bool) -> Result<()> {
+    if json {
+        return print_json(b);
+    }
+    emit(&format!(
+        "{} presences read; {} connected devices counted now, {} changed meanwhile (their events count them)",
+        b.devices, b.counted, b.changed_meanwhile
+    ))
+}

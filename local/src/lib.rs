@@ -73,7 +73,7 @@ pub struct LocalOptions {
 }
 
 impl LocalOptions {
-    /// On loopback, any free ports, the built-in template, no variables, short batch windows:
+    /// On loopback, any free ports, this repository's template, no variables, short batch windows:
     /// an embedded IoT Core for tests and tools that start one in-process.
     pub fn ephemeral(db: &Path) -> Self {
         Self {
@@ -295,13 +295,13 @@ impl LocalStack {
         &self.template.rules
     }
 
-    /// Run a scheduled function now, with the event its timer sends (EventBridge's shape);
-    /// its answer.
     /// Invoke one of the template's functions by logical id, as Lambda's Invoke would.
     pub async fn invoke(&self, function: &str, event: &serde_json::Value) -> Result<serde_json::Value> {
         self.functions.invoke(function, event).await.map_err(|e| anyhow::anyhow!("{function}: {e}"))
     }
 
+    /// Run a scheduled function now, with the event its timer sends (EventBridge's shape);
+    /// its answer.
     pub async fn run_schedule(&self, function: &str) -> Result<serde_json::Value> {
         let event = schedule::scheduled_event(function, time::now_ms());
         Ok(self.functions.invoke(function, &event).await?)

@@ -22,7 +22,7 @@
 //! | [`DeviceCertStatus`] | `DevicesTable` | `dynamodb:BatchWriteItem` on the Devices table (item `cert` per device: put, delete) |
 //! | [`Reports`] | `S3Archive` | `s3:PutObject`, `s3:GetObject` on `reports/*`, `s3:ListBucket` under `reports/` (a report is listed before it is read) |
 //! | [`ReconcileProgress`] | `CertificatesTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (item `$reconcile`) |
-//! | [`PresenceReader`] | `DevicesTable` | `dynamodb:GetItem` on the Devices table (item `presence` per device) |
+//! | [`PresenceReader`] | `DevicesTable` | `dynamodb:GetItem` on the Devices table (item `presence` per device); `Scan` for operators (`presence_page`) |
 //! | [`PresenceStore`] | `PresenceTables` | `dynamodb:GetItem`, `dynamodb:PutItem` (conditional) on the Devices table, `dynamodb:UpdateItem` on the Health table, in one `TransactWriteItems` |
 //! | [`HealthCounters`] | `HealthTable` | `dynamodb:UpdateItem` on the Health table |
 //! | [`SloReader`] | `HealthTable` | `dynamodb:GetItem`, `dynamodb:Query` on the Health table |
@@ -517,7 +517,18 @@ pub trait PresenceReader: Send + Sync {
         &self,
         thing: &ThingName,
     ) -> impl Future<Output = Result<Option<crate::health::presence::Presence>, StoreError>> + Send;
+
+    /// One page of every device's presence, by thing name after `after` (exclusive), and the
+    /// cursor of the next page (`None`: the last). Operators only: it reads the whole fleet.
+    fn presence_page(
+        &self,
+        after: Option<&ThingName>,
+        limit: usize,
+    ) -> impl Future<Output = Result<PresencePage, StoreError>> + Send;
 }
+
+/// A page of devices' presence and where the next page starts.
+pub type PresencePage = (Vec<(ThingName, crate::health::presence::Presence)>, Option<ThingName>);
 
 /// Devices' connectivity, written with optimistic concurrency.
 pub trait PresenceStore: PresenceReader {

@@ -675,8 +675,20 @@ pub async fn presence_is_written_only_over_the_presence_read<
         s.put_presence(&t, &ended, Some(&connected.place), &gauge(-1)).await?,
         "a write over the read wins"
     );
-    ensure!(s.presence(&t).await? == Some(ended), "read back");
+    ensure!(s.presence(&t).await? == Some(ended.clone()), "read back");
     ensure!(connected_now().await? == 0, "the gauge is back to 0");
+    // Operators page through every device's presence (and nothing else of a device).
+    let other = thing(861);
+    ensure!(s.put_presence(&other, &connected, None, &HealthDelta::default()).await?, "another device");
+    let (first, next) = s.presence_page(None, 1).await?;
+    let (rest, end) = match next {
+        Some(n) => s.presence_page(Some(&n), 10).await?,
+        None => (Vec::new(), None),
+    };
+    let mut all: Vec<_> = first.into_iter().chain(rest).collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    ensure!(end.is_none(), "two presences, two pages at most");
+    ensure!(all == vec![(t.clone(), ended), (other, connected)], "{all:?}");
     Ok(())
 }
 

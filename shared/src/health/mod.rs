@@ -4,6 +4,7 @@
 //! per cohort and minute ([`ledger`]), which answers "burn rate of SLO S for cohort C over
 //! window W" in two reads ([`gate`]).
 
+pub mod backfill;
 pub mod gate;
 pub mod ledger;
 pub mod presence;

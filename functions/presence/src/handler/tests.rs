@@ -107,6 +107,13 @@ impl PresenceReader for Racing {
     async fn presence(&self, thing: &ThingName) -> Result<Option<Presence>, StoreError> {
         self.inner.presence(thing).await
     }
+    async fn presence_page(
+        &self,
+        after: Option<&ThingName>,
+        limit: usize,
+    ) -> Result<fleet_shared::ports::PresencePage, StoreError> {
+        self.inner.presence_page(after, limit).await
+    }
 }
 
 impl PresenceStore for Racing {
@@ -152,6 +159,13 @@ struct Busy;
 impl PresenceReader for Busy {
     async fn presence(&self, _: &ThingName) -> Result<Option<Presence>, StoreError> {
         Err(StoreError::transient("presence get", "ProvisionedThroughputExceeded"))
+    }
+    async fn presence_page(
+        &self,
+        _: Option<&ThingName>,
+        _: usize,
+    ) -> Result<fleet_shared::ports::PresencePage, StoreError> {
+        Err(StoreError::transient("presence scan", "ProvisionedThroughputExceeded"))
     }
 }
 

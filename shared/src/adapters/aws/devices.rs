@@ -522,6 +522,57 @@ impl crate::ports::PresenceReader for DevicesTable {
     ) -> Result<Option<crate::health::presence::Presence>, StoreError> {
         self.presence_item(thing).await
     }
+
+    async fn presence_page(
+        &self,
+        after: Option<&ThingName>,
+        limit: usize,
+    ) -> Result<crate::ports::PresencePage, StoreError> {
+        self.presence_scan(after, limit).await
+    }
+}
+
+impl DevicesTable {
+    /// A Scan of the `presence` items, resumed after `after`'s, until `limit` are found or the
+    /// table ends (a Scan page is filtered after it is read: one may hold none).
+    pub(crate) async fn presence_scan(
+        &self,
+        after: Option<&ThingName>,
+        limit: usize,
+    ) -> Result<crate::ports::PresencePage, StoreError> {
+        let op = "dynamodb presence scan";
+        let mut start = after.map(|t| key(t.as_str(), PRESENCE));
+        let mut out = Vec::new();
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("#i = :p")
+                .expression_attribute_names("#i", SK)
+                .expression_attribute_values(":p", AttributeValue::S(PRESENCE.to_owned()))
+                .set_exclusive_start_key(start.take())
+                .limit(limit.clamp(1, 1_000) as i32)
+                .send()
+                .await
+                .map_err(|e| classify(op, e))?;
+            for item in page.items() {
+                let thing = item.get(PK).and_then(|v| v.as_s().ok());
+                let state = item.get("state").and_then(|v| v.as_s().ok());
+                if let (Some(thing), Some(state)) = (thing, state) {
+                    let thing = ThingName::parse(thing).map_err(|e| StoreError::permanent(op, e))?;
+                    out.push((thing, serde_json::from_str(state).map_err(|e| StoreError::permanent(op, e))?));
+                }
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() || out.len() >= limit {
+                // Resume right after the last presence returned (a Scan resumes from any key;
+                // items evaluated after it are read again and filtered out again).
+                let next = start.and(out.last().map(|(t, _)| t.clone()));
+                return Ok((out, next));
+            }
+        }
+    }
 }
 
 impl DevicesTable {

@@ -347,6 +347,14 @@ impl PresenceReader for PresenceTables {
     async fn presence(&self, thing: &ThingName) -> Result<Option<Presence>, StoreError> {
         self.devices.presence_item(thing).await
     }
+
+    async fn presence_page(
+        &self,
+        after: Option<&ThingName>,
+        limit: usize,
+    ) -> Result<crate::ports::PresencePage, StoreError> {
+        self.devices.presence_scan(after, limit).await
+    }
 }
 
 impl PresenceStore for PresenceTables {

@@ -9,7 +9,7 @@ use crate::error::StoreError;
 use crate::health::presence::{Place, Presence};
 use crate::health::tally::HealthDelta;
 use crate::model::ThingName;
-use crate::ports::{PresenceReader, PresenceStore};
+use crate::ports::{PresencePage, PresenceReader, PresenceStore};
 
 /// Migration step 11 (see `MIGRATIONS` in `sqlite.rs`).
 pub(super) const PRESENCE_SCHEMA: &str = "
@@ -36,6 +36,32 @@ impl PresenceReader for SqliteStore {
             })
             .await?;
         state.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::permanent(OP, e))).transpose()
+    }
+
+    async fn presence_page(
+        &self,
+        after: Option<&ThingName>,
+        limit: usize,
+    ) -> Result<PresencePage, StoreError> {
+        const OP: &str = "sqlite presence page";
+        let after = after.map(ToString::to_string).unwrap_or_default();
+        let limit = limit.max(1);
+        let rows: Vec<(String, String)> = self
+            .with(OP, move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT thing, state FROM presence WHERE thing > ?1 ORDER BY thing LIMIT ?2",
+                )?;
+                let rows = st.query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await?;
+        let mut page = Vec::with_capacity(rows.len());
+        for (thing, state) in rows {
+            let thing = ThingName::parse(&thing).map_err(|e| StoreError::permanent(OP, e))?;
+            page.push((thing, serde_json::from_str(&state).map_err(|e| StoreError::permanent(OP, e))?));
+        }
+        let next = (page.len() == limit).then(|| page.last().map(|(t, _)| t.clone())).flatten();
+        Ok((page, next))
     }
 }
 
