@@ -233,9 +233,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     // The same function code, signing with the local IoT Core's key and
                     // publishing through its broker (which must be running).
                     let key_file = e.env.optional("FLEET_COMMAND_KEY_FILE").unwrap_or_else(|| {
-                        let mut p = cli.db.clone().into_os_string();
-                        p.push(".command-key");
-                        p.to_string_lossy().into_owned()
+                        fleet_local::command_key_file(&cli.db).to_string_lossy().into_owned()
                     });
                     let kid = e.env.optional("FLEET_COMMAND_KEY_ID").unwrap_or_else(|| "local".to_owned());
                     let env = fleet_shared::Env::from_fn(move |k| match k {

@@ -128,19 +128,21 @@ fn load_template(opts: &LocalOptions) -> Result<(Template, String)> {
     Ok((template, source))
 }
 
+/// Where the local IoT Core keeps its command signing key unless told otherwise: next to its
+/// database (`<db>.command-key`).
+pub fn command_key_file(db: &Path) -> PathBuf {
+    let mut p = db.to_path_buf().into_os_string();
+    p.push(".command-key");
+    PathBuf::from(p)
+}
+
 /// The command signing key's file, and the functions' variables naming it (`FLEET_COMMAND_KEY_FILE`,
 /// `FLEET_COMMAND_KEY_ID`). Unless the user gave one, the key is `<db>.command-key`, 32 random
 /// bytes in base64, made (owner-readable only) on first start.
 fn command_key(opts: &LocalOptions) -> Result<(CommandSigner, Env)> {
     let kid = opts.env.optional("FLEET_COMMAND_KEY_ID").unwrap_or_else(|| "local".to_owned());
-    let path = match opts.env.optional("FLEET_COMMAND_KEY_FILE") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let mut p = opts.db.clone().into_os_string();
-            p.push(".command-key");
-            PathBuf::from(p)
-        }
-    };
+    let path =
+        opts.env.optional("FLEET_COMMAND_KEY_FILE").map_or_else(|| command_key_file(&opts.db), PathBuf::from);
     if !path.exists() {
         use base64::Engine as _;
         use std::io::Write as _;

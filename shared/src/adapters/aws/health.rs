@@ -149,13 +149,34 @@ impl HealthTable {
         Ok(out.item)
     }
 
+    async fn put(&self, op: &'static str, item: Item) -> Result<(), StoreError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify(op, e))
+    }
+
     async fn head(&self, cohort: &Cohort) -> Result<Option<LedgerRow>, StoreError> {
         const OP: &str = "dynamodb health head";
-        let Some(item) = self.get(OP, key("head", cohort.to_string())).await? else { return Ok(None) };
-        let minute = item.get("minute").and_then(|v| v.as_n().ok()).and_then(|m| m.parse().ok());
-        let minute = minute.ok_or_else(|| StoreError::permanent(OP, "head without minute"))?;
-        Ok(Some((minute, parse_tally(OP, &item)?)))
+        let item = self.get(OP, key("head", cohort.to_string())).await?;
+        item.map(|i| head_row(OP, &i)).transpose()
     }
+}
+
+/// The cohort an item's sort key names (counters, heads).
+fn cohort_of(op: &'static str, item: &Item) -> Result<Cohort, StoreError> {
+    get_s(item, "sk").unwrap_or_default().parse().map_err(|e| StoreError::permanent(op, e))
+}
+
+/// A head item: the newest row and its minute.
+fn head_row(op: &'static str, item: &Item) -> Result<LedgerRow, StoreError> {
+    let minute = item.get("minute").and_then(|v| v.as_n().ok()).and_then(|m| m.parse().ok());
+    let minute = minute.ok_or_else(|| StoreError::permanent(op, "head without minute"))?;
+    Ok((minute, parse_tally(op, item)?))
 }
 
 impl HealthTable {
@@ -181,12 +202,8 @@ impl HealthTable {
             .table_name(&self.table)
             .key_condition_expression("pk = :pk")
             .expression_attribute_values(":pk", s(bucket_pk(bucket).0));
-        let rows = query_items(req, OP, usize::MAX, |item| {
-            let cohort: Cohort =
-                get_s(item, "sk").unwrap_or_default().parse().map_err(|e| StoreError::permanent(OP, e))?;
-            Ok(Some((cohort, tally_of(item))))
-        })
-        .await?;
+        let rows =
+            query_items(req, OP, usize::MAX, |item| Ok(Some((cohort_of(OP, item)?, tally_of(item))))).await?;
         Ok((bucket, rows.into_iter().collect()))
     }
 }
@@ -239,14 +256,9 @@ impl SloReader for HealthTable {
             .table_name(&self.table)
             .key_condition_expression("pk = :pk")
             .expression_attribute_values(":pk", s("head"));
-        let rows = query_items(req, OP, usize::MAX, |item| {
-            let cohort: Cohort =
-                get_s(item, "sk").unwrap_or_default().parse().map_err(|e| StoreError::permanent(OP, e))?;
-            let minute = item.get("minute").and_then(|v| v.as_n().ok()).and_then(|m| m.parse().ok());
-            let minute = minute.ok_or_else(|| StoreError::permanent(OP, "head without minute"))?;
-            Ok(Some((cohort, (minute, parse_tally(OP, item)?))))
-        })
-        .await?;
+        let rows =
+            query_items(req, OP, usize::MAX, |item| Ok(Some((cohort_of(OP, item)?, head_row(OP, item)?))))
+                .await?;
         Ok(rows.into_iter().collect())
     }
 
@@ -309,28 +321,14 @@ impl HealthLedger for HealthTable {
         results.into_iter().collect::<Result<(), StoreError>>()?;
         let mut cursor = key("meta", "closed_through");
         cursor.insert("minute".into(), n(minute));
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(cursor))
-            .send()
-            .await
-            .map_err(|e| classify(OP, e))?;
-        Ok(())
+        self.put(OP, cursor).await
     }
 
     async fn put_health(&self, report: &HealthReport) -> Result<(), StoreError> {
         const OP: &str = "dynamodb health report put";
         let mut item = key("meta", "report");
         item.insert("json".into(), s(encode(OP, report)?));
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| classify(OP, e))?;
-        Ok(())
+        self.put(OP, item).await
     }
 }
 
