@@ -5,7 +5,7 @@
 //!
 //! | trait | AWS adapter | AWS grant (template) |
 //! |---|---|---|
-//! | [`DeviceRegistry`] | `DevicesTable` | `dynamodb:BatchGetItem`, `dynamodb:PartiQLUpdate` + `dynamodb:PartiQLInsert` (BatchExecuteStatement) on the Devices table |
+//! | [`DeviceRegistry`] | `DevicesTable` | `dynamodb:BatchGetItem`, `dynamodb:PartiQLUpdate` + `dynamodb:PartiQLInsert` (BatchExecuteStatement) on the Devices table (items `state`, `arrival#<boot>#<seq>`) |
 //! | [`DeviceAdmin`] | `DevicesTable` | `dynamodb:BatchWriteItem`, `Query`, `Scan` (operators, fleetctl) |
 //! | [`TelemetrySink`] | `HotStore`: `TimestreamSink`, or none (the archive holds it) | `timestream:WriteRecords` on the table (+ `DescribeEndpoints`), only with `HotStore=timestream` |
 //! | [`TelemetryQuery`] | `TelemetryReader`: `TimestreamQuery`, or `ArchiveTelemetry` over the archive | `timestream:Select`, or `s3:ListBucket` + `s3:GetObject` on `raw/*` (operators) |
@@ -40,7 +40,7 @@ use crate::error::{ErrorKind, StoreError};
 use crate::ingest::{ArchiveObject, QuarantineLine};
 use crate::model::{
     AllowlistEntry, CertStatus, Certificate, CertificateDetail, CertificateId, CertificatePage, Device,
-    DeviceRegistration, DeviceState, DriftSummary, ShadowName, StoredReading, ThingName, Twin,
+    DeviceRegistration, DeviceState, DriftSummary, MessageId, ShadowName, StoredReading, ThingName, Twin,
 };
 use crate::twin::policy::StalePolicy;
 
@@ -59,7 +59,21 @@ pub trait DeviceRegistry: Send + Sync {
         &self,
         states: &[(ThingName, DeviceState)],
     ) -> impl Future<Output = Vec<(ThingName, StoreError)>> + Send;
+
+    /// A skew-corrected reading is stored at its message's arrival time, which a redelivered
+    /// copy does not share, so each such message's first arrival is pinned here. For each
+    /// `(id, rx_ms)` (the id of a message's first skew-corrected reading, this copy's arrival),
+    /// the arrival the message was first seen with: `rx_ms` itself when the message is new.
+    /// Pins are kept for [`ARRIVAL_PIN_DAYS`]; an error is that message's alone.
+    fn first_arrivals(
+        &self,
+        arrivals: &[(MessageId, i64)],
+    ) -> impl Future<Output = Vec<Result<i64, StoreError>>> + Send;
 }
+
+/// How long a skew-corrected message's first arrival is kept ([`DeviceRegistry::first_arrivals`]):
+/// a copy redelivered (or replayed alone from the archive) later than this is stored again.
+pub const ARRIVAL_PIN_DAYS: i64 = 30;
 
 /// How the hot store took one reading.
 #[derive(Debug, Clone)]

@@ -44,6 +44,7 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; enrichment_lookup_returns_known_and_omits_unknown(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; device_state_only_moves_forward(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; concurrent_state_writes_end_at_the_newest(devices));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; a_message_keeps_its_first_arrival_whoever_pins_it(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; archive_put_is_idempotent_by_key(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; quarantine_round_trips_lines_once(archive));
         $crate::port_contract!(@one [$(#[$attr])*] $ports;
@@ -173,6 +174,38 @@ pub async fn concurrent_state_writes_end_at_the_newest<S: DeviceAdmin + DeviceRe
     ensure!(failed.is_empty(), "concurrent state writes failed: {failed:?}");
     let d = s.device(&t).await?.context("device missing")?;
     ensure!(d.state == Some(state(9_000, Some(90.0))), "not the newest state: {:?}", d.state);
+    Ok(())
+}
+
+/// A skew-corrected message is pinned to its first arrival: a later copy gets the first
+/// arrival back, other messages (another seq, boot or thing) their own, and copies racing to
+/// pin one message all get the same answer.
+pub async fn a_message_keeps_its_first_arrival_whoever_pins_it<S: DeviceRegistry>(s: &S) -> Result<()> {
+    let id = |t: usize, boot: u32, seq: u64| MessageId { thing: thing(t), boot, seq };
+    let first = s.first_arrivals(&[(id(500, 1, 7), 1_000), (id(500, 1, 8), 1_100)]).await;
+    let first: Vec<i64> = first.into_iter().collect::<Result<_, _>>()?;
+    ensure!(first == [1_000, 1_100], "new messages pin their own arrival: {first:?}");
+    // 30 messages in one call: more than one request's worth of statements on DynamoDB
+    let mut arrivals = vec![(id(500, 1, 7), 5_000), (id(500, 2, 7), 5_000), (id(501, 1, 7), 5_000)];
+    arrivals.extend((100..127).map(|seq| (id(502, 1, seq), 6_000)));
+    let again: Vec<i64> = s.first_arrivals(&arrivals).await.into_iter().collect::<Result<_, _>>()?;
+    ensure!(
+        again[..3] == [1_000, 5_000, 5_000],
+        "a copy gets the first arrival, others their own: {again:?}"
+    );
+    ensure!(again[3..].iter().all(|&rx| rx == 6_000), "{again:?}");
+    // copies of one message racing to pin it
+    let racing = [9_000, 9_500, 8_000, 9_900, 8_500].map(|rx| {
+        let arrival = [(id(503, 1, 1), rx)];
+        async move { s.first_arrivals(&arrival).await }
+    });
+    let answers: Vec<i64> =
+        futures_util::future::join_all(racing).await.into_iter().flatten().collect::<Result<_, _>>()?;
+    ensure!(
+        answers.len() == 5 && answers.windows(2).all(|w| w[0] == w[1]),
+        "racing copies disagree: {answers:?}"
+    );
+    ensure!([9_000, 9_500, 8_000, 9_900, 8_500].contains(&answers[0]), "{answers:?}");
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use super::reason::{Problem, Reason};
 use crate::error::{ErrorKind, StoreError};
 use crate::health::signals;
 use crate::health::tally::{Cohort, HealthDelta};
-use crate::model::{Device, DeviceState, Reading, StoredReading, ThingName, UNREGISTERED_CLASS};
+use crate::model::{Device, DeviceState, MessageId, Reading, StoredReading, ThingName, UNREGISTERED_CLASS};
 use crate::ports::{DeviceRegistry, Quarantine, RawArchive, TelemetrySink, WriteStatus};
 
 /// The ports one ingest run uses.
@@ -131,13 +131,15 @@ where
         .map(|q| ToQuarantine { index: q.index, thing: q.thing, problems: q.problems })
         .collect();
 
-    let readings = std::mem::take(&mut plan.readings);
+    let mut readings = std::mem::take(&mut plan.readings);
     let mut devices: HashMap<ThingName, Device> = HashMap::new();
     let mut settled: Vec<ThingName> = Vec::new();
     if !readings.is_empty() {
-        let (fates, stored, known) = store(&ports, &readings, &plan, messages, now_ms, &mut out.health)
-            .instrument(info_span!("store", readings = readings.len()))
-            .await;
+        let span = info_span!("store", readings = readings.len());
+        let (fates, stored, known) =
+            store(&ports, &mut readings, &plan, messages, policy, now_ms, &mut out.health)
+                .instrument(span)
+                .await;
         devices = known;
         let mut unknown: HashSet<&ThingName> = HashSet::new();
         // A message's fate is its readings' (a v2 pack carries several): retried if any failed
@@ -274,13 +276,15 @@ async fn count_settled<R: DeviceRegistry>(
     }
 }
 
-/// Enrich, archive, write the hot store and record device state: one fate per reading, and
-/// the enriched readings (empty when enrichment failed).
+/// Enrich, pin skew-corrected messages to their first arrival, archive, write the hot store
+/// and record device state: one fate per reading, and the enriched readings (empty when
+/// enrichment failed).
 async fn store<R, S, A, Q>(
     ports: &IngestPorts<'_, R, S, A, Q>,
-    readings: &[Reading],
+    readings: &mut [Reading],
     plan: &Plan,
     messages: &[Inbound<'_>],
+    policy: &IngestPolicy,
     now_ms: i64,
     health: &mut HealthDelta,
 ) -> (Vec<WriteStatus>, Vec<StoredReading>, HashMap<ThingName, Device>)
@@ -290,19 +294,44 @@ where
     A: RawArchive,
     Q: Quarantine,
 {
+    let n = readings.len();
     let all = |e: StoreError| {
-        warn!(error = %e, readings = readings.len(), "batch not stored");
-        vec![WriteStatus::Refused(Arc::new(e)); readings.len()]
+        warn!(error = %e, readings = n, "batch not stored");
+        vec![WriteStatus::Refused(Arc::new(e)); n]
     };
 
-    // 1. Enrich from the registry (one batched lookup).
+    // 1. Enrich from the registry (one batched lookup) and, at the same time, pin each
+    // skew-corrected message to its first arrival (only when the batch has such messages).
     let mut things: Vec<ThingName> = readings.iter().map(|r| r.id.thing.clone()).collect();
     things.sort_unstable();
     things.dedup();
-    let devices = match ports.registry.get_many(&things).await {
+    let (pins, pin_of) = skew_pins(readings, &plan.origin);
+    let (devices, pinned) = futures_util::join!(ports.registry.get_many(&things), async {
+        if pins.is_empty() {
+            Vec::new()
+        } else {
+            ports.registry.first_arrivals(&pins).await
+        }
+    });
+    let devices = match devices {
         Ok(d) => d,
         Err(e) => return (all(e), Vec::new(), HashMap::new()),
     };
+    let mut unpinned: HashMap<usize, Arc<StoreError>> = HashMap::new();
+    let pinned: Vec<Result<i64, Arc<StoreError>>> = pinned.into_iter().map(|p| p.map_err(Arc::new)).collect();
+    for (r, reading) in readings.iter_mut().enumerate() {
+        match pin_of[r].map(|p| &pinned[p]) {
+            Some(Ok(first_rx)) => {
+                reading.time_ms = *first_rx;
+                reading.flags.late = *first_rx < now_ms - policy.hot_window_ms;
+            }
+            Some(Err(e)) => {
+                unpinned.insert(r, Arc::clone(e));
+            }
+            None => {}
+        }
+    }
+    let readings = &*readings;
     let stored: Vec<StoredReading> = readings.iter().map(|r| enrich(r, devices.get(&r.id.thing))).collect();
 
     // 2. Archive first: it is the source of truth replays read. Filed under the batch's latest
@@ -315,12 +344,17 @@ where
         }
     }
 
-    // 3. Hot store, for what is not too old for it.
+    // 3. Hot store, for what is not too old for it (and not left unpinned).
     let mut fates: Vec<WriteStatus> = stored
         .iter()
-        .map(|s| if s.reading.flags.late { WriteStatus::TooLate } else { WriteStatus::Written })
+        .enumerate()
+        .map(|(i, s)| match unpinned.get(&i) {
+            Some(e) => WriteStatus::Refused(Arc::clone(e)),
+            None if s.reading.flags.late => WriteStatus::TooLate,
+            None => WriteStatus::Written,
+        })
         .collect();
-    let hot: Vec<usize> = (0..stored.len()).filter(|&i| !stored[i].reading.flags.late).collect();
+    let hot: Vec<usize> = (0..stored.len()).filter(|&i| matches!(fates[i], WriteStatus::Written)).collect();
     if !hot.is_empty() {
         let statuses = if hot.len() == stored.len() {
             ports.sink.write(&stored).await
@@ -388,6 +422,27 @@ where
         }
     }
     (fates, stored, devices)
+}
+
+/// The messages to pin to their first arrival: for each message with skew-corrected readings,
+/// the id of its first such reading and the message's arrival (its readings share both the
+/// arrival and the pin); and for each reading, its message's pin.
+fn skew_pins(readings: &[Reading], origin: &[usize]) -> (Vec<(MessageId, i64)>, Vec<Option<usize>>) {
+    let mut pins = Vec::new();
+    let mut of_message: HashMap<usize, usize> = HashMap::new();
+    let pin_of = readings
+        .iter()
+        .zip(origin)
+        .map(|(r, &message)| {
+            r.flags.skew_corrected.then(|| {
+                *of_message.entry(message).or_insert_with(|| {
+                    pins.push((r.id.clone(), r.rx_ms));
+                    pins.len() - 1
+                })
+            })
+        })
+        .collect();
+    (pins, pin_of)
 }
 
 /// Newest first by stored time, then by boot and seq.

@@ -329,6 +329,124 @@ async fn stores_skewed_readings_at_arrival_time_and_flags_them() -> Result<()> {
     Ok(())
 }
 
+/// A hot store that records the Timestream record time of everything written to it.
+struct RecordTimes {
+    inner: SqliteStore,
+    written: std::sync::Mutex<Vec<(u64, i64)>>,
+}
+
+impl TelemetrySink for RecordTimes {
+    async fn write(&self, readings: &[StoredReading]) -> Vec<WriteStatus> {
+        self.written.lock().expect("lock").extend(readings.iter().map(|r| {
+            (r.reading.id.seq, fleet_shared::adapters::aws::timestream::record_time_nanos(&r.reading))
+        }));
+        self.inner.write(readings).await
+    }
+}
+
+/// `json` as IoT Core delivers the same device messages again `later_ms` after: the rule
+/// stamps a new `rx_ms`, SQS gives new message ids.
+fn redelivered(json: &str, later_ms: i64) -> Result<String> {
+    let mut event: serde_json::Value = serde_json::from_str(json)?;
+    for (i, record) in
+        event["Records"].as_array_mut().ok_or_else(|| anyhow!("no records"))?.iter_mut().enumerate()
+    {
+        let mut body: serde_json::Value = serde_json::from_str(record["body"].as_str().unwrap_or_default())?;
+        body["rx_ms"] = (body["rx_ms"].as_i64().unwrap_or_default() + later_ms).into();
+        record["body"] = body.to_string().into();
+        record["messageId"] = format!("redelivered-{i}").into();
+    }
+    Ok(event.to_string())
+}
+
+#[tokio::test]
+async fn a_redelivered_skewed_message_is_stored_once_at_its_first_arrival() -> Result<()> {
+    // GIVEN a hot store that records the time of each record it is given
+    let fleet = deps_with_fleet().await?;
+    let db = fleet.registry.clone();
+    let deps = Deps {
+        sink: RecordTimes { inner: db.clone(), written: Default::default() },
+        registry: db.clone(),
+        archive: db.clone(),
+        quarantine: db.clone(),
+        health: db,
+        policy: fleet.policy,
+        clock: fixed_clock,
+        metrics: MetricsOut::Off,
+    };
+    // WHEN a batch with a skewed message arrives, then the device sends it again 90 s later
+    // (a QoS 1 retransmission gets a new arrival time from the rule)
+    sqs(&deps, SKEW).await?;
+    let again = sqs(&deps, &redelivered(SKEW, 90_000)?).await?;
+    assert!(again.batch_item_failures.is_empty());
+    // THEN both copies of the skewed message became the same record time (the first arrival):
+    // Timestream keys a record by its dimensions and time, so the second write is the same
+    // record, not a second reading
+    let written = deps.sink.written.lock().expect("lock").clone();
+    let skewed: Vec<i64> = written.iter().filter(|(seq, _)| *seq == 5001).map(|(_, t)| *t).collect();
+    assert_eq!(skewed.len(), 2, "{written:?}");
+    assert_eq!(skewed[0], skewed[1], "{written:?}");
+    assert_eq!(skewed[0] / 1_000_000, 1_764_000_000_000, "stored at the first arrival");
+    // AND one reading is stored, at the first arrival, flagged
+    let s1 = readings(&deps.registry, "sensor-001").await?;
+    let stored: Vec<_> = s1.iter().filter(|r| r.reading.id.seq == 5001).collect();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].reading.time_ms, 1_764_000_000_000);
+    assert!(stored[0].reading.flags.skew_corrected);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_skewed_message_left_unpinned_is_retried_and_its_neighbours_stored() -> Result<()> {
+    // GIVEN a registry whose pins fail transiently
+    let fleet = deps_with_fleet().await?;
+    let db = fleet.registry.clone();
+    let deps = Deps {
+        sink: db.clone(),
+        registry: PinsDown(db.clone()),
+        archive: db.clone(),
+        quarantine: db.clone(),
+        health: db,
+        policy: fleet.policy,
+        clock: fixed_clock,
+        metrics: MetricsOut::Off,
+    };
+    // WHEN the batch with a skewed message arrives
+    let response = sqs(&deps, SKEW).await?;
+    // THEN only the skewed message is retried; its neighbours are stored
+    assert_eq!(failed_ids(&response), [msg(1).as_str()]);
+    let s1 = readings(&deps.sink, "sensor-001").await?;
+    assert_eq!(s1.iter().map(|r| r.reading.id.seq).collect::<Vec<_>>(), [5002]);
+    assert_eq!(readings(&deps.sink, "sensor-002").await?.len(), 1);
+    Ok(())
+}
+
+/// The embedded registry, with every arrival pin failing transiently.
+struct PinsDown(SqliteStore);
+
+impl DeviceRegistry for PinsDown {
+    async fn get_many(
+        &self,
+        things: &[ThingName],
+    ) -> Result<HashMap<ThingName, fleet_shared::model::Device>, StoreError> {
+        self.0.get_many(things).await
+    }
+
+    async fn record_states(
+        &self,
+        states: &[(ThingName, fleet_shared::model::DeviceState)],
+    ) -> Vec<(ThingName, StoreError)> {
+        self.0.record_states(states).await
+    }
+
+    async fn first_arrivals(
+        &self,
+        arrivals: &[(fleet_shared::model::MessageId, i64)],
+    ) -> Vec<Result<i64, StoreError>> {
+        arrivals.iter().map(|_| Err(StoreError::transient("test pins", "throttled"))).collect()
+    }
+}
+
 #[tokio::test]
 async fn direct_invocation_answers_with_counts() -> Result<()> {
     let deps = deps_with_fleet().await?;

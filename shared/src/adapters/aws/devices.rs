@@ -1,9 +1,11 @@
-//! Devices table (DynamoDB). One partition per thing, two items in it:
+//! Devices table (DynamoDB). One partition per thing, these items in it (and `cert`, `presence`):
 //! - `item = "registration"`: what an operator registered; replaced whole (BatchWriteItem).
 //! - `item = "state"`: what telemetry last said; written only forward in time (`last_ts_ms`),
 //!   so out-of-order batches cannot rewind it and concurrent invocations cannot race it
 //!   backwards. Written with PartiQL in BatchExecuteStatement, 25 devices per request, each
 //!   statement with its own condition and its own answer (see [`StateStep`]).
+//! - `item = "arrival#<boot>#<seq>"`: a skew-corrected message's first arrival, inserted once
+//!   (see [`arrival_statement`]) and expired by the table's TTL.
 //!
 //! Items map to and from Rust structs with `serde_dynamo`.
 
@@ -21,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use super::{batch_backoff, classify, MAX_CONCURRENT_REQUESTS};
 use crate::env::{ConfigError, Env};
 use crate::error::{ErrorKind, StoreError};
-use crate::model::{Device, DeviceRegistration, DeviceState, ThingName};
-use crate::ports::{DeviceAdmin, DeviceRegistry};
+use crate::model::{Device, DeviceRegistration, DeviceState, MessageId, ThingName};
+use crate::ports::{DeviceAdmin, DeviceRegistry, ARRIVAL_PIN_DAYS};
 
 /// BatchGetItem: at most 100 keys per request.
 pub const BATCH_GET_MAX_KEYS: usize = 100;
@@ -151,10 +153,11 @@ fn devices_from(items: impl IntoIterator<Item = Item>) -> HashMap<ThingName, Dev
 
 impl DevicesTable {
     /// BatchGetItem of `keys` (≤ 100), resubmitting UnprocessedKeys with backoff.
-    async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>, StoreError> {
+    async fn batch_get(&self, keys: Vec<Item>, consistent: bool) -> Result<Vec<Item>, StoreError> {
         let table = self.table.clone();
         let mut pending = KeysAndAttributes::builder()
             .set_keys(Some(keys))
+            .set_consistent_read(consistent.then_some(true))
             .build()
             .map_err(|e| StoreError::permanent("dynamodb batch get", e))?;
         let mut items = Vec::new();
@@ -264,8 +267,31 @@ pub fn state_statement(
 
 const STATE_WRITE: &str = "dynamodb state write";
 
+/// A skew-corrected message's first arrival ([`DeviceRegistry::first_arrivals`]): the item
+/// `arrival#<boot>#<seq>` in its device's partition, `rx_ms`, expiring (`ttl`, epoch seconds)
+/// [`ARRIVAL_PIN_DAYS`] after that arrival.
+const ARRIVAL: &str = "arrival#";
+const ARRIVAL_PIN: &str = "dynamodb arrival pin";
+
+fn arrival_item(id: &MessageId) -> String {
+    format!("{ARRIVAL}{}#{}", id.boot, id.seq)
+}
+
+/// The INSERT that pins one message's first arrival; DuplicateItem means it is pinned already.
+pub fn arrival_statement(table: &str, id: &MessageId, rx_ms: i64) -> (String, Vec<AttributeValue>) {
+    let ttl = rx_ms.div_euclid(1000) + ARRIVAL_PIN_DAYS * 86_400;
+    let statement = format!("INSERT INTO \"{table}\" VALUE {{'{PK}': ?, '{SK}': ?, 'rx_ms': ?, 'ttl': ?}}");
+    let params = vec![
+        AttributeValue::S(id.thing.as_str().to_owned()),
+        AttributeValue::S(arrival_item(id)),
+        num(rx_ms),
+        num(ttl),
+    ];
+    (statement, params)
+}
+
 impl StatementAnswer {
-    fn from_response(r: &BatchStatementResponse) -> Self {
+    fn from_response(r: &BatchStatementResponse, op: &'static str) -> Self {
         let Some(e) = r.error() else { return StatementAnswer::Applied };
         let detail =
             || format!("{}: {}", e.code().map_or("unknown", Code::as_str), e.message().unwrap_or(""));
@@ -278,8 +304,8 @@ impl StatementAnswer {
                 | Code::RequestLimitExceeded
                 | Code::InternalServerError
                 | Code::TransactionConflict,
-            ) => StatementAnswer::Failed(StoreError::transient(STATE_WRITE, detail())),
-            _ => StatementAnswer::Failed(StoreError::permanent(STATE_WRITE, detail())),
+            ) => StatementAnswer::Failed(StoreError::transient(op, detail())),
+            _ => StatementAnswer::Failed(StoreError::permanent(op, detail())),
         }
     }
 }
@@ -287,7 +313,11 @@ impl StatementAnswer {
 impl DevicesTable {
     /// One BatchExecuteStatement (≤ 25 statements): one answer per statement, in order. A
     /// request that fails as a whole fails each of its statements with the same kind.
-    async fn execute_batch(&self, statements: Vec<(String, Vec<AttributeValue>)>) -> Vec<StatementAnswer> {
+    async fn execute_batch(
+        &self,
+        statements: Vec<(String, Vec<AttributeValue>)>,
+        op: &'static str,
+    ) -> Vec<StatementAnswer> {
         let n = statements.len();
         let requests: Result<Vec<BatchStatementRequest>, _> = statements
             .into_iter()
@@ -302,27 +332,24 @@ impl DevicesTable {
                 .set_statements(Some(requests))
                 .send()
                 .await
-                .map_err(|e| classify(STATE_WRITE, e)),
-            Err(e) => Err(StoreError::permanent(STATE_WRITE, e)),
+                .map_err(|e| classify(op, e)),
+            Err(e) => Err(StoreError::permanent(op, e)),
         };
         match sent {
             Ok(out) => {
                 let responses = out.responses();
                 (0..n)
                     .map(|i| match responses.get(i) {
-                        Some(r) => StatementAnswer::from_response(r),
-                        None => StatementAnswer::Failed(StoreError::transient(
-                            STATE_WRITE,
-                            "no answer for the statement",
-                        )),
+                        Some(r) => StatementAnswer::from_response(r, op),
+                        None => {
+                            StatementAnswer::Failed(StoreError::transient(op, "no answer for the statement"))
+                        }
                     })
                     .collect()
             }
             Err(e) => {
                 let (kind, why) = (e.kind, DisplayErrorContext(e.source.as_ref()).to_string());
-                (0..n)
-                    .map(|_| StatementAnswer::Failed(StoreError::new(STATE_WRITE, kind, why.clone())))
-                    .collect()
+                (0..n).map(|_| StatementAnswer::Failed(StoreError::new(op, kind, why.clone()))).collect()
             }
         }
     }
@@ -334,7 +361,7 @@ impl DeviceRegistry for DevicesTable {
             things.iter().flat_map(|t| [key(t.as_str(), REGISTRATION), key(t.as_str(), STATE)]).collect();
         let chunks: Vec<Vec<Item>> = keys.chunks(BATCH_GET_MAX_KEYS).map(<[Item]>::to_vec).collect();
         let results: Vec<Result<Vec<Item>, StoreError>> = stream::iter(chunks)
-            .map(|chunk| self.batch_get(chunk))
+            .map(|chunk| self.batch_get(chunk, false))
             .buffer_unordered(MAX_CONCURRENT_REQUESTS)
             .collect()
             .await;
@@ -358,7 +385,7 @@ impl DeviceRegistry for DevicesTable {
                         .iter()
                         .map(|&(i, step)| state_statement(&self.table, &states[i].0, &states[i].1, step))
                         .collect();
-                    self.execute_batch(statements)
+                    self.execute_batch(statements, STATE_WRITE)
                 })
                 .collect();
             let answers: Vec<Vec<StatementAnswer>> =
@@ -395,6 +422,106 @@ impl DeviceRegistry for DevicesTable {
             pending = next;
         }
         failed
+    }
+
+    async fn first_arrivals(&self, arrivals: &[(MessageId, i64)]) -> Vec<Result<i64, StoreError>> {
+        let mut out: Vec<Option<Result<i64, StoreError>>> = arrivals.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..arrivals.len()).collect();
+        let mut pinned_before: Vec<usize> = Vec::new();
+        let mut delays = batch_backoff();
+        while !pending.is_empty() {
+            let requests: Vec<_> = pending
+                .chunks(BATCH_STATEMENT_MAX)
+                .map(|chunk| {
+                    let statements = chunk
+                        .iter()
+                        .map(|&i| arrival_statement(&self.table, &arrivals[i].0, arrivals[i].1))
+                        .collect();
+                    self.execute_batch(statements, ARRIVAL_PIN)
+                })
+                .collect();
+            let answers: Vec<Vec<StatementAnswer>> =
+                stream::iter(requests).buffered(MAX_CONCURRENT_REQUESTS).collect().await;
+            let mut retry = Vec::new();
+            for (i, answer) in std::mem::take(&mut pending).into_iter().zip(answers.into_iter().flatten()) {
+                match answer {
+                    StatementAnswer::Applied => out[i] = Some(Ok(arrivals[i].1)),
+                    StatementAnswer::Duplicate => pinned_before.push(i),
+                    StatementAnswer::Failed(e) if e.kind == ErrorKind::Transient => retry.push((i, e)),
+                    StatementAnswer::Failed(e) => out[i] = Some(Err(e)),
+                    StatementAnswer::ConditionFailed => {
+                        out[i] = Some(Err(StoreError::permanent(
+                            ARRIVAL_PIN,
+                            "ConditionalCheckFailed to an INSERT",
+                        )))
+                    }
+                }
+            }
+            if !retry.is_empty() {
+                match delays.next() {
+                    Some(delay) => {
+                        tokio::time::sleep(delay).await;
+                        pending = retry.into_iter().map(|(i, _)| i).collect();
+                    }
+                    None => retry.into_iter().for_each(|(i, e)| out[i] = Some(Err(e))),
+                }
+            }
+        }
+        let ids: Vec<&MessageId> = pinned_before.iter().map(|&i| &arrivals[i].0).collect();
+        for (i, pinned) in pinned_before.iter().zip(self.read_arrivals(&ids).await) {
+            out[*i] = Some(pinned);
+        }
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(StoreError::transient(ARRIVAL_PIN, "no answer"))))
+            .collect()
+    }
+}
+
+impl DevicesTable {
+    /// The pins of `ids`, read consistently (a concurrent copy may have pinned a moment ago):
+    /// each arrival, or the error for it (transient when a pin is not there: it expired and
+    /// was removed between the insert and this read; the message is retried).
+    async fn read_arrivals(&self, ids: &[&MessageId]) -> Vec<Result<i64, StoreError>> {
+        let chunks: Vec<&[&MessageId]> = ids.chunks(BATCH_GET_MAX_KEYS).collect();
+        let keys: Vec<Vec<Item>> = chunks
+            .iter()
+            .map(|chunk| chunk.iter().map(|id| key(id.thing.as_str(), &arrival_item(id))).collect())
+            .collect();
+        let results: Vec<Result<Vec<Item>, StoreError>> = stream::iter(keys)
+            .map(|keys| self.batch_get(keys, true))
+            .buffered(MAX_CONCURRENT_REQUESTS)
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity(ids.len());
+        for (chunk, result) in chunks.into_iter().zip(results) {
+            match result {
+                Ok(items) => {
+                    let pins: HashMap<(&str, &str), i64> = items
+                        .iter()
+                        .filter_map(|item| {
+                            let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok());
+                            let rx =
+                                item.get("rx_ms").and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok());
+                            Some(((text(PK)?.as_str(), text(SK)?.as_str()), rx?))
+                        })
+                        .collect();
+                    out.extend(chunk.iter().map(|id| {
+                        let item = arrival_item(id);
+                        pins.get(&(id.thing.as_str(), item.as_str())).copied().ok_or_else(|| {
+                            StoreError::transient(
+                                ARRIVAL_PIN,
+                                format!("{} {item}: pinned, then not found", id.thing),
+                            )
+                        })
+                    }));
+                }
+                Err(e) => {
+                    let (kind, why) = (e.kind, DisplayErrorContext(e.source.as_ref()).to_string());
+                    out.extend(chunk.iter().map(|_| Err(StoreError::new(ARRIVAL_PIN, kind, why.clone()))));
+                }
+            }
+        }
+        out
     }
 }
 

@@ -18,7 +18,7 @@ use crate::model::{
 };
 use crate::ports::{
     ArchiveReader, DeviceAdmin, DeviceRegistry, Quarantine, QuarantineReader, RawArchive, TelemetryQuery,
-    TelemetrySink, WriteStatus,
+    TelemetrySink, WriteStatus, ARRIVAL_PIN_DAYS,
 };
 
 /// Version 1: the schema as first released (`IF NOT EXISTS`, so files made before
@@ -99,7 +99,22 @@ const MIGRATIONS: &[&str] = &[
     super::health::HEALTH_SCHEMA,
     // Version 13: commands sent to devices and each device's command counter.
     super::commands::COMMANDS_SCHEMA,
+    // Version 14: skew-corrected messages' first arrivals.
+    ARRIVAL_PINS_SCHEMA,
 ];
+
+/// Migration step 14: the first arrival of each skew-corrected message
+/// ([`DeviceRegistry::first_arrivals`]), removed [`ARRIVAL_PIN_DAYS`] after it.
+const ARRIVAL_PINS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS arrival_pins (
+    thing TEXT NOT NULL,
+    boot INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    rx_ms INTEGER NOT NULL,
+    PRIMARY KEY (thing, boot, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS arrival_pins_by_time ON arrival_pins (rx_ms);
+";
 
 /// Bring the file to the newest schema, each step in its own transaction with its version
 /// bump, so a crash between steps leaves a file that resumes where it stopped.
@@ -448,6 +463,52 @@ impl DeviceRegistry for SqliteStore {
                     .collect()
             }
         }
+    }
+
+    async fn first_arrivals(&self, arrivals: &[(MessageId, i64)]) -> Vec<Result<i64, StoreError>> {
+        match self.pin_arrivals(arrivals).await {
+            Ok(pinned) => pinned.into_iter().map(Ok).collect(),
+            Err(e) => {
+                // One transaction for all: every message shares the one error.
+                let shared = Arc::new(e);
+                arrivals
+                    .iter()
+                    .map(|_| Err(StoreError::new(shared.op, shared.kind, SharedError(Arc::clone(&shared)))))
+                    .collect()
+            }
+        }
+    }
+}
+
+impl SqliteStore {
+    async fn pin_arrivals(&self, arrivals: &[(MessageId, i64)]) -> Result<Vec<i64>, StoreError> {
+        let owned = arrivals.to_vec();
+        self.with("sqlite arrival pins", move |c| {
+            let tx = c.transaction()?;
+            let mut out = Vec::with_capacity(owned.len());
+            {
+                // Pins older than the retention, counted back from the newest arrival pinned now.
+                if let Some(newest) = owned.iter().map(|(_, rx)| *rx).max() {
+                    tx.prepare_cached("DELETE FROM arrival_pins WHERE rx_ms < ?1")?
+                        .execute([newest - ARRIVAL_PIN_DAYS * 86_400_000])?;
+                }
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO arrival_pins (thing, boot, seq, rx_ms) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (thing, boot, seq) DO NOTHING",
+                )?;
+                let mut read = tx.prepare_cached(
+                    "SELECT rx_ms FROM arrival_pins WHERE thing = ?1 AND boot = ?2 AND seq = ?3",
+                )?;
+                for (id, rx_ms) in &owned {
+                    let key = params![id.thing.as_str(), id.boot, id.seq as i64];
+                    insert.execute(params![id.thing.as_str(), id.boot, id.seq as i64, rx_ms])?;
+                    out.push(read.query_row(key, |r| r.get(0))?);
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
     }
 }
 
