@@ -8,6 +8,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/moto.sh
 test_venv
 start_moto
-cargo bench -p fleet-tests --bench ingest_moto --locked
+cargo bench -p fleet-tests --features test-support --bench ingest_moto --locked
 cargo bench -p fleet-tests --bench hook_latency --locked
 cargo bench -p fleet-tests --bench expiry_check --locked

@@ -1,16 +1,18 @@
 //! `bash scripts/bench-moto.sh` (starts moto on loopback, then
-//! `cargo bench -p fleet-tests --bench ingest_moto`).
+//! `cargo bench -p fleet-tests --features test-support --bench ingest_moto`).
 //!
 //! The ingest function's real handler on the AWS adapters against the moto server: 10 SQS
 //! batches of 1,000 messages from 100 devices (after one warm-up batch), with Timestream as
 //! the hot store and without. Prints the AWS requests per batch by operation and per 1,000
 //! messages (target <= 25), and the handler's CPU per message (process CPU time on a
 //! single-threaded runtime; moto runs in its own process) against the in-memory pipeline's
-//! on the same batches, measured right after the handler took each (target <= 3x).
+//! on the same batches, measured right after the handler took each (target <= 3x). Then the
+//! same load with every SDK client answered in process (aws-smithy-mocks): what the handler
+//! costs without sockets, i.e. how much of the figure is the requests' network path.
 
 use std::time::Instant;
 
-use fleet_tests::load::{ingest_on_moto, Load};
+use fleet_tests::load::{ingest_on_mocks, ingest_on_moto, Load, LoadFigures};
 
 const DEVICES: usize = 100;
 const MESSAGES: usize = 1_000;
@@ -20,18 +22,12 @@ const CPU_RATIO_TARGET: f64 = 3.0;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let check = |ok: bool| if ok { "PASS" } else { "FAIL" };
-    println!("ingest handler on moto: {BATCHES} SQS batches of {MESSAGES} messages from {DEVICES} devices");
+    println!("ingest handler: {BATCHES} SQS batches of {MESSAGES} messages from {DEVICES} devices");
     for timestream in [true, false] {
-        let started = Instant::now();
-        let figures = ingest_on_moto(Load {
-            devices: DEVICES,
-            messages_per_batch: MESSAGES,
-            batches: BATCHES,
-            timestream,
-        })
-        .await?;
+        let load = Load { devices: DEVICES, messages_per_batch: MESSAGES, batches: BATCHES, timestream };
         println!("\nHotStore={}", if timestream { "timestream" } else { "none" });
+        let started = Instant::now();
+        let figures = ingest_on_moto(load).await?;
         for (op, n) in &figures.requests {
             println!("  {op:<40} {:>6.1} per batch", *n as f64 / BATCHES as f64);
         }
@@ -40,18 +36,45 @@ async fn main() -> anyhow::Result<()> {
             "  AWS requests per 1,000 messages              {per_k:>8.1}   target <= {REQUEST_TARGET}  {}",
             check(per_k <= REQUEST_TARGET)
         );
-        let (cpu, reference) = (figures.cpu_per_message(), figures.in_memory_cpu_per_message());
-        let ratio = cpu.as_secs_f64() / reference.as_secs_f64();
-        println!(
-            "  in-memory pipeline on the same batches        {:>8.1} us/message",
-            reference.as_secs_f64() * 1e6
-        );
-        println!(
-            "  handler CPU                                   {:>8.1} us/message = {ratio:.2}x   target <= {CPU_RATIO_TARGET}x  {}",
-            cpu.as_secs_f64() * 1e6,
-            check(ratio <= CPU_RATIO_TARGET)
-        );
+        print_cpu("against moto", &figures, true);
         println!("  (wall time for the run, moto included: {:.1} s)", started.elapsed().as_secs_f64());
+        // The same handler and adapters, the SDK clients answered in process: every request
+        // is still built, serialised and signed, but none crosses a socket to a server.
+        let mocked = ingest_on_mocks(load).await?;
+        anyhow::ensure!(
+            mocked.total_requests() == figures.total_requests(),
+            "the mocked run made other requests: {:?}, on moto {:?}",
+            mocked.requests,
+            figures.requests
+        );
+        print_cpu("AWS answered in process (no socket)", &mocked, false);
     }
     Ok(())
+}
+
+fn check(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+fn print_cpu(run: &str, figures: &LoadFigures, judged: bool) {
+    let (cpu, reference) = (figures.cpu_per_message(), figures.in_memory_cpu_per_message());
+    let ratio = cpu.as_secs_f64() / reference.as_secs_f64();
+    let verdict = if judged {
+        format!("target <= {CPU_RATIO_TARGET}x  {}", check(ratio <= CPU_RATIO_TARGET))
+    } else {
+        "(for comparison)".to_owned()
+    };
+    println!("  {run}:");
+    println!(
+        "    in-memory pipeline on the same batches      {:>8.1} us/message",
+        reference.as_secs_f64() * 1e6
+    );
+    println!(
+        "    handler CPU                                 {:>8.1} us/message = {ratio:.2}x   {verdict}",
+        cpu.as_secs_f64() * 1e6
+    );
 }

@@ -3,7 +3,9 @@
 //! clients send is counted by operation (an interceptor, so SDK retries count too), and the
 //! process CPU time of each invocation is measured. The request count is held by a test
 //! (`tests/tests/load_moto.rs`); the CPU figure only by the bench that prints it
-//! (`cargo bench -p fleet-tests --bench ingest_moto`, via `scripts/bench-moto.sh`).
+//! (`cargo bench -p fleet-tests --features test-support --bench ingest_moto`, via
+//! `scripts/bench-moto.sh`), which also runs the same handler with the SDK clients answered in
+//! process ([`ingest_on_mocks`]) to separate the handler's own work from the network path.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -12,14 +14,20 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
+#[cfg(feature = "test-support")]
+use aws_sdk_dynamodb::types::{AttributeValue, BatchStatementResponse};
+#[cfg(feature = "test-support")]
+use aws_smithy_mocks::{mock, mock_client, RuleMode};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use fleet_shared::adapters::aws::{DevicesTable, HealthTable, HotStore, S3Archive, TimestreamSink};
 use fleet_shared::ingest::{sim, IngestPolicy, OwnedInbound};
 use fleet_shared::metrics::MetricsOut;
-use fleet_shared::model::{Device, ThingName};
-use fleet_shared::ports::DeviceAdmin;
+use fleet_shared::model::{Device, DeviceRegistration, ThingName};
+use fleet_shared::ports::{
+    DeviceAdmin, DeviceRegistry, HealthCounters, Quarantine, RawArchive, TelemetrySink,
+};
 use fleet_shared::time;
 use ingest_telemetry::handler::{handle, Deps, Response};
 use lambda_runtime::{Context as LambdaContext, LambdaEvent};
@@ -162,13 +170,117 @@ pub async fn ingest_on_moto(load: Load) -> Result<LoadFigures> {
     };
     let registrations = sim::registrations(load.devices);
     deps.registry.register(&registrations).await?;
+    run(&deps, &registrations, load, &counter).await
+}
+
+/// Run `load` through the same handler on the same AWS adapters, each SDK client answered in
+/// process by aws-smithy-mocks (success, the devices registered): the SDK still builds,
+/// serialises and signs every request, but nothing crosses a socket. Against
+/// [`ingest_on_moto`], what the network and the server's connection handling cost the handler.
+#[cfg(feature = "test-support")]
+pub async fn ingest_on_mocks(load: Load) -> Result<LoadFigures> {
+    let registrations = sim::registrations(load.devices);
+    // Each thing's registration, and the firmware its simulated device reports (sim-00007: 7).
+    let registered: HashMap<String, (String, String, &'static str)> = registrations
+        .iter()
+        .enumerate()
+        .map(|(i, (t, r))| (t.as_str().to_owned(), (r.class.clone(), r.region.clone(), sim::firmware(i))))
+        .collect();
+    let batch_get = mock!(aws_sdk_dynamodb::Client::batch_get_item).then_compute_output(move |req| {
+        let mut out = aws_sdk_dynamodb::operation::batch_get_item::BatchGetItemOutput::builder();
+        for (table, keys) in req.request_items().into_iter().flatten() {
+            // Each device registered, with the state a batch a moment ago left (as on moto
+            // after the warm-up batch).
+            let last_ms = AttributeValue::N((time::now_ms() - 1_000).to_string());
+            let items = keys.keys().iter().filter_map(|k| {
+                let (class, region, fw) = registered.get(k.get("thing")?.as_s().ok()?)?;
+                let mut item = k.clone();
+                match k.get("item")?.as_s().ok()?.as_str() {
+                    "registration" => {
+                        item.insert("class".into(), AttributeValue::S(class.clone()));
+                        item.insert("region".into(), AttributeValue::S(region.clone()));
+                        item.insert("registered_at_ms".into(), AttributeValue::N("1".into()));
+                    }
+                    "state" => {
+                        item.insert("last_ts_ms".into(), last_ms.clone());
+                        item.insert("last_rx_ms".into(), last_ms.clone());
+                        item.insert("boot".into(), AttributeValue::N(sim::BOOT.to_string()));
+                        item.insert("fw_reported".into(), AttributeValue::S((*fw).to_owned()));
+                    }
+                    _ => return None,
+                }
+                Some(item)
+            });
+            out = out.responses(table, items.collect());
+        }
+        out.build()
+    });
+    let statements = mock!(aws_sdk_dynamodb::Client::batch_execute_statement).then_compute_output(|req| {
+        let applied = req.statements().iter().map(|_| BatchStatementResponse::builder().build());
+        aws_sdk_dynamodb::operation::batch_execute_statement::BatchExecuteStatementOutput::builder()
+            .set_responses(Some(applied.collect()))
+            .build()
+    });
+    let update = mock!(aws_sdk_dynamodb::Client::update_item)
+        .then_output(|| aws_sdk_dynamodb::operation::update_item::UpdateItemOutput::builder().build());
+    let write = mock!(aws_sdk_timestreamwrite::Client::write_records).then_output(|| {
+        aws_sdk_timestreamwrite::operation::write_records::WriteRecordsOutput::builder().build()
+    });
+    let put = mock!(aws_sdk_s3::Client::put_object)
+        .then_output(|| aws_sdk_s3::operation::put_object::PutObjectOutput::builder().build());
+    let counter = RequestCounter::default();
+    let dynamodb =
+        mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&batch_get, &statements, &update], |conf| {
+            conf.interceptor(counter.clone())
+        });
+    let s3 = mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put], |conf| conf.interceptor(counter.clone()));
+    let archive = S3Archive::new(s3, "archive");
+    let deps = Deps {
+        registry: DevicesTable::new(dynamodb.clone(), "Devices"),
+        health: HealthTable::new(dynamodb, "Health"),
+        sink: if load.timestream {
+            HotStore::Timestream(TimestreamSink::new(
+                mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, [&write], |conf| {
+                    conf.interceptor(counter.clone())
+                }),
+                "fleet",
+                "telemetry",
+            ))
+        } else {
+            HotStore::None
+        },
+        archive: archive.clone(),
+        quarantine: archive,
+        policy: IngestPolicy::default(),
+        clock: time::now_ms,
+        metrics: MetricsOut::Off,
+    };
+    run(&deps, &registrations, load, &counter).await
+}
+
+/// One unmeasured batch, then `load.batches` measured ones through `deps`' handler, each
+/// followed by the in-memory pipeline on the same messages.
+async fn run<R, S, A, Q, H>(
+    deps: &Deps<R, S, A, Q, H>,
+    registrations: &[(ThingName, DeviceRegistration)],
+    load: Load,
+    counter: &RequestCounter,
+) -> Result<LoadFigures>
+where
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    A: RawArchive,
+    Q: Quarantine,
+    H: HealthCounters,
+{
     let devices: HashMap<ThingName, Device> = registrations
-        .into_iter()
+        .iter()
         .map(|(thing, registration)| {
-            (thing.clone(), Device { thing, registration: Some(registration), state: None })
+            let device =
+                Device { thing: thing.clone(), registration: Some(registration.clone()), state: None };
+            (thing.clone(), device)
         })
         .collect();
-
     let per_device = (load.messages_per_batch / load.devices) as u64;
     let (mut cpu, mut in_memory_cpu) = (Duration::ZERO, Duration::ZERO);
     let mut messages = 0;
@@ -186,7 +298,7 @@ pub async fn ingest_on_moto(load: Load) -> Result<LoadFigures> {
         );
         let event = LambdaEvent::new(sqs_event(&batch)?, LambdaContext::default());
         let before = process_cpu();
-        let response = handle(&deps, event).await.context("handler failed")?;
+        let response = handle(deps, event).await.context("handler failed")?;
         let handled = process_cpu();
         sim::in_memory_pipeline(&batch, &devices, &deps.policy, now);
         if k > 0 {

@@ -110,12 +110,15 @@ pub fn rule_output(mut payload: Value, thing: &str, rx_ms: i64) -> Vec<u8> {
     serde_json::to_vec(&payload).expect("JSON values serialise")
 }
 
+/// The boot counter of [`message_body`]'s devices.
+pub const BOOT: u32 = 3;
+
 /// One simulated device's next message as the rule delivers it.
 pub fn message_body(device: usize, seq: u64, rx_ms: i64, rng: &mut Rng) -> Vec<u8> {
     let ts = rx_ms - 50 - (rng.unit() * 200.0) as i64;
     let battery = 100.0 - (seq / 50 % 100) as f64;
     let sensors = Sensors::random(rng);
-    rule_output(device_payload(device, 3, seq, ts, battery, &sensors), &thing_name(device), rx_ms)
+    rule_output(device_payload(device, BOOT, seq, ts, battery, &sensors), &thing_name(device), rx_ms)
 }
 
 /// Malformed payload kinds a misbehaving device sends.
