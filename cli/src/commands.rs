@@ -10,6 +10,8 @@ use fleet_shared::adapters::aws::{
 };
 use fleet_shared::certs::{decommission, reconcile};
 use fleet_shared::health::backfill::count_connected;
+use fleet_shared::health::slo::Catalog;
+use fleet_shared::health::tally::Cohort as HealthCohort;
 use fleet_shared::ingest::{
     ingest_batch, messages_from_event, replay, BatchOutcome, Inbound, IngestPolicy, IngestPorts,
     OwnedInbound, ReplayPorts,
@@ -19,10 +21,11 @@ use fleet_shared::model::{
     validate_label, AllowlistEntry, CertificateId, DeviceRegistration, Enrolment, ShadowName, StaleAction,
     ThingName, Twin,
 };
+use fleet_shared::ota::gate::{evaluate, GatePolicy};
 use fleet_shared::ports::{
     Allowlist, ArchiveReader, CertificateControl, CertificateInventory, CertificateRegistry, CommandStore,
     DeviceAdmin, DeviceRegistry, PresenceReader, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive,
-    ShadowService, TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
+    ShadowService, SloReader, TelemetryQuery, TelemetrySink, TwinPolicies, TwinStore,
 };
 use fleet_shared::twin::policy::StalePolicy;
 use fleet_shared::twin::write::WriteOutcome;
@@ -30,8 +33,8 @@ use fleet_shared::{time, BackendKind, Env};
 
 use crate::output;
 use crate::{
-    AllowlistCommand, CertsCommand, Cli, Cohort, Command, CommandCommand, DevicesCommand, PolicyAction,
-    PolicyCommand, QuarantineCommand, TwinCommand,
+    AllowlistCommand, CertsCommand, Cli, Cohort, Command, CommandCommand, DevicesCommand, OtaCommand,
+    PolicyAction, PolicyCommand, QuarantineCommand, TwinCommand,
 };
 
 /// The functions' variables, with the embedded backend (on `--db`) as the default.
@@ -177,6 +180,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Command { command } => {
                     commands_read(&CommandsTable::from_env(sdk, env)?, command, json).await
                 }
+                Command::Ota { command } => ota(&HealthTable::from_env(sdk, env)?, command, json).await,
                 Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }
         }
@@ -256,6 +260,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output::command_sent(&sent, json)
                 }
                 Command::Command { command } => commands_read(db, command, json).await,
+                Command::Ota { command } => ota(db, command, json).await,
                 Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }
         }
@@ -746,6 +751,26 @@ async fn commands_read(store: &impl CommandStore, command: CommandCommand, json:
         }
         CommandCommand::Send { .. } => unreachable!("sent by the caller"),
     }
+}
+
+/// `fleetctl ota gate`: the gate over the window that ends at the last minute fleet-health
+/// closed.
+async fn ota<R: SloReader>(reader: &R, command: OtaCommand, json: bool) -> Result<()> {
+    let OtaCommand::Gate { canary, control, slos, window, min_events, max_ratio, max_burn } = command;
+    let parse = |p: &str| -> Result<HealthCohort> {
+        p.parse().map_err(|e| anyhow!("{p:?} is not a cohort (class/region/firmware, * for any): {e}"))
+    };
+    let (canary, control) = (parse(&canary)?, parse(&control)?);
+    let window_minutes = i64::try_from(window.as_secs() / 60).unwrap_or(i64::MAX);
+    let policy = GatePolicy { slos, window_minutes, min_events, max_ratio, max_burn };
+    let Some(report) = reader.latest_health().await? else {
+        bail!("fleet-health has not closed a minute yet: no ledger to judge from");
+    };
+    let catalog = Catalog::builtin();
+    let (verdict, comparisons) = evaluate(reader, &catalog, &policy, &canary, &control, report.minute)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    output::ota_gate(&verdict, &comparisons, report.minute, json)
 }
 
 #[cfg(test)]

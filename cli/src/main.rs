@@ -113,6 +113,42 @@ pub enum Command {
         #[command(subcommand)]
         command: CommandCommand,
     },
+    /// OTA rollouts: the health gate a stage asks before it widens.
+    Ota {
+        #[command(subcommand)]
+        command: OtaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OtaCommand {
+    /// Compare a canary cohort with its control over a window, SLO by SLO, on the ledger
+    /// fleet-health keeps: advance, wait (too few events, or a fleet-wide burn) or roll back
+    /// (the canary burns its budget and more than --max-ratio times the control).
+    Gate {
+        /// The devices on the new firmware, as class/region/firmware with `*` (e.g. sensor/*/1.5.0).
+        #[arg(long)]
+        canary: String,
+        /// The devices compared with, e.g. sensor/*/1.4.2.
+        #[arg(long)]
+        control: String,
+        /// SLOs from infra/slos.json to compare (repeat or comma-separate).
+        #[arg(long = "slo", value_delimiter = ',', default_values_t = ["ingest".to_owned(), "connectivity".to_owned(), "freshness".to_owned()])]
+        slos: Vec<String>,
+        /// The window both are read over, ending at the last minute fleet-health closed.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+        /// Canary events each SLO needs in the window before it is judged.
+        #[arg(long, default_value_t = 100)]
+        min_events: i64,
+        /// Roll back when the canary burns its budget (burn rate > 1) and more than this many
+        /// times the control's rate.
+        #[arg(long, default_value_t = 2.0)]
+        max_ratio: f64,
+        /// Wait (widen nothing) while the canary burns faster than this, whoever causes it.
+        #[arg(long, default_value_t = 6.0)]
+        max_burn: f64,
+    },
 }
 
 #[derive(Subcommand)]

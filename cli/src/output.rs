@@ -551,3 +551,52 @@ pub fn backfilled(b: &fleet_shared::health::backfill::Backfilled, json: bool) ->
         b.devices, b.counted, b.changed_meanwhile
     ))
 }
+
+/// The gate's answer, then one line per SLO with both cohorts' readings.
+pub fn ota_gate(
+    verdict: &fleet_shared::ota::gate::Verdict,
+    comparisons: &[fleet_shared::ota::gate::Comparison],
+    minute: i64,
+    json: bool,
+) -> Result<()> {
+    use fleet_shared::ota::gate::Verdict;
+    if json {
+        return print_json(&serde_json::json!({
+            "minute": minute,
+            "verdict": verdict,
+            "slos": comparisons,
+        }));
+    }
+    let burn = |b: Option<f64>| b.map_or_else(|| "-".to_owned(), |b| format!("{b:.2}x"));
+    let rows: Vec<Vec<String>> = comparisons
+        .iter()
+        .map(|c| {
+            let said = match &c.verdict {
+                Verdict::Advance => "advance".to_owned(),
+                Verdict::Wait(_) => "wait".to_owned(),
+                Verdict::RollBack(_) => "roll back".to_owned(),
+            };
+            vec![
+                c.canary.slo.clone(),
+                format!("{}/{}", c.canary.good, c.canary.total),
+                burn(c.canary.burn_rate),
+                format!("{}/{}", c.control.good, c.control.total),
+                burn(c.control.burn_rate),
+                said,
+            ]
+        })
+        .collect();
+    table(
+        &["SLO", "CANARY_GOOD/TOTAL", "CANARY_BURN", "CONTROL_GOOD/TOTAL", "CONTROL_BURN", "VERDICT"],
+        &rows,
+    )?;
+    let window = comparisons.first().map_or(0, |c| c.canary.window_minutes);
+    match verdict {
+        Verdict::Advance => emit(&format!(
+            "advance: every SLO passes over the {window} min to {}",
+            rfc3339_ms(minute * 60_000)
+        )),
+        Verdict::Wait(why) => emit(&format!("wait: {why}")),
+        Verdict::RollBack(why) => emit(&format!("roll back: {why}")),
+    }
+}

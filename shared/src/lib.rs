@@ -37,6 +37,7 @@ pub mod ingest;
 pub mod lambda;
 pub mod metrics;
 pub mod model;
+pub mod ota;
 pub mod ports;
 pub mod text;
 pub mod time;
