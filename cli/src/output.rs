@@ -593,7 +593,7 @@ pub fn ota_gate(
     let window = comparisons.first().map_or(0, |c| c.canary.window_minutes);
     match verdict {
         Verdict::Advance => emit(&format!(
-            "advance: every SLO passes over the {window} min to {}",
+            "advance: every SLO passes over the {window} min through the minute {}",
             rfc3339_ms(minute * 60_000)
         )),
         Verdict::Wait(why) => emit(&format!("wait: {why}")),

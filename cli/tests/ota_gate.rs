@@ -77,7 +77,10 @@ async fn a_canary_burning_its_budget_is_rolled_back_and_a_healthy_one_advances()
     let healthy = dir.path().join("healthy.sqlite");
     ledger(&healthy, 0).await?;
     let text = gate(&healthy, false)?;
-    ensure!(text.contains("advance: every SLO passes over the 60 min"), "{text}");
+    ensure!(
+        text.contains("advance: every SLO passes over the 60 min through the minute 2025-11-24T17:59"),
+        "{text}"
+    );
     Ok(())
 }
 

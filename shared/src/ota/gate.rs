@@ -19,7 +19,9 @@ use crate::ports::SloReader;
 /// What a campaign's gate checks, and how strictly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GatePolicy {
-    /// SLOs from `infra/slos.json` to compare (e.g. `ingest`, `connectivity`, `freshness`).
+    /// SLOs from `infra/slos.json` to compare (e.g. `ingest`, `freshness`). `connectivity` is
+    /// counted per class and region only (presence events carry no firmware), so a canary that
+    /// differs from its control by firmware has no events of it.
     pub slos: Vec<String>,
     /// The window both cohorts are read over, in minutes (1 to the SLO window).
     pub window_minutes: i64,
@@ -35,7 +37,7 @@ pub struct GatePolicy {
 impl Default for GatePolicy {
     fn default() -> Self {
         Self {
-            slos: vec!["ingest".into(), "connectivity".into(), "freshness".into()],
+            slos: vec!["ingest".into(), "freshness".into()],
             window_minutes: 60,
             min_events: 100,
             max_ratio: 2.0,
