@@ -149,25 +149,16 @@ pub async fn ingest_on_moto(load: Load) -> Result<LoadFigures> {
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).interceptor(counter.clone()).build(),
     );
+    let sink = load
+        .timestream
+        .then(|| TimestreamSink::new(timestream, &resources.telemetry_database, &resources.telemetry_table));
     let archive = S3Archive::new(s3, &resources.archive_bucket);
-    let deps = Deps {
-        registry: DevicesTable::new(dynamodb.clone(), &resources.devices_table),
-        health: HealthTable::new(dynamodb, &resources.health_table),
-        sink: if load.timestream {
-            HotStore::Timestream(TimestreamSink::new(
-                timestream,
-                &resources.telemetry_database,
-                &resources.telemetry_table,
-            ))
-        } else {
-            HotStore::None
-        },
-        archive: archive.clone(),
-        quarantine: archive,
-        policy: IngestPolicy::default(),
-        clock: time::now_ms,
-        metrics: MetricsOut::Off,
-    };
+    let deps = ingest_deps(
+        DevicesTable::new(dynamodb.clone(), &resources.devices_table),
+        HealthTable::new(dynamodb, &resources.health_table),
+        sink,
+        archive,
+    );
     let registrations = sim::registrations(load.devices);
     deps.registry.register(&registrations).await?;
     run(&deps, &registrations, load, &counter).await
@@ -234,28 +225,38 @@ pub async fn ingest_on_mocks(load: Load) -> Result<LoadFigures> {
             conf.interceptor(counter.clone())
         });
     let s3 = mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put], |conf| conf.interceptor(counter.clone()));
-    let archive = S3Archive::new(s3, "archive");
-    let deps = Deps {
-        registry: DevicesTable::new(dynamodb.clone(), "Devices"),
-        health: HealthTable::new(dynamodb, "Health"),
-        sink: if load.timestream {
-            HotStore::Timestream(TimestreamSink::new(
-                mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, [&write], |conf| {
-                    conf.interceptor(counter.clone())
-                }),
-                "fleet",
-                "telemetry",
-            ))
-        } else {
-            HotStore::None
-        },
+    let sink = load.timestream.then(|| {
+        let client = mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, [&write], |conf| {
+            conf.interceptor(counter.clone())
+        });
+        TimestreamSink::new(client, "fleet", "telemetry")
+    });
+    let deps = ingest_deps(
+        DevicesTable::new(dynamodb.clone(), "Devices"),
+        HealthTable::new(dynamodb, "Health"),
+        sink,
+        S3Archive::new(s3, "archive"),
+    );
+    run(&deps, &registrations, load, &counter).await
+}
+
+/// The ingest function's deps on these adapters (`HotStore=timestream` when a sink is given).
+fn ingest_deps(
+    registry: DevicesTable,
+    health: HealthTable,
+    timestream: Option<TimestreamSink>,
+    archive: S3Archive,
+) -> Deps<DevicesTable, HotStore, S3Archive, S3Archive, HealthTable> {
+    Deps {
+        registry,
+        health,
+        sink: timestream.map_or(HotStore::None, HotStore::Timestream),
         archive: archive.clone(),
         quarantine: archive,
         policy: IngestPolicy::default(),
         clock: time::now_ms,
         metrics: MetricsOut::Off,
-    };
-    run(&deps, &registrations, load, &counter).await
+    }
 }
 
 /// One unmeasured batch, then `load.batches` measured ones through `deps`' handler, each

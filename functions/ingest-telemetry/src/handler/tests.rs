@@ -364,16 +364,7 @@ async fn a_redelivered_skewed_message_is_stored_once_at_its_first_arrival() -> R
     // GIVEN a hot store that records the time of each record it is given
     let fleet = deps_with_fleet().await?;
     let db = fleet.registry.clone();
-    let deps = Deps {
-        sink: RecordTimes { inner: db.clone(), written: Default::default() },
-        registry: db.clone(),
-        archive: db.clone(),
-        quarantine: db.clone(),
-        health: db,
-        policy: fleet.policy,
-        clock: fixed_clock,
-        metrics: MetricsOut::Off,
-    };
+    let deps = on_fleet(&fleet, db.clone(), RecordTimes { inner: db, written: Default::default() });
     // WHEN a batch with a skewed message arrives, then the device sends it again 90 s later
     // (a QoS 1 retransmission gets a new arrival time from the rule)
     sqs(&deps, SKEW).await?;
@@ -401,16 +392,7 @@ async fn a_skewed_message_left_unpinned_is_retried_and_its_neighbours_stored() -
     // GIVEN a registry whose pins fail transiently
     let fleet = deps_with_fleet().await?;
     let db = fleet.registry.clone();
-    let deps = Deps {
-        sink: db.clone(),
-        registry: PinsDown(db.clone()),
-        archive: db.clone(),
-        quarantine: db.clone(),
-        health: db,
-        policy: fleet.policy,
-        clock: fixed_clock,
-        metrics: MetricsOut::Off,
-    };
+    let deps = on_fleet(&fleet, PinsDown(db.clone()), db);
     // WHEN the batch with a skewed message arrives
     let response = sqs(&deps, SKEW).await?;
     // THEN only the skewed message is retried; its neighbours are stored
@@ -518,17 +500,28 @@ async fn refusing(
 ) -> Result<(EmbeddedDeps, Deps<SqliteStore, RefuseFor, SqliteStore, SqliteStore, SqliteStore>)> {
     let fleet = deps_with_fleet().await?;
     let db = fleet.registry.clone();
-    let deps = Deps {
-        sink: RefuseFor { inner: db.clone(), thing: thing(thing_name), kind },
-        registry: db.clone(),
+    let deps = on_fleet(&fleet, db.clone(), RefuseFor { inner: db, thing: thing(thing_name), kind });
+    Ok((fleet, deps))
+}
+
+/// The fleet's deps (its database for the archive, quarantine and health counters) with this
+/// registry and hot store.
+fn on_fleet<R, S>(
+    fleet: &EmbeddedDeps,
+    registry: R,
+    sink: S,
+) -> Deps<R, S, SqliteStore, SqliteStore, SqliteStore> {
+    let db = fleet.registry.clone();
+    Deps {
+        registry,
+        sink,
         archive: db.clone(),
         quarantine: db.clone(),
         health: db,
         policy: fleet.policy,
         clock: fixed_clock,
         metrics: MetricsOut::Off,
-    };
-    Ok((fleet, deps))
+    }
 }
 
 #[tokio::test]
