@@ -355,6 +355,25 @@ impl DevicesTable {
     }
 }
 
+impl DevicesTable {
+    /// `statements` in BatchExecuteStatement requests of 25 (a few at a time): one answer per
+    /// statement, in order.
+    async fn execute_all(
+        &self,
+        mut statements: Vec<(String, Vec<AttributeValue>)>,
+        op: &'static str,
+    ) -> Vec<StatementAnswer> {
+        let mut requests = Vec::new();
+        while !statements.is_empty() {
+            let rest = statements.split_off(statements.len().min(BATCH_STATEMENT_MAX));
+            requests.push(self.execute_batch(std::mem::replace(&mut statements, rest), op));
+        }
+        let answers: Vec<Vec<StatementAnswer>> =
+            stream::iter(requests).buffered(MAX_CONCURRENT_REQUESTS).collect().await;
+        answers.into_iter().flatten().collect()
+    }
+}
+
 impl DeviceRegistry for DevicesTable {
     async fn get_many(&self, things: &[ThingName]) -> Result<HashMap<ThingName, Device>, StoreError> {
         let keys: Vec<Item> =
@@ -378,21 +397,14 @@ impl DeviceRegistry for DevicesTable {
         let mut failed = Vec::new();
         let mut delays = batch_backoff();
         while !pending.is_empty() {
-            let requests: Vec<_> = pending
-                .chunks(BATCH_STATEMENT_MAX)
-                .map(|chunk| {
-                    let statements = chunk
-                        .iter()
-                        .map(|&(i, step)| state_statement(&self.table, &states[i].0, &states[i].1, step))
-                        .collect();
-                    self.execute_batch(statements, STATE_WRITE)
-                })
+            let statements = pending
+                .iter()
+                .map(|&(i, step)| state_statement(&self.table, &states[i].0, &states[i].1, step))
                 .collect();
-            let answers: Vec<Vec<StatementAnswer>> =
-                stream::iter(requests).buffered(MAX_CONCURRENT_REQUESTS).collect().await;
+            let answers = self.execute_all(statements, STATE_WRITE).await;
             let mut next = Vec::new();
             let mut retry = Vec::new();
-            for ((i, step), answer) in pending.into_iter().zip(answers.into_iter().flatten()) {
+            for ((i, step), answer) in pending.into_iter().zip(answers) {
                 match (step, answer) {
                     (_, StatementAnswer::Applied)
                     | (StateStep::UpdateAgain, StatementAnswer::ConditionFailed) => {}
@@ -430,20 +442,13 @@ impl DeviceRegistry for DevicesTable {
         let mut pinned_before: Vec<usize> = Vec::new();
         let mut delays = batch_backoff();
         while !pending.is_empty() {
-            let requests: Vec<_> = pending
-                .chunks(BATCH_STATEMENT_MAX)
-                .map(|chunk| {
-                    let statements = chunk
-                        .iter()
-                        .map(|&i| arrival_statement(&self.table, &arrivals[i].0, arrivals[i].1))
-                        .collect();
-                    self.execute_batch(statements, ARRIVAL_PIN)
-                })
+            let statements = pending
+                .iter()
+                .map(|&i| arrival_statement(&self.table, &arrivals[i].0, arrivals[i].1))
                 .collect();
-            let answers: Vec<Vec<StatementAnswer>> =
-                stream::iter(requests).buffered(MAX_CONCURRENT_REQUESTS).collect().await;
+            let answers = self.execute_all(statements, ARRIVAL_PIN).await;
             let mut retry = Vec::new();
-            for (i, answer) in std::mem::take(&mut pending).into_iter().zip(answers.into_iter().flatten()) {
+            for (i, answer) in std::mem::take(&mut pending).into_iter().zip(answers) {
                 match answer {
                     StatementAnswer::Applied => out[i] = Some(Ok(arrivals[i].1)),
                     StatementAnswer::Duplicate => pinned_before.push(i),
