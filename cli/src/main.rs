@@ -5,6 +5,8 @@
 
 mod commands;
 mod demo;
+mod firmware;
+mod ota;
 mod output;
 mod signals;
 
@@ -12,16 +14,35 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// The command line as parsed: a [`Command`] on the fleet's backend, or one that needs none.
 #[derive(Parser)]
 #[command(name = "fleetctl", version, about = "Operate a Fleetline IoT fleet backend")]
-pub struct Cli {
+struct Invocation {
     /// SQLite file of the embedded backend (ignored with FLEET_BACKEND=aws).
     #[arg(long, global = true, env = "FLEET_DB", default_value = "fleetline.sqlite")]
-    pub db: PathBuf,
+    db: PathBuf,
     /// Print stable JSON instead of tables.
     #[arg(long, global = true)]
-    pub json: bool,
+    json: bool,
     #[command(subcommand)]
+    command: Toplevel,
+}
+
+#[derive(Subcommand)]
+enum Toplevel {
+    #[command(flatten)]
+    Fleet(Command),
+    /// Signed firmware manifests for OTA campaigns: sign an image's, check one as a device does.
+    Firmware {
+        #[command(subcommand)]
+        command: firmware::FirmwareCommand,
+    },
+}
+
+/// A command on the fleet's backend, with the global options (`commands::run`).
+pub struct Cli {
+    pub db: PathBuf,
+    pub json: bool,
     pub command: Command,
 }
 
@@ -113,7 +134,8 @@ pub enum Command {
         #[command(subcommand)]
         command: CommandCommand,
     },
-    /// OTA rollouts: the health gate a stage asks before it widens.
+    /// OTA campaigns: staged rollouts of signed firmware over IoT Jobs, gated on fleet health,
+    /// rolled back on failure; and the health gate on its own.
     Ota {
         #[command(subcommand)]
         command: OtaCommand,
@@ -122,6 +144,8 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum OtaCommand {
+    #[command(flatten)]
+    Campaign(CampaignCommand),
     /// Compare a canary cohort with its control over a window, SLO by SLO, on the ledger
     /// fleet-health keeps: advance, wait (too few events, or a fleet-wide burn) or roll back
     /// (the canary burns its budget and more than --max-ratio times the control).
@@ -149,6 +173,87 @@ pub enum OtaCommand {
         /// Wait (widen nothing) while the canary burns faster than this, whoever causes it.
         #[arg(long, default_value_t = 6.0)]
         max_burn: f64,
+    },
+}
+
+/// Campaigns (embedded backend; they trust the firmware keys in FLEET_FIRMWARE_KEYS,
+/// `kid=public-key[,...]`).
+#[derive(Subcommand)]
+pub enum CampaignCommand {
+    /// Create a campaign from two signed manifests (`fleetctl firmware sign`): the firmware to
+    /// install, and the one the devices run now, which a rollback sends. It starts on the
+    /// next tick.
+    Create {
+        /// 1-56 characters of A-Z a-z 0-9 _ -; its jobs are <id>-s<n> and <id>-rb.
+        #[arg(long)]
+        id: String,
+        /// The manifest of the firmware to install.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The manifest of the firmware the devices run now.
+        #[arg(long)]
+        rollback_manifest: PathBuf,
+        /// Cumulative percentages of the eligible devices, ending at 100.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10, 50, 100])]
+        stages: Vec<u32>,
+        /// How long a settled stage is watched before the gate is asked.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        soak: std::time::Duration,
+        /// Pause for an operator when a stage stays pending, or its gate waits, this long.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        stage_timeout: std::time::Duration,
+        /// Roll back when more than this percentage of a stage's finished installs failed.
+        #[arg(long, default_value_t = 5.0)]
+        max_failure_pct: f64,
+        /// Installs IoT Jobs starts per minute (1-1000).
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// An install in progress longer than this times out (counts as failed).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        install_timeout: std::time::Duration,
+        /// Devices whose last reported battery is below this are left out (0: no check).
+        #[arg(long, default_value_t = 30.0)]
+        min_battery: f64,
+        /// Only devices heard from within this time take part (0s: no check).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        seen_within: std::time::Duration,
+        /// SLOs the gate compares (canary class/*/new against class/*/old).
+        #[arg(long = "slo", value_delimiter = ',', default_values_t = ["ingest".to_owned(), "freshness".to_owned()])]
+        slos: Vec<String>,
+        /// The gate's window.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+        /// Canary events each SLO needs in the window before the gate judges it.
+        #[arg(long, default_value_t = 100)]
+        min_events: i64,
+    },
+    /// Every campaign, newest first.
+    List,
+    /// One campaign: its state, stage, and log.
+    Show { id: String },
+    /// Move every active campaign (or one) on as far as it can go now: what the
+    /// orchestrator's schedule does.
+    Tick { id: Option<String> },
+    /// Stop a campaign from moving on (its current stage's installs go on).
+    Pause {
+        id: String,
+        #[arg(long, default_value = "operator")]
+        reason: String,
+    },
+    /// Let a paused campaign move on again.
+    Resume { id: String },
+    /// End a campaign where it is: queued installs are canceled, devices keep what they have.
+    Abort {
+        id: String,
+        #[arg(long, default_value = "operator")]
+        reason: String,
+    },
+    /// Roll a campaign back now: queued installs are canceled, every device a stage reached
+    /// gets the old firmware.
+    Rollback {
+        id: String,
+        #[arg(long, default_value = "operator")]
+        reason: String,
     },
 }
 
@@ -389,7 +494,11 @@ pub enum QuarantineCommand {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let Invocation { db, json, command } = Invocation::parse();
+    let cli = match command {
+        Toplevel::Fleet(command) => Cli { db, json, command },
+        Toplevel::Firmware { command } => return exit_code(firmware::run(command)),
+    };
     // The demo expects quarantines and drives a live progress line: only errors by default.
     let default_filter = if matches!(cli.command, Command::Demo { .. }) { "error" } else { "warn" };
     tracing_subscriber::fmt()
@@ -398,7 +507,12 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match commands::run(cli).await {
+    exit_code(commands::run(cli).await)
+}
+
+/// Success, or the error on stderr and failure.
+fn exit_code(outcome: anyhow::Result<()>) -> std::process::ExitCode {
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader went away (`fleetctl ... | head`): not an error.
         Err(e)

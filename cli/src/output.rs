@@ -600,3 +600,85 @@ pub fn ota_gate(
         Verdict::RollBack(why) => emit(&format!("roll back: {why}")),
     }
 }
+
+/// A campaign's stage as a short text: `2/4 (10%)`.
+fn campaign_stage(c: &fleet_shared::ota::campaign::Campaign) -> String {
+    use fleet_shared::ota::campaign::State;
+    match &c.state {
+        State::Stage(s) => format!("{}/{} ({}%)", s.stage + 1, c.spec.stages.len(), c.spec.stages[s.stage]),
+        _ => "-".to_owned(),
+    }
+}
+
+fn campaign_state(c: &fleet_shared::ota::campaign::Campaign) -> String {
+    match &c.paused {
+        Some(_) => format!("{} (paused)", c.state.name()),
+        None => c.state.name().to_owned(),
+    }
+}
+
+pub fn campaigns(list: &[fleet_shared::ota::campaign::Campaign], json: bool) -> Result<()> {
+    if json {
+        return print_json(&list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            vec![
+                c.spec.id.clone(),
+                format!("{} {} -> {}", c.spec.class, c.spec.from_fw, c.spec.to_fw),
+                campaign_state(c),
+                campaign_stage(c),
+                format!("{}/{}", c.targeted, c.population),
+                rfc3339_ms(c.updated_ms),
+            ]
+        })
+        .collect();
+    table(&["CAMPAIGN", "FIRMWARE", "STATE", "STAGE", "TARGETED/ELIGIBLE", "UPDATED"], &rows)
+}
+
+pub fn campaign(c: &fleet_shared::ota::campaign::Campaign, json: bool) -> Result<()> {
+    use fleet_shared::ota::campaign::State;
+    if json {
+        return print_json(c);
+    }
+    campaigns(std::slice::from_ref(c), false)?;
+    if let Some(why) = &c.paused {
+        emit(&format!("paused: {}", printable(why)))?;
+    }
+    match &c.state {
+        State::Stage(s) => {
+            emit(&format!("job {}: {}", s.job, printable(s.last.as_deref().unwrap_or("just started"))))?
+        }
+        State::RollingBack { reason, job, .. } => {
+            emit(&format!("rolling back with job {job}: {}", printable(reason)))?
+        }
+        State::RolledBack { reason } | State::Aborted { reason } => {
+            emit(&format!("why: {}", printable(reason)))?
+        }
+        State::Pending | State::Completed => {}
+    }
+    for entry in &c.log {
+        emit(&format!("  {}  {}", rfc3339_ms(entry.at_ms), printable(&entry.text)))?;
+    }
+    Ok(())
+}
+
+/// What `fleetctl ota tick` did: campaign, state after, summary.
+pub fn campaign_ticks(lines: &[(String, &str, String)], json: bool) -> Result<()> {
+    if json {
+        let out: Vec<_> = lines
+            .iter()
+            .map(|(id, state, summary)| json!({"campaign": id, "state": state, "summary": summary}))
+            .collect();
+        return print_json(&out);
+    }
+    if lines.is_empty() {
+        return emit("no active campaign");
+    }
+    let rows: Vec<Vec<String>> = lines
+        .iter()
+        .map(|(id, state, summary)| vec![id.clone(), (*state).to_owned(), summary.clone()])
+        .collect();
+    table(&["CAMPAIGN", "STATE", "NOW"], &rows)
+}

@@ -18,6 +18,9 @@
 //!   carry private keys, and this broker cannot answer one connection only);
 //! - **fleet provisioning**: requests on the provisioning topics are answered by
 //!   [`crate::provisioning`] (and reach no subscriber or rule);
+//! - **jobs**: requests on `$aws/things/<t>/jobs/…` are answered by [`crate::jobs`] (and reach
+//!   no subscriber or rule); its timer publishes what changed out of band (notices to devices,
+//!   job and job execution events, which also go to the rules engine);
 //! - **intake**: every publish is handed to the rules engine, with its client id, *before* the
 //!   broker acknowledges it, so an acknowledged message is never lost;
 //! - **lifecycle events**: connects and disconnects are published on `$aws/events/presence/…`
@@ -53,6 +56,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use crate::jobs::{self, Jobs, JobsRequest, Publication, Publish};
 use crate::lifecycle::{self, DisconnectReason, Sessions};
 use crate::policy::{Action, IotPolicy};
 use crate::provisioning::{Provisioning, Request as ProvisioningRequest};
@@ -92,6 +96,8 @@ pub struct BrokerOptions {
     /// The fleet-provisioning service, and through it the claim certificate; `None`: no
     /// provisioning, and no certificate names a client (`cert/…` usernames are refused).
     pub provisioning: Option<Arc<Provisioning>>,
+    /// The Jobs service (`None`: jobs topics are plain topics).
+    pub jobs: Option<Arc<Jobs>>,
 }
 
 pub struct Broker {
@@ -99,6 +105,8 @@ pub struct Broker {
     iot: Arc<IotCore>,
     shutdown: BrokerShutdownHandle,
     task: JoinHandle<()>,
+    /// The Jobs service's timer (sweep, and what changed out of band).
+    jobs_timer: Option<JoinHandle<()>>,
 }
 
 /// The hooks' shared state: policy, the intake and its gate, sessions for lifecycle events.
@@ -116,6 +124,7 @@ struct IotCore {
     shadow_store: Option<SqliteStore>,
     claim_policy: Option<IotPolicy>,
     provisioning: Option<Arc<Provisioning>>,
+    jobs: Option<Arc<Jobs>>,
     /// `cert/<claim certificate id>`: the username of a claim holder.
     claim_user: Option<String>,
     /// The claim session that may receive provisioning answers now (see
@@ -219,6 +228,22 @@ impl IotCore {
     }
 }
 
+/// The Jobs service publishes through the broker: answers and notices to subscribers, events
+/// to subscribers and the rules engine (as lifecycle events). An event the rules engine can no
+/// longer take (intake stopped) is reported undelivered, so it is published again after a
+/// restart.
+impl Publish for IotCore {
+    async fn publish(&self, message: Publication) -> bool {
+        let payload = Bytes::from(message.payload);
+        if !message.to_rules {
+            self.publish_to_subscribers(message.topic, payload).await;
+            return true;
+        }
+        self.publish_to_subscribers(message.topic.clone(), payload.clone()).await;
+        self.admit(Inbound { topic: message.topic.into(), payload, client_id: None }).await
+    }
+}
+
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl AuthProvider for IotCore {
@@ -277,13 +302,15 @@ impl AuthProvider for IotCore {
         user: Option<&'a str>,
         topic: &'a str,
     ) -> Boxed<'a, bool> {
-        // The shadow service's answers (accepted, rejected, delta, documents) are IoT Core's
-        // to publish: a device may only subscribe to them, as on AWS.
-        let answer = crate::shadow::is_answer_topic(topic) || crate::provisioning::is_answer_topic(topic);
+        // The shadow and jobs services' answers (accepted, rejected, delta, documents, notify)
+        // are IoT Core's to publish: a device may only subscribe to them, as on AWS.
+        let answer = crate::shadow::is_answer_topic(topic)
+            || crate::provisioning::is_answer_topic(topic)
+            || (self.jobs.is_some() && jobs::is_answer_topic(topic));
         let reserved = answer && user != Some(OPERATOR_USERNAME);
         if reserved {
             self.stats.refused_by_policy.fetch_add(1, SeqCst);
-            warn!(client_id, topic, "refused: shadow and provisioning answer topics are subscribe-only");
+            warn!(client_id, topic, "refused: shadow, jobs and provisioning answers are subscribe-only");
         }
         let allowed =
             !reserved && self.device_may(Action::Publish, &format!("topic/{topic}"), client_id, user);
@@ -341,6 +368,16 @@ impl BrokerEventHandler for Hooks {
                 for (topic, payload) in answers {
                     self.0.publish_own(topic, Bytes::from(payload)).await;
                 }
+            }
+            // The Jobs service answers requests on its topics; a request reaches no one else. While
+            // stopping, a request is left unacknowledged like any other publish (the device sends
+            // it again to the next broker).
+            if let (Some(jobs), Some(request)) = (&self.0.jobs, JobsRequest::parse(&event.topic)) {
+                if self.0.stopping.load(SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                jobs.serve(&request, &event.payload, time::now_ms(), &*self.0).await;
+                return PublishAction::Handled;
             }
             // Fleet provisioning answers requests on its topics; a request reaches no one else
             // (CreateKeysAndCertificate's answer carries a private key).
@@ -432,6 +469,7 @@ impl Broker {
                 .map(|p| format!("{CERTIFICATE_USERNAME_PREFIX}{}", p.claim)),
             claim_policy: opts.claim_policy,
             provisioning: opts.provisioning,
+            jobs: opts.jobs,
             answer_listener: tokio::sync::Mutex::default(),
             router: OnceLock::new(),
             stats,
@@ -466,8 +504,23 @@ impl Broker {
             .await
             .map_err(|_| anyhow::anyhow!("MQTT broker on {addr} did not become ready"))?
             .map_err(|_| anyhow::anyhow!("MQTT broker on {addr} stopped while starting"))?;
+        let jobs_timer = iot.jobs.clone().map(|jobs| {
+            let iot = Arc::clone(&iot);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(jobs::TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    // Once intake stops, events could no longer reach the rules engine.
+                    if iot.stopping.load(SeqCst) {
+                        break;
+                    }
+                    jobs.tick(time::now_ms(), &*iot).await;
+                }
+            })
+        });
         let intake = Intake { rx: intake_rx, iot: Arc::clone(&iot) };
-        Ok((Broker { addr, iot, shutdown, task }, intake))
+        Ok((Broker { addr, iot, shutdown, task, jobs_timer }, intake))
     }
 
     /// Refuse new connections and leave new publishes unacknowledged; the [`Intake`] then ends
@@ -480,6 +533,9 @@ impl Broker {
     /// Disconnect every client and stop listening (bounded: connections whose publish was left
     /// unacknowledged end with the process).
     pub async fn stop(self) {
+        if let Some(timer) = &self.jobs_timer {
+            timer.abort();
+        }
         self.shutdown.shutdown();
         let _ = tokio::time::timeout(BROKER_STOP_TIMEOUT, self.task).await;
     }

@@ -7,6 +7,7 @@
 //! | [`queue`] | SQS queues and the Lambda event source mappings that read them |
 //! | [`schedule`] | EventBridge schedules |
 //! | [`functions`] | Lambda: functions by name, JSON in and out; [`catalog`] says which handler is which |
+//! | [`jobs`] | IoT Jobs' device MQTT API, notifications and job events over the jobs in the database |
 //! | [`provisioning`], [`ca`] | fleet provisioning by claim (CreateKeysAndCertificate, RegisterThing with the pre-provisioning hook), certificates from a local CA |
 //! | [`http`], [`dashboard`] | a JSON API and dashboard over the embedded store |
 //!
@@ -20,6 +21,7 @@ pub mod catalog;
 pub mod dashboard;
 pub mod functions;
 pub mod http;
+pub mod jobs;
 pub mod lifecycle;
 pub mod policy;
 pub mod provisioning;
@@ -247,6 +249,7 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
         shadow_store: Some(store.clone()),
         claim_policy: template.claim_policy.clone(),
         provisioning: provisioning.clone(),
+        jobs: Some(Arc::new(jobs::Jobs::new(store.clone()))),
     };
     let (broker, mut intake) = Broker::start(broker_opts, Arc::clone(&stats)).await?;
     let _ = mqtt_addr.set(broker.addr);

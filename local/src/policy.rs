@@ -237,6 +237,24 @@ mod tests {
     }
 
     #[test]
+    fn a_device_uses_only_its_own_jobs_topics() {
+        let p = device_policy();
+        let d = "sensor-001";
+        for own in ["start-next", "get", "fw-1/update", "$next/get"] {
+            assert!(p.allows(Action::Publish, &format!("topic/$aws/things/{d}/jobs/{own}"), d), "{own}");
+            assert!(
+                !p.allows(Action::Publish, &format!("topic/$aws/things/sensor-002/jobs/{own}"), d),
+                "{own}"
+            );
+        }
+        assert!(p.allows(Action::Subscribe, "topicfilter/$aws/things/sensor-001/jobs/notify-next", d));
+        assert!(p.allows(Action::Subscribe, "topicfilter/$aws/things/sensor-001/jobs/#", d));
+        assert!(!p.allows(Action::Subscribe, "topicfilter/$aws/things/sensor-002/jobs/notify-next", d));
+        assert!(!p.allows(Action::Subscribe, "topicfilter/$aws/things/+/jobs/notify-next", d));
+        assert!(!p.allows(Action::Subscribe, "topicfilter/$aws/events/jobExecution/+/+", d));
+    }
+
+    #[test]
     fn deny_wins_and_wildcards_follow_iot_rules() -> Result<(), PolicyError> {
         let doc: Value = serde_yaml_ng::from_str(
             "Resources:\n  P:\n    Type: AWS::IoT::Policy\n    Properties:\n      PolicyDocument:\n        Statement:\n          - Effect: Allow\n            Action: 'iot:*'\n            Resource: 'arn:aws:iot:eu-west-1:1:topic/a/?/*'\n          - Effect: Deny\n            Action: iot:Publish\n            Resource: [!Sub 'arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:topic/a/x/secret']\n",

@@ -31,6 +31,8 @@
 //! | [`CommandPublisher`] | `IotDataShadows` (locally `MqttPublisher`, the broker) | `iot:Publish` on `topic/cmd/fleet/*/req` |
 //! | [`CertificateRegistry`] | `IotControlPlane` | `iot:ListCertificates`, `iot:DescribeCertificate` on `cert/*`, `iot:ListPrincipalThings`, `iot:ListThingPrincipals` on `thing/*` (reconciliation, decommission) |
 //! | [`CertificateControl`] | `IotControlPlane` | `iot:UpdateCertificate` on `cert/*` (operators: decommission) |
+//! | [`CampaignStore`] | `CampaignsTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (conditional on the version), `dynamodb:Scan` on the Campaigns table |
+//! | [`JobsControl`] | `IotJobs` (locally the local IoT Core's jobs service) | `iot:CreateJob`, `iot:CancelJob`, `iot:DescribeJob`, `iot:ListJobExecutionsForJob` on `job/*`, with the target `thing/*` (OTA campaigns) |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -40,8 +42,10 @@ use crate::error::{ErrorKind, StoreError};
 use crate::ingest::{ArchiveObject, QuarantineLine};
 use crate::model::{
     AllowlistEntry, CertStatus, Certificate, CertificateDetail, CertificateId, CertificatePage, Device,
-    DeviceRegistration, DeviceState, DriftSummary, MessageId, ShadowName, StoredReading, ThingName, Twin,
+    DeviceRegistration, DeviceState, DriftSummary, ExecutionStatus, JobId, JobProgress, MessageId, NewJob,
+    ShadowName, StoredReading, ThingName, Twin,
 };
+use crate::ota::campaign::Campaign;
 use crate::twin::policy::StalePolicy;
 
 /// What the ingest pipeline reads and writes about devices.
@@ -663,4 +667,36 @@ pub trait CommandStore: Send + Sync {
 pub trait CommandPublisher: Send + Sync {
     /// Publish `payload` on `topic` at QoS 1.
     fn publish(&self, topic: &str, payload: &[u8]) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// IoT Jobs' control plane: what an OTA campaign asks of it.
+pub trait JobsControl: Send + Sync {
+    /// Create a job for its targets. A job id that exists already is a [`ErrorKind::Conflict`]
+    /// (AWS keeps job ids unique, even after a job is deleted), so a retried create is told
+    /// from a new one by the caller.
+    fn create_job(&self, job: &NewJob) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Cancel a job: its queued executions become CANCELED; with `force`, those in progress too.
+    /// Cancelling a job that is no longer in progress changes nothing.
+    fn cancel_job(&self, job: &JobId, force: bool) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The job's status and its executions' counts; `None` for an unknown job.
+    fn job_progress(
+        &self,
+        job: &JobId,
+    ) -> impl Future<Output = Result<Option<JobProgress>, StoreError>> + Send;
+    /// Every execution of the job with its status, in thing order (all pages).
+    fn job_executions(
+        &self,
+        job: &JobId,
+    ) -> impl Future<Output = Result<Vec<(ThingName, ExecutionStatus)>, StoreError>> + Send;
+}
+
+/// Where OTA campaigns are kept.
+pub trait CampaignStore: Send + Sync {
+    fn campaign(&self, id: &str) -> impl Future<Output = Result<Option<Campaign>, StoreError>> + Send;
+    /// Every campaign, newest first.
+    fn campaigns(&self) -> impl Future<Output = Result<Vec<Campaign>, StoreError>> + Send;
+    /// Store `campaign` if the stored copy is still at `campaign.version` (0: none stored yet),
+    /// as version + 1, which it returns; another writer got there first is a
+    /// [`ErrorKind::Conflict`], so an operator's pause and a tick never overwrite each other.
+    fn put_campaign(&self, campaign: &Campaign) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }

@@ -1,6 +1,8 @@
 //! The port contract: behaviour every backend must show, written once ([`port_contract!`]
 //! instantiates the whole suite for a backend) and run against the embedded store
 //! (in-process) and the AWS adapters (on moto). Each check returns `Err` with what differed.
+//! [`jobs_contract!`] does the same for IoT Jobs' control plane ([`JobsControl`]); it runs on
+//! the embedded store until the AWS adapter exists.
 //!
 //! What moto cannot check is named, not faked: moto's Timestream only appends (no 100-record
 //! limit, no key semantics, no queries), so on AWS the sink check proves only that a batch
@@ -11,13 +13,13 @@
 use anyhow::{ensure, Context, Result};
 use fleet_shared::ingest::{raw_object, Problem, QuarantineLine, Reason};
 use fleet_shared::model::{
-    DeviceRegistration, DeviceState, MessageId, Metric, Reading, ReadingFlags, ShadowName, StoredReading,
-    ThingName, Twin,
+    DeviceRegistration, DeviceState, ExecutionStatus, JobId, JobStatus, MessageId, Metric, NewJob, Reading,
+    ReadingFlags, ShadowName, StoredReading, ThingName, Twin,
 };
 use fleet_shared::ports::{
     Allowlist, ArchiveReader, AuditEvent, CertMark, CertificateInventory, DeviceAdmin, DeviceCertStatus,
-    DeviceRegistry, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive, Reports, TelemetrySink,
-    TwinPolicies, TwinStore, WriteStatus,
+    DeviceRegistry, JobsControl, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive, Reports,
+    TelemetrySink, TwinPolicies, TwinStore, WriteStatus,
 };
 use fleet_shared::twin::{apply, sync, ShadowEvent, TwinChange, TwinEvent};
 
@@ -79,6 +81,25 @@ macro_rules! port_contract {
         async fn $check() -> anyhow::Result<()> {
             let ports = $ports.await?;
             $crate::contract::$check(&ports.$port).await
+        }
+    };
+}
+
+/// The IoT Jobs control plane's contract ([`JobsControl`]) as tests, for the backend `jobs`
+/// builds (a future that gives the adapter). Extra attributes go on every test.
+#[macro_export]
+macro_rules! jobs_contract {
+    ($(#[$attr:meta])* jobs = $jobs:expr) => {
+        $crate::jobs_contract!(@one [$(#[$attr])*] $jobs; a_job_is_created_once_with_every_target_queued);
+        $crate::jobs_contract!(@one [$(#[$attr])*] $jobs; cancelling_a_job_cancels_its_queued_executions_once);
+        $crate::jobs_contract!(@one [$(#[$attr])*] $jobs; a_job_without_targets_is_refused_as_permanent);
+    };
+    (@one [$($attrs:tt)*] $jobs:expr; $check:ident) => {
+        #[tokio::test]
+        $($attrs)*
+        async fn $check() -> anyhow::Result<()> {
+            let jobs = $jobs.await?;
+            $crate::contract::$check(&jobs).await
         }
     };
 }
@@ -822,5 +843,68 @@ pub async fn commands_are_sequenced_per_device_and_settled_once<S: fleet_shared:
     again.status = CommandStatus::Failed;
     ensure!(!s.settle_command(&again).await?, "settled once");
     ensure!(s.command("c-contract-2").await? == Some(done), "the first ack stands");
+    Ok(())
+}
+
+fn job_id(s: &str) -> Result<JobId> {
+    Ok(JobId::parse(s)?)
+}
+
+fn new_job(id: &str, targets: &[usize]) -> Result<NewJob> {
+    Ok(NewJob {
+        job_id: job_id(id)?,
+        targets: targets.iter().map(|n| thing(*n)).collect(),
+        document: serde_json::json!({"operation": "install", "firmware": "2.1.0"}),
+        description: "contract".into(),
+        max_per_minute: None,
+        in_progress_timeout_minutes: None,
+    })
+}
+
+/// A job gives every target a QUEUED execution, listed in thing order; its id cannot be used
+/// again (a Conflict, whatever the second job holds); an unknown job has no progress.
+pub async fn a_job_is_created_once_with_every_target_queued<S: JobsControl>(s: &S) -> Result<()> {
+    let id = job_id("contract-job-create")?;
+    s.create_job(&new_job(id.as_str(), &[902, 900, 901])?).await?;
+    let progress = s.job_progress(&id).await?.context("the job just created")?;
+    ensure!(progress.status == JobStatus::InProgress, "status {:?}", progress.status);
+    ensure!((progress.counts.queued, progress.counts.total()) == (3, 3), "counts {:?}", progress.counts);
+    let listed = s.job_executions(&id).await?;
+    let expected: Vec<_> = [900, 901, 902].iter().map(|n| (thing(*n), ExecutionStatus::Queued)).collect();
+    ensure!(listed == expected, "executions {listed:?}");
+    let again = s.create_job(&new_job(id.as_str(), &[903])?).await;
+    ensure!(
+        again.as_ref().is_err_and(|e| e.kind == fleet_shared::ErrorKind::Conflict),
+        "an id twice: {again:?}"
+    );
+    ensure!(s.job_executions(&id).await? == expected, "the second create changed the job");
+    let unknown = job_id("contract-job-unknown")?;
+    ensure!(s.job_progress(&unknown).await?.is_none(), "progress of an unknown job");
+    ensure!(s.job_executions(&unknown).await?.is_empty(), "executions of an unknown job");
+    Ok(())
+}
+
+/// Cancelling turns the queued executions and the job CANCELED; cancelling again (even with
+/// force) changes nothing.
+pub async fn cancelling_a_job_cancels_its_queued_executions_once<S: JobsControl>(s: &S) -> Result<()> {
+    let id = job_id("contract-job-cancel")?;
+    s.create_job(&new_job(id.as_str(), &[910, 911])?).await?;
+    s.cancel_job(&id, false).await?;
+    let progress = s.job_progress(&id).await?.context("the job just cancelled")?;
+    ensure!(progress.status == JobStatus::Canceled, "status {:?}", progress.status);
+    ensure!((progress.counts.canceled, progress.counts.pending()) == (2, 0), "counts {:?}", progress.counts);
+    let listed = s.job_executions(&id).await?;
+    ensure!(listed.iter().all(|(_, st)| *st == ExecutionStatus::Canceled), "executions {listed:?}");
+    s.cancel_job(&id, true).await?;
+    ensure!(s.job_progress(&id).await? == Some(progress), "a second cancel changed the job");
+    Ok(())
+}
+
+/// A job with no target is refused as permanent (retrying cannot help), and not stored.
+pub async fn a_job_without_targets_is_refused_as_permanent<S: JobsControl>(s: &S) -> Result<()> {
+    let id = job_id("contract-job-empty")?;
+    let refused = s.create_job(&new_job(id.as_str(), &[])?).await;
+    ensure!(refused.as_ref().is_err_and(|e| e.kind == fleet_shared::ErrorKind::Permanent), "{refused:?}");
+    ensure!(s.job_progress(&id).await?.is_none(), "a refused job was stored");
     Ok(())
 }

@@ -33,6 +33,13 @@ async fn ports() -> Result<Embedded> {
 
 fleet_tests::port_contract!(ports = ports());
 
+/// IoT Jobs' control plane on the same kind of store (the local IoT Core's jobs service).
+async fn jobs() -> Result<SqliteStore> {
+    Ok(SqliteStore::in_memory()?)
+}
+
+fleet_tests::jobs_contract!(jobs = jobs());
+
 /// Key semantics need a store that has them: SQLite here, Timestream through scripted
 /// answers in the adapter's mock tests (moto's Timestream only appends).
 #[tokio::test]

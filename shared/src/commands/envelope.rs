@@ -18,7 +18,7 @@ pub const DOMAIN: &[u8] = b"fleetline-cmd-v1\0";
 pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024;
 
 /// A field made of ASCII letters, digits and a few punctuation characters.
-pub(super) struct Token {
+pub(crate) struct Token {
     max: usize,
     punct: &'static [u8],
     rule: &'static str,
@@ -27,19 +27,32 @@ pub(super) struct Token {
 pub(super) const CMD_ID: Token = Token { max: 64, punct: b"_-", rule: "1-64 characters of A-Z a-z 0-9 _ -" };
 const THING: Token = Token { max: 128, punct: b":_-", rule: "1-128 characters of A-Z a-z 0-9 : _ -" };
 const NAME: Token = Token { max: 64, punct: b"_.-", rule: "1-64 characters of A-Z a-z 0-9 _ . -" };
-pub(super) const KID: Token = Token { max: 32, punct: b"_.-", rule: "1-32 characters of A-Z a-z 0-9 _ . -" };
+/// A signing key's id; firmware manifests ([`crate::ota::manifest`]) name their key by the same rule.
+pub(crate) const KID: Token = Token { max: 32, punct: b"_.-", rule: "1-32 characters of A-Z a-z 0-9 _ . -" };
 
 impl Token {
-    pub(super) fn check(&self, field: &'static str, value: &str) -> Result<(), Malformed> {
-        let valid = (1..=self.max).contains(&value.len())
-            && value.bytes().all(|b| b.is_ascii_alphanumeric() || self.punct.contains(&b));
-        if valid {
+    pub(crate) fn check(&self, field: &'static str, value: &str) -> Result<(), Malformed> {
+        if self.admits(value) {
             Ok(())
         } else {
             Err(Malformed::Field { field, rule: self.rule })
         }
     }
+
+    /// Whether `value` keeps the rule.
+    pub(crate) fn admits(&self, value: &str) -> bool {
+        (1..=self.max).contains(&value.len())
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || self.punct.contains(&b))
+    }
+
+    /// The rule in words, for error messages.
+    pub(crate) fn rule(&self) -> &'static str {
+        self.rule
+    }
 }
+
+/// How `sig` is written, for error messages: [`decode_signature`] takes nothing else.
+pub(crate) const SIG_RULE: &str = "standard padded base64 of 64 bytes";
 
 /// Why a command envelope or an ack breaks the protocol (reason code `malformed`).
 #[derive(Debug, Error)]
@@ -134,12 +147,9 @@ impl CommandEnvelope {
         out
     }
 
-    /// `sig` decoded: strict standard base64 (canonical padding, no spare bits) of 64 bytes.
+    /// `sig` decoded ([`decode_signature`]).
     pub(super) fn signature(&self) -> Result<Signature, Malformed> {
-        let bytes = STANDARD.decode(&self.sig).ok().and_then(|b| <[u8; 64]>::try_from(b).ok());
-        bytes
-            .map(|b| Signature::from_bytes(&b))
-            .ok_or(Malformed::Field { field: "sig", rule: "standard padded base64 of 64 bytes" })
+        decode_signature(&self.sig).ok_or(Malformed::Field { field: "sig", rule: SIG_RULE })
     }
 
     /// Compact JSON, as published.
@@ -148,7 +158,15 @@ impl CommandEnvelope {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+/// A signature as `sig` carries it: strict standard base64 (canonical padding, no spare bits)
+/// of 64 bytes; `None` for anything else.
+pub(crate) fn decode_signature(sig: &str) -> Option<Signature> {
+    let bytes = STANDARD.decode(sig).ok().and_then(|b| <[u8; 64]>::try_from(b).ok());
+    bytes.map(|b| Signature::from_bytes(&b))
+}
+
+/// A *string* of the signing bytes: its UTF-8 length as 4 bytes big-endian, then its bytes.
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     let len = u32::try_from(s.len()).expect("fields are bounded far below 4 GiB");
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(s.as_bytes());

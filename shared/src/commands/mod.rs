@@ -95,7 +95,11 @@ pub use ack::{AckStatus, CommandAck};
 /// A device's trusted public key.
 pub use ed25519_dalek::VerifyingKey;
 pub use envelope::{CommandEnvelope, Malformed, UnsignedCommand, DOMAIN, MAX_ENVELOPE_BYTES};
+// What firmware manifests (`crate::ota::manifest`) share: the kid rule, the signing bytes'
+// strings, the `sig` encoding and the key text.
+pub(crate) use envelope::{decode_signature, put_str, KID, SIG_RULE};
 pub use record::{settle, CommandRecord, CommandStatus, Settled, ACK_GRACE_MS};
+pub(crate) use sign::{decode_hex, key_bytes, seed_from_text};
 pub use sign::{CommandSigner, KeyError};
 pub use verify::{CommandVerifier, Rejection, ReplayState, VerifierConfig, WindowOutOfRange};
 

@@ -37,13 +37,7 @@ impl CommandSigner {
     /// A signer from the seed written as 64 hex digits or standard base64 (as key files hold it);
     /// surrounding whitespace is ignored.
     pub fn from_text(kid: impl Into<String>, text: &str) -> Result<Self, KeyError> {
-        let text = text.trim();
-        let bytes = match decode_hex(text) {
-            Some(bytes) => bytes,
-            None => STANDARD.decode(text)?,
-        };
-        let seed = <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::WrongLength(bytes.len()))?;
-        Self::from_bytes(kid, &seed)
+        Self::from_bytes(kid, &seed_from_text(text)?)
     }
 
     pub fn kid(&self) -> &str {
@@ -96,8 +90,24 @@ impl CommandSigner {
     }
 }
 
+/// A signing key's 32-byte seed from its text ([`key_bytes`]).
+pub(crate) fn seed_from_text(text: &str) -> Result<[u8; 32], KeyError> {
+    let bytes = key_bytes(text)?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::WrongLength(bytes.len()))
+}
+
+/// The bytes of a key written as hex digits or standard base64 (as key files and operators
+/// hold keys); surrounding whitespace is ignored.
+pub(crate) fn key_bytes(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    let text = text.trim();
+    match decode_hex(text) {
+        Some(bytes) => Ok(bytes),
+        None => STANDARD.decode(text),
+    }
+}
+
 /// `Some` when `text` is hex digits only (any case), in pairs.
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_hex(text: &str) -> Option<Vec<u8>> {
     let digit = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
     if !text.len().is_multiple_of(2) {
         return None;

@@ -1,7 +1,8 @@
-//! Plain data shared by every function: names, telemetry readings, devices, twins.
+//! Plain data shared by every function: names, telemetry readings, devices, twins, jobs.
 
 mod cert;
 mod device;
+mod job;
 mod telemetry;
 mod thing;
 mod twin;
@@ -12,6 +13,10 @@ pub use cert::{
 };
 pub use device::{
     validate_label, Device, DeviceRegistration, DeviceState, InvalidLabel, MAX_LABEL_LEN, UNREGISTERED_CLASS,
+};
+pub use job::{
+    ExecutionStatus, InvalidJobId, JobCounts, JobId, JobProgress, JobStatus, NewJob, MAX_JOB_DOCUMENT_BYTES,
+    MAX_JOB_ID_LEN, MAX_PER_MINUTE,
 };
 pub use telemetry::{MessageId, Metric, Reading, ReadingFlags, StoredReading};
 pub use thing::{InvalidThingName, ThingName};

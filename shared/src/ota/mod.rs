@@ -1,8 +1,13 @@
-//! OTA campaigns (first slice): the health gate a staged rollout asks before it widens.
+//! OTA campaigns: signed firmware manifests ([`manifest`]), the campaign state machine that
+//! rolls one out in stages over IoT Jobs ([`campaign`]) and the engine that ticks it against
+//! the ports ([`engine`]), and the health gate a stage asks before it widens ([`gate`]).
 //!
 //! A stage of a rollout puts new firmware on a canary cohort (e.g. `sensor/*/1.5.0`) while the
 //! rest of the same devices (`sensor/*/1.4.2`) are the control. The gate compares the two over
 //! the same window with fleet health's own numbers ([`crate::health::gate::burn_rate`]) and
 //! answers advance, wait or roll back, with the readings it judged.
 
+pub mod campaign;
+pub mod engine;
 pub mod gate;
+pub mod manifest;

@@ -1,9 +1,11 @@
 //! The embedded backend: every port on one SQLite file (WAL mode, migrated schema), for the
 //! local stack, `cargo lambda watch --features embedded` and tests. No AWS account needed.
 
+mod campaigns;
 mod certs;
 mod commands;
 mod health;
+mod jobs;
 mod local_shadows;
 #[cfg(feature = "mqtt")]
 mod mqtt;
@@ -12,6 +14,10 @@ mod registry;
 mod sqlite;
 mod twins;
 
+pub use jobs::{
+    DeviceStatus, ExecutionEvent, ExecutionUpdate, JobEvent, JobExecution, JobOutbox, JobsError, StartNext,
+    StatusDetails, SweepReport, ThingNotice, UpdateRefused, MAX_JOB_TIMEOUT_MINUTES,
+};
 pub use local_shadows::LocalShadow;
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttPublisher, LOCAL_OPERATOR_USERNAME};

@@ -101,6 +101,10 @@ const MIGRATIONS: &[&str] = &[
     super::commands::COMMANDS_SCHEMA,
     // Version 14: skew-corrected messages' first arrivals.
     ARRIVAL_PINS_SCHEMA,
+    // Version 15: IoT Jobs: jobs, their executions, what devices and rules were told.
+    super::jobs::JOBS_SCHEMA,
+    // Version 16: OTA campaigns.
+    super::campaigns::CAMPAIGNS_SCHEMA,
 ];
 
 /// Migration step 14: the first arrival of each skew-corrected message

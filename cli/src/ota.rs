@@ -1,0 +1,170 @@
+//! `fleetctl ota` campaigns: create one from two signed manifests, list and show them, tick
+//! them (what the orchestrator's schedule does), and the operator's pause, resume, abort and
+//! roll back. The campaign engine is `fleet_shared::ota::engine`; this only parses and prints.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use fleet_shared::health::slo::Catalog;
+use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Preconditions, State};
+use fleet_shared::ota::engine::Engine;
+use fleet_shared::ota::gate::GatePolicy;
+use fleet_shared::ota::manifest::{verifying_key_from_text, FirmwareManifest, ManifestVerifier};
+use fleet_shared::ports::{CampaignStore, DeviceAdmin, JobsControl, SloReader};
+use fleet_shared::time;
+
+use crate::output;
+use crate::CampaignCommand;
+
+/// The firmware keys campaigns trust: `kid=public key` pairs (hex or base64), comma-separated,
+/// as `FLEET_FIRMWARE_KEYS` holds them.
+pub fn trusted_keys(text: &str) -> Result<ManifestVerifier> {
+    let mut trusted = Vec::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (kid, key) = pair.split_once('=').ok_or_else(|| anyhow!("{pair:?} is not kid=public-key"))?;
+        let key = verifying_key_from_text(key).map_err(|e| anyhow!("firmware key {kid}: {e}"))?;
+        trusted.push((kid.trim().to_owned(), key));
+    }
+    if trusted.is_empty() {
+        bail!("no trusted firmware key: set FLEET_FIRMWARE_KEYS to kid=public-key[,kid=public-key]");
+    }
+    Ok(ManifestVerifier::new(trusted))
+}
+
+fn read_manifest(path: &Path) -> Result<FirmwareManifest> {
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    FirmwareManifest::parse(&raw).map_err(|e| anyhow!("{}: {} ({e})", path.display(), e.code()))
+}
+
+async fn load<S: CampaignStore>(store: &S, id: &str) -> Result<Campaign> {
+    store.campaign(id).await?.ok_or_else(|| anyhow!("no campaign {id:?}"))
+}
+
+/// Run one campaign command; `verifier` is needed by those that tick or create.
+pub async fn run<S, F, J, H>(
+    store: &S,
+    engine: &Engine<'_, F, J, H>,
+    command: CampaignCommand,
+    json: bool,
+) -> Result<()>
+where
+    S: CampaignStore,
+    F: DeviceAdmin,
+    J: JobsControl,
+    H: SloReader,
+{
+    let now = time::now_ms();
+    match command {
+        CampaignCommand::Create {
+            id,
+            manifest,
+            rollback_manifest,
+            stages,
+            soak,
+            stage_timeout,
+            max_failure_pct,
+            rate,
+            install_timeout,
+            min_battery,
+            seen_within,
+            slos,
+            window,
+            min_events,
+        } => {
+            let firmware = read_manifest(&manifest)?;
+            let rollback = read_manifest(&rollback_manifest)?;
+            let minutes = |d: std::time::Duration| i64::try_from(d.as_secs() / 60).unwrap_or(i64::MAX);
+            let spec = CampaignSpec {
+                stages,
+                soak_minutes: minutes(soak),
+                stage_timeout_minutes: minutes(stage_timeout),
+                max_failure_pct,
+                max_per_minute: rate,
+                install_timeout_minutes: u32::try_from(minutes(install_timeout)).unwrap_or(u32::MAX),
+                preconditions: Preconditions {
+                    min_battery_pct: (min_battery > 0.0).then_some(min_battery),
+                    seen_within_minutes: (!seen_within.is_zero()).then(|| minutes(seen_within)),
+                },
+                gate: GatePolicy {
+                    slos,
+                    window_minutes: minutes(window),
+                    min_events,
+                    ..GatePolicy::default()
+                },
+                ..CampaignSpec::new(&id, firmware.class(), rollback.fw(), firmware.fw())
+            };
+            let campaign = Campaign::new(spec, firmware, rollback, now)?;
+            engine.check_manifests(&campaign)?;
+            store.put_campaign(&campaign).await.map_err(|e| anyhow!("{e}"))?;
+            let stored = load(store, &id).await?;
+            output::campaign(&stored, json)
+        }
+        CampaignCommand::List => output::campaigns(&store.campaigns().await?, json),
+        CampaignCommand::Show { id } => output::campaign(&load(store, &id).await?, json),
+        CampaignCommand::Tick { id } => {
+            let campaigns = match id {
+                Some(id) => vec![load(store, &id).await?],
+                None => store.campaigns().await?,
+            };
+            let mut lines = Vec::new();
+            for mut c in campaigns.into_iter().filter(|c| !c.state.is_final() && c.paused.is_none()) {
+                let tick =
+                    engine.tick(&mut c, now).await.with_context(|| format!("campaign {}", c.spec.id))?;
+                if tick.changed {
+                    store.put_campaign(&c).await?;
+                }
+                lines.push((c.spec.id.clone(), c.state.name(), tick.summary));
+            }
+            output::campaign_ticks(&lines, json)
+        }
+        CampaignCommand::Pause { id, reason } => {
+            let mut c = load(store, &id).await?;
+            if c.state.is_final() {
+                bail!("campaign {id} has ended ({})", c.state.name());
+            }
+            c.note(now, format!("paused by an operator: {reason}"));
+            c.paused = Some(reason);
+            store.put_campaign(&c).await?;
+            output::campaign(&load(store, &id).await?, json)
+        }
+        CampaignCommand::Resume { id } => {
+            let mut c = load(store, &id).await?;
+            let Some(why) = c.paused.take() else { bail!("campaign {id} is not paused") };
+            c.note(now, format!("resumed by an operator (was paused: {why})"));
+            // A stage whose gate waited too long starts its wait again.
+            if let State::Stage(s) = &mut c.state {
+                if s.settled_ms.is_some() {
+                    s.settled_ms = Some(now - c.spec.soak_minutes * 60_000);
+                } else {
+                    s.started_ms = now;
+                }
+            }
+            store.put_campaign(&c).await?;
+            output::campaign(&load(store, &id).await?, json)
+        }
+        CampaignCommand::Abort { id, reason } => {
+            let mut c = load(store, &id).await?;
+            if c.state.is_final() {
+                bail!("campaign {id} has ended ({})", c.state.name());
+            }
+            engine.abort(&mut c, reason, now).await?;
+            store.put_campaign(&c).await?;
+            output::campaign(&load(store, &id).await?, json)
+        }
+        CampaignCommand::Rollback { id, reason } => {
+            let mut c = load(store, &id).await?;
+            if !matches!(c.state, State::Stage(_)) {
+                bail!("campaign {id} is {}: only a campaign in a stage can be rolled back", c.state.name());
+            }
+            c.paused = None;
+            engine.roll_back(&mut c, format!("by an operator: {reason}"), now).await?;
+            store.put_campaign(&c).await?;
+            output::campaign(&load(store, &id).await?, json)
+        }
+    }
+}
+
+/// The built-in SLO catalog the gate reads (as `fleetctl ota gate` does).
+pub fn catalog() -> Catalog {
+    Catalog::builtin()
+}

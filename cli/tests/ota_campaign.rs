@@ -1,0 +1,142 @@
+//! `fleetctl ota` campaigns on the embedded backend: created from two signed manifests with
+//! the trusted keys in FLEET_FIRMWARE_KEYS, ticked into stage 1 (an IoT Jobs job on the
+//! database), paused, resumed and aborted by an operator.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{ensure, Result};
+use base64::Engine as _;
+use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::model::{DeviceRegistration, JobId, JobStatus, ThingName};
+use fleet_shared::ota::manifest::{ManifestSigner, UnsignedManifest};
+use fleet_shared::ports::{DeviceAdmin, JobsControl};
+use serde_json::Value;
+
+const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
+
+/// Run fleetctl on `db` with `keys` as FLEET_FIRMWARE_KEYS: (success, stdout, stderr).
+fn fleetctl(db: &Path, keys: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(FLEETCTL)
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env("FLEET_BACKEND", "embedded")
+        .env("FLEET_FIRMWARE_KEYS", keys)
+        .output()?;
+    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+fn json(db: &Path, keys: &str, args: &[&str]) -> Result<Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (ok, out, err) = fleetctl(db, keys, &all)?;
+    ensure!(ok, "fleetctl {args:?} failed: {err}");
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Manifests of 1.5.0 and 1.4.2 for sensors, signed with `seed` under kid `fw`.
+fn manifests(dir: &Path, seed: u8) -> Result<String> {
+    let signer = ManifestSigner::from_bytes("fw", &[seed; 32])?;
+    for fw in ["1.5.0", "1.4.2"] {
+        let unsigned = UnsignedManifest::for_image(
+            fw,
+            "sensor",
+            format!("https://fw.example.com/{fw}.bin"),
+            fw.as_bytes(),
+        );
+        std::fs::write(dir.join(format!("{fw}-{seed}.json")), signer.sign(unsigned)?.to_json())?;
+    }
+    let public = base64::engine::general_purpose::STANDARD.encode(signer.verifying_key().as_bytes());
+    Ok(format!("fw={public}"))
+}
+
+#[tokio::test]
+async fn an_operator_creates_ticks_pauses_and_aborts_a_campaign() -> Result<()> {
+    // GIVEN 40 registered sensors on 1.4.2 and two manifests signed by the trusted key
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("fleet.sqlite");
+    let store = SqliteStore::open(&db)?;
+    let devices: Vec<_> = (0..40)
+        .map(|i| {
+            let reg = DeviceRegistration {
+                class: "sensor".into(),
+                region: "eu-west".into(),
+                fw: "1.4.2".into(),
+                registered_at_ms: 0,
+            };
+            (ThingName::parse(&format!("sensor-{i:02}")).expect("thing"), reg)
+        })
+        .collect();
+    store.register(&devices).await?;
+    let keys = manifests(dir.path(), 1)?;
+    let (to, from) = (dir.path().join("1.5.0-1.json"), dir.path().join("1.4.2-1.json"));
+    let create = |keys: &str, to: &Path| {
+        fleetctl(
+            &db,
+            keys,
+            &[
+                "ota",
+                "create",
+                "--id",
+                "fw150",
+                "--manifest",
+                &to.to_string_lossy(),
+                "--rollback-manifest",
+                &from.to_string_lossy(),
+                "--stages",
+                "10,100",
+                "--min-battery",
+                "0",
+                "--seen-within",
+                "0s",
+            ],
+        )
+    };
+
+    // WHEN it is created without trusted keys, or from a manifest another key signed
+    let (ok, _, err) = create("", &to)?;
+    ensure!(!ok && err.contains("FLEET_FIRMWARE_KEYS"), "{err}");
+    manifests(dir.path(), 2)?;
+    let (ok, _, err) = create(&keys, &dir.path().join("1.5.0-2.json"))?;
+    // THEN it is refused, naming why
+    ensure!(!ok && err.contains("bad_signature"), "{err}");
+
+    // WHEN it is created properly and ticked
+    let (ok, out, err) = create(&keys, &to)?;
+    ensure!(ok && out.contains("fw150") && out.contains("pending"), "{out}{err}");
+    let ticked = json(&db, &keys, &["ota", "tick"])?;
+    // THEN stage 1 sends the firmware to 10 % of the 40 sensors
+    ensure!(ticked[0]["state"] == "stage", "{ticked}");
+    ensure!(
+        ticked[0]["summary"].as_str().unwrap_or_default().contains("stage 1 of 2 (10%): 4 devices"),
+        "{ticked}"
+    );
+    let job = JobId::parse("fw150-s1")?;
+    let progress = store.job_progress(&job).await?.expect("stage 1's job");
+    ensure!(progress.counts.total() == 4 && progress.status == JobStatus::InProgress, "{progress:?}");
+    let shown = json(&db, &keys, &["ota", "show", "fw150"])?;
+    ensure!(shown["state"]["state"] == "stage" && shown["population"] == 40, "{shown}");
+
+    // WHEN an operator pauses it, a tick leaves it alone; resumed, it moves again
+    json(&db, &keys, &["ota", "pause", "fw150", "--reason", "holiday freeze"])?;
+    let ticked = json(&db, &keys, &["ota", "tick"])?;
+    ensure!(ticked.as_array().is_some_and(Vec::is_empty), "{ticked}");
+    let (ok, out, _) = fleetctl(&db, &keys, &["ota", "show", "fw150"])?;
+    ensure!(ok && out.contains("paused: holiday freeze"), "{out}");
+    json(&db, &keys, &["ota", "resume", "fw150"])?;
+    let ticked = json(&db, &keys, &["ota", "tick", "fw150"])?;
+    ensure!(
+        ticked[0]["summary"].as_str().unwrap_or_default().contains("4 of 4 installs pending"),
+        "{ticked}"
+    );
+
+    // WHEN it is aborted, the queued installs are canceled and it stays ended
+    let aborted = json(&db, &keys, &["ota", "abort", "fw150", "--reason", "wrong build"])?;
+    ensure!(aborted["state"]["state"] == "aborted", "{aborted}");
+    let progress = store.job_progress(&job).await?.expect("stage 1's job");
+    ensure!(progress.counts.canceled == 4 && progress.status == JobStatus::Canceled, "{progress:?}");
+    let (ok, _, err) = fleetctl(&db, &keys, &["ota", "rollback", "fw150"])?;
+    ensure!(!ok && err.contains("aborted"), "{err}");
+    Ok(())
+}

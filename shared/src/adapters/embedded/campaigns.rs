@@ -1,0 +1,82 @@
+//! [`CampaignStore`] on SQLite: one row per campaign (JSON), written only over the version it
+//! was read at.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::SqliteStore;
+use crate::error::StoreError;
+use crate::ota::campaign::Campaign;
+use crate::ports::CampaignStore;
+
+/// A migration step (see `MIGRATIONS` in `sqlite.rs`).
+pub(super) const CAMPAIGNS_SCHEMA: &str = "
+CREATE TABLE campaigns (
+    id TEXT NOT NULL PRIMARY KEY,
+    version INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    body TEXT NOT NULL -- the Campaign as JSON
+) WITHOUT ROWID;
+";
+
+fn decode(op: &'static str, json: &str) -> Result<Campaign, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::permanent(op, e))
+}
+
+impl CampaignStore for SqliteStore {
+    async fn campaign(&self, id: &str) -> Result<Option<Campaign>, StoreError> {
+        const OP: &str = "sqlite campaign get";
+        let id = id.to_owned();
+        let json: Option<String> = self
+            .with(OP, move |c| {
+                c.query_row("SELECT body FROM campaigns WHERE id = ?1", [id], |r| r.get(0)).optional()
+            })
+            .await?;
+        json.map(|j| decode(OP, &j)).transpose()
+    }
+
+    async fn campaigns(&self) -> Result<Vec<Campaign>, StoreError> {
+        const OP: &str = "sqlite campaigns";
+        let rows: Vec<String> = self
+            .with(OP, |c| {
+                let mut stmt = c.prepare("SELECT body FROM campaigns ORDER BY created_ms DESC, id")?;
+                let rows = stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        rows.iter().map(|j| decode(OP, j)).collect()
+    }
+
+    async fn put_campaign(&self, campaign: &Campaign) -> Result<u64, StoreError> {
+        const OP: &str = "sqlite campaign put";
+        let read_at = campaign.version;
+        let mut stored = campaign.clone();
+        stored.version = read_at + 1;
+        let body = serde_json::to_string(&stored).map_err(|e| StoreError::permanent(OP, e))?;
+        let (id, created) = (stored.spec.id.clone(), stored.created_ms);
+        let written = self
+            .with(OP, move |c| {
+                if read_at == 0 {
+                    c.execute(
+                        "INSERT INTO campaigns (id, version, created_ms, body) VALUES (?1, 1, ?2, ?3)
+                         ON CONFLICT (id) DO NOTHING",
+                        params![id, created, body],
+                    )
+                } else {
+                    c.execute(
+                        "UPDATE campaigns SET version = ?2, body = ?3 WHERE id = ?1 AND version = ?4",
+                        params![id, read_at as i64 + 1, body, read_at as i64],
+                    )
+                }
+            })
+            .await?;
+        if written == 0 {
+            let what = if read_at == 0 {
+                "exists already".to_owned()
+            } else {
+                format!("changed since version {read_at}")
+            };
+            return Err(StoreError::conflict(OP, format!("campaign {} {what}", campaign.spec.id)));
+        }
+        Ok(read_at + 1)
+    }
+}

@@ -1,0 +1,585 @@
+//! The campaign engine: one tick of a campaign against the ports (the fleet, IoT Jobs, the
+//! health ledger), deciding with the pure rules of [`super::campaign`]. The ota-orchestrator
+//! function ticks every active campaign on its schedule; `fleetctl ota` ticks them locally.
+//!
+//! A tick is safe to repeat and to crash in: a stage's or the rollback's job has a fixed id, so
+//! a job created by a tick whose campaign write was lost is found again (IoT Jobs answers a
+//! second create with a conflict) and adopted, and the campaign store refuses a write from a
+//! tick that read an older version.
+
+use std::collections::BTreeSet;
+
+use serde_json::json;
+
+use super::campaign::{assess, plan_stage, Campaign, CampaignSpec, StageState, StageStep, State};
+use super::gate::{self, Verdict};
+use super::manifest::{FirmwareManifest, ManifestVerifier};
+use crate::error::{ErrorKind, StoreError};
+use crate::health::gate::GateError;
+use crate::health::slo::Catalog;
+use crate::model::{ExecutionStatus, JobCounts, JobId, NewJob, ThingName};
+use crate::ports::{DeviceAdmin, JobsControl, SloReader};
+
+/// What `operation` a Fleetline OTA job document carries.
+pub const OTA_OPERATION: &str = "fleetline.ota";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OtaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    #[error("manifest for {fw}: {why}")]
+    Manifest { fw: String, why: String },
+}
+
+impl OtaError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OtaError::Store(e) | OtaError::Gate(GateError::Store(e)) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// The job document a device gets: the signed manifest it checks before it installs.
+pub fn job_document(campaign: &str, manifest: &FirmwareManifest) -> serde_json::Value {
+    json!({ "operation": OTA_OPERATION, "campaign": campaign, "manifest": manifest })
+}
+
+/// What one tick did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tick {
+    /// The campaign changed and must be stored.
+    pub changed: bool,
+    /// One line on where it stands.
+    pub summary: String,
+}
+
+/// The ports a tick reads and acts on.
+pub struct Engine<'a, F, J, H> {
+    pub fleet: &'a F,
+    pub jobs: &'a J,
+    pub health: &'a H,
+    pub catalog: &'a Catalog,
+    /// The keys manifests must be signed with: a campaign sends only verified manifests.
+    pub verifier: &'a ManifestVerifier,
+}
+
+impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
+    /// Check a new campaign's manifests (signed by a trusted key, for its class and firmware).
+    pub fn check_manifests(&self, c: &Campaign) -> Result<(), OtaError> {
+        for (m, fw) in [(&c.firmware, &c.spec.to_fw), (&c.rollback, &c.spec.from_fw)] {
+            let fail = |why: String| Err(OtaError::Manifest { fw: m.fw().to_owned(), why });
+            if m.fw() != fw || m.class() != c.spec.class {
+                return fail(format!(
+                    "it is for {}/{}, the campaign needs {}/{fw}",
+                    m.class(),
+                    m.fw(),
+                    c.spec.class
+                ));
+            }
+            if let Err(e) = self.verifier.verify(m) {
+                return fail(format!("{}: {e}", e.code()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Move `c` on as far as it can go now.
+    pub async fn tick(&self, c: &mut Campaign, now_ms: i64) -> Result<Tick, OtaError> {
+        let before = c.clone();
+        if let Some(why) = &c.paused {
+            return Ok(Tick { changed: false, summary: format!("paused: {why}") });
+        }
+        if c.state.is_final() {
+            return Ok(Tick { changed: false, summary: c.state.name().to_owned() });
+        }
+        self.check_manifests(c)?;
+        let summary = match c.state.clone() {
+            State::Pending => self.start_stage(c, 0, now_ms).await?,
+            State::Stage(stage) => self.look_at_stage(c, stage, now_ms).await?,
+            State::RollingBack { reason, job, .. } => {
+                let counts = self.counts(&job).await?;
+                if counts.pending() == 0 {
+                    let failed = counts.failed + counts.timed_out + counts.rejected;
+                    let text = format!(
+                        "rolled back to {}: {} of {} devices, {failed} failed to roll back",
+                        c.spec.from_fw,
+                        counts.succeeded,
+                        counts.total()
+                    );
+                    c.note(now_ms, &text);
+                    c.state = State::RolledBack { reason };
+                    text
+                } else {
+                    format!("rolling back: {} of {} pending", counts.pending(), counts.total())
+                }
+            }
+            State::RolledBack { .. } | State::Completed | State::Aborted { .. } => {
+                unreachable!("final states return above")
+            }
+        };
+        Ok(Tick { changed: *c != before, summary })
+    }
+
+    async fn counts(&self, job: &JobId) -> Result<JobCounts, OtaError> {
+        match self.jobs.job_progress(job).await? {
+            Some(p) => Ok(p.counts),
+            None => Err(StoreError::permanent("job_progress", format!("job {job} does not exist")).into()),
+        }
+    }
+
+    async fn look_at_stage(
+        &self,
+        c: &mut Campaign,
+        mut stage: StageState,
+        now_ms: i64,
+    ) -> Result<String, OtaError> {
+        let counts = self.counts(&stage.job).await?;
+        let mut step = assess(&c.spec, &stage, &counts, None, now_ms);
+        if step == StageStep::AskGate {
+            let verdict = self.verdict(&c.spec).await?;
+            step = assess(&c.spec, &stage, &counts, Some(&verdict), now_ms);
+        }
+        match step {
+            StageStep::Wait(why) => {
+                stage.last = Some(why.clone());
+                c.state = State::Stage(stage);
+                Ok(why)
+            }
+            StageStep::Settled(why) => {
+                stage.settled_ms = Some(now_ms);
+                stage.last = Some(why.clone());
+                c.note(now_ms, &why);
+                c.state = State::Stage(stage);
+                Ok(why)
+            }
+            StageStep::Advance => {
+                c.note(now_ms, format!("stage {}: the gate passed", stage.stage + 1));
+                self.start_stage(c, stage.stage + 1, now_ms).await
+            }
+            StageStep::RollBack(why) => self.roll_back(c, why, now_ms).await,
+            StageStep::Pause(why) => {
+                c.note(now_ms, format!("paused: {why}"));
+                c.paused = Some(why.clone());
+                Ok(why)
+            }
+            StageStep::AskGate => unreachable!("assess with a verdict does not ask for one"),
+        }
+    }
+
+    async fn verdict(&self, spec: &CampaignSpec) -> Result<Verdict, OtaError> {
+        let Some(report) = self.health.latest_health().await? else {
+            return Ok(Verdict::Wait("fleet-health has not closed a minute yet".into()));
+        };
+        let (verdict, _) = gate::evaluate(
+            self.health,
+            self.catalog,
+            &spec.gate,
+            &spec.canary(),
+            &spec.control(),
+            report.minute,
+        )
+        .await?;
+        Ok(verdict)
+    }
+
+    /// Things the stages' jobs reached, with their executions' status.
+    async fn reached(&self, c: &Campaign) -> Result<Vec<(ThingName, ExecutionStatus)>, OtaError> {
+        let mut out = Vec::new();
+        for job in &c.jobs {
+            out.extend(self.jobs.job_executions(job).await?);
+        }
+        Ok(out)
+    }
+
+    /// Start stage `first` (or the next one with devices to take); complete after the last.
+    async fn start_stage(&self, c: &mut Campaign, first: usize, now_ms: i64) -> Result<String, OtaError> {
+        let fleet = self.fleet.devices().await?;
+        let already: BTreeSet<ThingName> = self.reached(c).await?.into_iter().map(|(t, _)| t).collect();
+        for stage in first..c.spec.stages.len() {
+            let plan = plan_stage(&c.spec, &fleet, &already, stage, c.population, now_ms);
+            if stage == 0 {
+                if plan.eligible == 0 {
+                    let why = format!(
+                        "no {} device on {} is eligible ({} skipped)",
+                        c.spec.class,
+                        c.spec.from_fw,
+                        plan.skipped.len()
+                    );
+                    c.note(now_ms, format!("paused: {why}"));
+                    c.paused = Some(why.clone());
+                    return Ok(why);
+                }
+                c.population = plan.eligible;
+            }
+            if plan.targets.is_empty() {
+                c.note(now_ms, format!("stage {}: no device left to take", stage + 1));
+                continue;
+            }
+            let job = c.spec.stage_job(stage);
+            let new = NewJob {
+                job_id: job.clone(),
+                targets: plan.targets.clone(),
+                document: job_document(&c.spec.id, &c.firmware),
+                description: format!(
+                    "{} stage {}: {} -> {}",
+                    c.spec.id,
+                    stage + 1,
+                    c.spec.from_fw,
+                    c.spec.to_fw
+                ),
+                max_per_minute: Some(c.spec.max_per_minute),
+                in_progress_timeout_minutes: Some(c.spec.install_timeout_minutes),
+            };
+            let targets = self.create_or_adopt(&new).await?;
+            if !c.jobs.contains(&job) {
+                c.jobs.push(job.clone());
+            }
+            c.targeted = already.len() as u64 + targets;
+            let text = format!(
+                "stage {} of {} ({}%): {targets} devices, {} skipped by preconditions",
+                stage + 1,
+                c.spec.stages.len(),
+                c.spec.stages[stage],
+                plan.skipped.len()
+            );
+            c.note(now_ms, &text);
+            c.state = State::Stage(StageState {
+                stage,
+                job,
+                targets,
+                started_ms: now_ms,
+                settled_ms: None,
+                last: None,
+            });
+            return Ok(text);
+        }
+        c.note(now_ms, format!("completed: {} devices on {}", c.targeted, c.spec.to_fw));
+        c.state = State::Completed;
+        Ok("completed".into())
+    }
+
+    /// Create `job`; one that exists already (a tick that crashed after creating it) is
+    /// adopted. Returns how many things it targets.
+    async fn create_or_adopt(&self, job: &NewJob) -> Result<u64, OtaError> {
+        match self.jobs.create_job(job).await {
+            Ok(()) => Ok(job.targets.len() as u64),
+            Err(e) if e.kind == ErrorKind::Conflict => Ok(self.counts(&job.job_id).await?.total()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Cancel what is queued, and send the old firmware to every device a stage reached.
+    pub async fn roll_back(&self, c: &mut Campaign, reason: String, now_ms: i64) -> Result<String, OtaError> {
+        self.check_manifests(c)?;
+        if let State::Stage(s) = &c.state {
+            self.jobs.cancel_job(&s.job, false).await?;
+        }
+        let reached: Vec<ThingName> = self
+            .reached(c)
+            .await?
+            .into_iter()
+            .filter(|(_, s)| matches!(s, ExecutionStatus::Succeeded | ExecutionStatus::InProgress))
+            .map(|(t, _)| t)
+            .collect();
+        c.note(now_ms, format!("rolling back: {reason}"));
+        if reached.is_empty() {
+            c.note(now_ms, "rolled back: no device had installed the firmware");
+            c.state = State::RolledBack { reason: reason.clone() };
+            return Ok(format!("rolled back: {reason}"));
+        }
+        let job = c.spec.rollback_job();
+        let new = NewJob {
+            job_id: job.clone(),
+            targets: reached,
+            document: job_document(&c.spec.id, &c.rollback),
+            description: format!("{} rollback: {} -> {}", c.spec.id, c.spec.to_fw, c.spec.from_fw),
+            max_per_minute: Some(c.spec.max_per_minute),
+            in_progress_timeout_minutes: Some(c.spec.install_timeout_minutes),
+        };
+        let targets = self.create_or_adopt(&new).await?;
+        c.state = State::RollingBack { reason: reason.clone(), job, started_ms: now_ms };
+        Ok(format!("rolling back {targets} devices: {reason}"))
+    }
+
+    /// An operator stops the campaign where it is: what is queued is canceled, devices keep
+    /// what they have.
+    pub async fn abort(&self, c: &mut Campaign, reason: String, now_ms: i64) -> Result<(), OtaError> {
+        match &c.state {
+            State::Stage(s) => self.jobs.cancel_job(&s.job, false).await?,
+            State::RollingBack { job, .. } => self.jobs.cancel_job(job, false).await?,
+            _ => {}
+        }
+        c.note(now_ms, format!("aborted: {reason}"));
+        c.state = State::Aborted { reason };
+        c.paused = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::adapters::embedded::{DeviceStatus, ExecutionUpdate, SqliteStore, StartNext};
+    use crate::health::ledger::HealthReport;
+    use crate::health::tally::{counter, Cohort, Tally};
+    use crate::model::{DeviceRegistration, JobStatus};
+    use crate::ota::campaign::tests::campaign;
+    use crate::ota::campaign::Preconditions;
+    use crate::ota::manifest::ManifestSigner;
+    use crate::ports::{CampaignStore, HealthLedger};
+    use crate::time;
+
+    const MIN: i64 = 60_000;
+
+    struct World {
+        _dir: tempfile::TempDir,
+        db: SqliteStore,
+        catalog: Catalog,
+        verifier: ManifestVerifier,
+    }
+
+    impl World {
+        /// `n` sensors on 1.4.2, registered.
+        async fn new(n: usize) -> anyhow::Result<Self> {
+            let dir = tempfile::tempdir()?;
+            let db = SqliteStore::open(&dir.path().join("fleet.sqlite"))?;
+            let devices: Vec<_> = (0..n)
+                .map(|i| {
+                    let reg = DeviceRegistration {
+                        class: "sensor".into(),
+                        region: "eu-west".into(),
+                        fw: "1.4.2".into(),
+                        registered_at_ms: 0,
+                    };
+                    (ThingName::parse(&format!("sensor-{i:03}")).expect("thing"), reg)
+                })
+                .collect();
+            db.register(&devices).await?;
+            let key = ManifestSigner::from_bytes("test", &[7; 32])?.verifying_key();
+            let verifier = ManifestVerifier::new(vec![("test".into(), key)]);
+            Ok(Self { _dir: dir, db, catalog: Catalog::builtin(), verifier })
+        }
+
+        fn engine(&self) -> Engine<'_, SqliteStore, SqliteStore, SqliteStore> {
+            Engine {
+                fleet: &self.db,
+                jobs: &self.db,
+                health: &self.db,
+                catalog: &self.catalog,
+                verifier: &self.verifier,
+            }
+        }
+
+        /// Tick, store, and read back (as the orchestrator does).
+        async fn tick(&self, id: &str, now_ms: i64) -> anyhow::Result<(Campaign, Tick)> {
+            let mut c = self.db.campaign(id).await?.expect("stored");
+            let tick = self.engine().tick(&mut c, now_ms).await?;
+            if tick.changed {
+                self.db.put_campaign(&c).await?;
+            }
+            Ok((self.db.campaign(id).await?.expect("stored"), tick))
+        }
+
+        /// Every device with a pending execution of `job` takes it and answers `status`.
+        async fn devices_answer(&self, job: &JobId, status: DeviceStatus) -> anyhow::Result<usize> {
+            self.db.sweep_jobs(time::now_ms()).await?;
+            let mut answered = 0;
+            for (thing, s) in self.db.job_executions(job).await? {
+                if s != ExecutionStatus::Queued {
+                    continue;
+                }
+                let started =
+                    self.db.start_next_job_execution(&thing, &StartNext::default(), time::now_ms()).await?;
+                assert_eq!(started.as_ref().map(|e| &e.job_id), Some(job), "{thing} starts {job}");
+                self.answer(&thing, job, status).await?;
+                answered += 1;
+            }
+            Ok(answered)
+        }
+
+        /// `thing` reports its execution of `job` as `status`.
+        async fn answer(&self, thing: &ThingName, job: &JobId, status: DeviceStatus) -> anyhow::Result<()> {
+            let update = ExecutionUpdate {
+                status,
+                status_details: None,
+                expected_version: None,
+                execution_number: None,
+                step_timeout_minutes: None,
+            };
+            let answer = self.db.update_job_execution(thing, job, &update, time::now_ms()).await?;
+            answer.map(|_| ()).map_err(|refused| anyhow::anyhow!("{thing} {job}: {refused:?}"))
+        }
+
+        /// Two hours of ingest counts ending at `last_minute`: the canary (sensors on 1.5.0)
+        /// quarantines `canary_bad` of 1,000 messages a minute, the control none.
+        async fn ledger(&self, last_minute: i64, canary_bad: i64) -> anyhow::Result<()> {
+            let tally = |rx: i64, bad: i64| {
+                let mut t = Tally::default();
+                t.add(counter::RECEIVED, rx);
+                t.add(counter::QUARANTINED, bad);
+                t
+            };
+            let canary: Cohort = "sensor/eu-west/1.5.0".parse()?;
+            let control: Cohort = "sensor/eu-west/1.4.2".parse()?;
+            let first = last_minute - 119;
+            for m in first..=last_minute {
+                let n = m - first + 1;
+                let rows = [
+                    (canary.clone(), tally(1_000 * n, canary_bad * n)),
+                    (control.clone(), tally(1_000 * n, 0)),
+                ];
+                self.db.close_minute(m, &rows).await?;
+            }
+            let report = HealthReport {
+                minute: last_minute,
+                computed_at_ms: (last_minute + 1) * MIN,
+                cohorts: vec![],
+            };
+            self.db.put_health(&report).await?;
+            Ok(())
+        }
+    }
+
+    fn spec(id: &str) -> CampaignSpec {
+        CampaignSpec {
+            stages: vec![1, 10, 100],
+            soak_minutes: 30,
+            preconditions: Preconditions { min_battery_pct: None, seen_within_minutes: None },
+            gate: crate::ota::gate::GatePolicy { slos: vec!["ingest".into()], ..Default::default() },
+            ..CampaignSpec::new(id, "sensor", "1.4.2", "1.5.0")
+        }
+    }
+
+    fn stage_of(c: &Campaign) -> &StageState {
+        match &c.state {
+            State::Stage(s) => s,
+            other => panic!("not in a stage: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_campaign_widens_on_a_healthy_gate_and_rolls_back_every_reached_device_on_a_burning_one(
+    ) -> anyhow::Result<()> {
+        // GIVEN 200 sensors on 1.4.2 and a campaign of 1 %, 10 %, 100 %
+        let w = World::new(200).await?;
+        w.db.put_campaign(&campaign(spec("fw150"))?).await?;
+        let t0 = time::now_ms();
+
+        // WHEN it ticks: stage 1 sends the signed manifest to 2 devices
+        let (c, _) = w.tick("fw150", t0).await?;
+        let s1 = stage_of(&c).clone();
+        assert_eq!((s1.stage, s1.targets, c.population), (0, 2, 200));
+        let execs = w.db.job_executions(&s1.job).await?;
+        assert_eq!(execs.len(), 2);
+        // THEN it waits while the installs are pending
+        let (_, tick) = w.tick("fw150", t0 + MIN).await?;
+        assert!(tick.summary.contains("2 of 2 installs pending"), "{}", tick.summary);
+        // WHEN both devices install it, the stage settles, then soaks
+        assert_eq!(w.devices_answer(&s1.job, DeviceStatus::Succeeded).await?, 2);
+        let (c, _) = w.tick("fw150", t0 + 2 * MIN).await?;
+        assert_eq!(stage_of(&c).settled_ms, Some(t0 + 2 * MIN));
+        let (_, tick) = w.tick("fw150", t0 + 10 * MIN).await?;
+        assert!(tick.summary.contains("soaking"), "{}", tick.summary);
+        // AND after the soak, a healthy canary opens stage 2: 18 more devices, none twice
+        w.ledger(crate::health::tally::minute_of(t0), 0).await?;
+        let (c, _) = w.tick("fw150", t0 + 40 * MIN).await?;
+        let s2 = stage_of(&c).clone();
+        assert_eq!((s2.stage, s2.targets, c.targeted), (1, 18, 20));
+        let first: BTreeSet<_> = execs.iter().map(|(t, _)| t.clone()).collect();
+        let second = w.db.job_executions(&s2.job).await?;
+        assert!(second.iter().all(|(t, _)| !first.contains(t)));
+
+        // WHEN stage 2 installs and then burns 1 % of its messages (10x the ingest budget)
+        assert_eq!(w.devices_answer(&s2.job, DeviceStatus::Succeeded).await?, 18);
+        w.tick("fw150", t0 + 41 * MIN).await?;
+        w.ledger(crate::health::tally::minute_of(t0) + 80, 10).await?;
+        let (c, tick) = w.tick("fw150", t0 + 80 * MIN).await?;
+        // THEN the gate rolls it back: the old firmware goes to all 20 devices the stages reached
+        let State::RollingBack { job, reason, .. } = &c.state else { panic!("{:?}", c.state) };
+        assert!(reason.contains("gate: ingest: the canary burns 10.00x"), "{reason}");
+        assert!(tick.summary.contains("rolling back 20 devices"), "{}", tick.summary);
+        let document =
+            w.db.start_next_job_execution(&second[0].0, &StartNext::default(), time::now_ms()).await?;
+        let document = document.expect("the rollback reaches a stage 2 device").document;
+        assert_eq!(document["manifest"]["fw"], "1.4.2");
+        assert_eq!(document["operation"], OTA_OPERATION);
+        // AND once they report it installed, the campaign is rolled back, for good
+        let rb = job.clone();
+        w.answer(&second[0].0, &rb, DeviceStatus::Succeeded).await?;
+        assert_eq!(w.devices_answer(&rb, DeviceStatus::Succeeded).await?, 19);
+        let (c, tick) = w.tick("fw150", t0 + 90 * MIN).await?;
+        assert!(matches!(c.state, State::RolledBack { .. }), "{:?}", c.state);
+        assert!(tick.summary.contains("20 of 20 devices, 0 failed"), "{}", tick.summary);
+        let (_, tick) = w.tick("fw150", t0 + 100 * MIN).await?;
+        assert!(!tick.changed);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_failed_install_rolls_back_at_once_and_cancels_what_is_queued() -> anyhow::Result<()> {
+        // GIVEN a campaign whose first stage reaches 3 of 300 devices
+        let w = World::new(300).await?;
+        w.db.put_campaign(&campaign(spec("fw150"))?).await?;
+        let t0 = time::now_ms();
+        let (c, _) = w.tick("fw150", t0).await?;
+        let s1 = stage_of(&c).clone();
+        assert_eq!(s1.targets, 3);
+        // WHEN one device reports the install FAILED (the others have not started)
+        w.db.sweep_jobs(time::now_ms()).await?;
+        let (thing, _) = w.db.job_executions(&s1.job).await?.remove(0);
+        w.db.start_next_job_execution(&thing, &StartNext::default(), time::now_ms()).await?;
+        w.answer(&thing, &s1.job, DeviceStatus::Failed).await?;
+        let (c, tick) = w.tick("fw150", t0 + MIN).await?;
+        // THEN it is rolled back without waiting for health data: no device runs 1.5.0, so no
+        // rollback job is needed, and the queued installs are canceled
+        assert!(
+            matches!(&c.state, State::RolledBack { reason } if reason.contains("1 of 1 finished installs failed")),
+            "{:?}",
+            c.state
+        );
+        assert!(tick.summary.starts_with("rolled back"), "{}", tick.summary);
+        let progress = w.db.job_progress(&s1.job).await?.expect("job");
+        assert_eq!(
+            (progress.counts.failed, progress.counts.canceled, progress.status),
+            (1, 2, JobStatus::Canceled)
+        );
+        assert_eq!(w.db.job_progress(&c.spec.rollback_job()).await?, None);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_tick_refuses_a_manifest_no_trusted_key_signed() -> anyhow::Result<()> {
+        let mut w = World::new(10).await?;
+        w.db.put_campaign(&campaign(spec("fw150"))?).await?;
+        let other = ManifestSigner::from_bytes("test", &[8; 32])?.verifying_key();
+        w.verifier = ManifestVerifier::new(vec![("test".into(), other)]);
+        let err = w.tick("fw150", time::now_ms()).await.expect_err("refused");
+        assert!(err.to_string().contains("bad_signature"), "{err}");
+        assert_eq!(w.db.job_progress(&spec("fw150").stage_job(0)).await?, None, "no job was sent");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_job_created_by_a_tick_whose_write_was_lost_is_adopted() -> anyhow::Result<()> {
+        // GIVEN a tick that created stage 1's job but whose campaign write never happened
+        let w = World::new(100).await?;
+        let stored = campaign(spec("fw150"))?;
+        w.db.put_campaign(&stored).await?;
+        let mut lost = w.db.campaign("fw150").await?.expect("stored");
+        w.engine().tick(&mut lost, time::now_ms()).await?;
+        // WHEN the next tick starts again from the stored (pending) campaign
+        let (c, _) = w.tick("fw150", time::now_ms()).await?;
+        // THEN it adopts the job instead of failing, and the campaign is in stage 1
+        assert_eq!(stage_of(&c).targets, 1);
+        assert_eq!(w.db.job_executions(&stage_of(&c).job).await?.len(), 1);
+        // AND a write from the stale copy is refused
+        lost.version = 1;
+        assert!(w.db.put_campaign(&lost).await.is_err());
+        Ok(())
+    }
+}
