@@ -13,7 +13,23 @@ equivalent condition expression, so moto stores the items and evaluates the cond
   INSERT INTO "t" VALUE {'a': ?, 'b': 'text', ...}
 Values are parameters (?), 'strings' or numbers; <op> is one of = <> < <= > >=. Any other
 statement is left to moto as before. Each request runs under one lock, so a condition and its
-write are atomic, as in DynamoDB. IoT certificate ids are SHA-256 of the DER, as AWS gives them. Usage: python scripts/moto_server.py -H 127.0.0.1 -p PORT
+write are atomic, as in DynamoDB. IoT certificate ids are SHA-256 of the DER, as AWS gives them.
+
+IoT Jobs' control plane (shared/src/adapters/aws/jobs.rs) gets AWS's behaviour back where moto
+5.2.5 departs from it, each under the same lock:
+  - CreateJob of a job id that exists answers ResourceAlreadyExistsException (409): AWS never
+    reuses a job id; moto replaced the job. More than 100 targets is InvalidRequest, AWS's limit
+    (moto took any number), so a test shows a larger job goes through a thing group.
+  - A thing-group target gives each thing in the group an execution (a SNAPSHOT of its
+    members); an unknown group is ResourceNotFound. moto made one execution named after the
+    group. A new job is IN_PROGRESS, as on AWS (moto said QUEUED, not a job status).
+  - DescribeJob's jobProcessDetails counts the job's executions by status (moto answered a
+    constant), and a job in progress none of whose executions is QUEUED or IN_PROGRESS is
+    COMPLETED (moto's jobs never completed).
+  - CancelJob cancels the QUEUED executions, and with force the IN_PROGRESS ones too (moto
+    left them as they were); a job no longer in progress is left as it is; an unknown job is
+    ResourceNotFound (moto failed with a 500).
+Usage: python scripts/moto_server.py -H 127.0.0.1 -p PORT
 """
 
 import re
@@ -23,6 +39,13 @@ import threading
 from moto.core.exceptions import JsonRESTError
 from moto.dynamodb.exceptions import ConditionalCheckFailed
 from moto.dynamodb.models import DynamoDBBackend
+from moto.core.utils import utcnow
+from moto.iot.exceptions import (
+    InvalidRequestException,
+    ResourceAlreadyExistsException,
+    ResourceNotFoundException,
+)
+from moto.iot.models import FakeJobExecution, IoTBackend
 from moto.iotdata.models import IoTDataPlaneBackend
 from moto.server import main
 from moto import settings
@@ -245,6 +268,95 @@ IoTDataPlaneBackend.delete_thing_shadow = delete_thing_shadow
 # AWS IoT gives a certificate the SHA-256 of its DER as its id; moto hashes the PEM text unless
 # told to read real certificates (the reconciliation matches ids with parsed PEMs).
 settings.default_user_config.setdefault("iot", {})["use_valid_cert"] = True
+
+# IoT Jobs (see the docstring): one execution per target thing, thing groups expanded, counts
+# and completion from the executions, cancel applied to them.
+moto_create_job = IoTBackend.create_job
+moto_describe_job = IoTBackend.describe_job
+MAX_JOB_TARGETS = 100
+PENDING = ("QUEUED", "IN_PROGRESS")
+COUNTED = {
+    "QUEUED": "numberOfQueuedThings",
+    "IN_PROGRESS": "numberOfInProgressThings",
+    "SUCCEEDED": "numberOfSucceededThings",
+    "FAILED": "numberOfFailedThings",
+    "REJECTED": "numberOfRejectedThings",
+    "TIMED_OUT": "numberOfTimedOutThings",
+    "CANCELED": "numberOfCanceledThings",
+    "REMOVED": "numberOfRemovedThings",
+}
+
+
+def executions_of(backend, job_id):
+    return [e for (j, _), e in backend.job_executions.items() if j == job_id]
+
+
+def create_job(self, job_id, targets, **kwargs):
+    with LOCK:
+        if job_id in self.jobs:
+            job = self.jobs[job_id]
+            raise ResourceAlreadyExistsException(f"Job {job_id} already exists", job_id, job.job_arn)
+        if len(targets) > MAX_JOB_TARGETS:
+            raise InvalidRequestException(f"A job has at most {MAX_JOB_TARGETS} targets")
+        groups = [t for t in targets if ":thinggroup/" in t]
+        for arn in groups:
+            if arn not in self.thing_groups:
+                raise ResourceNotFoundException(f"Thing group {arn} does not exist")
+        result = moto_create_job(self, job_id=job_id, targets=targets, **kwargs)
+        self.jobs[job_id].status = "IN_PROGRESS"
+        for arn in groups:
+            self.job_executions.pop((job_id, arn.split("/")[-1]), None)
+            for thing in list(self.thing_groups[arn].things.values()):
+                key = (job_id, thing.thing_name)
+                if key not in self.job_executions:
+                    self.job_executions[key] = FakeJobExecution(job_id, thing.arn)
+        return result
+
+
+def settle(backend, job):
+    """Count the job's executions; complete it once none is pending."""
+    statuses = [e.status for e in executions_of(backend, job.job_id)]
+    details = {name: 0 for name in COUNTED.values()}
+    for status in statuses:
+        details[COUNTED[status]] += 1
+    job.job_process_details = details
+    if job.status == "IN_PROGRESS" and not any(s in PENDING for s in statuses):
+        job.status = "COMPLETED"
+        job.completed_at = job.last_updated_at = utcnow()
+
+
+def describe_job(self, job_id):
+    with LOCK:
+        job = moto_describe_job(self, job_id)
+        settle(self, job)
+        return job
+
+
+def cancel_job(self, job_id, reason_code, comment, force):
+    with LOCK:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ResourceNotFoundException(f"Job {job_id} does not exist")
+        settle(self, job)
+        if job.status != "IN_PROGRESS":
+            return job
+        cancelled = PENDING if force else ("QUEUED",)
+        now = utcnow()
+        for execution in executions_of(self, job_id):
+            if execution.status in cancelled:
+                execution.force_canceled = execution.status == "IN_PROGRESS"
+                execution.status = "CANCELED"
+                execution.last_updated_at = now
+        job.status, job.force, job.last_updated_at = "CANCELED", bool(force), now
+        job.reason_code = reason_code if reason_code is not None else job.reason_code
+        job.comment = comment if comment is not None else job.comment
+        settle(self, job)
+        return job
+
+
+IoTBackend.create_job = create_job
+IoTBackend.describe_job = describe_job
+IoTBackend.cancel_job = cancel_job
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::adapters::aws::{
-    CertificatesTable, CommandsTable, DevicesTable, HealthTable, HotStore, HotStoreKind, IotControlPlane,
-    IotDataShadows, LambdaInvoker, PresenceTables, S3Archive, TelemetryReader, TwinsTable,
+    CampaignsTable, CertificatesTable, CommandsTable, DevicesTable, HealthTable, HotStore, HotStoreKind,
+    IotControlPlane, IotDataShadows, IotJobs, LambdaInvoker, PresenceTables, S3Archive, TelemetryReader,
+    TwinsTable,
 };
 use fleet_shared::certs::{decommission, reconcile};
 use fleet_shared::health::backfill::count_connected;
@@ -23,6 +24,7 @@ use fleet_shared::model::{
 };
 use fleet_shared::ota::engine::Engine;
 use fleet_shared::ota::gate::{evaluate, GatePolicy};
+use fleet_shared::ota::manifest::{ManifestVerifier, FIRMWARE_KEYS_VAR};
 use fleet_shared::ports::{
     Allowlist, ArchiveReader, CertificateControl, CertificateInventory, CertificateRegistry, CommandStore,
     DeviceAdmin, DeviceRegistry, PresenceReader, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive,
@@ -69,7 +71,7 @@ fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<fleet_local::LocalOp
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Local { stack } => return local(local_options(&cli, stack)?).await,
-        Command::Demo { stack, devices, duration, rate, pack, keep_running, seed, provision } => {
+        Command::Demo { stack, devices, duration, rate, pack, keep_running, seed, provision, ota } => {
             let opts = crate::demo::DemoOptions {
                 devices: *devices,
                 duration: *duration,
@@ -79,6 +81,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 seed: *seed,
                 quirks: fleet_shared::ingest::sim::Quirks::default(),
                 provision: *provision,
+                ota: ota.clone(),
             };
             return crate::demo::run(local_options(&cli, stack)?, opts, cli.json).await;
         }
@@ -181,6 +184,20 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Command { command } => {
                     commands_read(&CommandsTable::from_env(sdk, env)?, command, json).await
                 }
+                Command::Ota { command: OtaCommand::Campaign(command) } => {
+                    let verifier = campaign_verifier(env, &command)?;
+                    let catalog = crate::ota::catalog();
+                    let (fleet, jobs) = (DevicesTable::from_env(sdk, env)?, IotJobs::from_env(sdk, env)?);
+                    let health = HealthTable::from_env(sdk, env)?;
+                    let engine = Engine {
+                        fleet: &fleet,
+                        jobs: &jobs,
+                        health: &health,
+                        catalog: &catalog,
+                        verifier: &verifier,
+                    };
+                    crate::ota::run(&CampaignsTable::from_env(sdk, env)?, &engine, command, json).await
+                }
                 Command::Ota { command } => ota(&HealthTable::from_env(sdk, env)?, command, json).await,
                 Command::Local { .. } | Command::Demo { .. } => unreachable!("handled above"),
             }
@@ -262,13 +279,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 Command::Command { command } => commands_read(db, command, json).await,
                 Command::Ota { command: OtaCommand::Campaign(command) } => {
-                    let keys = e.env.optional("FLEET_FIRMWARE_KEYS").unwrap_or_default();
-                    // Only what creates or ticks needs the keys; the rest reads and writes state.
-                    let verifier = match crate::ota::trusted_keys(&keys) {
-                        Ok(v) => v,
-                        Err(err) if needs_keys(&command) => return Err(err),
-                        Err(_) => fleet_shared::ota::manifest::ManifestVerifier::new(Vec::new()),
-                    };
+                    let verifier = campaign_verifier(&e.env, &command)?;
                     let catalog = crate::ota::catalog();
                     let engine =
                         Engine { fleet: db, jobs: db, health: db, catalog: &catalog, verifier: &verifier };
@@ -371,6 +382,12 @@ async fn local(opts: fleet_local::LocalOptions) -> Result<()> {
         eprintln!(
             "  signed commands: key {kid}, public key (Ed25519, base64) {}; fleetctl command send <thing> <name>",
             base64::engine::general_purpose::STANDARD.encode(key.as_bytes())
+        );
+        eprintln!(
+            "  firmware manifests: key {} ({}); campaigns and devices trust FLEET_FIRMWARE_KEYS={}",
+            fleet_local::FIRMWARE_KEY_ID,
+            fleet_local::firmware_key_file(&opts.db).display(),
+            fleet_local::firmware_keys_var(&opts.db)?
         );
     }
     eprintln!(
@@ -767,19 +784,26 @@ async fn commands_read(store: &impl CommandStore, command: CommandCommand, json:
     }
 }
 
-/// Whether a campaign command checks manifests (and so needs the trusted firmware keys).
-fn needs_keys(command: &CampaignCommand) -> bool {
-    matches!(
+/// The firmware keys a campaign command trusts (`FLEET_FIRMWARE_KEYS`): required by those that
+/// check manifests (create, tick, rollback); the others only read and write campaigns.
+fn campaign_verifier(env: &Env, command: &CampaignCommand) -> Result<ManifestVerifier> {
+    let needs_keys = matches!(
         command,
         CampaignCommand::Create { .. } | CampaignCommand::Tick { .. } | CampaignCommand::Rollback { .. }
-    )
+    );
+    let keys = env.optional(FIRMWARE_KEYS_VAR).unwrap_or_default();
+    match crate::ota::trusted_keys(&keys) {
+        Ok(v) => Ok(v),
+        Err(err) if needs_keys => Err(err),
+        Err(_) => Ok(ManifestVerifier::new(Vec::new())),
+    }
 }
 
 /// `fleetctl ota gate`: the gate over the window that ends at the last minute fleet-health
 /// closed.
 async fn ota<R: SloReader>(reader: &R, command: OtaCommand, json: bool) -> Result<()> {
     let OtaCommand::Gate { canary, control, slos, window, min_events, max_ratio, max_burn } = command else {
-        bail!("campaigns run on the embedded backend so far: the AWS adapters for IoT Jobs and the Campaigns table are not built yet");
+        unreachable!("campaign commands are run by the caller");
     };
     let parse = |p: &str| -> Result<HealthCohort> {
         p.parse().map_err(|e| anyhow!("{p:?} is not a cohort (class/region/firmware, * for any): {e}"))

@@ -11,18 +11,32 @@
 //! (RegisterThing, which the pre-provisioning hook allows), then connects with its new
 //! certificate (MQTT username `cert/<id>`) and publishes as that thing. Devices provision one
 //! at a time: the local IoT Core answers every subscribed claim holder, not only the asker.
+//!
+//! Devices take OTA jobs over IoT Jobs' device API as real ones do
+//! ([`fleet_shared::ota::device`]): told on `notify-next` (and asking `start-next` when they
+//! connect), they check the job's manifest under the local firmware key (`<db>.firmware-key`)
+//! and the synthetic image ([`demo_image`]), then install it, rebooting on the new firmware
+//! (their telemetry and shadow then report it, as that firmware's devices do), or refuse it,
+//! and answer the execution. With `--ota FROM:TO` the demo also creates a campaign per class of
+//! the devices on FROM; the ota-orchestrator ticks it on the local IoT Core's schedule.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::commands::sim::{Action, SimulatedCommands};
 use fleet_shared::commands::{request_topic, CommandStatus, CommandVerifier, ReplayState, VerifierConfig};
 use fleet_shared::ingest::sim::{firmware, thing_name, DeviceSim, Quirks};
-use fleet_shared::model::{AllowlistEntry, DeviceRegistration, Enrolment, ThingName};
-use fleet_shared::ports::{Allowlist, CommandStore, DeviceAdmin, TwinStore};
-use fleet_shared::time;
+use fleet_shared::model::{validate_label, AllowlistEntry, DeviceRegistration, Enrolment, ThingName};
+use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Preconditions};
+use fleet_shared::ota::device::{
+    demo_image, DeviceFirmware, Publish, SimulatedJobs, DEFAULT_MIN_BATTERY_PCT,
+};
+use fleet_shared::ota::manifest::{ManifestSigner, ManifestVerifier, UnsignedManifest};
+use fleet_shared::ports::{Allowlist, CampaignStore, CommandStore, DeviceAdmin, TwinStore};
+use fleet_shared::{time, ErrorKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 
@@ -52,6 +66,39 @@ pub struct DemoOptions {
     pub quirks: Quirks,
     /// `--provision`: devices start with the claim and provision themselves.
     pub provision: bool,
+    /// `--ota FROM:TO`: create a campaign per class of the devices on FROM.
+    pub ota: Option<OtaUpgrade>,
+}
+
+/// `--ota FROM:TO`: the firmware a campaign takes the demo's devices from, and to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtaUpgrade {
+    pub from_fw: String,
+    pub to_fw: String,
+}
+
+impl OtaUpgrade {
+    /// `FROM:TO`, two different firmware labels.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (from_fw, to_fw) =
+            text.split_once(':').ok_or_else(|| format!("{text:?}: expected FROM:TO, e.g. 1.4.2:1.5.0"))?;
+        validate_label("firmware", from_fw).map_err(|e| e.to_string())?;
+        validate_label("firmware", to_fw).map_err(|e| e.to_string())?;
+        if from_fw == to_fw {
+            return Err(format!("{text:?}: FROM and TO are the same firmware"));
+        }
+        Ok(Self { from_fw: from_fw.to_owned(), to_fw: to_fw.to_owned() })
+    }
+}
+
+/// What the devices did with OTA jobs (summed from each device's [`SimulatedJobs`]).
+#[derive(Default)]
+struct OtaCounts {
+    installed: u64,
+    already_installed: u64,
+    rejected: BTreeMap<&'static str, u64>,
+    failed: BTreeMap<&'static str, u64>,
+    updates_refused: u64,
 }
 
 #[derive(Default)]
@@ -63,6 +110,7 @@ struct Counters {
     /// Signed commands the devices obeyed, and refused by reason (a replay, a bad signature).
     commands_obeyed: AtomicU64,
     commands_refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    ota: Mutex<OtaCounts>,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,6 +145,19 @@ pub struct Report {
     pub commands_obeyed: u64,
     pub commands_settled: usize,
     pub commands_refused: std::collections::BTreeMap<String, u64>,
+    /// OTA job executions the devices answered: firmware installed, already running the
+    /// firmware (succeeded without installing), refused (REJECTED) and failed by reason, and
+    /// answers the Jobs service refused (the job was cancelled meanwhile).
+    pub ota_installed: u64,
+    pub ota_already_installed: u64,
+    pub ota_rejected: BTreeMap<String, u64>,
+    pub ota_failed: BTreeMap<String, u64>,
+    pub ota_updates_refused: u64,
+    /// Campaigns `--ota` created (or found from an earlier demo on the same database).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ota_campaigns: Vec<String>,
+    /// Devices by the firmware their newest stored telemetry reports.
+    pub firmware_reported: BTreeMap<String, u64>,
     pub latency_p50_ms: Option<u32>,
     pub latency_p99_ms: Option<u32>,
     pub dashboard: String,
@@ -256,7 +317,7 @@ async fn answer(events: &mut rumqttc::EventLoop, topic: &str) -> Result<serde_js
 
 /// One simulated device: provision first if it holds only the claim, connect, sample at
 /// `period` until `stop`, publish what the device sends (a pack goes out when full), then wait
-/// for every ack.
+/// for every ack. Meanwhile it obeys signed commands and takes OTA jobs.
 #[allow(clippy::too_many_arguments)]
 async fn device(
     mut sim: DeviceSim,
@@ -268,6 +329,7 @@ async fn device(
     counters: Arc<Counters>,
     claim: Option<Claim>,
     commands: SimulatedCommands,
+    jobs: SimulatedJobs,
 ) {
     let mut opts = MqttOptions::new(sim.thing.clone(), mqtt.ip().to_string(), mqtt.port());
     if let Some(claim) = claim {
@@ -301,7 +363,23 @@ async fn device(
     let commands = Arc::new(std::sync::Mutex::new(commands));
     let reboots = Arc::new(AtomicU64::new(0));
     let (device_commands, reboot_requests) = (Arc::clone(&commands), Arc::clone(&reboots));
+    // OTA jobs over IoT Jobs' device API (fleet_shared::ota::device): the device asks for its
+    // next job once connected (one queued while it was away is not announced again), then on
+    // every notify-next. An install waits for the next sample: the device reboots on the new
+    // firmware, then answers SUCCEEDED. Jobs traffic is QoS 0, like the shadow's.
+    let jobs_prefix = format!("$aws/things/{}/jobs/", sim.thing);
+    for filter in jobs.subscriptions() {
+        let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
+    }
+    let jobs = Arc::new(Mutex::new(jobs));
+    let ask = jobs.lock().expect("lock").start_next();
+    let _ = client.publish(ask.topic, QoS::AtMostOnce, false, ask.payload).await;
+    let installs: Arc<Mutex<Option<Install>>> = Arc::default();
+    let last_sent: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let (device_jobs, install_requests, sent) =
+        (Arc::clone(&jobs), Arc::clone(&installs), Arc::clone(&last_sent));
     let responder = client.clone();
+    let delta_shadow = shadow.clone();
     let events = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
@@ -326,12 +404,41 @@ async fn device(
                         let _ = responder.try_publish(answer.topic, QoS::AtMostOnce, false, ack.to_json());
                     }
                 }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.starts_with(&jobs_prefix) => {
+                    let battery = battery_of(&sent.lock().expect("lock"));
+                    let reaction = {
+                        let mut jobs = device_jobs.lock().expect("lock");
+                        jobs.set_battery(battery);
+                        jobs.receive(&p.topic, &p.payload)
+                    };
+                    match (reaction.install, reaction.publish) {
+                        (Some(fw), update) => {
+                            *install_requests.lock().expect("lock") = Some(Install { fw, update })
+                        }
+                        (None, Some(m)) => {
+                            // The answer to a job being installed goes out once it runs.
+                            let installing = install_requests
+                                .lock()
+                                .expect("lock")
+                                .as_ref()
+                                .is_some_and(|i| i.update.as_ref().is_some_and(|u| u.topic == m.topic));
+                            if !installing {
+                                let _ = responder.try_publish(m.topic, QoS::AtMostOnce, false, m.payload);
+                            }
+                        }
+                        (None, None) => {}
+                    }
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/update/delta") => {
                     let delta: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
                     if let Some(mode) = delta["state"]["mode"].as_str() {
                         let report = serde_json::json!({"state": {"reported": {"mode": mode}}});
-                        let _ =
-                            responder.try_publish(shadow.clone(), QoS::AtMostOnce, false, report.to_string());
+                        let _ = responder.try_publish(
+                            delta_shadow.clone(),
+                            QoS::AtMostOnce,
+                            false,
+                            report.to_string(),
+                        );
                     }
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
@@ -348,19 +455,27 @@ async fn device(
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut published = 0u64;
+    // The firmware installed by OTA jobs, with the boot each started on.
+    let mut installed: Vec<(u32, String)> = Vec::new();
     while Instant::now() < stop {
         tick.tick().await;
+        install(&mut sim, &mut installed, &installs, &client, &shadow).await;
         if reboots.swap(0, Relaxed) > 0 {
             sim.reboot();
         }
         for payload in sim.tick(time::now_ms()) {
+            let payload = on_firmware(payload, &installed);
+            last_sent.lock().expect("lock").clone_from(&payload);
             if client.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await.is_ok() {
                 published += 1;
                 counters.published.fetch_add(1, Relaxed);
             }
         }
     }
+    // An install decided after the last sample is still carried out and answered.
+    install(&mut sim, &mut installed, &installs, &client, &shadow).await;
     if let Some(held) = sim.flush() {
+        let held = on_firmware(held, &installed);
         if client.publish(topic.clone(), QoS::AtLeastOnce, false, held).await.is_ok() {
             published += 1;
             counters.published.fetch_add(1, Relaxed);
@@ -377,6 +492,68 @@ async fn device(
     for (code, n) in refused {
         *all.entry(code).or_default() += n;
     }
+    let jobs = jobs.lock().expect("lock");
+    let mut ota = counters.ota.lock().expect("lock");
+    ota.installed += jobs.installed;
+    ota.already_installed += jobs.already_installed;
+    ota.updates_refused += jobs.updates_refused;
+    for (code, n) in &jobs.rejected {
+        *ota.rejected.entry(code).or_default() += n;
+    }
+    for (code, n) in &jobs.failed {
+        *ota.failed.entry(code).or_default() += n;
+    }
+}
+
+/// Firmware an OTA job checked, to be installed on the device's next sample, and the job's
+/// answer, sent once it runs.
+struct Install {
+    fw: String,
+    update: Option<Publish>,
+}
+
+/// Carry out a pending install: reboot on the new firmware, report it in the shadow, answer
+/// the job.
+async fn install(
+    sim: &mut DeviceSim,
+    installed: &mut Vec<(u32, String)>,
+    pending: &Mutex<Option<Install>>,
+    client: &AsyncClient,
+    shadow: &str,
+) {
+    let Some(Install { fw, update }) = pending.lock().expect("lock").take() else { return };
+    sim.reboot();
+    let reported = serde_json::json!({"state": {"reported": {"fw": fw}}});
+    installed.push((sim.boot(), fw));
+    let _ = client.publish(shadow, QoS::AtMostOnce, false, reported.to_string()).await;
+    if let Some(m) = update {
+        let _ = client.publish(m.topic, QoS::AtMostOnce, false, m.payload).await;
+    }
+}
+
+/// `payload` as the device sends it on the firmware it runs: the simulator writes the firmware
+/// the device shipped with, so from the boot an install started on, the installed one (earlier
+/// boots' messages, resent as duplicates, keep theirs).
+fn on_firmware(payload: Vec<u8>, installed: &[(u32, String)]) -> Vec<u8> {
+    if installed.is_empty() {
+        return payload;
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&payload) else { return payload };
+    let Some(boot) = v.get("boot").and_then(serde_json::Value::as_u64) else { return payload };
+    let Some((_, fw)) = installed.iter().rev().find(|(from, _)| u64::from(*from) <= boot) else {
+        return payload;
+    };
+    if v.get("fw").is_none() {
+        return payload;
+    }
+    v["fw"] = fw.as_str().into();
+    serde_json::to_vec(&v).unwrap_or(payload)
+}
+
+/// The battery a payload reports (`bat`), if it is one the device could send.
+fn battery_of(payload: &[u8]) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    v.get("bat")?.as_f64()
 }
 
 /// The operator pings the first devices with signed commands (through command-dispatch, as
@@ -392,6 +569,72 @@ async fn operator_commands(stack: &LocalStack, devices: usize) -> usize {
         }
     }
     sent
+}
+
+/// Simulated device `sim`'s OTA jobs: its class, the firmware it ships with, and the firmware
+/// keys it trusts.
+fn device_jobs(sim: &DeviceSim, trusted: &ManifestVerifier) -> SimulatedJobs {
+    let (class, _) = class_and_region(sim.index);
+    let device = DeviceFirmware {
+        class: class.to_owned(),
+        fw: firmware(sim.index).to_owned(),
+        battery_pct: None,
+        min_battery_pct: DEFAULT_MIN_BATTERY_PCT,
+    };
+    SimulatedJobs::new(sim.thing.clone(), device, trusted.clone())
+}
+
+/// Where a demo image would be downloaded from (nothing serves it: devices make
+/// [`demo_image`] themselves).
+fn demo_image_url(class: &str, fw: &str) -> String {
+    format!("https://firmware.demo.invalid/{class}/{fw}.bin")
+}
+
+/// `--ota`: a campaign per class of the devices on `from_fw`, taking them to `to_fw`, with
+/// manifests of [`demo_image`] signed by `key`, sized for a demo (stages of 10, 50 and 100 %,
+/// a minute's soak, a 5-minute gate window of at least 20 events, no battery or last-seen
+/// precondition). Not ticked here: the ota-orchestrator does that on its schedule. The ids of
+/// the campaigns, those left from an earlier demo on the same database included.
+async fn create_campaigns(
+    stack: &LocalStack,
+    key: &ManifestSigner,
+    devices: usize,
+    upgrade: &OtaUpgrade,
+) -> Result<Vec<String>> {
+    let OtaUpgrade { from_fw, to_fw } = upgrade;
+    let classes: BTreeSet<&str> =
+        (0..devices).filter(|&i| firmware(i) == from_fw).map(|i| class_and_region(i).0).collect();
+    if classes.is_empty() {
+        bail!("--ota {from_fw}:{to_fw}: no demo device runs {from_fw} (they run 1.4.2 and 2.0.1)");
+    }
+    let now = time::now_ms();
+    let mut ids = Vec::new();
+    for class in classes {
+        let id = format!("demo-{class}-{}", to_fw.replace('.', "_"));
+        let manifest = |fw: &str| {
+            let image = demo_image(class, fw);
+            key.sign(UnsignedManifest::for_image(fw, class, demo_image_url(class, fw), &image))
+                .map_err(|e| anyhow!("the manifest of {class}/{fw}: {} ({e})", e.code()))
+        };
+        let mut spec = CampaignSpec::new(&id, class, from_fw, to_fw);
+        spec.stages = vec![10, 50, 100];
+        spec.soak_minutes = 1;
+        spec.preconditions = Preconditions { min_battery_pct: None, seen_within_minutes: None };
+        spec.gate.window_minutes = 5;
+        spec.gate.min_events = 20;
+        let campaign = Campaign::new(spec, manifest(to_fw)?, manifest(from_fw)?, now)?;
+        match stack.store.put_campaign(&campaign).await {
+            Ok(_) => eprintln!(
+                "  campaign {id}: {class} {from_fw} -> {to_fw}, pending until ota-orchestrator ticks it"
+            ),
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                eprintln!("  campaign {id} exists already (an earlier demo on this database): left as it is");
+            }
+            Err(e) => return Err(e).with_context(|| format!("storing campaign {id}")),
+        }
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// Devices the operator sends a signed command to.
@@ -445,6 +688,13 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         register(&stack, opts.devices).await?;
         None
     };
+    // Devices trust the local firmware key; `--ota` signs its campaigns' manifests with it.
+    let firmware_key = fleet_local::firmware_signer(&local_opts.db)?;
+    let trusted = ManifestVerifier::new(vec![(firmware_key.kid().to_owned(), firmware_key.verifying_key())]);
+    let campaigns = match &opts.ota {
+        Some(upgrade) => create_campaigns(&stack, &firmware_key, opts.devices, upgrade).await?,
+        None => Vec::new(),
+    };
     let dashboard = format!("http://{}/", stack.http);
     eprintln!(
         "fleetline demo: {} devices x {} msg/s for {:?}; MQTT {} (3.1.1 and 5); dashboard {dashboard}",
@@ -471,6 +721,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
             let config = VerifierConfig::new(sim.thing.clone(), vec![(kid.clone(), key)]);
             let verifier = CommandVerifier::new(config, ReplayState::default()).expect("the default window");
             let commands = SimulatedCommands::new(sim.thing.clone(), verifier);
+            let jobs = device_jobs(&sim, &trusted);
             tokio::spawn(device(
                 sim,
                 topic,
@@ -481,6 +732,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
                 Arc::clone(&counters),
                 claim,
                 commands,
+                jobs,
             ))
         })
         .collect();
@@ -520,6 +772,12 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     let health =
         fleet_local::http::fleet_health(&devices, stack.store.quarantine_counts().await?, &state, now);
     let s = stack.stats.snapshot(now);
+    let mut firmware_reported = BTreeMap::new();
+    for fw in devices.iter().filter_map(|d| d.state.as_ref()?.fw.clone()) {
+        *firmware_reported.entry(fw).or_default() += 1;
+    }
+    let ota = std::mem::take(&mut *counters.ota.lock().expect("lock"));
+    let codes = |m: BTreeMap<&'static str, u64>| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     let report = Report {
         devices: opts.devices,
         provisioned: claim.as_ref().map(|_| counters.provisioned.load(Relaxed)),
@@ -549,6 +807,13 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
             .iter()
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect(),
+        ota_installed: ota.installed,
+        ota_already_installed: ota.already_installed,
+        ota_rejected: codes(ota.rejected),
+        ota_failed: codes(ota.failed),
+        ota_updates_refused: ota.updates_refused,
+        ota_campaigns: campaigns,
+        firmware_reported,
         latency_p50_ms: s.latency_p50_ms,
         latency_p99_ms: s.latency_p99_ms,
         dashboard: dashboard.clone(),
@@ -613,6 +878,37 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
         r.commands_settled,
         if refused.is_empty() { "none".to_owned() } else { refused.join(", ") }
     );
+    let by_code = |m: &BTreeMap<String, u64>| {
+        let all: Vec<String> = m.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        if all.is_empty() {
+            "none".to_owned()
+        } else {
+            all.join(", ")
+        }
+    };
+    println!(
+        "  OTA jobs                   {} installed, {} already installed; rejected: {}; failed: {}{}",
+        r.ota_installed,
+        r.ota_already_installed,
+        by_code(&r.ota_rejected),
+        by_code(&r.ota_failed),
+        if r.ota_updates_refused > 0 {
+            format!("; {} answers refused by IoT Jobs", r.ota_updates_refused)
+        } else {
+            String::new()
+        }
+    );
+    let firmware: Vec<String> = r.firmware_reported.iter().map(|(fw, n)| format!("{n} on {fw}")).collect();
+    println!(
+        "  firmware reported          {}",
+        if firmware.is_empty() { "-".to_owned() } else { firmware.join(", ") }
+    );
+    if !r.ota_campaigns.is_empty() {
+        println!(
+            "  OTA campaigns (--ota)      {}: ticked by ota-orchestrator (fleetctl ota show <id>)",
+            r.ota_campaigns.join(", ")
+        );
+    }
     println!("  latency (rx -> stored)     p50 {}, p99 {}", ms(r.latency_p50_ms), ms(r.latency_p99_ms));
     if connection_errors > 0 {
         println!("  MQTT connection errors     {connection_errors}");

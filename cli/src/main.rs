@@ -99,6 +99,11 @@ pub enum Command {
         /// (default 365).
         #[arg(long)]
         provision: bool,
+        /// FROM:TO (e.g. 1.4.2:1.5.0): also create an OTA campaign, per class of the devices on
+        /// FROM, taking them to TO (manifests of the demo's synthetic images signed with the
+        /// local firmware key, <db>.firmware-key); the ota-orchestrator ticks it on its schedule.
+        #[arg(long, value_parser = demo::OtaUpgrade::parse)]
+        ota: Option<demo::OtaUpgrade>,
     },
     /// Re-ingest the raw archive (the source of truth) into the hot store, device state and
     /// quarantine. Idempotent; also the path to a new hot store.

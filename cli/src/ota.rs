@@ -9,7 +9,7 @@ use fleet_shared::health::slo::Catalog;
 use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Preconditions, State};
 use fleet_shared::ota::engine::Engine;
 use fleet_shared::ota::gate::GatePolicy;
-use fleet_shared::ota::manifest::{verifying_key_from_text, FirmwareManifest, ManifestVerifier};
+use fleet_shared::ota::manifest::{FirmwareManifest, ManifestVerifier};
 use fleet_shared::ports::{CampaignStore, DeviceAdmin, JobsControl, SloReader};
 use fleet_shared::time;
 
@@ -19,16 +19,8 @@ use crate::CampaignCommand;
 /// The firmware keys campaigns trust: `kid=public key` pairs (hex or base64), comma-separated,
 /// as `FLEET_FIRMWARE_KEYS` holds them.
 pub fn trusted_keys(text: &str) -> Result<ManifestVerifier> {
-    let mut trusted = Vec::new();
-    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (kid, key) = pair.split_once('=').ok_or_else(|| anyhow!("{pair:?} is not kid=public-key"))?;
-        let key = verifying_key_from_text(key).map_err(|e| anyhow!("firmware key {kid}: {e}"))?;
-        trusted.push((kid.trim().to_owned(), key));
-    }
-    if trusted.is_empty() {
-        bail!("no trusted firmware key: set FLEET_FIRMWARE_KEYS to kid=public-key[,kid=public-key]");
-    }
-    Ok(ManifestVerifier::new(trusted))
+    ManifestVerifier::from_keys_text(text)
+        .map_err(|e| anyhow!("{e}: set FLEET_FIRMWARE_KEYS to kid=public-key[,kid=public-key]"))
 }
 
 fn read_manifest(path: &Path) -> Result<FirmwareManifest> {

@@ -71,7 +71,23 @@ pub fn functions(
             |d, e| async move { fleet_health::handler::handle(&d, e).await },
         ),
     );
+    f.add(
+        "OtaOrchestratorFunction",
+        lambda(ota_orchestrator(backend, metrics)?, |d, e| async move {
+            ota_orchestrator::handler::handle(&d, e).await
+        }),
+    );
     Ok(f)
+}
+
+/// Campaigns tick on the local IoT Core's jobs, trusting its firmware key (`FLEET_FIRMWARE_KEYS`).
+fn ota_orchestrator(
+    b: &EmbeddedBackend,
+    metrics: &MetricsOut,
+) -> Result<Arc<ota_orchestrator::handler::EmbeddedDeps>, StartupError> {
+    let mut deps = ota_orchestrator::handler::EmbeddedDeps::on_embedded(b)?;
+    deps.metrics = metrics.clone();
+    Ok(Arc::new(deps))
 }
 
 /// Commands go out through the broker, as an operator publishes, once it listens.

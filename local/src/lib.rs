@@ -44,6 +44,7 @@ use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::commands::CommandSigner;
 use fleet_shared::lambda::EmbeddedBackend;
 use fleet_shared::metrics::MetricsOut;
+use fleet_shared::ota::manifest::ManifestSigner;
 use fleet_shared::{time, Env};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -171,6 +172,54 @@ fn command_key(opts: &LocalOptions) -> Result<(CommandSigner, Env)> {
     Ok((signer, env))
 }
 
+/// The id of the local firmware signing key (`<db>.firmware-key`), as manifests name it.
+pub const FIRMWARE_KEY_ID: &str = "local-fw";
+
+/// Where the local IoT Core keeps its firmware signing key: next to its database
+/// (`<db>.firmware-key`).
+pub fn firmware_key_file(db: &Path) -> PathBuf {
+    let mut p = db.to_path_buf().into_os_string();
+    p.push(".firmware-key");
+    PathBuf::from(p)
+}
+
+/// The local firmware signing key ([`FIRMWARE_KEY_ID`]): `<db>.firmware-key`, 32 random bytes
+/// in base64, made (owner-readable only) if missing, as on the local IoT Core's first start.
+/// Local campaigns' manifests are signed with it (`fleetctl demo --ota`, tests); its own key,
+/// not the command key, as devices trust it for another power.
+pub fn firmware_signer(db: &Path) -> Result<ManifestSigner> {
+    let path = firmware_key_file(db);
+    if !path.exists() {
+        use base64::Engine as _;
+        use std::io::Write as _;
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the firmware key: {e}"))?;
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        match file.open(&path) {
+            Ok(mut f) => f
+                .write_all(base64::engine::general_purpose::STANDARD.encode(seed).as_bytes())
+                .with_context(|| format!("writing the firmware key {}", path.display()))?,
+            // Another process on the same database made it first.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("writing the firmware key {}", path.display())),
+        }
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the firmware key {}", path.display()))?;
+    ManifestSigner::from_text(FIRMWARE_KEY_ID, &text).with_context(|| path.display().to_string())
+}
+
+/// `FLEET_FIRMWARE_KEYS` trusting the local firmware key: `local-fw=<public key, base64>`, for
+/// whoever checks manifests signed with it (campaigns, devices). Makes the key if missing.
+pub fn firmware_keys_var(db: &Path) -> Result<String> {
+    use base64::Engine as _;
+    let key = firmware_signer(db)?.verifying_key();
+    Ok(format!("{FIRMWARE_KEY_ID}={}", base64::engine::general_purpose::STANDARD.encode(key.as_bytes())))
+}
+
 pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     let (template, template_source) = load_template(opts)?;
     let store = SqliteStore::open(&opts.db)?;
@@ -181,6 +230,12 @@ pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
     // The key command-dispatch signs with: the user's (FLEET_COMMAND_KEY_FILE), else one kept
     // next to the database, made on first start.
     let (command_key, env) = command_key(opts)?;
+    // Campaigns trust the local firmware key (made on first start), unless the user names keys.
+    let firmware_keys = firmware_keys_var(&opts.db)?;
+    let env = Env::from_fn(move |k| match k {
+        "FLEET_FIRMWARE_KEYS" => env.optional(k).or_else(|| Some(firmware_keys.clone())),
+        _ => env.optional(k),
+    });
     let backend = EmbeddedBackend { db: store.clone(), env };
     // Functions that write shadows (twin-sync's stale-desired releases) reach the shadow
     // service over MQTT, as an operator would, once the broker listens.

@@ -431,6 +431,8 @@ mod tests {
             names,
             [
                 "CommandAckRule",
+                "OtaInstallFailedRule",
+                "OtaJobCompletedRule",
                 "PresenceRule",
                 "TelemetryTopicRule",
                 "TwinDeleteRule",
@@ -440,7 +442,10 @@ mod tests {
             ]
         );
         assert_eq!(rules[0].targets, vec![Target::Function { function: "CommandAckFunction".into() }]);
-        let rules = &rules[1..];
+        for ota in &rules[1..3] {
+            assert_eq!(ota.targets, vec![Target::Function { function: "OtaOrchestratorFunction".into() }]);
+        }
+        let rules = &rules[3..];
         assert_eq!(
             rules[0].targets,
             vec![Target::Queue {
@@ -502,6 +507,7 @@ mod tests {
                 ("TwinSyncFunction", 300),
                 ("CertExpiryCheckFunction", 86_400),
                 ("CertExpiryCheckFunction", 3_600),
+                ("OtaOrchestratorFunction", 300),
                 ("FleetHealthFunction", 60)
             ],
             "the template's schedules"

@@ -32,7 +32,7 @@
 //! | [`CertificateRegistry`] | `IotControlPlane` | `iot:ListCertificates`, `iot:DescribeCertificate` on `cert/*`, `iot:ListPrincipalThings`, `iot:ListThingPrincipals` on `thing/*` (reconciliation, decommission) |
 //! | [`CertificateControl`] | `IotControlPlane` | `iot:UpdateCertificate` on `cert/*` (operators: decommission) |
 //! | [`CampaignStore`] | `CampaignsTable` | `dynamodb:GetItem`, `dynamodb:PutItem` (conditional on the version), `dynamodb:Scan` on the Campaigns table |
-//! | [`JobsControl`] | `IotJobs` (locally the local IoT Core's jobs service) | `iot:CreateJob`, `iot:CancelJob`, `iot:DescribeJob`, `iot:ListJobExecutionsForJob` on `job/*`, with the target `thing/*` (OTA campaigns) |
+//! | [`JobsControl`] | `IotJobs` (locally the local IoT Core's jobs service) | `iot:CreateJob`, `iot:CancelJob`, `iot:DescribeJob`, `iot:ListJobExecutionsForJob` on `job/*` (CreateJob also on `thing/*` and `thinggroup/fleetline-job-*`); `iot:CreateThingGroup`, `iot:AddThingToThingGroup`, `iot:DeleteThingGroup` on `thinggroup/fleetline-job-*` (jobs over 100 targets; OTA campaigns) |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -688,6 +688,11 @@ pub trait JobsControl: Send + Sync {
         &self,
         job: &JobId,
     ) -> impl Future<Output = Result<Vec<(ThingName, ExecutionStatus)>, StoreError>> + Send;
+    /// The campaign is done with a settled job: free what it holds on the way. On AWS, the
+    /// static thing group a job over 100 targets was sent through (a thing can belong to only
+    /// 10 static groups, so they must not pile up); locally nothing. Repeating it, or retiring
+    /// a job that holds nothing, changes nothing.
+    fn retire_job(&self, job: &JobId) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Where OTA campaigns are kept.

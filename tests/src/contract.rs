@@ -1,8 +1,10 @@
 //! The port contract: behaviour every backend must show, written once ([`port_contract!`]
 //! instantiates the whole suite for a backend) and run against the embedded store
 //! (in-process) and the AWS adapters (on moto). Each check returns `Err` with what differed.
-//! [`jobs_contract!`] does the same for IoT Jobs' control plane ([`JobsControl`]); it runs on
-//! the embedded store until the AWS adapter exists.
+//! [`jobs_contract!`] does the same for IoT Jobs' control plane ([`JobsControl`]) and
+//! [`campaigns_contract!`] for where OTA campaigns are kept ([`CampaignStore`]), on both
+//! backends too. Job ids are made unique per test process: IoT Jobs never reuses one, and
+//! moto's one registry outlives a test run.
 //!
 //! What moto cannot check is named, not faked: moto's Timestream only appends (no 100-record
 //! limit, no key semantics, no queries), so on AWS the sink check proves only that a batch
@@ -17,9 +19,9 @@ use fleet_shared::model::{
     ReadingFlags, ShadowName, StoredReading, ThingName, Twin,
 };
 use fleet_shared::ports::{
-    Allowlist, ArchiveReader, AuditEvent, CertMark, CertificateInventory, DeviceAdmin, DeviceCertStatus,
-    DeviceRegistry, JobsControl, ProvisioningAudit, Quarantine, QuarantineReader, RawArchive, Reports,
-    TelemetrySink, TwinPolicies, TwinStore, WriteStatus,
+    Allowlist, ArchiveReader, AuditEvent, CampaignStore, CertMark, CertificateInventory, DeviceAdmin,
+    DeviceCertStatus, DeviceRegistry, JobsControl, ProvisioningAudit, Quarantine, QuarantineReader,
+    RawArchive, Reports, TelemetrySink, TwinPolicies, TwinStore, WriteStatus,
 };
 use fleet_shared::twin::{apply, sync, ShadowEvent, TwinChange, TwinEvent};
 
@@ -100,6 +102,24 @@ macro_rules! jobs_contract {
         async fn $check() -> anyhow::Result<()> {
             let jobs = $jobs.await?;
             $crate::contract::$check(&jobs).await
+        }
+    };
+}
+
+/// The campaign store's contract ([`CampaignStore`]) as tests, for the backend `campaigns`
+/// builds (a future that gives a store holding no campaign). Extra attributes go on every test.
+#[macro_export]
+macro_rules! campaigns_contract {
+    ($(#[$attr:meta])* campaigns = $store:expr) => {
+        $crate::campaigns_contract!(@one [$(#[$attr])*] $store; a_campaign_is_created_once_and_written_only_over_the_version_read);
+        $crate::campaigns_contract!(@one [$(#[$attr])*] $store; campaigns_are_listed_newest_first);
+    };
+    (@one [$($attrs:tt)*] $store:expr; $check:ident) => {
+        #[tokio::test]
+        $($attrs)*
+        async fn $check() -> anyhow::Result<()> {
+            let store = $store.await?;
+            $crate::contract::$check(&store).await
         }
     };
 }
@@ -846,13 +866,22 @@ pub async fn commands_are_sequenced_per_device_and_settled_once<S: fleet_shared:
     Ok(())
 }
 
-fn job_id(s: &str) -> Result<JobId> {
-    Ok(JobId::parse(s)?)
+/// `s` and a tag of this test process (its id and start), so a job id is never used twice on
+/// a store that outlives the process.
+pub fn job_id(s: &str) -> Result<JobId> {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() % 0x1_0000_0000);
+        format!("{:x}-{started:x}", std::process::id())
+    });
+    Ok(JobId::parse(&format!("{s}-{run}"))?)
 }
 
-fn new_job(id: &str, targets: &[usize]) -> Result<NewJob> {
+fn new_job(id: &JobId, targets: &[usize]) -> Result<NewJob> {
     Ok(NewJob {
-        job_id: job_id(id)?,
+        job_id: id.clone(),
         targets: targets.iter().map(|n| thing(*n)).collect(),
         document: serde_json::json!({"operation": "install", "firmware": "2.1.0"}),
         description: "contract".into(),
@@ -865,14 +894,14 @@ fn new_job(id: &str, targets: &[usize]) -> Result<NewJob> {
 /// again (a Conflict, whatever the second job holds); an unknown job has no progress.
 pub async fn a_job_is_created_once_with_every_target_queued<S: JobsControl>(s: &S) -> Result<()> {
     let id = job_id("contract-job-create")?;
-    s.create_job(&new_job(id.as_str(), &[902, 900, 901])?).await?;
+    s.create_job(&new_job(&id, &[902, 900, 901])?).await?;
     let progress = s.job_progress(&id).await?.context("the job just created")?;
     ensure!(progress.status == JobStatus::InProgress, "status {:?}", progress.status);
     ensure!((progress.counts.queued, progress.counts.total()) == (3, 3), "counts {:?}", progress.counts);
     let listed = s.job_executions(&id).await?;
     let expected: Vec<_> = [900, 901, 902].iter().map(|n| (thing(*n), ExecutionStatus::Queued)).collect();
     ensure!(listed == expected, "executions {listed:?}");
-    let again = s.create_job(&new_job(id.as_str(), &[903])?).await;
+    let again = s.create_job(&new_job(&id, &[903])?).await;
     ensure!(
         again.as_ref().is_err_and(|e| e.kind == fleet_shared::ErrorKind::Conflict),
         "an id twice: {again:?}"
@@ -888,7 +917,7 @@ pub async fn a_job_is_created_once_with_every_target_queued<S: JobsControl>(s: &
 /// force) changes nothing.
 pub async fn cancelling_a_job_cancels_its_queued_executions_once<S: JobsControl>(s: &S) -> Result<()> {
     let id = job_id("contract-job-cancel")?;
-    s.create_job(&new_job(id.as_str(), &[910, 911])?).await?;
+    s.create_job(&new_job(&id, &[910, 911])?).await?;
     s.cancel_job(&id, false).await?;
     let progress = s.job_progress(&id).await?.context("the job just cancelled")?;
     ensure!(progress.status == JobStatus::Canceled, "status {:?}", progress.status);
@@ -903,8 +932,75 @@ pub async fn cancelling_a_job_cancels_its_queued_executions_once<S: JobsControl>
 /// A job with no target is refused as permanent (retrying cannot help), and not stored.
 pub async fn a_job_without_targets_is_refused_as_permanent<S: JobsControl>(s: &S) -> Result<()> {
     let id = job_id("contract-job-empty")?;
-    let refused = s.create_job(&new_job(id.as_str(), &[])?).await;
+    let refused = s.create_job(&new_job(&id, &[])?).await;
     ensure!(refused.as_ref().is_err_and(|e| e.kind == fleet_shared::ErrorKind::Permanent), "{refused:?}");
     ensure!(s.job_progress(&id).await?.is_none(), "a refused job was stored");
+    Ok(())
+}
+
+/// A campaign `id` created at `created_ms`, its manifests signed by a test key.
+pub fn campaign(id: &str, created_ms: i64) -> Result<fleet_shared::ota::campaign::Campaign> {
+    use fleet_shared::ota::campaign::{Campaign, CampaignSpec};
+    use fleet_shared::ota::manifest::{ManifestSigner, UnsignedManifest};
+    let signer = ManifestSigner::from_bytes("contract", &[9; 32])?;
+    let sign = |fw: &str| {
+        let url = format!("https://fw.example.com/sensor/{fw}.bin");
+        signer.sign(UnsignedManifest::for_image(fw, "sensor", url, fw.as_bytes()))
+    };
+    let spec = CampaignSpec::new(id, "sensor", "1.4.2", "1.5.0");
+    Ok(Campaign::new(spec, sign("1.5.0")?, sign("1.4.2")?, created_ms)?)
+}
+
+/// A campaign is created once (a second create is a Conflict); a write names the version it
+/// read and bumps it; a write over a version that has moved on is a Conflict and changes nothing.
+pub async fn a_campaign_is_created_once_and_written_only_over_the_version_read<S: CampaignStore>(
+    s: &S,
+) -> Result<()> {
+    let created = campaign("contract-c1", 1_764_000_000_000)?;
+    ensure!(s.campaign("contract-c1").await?.is_none(), "a campaign before it was created");
+    ensure!(s.put_campaign(&created).await? == 1, "the first version is 1");
+    let stored = s.campaign("contract-c1").await?.context("the campaign just created")?;
+    ensure!(stored.version == 1, "stored at version {}", stored.version);
+    ensure!(stored == fleet_shared::ota::campaign::Campaign { version: 1, ..created.clone() }, "read back");
+    let twice = s.put_campaign(&created).await;
+    ensure!(
+        twice.as_ref().is_err_and(|e| e.kind == fleet_shared::ErrorKind::Conflict),
+        "created twice: {twice:?}"
+    );
+
+    // A pause and a tick both read version 1; the first to write wins.
+    let mut paused = stored.clone();
+    paused.paused = Some("operator".into());
+    let mut ticked = stored.clone();
+    ticked.updated_ms += 60_000;
+    ensure!(s.put_campaign(&paused).await? == 2, "a write at the version read bumps it");
+    let stale = s.put_campaign(&ticked).await;
+    ensure!(
+        stale.as_ref().is_err_and(|e| e.kind == fleet_shared::ErrorKind::Conflict),
+        "a stale write: {stale:?}"
+    );
+    let now = s.campaign("contract-c1").await?.context("the campaign")?;
+    ensure!(
+        now == fleet_shared::ota::campaign::Campaign { version: 2, ..paused },
+        "the pause stands: {now:?}"
+    );
+    Ok(())
+}
+
+/// Every campaign is listed, newest first (same creation time: by id).
+pub async fn campaigns_are_listed_newest_first<S: CampaignStore>(s: &S) -> Result<()> {
+    ensure!(s.campaigns().await?.is_empty(), "campaigns in a new store");
+    for (id, created_ms) in
+        [("contract-b", 2_000), ("contract-old", 1_000), ("contract-new", 3_000), ("contract-a", 2_000)]
+    {
+        s.put_campaign(&campaign(id, created_ms)?).await?;
+    }
+    let listed: Vec<(String, u64)> =
+        s.campaigns().await?.into_iter().map(|c| (c.spec.id, c.version)).collect();
+    let expected: Vec<(String, u64)> = ["contract-new", "contract-a", "contract-b", "contract-old"]
+        .iter()
+        .map(|id| ((*id).to_owned(), 1))
+        .collect();
+    ensure!(listed == expected, "listed {listed:?}");
     Ok(())
 }

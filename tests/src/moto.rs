@@ -13,8 +13,8 @@ use aws_sdk_dynamodb::types::{
 use fleet_shared::adapters::aws::certs::{EXPIRY_INDEX, KIND_INDEX};
 use fleet_shared::adapters::aws::twins::{DRIFT_INDEX, FW_INDEX};
 use fleet_shared::adapters::aws::{
-    CertificatesTable, CommandsTable, DevicesTable, HealthTable, PresenceTables, S3Archive, TimestreamQuery,
-    TimestreamSink, TwinsTable,
+    CampaignsTable, CertificatesTable, CommandsTable, DevicesTable, HealthTable, IotJobs, PresenceTables,
+    S3Archive, TimestreamQuery, TimestreamSink, TwinsTable,
 };
 use fleet_shared::Env;
 
@@ -28,6 +28,7 @@ pub struct AwsResources {
     pub certificates_table: String,
     pub health_table: String,
     pub commands_table: String,
+    pub campaigns_table: String,
     pub telemetry_database: String,
     pub telemetry_table: String,
     pub archive_bucket: String,
@@ -44,6 +45,8 @@ impl AwsResources {
             ("FLEET_CERTIFICATES_TABLE", self.certificates_table.clone()),
             ("FLEET_HEALTH_TABLE", self.health_table.clone()),
             ("FLEET_COMMANDS_TABLE", self.commands_table.clone()),
+            ("FLEET_CAMPAIGNS_TABLE", self.campaigns_table.clone()),
+            ("FLEET_THING_ARN_PREFIX", thing_arn_prefix()),
             ("FLEET_TELEMETRY_DB", self.telemetry_database.clone()),
             ("FLEET_TELEMETRY_TABLE", self.telemetry_table.clone()),
             ("FLEET_ARCHIVE_BUCKET", self.archive_bucket.clone()),
@@ -64,12 +67,24 @@ pub struct AwsAdapters {
     pub certs: CertificatesTable,
     pub health: HealthTable,
     pub commands: CommandsTable,
+    pub campaigns: CampaignsTable,
+    /// IoT Jobs in moto's one registry (shared by every test: job ids must be unique).
+    pub jobs: IotJobs,
     pub sink: TimestreamSink,
     pub query: TimestreamQuery,
     pub archive: S3Archive,
 }
 
 pub const ENDPOINT_VAR: &str = "FLEET_TEST_AWS_ENDPOINT";
+/// The region the tests' clients use.
+pub const REGION: &str = "us-east-1";
+/// The account moto answers as.
+pub const ACCOUNT: &str = "123456789012";
+
+/// The ARNs of moto's things up to the name, as the template sets `FLEET_THING_ARN_PREFIX`.
+pub fn thing_arn_prefix() -> String {
+    format!("arn:aws:iot:{REGION}:{ACCOUNT}:thing/")
+}
 
 /// The moto endpoint, refusing anything but loopback.
 pub fn endpoint() -> Result<String> {
@@ -87,13 +102,14 @@ pub async fn sdk_config() -> Result<SdkConfig> {
     let creds = aws_sdk_dynamodb::config::Credentials::new("testing", "testing", None, None, "moto");
     Ok(aws_config::defaults(BehaviorVersion::latest())
         .endpoint_url(endpoint()?)
-        .region(Region::new("us-east-1"))
+        .region(Region::new(REGION))
         .credentials_provider(creds)
         .load()
         .await)
 }
 
-fn unique(prefix: &str) -> String {
+/// A name no other test (or run against the same moto) uses: `<prefix>-<pid>-<n>`.
+pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
@@ -106,6 +122,7 @@ pub async fn fresh_resources() -> Result<AwsResources> {
         certificates_table: unique("certificates"),
         health_table: unique("health"),
         commands_table: unique("commands"),
+        campaigns_table: unique("campaigns"),
         telemetry_database: unique("fleet"),
         telemetry_table: "telemetry".into(),
         archive_bucket: unique("archive"),
@@ -126,6 +143,8 @@ pub async fn fresh_adapters() -> Result<AwsAdapters> {
         certs: CertificatesTable::from_env(&sdk, &env)?,
         health: HealthTable::from_env(&sdk, &env)?,
         commands: CommandsTable::from_env(&sdk, &env)?,
+        campaigns: CampaignsTable::from_env(&sdk, &env)?,
+        jobs: IotJobs::from_env(&sdk, &env)?,
         sink: TimestreamSink::from_env(&sdk, &env).await?,
         query: TimestreamQuery::from_env(&sdk, &env)?,
         archive: S3Archive::from_env(&sdk, &env)?,
@@ -157,6 +176,20 @@ pub async fn fresh_ports() -> Result<
         twins: a.twins,
         certs: a.certs,
     })
+}
+
+/// A Campaigns table of its own (and nothing else), as a function builds the adapter.
+pub async fn fresh_campaigns() -> Result<CampaignsTable> {
+    let sdk = sdk_config().await?;
+    let table = unique("campaigns");
+    create_campaigns_table(&sdk, &table).await?;
+    Ok(CampaignsTable::from_env(&sdk, &Env::from_pairs(&[("FLEET_CAMPAIGNS_TABLE", &table)]))?)
+}
+
+/// IoT Jobs on moto, as a function builds the adapter.
+pub async fn fresh_jobs() -> Result<IotJobs> {
+    let env = Env::from_pairs(&[("FLEET_THING_ARN_PREFIX", &thing_arn_prefix())]);
+    Ok(IotJobs::from_env(&sdk_config().await?, &env)?)
 }
 
 /// The same resources `infra/template.yaml` declares (keys, Timestream table).
@@ -260,6 +293,7 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         .send()
         .await
         .context("create commands table")?;
+    create_campaigns_table(config, &r.campaigns_table).await?;
     let ts = aws_sdk_timestreamwrite::Client::new(config);
     ts.create_database().database_name(&r.telemetry_database).send().await.context("create timestream db")?;
     ts.create_table()
@@ -272,5 +306,24 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         aws_sdk_s3::config::Builder::from(config).force_path_style(true).build(),
     );
     s3.create_bucket().bucket(&r.archive_bucket).send().await.context("create bucket")?;
+    Ok(())
+}
+
+/// The Campaigns table: one item per campaign, keyed by `id`.
+async fn create_campaigns_table(config: &SdkConfig, table: &str) -> Result<()> {
+    aws_sdk_dynamodb::Client::new(config)
+        .create_table()
+        .table_name(table)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("id")
+                .attribute_type(ScalarAttributeType::S)
+                .build()?,
+        )
+        .key_schema(KeySchemaElement::builder().attribute_name("id").key_type(KeyType::Hash).build()?)
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .context("create campaigns table")?;
     Ok(())
 }

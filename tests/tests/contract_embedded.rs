@@ -40,6 +40,13 @@ async fn jobs() -> Result<SqliteStore> {
 
 fleet_tests::jobs_contract!(jobs = jobs());
 
+/// Where OTA campaigns are kept, on a store of its own.
+async fn campaigns() -> Result<SqliteStore> {
+    Ok(SqliteStore::in_memory()?)
+}
+
+fleet_tests::campaigns_contract!(campaigns = campaigns());
+
 /// Key semantics need a store that has them: SQLite here, Timestream through scripted
 /// answers in the adapter's mock tests (moto's Timestream only appends).
 #[tokio::test]

@@ -13,6 +13,9 @@ use super::ThingName;
 pub const MAX_JOB_ID_LEN: usize = 64;
 /// Largest job document AWS IoT Jobs accepts (32 KB).
 pub const MAX_JOB_DOCUMENT_BYTES: usize = 32 * 1024;
+/// AWS's limit on things named directly in a job's `targets`: a job for more reaches them
+/// through a thing group.
+pub const MAX_JOB_TARGETS: usize = 100;
 /// AWS IoT Jobs' `maximumPerMinute` rollout bounds.
 pub const MAX_PER_MINUTE: std::ops::RangeInclusive<u32> = 1..=1000;
 

@@ -16,7 +16,7 @@ pub use device::{
 };
 pub use job::{
     ExecutionStatus, InvalidJobId, JobCounts, JobId, JobProgress, JobStatus, NewJob, MAX_JOB_DOCUMENT_BYTES,
-    MAX_JOB_ID_LEN, MAX_PER_MINUTE,
+    MAX_JOB_ID_LEN, MAX_JOB_TARGETS, MAX_PER_MINUTE,
 };
 pub use telemetry::{MessageId, Metric, Reading, ReadingFlags, StoredReading};
 pub use thing::{InvalidThingName, ThingName};

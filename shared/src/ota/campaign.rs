@@ -175,6 +175,16 @@ impl CampaignSpec {
     }
 }
 
+/// The campaign a job belongs to: `<id>` of `<id>-s<n>` or `<id>-rb`; `None` for another job.
+pub fn campaign_of_job(job: &str) -> Option<&str> {
+    if let Some(id) = job.strip_suffix("-rb") {
+        return Some(id).filter(|id| !id.is_empty());
+    }
+    let (id, stage) = job.rsplit_once("-s")?;
+    let numbered = !stage.is_empty() && stage.bytes().all(|b| b.is_ascii_digit());
+    Some(id).filter(|id| numbered && !id.is_empty())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid campaign: {0}")]
 pub struct InvalidSpec(pub String);
@@ -192,6 +202,9 @@ pub enum State {
         reason: String,
         job: JobId,
         started_ms: i64,
+        /// The job's counts already reported to fleet health (the `ota` SLO).
+        #[serde(default)]
+        counted: JobCounts,
     },
     RolledBack {
         reason: String,
@@ -232,6 +245,9 @@ pub struct StageState {
     pub settled_ms: Option<i64>,
     /// What the last look at it found.
     pub last: Option<String>,
+    /// The job's counts already reported to fleet health (the `ota` SLO).
+    #[serde(default)]
+    pub counted: JobCounts,
 }
 
 /// One line of a campaign's history.
@@ -556,6 +572,7 @@ pub(crate) mod tests {
             started_ms: NOW - 30 * MIN,
             settled_ms,
             last: None,
+            counted: JobCounts::default(),
         }
     }
 
@@ -575,6 +592,16 @@ pub(crate) mod tests {
             let mut s = spec();
             breaks(&mut s);
             assert!(campaign(s).is_err(), "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_job_id_names_its_campaign() {
+        assert_eq!(campaign_of_job("fw150-s2"), Some("fw150"));
+        assert_eq!(campaign_of_job("fw-s1-s12"), Some("fw-s1"));
+        assert_eq!(campaign_of_job("fw150-rb"), Some("fw150"));
+        for other in ["fw150", "fw150-s", "fw150-sx", "-s1", "-rb", "reboot-all"] {
+            assert_eq!(campaign_of_job(other), None, "{other}");
         }
     }
 

@@ -54,6 +54,33 @@ pub struct Tick {
     pub changed: bool,
     /// One line on where it stands.
     pub summary: String,
+    /// Installs that finished since the last tick, for fleet health's `ota` SLO (counted
+    /// before the campaign is stored: a lost write counts them again, never drops them).
+    pub finished: Vec<Finished>,
+}
+
+/// Installs of one firmware that finished since the campaign's last tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub class: String,
+    /// The firmware installed (the new one in a stage, the old one in a rollback).
+    pub fw: String,
+    pub succeeded: u64,
+    /// FAILED or TIMED_OUT (a device refusing, REJECTED, is not a failed install).
+    pub failed: u64,
+}
+
+/// What finished between `counted` and `now`; `counted` becomes `now`.
+fn newly(class: &str, fw: &str, now: &JobCounts, counted: &mut JobCounts) -> Option<Finished> {
+    let succeeded = now.succeeded.saturating_sub(counted.succeeded);
+    let failed = (now.failed + now.timed_out).saturating_sub(counted.failed + counted.timed_out);
+    *counted = *now;
+    (succeeded + failed > 0).then(|| Finished {
+        class: class.to_owned(),
+        fw: fw.to_owned(),
+        succeeded,
+        failed,
+    })
 }
 
 /// The ports a tick reads and acts on.
@@ -90,17 +117,21 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
     pub async fn tick(&self, c: &mut Campaign, now_ms: i64) -> Result<Tick, OtaError> {
         let before = c.clone();
         if let Some(why) = &c.paused {
-            return Ok(Tick { changed: false, summary: format!("paused: {why}") });
+            return Ok(Tick { changed: false, summary: format!("paused: {why}"), finished: vec![] });
         }
         if c.state.is_final() {
-            return Ok(Tick { changed: false, summary: c.state.name().to_owned() });
+            return Ok(Tick { changed: false, summary: c.state.name().to_owned(), finished: vec![] });
         }
         self.check_manifests(c)?;
+        let mut finished = Vec::new();
         let summary = match c.state.clone() {
             State::Pending => self.start_stage(c, 0, now_ms).await?,
-            State::Stage(stage) => self.look_at_stage(c, stage, now_ms).await?,
-            State::RollingBack { reason, job, .. } => {
+            State::Stage(stage) => self.look_at_stage(c, stage, now_ms, &mut finished).await?,
+            State::RollingBack { reason, job, started_ms, mut counted } => {
                 let counts = self.counts(&job).await?;
+                finished.extend(newly(&c.spec.class, &c.spec.from_fw, &counts, &mut counted));
+                c.state =
+                    State::RollingBack { reason: reason.clone(), job: job.clone(), started_ms, counted };
                 if counts.pending() == 0 {
                     let failed = counts.failed + counts.timed_out + counts.rejected;
                     let text = format!(
@@ -110,6 +141,9 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
                         counts.total()
                     );
                     c.note(now_ms, &text);
+                    for job in c.jobs.clone().iter().chain([&job]) {
+                        self.retire(c, job, now_ms).await;
+                    }
                     c.state = State::RolledBack { reason };
                     text
                 } else {
@@ -120,7 +154,16 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
                 unreachable!("final states return above")
             }
         };
-        Ok(Tick { changed: *c != before, summary })
+        Ok(Tick { changed: *c != before, summary, finished })
+    }
+
+    /// Free what a settled job holds ([`JobsControl::retire_job`]). A failure does not hold the
+    /// campaign up: it is logged and noted, and the job's group is left for an operator.
+    async fn retire(&self, c: &mut Campaign, job: &JobId, now_ms: i64) {
+        if let Err(e) = self.jobs.retire_job(job).await {
+            tracing::warn!(campaign = %c.spec.id, %job, error = %e, "job not retired");
+            c.note(now_ms, format!("job {job} not retired (its thing group is left): {e}"));
+        }
     }
 
     async fn counts(&self, job: &JobId) -> Result<JobCounts, OtaError> {
@@ -135,8 +178,11 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         c: &mut Campaign,
         mut stage: StageState,
         now_ms: i64,
+        finished: &mut Vec<Finished>,
     ) -> Result<String, OtaError> {
         let counts = self.counts(&stage.job).await?;
+        finished.extend(newly(&c.spec.class, &c.spec.to_fw, &counts, &mut stage.counted));
+        c.state = State::Stage(stage.clone());
         let mut step = assess(&c.spec, &stage, &counts, None, now_ms);
         if step == StageStep::AskGate {
             let verdict = self.verdict(&c.spec).await?;
@@ -157,6 +203,7 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
             }
             StageStep::Advance => {
                 c.note(now_ms, format!("stage {}: the gate passed", stage.stage + 1));
+                self.retire(c, &stage.job, now_ms).await;
                 self.start_stage(c, stage.stage + 1, now_ms).await
             }
             StageStep::RollBack(why) => self.roll_back(c, why, now_ms).await,
@@ -253,6 +300,7 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
                 started_ms: now_ms,
                 settled_ms: None,
                 last: None,
+                counted: JobCounts::default(),
             });
             return Ok(text);
         }
@@ -300,7 +348,12 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
             in_progress_timeout_minutes: Some(c.spec.install_timeout_minutes),
         };
         let targets = self.create_or_adopt(&new).await?;
-        c.state = State::RollingBack { reason: reason.clone(), job, started_ms: now_ms };
+        c.state = State::RollingBack {
+            reason: reason.clone(),
+            job,
+            started_ms: now_ms,
+            counted: JobCounts::default(),
+        };
         Ok(format!("rolling back {targets} devices: {reason}"))
     }
 
@@ -481,10 +534,14 @@ mod tests {
         assert!(tick.summary.contains("2 of 2 installs pending"), "{}", tick.summary);
         // WHEN both devices install it, the stage settles, then soaks
         assert_eq!(w.devices_answer(&s1.job, DeviceStatus::Succeeded).await?, 2);
-        let (c, _) = w.tick("fw150", t0 + 2 * MIN).await?;
+        let (c, tick) = w.tick("fw150", t0 + 2 * MIN).await?;
         assert_eq!(stage_of(&c).settled_ms, Some(t0 + 2 * MIN));
+        // AND the two installs are reported to fleet health once, as 1.5.0's
+        let installed = Finished { class: "sensor".into(), fw: "1.5.0".into(), succeeded: 2, failed: 0 };
+        assert_eq!(tick.finished, [installed]);
         let (_, tick) = w.tick("fw150", t0 + 10 * MIN).await?;
         assert!(tick.summary.contains("soaking"), "{}", tick.summary);
+        assert_eq!(tick.finished, []);
         // AND after the soak, a healthy canary opens stage 2: 18 more devices, none twice
         w.ledger(crate::health::tally::minute_of(t0), 0).await?;
         let (c, _) = w.tick("fw150", t0 + 40 * MIN).await?;
@@ -543,6 +600,10 @@ mod tests {
             c.state
         );
         assert!(tick.summary.starts_with("rolled back"), "{}", tick.summary);
+        assert_eq!(
+            tick.finished,
+            [Finished { class: "sensor".into(), fw: "1.5.0".into(), succeeded: 0, failed: 1 }]
+        );
         let progress = w.db.job_progress(&s1.job).await?.expect("job");
         assert_eq!(
             (progress.counts.failed, progress.counts.canceled, progress.status),

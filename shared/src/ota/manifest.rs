@@ -434,6 +434,9 @@ impl ManifestRejection {
     }
 }
 
+/// Where campaigns (fleetctl, ota-orchestrator) find the firmware keys they trust.
+pub const FIRMWARE_KEYS_VAR: &str = "FLEET_FIRMWARE_KEYS";
+
 /// The keys a device trusts to sign its firmware.
 #[derive(Debug, Clone)]
 pub struct ManifestVerifier {
@@ -444,6 +447,31 @@ impl ManifestVerifier {
     /// `(kid, key)` pairs; two during a key rotation.
     pub fn new(trusted: Vec<(String, VerifyingKey)>) -> Self {
         Self { trusted }
+    }
+
+    /// From `kid=public-key` pairs, comma-separated (the keys as [`verifying_key_from_text`]
+    /// reads them), as [`FIRMWARE_KEYS_VAR`] holds them; at least one.
+    pub fn from_keys_text(text: &str) -> Result<Self, String> {
+        let mut trusted = Vec::new();
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (kid, key) = pair.split_once('=').ok_or_else(|| format!("{pair:?} is not kid=public-key"))?;
+            let key = verifying_key_from_text(key).map_err(|e| format!("firmware key {kid}: {e}"))?;
+            trusted.push((kid.trim().to_owned(), key));
+        }
+        if trusted.is_empty() {
+            return Err("no trusted firmware key".to_owned());
+        }
+        Ok(Self { trusted })
+    }
+
+    /// The keys in [`FIRMWARE_KEYS_VAR`]; an error names the variable.
+    pub fn from_env(env: &crate::Env) -> Result<Self, crate::ConfigError> {
+        let text = env.required(FIRMWARE_KEYS_VAR)?;
+        Self::from_keys_text(&text).map_err(|_| crate::ConfigError::Invalid {
+            var: FIRMWARE_KEYS_VAR,
+            value: text,
+            expected: "kid=public-key[,kid=public-key], each key 32 bytes in hex or base64",
+        })
     }
 
     /// Module doc, step 2: whether a trusted key signed `manifest`.

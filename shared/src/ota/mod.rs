@@ -6,8 +6,13 @@
 //! rest of the same devices (`sensor/*/1.4.2`) are the control. The gate compares the two over
 //! the same window with fleet health's own numbers ([`crate::health::gate::burn_rate`]) and
 //! answers advance, wait or roll back, with the readings it judged.
+//!
+//! A device's side of a job (feature `sim`, [`device`]): check the document and the manifest,
+//! then install or refuse, answering IoT Jobs with a status and a reason code.
 
 pub mod campaign;
+#[cfg(feature = "sim")]
+pub mod device;
 pub mod engine;
 pub mod gate;
 pub mod manifest;

@@ -1,11 +1,14 @@
 //! AWS adapters, one per resource, each built from the one `SdkConfig` a process loads:
 //! [`DevicesTable`] (DynamoDB), [`TimestreamSink`] / [`TimestreamQuery`] (Timestream),
 //! [`S3Archive`] (S3 `raw/` and `quarantine/`), [`TwinsTable`] (DynamoDB), [`CertificatesTable`]
-//! (DynamoDB: allowlist, certificate inventory, provisioning audit). A function builds only the adapters its ports
+//! (DynamoDB: allowlist, certificate inventory, provisioning audit), [`CampaignsTable`]
+//! (DynamoDB: OTA campaigns), [`IotJobs`] (AWS IoT Jobs' control plane, through
+//! [`SignedClient`]). A function builds only the adapters its ports
 //! need, and each adapter reads only its own variables (`from_env`). SDK ↔ domain mapping
 //! happens only here; service limits are named constants next to the adapter that respects
 //! them. Endpoints follow the SDK's `AWS_ENDPOINT_URL*` variables.
 
+pub mod campaigns;
 pub mod certs;
 pub mod commands;
 #[cfg(feature = "test-support")]
@@ -14,6 +17,7 @@ pub mod devices;
 pub mod health;
 pub mod hot_store;
 pub mod iot;
+pub mod jobs;
 pub mod s3;
 #[cfg(feature = "shadows")]
 pub mod shadows;
@@ -32,6 +36,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::error::StoreError;
 
+pub use campaigns::CampaignsTable;
 pub use certs::CertificatesTable;
 pub use commands::CommandsTable;
 pub use devices::DevicesTable;
@@ -40,6 +45,7 @@ pub use health::{HealthTable, PresenceTables};
 pub use hot_store::TelemetryReader;
 pub use hot_store::{HotStore, HotStoreKind};
 pub use iot::IotControlPlane;
+pub use jobs::IotJobs;
 pub use s3::S3Archive;
 #[cfg(feature = "shadows")]
 pub use shadows::IotDataShadows;
