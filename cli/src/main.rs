@@ -181,8 +181,9 @@ pub enum OtaCommand {
     },
 }
 
-/// Campaigns (embedded backend; they trust the firmware keys in FLEET_FIRMWARE_KEYS,
-/// `kid=public-key[,...]`).
+/// Campaigns, on either backend (on AWS the Campaigns, Devices and Health tables and IoT Jobs,
+/// from the functions' variables); they trust the firmware keys in FLEET_FIRMWARE_KEYS,
+/// `kid=public-key[,...]`.
 #[derive(Subcommand)]
 pub enum CampaignCommand {
     /// Create a campaign from two signed manifests (`fleetctl firmware sign`): the firmware to

@@ -7,10 +7,10 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::health::slo::Catalog;
 use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Preconditions, State};
-use fleet_shared::ota::engine::Engine;
+use fleet_shared::ota::engine::{count_finished, Engine};
 use fleet_shared::ota::gate::GatePolicy;
 use fleet_shared::ota::manifest::{FirmwareManifest, ManifestVerifier};
-use fleet_shared::ports::{CampaignStore, DeviceAdmin, JobsControl, SloReader};
+use fleet_shared::ports::{CampaignStore, DeviceAdmin, HealthCounters, JobsControl, SloReader};
 use fleet_shared::time;
 
 use crate::output;
@@ -43,7 +43,7 @@ where
     S: CampaignStore,
     F: DeviceAdmin,
     J: JobsControl,
-    H: SloReader,
+    H: SloReader + HealthCounters,
 {
     let now = time::now_ms();
     match command {
@@ -102,6 +102,8 @@ where
             for mut c in campaigns.into_iter().filter(|c| !c.state.is_final() && c.paused.is_none()) {
                 let tick =
                     engine.tick(&mut c, now).await.with_context(|| format!("campaign {}", c.spec.id))?;
+                // As the orchestrator does: finished installs feed the ota SLO before the store.
+                count_finished(engine.health, &tick.finished, now).await?;
                 if tick.changed {
                     store.put_campaign(&c).await?;
                 }

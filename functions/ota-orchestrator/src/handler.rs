@@ -8,7 +8,8 @@
 //! control-plane call with a low rate limit), and a stage of 10,000 devices would make 10,000
 //! of them for nothing; the completed job's event says the same once.
 //!
-//! One campaign's failure does not hold up another's. A campaign whose tick fails for good (a
+//! One campaign's failure does not hold up another's (a store that fails for one is retried by
+//! the next tick, after the others ran). A campaign whose tick fails for good (a
 //! manifest no trusted key signed any more, a job that vanished, an unknown SLO) is paused with
 //! the reason, for an operator; a transient failure (throttling) leaves it as it was and fails
 //! the invocation after the others ran, so the next tick tries again. Campaigns are written
@@ -26,11 +27,10 @@ use std::sync::Arc;
 use fleet_shared::adapters::aws::{CampaignsTable, DevicesTable, HealthTable, IotJobs};
 use fleet_shared::error::ErrorKind;
 use fleet_shared::health::slo::Catalog;
-use fleet_shared::health::tally::{counter, minute_of, Bucket, Cohort, HealthDelta, UNKNOWN};
 use fleet_shared::lambda::{AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
 use fleet_shared::ota::campaign::{campaign_of_job, Campaign, State};
-use fleet_shared::ota::engine::{Engine, Finished, OtaError};
+use fleet_shared::ota::engine::{count_finished, Engine, OtaError};
 use fleet_shared::ota::manifest::{ManifestVerifier, FIRMWARE_KEYS_VAR};
 use fleet_shared::ports::{CampaignStore, DeviceAdmin, HealthCounters, JobsControl, SloReader};
 use fleet_shared::{time, StoreError};
@@ -185,17 +185,22 @@ where
     let (mut paused, mut rolled_back) = (0, 0);
     for mut c in campaigns.into_iter().filter(|c| !c.state.is_final()) {
         let was_rolling_back = matches!(c.state, State::RollingBack { .. });
+        let read = c.clone();
         let summary = if c.paused.is_some() {
             format!("paused: {}", c.paused.as_deref().unwrap_or_default())
         } else {
             match engine.tick(&mut c, now).await {
-                Ok(tick) => match count(&deps.health, &tick.finished, now).await {
-                    Ok(()) => {
-                        if tick.changed {
-                            store(&deps.campaigns, &c).await?;
+                Ok(tick) => match count_finished(&deps.health, &tick.finished, now).await {
+                    Ok(()) if !tick.changed => tick.summary,
+                    Ok(()) => match store(&deps.campaigns, &c).await {
+                        Ok(()) => tick.summary,
+                        Err(e) => {
+                            warn!(campaign = %c.spec.id, error = %e, "not stored; the next tick redoes it");
+                            let summary = format!("not stored: {e}");
+                            retry.get_or_insert(e);
+                            summary
                         }
-                        tick.summary
-                    }
+                    },
                     // Not stored: the next tick sees the same installs finished and counts them.
                     Err(e) => {
                         warn!(campaign = %c.spec.id, error = %e, "installs not counted; the next tick retries");
@@ -214,12 +219,17 @@ where
                     summary
                 }
                 Err(e) => {
-                    // Nothing a retry mends: an operator must look.
+                    // Nothing a retry mends: an operator must look. The campaign as it was read
+                    // is paused, not what the failed tick left half changed.
                     let why = format!("tick failed: {e}");
                     warn!(campaign = %c.spec.id, error = %e, "campaign paused");
+                    c = read;
                     c.note(now, format!("paused: {why}"));
                     c.paused = Some(why.clone());
-                    store(&deps.campaigns, &c).await?;
+                    if let Err(e) = store(&deps.campaigns, &c).await {
+                        warn!(campaign = %c.spec.id, error = %e, "pause not stored");
+                        retry.get_or_insert(e);
+                    }
                     why
                 }
             }
@@ -251,22 +261,6 @@ where
     }
 }
 
-/// Count finished installs for the `ota` SLO, per class and firmware (the region is not known
-/// per job: `<class>/-/<fw>`), in the minute of the tick.
-async fn count<H: HealthCounters>(health: &H, finished: &[Finished], now: i64) -> Result<(), StoreError> {
-    let mut delta = HealthDelta::default();
-    for f in finished {
-        let cohort = Cohort::new(&f.class, UNKNOWN, &f.fw);
-        let bucket = Bucket::Minute(minute_of(now));
-        delta.add(bucket, &cohort, counter::OTA_SUCCEEDED, f.succeeded as i64);
-        delta.add(bucket, &cohort, counter::OTA_FAILED, f.failed as i64);
-    }
-    if delta.is_empty() {
-        return Ok(());
-    }
-    health.add_health(&delta).await
-}
-
 /// Write a ticked campaign; another writer in between (an operator) wins.
 async fn store<C: CampaignStore>(campaigns: &C, c: &Campaign) -> Result<(), StoreError> {
     match campaigns.put_campaign(c).await {
@@ -282,6 +276,7 @@ async fn store<C: CampaignStore>(campaigns: &C, c: &Campaign) -> Result<(), Stor
 #[cfg(test)]
 mod tests {
     use fleet_shared::adapters::embedded::{DeviceStatus, ExecutionUpdate, SqliteStore, StartNext};
+    use fleet_shared::health::tally::{counter, minute_of, Bucket, Cohort, UNKNOWN};
     use fleet_shared::model::{DeviceRegistration, JobId, ThingName};
     use fleet_shared::ota::campaign::CampaignSpec;
     use fleet_shared::ota::manifest::{ManifestSigner, UnsignedManifest};

@@ -419,8 +419,10 @@ pub fn plan_stage(
     eligible.sort();
     let count = eligible.len() as u64;
     let population = if population == 0 { count } else { population };
-    let goal = spec.stage_goal(stage, population);
-    let wanted = goal.saturating_sub(already.len() as u64) as usize;
+    // The last stage takes every device eligible now, also those that were not when the
+    // campaign started (offline, low battery): "100 %" leaves nobody behind.
+    let goal = if stage + 1 == spec.stages.len() { u64::MAX } else { spec.stage_goal(stage, population) };
+    let wanted = usize::try_from(goal.saturating_sub(already.len() as u64)).unwrap_or(usize::MAX);
     let targets = eligible.into_iter().take(wanted).map(|(_, t)| t).collect();
     StagePlan { targets, skipped, eligible: count }
 }
@@ -449,8 +451,10 @@ pub fn assess(
     now_ms: i64,
 ) -> StageStep {
     let n = stage.stage + 1;
+    // Installs that ended: a device that refused (REJECTED) or was never reached (CANCELED,
+    // REMOVED) tried nothing, and must not dilute the failures of those that did.
     let bad = counts.failed + counts.timed_out;
-    let finished = counts.finished();
+    let finished = counts.succeeded + bad;
     if bad > 0 && bad as f64 * 100.0 > spec.max_failure_pct * finished as f64 {
         return StageStep::RollBack(format!(
             "stage {n}: {bad} of {finished} finished installs failed or timed out (limit {}%)",
@@ -459,7 +463,9 @@ pub fn assess(
     }
     let timeout_ms = spec.stage_timeout_minutes * 60_000;
     let Some(settled_ms) = stage.settled_ms else {
-        if counts.pending() > 0 || counts.total() == 0 {
+        // Every target has an execution before the stage can settle: on AWS a rollout creates
+        // them as it releases devices, so nothing pending is not yet everything done.
+        if counts.pending() > 0 || counts.total() < stage.targets.max(1) {
             if now_ms - stage.started_ms > timeout_ms {
                 return StageStep::Pause(format!(
                     "stage {n}: {} of {} installs still pending after {} min",
@@ -646,6 +652,11 @@ pub(crate) mod tests {
         let already: BTreeSet<_> = first.targets.iter().cloned().collect();
         let last = plan_stage(&s, &fleet, &already, 3, 7, NOW);
         assert_eq!(last.targets.len(), 6);
+        // devices that became eligible after the start (9 now, 7 then) are not left behind
+        let grown = self::fleet(9);
+        assert_eq!(plan_stage(&s, &grown, &already, 3, 7, NOW).targets.len(), 8);
+        // while an earlier stage still counts from the population at the start
+        assert_eq!(plan_stage(&s, &grown, &already, 1, 7, NOW).targets.len(), 0, "10 % of 7 is 1, taken");
     }
 
     #[test]
@@ -689,8 +700,12 @@ pub(crate) mod tests {
         let step = assess(&spec(), &stage(None), &c, None, NOW);
         assert!(matches!(&step, StageStep::RollBack(why) if why.contains("1 of 4")), "{step:?}");
         // rejected (a device refusing, e.g. on low battery) is not a failed install
-        let c = counts(&[(Succeeded, 19), (Rejected, 5), (Failed, 1)]);
+        let c = counts(&[(Succeeded, 19), (Rejected, 5)]);
         assert!(matches!(assess(&spec(), &stage(None), &c, None, NOW), StageStep::Settled(_)));
+        // nor does it dilute the failures: 1 of 6 installs failed, whatever the 20 refusals
+        let c = counts(&[(Succeeded, 5), (Rejected, 20), (Canceled, 3), (Failed, 1)]);
+        let step = assess(&spec(), &stage(None), &c, None, NOW);
+        assert!(matches!(&step, StageStep::RollBack(why) if why.contains("1 of 6")), "{step:?}");
     }
 
     #[test]
@@ -699,6 +714,9 @@ pub(crate) mod tests {
         let s = spec();
         let pending = counts(&[(Succeeded, 4), (Queued, 6)]);
         assert!(matches!(assess(&s, &stage(None), &pending, None, NOW), StageStep::Wait(_)));
+        // a rollout that has released 4 of its 10 devices (AWS creates executions as it goes)
+        let released = counts(&[(Succeeded, 4)]);
+        assert!(matches!(assess(&s, &stage(None), &released, None, NOW), StageStep::Wait(_)));
         let done = counts(&[(Succeeded, 10)]);
         assert!(matches!(assess(&s, &stage(None), &done, None, NOW), StageStep::Settled(_)));
         let soaking = stage(Some(NOW - 59 * MIN));

@@ -17,8 +17,9 @@ use super::manifest::{FirmwareManifest, ManifestVerifier};
 use crate::error::{ErrorKind, StoreError};
 use crate::health::gate::GateError;
 use crate::health::slo::Catalog;
+use crate::health::tally::{counter, minute_of, Bucket, Cohort, HealthDelta, UNKNOWN};
 use crate::model::{ExecutionStatus, JobCounts, JobId, NewJob, ThingName};
-use crate::ports::{DeviceAdmin, JobsControl, SloReader};
+use crate::ports::{DeviceAdmin, HealthCounters, JobsControl, SloReader};
 
 /// What `operation` a Fleetline OTA job document carries.
 pub const OTA_OPERATION: &str = "fleetline.ota";
@@ -68,6 +69,27 @@ pub struct Finished {
     pub succeeded: u64,
     /// FAILED or TIMED_OUT (a device refusing, REJECTED, is not a failed install).
     pub failed: u64,
+}
+
+/// Add `finished` installs to fleet health's counters for the `ota` SLO (`ota_ok`, `ota_fail`),
+/// per class and firmware: the region is not known per job, so the cohort is `<class>/-/<fw>`.
+/// Called before the ticked campaign is stored (a lost write counts again, never drops).
+pub async fn count_finished<W: HealthCounters>(
+    health: &W,
+    finished: &[Finished],
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let mut delta = HealthDelta::default();
+    let bucket = Bucket::Minute(minute_of(now_ms));
+    for f in finished {
+        let cohort = Cohort::new(&f.class, UNKNOWN, &f.fw);
+        delta.add(bucket, &cohort, counter::OTA_SUCCEEDED, f.succeeded as i64);
+        delta.add(bucket, &cohort, counter::OTA_FAILED, f.failed as i64);
+    }
+    if delta.is_empty() {
+        return Ok(());
+    }
+    health.add_health(&delta).await
 }
 
 /// What finished between `counted` and `now`; `counted` becomes `now`.
@@ -141,7 +163,7 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
                         counts.total()
                     );
                     c.note(now_ms, &text);
-                    for job in c.jobs.clone().iter().chain([&job]) {
+                    for job in self.stage_jobs(c).await?.iter().chain([&job]) {
                         self.retire(c, job, now_ms).await;
                     }
                     c.state = State::RolledBack { reason };
@@ -235,17 +257,48 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
     /// Things the stages' jobs reached, with their executions' status.
     async fn reached(&self, c: &Campaign) -> Result<Vec<(ThingName, ExecutionStatus)>, OtaError> {
         let mut out = Vec::new();
-        for job in &c.jobs {
-            out.extend(self.jobs.job_executions(job).await?);
+        for job in self.stage_jobs(c).await? {
+            out.extend(self.jobs.job_executions(&job).await?);
         }
         Ok(out)
+    }
+
+    /// The stages' jobs that exist: those the campaign recorded, and any other stage's job IoT
+    /// Jobs knows (created by a tick whose campaign write was lost to an operator's).
+    async fn stage_jobs(&self, c: &Campaign) -> Result<Vec<JobId>, OtaError> {
+        let mut out = Vec::new();
+        for stage in 0..c.spec.stages.len() {
+            let job = c.spec.stage_job(stage);
+            if c.jobs.contains(&job) || self.jobs.job_progress(&job).await?.is_some() {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cancel what is still queued in every stage's job.
+    async fn cancel_stages(&self, c: &Campaign) -> Result<Vec<JobId>, OtaError> {
+        let jobs = self.stage_jobs(c).await?;
+        for job in &jobs {
+            self.jobs.cancel_job(job, false).await?;
+        }
+        Ok(jobs)
     }
 
     /// Start stage `first` (or the next one with devices to take); complete after the last.
     async fn start_stage(&self, c: &mut Campaign, first: usize, now_ms: i64) -> Result<String, OtaError> {
         let fleet = self.fleet.devices().await?;
-        let already: BTreeSet<ThingName> = self.reached(c).await?.into_iter().map(|(t, _)| t).collect();
+        // Devices the earlier stages' jobs reached (a stage's own job, if a lost write left it
+        // behind, is adopted below, not counted as earlier).
+        let mut earlier: Vec<(usize, BTreeSet<ThingName>)> = Vec::new();
+        for job in self.stage_jobs(c).await? {
+            let index = (0..c.spec.stages.len()).find(|&i| c.spec.stage_job(i) == job).unwrap_or(usize::MAX);
+            let things = self.jobs.job_executions(&job).await?.into_iter().map(|(t, _)| t).collect();
+            earlier.push((index, things));
+        }
         for stage in first..c.spec.stages.len() {
+            let already: BTreeSet<ThingName> =
+                earlier.iter().filter(|(i, _)| *i < stage).flat_map(|(_, t)| t.iter().cloned()).collect();
             let plan = plan_stage(&c.spec, &fleet, &already, stage, c.population, now_ms);
             if stage == 0 {
                 if plan.eligible == 0 {
@@ -322,19 +375,26 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
     /// Cancel what is queued, and send the old firmware to every device a stage reached.
     pub async fn roll_back(&self, c: &mut Campaign, reason: String, now_ms: i64) -> Result<String, OtaError> {
         self.check_manifests(c)?;
-        if let State::Stage(s) = &c.state {
-            self.jobs.cancel_job(&s.job, false).await?;
-        }
+        let stage_jobs = self.cancel_stages(c).await?;
+        // Every device that may run the new firmware: installed, installing, and those whose
+        // install failed or timed out after writing it (a device reboots before it reports).
+        // One that never changed answers the old manifest `already_installed`.
         let reached: Vec<ThingName> = self
             .reached(c)
             .await?
             .into_iter()
-            .filter(|(_, s)| matches!(s, ExecutionStatus::Succeeded | ExecutionStatus::InProgress))
+            .filter(|(_, s)| {
+                use ExecutionStatus::*;
+                matches!(s, Succeeded | InProgress | Failed | TimedOut)
+            })
             .map(|(t, _)| t)
             .collect();
         c.note(now_ms, format!("rolling back: {reason}"));
         if reached.is_empty() {
             c.note(now_ms, "rolled back: no device had installed the firmware");
+            for job in &stage_jobs {
+                self.retire(c, job, now_ms).await;
+            }
             c.state = State::RolledBack { reason: reason.clone() };
             return Ok(format!("rolled back: {reason}"));
         }
@@ -360,10 +420,13 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
     /// An operator stops the campaign where it is: what is queued is canceled, devices keep
     /// what they have.
     pub async fn abort(&self, c: &mut Campaign, reason: String, now_ms: i64) -> Result<(), OtaError> {
-        match &c.state {
-            State::Stage(s) => self.jobs.cancel_job(&s.job, false).await?,
-            State::RollingBack { job, .. } => self.jobs.cancel_job(job, false).await?,
-            _ => {}
+        let mut jobs = self.cancel_stages(c).await?;
+        if let State::RollingBack { job, .. } = &c.state {
+            self.jobs.cancel_job(job, false).await?;
+            jobs.push(job.clone());
+        }
+        for job in &jobs {
+            self.retire(c, job, now_ms).await;
         }
         c.note(now_ms, format!("aborted: {reason}"));
         c.state = State::Aborted { reason };
@@ -592,14 +655,16 @@ mod tests {
         w.db.start_next_job_execution(&thing, &StartNext::default(), time::now_ms()).await?;
         w.answer(&thing, &s1.job, DeviceStatus::Failed).await?;
         let (c, tick) = w.tick("fw150", t0 + MIN).await?;
-        // THEN it is rolled back without waiting for health data: no device runs 1.5.0, so no
-        // rollback job is needed, and the queued installs are canceled
+        // THEN it rolls back without waiting for health data: the queued installs are canceled,
+        // and the old firmware goes to the one device that tried (it may have written the new
+        // one before failing), none other
         assert!(
-            matches!(&c.state, State::RolledBack { reason } if reason.contains("1 of 1 finished installs failed")),
+            matches!(&c.state, State::RollingBack { reason, .. } if reason.contains("1 of 1 finished installs failed")),
             "{:?}",
             c.state
         );
-        assert!(tick.summary.starts_with("rolled back"), "{}", tick.summary);
+        assert!(tick.summary.starts_with("rolling back 1 devices"), "{}", tick.summary);
+        assert_eq!(w.db.job_executions(&c.spec.rollback_job()).await?, [(thing, ExecutionStatus::Queued)]);
         assert_eq!(
             tick.finished,
             [Finished { class: "sensor".into(), fw: "1.5.0".into(), succeeded: 0, failed: 1 }]
@@ -609,7 +674,6 @@ mod tests {
             (progress.counts.failed, progress.counts.canceled, progress.status),
             (1, 2, JobStatus::Canceled)
         );
-        assert_eq!(w.db.job_progress(&c.spec.rollback_job()).await?, None);
         Ok(())
     }
 
@@ -638,6 +702,29 @@ mod tests {
         // THEN it adopts the job instead of failing, and the campaign is in stage 1
         assert_eq!(stage_of(&c).targets, 1);
         assert_eq!(w.db.job_executions(&stage_of(&c).job).await?.len(), 1);
+        // AND a stage job a lost write left behind (stage 2, the campaign still says stage 1)
+        // is found by an operator's rollback: cancelled, and its devices rolled back too
+        let s1 = stage_of(&c).clone();
+        let stray = ThingName::parse("sensor-099")?;
+        let lost_stage = NewJob {
+            job_id: c.spec.stage_job(1),
+            targets: vec![stray.clone(), ThingName::parse("sensor-098")?],
+            document: job_document(&c.spec.id, &c.firmware),
+            description: "stage 2 of a lost write".into(),
+            max_per_minute: None,
+            in_progress_timeout_minutes: None,
+        };
+        w.db.create_job(&lost_stage).await?;
+        w.devices_answer(&s1.job, DeviceStatus::Succeeded).await?;
+        w.db.start_next_job_execution(&stray, &StartNext::default(), time::now_ms()).await?;
+        w.answer(&stray, &lost_stage.job_id, DeviceStatus::Succeeded).await?;
+        let mut operator = w.db.campaign("fw150").await?.expect("stored");
+        w.engine().roll_back(&mut operator, "operator".into(), time::now_ms()).await?;
+        let rolled: Vec<_> =
+            w.db.job_executions(&c.spec.rollback_job()).await?.into_iter().map(|(t, _)| t).collect();
+        assert!(rolled.contains(&stray) && rolled.len() == 2, "{rolled:?}");
+        let stray_job = w.db.job_progress(&lost_stage.job_id).await?.expect("the lost stage's job");
+        assert_eq!((stray_job.counts.canceled, stray_job.counts.succeeded), (1, 1));
         // AND a write from the stale copy is refused
         lost.version = 1;
         assert!(w.db.put_campaign(&lost).await.is_err());

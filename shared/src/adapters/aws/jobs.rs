@@ -23,8 +23,9 @@
 //! transiently, e.g. throttled, retried with backoff; adding a member again changes nothing),
 //! and the job targets the group's ARN. The job is a SNAPSHOT job: its executions are the
 //! group's things when it is created. A failure before CreateJob leaves the group to the
-//! retry, which completes it. The group is not deleted afterwards (a thing may belong to at
-//! most 10 static groups: an operator removes the groups of finished jobs).
+//! retry, which completes it. The group is deleted when the campaign is done with the job
+//! ([`JobsControl::retire_job`], DeleteThingGroup): a thing may belong to at most 10 static
+//! groups, so they must not pile up.
 //!
 //! The job is checked before anything is sent: at least one target, none twice, a rollout
 //! rate within [`MAX_PER_MINUTE`], a timeout within [`MAX_IN_PROGRESS_TIMEOUT_MINUTES`], a
