@@ -18,7 +18,7 @@ use crate::error::{ErrorKind, StoreError};
 use crate::health::gate::GateError;
 use crate::health::slo::Catalog;
 use crate::health::tally::{counter, minute_of, Bucket, Cohort, HealthDelta, UNKNOWN};
-use crate::model::{ExecutionStatus, JobCounts, JobId, NewJob, ThingName};
+use crate::model::{ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName};
 use crate::ports::{DeviceAdmin, HealthCounters, JobsControl, SloReader};
 
 /// What `operation` a Fleetline OTA job document carries.
@@ -150,11 +150,14 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
             State::Pending => self.start_stage(c, 0, now_ms).await?,
             State::Stage(stage) => self.look_at_stage(c, stage, now_ms, &mut finished).await?,
             State::RollingBack { reason, job, started_ms, mut counted } => {
-                let counts = self.counts(&job).await?;
+                let progress = self.progress(&job).await?;
+                let counts = progress.counts;
                 finished.extend(newly(&c.spec.class, &c.spec.from_fw, &counts, &mut counted));
                 c.state =
                     State::RollingBack { reason: reason.clone(), job: job.clone(), started_ms, counted };
-                if counts.pending() == 0 {
+                // Settled when IoT Jobs says the job is: a rollout still releasing devices has
+                // nothing pending between its batches, and its group must outlive it.
+                if progress.status != JobStatus::InProgress {
                     let failed = counts.failed + counts.timed_out + counts.rejected;
                     let text = format!(
                         "rolled back to {}: {} of {} devices, {failed} failed to roll back",
@@ -188,11 +191,15 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         }
     }
 
-    async fn counts(&self, job: &JobId) -> Result<JobCounts, OtaError> {
+    async fn progress(&self, job: &JobId) -> Result<JobProgress, OtaError> {
         match self.jobs.job_progress(job).await? {
-            Some(p) => Ok(p.counts),
+            Some(p) => Ok(p),
             None => Err(StoreError::permanent("job_progress", format!("job {job} does not exist")).into()),
         }
+    }
+
+    async fn counts(&self, job: &JobId) -> Result<JobCounts, OtaError> {
+        Ok(self.progress(job).await?.counts)
     }
 
     async fn look_at_stage(
