@@ -23,7 +23,7 @@ use fleet_shared::model::{
     ThingName, Twin,
 };
 use fleet_shared::ota::engine::Engine;
-use fleet_shared::ota::gate::{evaluate, GatePolicy};
+use fleet_shared::ota::gate::evaluate;
 use fleet_shared::ota::manifest::{ManifestVerifier, FIRMWARE_KEYS_VAR};
 use fleet_shared::ports::{
     Allowlist, ArchiveReader, CertificateControl, CertificateInventory, CertificateRegistry, CommandStore,
@@ -802,15 +802,14 @@ fn campaign_verifier(env: &Env, command: &CampaignCommand) -> Result<ManifestVer
 /// `fleetctl ota gate`: the gate over the window that ends at the last minute fleet-health
 /// closed.
 async fn ota<R: SloReader>(reader: &R, command: OtaCommand, json: bool) -> Result<()> {
-    let OtaCommand::Gate { canary, control, slos, window, min_events, max_ratio, max_burn } = command else {
+    let OtaCommand::Gate { canary, control, gate } = command else {
         unreachable!("campaign commands are run by the caller");
     };
     let parse = |p: &str| -> Result<HealthCohort> {
         p.parse().map_err(|e| anyhow!("{p:?} is not a cohort (class/region/firmware, * for any): {e}"))
     };
     let (canary, control) = (parse(&canary)?, parse(&control)?);
-    let window_minutes = i64::try_from(window.as_secs() / 60).unwrap_or(i64::MAX);
-    let policy = GatePolicy { slos, window_minutes, min_events, max_ratio, max_burn };
+    let policy = gate.policy();
     let Some(report) = reader.latest_health().await? else {
         bail!("fleet-health has not closed a minute yet: no ledger to judge from");
     };

@@ -161,24 +161,43 @@ pub enum OtaCommand {
         /// The devices compared with, e.g. sensor/*/1.4.2.
         #[arg(long)]
         control: String,
-        /// SLOs from infra/slos.json to compare (repeat or comma-separate). `connectivity` is
-        /// counted per class and region only, so it cannot tell firmware apart.
-        #[arg(long = "slo", value_delimiter = ',', default_values_t = ["ingest".to_owned(), "freshness".to_owned()])]
-        slos: Vec<String>,
-        /// The window both are read over, ending at the last minute fleet-health closed.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        window: std::time::Duration,
-        /// Canary events each SLO needs in the window before it is judged.
-        #[arg(long, default_value_t = 100)]
-        min_events: i64,
-        /// Roll back when the canary burns its budget (burn rate > 1) and more than this many
-        /// times the control's rate.
-        #[arg(long, default_value_t = 2.0)]
-        max_ratio: f64,
-        /// Wait (widen nothing) while the canary burns faster than this, whoever causes it.
-        #[arg(long, default_value_t = 6.0)]
-        max_burn: f64,
+        #[command(flatten)]
+        gate: GateArgs,
     },
+}
+
+/// How strictly a canary is judged against its control (`ota gate`, and a campaign's gate).
+#[derive(clap::Args)]
+pub struct GateArgs {
+    /// SLOs from infra/slos.json to compare (repeat or comma-separate). `connectivity` is
+    /// counted per class and region only, so it cannot tell firmware apart.
+    #[arg(long = "slo", value_delimiter = ',', default_values_t = ["ingest".to_owned(), "freshness".to_owned()])]
+    slos: Vec<String>,
+    /// The window both are read over, ending at the last minute fleet-health closed.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    window: std::time::Duration,
+    /// Canary events each SLO needs in the window before it is judged.
+    #[arg(long, default_value_t = 100)]
+    min_events: i64,
+    /// Roll back when the canary burns its budget (burn rate > 1) and more than this many
+    /// times the control's rate.
+    #[arg(long, default_value_t = 2.0)]
+    max_ratio: f64,
+    /// Wait (widen nothing) while the canary burns faster than this, whoever causes it.
+    #[arg(long, default_value_t = 6.0)]
+    max_burn: f64,
+}
+
+impl GateArgs {
+    pub fn policy(self) -> fleet_shared::ota::gate::GatePolicy {
+        fleet_shared::ota::gate::GatePolicy {
+            slos: self.slos,
+            window_minutes: i64::try_from(self.window.as_secs() / 60).unwrap_or(i64::MAX),
+            min_events: self.min_events,
+            max_ratio: self.max_ratio,
+            max_burn: self.max_burn,
+        }
+    }
 }
 
 /// Campaigns, on either backend (on AWS the Campaigns, Devices and Health tables and IoT Jobs,
@@ -223,15 +242,9 @@ pub enum CampaignCommand {
         /// Only devices heard from within this time take part (0s: no check).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
         seen_within: std::time::Duration,
-        /// SLOs the gate compares (canary class/*/new against class/*/old).
-        #[arg(long = "slo", value_delimiter = ',', default_values_t = ["ingest".to_owned(), "freshness".to_owned()])]
-        slos: Vec<String>,
-        /// The gate's window.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        window: std::time::Duration,
-        /// Canary events each SLO needs in the window before the gate judges it.
-        #[arg(long, default_value_t = 100)]
-        min_events: i64,
+        /// The gate each stage asks (canary class/*/new against control class/*/old).
+        #[command(flatten)]
+        gate: GateArgs,
     },
     /// Every campaign, newest first.
     List,

@@ -8,7 +8,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::health::slo::Catalog;
 use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Preconditions, State};
 use fleet_shared::ota::engine::{count_finished, Engine};
-use fleet_shared::ota::gate::GatePolicy;
 use fleet_shared::ota::manifest::{FirmwareManifest, ManifestVerifier};
 use fleet_shared::ports::{CampaignStore, DeviceAdmin, HealthCounters, JobsControl, SloReader};
 use fleet_shared::time;
@@ -59,9 +58,7 @@ where
             install_timeout,
             min_battery,
             seen_within,
-            slos,
-            window,
-            min_events,
+            gate,
         } => {
             let firmware = read_manifest(&manifest)?;
             let rollback = read_manifest(&rollback_manifest)?;
@@ -77,12 +74,7 @@ where
                     min_battery_pct: (min_battery > 0.0).then_some(min_battery),
                     seen_within_minutes: (!seen_within.is_zero()).then(|| minutes(seen_within)),
                 },
-                gate: GatePolicy {
-                    slos,
-                    window_minutes: minutes(window),
-                    min_events,
-                    ..GatePolicy::default()
-                },
+                gate: gate.policy(),
                 ..CampaignSpec::new(&id, firmware.class(), rollback.fw(), firmware.fw())
             };
             let campaign = Campaign::new(spec, firmware, rollback, now)?;

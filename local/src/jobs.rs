@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use fleet_shared::adapters::embedded::{
     DeviceStatus, ExecutionEvent, ExecutionUpdate, JobEvent, JobExecution, JobOutbox, SqliteStore, StartNext,
-    StatusDetails, UpdateRefused, LOCAL_ARN_PREFIX, MAX_JOB_TIMEOUT_MINUTES,
+    StatusDetails, UpdateRefused, LOCAL_ARN_PREFIX,
 };
-use fleet_shared::model::{JobId, JobStatus, ThingName};
+use fleet_shared::model::{JobId, JobStatus, ThingName, MAX_JOB_TIMEOUT_MINUTES};
 use fleet_shared::StoreError;
 use serde_json::{json, Map, Value};
 use tracing::warn;

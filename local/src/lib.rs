@@ -139,6 +139,29 @@ pub fn command_key_file(db: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// A signing key's seed text from `path`: made first if missing (32 random bytes in base64,
+/// owner-readable only; another process on the same database making it first is fine).
+fn key_file(what: &str, path: &Path) -> Result<String> {
+    if !path.exists() {
+        use base64::Engine as _;
+        use std::io::Write as _;
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the {what}: {e}"))?;
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        match file.open(path) {
+            Ok(mut f) => f
+                .write_all(base64::engine::general_purpose::STANDARD.encode(seed).as_bytes())
+                .with_context(|| format!("writing the {what} {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("writing the {what} {}", path.display())),
+        }
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading the {what} {}", path.display()))
+}
+
 /// The command signing key's file, and the functions' variables naming it (`FLEET_COMMAND_KEY_FILE`,
 /// `FLEET_COMMAND_KEY_ID`). Unless the user gave one, the key is `<db>.command-key`, 32 random
 /// bytes in base64, made (owner-readable only) on first start.
@@ -146,21 +169,7 @@ fn command_key(opts: &LocalOptions) -> Result<(CommandSigner, Env)> {
     let kid = opts.env.optional("FLEET_COMMAND_KEY_ID").unwrap_or_else(|| "local".to_owned());
     let path =
         opts.env.optional("FLEET_COMMAND_KEY_FILE").map_or_else(|| command_key_file(&opts.db), PathBuf::from);
-    if !path.exists() {
-        use base64::Engine as _;
-        use std::io::Write as _;
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the command key: {e}"))?;
-        let mut file = std::fs::OpenOptions::new();
-        file.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
-        file.open(&path)
-            .and_then(|mut f| f.write_all(base64::engine::general_purpose::STANDARD.encode(seed).as_bytes()))
-            .with_context(|| format!("writing the command key {}", path.display()))?;
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the command key {}", path.display()))?;
+    let text = key_file("command key", &path)?;
     let signer = CommandSigner::from_text(kid.clone(), &text).with_context(|| path.display().to_string())?;
     let base = opts.env.clone();
     let file = path.display().to_string();
@@ -189,26 +198,7 @@ pub fn firmware_key_file(db: &Path) -> PathBuf {
 /// not the command key, as devices trust it for another power.
 pub fn firmware_signer(db: &Path) -> Result<ManifestSigner> {
     let path = firmware_key_file(db);
-    if !path.exists() {
-        use base64::Engine as _;
-        use std::io::Write as _;
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the firmware key: {e}"))?;
-        let mut file = std::fs::OpenOptions::new();
-        file.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
-        match file.open(&path) {
-            Ok(mut f) => f
-                .write_all(base64::engine::general_purpose::STANDARD.encode(seed).as_bytes())
-                .with_context(|| format!("writing the firmware key {}", path.display()))?,
-            // Another process on the same database made it first.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("writing the firmware key {}", path.display())),
-        }
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the firmware key {}", path.display()))?;
+    let text = key_file("firmware key", &path)?;
     ManifestSigner::from_text(FIRMWARE_KEY_ID, &text).with_context(|| path.display().to_string())
 }
 

@@ -18,6 +18,9 @@ pub const MAX_JOB_DOCUMENT_BYTES: usize = 32 * 1024;
 pub const MAX_JOB_TARGETS: usize = 100;
 /// AWS IoT Jobs' `maximumPerMinute` rollout bounds.
 pub const MAX_PER_MINUTE: std::ops::RangeInclusive<u32> = 1..=1000;
+/// The longest `inProgressTimeoutInMinutes` and `stepTimeoutInMinutes` AWS IoT Jobs accepts
+/// (7 days).
+pub const MAX_JOB_TIMEOUT_MINUTES: u32 = 10_080;
 
 /// A job id as AWS IoT Jobs allows it: 1–64 characters of `[a-zA-Z0-9_-]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -132,6 +135,36 @@ pub enum JobStatus {
     Completed,
 }
 
+impl JobStatus {
+    /// AWS's spelling (`IN_PROGRESS`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InProgress => "IN_PROGRESS",
+            Self::Canceled => "CANCELED",
+            Self::Completed => "COMPLETED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::InProgress, Self::Canceled, Self::Completed].into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// A job both backends refuse before anything is stored or sent (AWS would refuse it too).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidJob {
+    #[error("a job needs at least one target")]
+    NoTargets,
+    #[error("thing {0} is a target twice")]
+    DuplicateTarget(ThingName),
+    #[error("the job document is {0} bytes as JSON; at most {MAX_JOB_DOCUMENT_BYTES} are accepted")]
+    DocumentTooLarge(usize),
+    #[error("maximumPerMinute {0} is outside 1-1000")]
+    RolloutRate(u32),
+    #[error("inProgressTimeoutInMinutes {0} is outside 1-{MAX_JOB_TIMEOUT_MINUTES}")]
+    Timeout(u32),
+}
+
 /// A job to create: one document for every target thing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
@@ -144,6 +177,32 @@ pub struct NewJob {
     pub max_per_minute: Option<u32>,
     /// An execution in progress longer than this times out (`timeoutConfig`).
     pub in_progress_timeout_minutes: Option<u32>,
+}
+
+impl NewJob {
+    /// Every rule AWS IoT Jobs sets on a new job; the document as sent (compact JSON).
+    pub fn check(&self) -> Result<String, InvalidJob> {
+        if self.targets.is_empty() {
+            return Err(InvalidJob::NoTargets);
+        }
+        let mut seen = std::collections::HashSet::with_capacity(self.targets.len());
+        if let Some(twice) = self.targets.iter().find(|t| !seen.insert(*t)) {
+            return Err(InvalidJob::DuplicateTarget(twice.clone()));
+        }
+        if let Some(rate) = self.max_per_minute.filter(|r| !MAX_PER_MINUTE.contains(r)) {
+            return Err(InvalidJob::RolloutRate(rate));
+        }
+        if let Some(t) =
+            self.in_progress_timeout_minutes.filter(|t| !(1..=MAX_JOB_TIMEOUT_MINUTES).contains(t))
+        {
+            return Err(InvalidJob::Timeout(t));
+        }
+        let document = self.document.to_string();
+        if document.len() > MAX_JOB_DOCUMENT_BYTES {
+            return Err(InvalidJob::DocumentTooLarge(document.len()));
+        }
+        Ok(document)
+    }
 }
 
 /// How a job's executions stand (`DescribeJob`'s `jobProcessDetails`).
@@ -217,6 +276,14 @@ mod tests {
         }
         assert_eq!(ExecutionStatus::parse("DONE"), None);
         Ok(())
+    }
+
+    #[test]
+    fn job_statuses_round_trip_in_aws_spelling() {
+        for s in [JobStatus::InProgress, JobStatus::Canceled, JobStatus::Completed] {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(JobStatus::parse("SCHEDULED"), None);
     }
 
     #[test]

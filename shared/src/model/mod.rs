@@ -15,8 +15,8 @@ pub use device::{
     validate_label, Device, DeviceRegistration, DeviceState, InvalidLabel, MAX_LABEL_LEN, UNREGISTERED_CLASS,
 };
 pub use job::{
-    ExecutionStatus, InvalidJobId, JobCounts, JobId, JobProgress, JobStatus, NewJob, MAX_JOB_DOCUMENT_BYTES,
-    MAX_JOB_ID_LEN, MAX_JOB_TARGETS, MAX_PER_MINUTE,
+    ExecutionStatus, InvalidJob, InvalidJobId, JobCounts, JobId, JobProgress, JobStatus, NewJob,
+    MAX_JOB_DOCUMENT_BYTES, MAX_JOB_ID_LEN, MAX_JOB_TARGETS, MAX_JOB_TIMEOUT_MINUTES, MAX_PER_MINUTE,
 };
 pub use telemetry::{MessageId, Metric, Reading, ReadingFlags, StoredReading};
 pub use thing::{InvalidThingName, ThingName};

@@ -262,10 +262,10 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
     }
 
     /// Things the stages' jobs reached, with their executions' status.
-    async fn reached(&self, c: &Campaign) -> Result<Vec<(ThingName, ExecutionStatus)>, OtaError> {
+    async fn reached(&self, jobs: &[JobId]) -> Result<Vec<(ThingName, ExecutionStatus)>, OtaError> {
         let mut out = Vec::new();
-        for job in self.stage_jobs(c).await? {
-            out.extend(self.jobs.job_executions(&job).await?);
+        for job in jobs {
+            out.extend(self.jobs.job_executions(job).await?);
         }
         Ok(out)
     }
@@ -387,7 +387,7 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         // install failed or timed out after writing it (a device reboots before it reports).
         // One that never changed answers the old manifest `already_installed`.
         let reached: Vec<ThingName> = self
-            .reached(c)
+            .reached(&stage_jobs)
             .await?
             .into_iter()
             .filter(|(_, s)| {

@@ -28,8 +28,8 @@
 //! groups, so they must not pile up.
 //!
 //! The job is checked before anything is sent: at least one target, none twice, a rollout
-//! rate within [`MAX_PER_MINUTE`], a timeout within [`MAX_IN_PROGRESS_TIMEOUT_MINUTES`], a
-//! document of at most [`MAX_JOB_DOCUMENT_BYTES`] as compact JSON; anything else is a
+//! rate within [`MAX_PER_MINUTE`](crate::model::MAX_PER_MINUTE), a timeout within [`MAX_JOB_TIMEOUT_MINUTES`](crate::model::MAX_JOB_TIMEOUT_MINUTES), a
+//! document of at most [`MAX_JOB_DOCUMENT_BYTES`](crate::model::MAX_JOB_DOCUMENT_BYTES) as compact JSON; anything else is a
 //! [`Permanent`](ErrorKind::Permanent) error, as AWS's own refusal would be.
 //!
 //! Errors: a job id that exists (`ResourceAlreadyExistsException`, 409) is a
@@ -51,15 +51,12 @@ use super::{batch_backoff, MAX_CONCURRENT_REQUESTS};
 use crate::env::{ConfigError, Env};
 use crate::error::{ErrorKind, StoreError};
 use crate::model::{
-    ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName, MAX_JOB_DOCUMENT_BYTES,
-    MAX_JOB_TARGETS, MAX_PER_MINUTE,
+    ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName, MAX_JOB_TARGETS,
 };
 use crate::ports::JobsControl;
 
 /// The variable naming the account's thing ARNs, up to the thing's name.
 pub const THING_ARN_PREFIX_VAR: &str = "FLEET_THING_ARN_PREFIX";
-/// The longest `inProgressTimeoutInMinutes` AWS IoT Jobs accepts (7 days).
-pub const MAX_IN_PROGRESS_TIMEOUT_MINUTES: u32 = 10_080;
 /// The most executions one ListJobExecutionsForJob page holds.
 pub const MAX_EXECUTIONS_PAGE: usize = 250;
 /// The name of the thing group a job over [`MAX_JOB_TARGETS`] targets: this and the job id.
@@ -73,21 +70,6 @@ pub struct IotJobs {
     /// `arn:<partition>:iot:<region>:<account>:thinggroup/`.
     group_arn_prefix: String,
     page_size: usize,
-}
-
-/// A job this adapter refuses before asking AWS (AWS would refuse it too).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidJob {
-    #[error("a job needs at least one target")]
-    NoTargets,
-    #[error("thing {0} is a target twice")]
-    DuplicateTarget(ThingName),
-    #[error("the job document is {0} bytes as JSON; at most {MAX_JOB_DOCUMENT_BYTES} are accepted")]
-    DocumentTooLarge(usize),
-    #[error("maximumPerMinute {0} is outside 1-1000")]
-    RolloutRate(u32),
-    #[error("inProgressTimeoutInMinutes {0} is outside 1-{MAX_IN_PROGRESS_TIMEOUT_MINUTES}")]
-    Timeout(u32),
 }
 
 impl IotJobs {
@@ -181,39 +163,15 @@ impl IotJobs {
         };
         let described: Described = decode(OP, &body)?;
         let status = match described.job.status.as_str() {
-            "IN_PROGRESS" | "SCHEDULED" => JobStatus::InProgress,
-            "CANCELED" => JobStatus::Canceled,
-            "COMPLETED" => JobStatus::Completed,
+            // Waiting for its start time: in progress, as far as a campaign is concerned.
+            "SCHEDULED" => JobStatus::InProgress,
             // Being deleted: as good as gone (DescribeJob answers ResourceNotFound next).
             "DELETION_IN_PROGRESS" => return Ok(None),
-            other => return Err(StoreError::permanent(OP, format!("unknown job status {other:?}"))),
+            other => JobStatus::parse(other)
+                .ok_or_else(|| StoreError::permanent(OP, format!("unknown job status {other:?}")))?,
         };
         Ok(Some(JobProgress { status, counts: described.job.job_process_details.counts() }))
     }
-}
-
-/// The job's document as sent: compact JSON, checked with the rest of the job.
-fn checked(job: &NewJob) -> Result<String, InvalidJob> {
-    if job.targets.is_empty() {
-        return Err(InvalidJob::NoTargets);
-    }
-    let mut seen = std::collections::HashSet::with_capacity(job.targets.len());
-    if let Some(twice) = job.targets.iter().find(|t| !seen.insert(*t)) {
-        return Err(InvalidJob::DuplicateTarget(twice.clone()));
-    }
-    if let Some(rate) = job.max_per_minute.filter(|r| !MAX_PER_MINUTE.contains(r)) {
-        return Err(InvalidJob::RolloutRate(rate));
-    }
-    if let Some(t) =
-        job.in_progress_timeout_minutes.filter(|t| !(1..=MAX_IN_PROGRESS_TIMEOUT_MINUTES).contains(t))
-    {
-        return Err(InvalidJob::Timeout(t));
-    }
-    let document = job.document.to_string();
-    if document.len() > MAX_JOB_DOCUMENT_BYTES {
-        return Err(InvalidJob::DocumentTooLarge(document.len()));
-    }
-    Ok(document)
 }
 
 /// CreateJob's body for these targets.
@@ -343,7 +301,7 @@ impl ExecutionSummary {
 impl JobsControl for IotJobs {
     async fn create_job(&self, job: &NewJob) -> Result<(), StoreError> {
         const OP: &str = "iot CreateJob";
-        let document = checked(job).map_err(|e| StoreError::permanent(OP, e))?;
+        let document = job.check().map_err(|e| StoreError::permanent(OP, e))?;
         let targets = if job.targets.len() <= MAX_JOB_TARGETS {
             job.targets.iter().map(|t| self.thing_arn(t)).collect()
         } else {
@@ -428,6 +386,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::model::{InvalidJob, MAX_JOB_DOCUMENT_BYTES, MAX_JOB_TIMEOUT_MINUTES};
 
     const PREFIX: &str = "arn:aws:iot:eu-west-1:123456789012:thing/";
 
@@ -542,7 +501,7 @@ mod tests {
             job.max_per_minute = Some(rate);
             cases.push((job, InvalidJob::RolloutRate(rate)));
         }
-        for minutes in [0, MAX_IN_PROGRESS_TIMEOUT_MINUTES + 1] {
+        for minutes in [0, MAX_JOB_TIMEOUT_MINUTES + 1] {
             let mut job = new_job("j", 1);
             job.in_progress_timeout_minutes = Some(minutes);
             cases.push((job, InvalidJob::Timeout(minutes)));
@@ -552,10 +511,10 @@ mod tests {
         let size = big.document.to_string().len();
         cases.push((big, InvalidJob::DocumentTooLarge(size)));
         for (job, expected) in cases {
-            assert_eq!(checked(&job), Err(expected));
+            assert_eq!(job.check(), Err(expected));
         }
         let ok = new_job("j", 1);
-        let document = checked(&ok).expect("a valid job");
+        let document = ok.check().expect("a valid job");
         assert!(!document.contains(' '), "compact: {document}");
         assert_eq!(serde_json::from_str::<serde_json::Value>(&document).ok(), Some(ok.document));
     }

@@ -22,10 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::SqliteStore;
 use crate::error::StoreError;
-use crate::model::{
-    ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName, MAX_JOB_DOCUMENT_BYTES,
-    MAX_PER_MINUTE,
-};
+use crate::model::{ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName};
 use crate::ports::JobsControl;
 
 /// Migration step 15 (see `MIGRATIONS` in `sqlite.rs`).
@@ -72,10 +69,6 @@ CREATE TABLE job_notices (
 ) WITHOUT ROWID;
 CREATE INDEX job_notices_dirty ON job_notices (thing) WHERE dirty > 0;
 ";
-
-/// The longest `inProgressTimeoutInMinutes` and `stepTimeoutInMinutes` AWS IoT Jobs accepts
-/// (7 days).
-pub const MAX_JOB_TIMEOUT_MINUTES: u32 = 10_080;
 
 /// The window `max_per_minute` counts releases in.
 const ROLLOUT_WINDOW_MS: i64 = 60_000;
@@ -231,23 +224,14 @@ pub struct JobEvent {
     pub counts: JobCounts,
 }
 
-/// A job the store refuses, or one it does not know.
+/// A job id the store already has, or one it does not know (an invalid job is
+/// [`crate::model::InvalidJob`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobsError {
     #[error("job {0} exists already (job ids are never reused)")]
     Exists(JobId),
     #[error("no job {0}")]
     Unknown(JobId),
-    #[error("a job needs at least one target")]
-    NoTargets,
-    #[error("thing {0} is a target twice")]
-    DuplicateTarget(ThingName),
-    #[error("the job document is {0} bytes as JSON; at most {MAX_JOB_DOCUMENT_BYTES} are accepted")]
-    DocumentTooLarge(usize),
-    #[error("maximumPerMinute {0} is outside 1-1000")]
-    RolloutRate(u32),
-    #[error("inProgressTimeoutInMinutes {0} is outside 1-{MAX_JOB_TIMEOUT_MINUTES}")]
-    Timeout(u32),
 }
 
 const IN_PROGRESS: &str = "IN_PROGRESS";
@@ -267,20 +251,7 @@ fn status_at(r: &Row<'_>, i: usize) -> rusqlite::Result<ExecutionStatus> {
 
 fn job_status_at(r: &Row<'_>, i: usize) -> rusqlite::Result<JobStatus> {
     let s: String = r.get(i)?;
-    match s.as_str() {
-        "IN_PROGRESS" => Ok(JobStatus::InProgress),
-        "CANCELED" => Ok(JobStatus::Canceled),
-        "COMPLETED" => Ok(JobStatus::Completed),
-        _ => Err(conv(i, UnknownStatus(s))),
-    }
-}
-
-fn job_status_str(s: JobStatus) -> &'static str {
-    match s {
-        JobStatus::InProgress => "IN_PROGRESS",
-        JobStatus::Canceled => "CANCELED",
-        JobStatus::Completed => "COMPLETED",
-    }
+    JobStatus::parse(&s).ok_or_else(|| conv(i, UnknownStatus(s)))
 }
 
 fn thing_at(r: &Row<'_>, i: usize) -> rusqlite::Result<ThingName> {
@@ -426,33 +397,12 @@ fn step_deadline(now_ms: i64, minutes: Option<u32>) -> Option<i64> {
     minutes.map(|m| now_ms + i64::from(m) * 60_000)
 }
 
-fn validate(job: &NewJob) -> Result<String, JobsError> {
-    if job.targets.is_empty() {
-        return Err(JobsError::NoTargets);
-    }
-    let mut seen = std::collections::HashSet::with_capacity(job.targets.len());
-    if let Some(t) = job.targets.iter().find(|t| !seen.insert(*t)) {
-        return Err(JobsError::DuplicateTarget((*t).clone()));
-    }
-    if let Some(rate) = job.max_per_minute.filter(|r| !MAX_PER_MINUTE.contains(r)) {
-        return Err(JobsError::RolloutRate(rate));
-    }
-    if let Some(t) = job.in_progress_timeout_minutes.filter(|t| !(1..=MAX_JOB_TIMEOUT_MINUTES).contains(t)) {
-        return Err(JobsError::Timeout(t));
-    }
-    let document = job.document.to_string();
-    if document.len() > MAX_JOB_DOCUMENT_BYTES {
-        return Err(JobsError::DocumentTooLarge(document.len()));
-    }
-    Ok(document)
-}
-
 impl SqliteStore {
     /// [`JobsControl::create_job`] at a given time: the job, one QUEUED execution per target,
     /// and the first ones its rollout allows shown to their devices.
     pub async fn create_job_at(&self, job: &NewJob, now_ms: i64) -> Result<(), StoreError> {
         const OP: &str = "sqlite job create";
-        let document = validate(job).map_err(|e| StoreError::permanent(OP, e))?;
+        let document = job.check().map_err(|e| StoreError::permanent(OP, e))?;
         let (id, targets) = (job.job_id.clone(), job.targets.clone());
         let (description, rate, timeout) =
             (job.description.clone(), job.max_per_minute, job.in_progress_timeout_minutes);
@@ -824,7 +774,7 @@ impl SqliteStore {
         let executions: Vec<(String, String)> =
             outbox.execution_events.iter().map(|e| (e.job_id.to_string(), e.thing.to_string())).collect();
         let jobs: Vec<(String, &'static str)> =
-            outbox.job_events.iter().map(|j| (j.job_id.to_string(), job_status_str(j.status))).collect();
+            outbox.job_events.iter().map(|j| (j.job_id.to_string(), JobStatus::as_str(j.status))).collect();
         self.with("sqlite jobs outbox ack", move |c| {
             let tx = immediate(c)?;
             {
@@ -902,6 +852,7 @@ impl JobsControl for SqliteStore {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use crate::model::MAX_JOB_DOCUMENT_BYTES;
     use anyhow::Context as _;
     use serde_json::json;
 

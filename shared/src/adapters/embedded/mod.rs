@@ -16,7 +16,7 @@ mod twins;
 
 pub use jobs::{
     DeviceStatus, ExecutionEvent, ExecutionUpdate, JobEvent, JobExecution, JobOutbox, JobsError, StartNext,
-    StatusDetails, SweepReport, ThingNotice, UpdateRefused, MAX_JOB_TIMEOUT_MINUTES,
+    StatusDetails, SweepReport, ThingNotice, UpdateRefused,
 };
 pub use local_shadows::LocalShadow;
 #[cfg(feature = "mqtt")]
