@@ -2,7 +2,7 @@
 //! issue names (SQS batches of 1,000 messages from 100 devices): every HTTP request the SDK
 //! clients send is counted by operation (an interceptor, so SDK retries count too), and the
 //! process CPU time of each invocation is measured. The request count is held by a test
-//! (`tests/tests/load_moto.rs`); the CPU figure only by the bench that prints it
+//! (`tests/tests/integration/load_moto.rs`); the CPU figure only by the bench that prints it
 //! (`cargo bench -p fleet-tests --features test-support --bench ingest_moto`, via
 //! `scripts/bench-moto.sh`), which also runs the same handler with the SDK clients answered in
 //! process ([`ingest_on_mocks`]) to separate the handler's own work from the network path.

@@ -2,7 +2,7 @@
 //! `embedded` feature) polling cargo-lambda's runtime emulator, driven by `cargo lambda invoke
 //! --data-file events/command-dispatch/...`. No broker listens, so a valid command is signed
 //! and recorded but cannot be published: a retryable error, the record left `sent`. (Delivery
-//! to devices is tested on the local IoT Core: cli/tests/local_stack.rs.)
+//! to devices is tested on the local IoT Core: cli/tests/integration/local_stack.rs.)
 
 use std::path::{Path, PathBuf};
 

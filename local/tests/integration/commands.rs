@@ -4,13 +4,12 @@
 //! device and counted, and its rejection changes nothing in the cloud. The device's connect and
 //! disconnect reach presence and fleet health's connected gauge.
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
-use fleet_local::{LocalOptions, LocalStack};
+use anyhow::{ensure, Context, Result};
+use fleet_local::LocalStack;
 use fleet_shared::commands::sim::SimulatedCommands;
 use fleet_shared::commands::{request_topic, CommandStatus, CommandVerifier, ReplayState, VerifierConfig};
 use fleet_shared::model::{DeviceRegistration, ThingName};
@@ -18,24 +17,9 @@ use fleet_shared::ports::{CommandStore, DeviceAdmin, PresenceReader};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
-async fn start(db: &Path) -> Result<LocalStack> {
-    fleet_local::start(&LocalOptions::ephemeral(db)).await
-}
+use crate::support::{eventually, start};
 
 /// Poll `check` every 50 ms for up to 10 s.
-async fn eventually<T>(mut check: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(t) = check().await? {
-            return Ok(t);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Devices connected, by fleet health's gauge.
 async fn connected(stack: &LocalStack) -> Result<i64> {
     use fleet_shared::health::tally::{counter, Bucket};

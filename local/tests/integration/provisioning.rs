@@ -2,24 +2,21 @@
 //! gets its own key pair and certificate from the local CA (CreateKeysAndCertificate), the
 //! pre-provisioning hook decides (RegisterThing), and the device then publishes as its thing.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use fleet_local::provisioning::{Provisioning, Request, CREATE_TOPIC, TOKEN_LIFETIME};
-use fleet_local::{LocalOptions, LocalStack};
+use fleet_local::LocalStack;
 use fleet_shared::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
 use fleet_shared::ports::{Allowlist, DeviceAdmin};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{json, Value};
+
+use crate::support::{client, start, until};
 
 /// The template's provisioning template, deployed with `Stage=dev`.
 const TEMPLATE: &str = "fleetline-dev-devices";
-
-async fn start(db: &Path) -> Result<LocalStack> {
-    fleet_local::start(&LocalOptions::ephemeral(db)).await
-}
 
 fn provisioning(stack: &LocalStack) -> Result<Arc<Provisioning>> {
     stack.provisioning.clone().context("the template has a provisioning template")
@@ -37,27 +34,11 @@ async fn allow(stack: &LocalStack, serial: &str) -> Result<()> {
     Ok(())
 }
 
-fn client(stack: &LocalStack, id: &str, username: &str) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(id, "127.0.0.1", stack.mqtt.port());
-    opts.set_credentials(username, "");
-    AsyncClient::new(opts, 16)
-}
-
 /// Poll until `want` matches an event; everything else is skipped.
-async fn until<T>(events: &mut EventLoop, mut want: impl FnMut(&Event) -> Option<T>) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.poll()).await.context("timed out")??;
-        if let Some(t) = want(&event) {
-            return Ok(t);
-        }
-    }
-}
-
 /// A claim holder, subscribed to the provisioning answers.
 async fn claim_holder(stack: &LocalStack, id: &str) -> Result<(AsyncClient, EventLoop)> {
     let claim = &provisioning(stack)?.claim;
-    let (c, mut events) = client(stack, id, &format!("cert/{claim}"));
+    let (c, mut events) = client(stack, id, Some(&format!("cert/{claim}")));
     c.subscribe(format!("{CREATE_TOPIC}/+"), QoS::AtLeastOnce).await?;
     c.subscribe(format!("$aws/provisioning-templates/{TEMPLATE}/provision/json/+"), QoS::AtLeastOnce).await?;
     for _ in 0..2 {
@@ -171,11 +152,11 @@ async fn a_claim_holder_provisions_its_own_certificate_and_thing_then_publishes_
     claim.disconnect().await?;
 
     // WHEN the device connects with its own certificate and publishes telemetry
-    let (device, mut device_events) = client(&stack, "sensor-p01", &format!("cert/{id}"));
+    let (device, mut device_events) = client(&stack, "sensor-p01", Some(&format!("cert/{id}")));
     device.publish("dt/fleet/sensor-p01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
     until(&mut device_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
     // AND another client presents that certificate under another thing's name
-    let (_other, mut other_events) = client(&stack, "sensor-p02", &format!("cert/{id}"));
+    let (_other, mut other_events) = client(&stack, "sensor-p02", Some(&format!("cert/{id}")));
     let other = tokio::time::timeout(Duration::from_secs(10), other_events.poll()).await?;
     // THEN its telemetry is stored under its thing, and the certificate opens no other thing
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -346,7 +327,7 @@ async fn a_second_claim_session_cannot_listen_for_answers_carrying_private_keys(
     let claim = provisioning(&stack)?.claim.clone();
     let (first, mut first_events) = claim_holder(&stack, "sensor-l01").await?;
     // WHEN another claim session subscribes to them, even through a wildcard
-    let (eavesdropper, mut events) = client(&stack, "sensor-l02", &format!("cert/{claim}"));
+    let (eavesdropper, mut events) = client(&stack, "sensor-l02", Some(&format!("cert/{claim}")));
     eavesdropper.subscribe("$aws/certificates/#", QoS::AtLeastOnce).await?;
     let refused = until(&mut events, |e| match e {
         Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),

@@ -11,9 +11,9 @@ use lambda_runtime::{Context as LambdaContext, LambdaEvent};
 use serde_json::value::RawValue;
 use twin_sync::handler::{handle, Deps, Response};
 
-const OUT_OF_ORDER: &str = include_str!("../../events/twin-sync/sqs-out-of-order.json");
-const NAMED: &str = include_str!("../../events/twin-sync/documents-named.json");
-const DELETE: &str = include_str!("../../events/twin-sync/delete-classic.json");
+const OUT_OF_ORDER: &str = include_str!("../../../events/twin-sync/sqs-out-of-order.json");
+const NAMED: &str = include_str!("../../../events/twin-sync/documents-named.json");
+const DELETE: &str = include_str!("../../../events/twin-sync/delete-classic.json");
 
 fn now() -> i64 {
     1_764_000_400_000

@@ -1,14 +1,14 @@
 //! The SLOs are declared once, in `infra/slos.json`: fleet-health reads it (built in), and the
 //! template's burn-rate alarms and dashboard are generated from it into the section of
 //! `infra/template.yaml` between the markers below. This test fails when the two disagree;
-//! `FLEET_REGENERATE=1 cargo test -p fleet-tests --test slo_template` rewrites the section.
+//! `FLEET_REGENERATE=1 cargo test -p fleet-tests --test integration slo_template` rewrites the section.
 
 use std::fmt::Write as _;
 
 use fleet_shared::health::slo::{Catalog, SliKind};
 
 const BEGIN: &str =
-    "  # ---- BEGIN generated from infra/slos.json (tests/tests/slo_template.rs): do not edit by hand\n";
+    "  # ---- BEGIN generated from infra/slos.json (tests/tests/integration/slo_template.rs): do not edit by hand\n";
 const END: &str = "  # ---- END generated from infra/slos.json\n";
 
 /// `freshness` → `Freshness`, `command-latency` → `CommandLatency`.
@@ -233,7 +233,7 @@ fn the_templates_slo_alarms_and_dashboard_are_generated_from_the_catalog() {
             return;
         }
         panic!(
-            "infra/template.yaml's SLO section differs from infra/slos.json: run\n  FLEET_REGENERATE=1 cargo test -p fleet-tests --test slo_template"
+            "infra/template.yaml's SLO section differs from infra/slos.json: run\n  FLEET_REGENERATE=1 cargo test -p fleet-tests --test integration slo_template"
         );
     }
     // Each SLO has one alarm per alert severity.

@@ -16,7 +16,7 @@ use ingest_telemetry::handler::{handle, Deps, Response};
 use lambda_runtime::{Context as LambdaContext, LambdaEvent};
 use serde_json::value::RawValue;
 
-const MIXED: &str = include_str!("../../events/ingest-telemetry/sqs-mixed-batch.json");
+const MIXED: &str = include_str!("../../../events/ingest-telemetry/sqs-mixed-batch.json");
 const NOW: i64 = 1_764_000_001_000;
 
 fn now() -> i64 {

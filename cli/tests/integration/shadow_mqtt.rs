@@ -145,7 +145,7 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A running `fleetctl local` (as `cli/tests/local_stack.rs` starts it), killed on drop.
+/// A running `fleetctl local` (as `cli/tests/integration/local_stack.rs` starts it), killed on drop.
 struct Local {
     child: Option<Child>,
     mqtt: u16,

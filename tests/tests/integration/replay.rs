@@ -11,12 +11,12 @@ use fleet_shared::model::{DeviceRegistration, ThingName};
 use fleet_shared::ports::{ArchiveReader, DeviceAdmin, RawArchive, TelemetryQuery};
 
 const EVENTS: [&str; 6] = [
-    include_str!("../../events/ingest-telemetry/sqs-valid-v1.json"),
-    include_str!("../../events/ingest-telemetry/sqs-valid-v2.json"),
-    include_str!("../../events/ingest-telemetry/sqs-mixed-batch.json"),
-    include_str!("../../events/ingest-telemetry/sqs-duplicate-batch.json"),
-    include_str!("../../events/ingest-telemetry/sqs-clock-skew.json"),
-    include_str!("../../events/ingest-telemetry/direct-v1.json"),
+    include_str!("../../../events/ingest-telemetry/sqs-valid-v1.json"),
+    include_str!("../../../events/ingest-telemetry/sqs-valid-v2.json"),
+    include_str!("../../../events/ingest-telemetry/sqs-mixed-batch.json"),
+    include_str!("../../../events/ingest-telemetry/sqs-duplicate-batch.json"),
+    include_str!("../../../events/ingest-telemetry/sqs-clock-skew.json"),
+    include_str!("../../../events/ingest-telemetry/direct-v1.json"),
 ];
 const NOW: i64 = 1_764_000_001_000;
 

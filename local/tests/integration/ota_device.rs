@@ -5,13 +5,12 @@
 //! telemetry stores the new firmware; the same firmware sent again succeeds without an install;
 //! a job signed by another key is REJECTED. The firmware key is made on first start and kept.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use base64::Engine as _;
-use fleet_local::{LocalOptions, LocalStack};
+use fleet_local::LocalStack;
 use fleet_shared::model::{DeviceRegistration, ExecutionStatus, JobId, NewJob, ThingName};
 use fleet_shared::ota::device::{demo_image, DeviceFirmware, SimulatedJobs, DEFAULT_MIN_BATTERY_PCT};
 use fleet_shared::ota::engine::job_document;
@@ -20,24 +19,9 @@ use fleet_shared::ports::{DeviceAdmin, JobsControl};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
-async fn start(db: &Path) -> Result<LocalStack> {
-    fleet_local::start(&LocalOptions::ephemeral(db)).await
-}
+use crate::support::{eventually, start};
 
 /// Poll `check` every 50 ms for up to 10 s.
-async fn eventually<T>(mut check: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(t) = check().await? {
-            return Ok(t);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A job for `thing` installing `class`/`fw`, its manifest over `image` signed by `key`.
 fn job(
     id: &str,

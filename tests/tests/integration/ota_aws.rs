@@ -18,7 +18,7 @@ use lambda_runtime::{Context as LambdaContext, LambdaEvent};
 use ota_orchestrator::handler::{handle, Deps};
 use serde_json::value::RawValue;
 
-const SCHEDULED: &str = include_str!("../../events/ota-orchestrator/scheduled.json");
+const SCHEDULED: &str = include_str!("../../../events/ota-orchestrator/scheduled.json");
 
 fn signer(seed: u8) -> ManifestSigner {
     ManifestSigner::from_bytes("fw2026", &[seed; 32]).expect("key")

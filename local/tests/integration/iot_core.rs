@@ -1,40 +1,19 @@
 //! The local IoT Core in-process with real MQTT clients: the template's device policy on every
 //! publish, `clientid()` in rule SQL, and lifecycle events on `$aws/events/presence/…`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use fleet_local::stats::Snapshot;
-use fleet_local::{LocalOptions, LocalStack};
+use fleet_local::LocalStack;
 use fleet_shared::model::ThingName;
 use fleet_shared::ports::{DeviceAdmin, QuarantineReader};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
-async fn start(db: &Path) -> Result<LocalStack> {
-    fleet_local::start(&LocalOptions::ephemeral(db)).await
-}
-
-fn client(stack: &LocalStack, id: &str, username: Option<&str>) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(id, "127.0.0.1", stack.mqtt.port());
-    if let Some(u) = username {
-        opts.set_credentials(u, "");
-    }
-    AsyncClient::new(opts, 16)
-}
+use crate::support::{client, start, until};
 
 /// Poll until `want` matches an event; everything else is skipped.
-async fn until<T>(events: &mut EventLoop, mut want: impl FnMut(&Event) -> Option<T>) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.poll()).await.context("timed out")??;
-        if let Some(t) = want(&event) {
-            return Ok(t);
-        }
-    }
-}
-
 /// Poll the stack's counters until `done` holds (10 s at most); the snapshot that held.
 async fn settled(stack: &LocalStack, done: impl Fn(&Snapshot) -> bool) -> Result<Snapshot> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

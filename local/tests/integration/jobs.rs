@@ -4,40 +4,16 @@
 //! execution event reaches subscribers, `job_progress` counts it, and a report after success is
 //! refused. A device cannot act on another thing's jobs.
 
-use std::path::Path;
-use std::time::Duration;
-
 use anyhow::{ensure, Context, Result};
-use fleet_local::{LocalOptions, LocalStack};
 use fleet_shared::adapters::embedded::LOCAL_ARN_PREFIX;
 use fleet_shared::model::{ExecutionStatus, JobId, JobStatus, NewJob, ThingName};
 use fleet_shared::ports::JobsControl;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{json, Value};
 
-async fn start(db: &Path) -> Result<LocalStack> {
-    fleet_local::start(&LocalOptions::ephemeral(db)).await
-}
-
-fn client(stack: &LocalStack, id: &str, username: Option<&str>) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(id, "127.0.0.1", stack.mqtt.port());
-    if let Some(u) = username {
-        opts.set_credentials(u, "");
-    }
-    AsyncClient::new(opts, 16)
-}
+use crate::support::{client, start, until};
 
 /// Poll until `want` matches an event (10 s at most); everything else is skipped.
-async fn until<T>(events: &mut EventLoop, mut want: impl FnMut(&Event) -> Option<T>) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.poll()).await.context("timed out")??;
-        if let Some(t) = want(&event) {
-            return Ok(t);
-        }
-    }
-}
-
 /// The next message on `topic`, as JSON.
 async fn message(events: &mut EventLoop, topic: &str) -> Result<Value> {
     until(events, |e| match e {

@@ -5,7 +5,7 @@
 use serde_yaml_ng::{Mapping, Value};
 
 fn resources() -> Mapping {
-    let text = include_str!("../../infra/template.yaml");
+    let text = include_str!("../../../infra/template.yaml");
     let doc: Value = serde_yaml_ng::from_str(text).expect("the template parses");
     doc.get("Resources").and_then(Value::as_mapping).cloned().expect("Resources")
 }
@@ -72,7 +72,7 @@ fn every_alarm_notifies_and_says_when_it_is_ok_again() {
 
 #[test]
 fn the_rule_role_trusts_only_this_rule_and_the_archive_lifecycle_stays_valid() {
-    let text = include_str!("../../infra/template.yaml");
+    let text = include_str!("../../../infra/template.yaml");
     let doc: Value = serde_yaml_ng::from_str(text).expect("the template parses");
     let trust = &doc["Resources"]["TopicRuleRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0];
     assert!(trust["Condition"]["StringEquals"].get("aws:SourceAccount").is_some(), "{trust:?}");
@@ -130,7 +130,8 @@ struct Rendered {
 }
 
 fn render(params: &[(&str, &str)]) -> Rendered {
-    let doc = long_form(&serde_yaml_ng::from_str(include_str!("../../infra/template.yaml")).expect("parses"));
+    let doc =
+        long_form(&serde_yaml_ng::from_str(include_str!("../../../infra/template.yaml")).expect("parses"));
     let parameters = doc["Parameters"].as_mapping().cloned().expect("Parameters");
     let param = |name: &str| -> Value {
         params.iter().find(|(n, _)| *n == name).map(|(_, v)| Value::String((*v).to_owned())).unwrap_or_else(

@@ -1,0 +1,9 @@
+//! The local IoT Core's integration tests, one binary (one link instead of six).
+
+mod commands;
+mod iot_core;
+mod jobs;
+mod ota_device;
+mod provisioning;
+mod slo_page;
+mod support;
