@@ -22,11 +22,7 @@ use fleet_shared::ota::manifest::{
 use fleet_shared::ports::{CampaignStore, DeviceAdmin, JobsControl};
 use serde_json::{json, Value};
 
-const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ sits in the workspace").to_path_buf()
-}
+use crate::support::{workspace, FLEETCTL};
 
 /// A running `fleetctl demo`, killed on drop if the test ends first.
 struct Demo {

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use anyhow::{ensure, Result};
 use serde_json::Value;
 
-const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
+use crate::support::FLEETCTL;
 /// The key seed 00 01 .. 1f in hex; its public key, in base64.
 const SEED_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const PUBLIC_BASE64: &str = "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=";

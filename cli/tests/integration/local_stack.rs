@@ -2,8 +2,7 @@
 //! clients (`mosquitto_pub`), the HTTP API, and the dashboard in headless Chromium.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,11 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ sits in the workspace").to_path_buf()
-}
+use crate::support::{spawn_local, FLEETCTL};
 
 #[test]
 #[ignore = "needs mosquitto_pub (mosquitto-clients), installed by scripts/test.sh"]
@@ -58,10 +53,6 @@ fn shadow_documents_become_twins_that_fleetctl_shows_and_lists_as_drifting() -> 
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// A running `fleetctl local`, interrupted (Ctrl-C) and reaped on drop.
 struct Local {
     child: Option<Child>,
@@ -75,7 +66,6 @@ impl Local {
     fn start() -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let db = dir.path().join("fleet.sqlite");
-        let (mqtt, http) = (free_port()?, free_port()?);
         let status = Command::new(FLEETCTL)
             .arg("--db")
             .arg(&db)
@@ -93,26 +83,8 @@ impl Local {
             .stdout(Stdio::null())
             .status()?;
         ensure!(status.success(), "registering a device failed");
-        let log = std::fs::File::create(dir.path().join("local.log"))?;
-        let child = Command::new(FLEETCTL)
-            .arg("--db")
-            .arg(&db)
-            .args(["local", "--mqtt-port", &mqtt.to_string()])
-            .args(["--http-port", &http.to_string(), "--template"])
-            .arg(workspace().join("infra/template.yaml"))
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .process_group(0)
-            .spawn()?;
-        let local = Local { child: Some(child), mqtt, http: ([127, 0, 0, 1], http).into(), db, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while get(local.http, "/api/health").is_err() {
-            if Instant::now() > deadline {
-                bail!("fleetctl local did not answer on {}: {}", local.http, local.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(local)
+        let (child, mqtt, http) = spawn_local(&db, &dir.path().join("local.log"))?;
+        Ok(Local { child: Some(child), mqtt: mqtt.port(), http, db, _dir: dir })
     }
 
     fn log(&self) -> String {
@@ -562,7 +534,7 @@ fn refuses_to_start_on_a_rule_it_cannot_evaluate() -> Result<()> {
     let out = Command::new(FLEETCTL)
         .arg("--db")
         .arg(dir.path().join("x.sqlite"))
-        .args(["local", "--http-port", &free_port()?.to_string(), "--mqtt-port", &free_port()?.to_string()])
+        .args(["local", "--http-port", "0", "--mqtt-port", "0"])
         .arg("--template")
         .arg(&template)
         .output()?;

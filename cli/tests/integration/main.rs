@@ -7,3 +7,4 @@ mod local_stack;
 mod ota_campaign;
 mod ota_gate;
 mod shadow_mqtt;
+mod support;

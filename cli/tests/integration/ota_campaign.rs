@@ -13,7 +13,7 @@ use fleet_shared::ota::manifest::{ManifestSigner, UnsignedManifest};
 use fleet_shared::ports::{DeviceAdmin, JobsControl};
 use serde_json::Value;
 
-const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
+use crate::support::FLEETCTL;
 
 /// Run fleetctl on `db` with `keys` as FLEET_FIRMWARE_KEYS: (success, stdout, stderr).
 fn fleetctl(db: &Path, keys: &str, args: &[&str]) -> Result<(bool, String, String)> {

@@ -10,7 +10,7 @@ use fleet_shared::health::tally::{counter, Cohort, Tally};
 use fleet_shared::ports::HealthLedger;
 use serde_json::Value;
 
-const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
+use crate::support::FLEETCTL;
 const START: i64 = 29_400_000; // 2025-11-24T16:00Z in minutes
 
 /// Two hours of ingest counts: the canary quarantines `canary_bad` of 1,000 messages a

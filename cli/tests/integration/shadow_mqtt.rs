@@ -4,10 +4,7 @@
 //! id (the device policy's thing name), and an operator (`-u operator`, not bound by the device
 //! policy) records every answer the shadow service publishes, in order.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -15,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
+use crate::support::spawn_local;
 
 #[test]
 #[ignore = "needs mosquitto clients and fleetctl local, run by scripts/test.sh"]
@@ -137,15 +134,7 @@ fn a_named_shadow_is_answered_on_its_own_topics_and_devices_cannot_forge_answers
     Ok(())
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ sits in the workspace").to_path_buf()
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A running `fleetctl local` (as `cli/tests/integration/local_stack.rs` starts it), killed on drop.
+/// A running `fleetctl local`, killed on drop.
 struct Local {
     child: Option<Child>,
     mqtt: u16,
@@ -155,28 +144,9 @@ struct Local {
 impl Local {
     fn start() -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let (mqtt, http) = (free_port()?, free_port()?);
-        let log = std::fs::File::create(dir.path().join("local.log"))?;
-        let child = Command::new(FLEETCTL)
-            .arg("--db")
-            .arg(dir.path().join("fleet.sqlite"))
-            .args(["local", "--mqtt-port", &mqtt.to_string()])
-            .args(["--http-port", &http.to_string(), "--template"])
-            .arg(workspace().join("infra/template.yaml"))
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .process_group(0)
-            .spawn()?;
-        let local = Local { child: Some(child), mqtt, dir };
-        let http: SocketAddr = ([127, 0, 0, 1], http).into();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while health(http).is_err() {
-            if Instant::now() > deadline {
-                bail!("fleetctl local did not answer on {http}: {}", local.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(local)
+        let (child, mqtt, _http) =
+            spawn_local(&dir.path().join("fleet.sqlite"), &dir.path().join("local.log"))?;
+        Ok(Local { child: Some(child), mqtt: mqtt.port(), dir })
     }
 
     fn log(&self) -> String {
@@ -289,15 +259,4 @@ impl Drop for Subscription {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `GET /api/health` on loopback; Ok once the stack answers 200.
-fn health(addr: SocketAddr) -> Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET /api/health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    ensure!(raw.starts_with("HTTP/1.1 200"), "health: {}", raw.lines().next().unwrap_or_default());
-    Ok(())
 }
