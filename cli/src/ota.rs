@@ -79,6 +79,7 @@ where
             };
             let campaign = Campaign::new(spec, firmware, rollback, now)?;
             engine.check_manifests(&campaign)?;
+            engine.check_ids_free(&campaign).await?;
             store.put_campaign(&campaign).await.map_err(|e| anyhow!("{e}"))?;
             let stored = load(store, &id).await?;
             output::campaign(&stored, json)

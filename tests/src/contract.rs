@@ -890,14 +890,16 @@ fn new_job(id: &JobId, targets: &[usize]) -> Result<NewJob> {
     })
 }
 
-/// A job gives every target a QUEUED execution, listed in thing order; its id cannot be used
-/// again (a Conflict, whatever the second job holds); an unknown job has no progress.
+/// A job gives every target a QUEUED execution, listed in thing order, and keeps the
+/// description it was created with; its id cannot be used again (a Conflict, whatever the
+/// second job holds); an unknown job has no progress.
 pub async fn a_job_is_created_once_with_every_target_queued<S: JobsControl>(s: &S) -> Result<()> {
     let id = job_id("contract-job-create")?;
     s.create_job(&new_job(&id, &[902, 900, 901])?).await?;
     let progress = s.job_progress(&id).await?.context("the job just created")?;
     ensure!(progress.status == JobStatus::InProgress, "status {:?}", progress.status);
     ensure!((progress.counts.queued, progress.counts.total()) == (3, 3), "counts {:?}", progress.counts);
+    ensure!(progress.description == "contract", "description {:?}", progress.description);
     let listed = s.job_executions(&id).await?;
     let expected: Vec<_> = [900, 901, 902].iter().map(|n| (thing(*n), ExecutionStatus::Queued)).collect();
     ensure!(listed == expected, "executions {listed:?}");

@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{ensure, Result};
 use base64::Engine as _;
 use fleet_shared::adapters::embedded::SqliteStore;
-use fleet_shared::model::{DeviceRegistration, JobId, JobStatus, ThingName};
+use fleet_shared::model::{DeviceRegistration, JobId, JobStatus, NewJob, ThingName};
 use fleet_shared::ota::manifest::{ManifestSigner, UnsignedManifest};
 use fleet_shared::ports::{DeviceAdmin, JobsControl};
 use serde_json::Value;
@@ -138,5 +138,27 @@ async fn an_operator_creates_ticks_pauses_and_aborts_a_campaign() -> Result<()> 
     ensure!(progress.counts.canceled == 4 && progress.status == JobStatus::Canceled, "{progress:?}");
     let (ok, _, err) = fleetctl(&db, &keys, &["ota", "rollback", "fw150"])?;
     ensure!(!ok && err.contains("aborted"), "{err}");
+
+    // WHEN another stack in the account already made a job of a new campaign's ids (fw151-s2)
+    store
+        .create_job(&NewJob {
+            job_id: JobId::parse("fw151-s2")?,
+            targets: vec![ThingName::parse("sensor-07")?],
+            document: serde_json::json!({"operation": "fleetline.ota"}),
+            description: "fw151 stage 2: 1.4.2 -> 1.5.0 [campaign 0123]".into(),
+            max_per_minute: None,
+            in_progress_timeout_minutes: None,
+        })
+        .await?;
+    let (to, from) = (to.to_string_lossy(), from.to_string_lossy());
+    let (ok, _, err) = fleetctl(
+        &db,
+        &keys,
+        &["ota", "create", "--id", "fw151", "--manifest", &to, "--rollback-manifest", &from],
+    )?;
+    // THEN creating it is refused, naming the job, and nothing is stored
+    ensure!(!ok && err.contains("job fw151-s2 exists and is not this campaign's"), "{err}");
+    let (ok, _, _) = fleetctl(&db, &keys, &["ota", "show", "fw151"])?;
+    ensure!(!ok, "a refused campaign was stored");
     Ok(())
 }

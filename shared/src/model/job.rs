@@ -249,10 +249,12 @@ impl JobCounts {
 }
 
 /// A job's state and its executions' counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobProgress {
     pub status: JobStatus,
     pub counts: JobCounts,
+    /// What the job was created with (a campaign stamps its jobs' descriptions to know them).
+    pub description: String,
 }
 
 #[cfg(test)]

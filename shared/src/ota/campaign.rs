@@ -279,6 +279,13 @@ pub struct Campaign {
     pub log: Vec<LogEntry>,
     /// Bumped by every store; a write must name the version it read.
     pub version: u64,
+    /// 128 random bits (hex) made with the campaign, stamped on its jobs' descriptions. Job ids
+    /// are the account's, so a job with one of this campaign's ids that lacks the stamp belongs
+    /// to someone else (another stack in the account, or an earlier campaign of the same id)
+    /// and is never adopted, cancelled or rolled back. Empty in campaigns stored before it
+    /// existed, which take any job of their ids as theirs.
+    #[serde(default)]
+    pub owner: String,
 }
 
 impl Campaign {
@@ -291,6 +298,9 @@ impl Campaign {
         now_ms: i64,
     ) -> Result<Self, InvalidSpec> {
         spec.check()?;
+        let mut token = [0u8; 16];
+        getrandom::fill(&mut token)
+            .map_err(|e| InvalidSpec(format!("no randomness for the campaign's owner stamp: {e}")))?;
         for (m, fw) in [(&firmware, &spec.to_fw), (&rollback, &spec.from_fw)] {
             if m.fw() != fw || m.class() != spec.class {
                 return Err(InvalidSpec(format!(
@@ -314,9 +324,21 @@ impl Campaign {
             updated_ms: now_ms,
             log: Vec::new(),
             version: 0,
+            owner: token.iter().map(|b| format!("{b:02x}")).collect(),
         };
         c.note(now_ms, format!("created: {} {} -> {}", c.spec.class, c.spec.from_fw, c.spec.to_fw));
         Ok(c)
+    }
+
+    /// What this campaign's jobs' descriptions end with: ` [campaign <owner>]`.
+    pub fn job_stamp(&self) -> String {
+        format!(" [campaign {}]", self.owner)
+    }
+
+    /// Whether a job of one of this campaign's ids, created with `description`, is this
+    /// campaign's (always, for a campaign stored before jobs were stamped).
+    pub fn owns_job(&self, description: &str) -> bool {
+        self.owner.is_empty() || description.ends_with(&self.job_stamp())
     }
 
     /// Add a line to the log (keeping the newest [`MAX_LOG_ENTRIES`]).

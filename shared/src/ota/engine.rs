@@ -32,6 +32,12 @@ pub enum OtaError {
     Gate(#[from] GateError),
     #[error("manifest for {fw}: {why}")]
     Manifest { fw: String, why: String },
+    /// Job ids are the account's: another stack's campaign, or an earlier one of this id, made it.
+    #[error(
+        "job {job} exists and is not this campaign's (created as {description:?}): job ids are the \
+         account's, so create the campaign again under an id not used in this account and region"
+    )]
+    JobTaken { job: JobId, description: String },
 }
 
 impl OtaError {
@@ -130,6 +136,18 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
             }
             if let Err(e) = self.verifier.verify(m) {
                 return fail(format!("{}: {e}", e.code()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check that no job of a new campaign's ids exists yet: job ids are the account's, and an
+    /// id used before (by another stack, or an earlier campaign) cannot be used again.
+    pub async fn check_ids_free(&self, c: &Campaign) -> Result<(), OtaError> {
+        let jobs = (0..c.spec.stages.len()).map(|s| c.spec.stage_job(s)).chain([c.spec.rollback_job()]);
+        for job in jobs {
+            if let Some(found) = self.jobs.job_progress(&job).await? {
+                return Err(OtaError::JobTaken { job, description: found.description });
             }
         }
         Ok(())
@@ -270,13 +288,16 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         Ok(out)
     }
 
-    /// The stages' jobs that exist: those the campaign recorded, and any other stage's job IoT
-    /// Jobs knows (created by a tick whose campaign write was lost to an operator's).
+    /// The stages' jobs that exist: those the campaign recorded, and any other stage's job of
+    /// its own that IoT Jobs knows (created by a tick whose campaign write was lost to an
+    /// operator's); a job of the same id made by someone else is left alone.
     async fn stage_jobs(&self, c: &Campaign) -> Result<Vec<JobId>, OtaError> {
         let mut out = Vec::new();
         for stage in 0..c.spec.stages.len() {
             let job = c.spec.stage_job(stage);
-            if c.jobs.contains(&job) || self.jobs.job_progress(&job).await?.is_some() {
+            let ours = c.jobs.contains(&job)
+                || self.jobs.job_progress(&job).await?.is_some_and(|p| c.owns_job(&p.description));
+            if ours {
                 out.push(job);
             }
         }
@@ -331,16 +352,17 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
                 targets: plan.targets.clone(),
                 document: job_document(&c.spec.id, &c.firmware),
                 description: format!(
-                    "{} stage {}: {} -> {}",
+                    "{} stage {}: {} -> {}{}",
                     c.spec.id,
                     stage + 1,
                     c.spec.from_fw,
-                    c.spec.to_fw
+                    c.spec.to_fw,
+                    c.job_stamp()
                 ),
                 max_per_minute: Some(c.spec.max_per_minute),
                 in_progress_timeout_minutes: Some(c.spec.install_timeout_minutes),
             };
-            let targets = self.create_or_adopt(&new).await?;
+            let targets = self.create_or_adopt(c, &new).await?;
             if !c.jobs.contains(&job) {
                 c.jobs.push(job.clone());
             }
@@ -369,12 +391,21 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         Ok("completed".into())
     }
 
-    /// Create `job`; one that exists already (a tick that crashed after creating it) is
-    /// adopted. Returns how many things it targets.
-    async fn create_or_adopt(&self, job: &NewJob) -> Result<u64, OtaError> {
+    /// Create `job`; one of `c`'s that exists already (a tick that crashed after creating it)
+    /// is adopted, one made by someone else is an error. Returns how many things it targets.
+    async fn create_or_adopt(&self, c: &Campaign, job: &NewJob) -> Result<u64, OtaError> {
         match self.jobs.create_job(job).await {
             Ok(()) => Ok(job.targets.len() as u64),
-            Err(e) if e.kind == ErrorKind::Conflict => Ok(self.counts(&job.job_id).await?.total()),
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                let found = self.progress(&job.job_id).await?;
+                if !c.owns_job(&found.description) {
+                    return Err(OtaError::JobTaken {
+                        job: job.job_id.clone(),
+                        description: found.description,
+                    });
+                }
+                Ok(found.counts.total())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -410,11 +441,17 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
             job_id: job.clone(),
             targets: reached,
             document: job_document(&c.spec.id, &c.rollback),
-            description: format!("{} rollback: {} -> {}", c.spec.id, c.spec.to_fw, c.spec.from_fw),
+            description: format!(
+                "{} rollback: {} -> {}{}",
+                c.spec.id,
+                c.spec.to_fw,
+                c.spec.from_fw,
+                c.job_stamp()
+            ),
             max_per_minute: Some(c.spec.max_per_minute),
             in_progress_timeout_minutes: Some(c.spec.install_timeout_minutes),
         };
-        let targets = self.create_or_adopt(&new).await?;
+        let targets = self.create_or_adopt(c, &new).await?;
         c.state = State::RollingBack {
             reason: reason.clone(),
             job,
@@ -717,7 +754,7 @@ mod tests {
             job_id: c.spec.stage_job(1),
             targets: vec![stray.clone(), ThingName::parse("sensor-098")?],
             document: job_document(&c.spec.id, &c.firmware),
-            description: "stage 2 of a lost write".into(),
+            description: format!("stage 2 of a lost write{}", c.job_stamp()),
             max_per_minute: None,
             in_progress_timeout_minutes: None,
         };
@@ -735,6 +772,51 @@ mod tests {
         // AND a write from the stale copy is refused
         lost.version = 1;
         assert!(w.db.put_campaign(&lost).await.is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_job_of_its_id_made_by_someone_else_is_never_adopted_cancelled_or_rolled_back(
+    ) -> anyhow::Result<()> {
+        // GIVEN another stack in the account that already sent fw150's stage 1 to two devices
+        let w = World::new(100).await?;
+        let theirs = campaign(spec("fw150"))?;
+        let their_job = NewJob {
+            job_id: theirs.spec.stage_job(0),
+            targets: vec![ThingName::parse("sensor-001")?, ThingName::parse("sensor-002")?],
+            document: job_document("fw150", &theirs.firmware),
+            description: format!("fw150 stage 1: 1.4.2 -> 1.5.0{}", theirs.job_stamp()),
+            max_per_minute: None,
+            in_progress_timeout_minutes: None,
+        };
+        w.db.create_job(&their_job).await?;
+        let ours = campaign(spec("fw150"))?;
+        assert_ne!(ours.owner, theirs.owner);
+        // WHEN an operator creates a campaign of the same id here, THEN it is refused, naming the job
+        let refused = w.engine().check_ids_free(&ours).await.expect_err("the id is taken");
+        assert!(
+            matches!(&refused, OtaError::JobTaken { job, .. } if job.as_str() == "fw150-s1"),
+            "{refused}"
+        );
+        // WHEN one is stored anyway (as before ids were checked) and ticks, THEN it fails for
+        // good (the orchestrator pauses it) without adopting the other stack's job
+        w.db.put_campaign(&ours).await?;
+        let mut c = w.db.campaign("fw150").await?.expect("stored");
+        let failed = w.engine().tick(&mut c, time::now_ms()).await.expect_err("not ours");
+        assert!(matches!(failed, OtaError::JobTaken { .. }) && !failed.is_transient(), "{failed}");
+        // AND an operator's rollback neither cancels that job nor sends its devices anything
+        let mut c = w.db.campaign("fw150").await?.expect("stored");
+        let summary = w.engine().roll_back(&mut c, "operator".into(), time::now_ms()).await?;
+        assert!(matches!(c.state, State::RolledBack { .. }), "{summary}");
+        let untouched = w.db.job_progress(&their_job.job_id).await?.expect("their job");
+        assert_eq!((untouched.status, untouched.counts.queued), (JobStatus::InProgress, 2));
+        assert!(w.db.job_progress(&c.spec.rollback_job()).await?.is_none());
+        // AND the jobs a campaign makes carry its stamp
+        let mine = campaign(spec("fw151"))?;
+        w.db.put_campaign(&mine).await?;
+        let (c, _) = w.tick("fw151", time::now_ms()).await?;
+        let made = w.db.job_progress(&stage_of(&c).job).await?.expect("stage 1");
+        assert!(made.description.ends_with(&mine.job_stamp()) && mine.owns_job(&made.description));
         Ok(())
     }
 }

@@ -170,7 +170,11 @@ impl IotJobs {
             other => JobStatus::parse(other)
                 .ok_or_else(|| StoreError::permanent(OP, format!("unknown job status {other:?}")))?,
         };
-        Ok(Some(JobProgress { status, counts: described.job.job_process_details.counts() }))
+        Ok(Some(JobProgress {
+            status,
+            counts: described.job.job_process_details.counts(),
+            description: described.job.description,
+        }))
     }
 }
 
@@ -227,6 +231,9 @@ struct Described {
 #[serde(rename_all = "camelCase")]
 struct DescribedJob {
     status: String,
+    /// Absent when the job was created without one.
+    #[serde(default)]
+    description: String,
     #[serde(default)]
     job_process_details: ProcessDetails,
 }
@@ -622,7 +629,7 @@ mod tests {
         let server = Scripted::start(vec![
             (
                 200,
-                r#"{"job":{"jobId":"j1","status":"IN_PROGRESS","jobProcessDetails":{"numberOfQueuedThings":3,"numberOfSucceededThings":5,"numberOfTimedOutThings":1}}}"#,
+                r#"{"job":{"jobId":"j1","status":"IN_PROGRESS","description":"stage 1 [campaign 00ff]","jobProcessDetails":{"numberOfQueuedThings":3,"numberOfSucceededThings":5,"numberOfTimedOutThings":1}}}"#,
             ),
             (200, r#"{"job":{"jobId":"j1","status":"COMPLETED","jobProcessDetails":{}}}"#),
             (404, r#"{"__type":"ResourceNotFoundException","message":"no such job"}"#),
@@ -633,6 +640,7 @@ mod tests {
         let id = JobId::parse("j1").expect("id");
         let progress = iot.job_progress(&id).await.expect("described").expect("known");
         assert_eq!(progress.status, JobStatus::InProgress);
+        assert_eq!(progress.description, "stage 1 [campaign 00ff]");
         assert_eq!(
             (
                 progress.counts.queued,
@@ -644,6 +652,7 @@ mod tests {
         );
         let done = iot.job_progress(&id).await.expect("described").expect("known");
         assert_eq!((done.status, done.counts), (JobStatus::Completed, JobCounts::default()));
+        assert_eq!(done.description, "", "a job created without a description");
         assert_eq!(iot.job_progress(&id).await.expect("unknown"), None);
         let odd = iot.job_progress(&id).await.expect_err("an unknown status");
         assert_eq!(odd.kind, ErrorKind::Permanent);

@@ -817,15 +817,17 @@ impl JobsControl for SqliteStore {
         let key = job.to_string();
         self.with("sqlite job progress", move |c| {
             let tx = c.transaction()?;
-            let Some(status) = tx
-                .query_row("SELECT status FROM jobs WHERE job_id = ?1", [&key], |r| job_status_at(r, 0))
+            let Some((status, description)) = tx
+                .query_row("SELECT status, description FROM jobs WHERE job_id = ?1", [&key], |r| {
+                    Ok((job_status_at(r, 0)?, r.get(1)?))
+                })
                 .optional()?
             else {
                 return Ok(None);
             };
             let counts = counts_of(&tx, &key)?;
             tx.commit()?;
-            Ok(Some(JobProgress { status, counts }))
+            Ok(Some(JobProgress { status, counts, description }))
         })
         .await
     }
@@ -1167,7 +1169,8 @@ mod tests {
         ] {
             expected.add(st, 1);
         }
-        assert_eq!(progress, JobProgress { status: JobStatus::InProgress, counts: expected });
+        assert_eq!((progress.status, progress.counts), (JobStatus::InProgress, expected));
+        assert_eq!(progress.description, "install for job-a");
         // AND once the last one succeeds it is COMPLETED
         updated(&s, "d4", "job-a", update(DeviceStatus::Succeeded), T0 + 5).await?;
         let progress = s.job_progress(&id("job-a")).await?.context("known job")?;
