@@ -395,16 +395,30 @@ mod tests {
 
     #[test]
     fn errors_name_what_aws_said_and_whether_a_retry_can_help() {
-        let throttled = api_error(400, br#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#);
+        let throttled =
+            api_error(400, None, br#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#);
         assert_eq!((throttled.code.as_str(), throttled.is_transient()), ("ThrottlingException", true));
-        assert!(api_error(429, b"").is_transient());
-        assert!(api_error(503, b"<html>").is_transient());
-        let missing = api_error(404, br#"{"message":"no such certificate"}"#);
+        assert!(api_error(429, None, b"").is_transient());
+        assert!(api_error(503, None, b"<html>").is_transient());
+        let missing = api_error(404, None, br#"{"message":"no such certificate"}"#);
         assert_eq!((missing.code.as_str(), missing.is_transient()), ("ResourceNotFoundException", false));
-        let denied = api_error(403, br#"{"__type":"com.amazon#AccessDeniedException","message":"no"}"#);
+        let denied = api_error(403, None, br#"{"__type":"com.amazon#AccessDeniedException","message":"no"}"#);
         assert_eq!((denied.code.as_str(), denied.is_transient()), ("AccessDeniedException", false));
-        let coral = api_error(400, br#"{"__type":"ThrottlingException:http://internal.amazon.com/coral/"}"#);
+        let coral =
+            api_error(400, None, br#"{"__type":"ThrottlingException:http://internal.amazon.com/coral/"}"#);
         assert_eq!((coral.code.as_str(), coral.is_transient()), ("ThrottlingException", true));
+        // The x-amzn-ErrorType header wins over the body (AWS IoT sends both).
+        let header = api_error(
+            400,
+            Some("ThrottlingException:http://internal.amazon.com/coral/com.amazonaws.iot/"),
+            br#"{"message":"Rate exceeded for account"}"#,
+        );
+        assert_eq!(
+            (header.code.as_str(), header.message.as_str(), header.is_transient()),
+            ("ThrottlingException", "Rate exceeded for account", true)
+        );
+        let conflict = api_error(409, Some("ResourceAlreadyExistsException"), br#"{"code":"Other"}"#);
+        assert_eq!(conflict.code, "ResourceAlreadyExistsException");
     }
 
     #[test]

@@ -398,7 +398,8 @@ mod tests {
     const PREFIX: &str = "arn:aws:iot:eu-west-1:123456789012:thing/";
 
     /// A loopback HTTP server answering each request with the next scripted `(status, body)`,
-    /// keeping each request's line and body.
+    /// keeping each request's line and body. A body `"<ErrorType>|<json>"` is answered with
+    /// that `x-amzn-ErrorType` header, as AWS IoT sends it.
     struct Scripted {
         url: String,
         seen: Arc<Mutex<Vec<(String, String)>>>,
@@ -415,8 +416,12 @@ mod tests {
                     let Ok((mut conn, _)) = listener.accept().await else { return };
                     let request = read_request(&mut conn).await;
                     log.lock().unwrap().push(request);
+                    let (header, body) = match body.split_once('|') {
+                        Some((error_type, body)) => (format!("x-amzn-errortype: {error_type}\r\n"), body),
+                        None => (String::new(), body),
+                    };
                     let answer = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{header}content-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()
                     );
                     let _ = conn.write_all(answer.as_bytes()).await;
@@ -555,6 +560,26 @@ mod tests {
                 "timeoutConfig": {"inProgressTimeoutInMinutes": 30},
             })
         );
+    }
+
+    #[tokio::test]
+    async fn the_error_type_header_names_the_error_when_the_body_does_not() {
+        // AWS IoT names a throttled call in x-amzn-ErrorType; the body has only a message
+        let server = Scripted::start(vec![
+            (400, r#"ThrottlingException:http://internal.amazon.com/coral/com.amazonaws.iot/|{"message":"Rate exceeded"}"#),
+            (400, r#"{"message":"Rate exceeded"}"#),
+        ])
+        .await;
+        let iot = jobs(&server.url);
+        let id = JobId::parse("j1").expect("id");
+        let throttled = iot.job_progress(&id).await.expect_err("throttled");
+        assert!(
+            throttled.is_transient() && throttled.to_string().contains("ThrottlingException"),
+            "{throttled}"
+        );
+        // without the header the same answer is an unknown error that no retry mends
+        let unknown = iot.job_progress(&id).await.expect_err("an error");
+        assert_eq!(unknown.kind, ErrorKind::Permanent, "{unknown}");
     }
 
     #[tokio::test]

@@ -119,11 +119,11 @@ impl SignedClient {
         let answer = tokio::time::timeout(self.timeout, self.send(op, method, path_and_query, headers, body))
             .await
             .map_err(|_| StoreError::transient(op, format!("no answer within {:?}", self.timeout)))??;
-        let (status, body) = answer;
+        let (status, error_type, body) = answer;
         if (200..300).contains(&status) {
             return Ok(body);
         }
-        let error = api_error(status, &body);
+        let error = api_error(status, error_type.as_deref(), &body);
         Err(if error.is_transient() {
             StoreError::transient(op, error)
         } else {
@@ -138,7 +138,7 @@ impl SignedClient {
         path_and_query: &str,
         headers: &[(&'static str, &str)],
         body: &[u8],
-    ) -> Result<(u16, Vec<u8>), StoreError> {
+    ) -> Result<(u16, Option<String>, Vec<u8>), StoreError> {
         let credentials =
             self.credentials.provide_credentials().await.map_err(|e| StoreError::permanent(op, e))?;
         let identity = Identity::from(credentials);
@@ -181,19 +181,21 @@ impl SignedClient {
         let request = HttpRequest::try_from(request).map_err(|e| StoreError::permanent(op, e))?;
         let response = self.connector.call(request).await.map_err(|e| StoreError::transient(op, e))?;
         let status = response.status().as_u16();
+        let error_type = response.headers().get("x-amzn-errortype").map(str::to_owned);
         let body = ByteStream::new(response.into_body())
             .collect()
             .await
             .map_err(|e| StoreError::transient(op, e))?
             .into_bytes()
             .to_vec();
-        Ok((status, body))
+        Ok((status, error_type, body))
     }
 }
 
-/// The error in an AWS answer: the `x-amzn-ErrorType`-style code in the body's `__type`
-/// or `code`, and its message.
-pub(crate) fn api_error(status: u16, body: &[u8]) -> ApiError {
+/// The error in an AWS answer: its code from the `x-amzn-ErrorType` header (`error_type`),
+/// which the REST-JSON services (AWS IoT among them) send and which wins, else from the body's
+/// `__type` or `code`; and its message.
+pub(crate) fn api_error(status: u16, error_type: Option<&str>, body: &[u8]) -> ApiError {
     #[derive(Deserialize, Default)]
     struct Body {
         #[serde(rename = "__type", alias = "code", alias = "Code")]
@@ -204,9 +206,10 @@ pub(crate) fn api_error(status: u16, body: &[u8]) -> ApiError {
     let parsed: Body = serde_json::from_slice(body).unwrap_or_default();
     // `ThrottlingException`, `com.amazon.coral#ThrottlingException` or
     // `ThrottlingException:http://internal.amazon.com/...`: the name alone.
-    let code = parsed
-        .code
-        .map(|c| c.split(':').next().unwrap_or_default().rsplit('#').next().unwrap_or_default().to_owned());
+    let code =
+        error_type.filter(|t| !t.is_empty()).map(str::to_owned).or(parsed.code).map(|c| {
+            c.split(':').next().unwrap_or_default().rsplit('#').next().unwrap_or_default().to_owned()
+        });
     ApiError {
         status,
         code: code.unwrap_or_else(|| {
