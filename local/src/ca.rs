@@ -13,7 +13,8 @@ use fleet_shared::adapters::embedded::{LocalCredentials, SqliteStore};
 use fleet_shared::model::{CertStatus, CertificateId};
 use fleet_shared::StoreError;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 /// Where the CA's certificate and key are kept (`local_credentials`).
@@ -29,6 +30,21 @@ pub const ISSUED_COMMON_NAME: &str = "Fleetline local IoT Certificate";
 /// The CA's and the claim certificate's validity.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 
+/// A device certificate's parameters: client authentication, valid from `now_ms` (whole
+/// seconds) for `validity`.
+fn leaf_params(common_name: &str, now_ms: i64, validity: Duration) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.not_before = at(now_ms)?;
+    params.not_after = validity_end(now_ms, validity)?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("local CA: {0}")]
@@ -37,6 +53,9 @@ pub enum CaError {
     Store(#[from] StoreError),
     #[error("local CA: {0} is out of range")]
     Time(i64),
+    /// The certificate signing request is not one, or its signature does not verify.
+    #[error("the certificate signing request: {0}")]
+    Request(rcgen::Error),
 }
 
 /// A certificate the CA issued, with its new private key.
@@ -105,21 +124,29 @@ impl LocalCa {
     /// `validity`, signed by this CA.
     pub fn issue(&self, common_name: &str, now_ms: i64, validity: Duration) -> Result<Issued, CaError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.not_before = at(now_ms)?;
-        params.not_after = validity_end(now_ms, validity)?;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = leaf_params(common_name, now_ms, validity)?.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             id: CertificateId::of_der(cert.der()),
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// A certificate for the public key of `csr_pem` (a PKCS#10 request in PEM, its signature
+    /// checked: whoever asks holds the key), valid from `now_ms` for `validity`, signed by this
+    /// CA. As AWS IoT's CreateCertificateFromCsr, only the key is taken from the request: the
+    /// subject and extensions are the CA's (those of [`LocalCa::issue`]). Returns the
+    /// certificate's id and PEM.
+    pub fn issue_for_csr(
+        &self,
+        csr_pem: &str,
+        now_ms: i64,
+        validity: Duration,
+    ) -> Result<(CertificateId, String), CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Request)?;
+        let cert =
+            leaf_params(ISSUED_COMMON_NAME, now_ms, validity)?.signed_by(&csr.public_key, &self.issuer)?;
+        Ok((CertificateId::of_der(cert.der()), cert.pem()))
     }
 
     /// The fleet's claim certificate: issued on the first start, kept, and registered ACTIVE in

@@ -31,8 +31,14 @@
 //! unused takes its certificate with it, if that is still `PENDING_ACTIVATION` and attached to
 //! nothing, as on AWS. Tokens live in memory: a restart invalidates them.
 //!
-//! Not emulated: the CBOR payload format and `CreateCertificateFromCsr` (no answer is sent;
-//! use `json` and CreateKeysAndCertificate); template constructs other than parameters with
+//! - `$aws/certificates/create-from-csr/json` (CreateCertificateFromCsr;
+//!   `{certificateSigningRequest}`, a PKCS#10 request in PEM whose signature must verify): the
+//!   local CA signs a certificate for the request's public key (the device keeps its private
+//!   key; subject and extensions are the CA's, as AWS's), registered `PENDING_ACTIVATION`, and
+//!   answers `{certificateId, certificatePem, certificateOwnershipToken}`; RegisterThing takes
+//!   that token as it takes CreateKeysAndCertificate's.
+//!
+//! Not emulated: the CBOR payload format (use `json`); template constructs other than parameters with
 //! defaults, `Ref`, a thing's `ThingName` and `AttributePayload`, a certificate's `Status` and a
 //! `DeviceConfiguration` (anything else fails at start-up, naming it); the template's policy
 //! (locally every provisioned device is held to the template's device policy); and answers
@@ -55,7 +61,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
-use crate::ca::{LocalCa, ISSUED_COMMON_NAME};
+use crate::ca::{CaError, LocalCa, ISSUED_COMMON_NAME};
 use crate::functions::Functions;
 use crate::template::ProvisioningTemplate;
 
@@ -72,6 +78,10 @@ pub const VALIDITY_VARIABLE: &str = "FLEET_LOCAL_CERT_VALIDITY_DAYS";
 
 /// The CreateKeysAndCertificate request topic (JSON).
 pub const CREATE_TOPIC: &str = "$aws/certificates/create/json";
+/// The CreateCertificateFromCsr request topic (JSON).
+pub const CREATE_FROM_CSR_TOPIC: &str = "$aws/certificates/create-from-csr/json";
+/// Longest certificate signing request taken (AWS's request limit for the field).
+pub const MAX_CSR_BYTES: usize = 4096;
 
 /// The RegisterThing request topic of `template` (JSON).
 pub fn provision_topic(template: &str) -> String {
@@ -104,6 +114,7 @@ impl ProvisioningOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     CreateKeysAndCertificate,
+    CreateCertificateFromCsr,
     RegisterThing { template: String },
 }
 
@@ -113,6 +124,7 @@ impl Request {
         let parts: Vec<&str> = topic.split('/').collect();
         match parts.as_slice() {
             ["$aws", "certificates", "create", "json"] => Some(Request::CreateKeysAndCertificate),
+            ["$aws", "certificates", "create-from-csr", "json"] => Some(Request::CreateCertificateFromCsr),
             ["$aws", "provisioning-templates", t, "provision", "json"] if !t.is_empty() => {
                 Some(Request::RegisterThing { template: (*t).to_owned() })
             }
@@ -123,6 +135,7 @@ impl Request {
     fn topic(&self) -> String {
         match self {
             Request::CreateKeysAndCertificate => CREATE_TOPIC.to_owned(),
+            Request::CreateCertificateFromCsr => CREATE_FROM_CSR_TOPIC.to_owned(),
             Request::RegisterThing { template } => provision_topic(template),
         }
     }
@@ -394,6 +407,7 @@ impl Provisioning {
         let base = request.topic();
         let outcome = match request {
             Request::CreateKeysAndCertificate => self.create(client_id, payload, now_ms).await,
+            Request::CreateCertificateFromCsr => self.create_from_csr(client_id, payload, now_ms).await,
             Request::RegisterThing { template } => {
                 self.register(template, client_id, claim, payload, now_ms).await
             }
@@ -434,8 +448,58 @@ impl Provisioning {
                 Err(e) => return Err(Rejection::invalid_payload(format!("Payload is not valid JSON: {e}"))),
             }
         }
-        // A claim client looping on CreateKeysAndCertificate would grow the registry and the
-        // tokens for an hour each: a few unused certificates per client at a time.
+        self.within_pending_limit(client_id, now_ms)?;
+        let issued = self
+            .ca
+            .issue(ISSUED_COMMON_NAME, now_ms, self.options.certificate_validity)
+            .map_err(|e| Rejection::internal(e.to_string()))?;
+        let token = self.register_pending(client_id, &issued.id, &issued.cert_pem, now_ms).await?;
+        Ok(json!({
+            "certificateId": issued.id,
+            "certificatePem": issued.cert_pem,
+            "privateKey": issued.key_pem,
+            "certificateOwnershipToken": token,
+        }))
+    }
+
+    async fn create_from_csr(
+        &self,
+        client_id: &str,
+        payload: &[u8],
+        now_ms: i64,
+    ) -> Result<Value, Rejection> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        struct Body {
+            certificate_signing_request: String,
+        }
+        let body: Body = serde_json::from_slice(payload).map_err(|e| {
+            Rejection::invalid_payload(format!(
+                "Payload is not {{\"certificateSigningRequest\": \"<PEM>\"}}: {e}"
+            ))
+        })?;
+        let csr = body.certificate_signing_request;
+        if csr.len() > MAX_CSR_BYTES {
+            return Err(Rejection::invalid_payload(format!(
+                "certificateSigningRequest is {} bytes, over {MAX_CSR_BYTES}",
+                csr.len()
+            )));
+        }
+        self.within_pending_limit(client_id, now_ms)?;
+        let (id, pem) =
+            self.ca.issue_for_csr(&csr, now_ms, self.options.certificate_validity).map_err(|e| match e {
+                CaError::Request(why) => {
+                    Rejection::invalid_payload(format!("certificateSigningRequest: {why}"))
+                }
+                other => Rejection::internal(other.to_string()),
+            })?;
+        let token = self.register_pending(client_id, &id, &pem, now_ms).await?;
+        Ok(json!({"certificateId": id, "certificatePem": pem, "certificateOwnershipToken": token}))
+    }
+
+    /// A client looping on certificate creation would grow the registry and the tokens for an
+    /// hour each: a few unused certificates per client at a time.
+    fn within_pending_limit(&self, client_id: &str, now_ms: i64) -> Result<(), Rejection> {
         let outstanding = {
             let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
             tokens.values().filter(|p| p.client_id == client_id && p.expires_ms > now_ms).count()
@@ -449,31 +513,33 @@ impl Provisioning {
                 ),
             ));
         }
-        let issued = self
-            .ca
-            .issue(ISSUED_COMMON_NAME, now_ms, self.options.certificate_validity)
-            .map_err(|e| Rejection::internal(e.to_string()))?;
-        // Registered before it is answered: a device never holds a certificate IoT Core lacks.
+        Ok(())
+    }
+
+    /// Register a new certificate `PENDING_ACTIVATION` (before it is answered: a device never
+    /// holds a certificate IoT Core lacks) and give its ownership token.
+    async fn register_pending(
+        &self,
+        client_id: &str,
+        id: &CertificateId,
+        pem: &str,
+        now_ms: i64,
+    ) -> Result<String, Rejection> {
         self.store
-            .register_local_certificate(&issued.cert_pem, CertStatus::PendingActivation, now_ms)
+            .register_local_certificate(pem, CertStatus::PendingActivation, now_ms)
             .await
             .map_err(|e| Rejection::internal(format!("certificate not registered: {e}")))?;
         let token = new_token()?;
         let lifetime = i64::try_from(self.options.token_lifetime.as_millis()).unwrap_or(i64::MAX);
         let pending = Pending {
-            certificate: issued.id.clone(),
-            pem: issued.cert_pem.clone(),
+            certificate: id.clone(),
+            pem: pem.to_owned(),
             client_id: client_id.to_owned(),
             expires_ms: now_ms.saturating_add(lifetime),
         };
         self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(token.clone(), pending);
-        info!(client_id, certificate = %issued.id, "certificate created (PENDING_ACTIVATION)");
-        Ok(json!({
-            "certificateId": issued.id,
-            "certificatePem": issued.cert_pem,
-            "privateKey": issued.key_pem,
-            "certificateOwnershipToken": token,
-        }))
+        info!(client_id, certificate = %id, "certificate created (PENDING_ACTIVATION)");
+        Ok(token)
     }
 
     /// Take the token's pending certificate out (so one token provisions once); it is put back

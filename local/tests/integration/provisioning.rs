@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use fleet_local::provisioning::{Provisioning, Request, CREATE_TOPIC, TOKEN_LIFETIME};
+use base64::Engine as _;
+use fleet_local::provisioning::{Provisioning, Request, CREATE_FROM_CSR_TOPIC, CREATE_TOPIC, TOKEN_LIFETIME};
 use fleet_local::LocalStack;
 use fleet_shared::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
 use fleet_shared::ports::{Allowlist, DeviceAdmin};
@@ -167,6 +168,87 @@ async fn a_claim_holder_provisions_its_own_certificate_and_thing_then_publishes_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(other.is_err(), "a certificate attached to sensor-p01 connected as sensor-p02: {other:?}");
+    stack.shutdown().await
+}
+
+/// A certificate signing request (PEM) for `key`, as a device makes one.
+fn csr_of(key: &rcgen::KeyPair) -> Result<String> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, "sensor-c01");
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_keeps_its_own_key_gets_a_certificate_for_its_csr_and_provisions_with_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let service = provisioning(&stack)?;
+    allow(&stack, "sensor-c01").await?;
+    // GIVEN a claim holder that made its own key pair, subscribed to the CSR answers too
+    let (claim, mut events) = claim_holder(&stack, "sensor-c01").await?;
+    claim.subscribe(format!("{CREATE_FROM_CSR_TOPIC}/+"), QoS::AtLeastOnce).await?;
+    until(&mut events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
+    let key = rcgen::KeyPair::generate()?;
+    // WHEN it sends a certificate signing request for that key
+    let body = json!({"certificateSigningRequest": csr_of(&key)?}).to_string();
+    let (answer, created) = ask(&claim, &mut events, CREATE_FROM_CSR_TOPIC, body).await?;
+    // THEN it gets a certificate for its own public key, chained to the local CA, pending
+    // activation, and no private key travels
+    ensure!(answer == "accepted", "{answer}: {created}");
+    ensure!(created.get("privateKey").is_none(), "{created}");
+    let cert_pem = created["certificatePem"].as_str().context("certificatePem")?;
+    let id = CertificateId::parse(created["certificateId"].as_str().context("certificateId")?)?;
+    chains_to(cert_pem, service.ca_pem())?;
+    let (_, der) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())?;
+    let cert = der.parse_x509()?;
+    assert_eq!(cert.public_key().subject_public_key.data.as_ref(), key.public_key_raw(), "the CSR's key");
+    let cn = cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or_default();
+    assert_eq!(cn, fleet_local::ca::ISSUED_COMMON_NAME, "the subject is the CA's, not the request's");
+    assert_eq!(fleet_shared::certs::parse_pem(cert_pem)?.id, id);
+    assert_eq!(stack.store.local_certificate_status(&id).await?, Some(CertStatus::PendingActivation));
+    // WHEN it registers its thing with that token, THEN the certificate is ACTIVE and attached
+    let token = &created["certificateOwnershipToken"];
+    let (answer, registered) =
+        ask(&claim, &mut events, &register_topic(), register_body(token, "sensor-c01")).await?;
+    ensure!(answer == "accepted", "{answer}: {registered}");
+    let thing = ThingName::parse("sensor-c01")?;
+    assert_eq!(stack.store.local_certificate_status(&id).await?, Some(CertStatus::Active));
+    assert!(stack.store.local_certificate_attached(&thing, &id).await?);
+    claim.disconnect().await?;
+    // AND the device connects with it and publishes as its thing
+    let (device, mut device_events) = client(&stack, "sensor-c01", Some(&format!("cert/{id}")));
+    device.publish("dt/fleet/sensor-c01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut device_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+
+    // AND requests that are not a verifiable CSR are rejected, naming why, and register nothing
+    let pem = csr_of(&key)?;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut der = base64::engine::general_purpose::STANDARD.decode(b64)?;
+    let last = der.len() - 1;
+    der[last] ^= 1; // a bit of the signature
+    let forged = format!(
+        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&der)
+    );
+    let now = fleet_shared::time::now_ms();
+    for (body, why) in [
+        (json!({"certificateSigningRequest": forged}).to_string(), "signature"),
+        (json!({"certificateSigningRequest": "not a request"}).to_string(), "certificateSigningRequest"),
+        (json!({"certificateSigningRequest": "x".repeat(5000)}).to_string(), "over 4096"),
+        ("{}".to_owned(), "certificateSigningRequest"),
+        (json!({"certificateSigningRequest": pem, "extra": 1}).to_string(), "extra"),
+        ("{not json".to_owned(), "certificateSigningRequest"),
+    ] {
+        let answer = direct(&service, &Request::CreateCertificateFromCsr, "sensor-c02", &body, now).await?;
+        assert_eq!(code(&answer), ("rejected", Some(400), Some("InvalidPayload")), "{body}");
+        let message = answer.1["errorMessage"].as_str().unwrap_or_default().to_lowercase();
+        assert!(message.contains(&why.to_lowercase()), "{body}: {message}");
+    }
+    // (six rejections, over the five pending certificates a client may hold: none was made)
+    let body = json!({"certificateSigningRequest": pem}).to_string();
+    let valid = direct(&service, &Request::CreateCertificateFromCsr, "sensor-c02", &body, now).await?;
+    assert_eq!(valid.0, "accepted", "{}", valid.1);
+    drop(service);
     stack.shutdown().await
 }
 

@@ -542,6 +542,7 @@ fn fleet_provisioning_gives_each_device_a_thing_an_active_certificate_and_the_de
     // A claim certificate may use the provisioning topics of this template only.
     let claim = format!("{:?}", r.resources["ClaimPolicy"]["Properties"]["PolicyDocument"]);
     assert!(claim.contains("$aws/certificates/create/*"), "{claim}");
+    assert!(claim.contains("$aws/certificates/create-from-csr/*"), "{claim}");
     assert!(claim.contains("$aws/provisioning-templates/fleetline-${Stage}-devices/provision/*"), "{claim}");
     assert!(!claim.contains("dt/fleet"), "a claim certificate cannot publish telemetry: {claim}");
 }
