@@ -13,8 +13,8 @@ use fleet_shared::adapters::embedded::{LocalCredentials, SqliteStore};
 use fleet_shared::model::{CertStatus, CertificateId};
 use fleet_shared::StoreError;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PublicKeyData, SerialNumber, SignatureAlgorithm,
 };
 
 /// Where the CA's certificate and key are kept (`local_credentials`).
@@ -30,10 +30,72 @@ pub const ISSUED_COMMON_NAME: &str = "Fleetline local IoT Certificate";
 /// The CA's and the claim certificate's validity.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 
+/// The public key a certificate signing request asks a certificate for, as rcgen signs one.
+struct RequestedKey {
+    /// The subjectPublicKey bits (an EC point, or an RSAPublicKey).
+    raw: Vec<u8>,
+    /// Names the key's type (and curve) in the certificate.
+    alg: &'static SignatureAlgorithm,
+}
+
+impl PublicKeyData for RequestedKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.alg
+    }
+}
+
+/// prime256v1 and secp384r1, the curves AWS IoT takes.
+const P256: &str = "1.2.840.10045.3.1.7";
+const P384: &str = "1.3.132.0.34";
+
+/// Read a PKCS#10 request (PEM), check its signature, and take its key: EC on P-256 or P-384,
+/// or RSA of at least 2048 bits, as AWS IoT accepts. The key's type comes from the key itself,
+/// never from the request's signature algorithm; the request's subject and extensions are
+/// ignored, as AWS ignores them.
+fn requested_key(csr_pem: &str) -> Result<RequestedKey, String> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::prelude::FromDer;
+    use x509_parser::public_key::PublicKey;
+
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| format!("not PEM: {e}"))?;
+    if pem.label != "CERTIFICATE REQUEST" {
+        return Err(format!("a PEM {:?} block, not a CERTIFICATE REQUEST", pem.label));
+    }
+    let (_, csr) = X509CertificationRequest::from_der(&pem.contents)
+        .map_err(|e| format!("not a PKCS#10 request: {e}"))?;
+    csr.verify_signature().map_err(|e| format!("its signature does not verify: {e}"))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let alg = match spki.parsed().map_err(|e| format!("its public key: {e}"))? {
+        PublicKey::EC(_) => {
+            let curve =
+                spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
+            match curve.as_deref() {
+                Some(P256) => &rcgen::PKCS_ECDSA_P256_SHA256,
+                Some(P384) => &rcgen::PKCS_ECDSA_P384_SHA384,
+                other => return Err(format!("an EC key on curve {other:?}: P-256 or P-384 only")),
+            }
+        }
+        PublicKey::RSA(rsa) if rsa.key_size() >= 2048 => &rcgen::PKCS_RSA_SHA256,
+        PublicKey::RSA(rsa) => return Err(format!("an RSA key of {} bits: 2048 at least", rsa.key_size())),
+        _ => return Err("its key is neither EC (P-256, P-384) nor RSA".into()),
+    };
+    Ok(RequestedKey { raw: spki.subject_public_key.data.to_vec(), alg })
+}
+
 /// A device certificate's parameters: client authentication, valid from `now_ms` (whole
-/// seconds) for `validity`.
+/// seconds) for `validity`, with a random 127-bit serial number (unique per issuer, as RFC 5280
+/// asks, even for two certificates of one key).
 fn leaf_params(common_name: &str, now_ms: i64, validity: Duration) -> Result<CertificateParams, CaError> {
+    let mut serial = [0u8; 16];
+    getrandom::fill(&mut serial).map_err(|e| CaError::Randomness(e.to_string()))?;
+    serial[0] &= 0x7f; // a positive INTEGER
     let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
@@ -53,9 +115,12 @@ pub enum CaError {
     Store(#[from] StoreError),
     #[error("local CA: {0} is out of range")]
     Time(i64),
-    /// The certificate signing request is not one, or its signature does not verify.
+    /// The certificate signing request is not one, its signature does not verify, or its key
+    /// is not one AWS IoT takes.
     #[error("the certificate signing request: {0}")]
-    Request(rcgen::Error),
+    Request(String),
+    #[error("local CA: no randomness for a serial number: {0}")]
+    Randomness(String),
 }
 
 /// A certificate the CA issued, with its new private key.
@@ -143,9 +208,8 @@ impl LocalCa {
         now_ms: i64,
         validity: Duration,
     ) -> Result<(CertificateId, String), CaError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Request)?;
-        let cert =
-            leaf_params(ISSUED_COMMON_NAME, now_ms, validity)?.signed_by(&csr.public_key, &self.issuer)?;
+        let key = requested_key(csr_pem).map_err(CaError::Request)?;
+        let cert = leaf_params(ISSUED_COMMON_NAME, now_ms, validity)?.signed_by(&key, &self.issuer)?;
         Ok((CertificateId::of_der(cert.der()), cert.pem()))
     }
 

@@ -667,13 +667,18 @@ mod tests {
     fn parses_request_topics_only() {
         assert_eq!(Request::parse("$aws/certificates/create/json"), Some(Request::CreateKeysAndCertificate));
         assert_eq!(
+            Request::parse("$aws/certificates/create-from-csr/json"),
+            Some(Request::CreateCertificateFromCsr)
+        );
+        assert_eq!(
             Request::parse("$aws/provisioning-templates/fleetline-dev-devices/provision/json"),
             Some(Request::RegisterThing { template: "fleetline-dev-devices".into() })
         );
         for t in [
             "$aws/certificates/create/json/accepted",
             "$aws/certificates/create/cbor",
-            "$aws/certificates/create-from-csr/json",
+            "$aws/certificates/create-from-csr/json/accepted",
+            "$aws/certificates/create-from-csr/cbor",
             "$aws/provisioning-templates//provision/json",
             "$aws/provisioning-templates/t/provision/json/rejected",
             "dt/fleet/d1/telemetry",
@@ -681,6 +686,8 @@ mod tests {
             assert_eq!(Request::parse(t), None, "{t}");
         }
         assert!(is_answer_topic("$aws/certificates/create/json/accepted"));
+        assert!(is_answer_topic("$aws/certificates/create-from-csr/json/rejected"));
+        assert!(!is_answer_topic("$aws/certificates/create-from-csr/json"));
         assert!(is_answer_topic("$aws/provisioning-templates/t/provision/cbor/rejected"));
         assert!(!is_answer_topic("$aws/certificates/create/json"));
         assert!(!is_answer_topic("$aws/things/t/shadow/update/accepted"));

@@ -678,7 +678,8 @@ pub trait JobsControl: Send + Sync {
     /// Cancel a job: its queued executions become CANCELED; with `force`, those in progress too.
     /// Cancelling a job that is no longer in progress changes nothing.
     fn cancel_job(&self, job: &JobId, force: bool) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// The job's status and its executions' counts; `None` for an unknown job.
+    /// The job's status, its executions' counts and the description it was created with;
+    /// `None` for an unknown job.
     fn job_progress(
         &self,
         job: &JobId,

@@ -37,13 +37,18 @@ pub fn spawn_local(db: &Path, log: &Path) -> Result<(Child, SocketAddr, SocketAd
         {
             return Ok((child, mqtt, http));
         }
-        if let Some(status) = child.try_wait()? {
-            bail!("fleetctl local exited ({status}): {text}");
-        }
-        if Instant::now() > deadline {
+        let failed = match child.try_wait() {
+            Ok(Some(status)) => Some(format!("fleetctl local exited ({status}): {text}")),
+            Err(e) => Some(format!("fleetctl local: {e}: {text}")),
+            Ok(None) if Instant::now() > deadline => {
+                Some(format!("fleetctl local printed no addresses in 30 s: {text}"))
+            }
+            Ok(None) => None,
+        };
+        if let Some(why) = failed {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("fleetctl local printed no addresses in 30 s: {text}");
+            bail!(why);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

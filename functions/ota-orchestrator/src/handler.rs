@@ -10,7 +10,8 @@
 //!
 //! One campaign's failure does not hold up another's (a store that fails for one is retried by
 //! the next tick, after the others ran). A campaign whose tick fails for good (a
-//! manifest no trusted key signed any more, a job that vanished, an unknown SLO) is paused with
+//! manifest no trusted key signed any more, a job that vanished, a job of its ids that another
+//! stack or an earlier campaign made, an unknown SLO) is paused with
 //! the reason, for an operator; a transient failure (throttling) leaves it as it was and fails
 //! the invocation after the others ran, so the next tick tries again. Campaigns are written
 //! only over the version read: an operator's pause in between wins, and this tick's write is

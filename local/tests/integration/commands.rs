@@ -19,7 +19,6 @@ use serde_json::json;
 
 use crate::support::{eventually, start};
 
-/// Poll `check` every 50 ms for up to 10 s.
 /// Devices connected, by fleet health's gauge.
 async fn connected(stack: &LocalStack) -> Result<i64> {
     use fleet_shared::health::tally::{counter, Bucket};

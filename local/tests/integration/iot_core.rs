@@ -13,7 +13,6 @@ use serde_json::Value;
 
 use crate::support::{client, start, until};
 
-/// Poll until `want` matches an event; everything else is skipped.
 /// Poll the stack's counters until `done` holds (10 s at most); the snapshot that held.
 async fn settled(stack: &LocalStack, done: impl Fn(&Snapshot) -> bool) -> Result<Snapshot> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

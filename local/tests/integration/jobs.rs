@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 
 use crate::support::{client, start, until};
 
-/// Poll until `want` matches an event (10 s at most); everything else is skipped.
 /// The next message on `topic`, as JSON.
 async fn message(events: &mut EventLoop, topic: &str) -> Result<Value> {
     until(events, |e| match e {

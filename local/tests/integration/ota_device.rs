@@ -21,7 +21,6 @@ use serde_json::json;
 
 use crate::support::{eventually, start};
 
-/// Poll `check` every 50 ms for up to 10 s.
 /// A job for `thing` installing `class`/`fw`, its manifest over `image` signed by `key`.
 fn job(
     id: &str,

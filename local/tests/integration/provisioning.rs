@@ -35,7 +35,6 @@ async fn allow(stack: &LocalStack, serial: &str) -> Result<()> {
     Ok(())
 }
 
-/// Poll until `want` matches an event; everything else is skipped.
 /// A claim holder, subscribed to the provisioning answers.
 async fn claim_holder(stack: &LocalStack, id: &str) -> Result<(AsyncClient, EventLoop)> {
     let claim = &provisioning(stack)?.claim;
@@ -244,10 +243,30 @@ async fn a_device_keeps_its_own_key_gets_a_certificate_for_its_csr_and_provision
         let message = answer.1["errorMessage"].as_str().unwrap_or_default().to_lowercase();
         assert!(message.contains(&why.to_lowercase()), "{body}: {message}");
     }
-    // (six rejections, over the five pending certificates a client may hold: none was made)
-    let body = json!({"certificateSigningRequest": pem}).to_string();
-    let valid = direct(&service, &Request::CreateCertificateFromCsr, "sensor-c02", &body, now).await?;
-    assert_eq!(valid.0, "accepted", "{}", valid.1);
+    // AND a key AWS IoT does not take (Ed25519) is refused for its key
+    let ed25519 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    let body = json!({"certificateSigningRequest": csr_of(&ed25519)?}).to_string();
+    let answer = direct(&service, &Request::CreateCertificateFromCsr, "sensor-c02", &body, now).await?;
+    assert_eq!(code(&answer), ("rejected", Some(400), Some("InvalidPayload")), "{}", answer.1);
+    assert!(answer.1["errorMessage"].as_str().is_some_and(|m| m.contains("neither EC")), "{}", answer.1);
+    // AND none of those seven made a pending certificate: the client may still hold five, each
+    // from one P-384 key's CSR, each certifying that key on its curve with its own serial
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)?;
+    let body = json!({"certificateSigningRequest": csr_of(&p384)?}).to_string();
+    let mut serials = std::collections::BTreeSet::new();
+    for _ in 0..fleet_local::provisioning::MAX_PENDING_PER_CLIENT {
+        let (answer, created) =
+            direct(&service, &Request::CreateCertificateFromCsr, "sensor-c02", &body, now).await?;
+        assert_eq!(answer, "accepted", "{created}");
+        let pem = created["certificatePem"].as_str().context("certificatePem")?;
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes())?;
+        let cert = der.parse_x509()?;
+        assert_eq!(cert.public_key().subject_public_key.data.as_ref(), p384.public_key_raw());
+        let curve = cert.public_key().algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        assert_eq!(curve.map(|o| o.to_id_string()).as_deref(), Some("1.3.132.0.34"), "secp384r1");
+        serials.insert(cert.raw_serial().to_vec());
+    }
+    assert_eq!(serials.len(), fleet_local::provisioning::MAX_PENDING_PER_CLIENT, "serials repeat");
     drop(service);
     stack.shutdown().await
 }

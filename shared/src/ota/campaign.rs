@@ -330,8 +330,12 @@ impl Campaign {
         Ok(c)
     }
 
-    /// What this campaign's jobs' descriptions end with: ` [campaign <owner>]`.
+    /// What this campaign's jobs' descriptions end with: ` [campaign <owner>]` (nothing for a
+    /// campaign stored before stamps existed).
     pub fn job_stamp(&self) -> String {
+        if self.owner.is_empty() {
+            return String::new();
+        }
         format!(" [campaign {}]", self.owner)
     }
 

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | CreateJob | `PUT /jobs/<id>`: `targets` (ARNs), `document` (the JSON document as a string), `description`, `targetSelection: SNAPSHOT`, `jobExecutionsRolloutConfig.maximumPerMinute`, `timeoutConfig.inProgressTimeoutInMinutes` |
 //! | CancelJob | `PUT /jobs/<id>/cancel?force=` |
-//! | DescribeJob | `GET /jobs/<id>`: `job.status`, `job.jobProcessDetails.numberOf<Status>Things` |
+//! | DescribeJob | `GET /jobs/<id>`: `job.status`, `job.description`, `job.jobProcessDetails.numberOf<Status>Things` |
 //! | ListJobExecutionsForJob | `GET /jobs/<id>/things?maxResults=&nextToken=` (every page) |
 //! | CreateThingGroup | `POST /thing-groups/<name>` (jobs over [`MAX_JOB_TARGETS`] only) |
 //! | AddThingToThingGroup | `PUT /thing-groups/addThingToThingGroup` (the same) |
@@ -199,8 +199,8 @@ fn decode<T: serde::de::DeserializeOwned>(op: &'static str, body: &[u8]) -> Resu
 }
 
 // AWS IoT names its error in the `x-amzn-ErrorType` header and not always in the body (moto's
-// ResourceAlreadyExists body has none), so the status, which each error has its own of in these
-// calls, decides; the body's code is read too where it is given.
+// ResourceAlreadyExists body has none); `SignedClient` reads the header first, the body's code
+// otherwise, and the status, which each error has its own of in these calls, decides too.
 
 /// ResourceAlreadyExistsException (409).
 fn already_exists(e: &StoreError) -> bool {
