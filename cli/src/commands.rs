@@ -71,7 +71,18 @@ fn local_options(cli: &Cli, a: &crate::StackArgs) -> Result<fleet_local::LocalOp
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Local { stack } => return local(local_options(&cli, stack)?).await,
-        Command::Demo { stack, devices, duration, rate, pack, keep_running, seed, provision, ota } => {
+        Command::Demo {
+            stack,
+            devices,
+            duration,
+            rate,
+            pack,
+            keep_running,
+            seed,
+            provision,
+            ota,
+            ota_every,
+        } => {
             let opts = crate::demo::DemoOptions {
                 devices: *devices,
                 duration: *duration,
@@ -82,6 +93,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 quirks: fleet_shared::ingest::sim::Quirks::default(),
                 provision: *provision,
                 ota: ota.clone(),
+                ota_every: *ota_every,
             };
             return crate::demo::run(local_options(&cli, stack)?, opts, cli.json).await;
         }

@@ -18,7 +18,8 @@
 //! and the synthetic image ([`demo_image`]), then install it, rebooting on the new firmware
 //! (their telemetry and shadow then report it, as that firmware's devices do), or refuse it,
 //! and answer the execution. With `--ota FROM:TO` the demo also creates a campaign per class of
-//! the devices on FROM; the ota-orchestrator ticks it on the local IoT Core's schedule.
+//! the devices on FROM, and runs the local ota-orchestrator every `--ota-every` (15 s) while
+//! devices publish, so stage 1 goes out during the demo (0s leaves it to the 5-minute schedule).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -50,6 +51,8 @@ const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 const TELEMETRY_TOPIC_FILTER: &str = "dt/fleet/+/telemetry";
 /// How long the report waits for the pipeline to settle what was acknowledged.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The template's logical id of the function that ticks OTA campaigns.
+const OTA_ORCHESTRATOR: &str = "OtaOrchestratorFunction";
 /// How long a device waits for each provisioning answer.
 const PROVISIONING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,6 +71,8 @@ pub struct DemoOptions {
     pub provision: bool,
     /// `--ota FROM:TO`: create a campaign per class of the devices on FROM.
     pub ota: Option<OtaUpgrade>,
+    /// `--ota-every`: how often the demo ticks the campaigns (zero: never, the schedule does).
+    pub ota_every: Duration,
 }
 
 /// `--ota FROM:TO`: the firmware a campaign takes the demo's devices from, and to.
@@ -156,6 +161,12 @@ pub struct Report {
     /// Campaigns `--ota` created (or found from an earlier demo on the same database).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ota_campaigns: Vec<String>,
+    /// Where each of them stands when the demo ends: its state, and devices targeted of its
+    /// population.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ota_campaign_states: BTreeMap<String, String>,
+    /// Times the demo ran the ota-orchestrator (`--ota-every`).
+    pub ota_ticks: u64,
     /// Devices by the firmware their newest stored telemetry reports.
     pub firmware_reported: BTreeMap<String, u64>,
     pub latency_p50_ms: Option<u32>,
@@ -593,8 +604,8 @@ fn demo_image_url(class: &str, fw: &str) -> String {
 /// `--ota`: a campaign per class of the devices on `from_fw`, taking them to `to_fw`, with
 /// manifests of [`demo_image`] signed by `key`, sized for a demo (stages of 10, 50 and 100 %,
 /// a minute's soak, a 5-minute gate window of at least 20 events, no battery or last-seen
-/// precondition). Not ticked here: the ota-orchestrator does that on its schedule. The ids of
-/// the campaigns, those left from an earlier demo on the same database included.
+/// precondition). Ticked by the demo's loop (`--ota-every`), not here. The ids of the
+/// campaigns, those left from an earlier demo on the same database included.
 async fn create_campaigns(
     stack: &LocalStack,
     key: &ManifestSigner,
@@ -624,9 +635,7 @@ async fn create_campaigns(
         spec.gate.min_events = 20;
         let campaign = Campaign::new(spec, manifest(to_fw)?, manifest(from_fw)?, now)?;
         match stack.store.put_campaign(&campaign).await {
-            Ok(_) => eprintln!(
-                "  campaign {id}: {class} {from_fw} -> {to_fw}, pending until ota-orchestrator ticks it"
-            ),
+            Ok(_) => eprintln!("  campaign {id}: {class} {from_fw} -> {to_fw}, pending until its first tick"),
             Err(e) if e.kind == ErrorKind::Conflict => {
                 eprintln!("  campaign {id} exists already (an earlier demo on this database): left as it is");
             }
@@ -635,6 +644,21 @@ async fn create_campaigns(
         ids.push(id);
     }
     Ok(ids)
+}
+
+/// Where each campaign stands: its state, and devices targeted of its population.
+async fn campaign_states(stack: &LocalStack, ids: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        if let Some(c) = stack.store.campaign(id).await? {
+            let paused = c.paused.as_deref().map(|why| format!(", paused: {why}")).unwrap_or_default();
+            out.insert(
+                id.clone(),
+                format!("{}: {} of {} devices targeted{paused}", c.state.name(), c.targeted, c.population),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Devices the operator sends a signed command to.
@@ -740,8 +764,18 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     let commands_sent = operator_commands(&stack, opts.devices).await;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut sustained: Option<f64> = None;
+    // `--ota-every`: the orchestrator's scheduled event, sooner than its 5 minutes.
+    let ticking = !campaigns.is_empty() && !opts.ota_every.is_zero();
+    let (mut next_ota, mut ota_ticks) = (started + opts.ota_every, 0u64);
     while !tasks.iter().all(|t| t.is_finished()) {
         ticker.tick().await;
+        if ticking && Instant::now() >= next_ota && Instant::now() < stop {
+            next_ota += opts.ota_every;
+            ota_ticks += 1;
+            if let Err(e) = stack.run_schedule(OTA_ORCHESTRATOR).await {
+                eprintln!("\n  ota-orchestrator: {e:#}");
+            }
+        }
         progress(started, &counters, &stack);
         if started.elapsed() >= Duration::from_secs(11) && Instant::now() <= stop {
             let rate = stack.stats.rate(time::now_ms());
@@ -812,7 +846,9 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         ota_rejected: codes(ota.rejected),
         ota_failed: codes(ota.failed),
         ota_updates_refused: ota.updates_refused,
+        ota_campaign_states: campaign_states(&stack, &campaigns).await?,
         ota_campaigns: campaigns,
+        ota_ticks,
         firmware_reported,
         latency_p50_ms: s.latency_p50_ms,
         latency_p99_ms: s.latency_p99_ms,
@@ -904,10 +940,14 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
         if firmware.is_empty() { "-".to_owned() } else { firmware.join(", ") }
     );
     if !r.ota_campaigns.is_empty() {
-        println!(
-            "  OTA campaigns (--ota)      {}: ticked by ota-orchestrator (fleetctl ota show <id>)",
-            r.ota_campaigns.join(", ")
-        );
+        let ticked = match r.ota_ticks {
+            0 => "left to ota-orchestrator's schedule".to_owned(),
+            n => format!("ota-orchestrator run {n} times by the demo"),
+        };
+        println!("  OTA campaigns (--ota)      {ticked} (fleetctl ota show <id>)");
+        for (id, state) in &r.ota_campaign_states {
+            println!("    {id:<26} {state}");
+        }
     }
     println!("  latency (rx -> stored)     p50 {}, p99 {}", ms(r.latency_p50_ms), ms(r.latency_p99_ms));
     if connection_errors > 0 {

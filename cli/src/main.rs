@@ -101,9 +101,14 @@ pub enum Command {
         provision: bool,
         /// FROM:TO (e.g. 1.4.2:1.5.0): also create an OTA campaign, per class of the devices on
         /// FROM, taking them to TO (manifests of the demo's synthetic images signed with the
-        /// local firmware key, <db>.firmware-key); the ota-orchestrator ticks it on its schedule.
+        /// local firmware key, <db>.firmware-key); the demo ticks it (see --ota-every).
         #[arg(long, value_parser = demo::OtaUpgrade::parse)]
         ota: Option<demo::OtaUpgrade>,
+        /// With --ota: how often the demo runs the local ota-orchestrator while devices publish,
+        /// as its 5-minute schedule would, but soon enough to watch a stage go out (0s: leave the
+        /// campaigns to that schedule).
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        ota_every: std::time::Duration,
     },
     /// Re-ingest the raw archive (the source of truth) into the hot store, device state and
     /// quarantine. Idempotent; also the path to a new hot store.

@@ -138,7 +138,9 @@ async fn demo_devices_install_a_job_signed_by_the_local_firmware_key_and_refuse_
     let mut demo = Demo::start(
         dir.path(),
         &db,
-        &["--devices", "4", "--duration", "15s", "--rate", "2", "--ota", "1.4.2:1.5.0"],
+        // (the campaigns left to the orchestrator's schedule: this test's own jobs go to the
+        // devices they would pick)
+        &["--devices", "4", "--duration", "15s", "--rate", "2", "--ota", "1.4.2:1.5.0", "--ota-every", "0s"],
     )?;
     // (its firmware key, made on first start after the database, and its devices' telemetry)
     let key_file = fleet_local::firmware_key_file(&db);
@@ -242,6 +244,7 @@ async fn demo_devices_install_a_job_signed_by_the_local_firmware_key_and_refuse_
     // verify under the local firmware key and install on a device of that class
     let ids = ["demo-env-sensor-1_5_0", "demo-gateway-1_5_0"];
     assert_eq!(report["ota_campaigns"], json!(ids));
+    assert_eq!(report["ota_ticks"], json!(0), "--ota-every 0s never ticks");
     let var = fleet_local::firmware_keys_var(&db)?;
     let (kid, public) = var.split_once('=').context("kid=key")?;
     let trusted = ManifestVerifier::new(vec![(kid.to_owned(), verifying_key_from_text(public)?)]);
@@ -273,6 +276,50 @@ async fn demo_devices_install_a_job_signed_by_the_local_firmware_key_and_refuse_
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&key_file)?.permissions().mode() & 0o777;
         ensure!(mode == 0o600, "mode {mode:o}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_ticks_its_campaigns_so_stage_one_installs_while_devices_publish() -> Result<()> {
+    // GIVEN a demo of 20 devices (even ones on 1.4.2: 4 env-sensors, 3 air-quality, 3
+    // gateways) with --ota 1.4.2:1.5.0 ticked every 2 s
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("fleet.sqlite");
+    let demo = Demo::start(
+        dir.path(),
+        &db,
+        &["--devices", "20", "--duration", "20s", "--rate", "1", "--ota", "1.4.2:1.5.0", "--ota-every", "2s"],
+    )?;
+    // WHEN it ends
+    let report = demo.report(Duration::from_secs(120)).await?;
+    // THEN the orchestrator ran, and each class's stage 1 (10 %: one device) went out and installed
+    ensure!(report["ota_ticks"].as_u64().is_some_and(|n| n >= 5), "{report:#}");
+    let store = SqliteStore::open(&db)?;
+    let ids = ["demo-air-quality-1_5_0", "demo-env-sensor-1_5_0", "demo-gateway-1_5_0"];
+    assert_eq!(report["ota_campaigns"], json!(ids), "{report:#}");
+    let mut installed = Vec::new();
+    for (id, population) in ids.into_iter().zip([3, 4, 3]) {
+        let c = store.campaign(id).await?.with_context(|| format!("campaign {id}"))?;
+        ensure!(
+            matches!(c.state, State::Stage(_)) && c.paused.is_none(),
+            "{id}: {:?} {:?}",
+            c.state,
+            c.paused
+        );
+        assert_eq!((c.targeted, c.population), (1, population), "{id}");
+        let executions = store.job_executions(&c.spec.stage_job(0)).await?;
+        assert_eq!(executions.len(), 1, "{id}: {executions:?}");
+        ensure!(executions[0].1 == ExecutionStatus::Succeeded, "{id}: {executions:?}\n{report:#}");
+        installed.push(executions[0].0.clone());
+        let shown = &report["ota_campaign_states"][id];
+        assert_eq!(shown, &json!(format!("stage: 1 of {population} devices targeted")), "{report:#}");
+    }
+    // AND the report counts the three installs, and those devices now report 1.5.0
+    assert_eq!(report["ota_installed"], json!(3), "{report:#}");
+    for thing in &installed {
+        let fw = store.device(thing).await?.and_then(|d| d.state).and_then(|s| s.fw);
+        ensure!(fw.as_deref() == Some("1.5.0"), "{thing}: {fw:?}");
     }
     Ok(())
 }
