@@ -810,6 +810,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     for fw in devices.iter().filter_map(|d| d.state.as_ref()?.fw.clone()) {
         *firmware_reported.entry(fw).or_default() += 1;
     }
+    let ota_campaign_states = campaign_states(&stack, &campaigns).await?;
     let ota = std::mem::take(&mut *counters.ota.lock().expect("lock"));
     let codes = |m: BTreeMap<&'static str, u64>| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     let report = Report {
@@ -846,7 +847,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         ota_rejected: codes(ota.rejected),
         ota_failed: codes(ota.failed),
         ota_updates_refused: ota.updates_refused,
-        ota_campaign_states: campaign_states(&stack, &campaigns).await?,
+        ota_campaign_states,
         ota_campaigns: campaigns,
         ota_ticks,
         firmware_reported,
