@@ -14,7 +14,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # of no use to a one-off build (2.4 GB of the 7.2 GB a run took before they were turned off).
 export CARGO_INCREMENTAL=0
 
-step "disk (a run takes about 4 GB under target/ and 1 GB in .venv)"
+step "disk (a run takes about 3 GB under target/ and 1 GB in .venv)"
 df -h . | tail -1
 
 step "test tools (.venv from scripts/requirements-test.txt)"
