@@ -278,7 +278,7 @@ async fn store<C: CampaignStore>(campaigns: &C, c: &Campaign) -> Result<(), Stor
 mod tests {
     use fleet_shared::adapters::embedded::{DeviceStatus, ExecutionUpdate, SqliteStore, StartNext};
     use fleet_shared::health::tally::{counter, minute_of, Bucket, Cohort, UNKNOWN};
-    use fleet_shared::model::{DeviceRegistration, JobId, ThingName};
+    use fleet_shared::model::JobId;
     use fleet_shared::ota::campaign::CampaignSpec;
     use fleet_shared::ota::manifest::{ManifestSigner, UnsignedManifest};
     use fleet_shared::ports::HealthLedger;
@@ -299,18 +299,7 @@ mod tests {
     /// 50 sensors on 1.4.2, and the handler's deps over their database, trusting key 7.
     async fn fleet(dir: &tempfile::TempDir) -> anyhow::Result<TestDeps> {
         let db = SqliteStore::open(&dir.path().join("fleet.sqlite"))?;
-        let devices: Vec<_> = (0..50)
-            .map(|i| {
-                let reg = DeviceRegistration {
-                    class: "sensor".into(),
-                    region: "eu-west".into(),
-                    fw: "1.4.2".into(),
-                    registered_at_ms: 0,
-                };
-                (ThingName::parse(&format!("sensor-{i:03}")).expect("thing"), reg)
-            })
-            .collect();
-        db.register(&devices).await?;
+        db.register(&fleet_shared::ota::test_sensors(50, "1.4.2")).await?;
         Ok(Deps {
             campaigns: db.clone(),
             fleet: db.clone(),

@@ -487,7 +487,7 @@ mod tests {
     use crate::adapters::embedded::{DeviceStatus, ExecutionUpdate, SqliteStore, StartNext};
     use crate::health::ledger::HealthReport;
     use crate::health::tally::{counter, Cohort, Tally};
-    use crate::model::{DeviceRegistration, JobStatus};
+    use crate::model::JobStatus;
     use crate::ota::campaign::tests::campaign;
     use crate::ota::campaign::Preconditions;
     use crate::ota::manifest::ManifestSigner;
@@ -508,18 +508,7 @@ mod tests {
         async fn new(n: usize) -> anyhow::Result<Self> {
             let dir = tempfile::tempdir()?;
             let db = SqliteStore::open(&dir.path().join("fleet.sqlite"))?;
-            let devices: Vec<_> = (0..n)
-                .map(|i| {
-                    let reg = DeviceRegistration {
-                        class: "sensor".into(),
-                        region: "eu-west".into(),
-                        fw: "1.4.2".into(),
-                        registered_at_ms: 0,
-                    };
-                    (ThingName::parse(&format!("sensor-{i:03}")).expect("thing"), reg)
-                })
-                .collect();
-            db.register(&devices).await?;
+            db.register(&crate::ota::test_sensors(n, "1.4.2")).await?;
             let key = ManifestSigner::from_bytes("test", &[7; 32])?.verifying_key();
             let verifier = ManifestVerifier::new(vec![("test".into(), key)]);
             Ok(Self { _dir: dir, db, catalog: Catalog::builtin(), verifier })

@@ -16,3 +16,20 @@ pub mod device;
 pub mod engine;
 pub mod gate;
 pub mod manifest;
+
+/// `n` registered sensors (`sensor-000`…, class `sensor`, region `eu-west`) on `fw`: the fleet
+/// the OTA tests roll out over.
+#[cfg(any(test, feature = "test-support"))]
+pub fn test_sensors(n: usize, fw: &str) -> Vec<(crate::model::ThingName, crate::model::DeviceRegistration)> {
+    (0..n)
+        .map(|i| {
+            let reg = crate::model::DeviceRegistration {
+                class: "sensor".into(),
+                region: "eu-west".into(),
+                fw: fw.into(),
+                registered_at_ms: 0,
+            };
+            (crate::model::ThingName::parse(&format!("sensor-{i:03}")).expect("a valid thing name"), reg)
+        })
+        .collect()
+}

@@ -275,50 +275,12 @@ fn not_found(e: &StoreError) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
 
     use aws_credential_types::provider::SharedCredentialsProvider;
     use aws_credential_types::Credentials;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-
-    /// A loopback HTTP server answering each request with the next scripted `(status, body)`,
-    /// keeping what it was sent (request line and headers, lowercased names).
-    struct Scripted {
-        url: String,
-        seen: Arc<Mutex<Vec<String>>>,
-    }
-
-    impl Scripted {
-        async fn start(answers: Vec<(u16, &'static str)>) -> Self {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let url = format!("http://{}", listener.local_addr().expect("addr"));
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let log = Arc::clone(&seen);
-            tokio::spawn(async move {
-                for (status, body) in answers {
-                    let Ok((mut conn, _)) = listener.accept().await else { return };
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    log.lock().unwrap().push(String::from_utf8_lossy(&buf).to_lowercase());
-                    let answer = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = conn.write_all(answer.as_bytes()).await;
-                    let _ = conn.shutdown().await;
-                }
-            });
-            Self { url, seen }
-        }
-    }
+    use crate::adapters::aws::scripted::Scripted;
 
     fn plane(url: &str) -> IotControlPlane {
         let creds = Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
@@ -349,7 +311,7 @@ mod tests {
         let denied = iot.list_certificates(None, 1).await.expect_err("denied");
         assert!(!denied.is_transient() && denied.to_string().contains("AccessDeniedException"), "{denied}");
 
-        let seen = server.seen.lock().unwrap().clone();
+        let seen = server.heads();
         assert_eq!(seen.len(), 4);
         assert!(
             seen[2].starts_with("get /certificates?isascendingorder=true&pagesize=1&marker=m%2f2%2b "),
@@ -385,7 +347,7 @@ mod tests {
         );
         let ids = iot.thing_certificates(&ThingName::parse("sensor-1").unwrap()).await.expect("principals");
         assert_eq!(ids, vec![CertificateId::parse(&id).unwrap()]);
-        let seen = server.seen.lock().unwrap().clone();
+        let seen = server.heads();
         assert!(
             seen[2].starts_with("get /things/sensor-1/principals?maxresults=250&nexttoken=t "),
             "{}",

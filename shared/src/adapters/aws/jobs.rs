@@ -386,84 +386,15 @@ impl JobsControl for IotJobs {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
 
     use aws_credential_types::provider::SharedCredentialsProvider;
     use aws_credential_types::Credentials;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::adapters::aws::scripted::Scripted;
     use crate::model::{InvalidJob, MAX_JOB_DOCUMENT_BYTES, MAX_JOB_TIMEOUT_MINUTES};
 
     const PREFIX: &str = "arn:aws:iot:eu-west-1:123456789012:thing/";
-
-    /// A loopback HTTP server answering each request with the next scripted `(status, body)`,
-    /// keeping each request's line and body. A body `"<ErrorType>|<json>"` is answered with
-    /// that `x-amzn-ErrorType` header, as AWS IoT sends it.
-    struct Scripted {
-        url: String,
-        seen: Arc<Mutex<Vec<(String, String)>>>,
-    }
-
-    impl Scripted {
-        async fn start(answers: Vec<(u16, &'static str)>) -> Self {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let url = format!("http://{}", listener.local_addr().expect("addr"));
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let log = Arc::clone(&seen);
-            tokio::spawn(async move {
-                for (status, body) in answers {
-                    let Ok((mut conn, _)) = listener.accept().await else { return };
-                    let request = read_request(&mut conn).await;
-                    log.lock().unwrap().push(request);
-                    let (header, body) = match body.split_once('|') {
-                        Some((error_type, body)) => (format!("x-amzn-errortype: {error_type}\r\n"), body),
-                        None => (String::new(), body),
-                    };
-                    let answer = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{header}content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = conn.write_all(answer.as_bytes()).await;
-                    let _ = conn.shutdown().await;
-                }
-            });
-            Self { url, seen }
-        }
-
-        fn seen(&self) -> Vec<(String, String)> {
-            self.seen.lock().unwrap().clone()
-        }
-    }
-
-    /// The request line and the body (read to its `content-length`).
-    async fn read_request(conn: &mut tokio::net::TcpStream) -> (String, String) {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => return (String::new(), String::new()),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-        let length = head
-            .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + length {
-            match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let line = head.lines().next().unwrap_or_default().to_owned();
-        (line, String::from_utf8_lossy(&buf[head_end..]).to_string())
-    }
 
     fn jobs(url: &str) -> IotJobs {
         let creds = Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");

@@ -172,6 +172,9 @@ pub(crate) async fn batch_write(
 mod mock_tests;
 
 #[cfg(test)]
+mod scripted;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
