@@ -29,9 +29,18 @@ IoT Jobs' control plane (shared/src/adapters/aws/jobs.rs) gets AWS's behaviour b
   - CancelJob cancels the QUEUED executions, and with force the IN_PROGRESS ones too (moto
     left them as they were); a job no longer in progress is left as it is; an unknown job is
     ResourceNotFound (moto failed with a 500).
+
+Connections are kept alive between requests, as AWS's endpoints keep them: werkzeug's server,
+which moto runs, answers every request with `Connection: close` because http.server cannot
+drain a body the application left unread. Here the body is read whole before moto sees it,
+so the connection can carry the next request; an SDK client then pays one TCP connect per
+connection instead of one per request, as against AWS. A chunked request body keeps
+werkzeug's close.
 Usage: python scripts/moto_server.py -H 127.0.0.1 -p PORT
 """
 
+import io
+import os
 import re
 import sys
 import threading
@@ -47,6 +56,8 @@ from moto.iot.exceptions import (
 )
 from moto.iot.models import FakeJobExecution, IoTBackend
 from moto.iotdata.models import IoTDataPlaneBackend
+import moto.server
+from moto.moto_server.werkzeug_app import MotoRequestHandler
 from moto.server import main
 from moto import settings
 
@@ -357,6 +368,51 @@ def cancel_job(self, job_id, reason_code, comment, force):
 IoTBackend.create_job = create_job
 IoTBackend.describe_job = describe_job
 IoTBackend.cancel_job = cancel_job
+
+# A descriptor that is always readable and always at its end: werkzeug's drain, below.
+DRAINED, _writer = os.pipe()
+os.close(_writer)
+
+
+class KeepAliveHandler(MotoRequestHandler):
+    """moto's request handler with HTTP/1.1 keep-alive. Each request's body is read whole (by
+    its Content-Length) before the application runs, so the socket stands at the next request
+    line whatever moto reads, and the `Connection: close` werkzeug always sends is left out.
+    werkzeug then "drains" the socket after every response, waiting 10 ms for stray bytes and
+    reading to the end of the stream, which on a kept connection would swallow (and wait for)
+    the next request: for that drain the handler shows it an empty stream. A chunked body is
+    left to werkzeug as it is, connection close included."""
+
+    keep_alive = False
+    # werkzeug writes a response's head and body separately: with Nagle's algorithm the body
+    # would wait for the client's delayed ACK of the head, 40 ms a response on a kept connection.
+    disable_nagle_algorithm = True
+
+    def make_environ(self):
+        environ = super().make_environ()
+        if not environ.get("wsgi.input_terminated"):
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            environ["wsgi.input"] = io.BytesIO(self.rfile.read(length) if length > 0 else b"")
+            self.keep_alive = True
+            self.kept = (self.rfile, self.connection)
+            self.rfile, self.connection = io.BytesIO(), DRAINED
+        return environ
+
+    def run_wsgi(self):
+        try:
+            super().run_wsgi()
+        finally:
+            if self.keep_alive:
+                self.rfile, self.connection = self.kept
+                self.keep_alive = False
+
+    def send_header(self, keyword, value):
+        if keyword.lower() == "connection" and value.lower() == "close" and self.keep_alive:
+            return
+        super().send_header(keyword, value)
+
+
+moto.server.MotoRequestHandler = KeepAliveHandler
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

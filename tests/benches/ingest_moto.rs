@@ -10,6 +10,7 @@
 //! same load with every SDK client answered in process (aws-smithy-mocks): what the handler
 //! costs without sockets, i.e. how much of the figure is the requests' network path.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use fleet_tests::load::{ingest_on_mocks, ingest_on_moto, Load, LoadFigures};
@@ -42,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
         // is still built, serialised and signed, but none crosses a socket to a server.
         let mocked = ingest_on_mocks(load).await?;
         anyhow::ensure!(
-            mocked.total_requests() == figures.total_requests(),
+            same_requests(&mocked.requests, &figures.requests),
             "the mocked run made other requests: {:?}, on moto {:?}",
             mocked.requests,
             figures.requests
@@ -50,6 +51,17 @@ async fn main() -> anyhow::Result<()> {
         print_cpu("AWS answered in process (no socket)", &mocked, false);
     }
     Ok(())
+}
+
+/// Whether two runs made the same requests. The health counters' UpdateItem calls are one per
+/// minute and hour bucket a batch's arrivals fall in, so a batch that straddles a minute (or an
+/// hour) makes one (or two) more, whenever the run happens to take it: those may differ by up
+/// to two per batch.
+fn same_requests(a: &BTreeMap<String, usize>, b: &BTreeMap<String, usize>) -> bool {
+    a.keys().eq(b.keys())
+        && a.iter()
+            .zip(b.values())
+            .all(|((op, &x), &y)| x == y || (op == "DynamoDB:UpdateItem" && x.abs_diff(y) <= 2 * BATCHES))
 }
 
 fn check(ok: bool) -> &'static str {
