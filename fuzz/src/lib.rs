@@ -225,7 +225,8 @@ fn admission(serial: &ThingName, certificate: &CertificateId) {
         added_ms: 1,
         enrolment,
     };
-    let admit = |e: Option<&AllowlistEntry>| hook::admit(serial, e, certificate);
+    let claim = "c".repeat(64);
+    let admit = |e: Option<&AllowlistEntry>| hook::admit(serial, e, certificate, &claim).map(|_| ());
     let other = CertificateId::of_der(b"another device's certificate");
     let allowed = entry(Enrolment::Allowed);
     assert_eq!(admit(Some(&allowed)), Ok(()));

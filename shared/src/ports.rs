@@ -334,6 +334,8 @@ pub enum Enrolled {
     Decommissioned,
     /// Provisioned with another certificate.
     Taken(CertificateId),
+    /// Not provisioned (a rotation needs a provisioned serial: it was reset meanwhile).
+    NotProvisioned,
 }
 
 /// The provisioning allowlist: serial numbers that may provision, and where each stands.
@@ -364,6 +366,17 @@ pub trait Allowlist: Send + Sync {
         &self,
         serial: &ThingName,
         certificate: &CertificateId,
+        at_ms: i64,
+    ) -> impl Future<Output = Result<Enrolled, StoreError>> + Send;
+
+    /// Rotate a provisioned serial number's certificate: provisioned with `from`, it becomes
+    /// provisioned with `to` (conditional on `from`, so a race has one winner); already with
+    /// `to` is a retry (`Yes`); with a third certificate, `Taken`.
+    fn rotate(
+        &self,
+        serial: &ThingName,
+        from: &CertificateId,
+        to: &CertificateId,
         at_ms: i64,
     ) -> impl Future<Output = Result<Enrolled, StoreError>> + Send;
 

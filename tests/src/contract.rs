@@ -12,7 +12,7 @@
 //! (`ExistingVersion`), retention rejections and bisection are checked against scripted
 //! service answers in `shared/src/adapters/aws/mock_tests.rs`.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use fleet_shared::ingest::{raw_object, Problem, QuarantineLine, Reason};
 use fleet_shared::model::{
     DeviceRegistration, DeviceState, ExecutionStatus, JobId, JobStatus, MessageId, Metric, NewJob, Reading,
@@ -61,6 +61,8 @@ macro_rules! port_contract {
         $crate::port_contract!(@one [$(#[$attr])*] $ports; stale_desired_policies_are_set_replaced_and_removed_by_key(twins));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; a_serial_enrols_once_and_keeps_its_history(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; devices_racing_for_one_serial_leave_one_winner(certs));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; a_provisioned_serial_rotates_only_from_its_certificate(certs));
+        $crate::port_contract!(@one [$(#[$attr])*] $ports; rotations_racing_from_one_certificate_leave_one_winner(certs));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; device_cert_status_round_trips_and_leaves_the_device_alone(devices));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; presence_is_written_only_over_the_presence_read(presence, health));
         $crate::port_contract!(@one [$(#[$attr])*] $ports; health_counters_add_up_and_the_ledger_answers_windows(health));
@@ -582,6 +584,63 @@ fn cert(n: u8, not_after_ms: i64) -> fleet_shared::model::Certificate {
         status: fleet_shared::model::CertStatus::Active,
         recorded_ms: 1,
     }
+}
+
+/// A provisioned serial rotates from its certificate to a new one, once; from any other
+/// certificate, or when it is not provisioned, it does not.
+pub async fn a_provisioned_serial_rotates_only_from_its_certificate<S: Allowlist>(s: &S) -> Result<()> {
+    use fleet_shared::model::{CertificateId, Enrolment};
+    use fleet_shared::ports::Enrolled;
+    let [a, b, c] = [b"a", b"b", b"c"].map(|d| CertificateId::of_der(d));
+    let serial = |n: &str| ThingName::parse(n);
+    s.allow(&[allow("r-1")?, allow("r-2")?, allow("r-3")?]).await?;
+    ensure!(s.enrol(&serial("r-1")?, &a, 10).await? == Enrolled::Yes, "r-1 enrols with a");
+    // r-1 rotates from a to b; again is a retry; from a to c is too late: b holds it
+    ensure!(s.rotate(&serial("r-1")?, &a, &b, 20).await? == Enrolled::Yes, "a -> b");
+    ensure!(s.rotate(&serial("r-1")?, &a, &b, 21).await? == Enrolled::Yes, "a retry");
+    ensure!(s.rotate(&serial("r-1")?, &a, &c, 22).await? == Enrolled::Taken(b.clone()), "a is superseded");
+    let e = s.entry(&serial("r-1")?).await?.context("r-1")?;
+    ensure!(
+        matches!(e.enrolment, Enrolment::Provisioned { ref certificate, at_ms: 20, .. } if *certificate == b),
+        "r-1 is provisioned with b since 20: {e:?}"
+    );
+    ensure!(e.class == "env-sensor" && e.added_ms == 1, "the rest of the entry is kept: {e:?}");
+    // a serial only allowed, decommissioned or unknown does not rotate
+    ensure!(s.rotate(&serial("r-2")?, &a, &b, 23).await? == Enrolled::NotProvisioned, "r-2 is only allowed");
+    ensure!(
+        s.entry(&serial("r-2")?).await?.is_some_and(|e| e.enrolment == Enrolment::Allowed),
+        "r-2 unchanged"
+    );
+    ensure!(s.enrol(&serial("r-3")?, &c, 24).await? == Enrolled::Yes, "r-3 enrols");
+    ensure!(s.decommission(&serial("r-3")?, 25).await?.is_some(), "r-3 decommissioned");
+    ensure!(
+        s.rotate(&serial("r-3")?, &c, &a, 26).await? == Enrolled::Decommissioned,
+        "r-3 is out of service"
+    );
+    ensure!(s.rotate(&serial("nope")?, &a, &b, 27).await? == Enrolled::Unknown, "not listed");
+    Ok(())
+}
+
+/// Two rotations of one serial from its certificate at once: one wins, the other finds the
+/// serial taken by the winner's certificate.
+pub async fn rotations_racing_from_one_certificate_leave_one_winner<S: Allowlist>(s: &S) -> Result<()> {
+    use fleet_shared::model::{CertificateId, Enrolment};
+    use fleet_shared::ports::Enrolled;
+    let [old, x, y] = [&b"old"[..], &b"x"[..], &b"y"[..]].map(CertificateId::of_der);
+    let serial = ThingName::parse("race-rot")?;
+    s.allow(&[allow("race-rot")?]).await?;
+    ensure!(s.enrol(&serial, &old, 1).await? == Enrolled::Yes, "enrolled");
+    let (rx, ry) = futures_util::join!(s.rotate(&serial, &old, &x, 2), s.rotate(&serial, &old, &y, 2));
+    let (rx, ry) = (rx?, ry?);
+    let e = s.entry(&serial).await?.context("entry")?;
+    let Enrolment::Provisioned { certificate: winner, .. } = e.enrolment else { bail!("{e:?}") };
+    let expected = if winner == x {
+        (Enrolled::Yes, Enrolled::Taken(x.clone()))
+    } else {
+        (Enrolled::Taken(y.clone()), Enrolled::Yes)
+    };
+    ensure!((rx.clone(), ry.clone()) == expected, "winner {winner}: {rx:?} {ry:?}");
+    Ok(())
 }
 
 /// The expiry window `[from, to)` returns exactly the certificates whose notAfter falls in it,

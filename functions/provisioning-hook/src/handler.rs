@@ -7,6 +7,12 @@
 //! the certificate (conditional: one winner), the certificate recorded in the inventory, the
 //! device registered with its class and region, the decision audited.
 //!
+//! A provisioned device rotating its certificate (it claims with the certificate its serial is
+//! provisioned with, `hook::Admission::Rotate`) moves its serial to the new certificate
+//! (conditional on the old one), the new certificate is recorded, the device's registration is
+//! left as it is, and the audit trail says `rotated` and from what. The old certificate stays
+//! active until the device has moved to the new one (cert-expiry-check's business).
+//!
 //! Every refusal is answered `allowProvisioning: false` with its reason logged, counted
 //! (`Refused` by `Reason`) and written to the audit trail; a claim certificate asking for
 //! unknown serials is counted, and reported once it reaches `SUSPICIOUS_UNKNOWN_SERIALS`.
@@ -17,7 +23,7 @@
 use std::sync::Arc;
 
 use fleet_shared::adapters::aws::{CertificatesTable, DevicesTable};
-use fleet_shared::certs::hook::{self, HookResponse, Refusal, SUSPICIOUS_UNKNOWN_SERIALS};
+use fleet_shared::certs::hook::{self, Admission, HookResponse, Refusal, SUSPICIOUS_UNKNOWN_SERIALS};
 use fleet_shared::lambda::{AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
 use fleet_shared::model::{CertStatus, Certificate, DeviceRegistration};
@@ -124,22 +130,28 @@ where
     };
     let retry = |what| move |e: StoreError| Retryable { what, source: Arc::new(e) };
     let entry = deps.allowlist.entry(&serial).await.map_err(retry("allowlist not read"))?;
-    if let Err(refusal) = hook::admit(&serial, entry.as_ref(), &cert.id) {
-        return Ok(refuse(deps, now, &asked, refusal).await);
-    }
+    let admission = match hook::admit(&serial, entry.as_ref(), &cert.id, &request.claim_certificate_id) {
+        Ok(a) => a,
+        Err(refusal) => return Ok(refuse(deps, now, &asked, refusal).await),
+    };
     let Some(entry) = entry else {
         return Ok(refuse(deps, now, &asked, Refusal::UnknownSerial(serial.to_string())).await);
     };
-    // Two devices presenting one serial at once: the conditional enrolment has one winner.
-    let refusal =
-        match deps.allowlist.enrol(&serial, &cert.id, now).await.map_err(retry("serial not enrolled"))? {
-            Enrolled::Yes => None,
-            Enrolled::Unknown => Some(Refusal::UnknownSerial(serial.to_string())),
-            Enrolled::Decommissioned => Some(Refusal::Decommissioned(serial.to_string())),
-            Enrolled::Taken(certificate) => {
-                Some(Refusal::AlreadyProvisioned { serial: serial.to_string(), certificate })
-            }
-        };
+    // Two devices presenting one serial at once: the conditional enrolment has one winner; a
+    // rotation is conditional on the certificate it rotates from.
+    let enrolled = match &admission {
+        Admission::Enrol => deps.allowlist.enrol(&serial, &cert.id, now).await,
+        Admission::Rotate { from } => deps.allowlist.rotate(&serial, from, &cert.id, now).await,
+    };
+    let refusal = match enrolled.map_err(retry("serial not enrolled"))? {
+        Enrolled::Yes => None,
+        Enrolled::Unknown => Some(Refusal::UnknownSerial(serial.to_string())),
+        Enrolled::Decommissioned => Some(Refusal::Decommissioned(serial.to_string())),
+        Enrolled::Taken(certificate) => {
+            Some(Refusal::AlreadyProvisioned { serial: serial.to_string(), certificate })
+        }
+        Enrolled::NotProvisioned => Some(Refusal::NotProvisioned(serial.to_string())),
+    };
     if let Some(refusal) = refusal {
         return Ok(refuse(deps, now, &asked, refusal).await);
     }
@@ -155,6 +167,20 @@ where
         recorded_ms: now,
     };
     deps.inventory.record(&record).await.map_err(retry("certificate not recorded"))?;
+    if let Admission::Rotate { from } = &admission {
+        let event = AuditEvent {
+            at_ms: now,
+            serial: serial.to_string(),
+            claim_certificate: asked.claim.clone(),
+            certificate: Some(cert.id.to_string()),
+            outcome: "rotated".into(),
+            reason: Some(format!("from certificate {from}")),
+        };
+        deps.audit.audit(&event).await.map_err(retry("decision not audited"))?;
+        info!(serial = %serial, certificate = %cert.id, from = %from, "certificate rotation allowed");
+        emit(deps, now, None);
+        return Ok(hook::allow(&entry));
+    }
     let fw = request
         .parameters
         .get("Firmware")

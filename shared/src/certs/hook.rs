@@ -7,6 +7,13 @@
 //! another certificate (the same certificate again is a retry, and allowed); and when the
 //! certificate it presents is a readable X.509 certificate whose id is the SHA-256 of its DER
 //! (as AWS computes ids) and is valid now. Every refusal has a reason code.
+//!
+//! Certificate rotation goes the same way, as AWS documents it: a provisioned device connects
+//! with its current certificate, asks CreateCertificateFromCsr for a new one, and calls
+//! RegisterThing with its current certificate as the claim. The hook sees `claimCertificateId`
+//! equal to the certificate the serial is provisioned with, and admits the request as a
+//! rotation ([`Admission::Rotate`]): only the holder of that certificate's key can present it
+//! (IoT Core authenticated the connection with it), so no other device can take the serial.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -58,6 +65,8 @@ pub enum Refusal {
     Decommissioned(String),
     #[error("serial number {serial} is already provisioned with certificate {certificate}")]
     AlreadyProvisioned { serial: String, certificate: CertificateId },
+    #[error("serial number {0} is no longer provisioned (reset while it rotated): ask again")]
+    NotProvisioned(String),
     #[error("unreadable certificate: {0}")]
     BadCertificate(String),
     #[error("certificate id {given} is not the certificate's ({actual})")]
@@ -75,6 +84,7 @@ impl Refusal {
             Refusal::UnknownSerial(_) => "unknown_serial",
             Refusal::Decommissioned(_) => "decommissioned",
             Refusal::AlreadyProvisioned { .. } => "already_provisioned",
+            Refusal::NotProvisioned(_) => "not_provisioned",
             Refusal::BadCertificate(_) => "bad_certificate",
             Refusal::CertificateMismatch { .. } => "certificate_mismatch",
             Refusal::NotValidNow { .. } => "certificate_not_valid_now",
@@ -108,16 +118,31 @@ pub fn check_certificate(request: &HookRequest, now_ms: i64) -> Result<ParsedCer
     Ok(cert)
 }
 
-/// Whether the allowlist lets `serial` provision with `certificate`.
+/// How the allowlist admits a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// A first provisioning (or its retry: the serial is provisioned with this certificate).
+    Enrol,
+    /// A rotation: the device claims with `from`, the certificate its serial is provisioned
+    /// with, and asks for the new one.
+    Rotate { from: CertificateId },
+}
+
+/// Whether the allowlist lets `serial` provision with `certificate`, the request claiming with
+/// `claim` (the certificate the device connected with).
 pub fn admit(
     serial: &ThingName,
     entry: Option<&AllowlistEntry>,
     certificate: &CertificateId,
-) -> Result<(), Refusal> {
+    claim: &str,
+) -> Result<Admission, Refusal> {
     let Some(entry) = entry else { return Err(Refusal::UnknownSerial(serial.to_string())) };
     match &entry.enrolment {
-        Enrolment::Allowed => Ok(()),
-        Enrolment::Provisioned { certificate: c, .. } if c == certificate => Ok(()),
+        Enrolment::Allowed => Ok(Admission::Enrol),
+        Enrolment::Provisioned { certificate: c, .. } if c == certificate => Ok(Admission::Enrol),
+        Enrolment::Provisioned { certificate: c, .. } if c.as_str() == claim => {
+            Ok(Admission::Rotate { from: c.clone() })
+        }
         Enrolment::Provisioned { certificate: c, .. } => {
             Err(Refusal::AlreadyProvisioned { serial: serial.to_string(), certificate: c.clone() })
         }
@@ -187,20 +212,51 @@ mod tests {
         let serial = ThingName::parse("dev-1").expect("serial");
         let mine = CertificateId::of_der(b"mine");
         let other = CertificateId::of_der(b"other");
+        let claim = "c".repeat(64);
         let provisioned =
             Enrolment::Provisioned { thing: serial.clone(), certificate: mine.clone(), at_ms: 5 };
-        assert_eq!(admit(&serial, Some(&entry("dev-1", Enrolment::Allowed)), &mine), Ok(()));
-        assert_eq!(admit(&serial, Some(&entry("dev-1", provisioned.clone())), &mine), Ok(()), "a retry");
-        let code = |r: Result<(), Refusal>| r.map_err(|e| e.code());
+        let allowed = entry("dev-1", Enrolment::Allowed);
+        assert_eq!(admit(&serial, Some(&allowed), &mine, &claim), Ok(Admission::Enrol));
+        let retry = admit(&serial, Some(&entry("dev-1", provisioned.clone())), &mine, &claim);
+        assert_eq!(retry, Ok(Admission::Enrol), "a retry");
+        let code = |r: Result<Admission, Refusal>| r.map_err(|e| e.code());
         assert_eq!(
-            code(admit(&serial, Some(&entry("dev-1", provisioned)), &other)),
+            code(admit(&serial, Some(&entry("dev-1", provisioned)), &other, &claim)),
             Err("already_provisioned")
         );
+        let decommissioned = entry("dev-1", Enrolment::Decommissioned { at_ms: 9 });
+        assert_eq!(code(admit(&serial, Some(&decommissioned), &mine, mine.as_str())), Err("decommissioned"));
+        assert_eq!(code(admit(&serial, None, &mine, &claim)), Err("unknown_serial"));
+    }
+
+    #[test]
+    fn a_device_claiming_with_its_provisioned_certificate_rotates_and_no_other_claim_does() {
+        // GIVEN dev-1 provisioned with `old`
+        let serial = ThingName::parse("dev-1").expect("serial");
+        let (old, new) = (CertificateId::of_der(b"old"), CertificateId::of_der(b"new"));
+        let provisioned = entry(
+            "dev-1",
+            Enrolment::Provisioned { thing: serial.clone(), certificate: old.clone(), at_ms: 5 },
+        );
+        // WHEN it claims with `old` for `new`: a rotation from `old`
         assert_eq!(
-            code(admit(&serial, Some(&entry("dev-1", Enrolment::Decommissioned { at_ms: 9 })), &mine)),
+            admit(&serial, Some(&provisioned), &new, old.as_str()),
+            Ok(Admission::Rotate { from: old.clone() })
+        );
+        // a claim certificate, or another device's certificate, asking for dev-1 is refused
+        let stranger = CertificateId::of_der(b"stranger");
+        for claim in ["c".repeat(64), stranger.to_string()] {
+            let refused = admit(&serial, Some(&provisioned), &new, &claim);
+            assert_eq!(refused.map_err(|r| r.code()), Err("already_provisioned"), "claim {claim}");
+        }
+        // a serial only allowed, or decommissioned, never rotates
+        let allowed = entry("dev-1", Enrolment::Allowed);
+        assert_eq!(admit(&serial, Some(&allowed), &new, old.as_str()), Ok(Admission::Enrol));
+        let gone = entry("dev-1", Enrolment::Decommissioned { at_ms: 9 });
+        assert_eq!(
+            admit(&serial, Some(&gone), &new, old.as_str()).map_err(|r| r.code()),
             Err("decommissioned")
         );
-        assert_eq!(code(admit(&serial, None, &mine)), Err("unknown_serial"));
     }
 
     #[test]

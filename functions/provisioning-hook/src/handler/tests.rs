@@ -56,6 +56,12 @@ async fn invoke<A: Allowlist, I: CertificateInventory, P: ProvisioningAudit, R: 
 
 /// A hook event for `serial` presenting a fresh certificate valid from `from_s` to `to_s`.
 fn event(serial: &str, from_s: i64, to_s: i64) -> String {
+    claimed(serial, from_s, to_s, &"c".repeat(64)).0
+}
+
+/// A hook event for `serial` claiming with `claim` and presenting a fresh certificate valid
+/// from `from_s` to `to_s`, and that certificate's id.
+fn claimed(serial: &str, from_s: i64, to_s: i64, claim: &str) -> (String, CertificateId) {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, serial);
@@ -65,11 +71,12 @@ fn event(serial: &str, from_s: i64, to_s: i64) -> String {
     let key = KeyPair::generate().expect("key");
     let cert = params.self_signed(&key).expect("cert");
     let id = CertificateId::of_der(cert.der());
-    serde_json::json!({
-        "claimCertificateId": "c".repeat(64), "certificateId": id.as_str(), "certificatePem": cert.pem(),
+    let event = serde_json::json!({
+        "claimCertificateId": claim, "certificateId": id.as_str(), "certificatePem": cert.pem(),
         "templateArn": "arn:aws:iot:us-east-1:123456789012:provisioningtemplate/t", "clientId": serial,
         "parameters": {"SerialNumber": serial}})
-    .to_string()
+    .to_string();
+    (event, id)
 }
 
 const NOW_S: i64 = 1_764_000_000;
@@ -103,6 +110,49 @@ async fn an_allowlisted_serial_provisions_with_its_class_and_region_and_is_recor
     assert!(invoke(&deps, ALLOWED).await?.allow_provisioning);
     let trail = deps.audit.trail("sensor-101").await?;
     assert_eq!(trail.iter().map(|e| e.outcome.as_str()).collect::<Vec<_>>(), ["allowed", "allowed"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_provisioned_device_claiming_with_its_certificate_rotates_to_a_new_one() -> Result<()> {
+    // GIVEN sensor-102 provisioned with `old` (firmware 2.0.1 registered)
+    let deps = deps().await?;
+    let serial = ThingName::parse("sensor-102")?;
+    let (first, old) = claimed("sensor-102", NOW_S - 60, NOW_S + 86_400, &"c".repeat(64));
+    let first =
+        first.replace(r#""SerialNumber":"sensor-102""#, r#""SerialNumber":"sensor-102","Firmware":"2.0.1""#);
+    assert!(invoke(&deps, &first).await?.allow_provisioning);
+    // WHEN it claims with `old` for a new certificate
+    let (rotation, new) = claimed("sensor-102", NOW_S - 60, NOW_S + 400 * 86_400, old.as_str());
+    let r = invoke(&deps, &rotation).await?;
+    // THEN it may, with its class and region for the template
+    assert!(r.allow_provisioning);
+    assert_eq!(r.parameter_overrides["DeviceClass"], "env-sensor");
+    // AND its serial is provisioned with the new certificate, which the inventory holds
+    let e = deps.allowlist.entry(&serial).await?.context("entry")?;
+    assert!(
+        matches!(&e.enrolment, Enrolment::Provisioned { certificate, .. } if *certificate == new),
+        "{e:?}"
+    );
+    let c = deps.inventory.certificate(&new).await?.context("new certificate recorded")?;
+    assert_eq!((c.thing.as_ref(), c.status), (Some(&serial), fleet_shared::model::CertStatus::Active));
+    // AND its registration is left as it was (the rotation names no firmware)
+    let d = deps.registry.device(&serial).await?.and_then(|d| d.registration).context("registered")?;
+    assert_eq!(d.fw, "2.0.1");
+    // AND the trail says it rotated, from what
+    let trail = deps.audit.trail("sensor-102").await?;
+    let last = trail.last().context("trail")?;
+    assert_eq!(
+        (last.outcome.as_str(), last.reason.clone()),
+        ("rotated", Some(format!("from certificate {old}")))
+    );
+    // AND the same request again is a retry (allowed); claiming with the superseded `old` for
+    // yet another certificate is refused: the serial is `new`'s now
+    assert!(invoke(&deps, &rotation).await?.allow_provisioning);
+    let (again, _) = claimed("sensor-102", NOW_S - 60, NOW_S + 86_400, old.as_str());
+    assert!(!invoke(&deps, &again).await?.allow_provisioning);
+    let last = deps.audit.trail("sensor-102").await?.pop().context("trail")?;
+    assert!(last.reason.as_deref().is_some_and(|r| r.starts_with("already_provisioned")), "{last:?}");
     Ok(())
 }
 
@@ -197,6 +247,15 @@ impl Allowlist for Busy {
     }
     async fn enrol(&self, _: &ThingName, _: &CertificateId, _: i64) -> Result<Enrolled, StoreError> {
         Err(StoreError::transient("allowlist enrol", "throttled"))
+    }
+    async fn rotate(
+        &self,
+        _: &ThingName,
+        _: &CertificateId,
+        _: &CertificateId,
+        _: i64,
+    ) -> Result<Enrolled, StoreError> {
+        Err(StoreError::transient("allowlist rotate", "throttled"))
     }
     async fn reset(&self, _: &ThingName) -> Result<bool, StoreError> {
         Err(StoreError::transient("allowlist reset", "throttled"))

@@ -154,6 +154,30 @@ impl CertificatesTable {
         }
     }
 
+    /// Write an entry if the stored one is still exactly as read (`read`: its `entry` attribute).
+    async fn replace_entry(&self, e: &AllowlistEntry, read: AttributeValue) -> Result<bool, StoreError> {
+        let op = "dynamodb allowlist replace";
+        let mut item = serial_key(&e.serial);
+        item.insert("entry".into(), s(to_json(e, op)?));
+        item.insert("state".into(), s(state_of(&e.enrolment)));
+        item.insert("kind".into(), s("allow"));
+        let req = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("#en = :read")
+            .expression_attribute_names("#en", "entry")
+            .expression_attribute_values(":read", read);
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
+                Ok(false)
+            }
+            Err(e) => Err(classify(op, e)),
+        }
+    }
+
     /// One `by_expiry` bucket's certificates in `[from_ms, to_ms)`, at most `limit`.
     async fn expiring_in(
         &self,
@@ -273,6 +297,39 @@ impl Allowlist for CertificatesTable {
                 return Ok(Enrolled::Yes);
             }
             // Another writer got there first: read again and decide on what it wrote.
+        }
+    }
+
+    async fn rotate(
+        &self,
+        serial: &ThingName,
+        from: &CertificateId,
+        to: &CertificateId,
+        at_ms: i64,
+    ) -> Result<Enrolled, StoreError> {
+        let op = "dynamodb allowlist rotate";
+        loop {
+            let Some(item) = self.get(serial_key(serial), op).await? else { return Ok(Enrolled::Unknown) };
+            let current: AllowlistEntry = json_attr(&item, "entry", op)?;
+            match &current.enrolment {
+                Enrolment::Decommissioned { .. } => return Ok(Enrolled::Decommissioned),
+                Enrolment::Allowed => return Ok(Enrolled::NotProvisioned),
+                Enrolment::Provisioned { certificate: c, .. } if c == to => return Ok(Enrolled::Yes),
+                Enrolment::Provisioned { certificate: c, .. } if c != from => {
+                    return Ok(Enrolled::Taken(c.clone()))
+                }
+                Enrolment::Provisioned { .. } => {}
+            }
+            let read =
+                item.get("entry").cloned().ok_or_else(|| StoreError::permanent(op, "item without entry"))?;
+            let next = AllowlistEntry {
+                enrolment: Enrolment::Provisioned { thing: serial.clone(), certificate: to.clone(), at_ms },
+                ..current
+            };
+            if self.replace_entry(&next, read).await? {
+                return Ok(Enrolled::Yes);
+            }
+            // Written meanwhile: read again and decide on what is there now.
         }
     }
 

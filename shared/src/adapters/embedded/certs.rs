@@ -162,6 +162,39 @@ impl Allowlist for SqliteStore {
         .await
     }
 
+    async fn rotate(
+        &self,
+        serial: &ThingName,
+        from: &CertificateId,
+        to: &CertificateId,
+        at_ms: i64,
+    ) -> Result<Enrolled, StoreError> {
+        let (serial, from, to) = (serial.clone(), from.clone(), to.clone());
+        self.with("sqlite allowlist rotate", move |c| {
+            let tx = c.transaction()?;
+            let outcome = match entry_of(&tx, serial.as_str())? {
+                None => Enrolled::Unknown,
+                Some(e) => match e.enrolment {
+                    Enrolment::Decommissioned { .. } => Enrolled::Decommissioned,
+                    Enrolment::Allowed => Enrolled::NotProvisioned,
+                    Enrolment::Provisioned { ref certificate, .. } if *certificate == to => Enrolled::Yes,
+                    Enrolment::Provisioned { certificate, .. } if certificate != from => {
+                        Enrolled::Taken(certificate)
+                    }
+                    Enrolment::Provisioned { .. } => {
+                        let enrolment =
+                            Enrolment::Provisioned { thing: serial.clone(), certificate: to, at_ms };
+                        put_entry(&tx, &AllowlistEntry { enrolment, ..e })?;
+                        Enrolled::Yes
+                    }
+                },
+            };
+            tx.commit()?;
+            Ok(outcome)
+        })
+        .await
+    }
+
     async fn reset(&self, serial: &ThingName) -> Result<bool, StoreError> {
         let serial = serial.to_string();
         self.with("sqlite allowlist reset", move |c| {
