@@ -384,9 +384,18 @@ impl BrokerEventHandler for Hooks {
             if let (Some(provisioning), Some(request)) =
                 (&self.0.provisioning, ProvisioningRequest::parse(&event.topic))
             {
-                let claim = self.0.is_claim(event.user_id.as_deref()).then_some(&provisioning.claim);
+                // The certificate the session connected with is the claim: the fleet's claim
+                // certificate, or a device's own (a rotation; it was checked ACTIVE and
+                // attached to the thing at connect).
+                let user = event.user_id.as_deref();
+                let claim = if self.0.is_claim(user) {
+                    Some(provisioning.claim.clone())
+                } else {
+                    user.and_then(|u| u.strip_prefix(CERTIFICATE_USERNAME_PREFIX))
+                        .and_then(|id| CertificateId::parse(id).ok())
+                };
                 let answers = provisioning
-                    .handle(&request, &event.client_id, claim, &event.payload, time::now_ms())
+                    .handle(&request, &event.client_id, claim.as_ref(), &event.payload, time::now_ms())
                     .await;
                 for (topic, payload) in answers {
                     self.0.publish_to_subscribers(topic, Bytes::from(payload)).await;

@@ -11,7 +11,9 @@
 //! provisioned with, `hook::Admission::Rotate`) moves its serial to the new certificate
 //! (conditional on the old one), the new certificate is recorded, the device's registration is
 //! left as it is, and the audit trail says `rotated` and from what. The old certificate stays
-//! active until the device has moved to the new one (cert-expiry-check's business).
+//! active until the device has moved to the new one (cert-expiry-check's business). A claim
+//! that is a device's certificate (the inventory names its thing) provisions that thing only:
+//! `claim_of_another_thing` otherwise.
 //!
 //! Every refusal is answered `allowProvisioning: false` with its reason logged, counted
 //! (`Refused` by `Reason`) and written to the audit trail; a claim certificate asking for
@@ -26,7 +28,7 @@ use fleet_shared::adapters::aws::{CertificatesTable, DevicesTable};
 use fleet_shared::certs::hook::{self, Admission, HookResponse, Refusal, SUSPICIOUS_UNKNOWN_SERIALS};
 use fleet_shared::lambda::{AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
-use fleet_shared::model::{CertStatus, Certificate, DeviceRegistration};
+use fleet_shared::model::{CertStatus, Certificate, CertificateId, DeviceRegistration};
 use fleet_shared::ports::{
     Allowlist, AuditEvent, CertificateInventory, DeviceAdmin, Enrolled, ProvisioningAudit,
 };
@@ -129,6 +131,16 @@ where
         Err(refusal) => return Ok(refuse(deps, now, &asked, refusal).await),
     };
     let retry = |what| move |e: StoreError| Retryable { what, source: Arc::new(e) };
+    // A device's own certificate as the claim (a rotation) speaks for its thing only: it never
+    // provisions another serial, not even one that is merely allowed.
+    if let Ok(claim) = CertificateId::parse(&request.claim_certificate_id) {
+        let claimed =
+            deps.inventory.certificate(&claim).await.map_err(retry("claim certificate not read"))?;
+        if let Some(thing) = claimed.and_then(|c| c.thing).filter(|t| *t != serial) {
+            let refusal = Refusal::ClaimOfAnotherThing { claim_thing: thing.to_string() };
+            return Ok(refuse(deps, now, &asked, refusal).await);
+        }
+    }
     let entry = deps.allowlist.entry(&serial).await.map_err(retry("allowlist not read"))?;
     let admission = match hook::admit(&serial, entry.as_ref(), &cert.id, &request.claim_certificate_id) {
         Ok(a) => a,

@@ -271,6 +271,99 @@ async fn a_device_keeps_its_own_key_gets_a_certificate_for_its_csr_and_provision
     stack.shutdown().await
 }
 
+/// A device connected with `cert`, subscribed to the CSR and RegisterThing answers.
+async fn rotating_device(
+    stack: &LocalStack,
+    thing: &str,
+    cert: &CertificateId,
+) -> Result<(AsyncClient, EventLoop)> {
+    let (c, mut events) = client(stack, thing, Some(&format!("cert/{cert}")));
+    for filter in [format!("{CREATE_FROM_CSR_TOPIC}/+"), format!("{}/+", register_topic())] {
+        c.subscribe(filter, QoS::AtLeastOnce).await?;
+        let codes = until(&mut events, |e| match e {
+            Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),
+            _ => None,
+        })
+        .await?;
+        ensure!(
+            codes.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+            "{thing}: subscription refused: {codes:?}"
+        );
+    }
+    Ok((c, events))
+}
+
+/// Provision `serial` through the claim with a key it keeps: its certificate's id.
+async fn provision_with_csr(stack: &LocalStack, serial: &str) -> Result<CertificateId> {
+    let (claim, mut events) = claim_holder(stack, serial).await?;
+    claim.subscribe(format!("{CREATE_FROM_CSR_TOPIC}/+"), QoS::AtLeastOnce).await?;
+    until(&mut events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
+    let body = json!({"certificateSigningRequest": csr_of(&rcgen::KeyPair::generate()?)?}).to_string();
+    let (answer, created) = ask(&claim, &mut events, CREATE_FROM_CSR_TOPIC, body).await?;
+    ensure!(answer == "accepted", "{answer}: {created}");
+    let token = &created["certificateOwnershipToken"];
+    let (answer, registered) =
+        ask(&claim, &mut events, &register_topic(), register_body(token, serial)).await?;
+    ensure!(answer == "accepted", "{answer}: {registered}");
+    claim.disconnect().await?;
+    Ok(CertificateId::parse(created["certificateId"].as_str().context("certificateId")?)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioned_device_rotates_its_certificate_over_its_own_connection() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let service = provisioning(&stack)?;
+    allow(&stack, "sensor-r01").await?;
+    allow(&stack, "sensor-r02").await?;
+    // GIVEN sensor-r01 provisioned with `old`, connected with it
+    let old = provision_with_csr(&stack, "sensor-r01").await?;
+    let (device, mut events) = rotating_device(&stack, "sensor-r01", &old).await?;
+    // WHEN it asks for a certificate for a new key of its own, and registers with its own
+    // certificate as the claim
+    let key = rcgen::KeyPair::generate()?;
+    let body = json!({"certificateSigningRequest": csr_of(&key)?}).to_string();
+    let (answer, created) = ask(&device, &mut events, CREATE_FROM_CSR_TOPIC, body).await?;
+    ensure!(answer == "accepted", "{answer}: {created}");
+    let new = CertificateId::parse(created["certificateId"].as_str().context("certificateId")?)?;
+    let token = created["certificateOwnershipToken"].clone();
+    let (answer, registered) =
+        ask(&device, &mut events, &register_topic(), register_body(&token, "sensor-r01")).await?;
+    // THEN it is accepted for its thing, the new certificate ACTIVE and attached beside the old
+    ensure!(answer == "accepted", "{answer}: {registered}");
+    assert_eq!(registered["thingName"], "sensor-r01");
+    let thing = ThingName::parse("sensor-r01")?;
+    for id in [&old, &new] {
+        assert_eq!(stack.store.local_certificate_status(id).await?, Some(CertStatus::Active), "{id}");
+        assert!(stack.store.local_certificate_attached(&thing, id).await?, "{id}");
+    }
+    // AND the allowlist holds the new certificate, the trail the rotation
+    let e = stack.store.entry(&thing).await?.context("entry")?;
+    assert!(
+        matches!(&e.enrolment, Enrolment::Provisioned { certificate, .. } if *certificate == new),
+        "{e:?}"
+    );
+    let trail = fleet_shared::ports::ProvisioningAudit::trail(&stack.store, "sensor-r01").await?;
+    let last = trail.last().context("trail")?;
+    assert_eq!(last.outcome, "rotated", "{trail:?}");
+    // AND its certificate cannot provision another serial, even one only allowed
+    let body = json!({"certificateSigningRequest": csr_of(&key)?}).to_string();
+    let (_, other) = ask(&device, &mut events, CREATE_FROM_CSR_TOPIC, body).await?;
+    let token = &other["certificateOwnershipToken"];
+    let (answer, refused) =
+        ask(&device, &mut events, &register_topic(), register_body(token, "sensor-r02")).await?;
+    ensure!(answer == "rejected" && refused["errorCode"] == "AccessDenied", "{answer}: {refused}");
+    let r02 = stack.store.entry(&ThingName::parse("sensor-r02")?).await?.context("r02")?;
+    assert_eq!(r02.enrolment, Enrolment::Allowed);
+    device.disconnect().await?;
+    // AND the device connects with the new certificate and publishes as its thing
+    let (renewed, mut renewed_events) = client(&stack, "sensor-r01", Some(&format!("cert/{new}")));
+    renewed.publish("dt/fleet/sensor-r01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut renewed_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    drop(service);
+    stack.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serial_not_on_the_allowlist_is_refused_by_the_hook_and_gets_no_thing() -> Result<()> {
     let dir = tempfile::tempdir()?;

@@ -65,6 +65,10 @@ pub enum Refusal {
     Decommissioned(String),
     #[error("serial number {serial} is already provisioned with certificate {certificate}")]
     AlreadyProvisioned { serial: String, certificate: CertificateId },
+    #[error(
+        "the claim is the certificate of thing {claim_thing}, which may rotate its own certificate only"
+    )]
+    ClaimOfAnotherThing { claim_thing: String },
     #[error("serial number {0} is no longer provisioned (reset while it rotated): ask again")]
     NotProvisioned(String),
     #[error("unreadable certificate: {0}")]
@@ -85,6 +89,7 @@ impl Refusal {
             Refusal::Decommissioned(_) => "decommissioned",
             Refusal::AlreadyProvisioned { .. } => "already_provisioned",
             Refusal::NotProvisioned(_) => "not_provisioned",
+            Refusal::ClaimOfAnotherThing { .. } => "claim_of_another_thing",
             Refusal::BadCertificate(_) => "bad_certificate",
             Refusal::CertificateMismatch { .. } => "certificate_mismatch",
             Refusal::NotValidNow { .. } => "certificate_not_valid_now",

@@ -545,6 +545,16 @@ fn fleet_provisioning_gives_each_device_a_thing_an_active_certificate_and_the_de
     assert!(claim.contains("$aws/certificates/create-from-csr/*"), "{claim}");
     assert!(claim.contains("$aws/provisioning-templates/fleetline-${Stage}-devices/provision/*"), "{claim}");
     assert!(!claim.contains("dt/fleet"), "a claim certificate cannot publish telemetry: {claim}");
+    // A device may rotate its certificate: a certificate for its CSR, then RegisterThing with
+    // its own certificate as the claim; never CreateKeysAndCertificate (answers carry keys).
+    let device = format!("{:?}", r.resources["DevicePolicy"]["Properties"]["PolicyDocument"]);
+    assert!(device.contains("topic/$aws/certificates/create-from-csr/*"), "{device}");
+    assert!(device.contains("topicfilter/$aws/certificates/create-from-csr/*"), "{device}");
+    assert!(
+        device.contains("topic/$aws/provisioning-templates/fleetline-${Stage}-devices/provision/*"),
+        "{device}"
+    );
+    assert!(!device.contains("$aws/certificates/create/"), "{device}");
 }
 
 #[test]

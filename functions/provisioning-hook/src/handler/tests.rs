@@ -153,6 +153,13 @@ async fn a_provisioned_device_claiming_with_its_certificate_rotates_to_a_new_one
     assert!(!invoke(&deps, &again).await?.allow_provisioning);
     let last = deps.audit.trail("sensor-102").await?.pop().context("trail")?;
     assert!(last.reason.as_deref().is_some_and(|r| r.starts_with("already_provisioned")), "{last:?}");
+    // AND its certificate cannot claim another serial, not even one only allowed
+    let (other, _) = claimed("sensor-101", NOW_S - 60, NOW_S + 86_400, new.as_str());
+    assert!(!invoke(&deps, &other).await?.allow_provisioning);
+    let last = deps.audit.trail("sensor-101").await?.pop().context("trail")?;
+    assert!(last.reason.as_deref().is_some_and(|r| r.starts_with("claim_of_another_thing")), "{last:?}");
+    let e = deps.allowlist.entry(&ThingName::parse("sensor-101")?).await?.context("entry")?;
+    assert_eq!(e.enrolment, Enrolment::Allowed);
     Ok(())
 }
 

@@ -13,8 +13,9 @@
 //! (`[from, to)`: at 7 + 30 days, 152 small Queries), each returning only certificates that
 //! expire that day: O(expiring), never a scan, never a per-certificate API call. Four shards
 //! per day keep a provisioning burst (certificates issued together expire together) from
-//! writing one index partition. Enrolment is an UpdateItem conditioned on the entry's state,
-//! so two devices presenting one serial at once cannot both provision.
+//! writing one index partition. Enrolment is a PutItem conditioned on the entry's state, so
+//! two devices presenting one serial at once cannot both provision; a rotation is a PutItem
+//! conditioned on the entry exactly as read (the certificate it rotates from).
 
 use std::collections::HashMap;
 
