@@ -127,6 +127,17 @@ pub async fn run(cli: Cli) -> Result<()> {
                     };
                     decommission_device(ports, &thing, json).await
                 }
+                Command::Devices { command: DevicesCommand::RetireCerts { thing } } => {
+                    let certs_table = CertificatesTable::from_env(sdk, env)?;
+                    let iot = IotControlPlane::new(sdk)?;
+                    let ports = decommission::Ports {
+                        allowlist: &certs_table,
+                        registry: &iot,
+                        inventory: &certs_table,
+                        audit: &certs_table,
+                    };
+                    retire_certs(ports, &thing, json).await
+                }
                 Command::Devices { command } => {
                     devices(&DevicesTable::from_env(sdk, env)?, command, json).await
                 }
@@ -223,6 +234,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Devices { command: DevicesCommand::Decommission { thing } } => {
                     let ports = decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
                     decommission_device(ports, &thing, json).await
+                }
+                Command::Devices { command: DevicesCommand::RetireCerts { thing } } => {
+                    let ports = decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
+                    retire_certs(ports, &thing, json).await
                 }
                 Command::Devices { command } => devices(db, command, json).await,
                 Command::Telemetry { thing, since, limit } => telemetry(db, &thing, since, limit, json).await,
@@ -457,7 +472,9 @@ async fn devices(
                 None => bail!("no lifecycle event of {thing} recorded yet"),
             }
         }
-        DevicesCommand::Decommission { .. } => unreachable!("needs the certificate ports: handled by run"),
+        DevicesCommand::Decommission { .. } | DevicesCommand::RetireCerts { .. } => {
+            unreachable!("needs the certificate ports: handled by run")
+        }
         DevicesCommand::CountConnected { .. } => unreachable!("needs the presence store: handled by run"),
     }
 }
@@ -476,6 +493,22 @@ where
     let thing = ThingName::parse(thing)?;
     let done = decommission::decommission(ports, &thing, time::now_ms()).await?;
     output::decommissioned(&done, json)
+}
+
+async fn retire_certs<A, R, I, P>(
+    ports: decommission::Ports<'_, A, R, I, P>,
+    thing: &str,
+    json: bool,
+) -> Result<()>
+where
+    A: Allowlist,
+    R: CertificateRegistry + CertificateControl,
+    I: CertificateInventory,
+    P: ProvisioningAudit,
+{
+    let thing = ThingName::parse(thing)?;
+    let done = decommission::retire_superseded(ports, &thing, time::now_ms()).await?;
+    output::retired(&done, json)
 }
 
 /// A whole reconciliation, now (no budget, no cursor: the scheduled function keeps its own).

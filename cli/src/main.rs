@@ -404,6 +404,10 @@ pub enum DevicesCommand {
     /// again), every certificate attached to its thing set INACTIVE in AWS IoT (or the local
     /// IoT Core) and the inventory, the decision in its audit trail. History is kept.
     Decommission { thing: String },
+    /// After a certificate rotation: set INACTIVE every certificate attached to the thing except
+    /// the one its serial is provisioned with (which must be ACTIVE), in AWS IoT (or the local
+    /// IoT Core) and the inventory; the decision in its audit trail.
+    RetireCerts { thing: String },
     /// Once, after deploying fleet health onto a running fleet: count the devices already
     /// connected (stored by an older version) in fleet health's connected gauge. Reads every
     /// device's presence; running it again counts nothing twice.

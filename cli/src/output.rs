@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use fleet_shared::ingest::{BatchOutcome, QuarantineLine, ReplayReport};
 use fleet_shared::model::{
-    AllowlistEntry, Certificate, Device, Enrolment, ShadowName, StoredReading, ThingName, Twin,
+    AllowlistEntry, Certificate, CertificateId, Device, Enrolment, ShadowName, StoredReading, ThingName, Twin,
 };
 use fleet_shared::ports::AuditEvent;
 use fleet_shared::text::printable;
@@ -423,15 +423,23 @@ pub fn decommissioned(d: &fleet_shared::certs::decommission::Decommissioned, jso
         None => "not on the allowlist".to_owned(),
     };
     println!("{} decommissioned (allowlist before: {})", printable(d.thing.as_str()), printable(&before));
-    let rows: Vec<Vec<String>> = d
-        .deactivated
+    deactivations(&d.deactivated, &d.already_inactive)
+}
+
+pub fn retired(r: &fleet_shared::certs::decommission::Retired, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    println!("{}: kept {} (its serial's current certificate)", printable(r.thing.as_str()), r.kept);
+    deactivations(&r.deactivated, &r.already_inactive)
+}
+
+/// Certificates deactivated now, then those already inactive or revoked.
+fn deactivations(now: &[CertificateId], before: &[CertificateId]) -> Result<()> {
+    let rows: Vec<Vec<String>> = now
         .iter()
         .map(|id| vec![id.to_string(), "deactivated now".to_owned()])
-        .chain(
-            d.already_inactive
-                .iter()
-                .map(|id| vec![id.to_string(), "already inactive or revoked".to_owned()]),
-        )
+        .chain(before.iter().map(|id| vec![id.to_string(), "already inactive or revoked".to_owned()]))
         .collect();
     table(&["CERTIFICATE", "STATUS"], &rows)
 }

@@ -360,6 +360,30 @@ async fn a_provisioned_device_rotates_its_certificate_over_its_own_connection() 
     let (renewed, mut renewed_events) = client(&stack, "sensor-r01", Some(&format!("cert/{new}")));
     renewed.publish("dt/fleet/sensor-r01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
     until(&mut renewed_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    renewed.disconnect().await?;
+    // AND once the superseded certificate is retired (`fleetctl devices retire-certs`), it can
+    // no longer connect, and the new one still can
+    let db = &stack.store;
+    let ports =
+        fleet_shared::certs::decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
+    let retired =
+        fleet_shared::certs::decommission::retire_superseded(ports, &thing, fleet_shared::time::now_ms())
+            .await?;
+    assert_eq!((&retired.kept, &retired.deactivated), (&new, &vec![old.clone()]));
+    assert_eq!(stack.store.local_certificate_status(&old).await?, Some(CertStatus::Inactive));
+    let (_stale, mut stale_events) = client(&stack, "sensor-r01", Some(&format!("cert/{old}")));
+    let refused = until(&mut stale_events, |e| match e {
+        Event::Incoming(Packet::ConnAck(ack)) => Some(ack.code),
+        _ => None,
+    })
+    .await;
+    ensure!(
+        !matches!(refused, Ok(rumqttc::ConnectReturnCode::Success)),
+        "the retired certificate connected: {refused:?}"
+    );
+    let (current, mut current_events) = client(&stack, "sensor-r01", Some(&format!("cert/{new}")));
+    current.publish("dt/fleet/sensor-r01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut current_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
     drop(service);
     stack.shutdown().await
 }

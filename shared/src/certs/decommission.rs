@@ -4,11 +4,15 @@
 //! the decision joins the serial number's audit trail. Nothing is deleted: the entry, the
 //! certificates and the trail stay as history. Running it again finishes what a failed run
 //! left (each step is idempotent).
+//!
+//! Retiring after a rotation ([`retire_superseded`]) is the same for every certificate attached
+//! to the thing except the one its serial is provisioned with, which must be `ACTIVE` (else
+//! nothing is touched: the device would be cut off); the serial stays provisioned.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::model::{AllowlistEntry, CertStatus, CertificateId, ThingName};
+use crate::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
 use crate::ports::{
     Allowlist, AuditEvent, CertificateControl, CertificateInventory, CertificateRegistry, ProvisioningAudit,
 };
@@ -66,23 +70,12 @@ where
         already_inactive: Vec::new(),
     };
     for id in attached {
-        let status = match ports.registry.describe_certificate(&id).await? {
-            Some(d) => d.listed.status,
-            None => continue, // deleted since it was listed
-        };
-        if matches!(status, CertStatus::Inactive | CertStatus::Revoked) {
-            out.already_inactive.push(id);
-            continue;
+        match deactivate(&ports, &id, now_ms).await? {
+            Some(true) => out.deactivated.push(id),
+            Some(false) => out.already_inactive.push(id),
+            None => {} // deleted since it was listed
         }
-        ports.registry.set_certificate_status(&id, CertStatus::Inactive).await?;
-        if let Some(mut cert) = ports.inventory.certificate(&id).await? {
-            cert.status = CertStatus::Inactive;
-            cert.recorded_ms = now_ms;
-            ports.inventory.record(&cert).await?;
-        }
-        out.deactivated.push(id);
     }
-    let ids = |v: &[CertificateId]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
     ports
         .audit
         .audit(&AuditEvent {
@@ -101,12 +94,121 @@ where
     Ok(out)
 }
 
+fn ids(v: &[CertificateId]) -> String {
+    v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Set `id` `INACTIVE` in the registry and the inventory: `Some(true)` done now, `Some(false)`
+/// it already was inactive or revoked, `None` it is gone.
+async fn deactivate<A, R, I, P>(
+    ports: &Ports<'_, A, R, I, P>,
+    id: &CertificateId,
+    now_ms: i64,
+) -> Result<Option<bool>, StoreError>
+where
+    R: CertificateRegistry + CertificateControl,
+    I: CertificateInventory,
+{
+    let status = match ports.registry.describe_certificate(id).await? {
+        Some(d) => d.listed.status,
+        None => return Ok(None),
+    };
+    if matches!(status, CertStatus::Inactive | CertStatus::Revoked) {
+        return Ok(Some(false));
+    }
+    ports.registry.set_certificate_status(id, CertStatus::Inactive).await?;
+    if let Some(mut cert) = ports.inventory.certificate(id).await? {
+        cert.status = CertStatus::Inactive;
+        cert.recorded_ms = now_ms;
+        ports.inventory.record(&cert).await?;
+    }
+    Ok(Some(true))
+}
+
+/// What retiring a rotated device's superseded certificates did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retired {
+    pub thing: ThingName,
+    /// The certificate its serial is provisioned with: kept.
+    pub kept: CertificateId,
+    /// Certificates set `INACTIVE` now.
+    pub deactivated: Vec<CertificateId>,
+    /// Certificates that were already inactive or revoked.
+    pub already_inactive: Vec<CertificateId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetireError {
+    #[error("{0} is not provisioned: none of its certificates is the current one")]
+    NotProvisioned(ThingName),
+    #[error("{thing}'s current certificate {current} is {status:?}, not ACTIVE: retiring the others would cut the device off")]
+    CurrentNotActive { thing: ThingName, current: CertificateId, status: Option<CertStatus> },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// After a rotation: deactivate every certificate attached to `thing` except the one its serial
+/// is provisioned with, if that one is `ACTIVE`. Idempotent.
+pub async fn retire_superseded<A, R, I, P>(
+    ports: Ports<'_, A, R, I, P>,
+    thing: &ThingName,
+    now_ms: i64,
+) -> Result<Retired, RetireError>
+where
+    A: Allowlist,
+    R: CertificateRegistry + CertificateControl,
+    I: CertificateInventory,
+    P: ProvisioningAudit,
+{
+    let current = match ports.allowlist.entry(thing).await? {
+        Some(AllowlistEntry { enrolment: Enrolment::Provisioned { certificate, .. }, .. }) => certificate,
+        _ => return Err(RetireError::NotProvisioned(thing.clone())),
+    };
+    let status = ports.registry.describe_certificate(&current).await?.map(|d| d.listed.status);
+    if status != Some(CertStatus::Active) {
+        return Err(RetireError::CurrentNotActive { thing: thing.clone(), current, status });
+    }
+    let mut out = Retired {
+        thing: thing.clone(),
+        kept: current,
+        deactivated: Vec::new(),
+        already_inactive: Vec::new(),
+    };
+    for id in ports.registry.thing_certificates(thing).await? {
+        if id == out.kept {
+            continue;
+        }
+        match deactivate(&ports, &id, now_ms).await? {
+            Some(true) => out.deactivated.push(id),
+            Some(false) => out.already_inactive.push(id),
+            None => {}
+        }
+    }
+    ports
+        .audit
+        .audit(&AuditEvent {
+            at_ms: now_ms,
+            serial: thing.to_string(),
+            claim_certificate: String::new(),
+            certificate: Some(out.kept.to_string()),
+            outcome: "retired".to_owned(),
+            reason: Some(format!(
+                "kept {}; deactivated [{}]; already inactive [{}]",
+                out.kept,
+                ids(&out.deactivated),
+                ids(&out.already_inactive)
+            )),
+        })
+        .await?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::adapters::embedded::SqliteStore;
     use crate::certs::test_certs;
-    use crate::model::{Certificate, Enrolment};
+    use crate::model::Certificate;
 
     const NOW_S: i64 = 1_764_000_000;
 
@@ -167,5 +269,59 @@ mod tests {
         // AND a thing nobody knows is an error, not a silent success
         let ghost = ThingName::parse("ghost").expect("name");
         assert!(matches!(decommission(ports(), &ghost, 0).await, Err(DecommissionError::Unknown(_))));
+    }
+
+    #[tokio::test]
+    async fn after_a_rotation_the_superseded_certificate_is_retired_and_the_current_one_kept() {
+        // GIVEN sensor-2 rotated from certificate 1 to certificate 2, both ACTIVE and attached
+        let db = SqliteStore::in_memory().expect("db");
+        let thing = ThingName::parse("sensor-2").expect("name");
+        db.allow(&[AllowlistEntry {
+            serial: thing.clone(),
+            class: "meter".into(),
+            region: "eu".into(),
+            added_ms: 0,
+            enrolment: Enrolment::Allowed,
+        }])
+        .await
+        .expect("allowed");
+        let mut ids = Vec::new();
+        for n in [1, 2] {
+            let pem = test_certs::pem("sensor-2", n, NOW_S - 100, NOW_S + 86_400 * 100);
+            let id = db.register_local_certificate(&pem, CertStatus::Active, 0).await.expect("registered");
+            db.attach_local_certificate(&thing, &id).await.expect("attached");
+            ids.push(id);
+        }
+        let ports = || Ports { allowlist: &db, registry: &db, inventory: &db, audit: &db };
+        // (not provisioned yet: nothing is the current certificate, nothing is touched)
+        let early = retire_superseded(ports(), &thing, 1).await;
+        assert!(matches!(early, Err(RetireError::NotProvisioned(_))), "{early:?}");
+        assert_eq!(db.enrol(&thing, &ids[0], 1).await.expect("enrol"), crate::ports::Enrolled::Yes);
+        assert_eq!(
+            db.rotate(&thing, &ids[0], &ids[1], 2).await.expect("rotate"),
+            crate::ports::Enrolled::Yes
+        );
+        // WHEN its superseded certificates are retired
+        let r = retire_superseded(ports(), &thing, NOW_S * 1000).await.expect("retired");
+        // THEN certificate 1 is INACTIVE, certificate 2 (the current one) still ACTIVE, the
+        // serial still provisioned with it, the trail says so
+        assert_eq!((&r.kept, &r.deactivated, r.already_inactive.len()), (&ids[1], &vec![ids[0].clone()], 0));
+        assert_eq!(db.local_certificate_status(&ids[0]).await.expect("read"), Some(CertStatus::Inactive));
+        assert_eq!(db.local_certificate_status(&ids[1]).await.expect("read"), Some(CertStatus::Active));
+        let entry = db.entry(&thing).await.expect("read").expect("kept");
+        assert!(
+            matches!(entry.enrolment, Enrolment::Provisioned { ref certificate, .. } if *certificate == ids[1])
+        );
+        let trail = db.trail("sensor-2").await.expect("trail");
+        assert_eq!(trail.last().map(|e| e.outcome.as_str()), Some("retired"));
+        // AND again: nothing left to do
+        let again = retire_superseded(ports(), &thing, NOW_S * 1000).await.expect("again");
+        assert!(again.deactivated.is_empty() && again.already_inactive == vec![ids[0].clone()], "{again:?}");
+        // AND with the current certificate not ACTIVE nothing is touched
+        db.set_certificate_status(&ids[1], CertStatus::Inactive).await.expect("deactivated");
+        db.set_certificate_status(&ids[0], CertStatus::Active).await.expect("reactivated");
+        let refused = retire_superseded(ports(), &thing, NOW_S * 1000).await;
+        assert!(matches!(refused, Err(RetireError::CurrentNotActive { .. })), "{refused:?}");
+        assert_eq!(db.local_certificate_status(&ids[0]).await.expect("read"), Some(CertStatus::Active));
     }
 }
