@@ -39,6 +39,7 @@ werkzeug's close.
 Usage: python scripts/moto_server.py -H 127.0.0.1 -p PORT
 """
 
+import inspect
 import io
 import os
 import re
@@ -59,6 +60,7 @@ from moto.iotdata.models import IoTDataPlaneBackend
 import moto.server
 from moto.moto_server.werkzeug_app import MotoRequestHandler
 from moto.server import main
+from werkzeug.serving import WSGIRequestHandler
 from moto import settings
 
 TOKEN = re.compile(r"""\s*(?:"(?P<ident>[^"]*)"|'(?P<text>[^']*)'|(?P<num>-?\d+(?:\.\d+)?)|(?P<op><>|<=|>=|[=<>{}:,?])|(?P<word>[A-Za-z_][A-Za-z0-9_]*))""")
@@ -412,7 +414,13 @@ class KeepAliveHandler(MotoRequestHandler):
         super().send_header(keyword, value)
 
 
-moto.server.MotoRequestHandler = KeepAliveHandler
+# The handler leans on how werkzeug (pinned in requirements-test.txt) closes and drains: with
+# another werkzeug whose code differs, keep werkzeug's own behaviour (one request a connection).
+_werkzeug_run_wsgi = inspect.getsource(WSGIRequestHandler.run_wsgi)
+if "selector.register(self.connection" in _werkzeug_run_wsgi and '"Connection", "close"' in _werkzeug_run_wsgi:
+    moto.server.MotoRequestHandler = KeepAliveHandler
+else:
+    print("moto_server.py: this werkzeug drains differently; connections are not kept alive", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -38,6 +38,10 @@
 //!   answers `{certificateId, certificatePem, certificateOwnershipToken}`; RegisterThing takes
 //!   that token as it takes CreateKeysAndCertificate's.
 //!
+//! A provisioned device may call these two over its own connection to rotate its certificate
+//! (the template's `DevicePolicy` allows them): the certificate it connected with is then the
+//! claim the hook sees, as on AWS, and the hook admits it for its own thing only.
+//!
 //! Not emulated: the CBOR payload format (use `json`); template constructs other than parameters with
 //! defaults, `Ref`, a thing's `ThingName` and `AttributePayload`, a certificate's `Status` and a
 //! `DeviceConfiguration` (anything else fails at start-up, naming it); the template's policy
@@ -46,7 +50,9 @@
 //! requesting connection (mqtt5 has no delivery to one connection). Because the answers carry
 //! private keys, the broker lets one claim session at a time subscribe to a filter that can
 //! match them (`crate::broker`): claim clients provision one after another, as
-//! `fleetctl demo --provision` does.
+//! `fleetctl demo --provision` does. Devices rotating at the same time each see the others'
+//! CreateCertificateFromCsr and RegisterThing answers (no key travels in them, and a token
+//! works only for the client it was issued to): match answers by `certificateId`/`thingName`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -54,9 +54,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Whether two runs made the same requests. The health counters' UpdateItem calls are one per
-/// minute and hour bucket a batch's arrivals fall in, so a batch that straddles a minute (or an
-/// hour) makes one (or two) more, whenever the run happens to take it: those may differ by up
-/// to two per batch.
+/// (bucket, cohort) a batch touches, so a batch that straddles a minute or an hour makes a few
+/// more, whenever the run happens to take it: in all, those may differ by up to two per batch
+/// (a run of ten batches straddles a minute once or twice).
 fn same_requests(a: &BTreeMap<String, usize>, b: &BTreeMap<String, usize>) -> bool {
     a.keys().eq(b.keys())
         && a.iter()

@@ -10,10 +10,12 @@
 //! A provisioned device rotating its certificate (it claims with the certificate its serial is
 //! provisioned with, `hook::Admission::Rotate`) moves its serial to the new certificate
 //! (conditional on the old one), the new certificate is recorded, the device's registration is
-//! left as it is, and the audit trail says `rotated` and from what. The old certificate stays
-//! active until the device has moved to the new one (cert-expiry-check's business). A claim
-//! that is a device's certificate (the inventory names its thing) provisions that thing only:
-//! `claim_of_another_thing` otherwise.
+//! left as it is, and the audit trail says `rotated` and from what (a retry of a rotation whose
+//! answer was lost is recognised by its claim, and recorded the same way). The old certificate
+//! stays active until an operator retires it (`fleetctl devices retire-certs`) once the device
+//! has moved to the new one. A claim that is a device's certificate (the inventory names its
+//! thing) provisions that thing only: `claim_of_another_thing` otherwise; a claim that is not a
+//! certificate id at all is `malformed_event`.
 //!
 //! Every refusal is answered `allowProvisioning: false` with its reason logged, counted
 //! (`Refused` by `Reason`) and written to the audit trail; a claim certificate asking for
@@ -131,16 +133,30 @@ where
         Err(refusal) => return Ok(refuse(deps, now, &asked, refusal).await),
     };
     let retry = |what| move |e: StoreError| Retryable { what, source: Arc::new(e) };
-    // A device's own certificate as the claim (a rotation) speaks for its thing only: it never
-    // provisions another serial, not even one that is merely allowed.
-    if let Ok(claim) = CertificateId::parse(&request.claim_certificate_id) {
-        let claimed =
-            deps.inventory.certificate(&claim).await.map_err(retry("claim certificate not read"))?;
-        if let Some(thing) = claimed.and_then(|c| c.thing).filter(|t| *t != serial) {
-            let refusal = Refusal::ClaimOfAnotherThing { claim_thing: thing.to_string() };
-            return Ok(refuse(deps, now, &asked, refusal).await);
-        }
+    // The claim is the certificate the device connected with (AWS IoT always names one). A
+    // device's own certificate (the inventory names its thing) claims for that thing only: a
+    // rotation, never another serial. Any other claim is the fleet's claim certificate, which
+    // the allowlist governs.
+    let Ok(claim) = CertificateId::parse(&request.claim_certificate_id) else {
+        let refusal = Refusal::MalformedEvent(format!(
+            "claimCertificateId {:?} is not a certificate id",
+            fleet_shared::text::printable(&asked.claim.chars().take(64).collect::<String>())
+        ));
+        return Ok(refuse(deps, now, &asked, refusal).await);
+    };
+    let claim_thing = deps
+        .inventory
+        .certificate(&claim)
+        .await
+        .map_err(retry("claim certificate not read"))?
+        .and_then(|c| c.thing);
+    if let Some(thing) = claim_thing.as_ref().filter(|t| **t != serial) {
+        let refusal = Refusal::ClaimOfAnotherThing { claim_thing: thing.to_string() };
+        return Ok(refuse(deps, now, &asked, refusal).await);
     }
+    // This serial's own device certificate as the claim: a rotation, or the retry of one
+    // whose answer was lost (the serial already moved to this certificate).
+    let rotation = claim_thing.is_some();
     let entry = deps.allowlist.entry(&serial).await.map_err(retry("allowlist not read"))?;
     let admission = match hook::admit(&serial, entry.as_ref(), &cert.id, &request.claim_certificate_id) {
         Ok(a) => a,
@@ -179,17 +195,18 @@ where
         recorded_ms: now,
     };
     deps.inventory.record(&record).await.map_err(retry("certificate not recorded"))?;
-    if let Admission::Rotate { from } = &admission {
+    if rotation || matches!(admission, Admission::Rotate { .. }) {
+        // The registration is left as it is (a rotation names no firmware).
         let event = AuditEvent {
             at_ms: now,
             serial: serial.to_string(),
             claim_certificate: asked.claim.clone(),
             certificate: Some(cert.id.to_string()),
             outcome: "rotated".into(),
-            reason: Some(format!("from certificate {from}")),
+            reason: Some(format!("from certificate {claim}")),
         };
         deps.audit.audit(&event).await.map_err(retry("decision not audited"))?;
-        info!(serial = %serial, certificate = %cert.id, from = %from, "certificate rotation allowed");
+        info!(serial = %serial, certificate = %cert.id, from = %claim, "certificate rotation allowed");
         emit(deps, now, None);
         return Ok(hook::allow(&entry));
     }

@@ -56,8 +56,9 @@ where
     I: CertificateInventory,
     P: ProvisioningAudit,
 {
-    // First the allowlist, so the device cannot provision again while its certificates go (a
-    // provisioning finishing meanwhile attaches its certificate before the list below).
+    // First the allowlist, so the device cannot provision again while its certificates go. (A
+    // provisioning the hook admitted just before gets its certificate attached and activated by
+    // IoT after the hook answered, possibly after the list below: running it again takes it.)
     let entry_before = ports.allowlist.decommission(thing, now_ms).await?;
     let attached = ports.registry.thing_certificates(thing).await?;
     if entry_before.is_none() && attached.is_empty() {
@@ -143,6 +144,8 @@ pub enum RetireError {
     NotProvisioned(ThingName),
     #[error("{thing}'s current certificate {current} is {status:?}, not ACTIVE: retiring the others would cut the device off")]
     CurrentNotActive { thing: ThingName, current: CertificateId, status: Option<CertStatus> },
+    #[error("{0}'s certificate changed while its certificates were listed (a rotation): run it again")]
+    Moved(ThingName),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -168,13 +171,21 @@ where
     if status != Some(CertStatus::Active) {
         return Err(RetireError::CurrentNotActive { thing: thing.clone(), current, status });
     }
+    let attached = ports.registry.thing_certificates(thing).await?;
+    // A rotation finishing meanwhile would have moved the serial to a certificate the list may
+    // hold: read the entry again, and touch nothing if it moved.
+    match ports.allowlist.entry(thing).await? {
+        Some(AllowlistEntry { enrolment: Enrolment::Provisioned { certificate, .. }, .. })
+            if certificate == current => {}
+        _ => return Err(RetireError::Moved(thing.clone())),
+    }
     let mut out = Retired {
         thing: thing.clone(),
         kept: current,
         deactivated: Vec::new(),
         already_inactive: Vec::new(),
     };
-    for id in ports.registry.thing_certificates(thing).await? {
+    for id in attached {
         if id == out.kept {
             continue;
         }

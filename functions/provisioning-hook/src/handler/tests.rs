@@ -146,9 +146,14 @@ async fn a_provisioned_device_claiming_with_its_certificate_rotates_to_a_new_one
         (last.outcome.as_str(), last.reason.clone()),
         ("rotated", Some(format!("from certificate {old}")))
     );
-    // AND the same request again is a retry (allowed); claiming with the superseded `old` for
-    // yet another certificate is refused: the serial is `new`'s now
+    // AND the same request again is a retry (allowed), recorded as the rotation it is, the
+    // registration still untouched; claiming with the superseded `old` for yet another
+    // certificate is refused: the serial is `new`'s now
     assert!(invoke(&deps, &rotation).await?.allow_provisioning);
+    let last = deps.audit.trail("sensor-102").await?.pop().context("trail")?;
+    assert_eq!(last.outcome, "rotated", "{last:?}");
+    let d = deps.registry.device(&serial).await?.and_then(|d| d.registration).context("registered")?;
+    assert_eq!(d.fw, "2.0.1", "a retried rotation re-registered the device");
     let (again, _) = claimed("sensor-102", NOW_S - 60, NOW_S + 86_400, old.as_str());
     assert!(!invoke(&deps, &again).await?.allow_provisioning);
     let last = deps.audit.trail("sensor-102").await?.pop().context("trail")?;
@@ -160,6 +165,12 @@ async fn a_provisioned_device_claiming_with_its_certificate_rotates_to_a_new_one
     assert!(last.reason.as_deref().is_some_and(|r| r.starts_with("claim_of_another_thing")), "{last:?}");
     let e = deps.allowlist.entry(&ThingName::parse("sensor-101")?).await?.context("entry")?;
     assert_eq!(e.enrolment, Enrolment::Allowed);
+    // AND a claim that is no certificate id at all (the local IoT Core's anonymous client) is
+    // refused as malformed
+    let (anonymous, _) = claimed("sensor-101", NOW_S - 60, NOW_S + 86_400, "");
+    assert!(!invoke(&deps, &anonymous).await?.allow_provisioning);
+    let last = deps.audit.trail("sensor-101").await?.pop().context("trail")?;
+    assert!(last.reason.as_deref().is_some_and(|r| r.starts_with("malformed_event")), "{last:?}");
     Ok(())
 }
 
@@ -183,6 +194,12 @@ async fn every_refusal_has_its_reason_in_the_audit_trail() -> Result<()> {
     // AND sensor-101 is still only allowed, not provisioned
     let e = deps.allowlist.entry(&ThingName::parse("sensor-101")?).await?.context("entry")?;
     assert_eq!(e.enrolment, Enrolment::Allowed);
+    // AND a claim that is no certificate id at all (the local IoT Core's anonymous client) is
+    // refused as malformed
+    let (anonymous, _) = claimed("sensor-101", NOW_S - 60, NOW_S + 86_400, "");
+    assert!(!invoke(&deps, &anonymous).await?.allow_provisioning);
+    let last = deps.audit.trail("sensor-101").await?.pop().context("trail")?;
+    assert!(last.reason.as_deref().is_some_and(|r| r.starts_with("malformed_event")), "{last:?}");
     Ok(())
 }
 
