@@ -42,8 +42,8 @@ use crate::error::{ErrorKind, StoreError};
 use crate::ingest::{ArchiveObject, QuarantineLine};
 use crate::model::{
     AllowlistEntry, CertStatus, Certificate, CertificateDetail, CertificateId, CertificatePage, Device,
-    DeviceRegistration, DeviceState, DriftSummary, ExecutionStatus, JobId, JobProgress, MessageId, NewJob,
-    ShadowName, StoredReading, ThingName, Twin,
+    DeviceRegistration, DeviceState, DriftSummary, Enrolment, ExecutionStatus, JobId, JobProgress, MessageId,
+    NewJob, ShadowName, StoredReading, ThingName, Twin,
 };
 use crate::ota::campaign::Campaign;
 use crate::twin::policy::StalePolicy;
@@ -336,6 +336,21 @@ pub enum Enrolled {
     Taken(CertificateId),
     /// Not provisioned (a rotation needs a provisioned serial: it was reset meanwhile).
     NotProvisioned,
+}
+
+/// How rotating from `from` to `to` ends for a serial whose enrolment is `current`, when that
+/// alone decides it; `None`: provisioned with `from`, so the rotation is to be written
+/// (conditional on it). Both allowlist backends decide by this.
+pub fn rotation_settled(current: &Enrolment, from: &CertificateId, to: &CertificateId) -> Option<Enrolled> {
+    match current {
+        Enrolment::Decommissioned { .. } => Some(Enrolled::Decommissioned),
+        Enrolment::Allowed => Some(Enrolled::NotProvisioned),
+        Enrolment::Provisioned { certificate, .. } if certificate == to => Some(Enrolled::Yes),
+        Enrolment::Provisioned { certificate, .. } if certificate != from => {
+            Some(Enrolled::Taken(certificate.clone()))
+        }
+        Enrolment::Provisioned { .. } => None,
+    }
 }
 
 /// The provisioning allowlist: serial numbers that may provision, and where each stands.

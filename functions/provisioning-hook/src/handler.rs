@@ -144,12 +144,9 @@ where
         ));
         return Ok(refuse(deps, now, &asked, refusal).await);
     };
-    let claim_thing = deps
-        .inventory
-        .certificate(&claim)
-        .await
-        .map_err(retry("claim certificate not read"))?
-        .and_then(|c| c.thing);
+    // Read together: the claim's certificate and the serial's allowlist entry.
+    let (claimed, entry) = tokio::join!(deps.inventory.certificate(&claim), deps.allowlist.entry(&serial));
+    let claim_thing = claimed.map_err(retry("claim certificate not read"))?.and_then(|c| c.thing);
     if let Some(thing) = claim_thing.as_ref().filter(|t| **t != serial) {
         let refusal = Refusal::ClaimOfAnotherThing { claim_thing: thing.to_string() };
         return Ok(refuse(deps, now, &asked, refusal).await);
@@ -157,7 +154,7 @@ where
     // This serial's own device certificate as the claim: a rotation, or the retry of one
     // whose answer was lost (the serial already moved to this certificate).
     let rotation = claim_thing.is_some();
-    let entry = deps.allowlist.entry(&serial).await.map_err(retry("allowlist not read"))?;
+    let entry = entry.map_err(retry("allowlist not read"))?;
     let admission = match hook::admit(&serial, entry.as_ref(), &cert.id, &request.claim_certificate_id) {
         Ok(a) => a,
         Err(refusal) => return Ok(refuse(deps, now, &asked, refusal).await),
@@ -195,46 +192,40 @@ where
         recorded_ms: now,
     };
     deps.inventory.record(&record).await.map_err(retry("certificate not recorded"))?;
-    if rotation || matches!(admission, Admission::Rotate { .. }) {
-        // The registration is left as it is (a rotation names no firmware).
-        let event = AuditEvent {
-            at_ms: now,
-            serial: serial.to_string(),
-            claim_certificate: asked.claim.clone(),
-            certificate: Some(cert.id.to_string()),
-            outcome: "rotated".into(),
-            reason: Some(format!("from certificate {claim}")),
+    // A rotation leaves the registration as it is (it names no firmware); a first provisioning
+    // registers the device.
+    let rotated = rotation || matches!(admission, Admission::Rotate { .. });
+    if !rotated {
+        let fw = request
+            .parameters
+            .get("Firmware")
+            .and_then(|v| v.as_str())
+            .filter(|fw| fleet_shared::model::validate_label("fw", fw).is_ok());
+        let registration = DeviceRegistration {
+            class: entry.class.clone(),
+            region: entry.region.clone(),
+            fw: fw.unwrap_or("unknown").to_owned(),
+            registered_at_ms: now,
         };
-        deps.audit.audit(&event).await.map_err(retry("decision not audited"))?;
-        info!(serial = %serial, certificate = %cert.id, from = %claim, "certificate rotation allowed");
-        emit(deps, now, None);
-        return Ok(hook::allow(&entry));
+        deps.registry
+            .register(&[(serial.clone(), registration)])
+            .await
+            .map_err(retry("device not registered"))?;
     }
-    let fw = request
-        .parameters
-        .get("Firmware")
-        .and_then(|v| v.as_str())
-        .filter(|fw| fleet_shared::model::validate_label("fw", fw).is_ok());
-    let registration = DeviceRegistration {
-        class: entry.class.clone(),
-        region: entry.region.clone(),
-        fw: fw.unwrap_or("unknown").to_owned(),
-        registered_at_ms: now,
-    };
-    deps.registry
-        .register(&[(serial.clone(), registration)])
-        .await
-        .map_err(retry("device not registered"))?;
     let event = AuditEvent {
         at_ms: now,
         serial: serial.to_string(),
         claim_certificate: asked.claim.clone(),
         certificate: Some(cert.id.to_string()),
-        outcome: "allowed".into(),
-        reason: None,
+        outcome: if rotated { "rotated" } else { "allowed" }.into(),
+        reason: rotated.then(|| format!("from certificate {claim}")),
     };
     deps.audit.audit(&event).await.map_err(retry("decision not audited"))?;
-    info!(serial = %serial, certificate = %cert.id, class = %entry.class, region = %entry.region, "provisioning allowed");
+    if rotated {
+        info!(serial = %serial, certificate = %cert.id, from = %claim, "certificate rotation allowed");
+    } else {
+        info!(serial = %serial, certificate = %cert.id, class = %entry.class, region = %entry.region, "provisioning allowed");
+    }
     emit(deps, now, None);
     Ok(hook::allow(&entry))
 }

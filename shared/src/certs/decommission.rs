@@ -223,11 +223,14 @@ mod tests {
 
     const NOW_S: i64 = 1_764_000_000;
 
-    #[tokio::test]
-    async fn a_decommissioned_device_loses_its_certificates_and_keeps_its_history() {
-        // GIVEN sensor-1, provisioned, with two certificates attached (one already revoked)
+    /// `serial` on the allowlist (not provisioned), with one certificate of each of `statuses`
+    /// registered, attached to its thing and in the inventory: the store, the thing, the ids.
+    async fn allowed_with(
+        serial: &str,
+        statuses: &[CertStatus],
+    ) -> (SqliteStore, ThingName, Vec<CertificateId>) {
         let db = SqliteStore::in_memory().expect("db");
-        let thing = ThingName::parse("sensor-1").expect("name");
+        let thing = ThingName::parse(serial).expect("name");
         db.allow(&[AllowlistEntry {
             serial: thing.clone(),
             class: "meter".into(),
@@ -238,8 +241,8 @@ mod tests {
         .await
         .expect("allowed");
         let mut ids = Vec::new();
-        for (n, status) in [(1, CertStatus::Active), (2, CertStatus::Revoked)] {
-            let pem = test_certs::pem("sensor-1", n, NOW_S - 100, NOW_S + 86_400 * 100);
+        for (n, &status) in (1..).zip(statuses) {
+            let pem = test_certs::pem(serial, n, NOW_S - 100, NOW_S + 86_400 * 100);
             let id = db.register_local_certificate(&pem, status, 0).await.expect("registered");
             db.attach_local_certificate(&thing, &id).await.expect("attached");
             let p = crate::certs::parse_pem(&pem).expect("pem");
@@ -258,6 +261,13 @@ mod tests {
             .expect("recorded");
             ids.push(id);
         }
+        (db, thing, ids)
+    }
+
+    #[tokio::test]
+    async fn a_decommissioned_device_loses_its_certificates_and_keeps_its_history() {
+        // GIVEN sensor-1, provisioned, with two certificates attached (one already revoked)
+        let (db, thing, ids) = allowed_with("sensor-1", &[CertStatus::Active, CertStatus::Revoked]).await;
         let ports = || Ports { allowlist: &db, registry: &db, inventory: &db, audit: &db };
         // WHEN it is decommissioned
         let d = decommission(ports(), &thing, NOW_S * 1000).await.expect("decommissioned");
@@ -285,24 +295,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_rotation_the_superseded_certificate_is_retired_and_the_current_one_kept() {
         // GIVEN sensor-2 rotated from certificate 1 to certificate 2, both ACTIVE and attached
-        let db = SqliteStore::in_memory().expect("db");
-        let thing = ThingName::parse("sensor-2").expect("name");
-        db.allow(&[AllowlistEntry {
-            serial: thing.clone(),
-            class: "meter".into(),
-            region: "eu".into(),
-            added_ms: 0,
-            enrolment: Enrolment::Allowed,
-        }])
-        .await
-        .expect("allowed");
-        let mut ids = Vec::new();
-        for n in [1, 2] {
-            let pem = test_certs::pem("sensor-2", n, NOW_S - 100, NOW_S + 86_400 * 100);
-            let id = db.register_local_certificate(&pem, CertStatus::Active, 0).await.expect("registered");
-            db.attach_local_certificate(&thing, &id).await.expect("attached");
-            ids.push(id);
-        }
+        let (db, thing, ids) = allowed_with("sensor-2", &[CertStatus::Active, CertStatus::Active]).await;
         let ports = || Ports { allowlist: &db, registry: &db, inventory: &db, audit: &db };
         // (not provisioned yet: nothing is the current certificate, nothing is touched)
         let early = retire_superseded(ports(), &thing, 1).await;

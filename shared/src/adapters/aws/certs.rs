@@ -29,8 +29,8 @@ use crate::env::{ConfigError, Env};
 use crate::error::StoreError;
 use crate::model::{AllowlistEntry, Certificate, CertificateId, Enrolment, ThingName};
 use crate::ports::{
-    Allowlist, AuditEvent, CertificateInventory, Enrolled, ProvisioningAudit, ReconcileProgress,
-    ReconcileState,
+    rotation_settled, Allowlist, AuditEvent, CertificateInventory, Enrolled, ProvisioningAudit,
+    ReconcileProgress, ReconcileState,
 };
 
 pub const EXPIRY_INDEX: &str = "by_expiry";
@@ -116,6 +116,14 @@ fn state_of(e: &Enrolment) -> &'static str {
     }
 }
 
+/// What an allowlist write expects to find: no entry, an entry in a state, or exactly the
+/// `entry` attribute read.
+enum AsRead {
+    Absent,
+    State(&'static str),
+    Entry(AttributeValue),
+}
+
 impl CertificatesTable {
     async fn get(&self, key: Item, op: &'static str) -> Result<Option<Item>, StoreError> {
         let out = self
@@ -130,8 +138,8 @@ impl CertificatesTable {
         Ok(out.item().cloned())
     }
 
-    /// Write an entry if the stored one is still as read: absent (`None`), or in `state`.
-    async fn put_entry(&self, e: &AllowlistEntry, read: Option<&'static str>) -> Result<bool, StoreError> {
+    /// Write an entry if the stored one is still as read ([`AsRead`]).
+    async fn put_entry(&self, e: &AllowlistEntry, read: AsRead) -> Result<bool, StoreError> {
         let op = "dynamodb allowlist put";
         let mut item = serial_key(&e.serial);
         item.insert("entry".into(), s(to_json(e, op)?));
@@ -139,37 +147,17 @@ impl CertificatesTable {
         item.insert("kind".into(), s("allow"));
         let req = self.client.put_item().table_name(&self.table).set_item(Some(item));
         let req = match read {
-            None => req.condition_expression("attribute_not_exists(pk)"),
+            AsRead::Absent => req.condition_expression("attribute_not_exists(pk)"),
             // `state` is a reserved word.
-            Some(state) => req
+            AsRead::State(state) => req
                 .condition_expression("#st = :read")
                 .expression_attribute_names("#st", "state")
                 .expression_attribute_values(":read", s(state)),
+            AsRead::Entry(entry) => req
+                .condition_expression("#en = :read")
+                .expression_attribute_names("#en", "entry")
+                .expression_attribute_values(":read", entry),
         };
-        match req.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
-                Ok(false)
-            }
-            Err(e) => Err(classify(op, e)),
-        }
-    }
-
-    /// Write an entry if the stored one is still exactly as read (`read`: its `entry` attribute).
-    async fn replace_entry(&self, e: &AllowlistEntry, read: AttributeValue) -> Result<bool, StoreError> {
-        let op = "dynamodb allowlist replace";
-        let mut item = serial_key(&e.serial);
-        item.insert("entry".into(), s(to_json(e, op)?));
-        item.insert("state".into(), s(state_of(&e.enrolment)));
-        item.insert("kind".into(), s("allow"));
-        let req = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression("#en = :read")
-            .expression_attribute_names("#en", "entry")
-            .expression_attribute_values(":read", read);
         match req.send().await {
             Ok(_) => Ok(true),
             Err(e) if e.as_service_error().is_some_and(|se| se.is_conditional_check_failed_exception()) => {
@@ -213,12 +201,12 @@ impl Allowlist for CertificatesTable {
             // then write conditioned on the state read (a race reads again).
             loop {
                 let (next, read) = match self.entry(&e.serial).await? {
-                    None => (e.clone(), None),
+                    None => (e.clone(), AsRead::Absent),
                     Some(old) => {
                         let read = state_of(&old.enrolment);
                         (
                             AllowlistEntry { enrolment: old.enrolment, added_ms: old.added_ms, ..e.clone() },
-                            Some(read),
+                            AsRead::State(read),
                         )
                     }
                 };
@@ -294,7 +282,7 @@ impl Allowlist for CertificatesTable {
                 },
                 ..current
             };
-            if self.put_entry(&next, Some("allowed")).await? {
+            if self.put_entry(&next, AsRead::State("allowed")).await? {
                 return Ok(Enrolled::Yes);
             }
             // Another writer got there first: read again and decide on what it wrote.
@@ -312,14 +300,8 @@ impl Allowlist for CertificatesTable {
         loop {
             let Some(item) = self.get(serial_key(serial), op).await? else { return Ok(Enrolled::Unknown) };
             let current: AllowlistEntry = json_attr(&item, "entry", op)?;
-            match &current.enrolment {
-                Enrolment::Decommissioned { .. } => return Ok(Enrolled::Decommissioned),
-                Enrolment::Allowed => return Ok(Enrolled::NotProvisioned),
-                Enrolment::Provisioned { certificate: c, .. } if c == to => return Ok(Enrolled::Yes),
-                Enrolment::Provisioned { certificate: c, .. } if c != from => {
-                    return Ok(Enrolled::Taken(c.clone()))
-                }
-                Enrolment::Provisioned { .. } => {}
+            if let Some(settled) = rotation_settled(&current.enrolment, from, to) {
+                return Ok(settled);
             }
             let read =
                 item.get("entry").cloned().ok_or_else(|| StoreError::permanent(op, "item without entry"))?;
@@ -327,7 +309,7 @@ impl Allowlist for CertificatesTable {
                 enrolment: Enrolment::Provisioned { thing: serial.clone(), certificate: to.clone(), at_ms },
                 ..current
             };
-            if self.replace_entry(&next, read).await? {
+            if self.put_entry(&next, AsRead::Entry(read)).await? {
                 return Ok(Enrolled::Yes);
             }
             // Written meanwhile: read again and decide on what is there now.
@@ -339,8 +321,11 @@ impl Allowlist for CertificatesTable {
         if !matches!(current.enrolment, Enrolment::Provisioned { .. }) {
             return Ok(false);
         }
-        self.put_entry(&AllowlistEntry { enrolment: Enrolment::Allowed, ..current }, Some("provisioned"))
-            .await
+        self.put_entry(
+            &AllowlistEntry { enrolment: Enrolment::Allowed, ..current },
+            AsRead::State("provisioned"),
+        )
+        .await
     }
 
     async fn decommission(
@@ -351,7 +336,7 @@ impl Allowlist for CertificatesTable {
         loop {
             let Some(current) = self.entry(serial).await? else { return Ok(None) };
             let next = AllowlistEntry { enrolment: Enrolment::Decommissioned { at_ms }, ..current.clone() };
-            if self.put_entry(&next, Some(state_of(&current.enrolment))).await? {
+            if self.put_entry(&next, AsRead::State(state_of(&current.enrolment))).await? {
                 return Ok(Some(current));
             }
         }

@@ -8,8 +8,8 @@ use super::SqliteStore;
 use crate::error::StoreError;
 use crate::model::{AllowlistEntry, Certificate, CertificateId, Enrolment, ThingName};
 use crate::ports::{
-    Allowlist, AuditEvent, CertMark, CertificateInventory, DeviceCertStatus, Enrolled, ProvisioningAudit,
-    Reports,
+    rotation_settled, Allowlist, AuditEvent, CertMark, CertificateInventory, DeviceCertStatus, Enrolled,
+    ProvisioningAudit, Reports,
 };
 
 /// Migration step 7 (see `MIGRATIONS` in `sqlite.rs`).
@@ -174,14 +174,9 @@ impl Allowlist for SqliteStore {
             let tx = c.transaction()?;
             let outcome = match entry_of(&tx, serial.as_str())? {
                 None => Enrolled::Unknown,
-                Some(e) => match e.enrolment {
-                    Enrolment::Decommissioned { .. } => Enrolled::Decommissioned,
-                    Enrolment::Allowed => Enrolled::NotProvisioned,
-                    Enrolment::Provisioned { ref certificate, .. } if *certificate == to => Enrolled::Yes,
-                    Enrolment::Provisioned { certificate, .. } if certificate != from => {
-                        Enrolled::Taken(certificate)
-                    }
-                    Enrolment::Provisioned { .. } => {
+                Some(e) => match rotation_settled(&e.enrolment, &from, &to) {
+                    Some(settled) => settled,
+                    None => {
                         let enrolment =
                             Enrolment::Provisioned { thing: serial.clone(), certificate: to, at_ms };
                         put_entry(&tx, &AllowlistEntry { enrolment, ..e })?;
