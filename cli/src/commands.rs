@@ -127,7 +127,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     };
                     decommission_device(ports, &thing, json).await
                 }
-                Command::Devices { command: DevicesCommand::RetireCerts { thing } } => {
+                Command::Devices { command: DevicesCommand::RetireCerts { thing, force } } => {
                     let certs_table = CertificatesTable::from_env(sdk, env)?;
                     let iot = IotControlPlane::new(sdk)?;
                     let ports = decommission::Ports {
@@ -136,7 +136,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         inventory: &certs_table,
                         audit: &certs_table,
                     };
-                    retire_certs(ports, &thing, json).await
+                    retire_certs(ports, &DevicesTable::from_env(sdk, env)?, &thing, force, json).await
                 }
                 Command::Devices { command } => {
                     devices(&DevicesTable::from_env(sdk, env)?, command, json).await
@@ -235,9 +235,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let ports = decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
                     decommission_device(ports, &thing, json).await
                 }
-                Command::Devices { command: DevicesCommand::RetireCerts { thing } } => {
+                Command::Devices { command: DevicesCommand::RetireCerts { thing, force } } => {
                     let ports = decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
-                    retire_certs(ports, &thing, json).await
+                    retire_certs(ports, db, &thing, force, json).await
                 }
                 Command::Devices { command } => devices(db, command, json).await,
                 Command::Telemetry { thing, since, limit } => telemetry(db, &thing, since, limit, json).await,
@@ -497,7 +497,9 @@ where
 
 async fn retire_certs<A, R, I, P>(
     ports: decommission::Ports<'_, A, R, I, P>,
+    presence: &impl PresenceReader,
     thing: &str,
+    force: bool,
     json: bool,
 ) -> Result<()>
 where
@@ -507,7 +509,12 @@ where
     P: ProvisioningAudit,
 {
     let thing = ThingName::parse(thing)?;
-    let done = decommission::retire_superseded(ports, &thing, time::now_ms()).await?;
+    let in_use = if force {
+        decommission::InUse::Vouched
+    } else {
+        decommission::InUse::from_presence(presence.presence(&thing).await?.as_ref())
+    };
+    let done = decommission::retire_superseded(ports, &thing, &in_use, time::now_ms()).await?;
     output::retired(&done, json)
 }
 

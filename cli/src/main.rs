@@ -405,9 +405,16 @@ pub enum DevicesCommand {
     /// IoT Core) and the inventory, the decision in its audit trail. History is kept.
     Decommission { thing: String },
     /// After a certificate rotation: set INACTIVE every certificate attached to the thing except
-    /// the one its serial is provisioned with (which must be ACTIVE), in AWS IoT (or the local
-    /// IoT Core) and the inventory; the decision in its audit trail.
-    RetireCerts { thing: String },
+    /// the one its serial is provisioned with, in AWS IoT (or the local IoT Core) and the
+    /// inventory; the decision in its audit trail. The current certificate must be ACTIVE and
+    /// in use: the device's latest session (its presence) authenticated with it.
+    RetireCerts {
+        thing: String,
+        /// Retire even though presence has not seen the device connect with its current
+        /// certificate (e.g. its latest session was recorded before presence kept principals).
+        #[arg(long)]
+        force: bool,
+    },
     /// Once, after deploying fleet health onto a running fleet: count the devices already
     /// connected (stored by an older version) in fleet health's connected gauge. Reads every
     /// device's presence; running it again counts nothing twice.

@@ -495,9 +495,19 @@ pub fn presence(thing: &ThingName, p: &fleet_shared::health::presence::Presence,
         length,
         opt(p.disconnect_reason.clone()),
         p.place.version.to_string(),
+        opt(p.principal.clone()),
     ];
     table(
-        &["THING", "STATE", "AT", "SESSION START", "SESSION LENGTH", "DISCONNECT REASON", "VERSION"],
+        &[
+            "THING",
+            "STATE",
+            "AT",
+            "SESSION START",
+            "SESSION LENGTH",
+            "DISCONNECT REASON",
+            "VERSION",
+            "PRINCIPAL",
+        ],
         &[row],
     )
 }

@@ -419,7 +419,12 @@ impl BrokerEventHandler for Hooks {
         Box::pin(async move {
             let iot = &self.0;
             let ip = iot.addresses.lock().unwrap_or_else(|p| p.into_inner()).remove(&*event.client_id);
-            let principal = format!("local/{}", event.user_id.as_deref().unwrap_or(&event.client_id));
+            // As IoT Core names it: a device's certificate id; another client, its local user.
+            let user = event.user_id.as_deref();
+            let principal = match user.and_then(|u| u.strip_prefix(CERTIFICATE_USERNAME_PREFIX)) {
+                Some(certificate) => certificate.to_owned(),
+                None => format!("local/{}", user.unwrap_or(&event.client_id)),
+            };
             let connected = iot.sessions.lock().unwrap_or_else(|p| p.into_inner()).connect(
                 &event.client_id,
                 &principal,

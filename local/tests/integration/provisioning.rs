@@ -9,12 +9,14 @@ use anyhow::{bail, ensure, Context, Result};
 use base64::Engine as _;
 use fleet_local::provisioning::{Provisioning, Request, CREATE_FROM_CSR_TOPIC, CREATE_TOPIC, TOKEN_LIFETIME};
 use fleet_local::LocalStack;
+use fleet_shared::certs::decommission::{retire_superseded, InUse, RetireError};
+use fleet_shared::health::presence::Presence;
 use fleet_shared::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
-use fleet_shared::ports::{Allowlist, DeviceAdmin};
+use fleet_shared::ports::{Allowlist, DeviceAdmin, PresenceReader};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{json, Value};
 
-use crate::support::{client, start, until};
+use crate::support::{client, eventually, start, until};
 
 /// The template's provisioning template, deployed with `Stage=dev`.
 const TEMPLATE: &str = "fleetline-dev-devices";
@@ -293,6 +295,16 @@ async fn rotating_device(
     Ok((c, events))
 }
 
+/// The presence of `thing` once its latest session is recorded as authenticated with `cert`.
+async fn presence_with(stack: &LocalStack, thing: &ThingName, cert: &CertificateId) -> Result<Presence> {
+    eventually(async || {
+        let p = stack.store.presence(thing).await?;
+        Ok(p.filter(|p| p.principal.as_deref() == Some(cert.as_str())))
+    })
+    .await
+    .with_context(|| format!("presence never recorded {thing} connected with {cert}"))
+}
+
 /// Provision `serial` through the claim with a key it keeps: its certificate's id.
 async fn provision_with_csr(stack: &LocalStack, serial: &str) -> Result<CertificateId> {
     let (claim, mut events) = claim_holder(stack, serial).await?;
@@ -355,20 +367,25 @@ async fn a_provisioned_device_rotates_its_certificate_over_its_own_connection() 
     ensure!(answer == "rejected" && refused["errorCode"] == "AccessDenied", "{answer}: {refused}");
     let r02 = stack.store.entry(&ThingName::parse("sensor-r02")?).await?.context("r02")?;
     assert_eq!(r02.enrolment, Enrolment::Allowed);
+    // AND its old certificate is not retired while its latest session used it (presence, from
+    // the lifecycle event IoT Core published when it connected, names the old certificate)
+    let db = &stack.store;
+    let ports =
+        || fleet_shared::certs::decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
+    let on_old = InUse::from_presence(Some(&presence_with(&stack, &thing, &old).await?));
+    let early = retire_superseded(ports(), &thing, &on_old, fleet_shared::time::now_ms()).await;
+    ensure!(matches!(early, Err(RetireError::NotInUse { .. })), "{early:?}");
+    assert_eq!(stack.store.local_certificate_status(&old).await?, Some(CertStatus::Active));
     device.disconnect().await?;
     // AND the device connects with the new certificate and publishes as its thing
     let (renewed, mut renewed_events) = client(&stack, "sensor-r01", Some(&format!("cert/{new}")));
     renewed.publish("dt/fleet/sensor-r01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
     until(&mut renewed_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
     renewed.disconnect().await?;
-    // AND once the superseded certificate is retired (`fleetctl devices retire-certs`), it can
-    // no longer connect, and the new one still can
-    let db = &stack.store;
-    let ports =
-        fleet_shared::certs::decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
-    let retired =
-        fleet_shared::certs::decommission::retire_superseded(ports, &thing, fleet_shared::time::now_ms())
-            .await?;
+    // AND once presence has seen it connect with the new certificate, the superseded one is
+    // retired (`fleetctl devices retire-certs`): it can no longer connect, the new one still can
+    let on_new = InUse::from_presence(Some(&presence_with(&stack, &thing, &new).await?));
+    let retired = retire_superseded(ports(), &thing, &on_new, fleet_shared::time::now_ms()).await?;
     assert_eq!((&retired.kept, &retired.deactivated), (&new, &vec![old.clone()]));
     assert_eq!(stack.store.local_certificate_status(&old).await?, Some(CertStatus::Inactive));
     let (_stale, mut stale_events) = client(&stack, "sensor-r01", Some(&format!("cert/{old}")));

@@ -6,12 +6,16 @@
 //! left (each step is idempotent).
 //!
 //! Retiring after a rotation ([`retire_superseded`]) is the same for every certificate attached
-//! to the thing except the one its serial is provisioned with, which must be `ACTIVE` (else
-//! nothing is touched: the device would be cut off); the serial stays provisioned.
+//! to the thing except the one its serial is provisioned with, which must be `ACTIVE` and in
+//! use: the device's latest session, as presence recorded it from IoT Core's lifecycle events,
+//! authenticated with it ([`InUse`]). Else nothing is touched: a device that has its new
+//! certificate but still connects with the old one (it has not stored the new one yet, or went
+//! back to the old) would be cut off. The serial stays provisioned.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
+use crate::health::presence::Presence;
 use crate::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
 use crate::ports::{
     Allowlist, AuditEvent, CertificateControl, CertificateInventory, CertificateRegistry, ProvisioningAudit,
@@ -146,15 +150,51 @@ pub enum RetireError {
     CurrentNotActive { thing: ThingName, current: CertificateId, status: Option<CertStatus> },
     #[error("{0}'s certificate changed while its certificates were listed (a rotation): run it again")]
     Moved(ThingName),
+    #[error(
+        "{thing} has not connected with its current certificate {current} yet (its latest session \
+         used {}): retiring the others could cut it off; run it again once it has reconnected",
+        latest.as_deref().unwrap_or("no certificate recorded")
+    )]
+    NotInUse { thing: ThingName, current: CertificateId, latest: Option<String> },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
+/// What shows that a device uses its current certificate, before the others are retired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InUse {
+    /// The credential its latest session authenticated with, as presence recorded it (`None`:
+    /// none recorded): it must be the current certificate.
+    LatestSession(Option<String>),
+    /// An operator vouches for it (`fleetctl devices retire-certs --force`), e.g. for a device
+    /// whose latest session was recorded before presence kept principals.
+    Vouched,
+}
+
+impl InUse {
+    /// What a device's presence says (`None`: no lifecycle event of it recorded).
+    pub fn from_presence(presence: Option<&Presence>) -> Self {
+        InUse::LatestSession(presence.and_then(|p| p.principal.clone()))
+    }
+
+    fn check(&self, thing: &ThingName, current: &CertificateId) -> Result<(), RetireError> {
+        let latest = match self {
+            InUse::Vouched => return Ok(()),
+            InUse::LatestSession(principal) => principal.clone(),
+        };
+        if latest.as_deref() == Some(current.as_str()) {
+            return Ok(());
+        }
+        Err(RetireError::NotInUse { thing: thing.clone(), current: current.clone(), latest })
+    }
+}
+
 /// After a rotation: deactivate every certificate attached to `thing` except the one its serial
-/// is provisioned with, if that one is `ACTIVE`. Idempotent.
+/// is provisioned with, if that one is `ACTIVE` and `in_use`. Idempotent.
 pub async fn retire_superseded<A, R, I, P>(
     ports: Ports<'_, A, R, I, P>,
     thing: &ThingName,
+    in_use: &InUse,
     now_ms: i64,
 ) -> Result<Retired, RetireError>
 where
@@ -167,6 +207,7 @@ where
         Some(AllowlistEntry { enrolment: Enrolment::Provisioned { certificate, .. }, .. }) => certificate,
         _ => return Err(RetireError::NotProvisioned(thing.clone())),
     };
+    in_use.check(thing, &current)?;
     let status = ports.registry.describe_certificate(&current).await?.map(|d| d.listed.status);
     if status != Some(CertStatus::Active) {
         return Err(RetireError::CurrentNotActive { thing: thing.clone(), current, status });
@@ -222,6 +263,21 @@ mod tests {
     use crate::model::Certificate;
 
     const NOW_S: i64 = 1_764_000_000;
+
+    /// A device's presence whose latest session authenticated with `certificate`.
+    fn session_with(certificate: &CertificateId) -> Presence {
+        let event = crate::health::presence::LifecycleEvent {
+            client_id: "sensor-2".into(),
+            timestamp: NOW_S * 1000,
+            event_type: crate::health::presence::Kind::Connected,
+            version_number: 1,
+            session_identifier: None,
+            disconnect_reason: None,
+            client_initiated_disconnect: None,
+            principal_identifier: Some(certificate.to_string()),
+        };
+        crate::health::presence::fold(None, [&event]).expect("a presence")
+    }
 
     /// `serial` on the allowlist (not provisioned), with one certificate of each of `statuses`
     /// registered, attached to its thing and in the inventory: the store, the thing, the ids.
@@ -298,15 +354,26 @@ mod tests {
         let (db, thing, ids) = allowed_with("sensor-2", &[CertStatus::Active, CertStatus::Active]).await;
         let ports = || Ports { allowlist: &db, registry: &db, inventory: &db, audit: &db };
         // (not provisioned yet: nothing is the current certificate, nothing is touched)
-        let early = retire_superseded(ports(), &thing, 1).await;
+        let early = retire_superseded(ports(), &thing, &InUse::Vouched, 1).await;
         assert!(matches!(early, Err(RetireError::NotProvisioned(_))), "{early:?}");
         assert_eq!(db.enrol(&thing, &ids[0], 1).await.expect("enrol"), crate::ports::Enrolled::Yes);
         assert_eq!(
             db.rotate(&thing, &ids[0], &ids[1], 2).await.expect("rotate"),
             crate::ports::Enrolled::Yes
         );
-        // WHEN its superseded certificates are retired
-        let r = retire_superseded(ports(), &thing, NOW_S * 1000).await.expect("retired");
+        // (while its latest session is unknown or used certificate 1, nothing is touched)
+        for latest in [None, Some(session_with(&ids[0]))] {
+            let in_use = InUse::from_presence(latest.as_ref());
+            let refused = retire_superseded(ports(), &thing, &in_use, 3).await;
+            assert!(
+                matches!(&refused, Err(RetireError::NotInUse { current, .. }) if *current == ids[1]),
+                "{latest:?}: {refused:?}"
+            );
+            assert_eq!(db.local_certificate_status(&ids[0]).await.expect("read"), Some(CertStatus::Active));
+        }
+        // WHEN it has connected with certificate 2 and its superseded certificates are retired
+        let in_use = InUse::from_presence(Some(&session_with(&ids[1])));
+        let r = retire_superseded(ports(), &thing, &in_use, NOW_S * 1000).await.expect("retired");
         // THEN certificate 1 is INACTIVE, certificate 2 (the current one) still ACTIVE, the
         // serial still provisioned with it, the trail says so
         assert_eq!((&r.kept, &r.deactivated, r.already_inactive.len()), (&ids[1], &vec![ids[0].clone()], 0));
@@ -319,12 +386,12 @@ mod tests {
         let trail = db.trail("sensor-2").await.expect("trail");
         assert_eq!(trail.last().map(|e| e.outcome.as_str()), Some("retired"));
         // AND again: nothing left to do
-        let again = retire_superseded(ports(), &thing, NOW_S * 1000).await.expect("again");
+        let again = retire_superseded(ports(), &thing, &in_use, NOW_S * 1000).await.expect("again");
         assert!(again.deactivated.is_empty() && again.already_inactive == vec![ids[0].clone()], "{again:?}");
         // AND with the current certificate not ACTIVE nothing is touched
         db.set_certificate_status(&ids[1], CertStatus::Inactive).await.expect("deactivated");
         db.set_certificate_status(&ids[0], CertStatus::Active).await.expect("reactivated");
-        let refused = retire_superseded(ports(), &thing, NOW_S * 1000).await;
+        let refused = retire_superseded(ports(), &thing, &InUse::Vouched, NOW_S * 1000).await;
         assert!(matches!(refused, Err(RetireError::CurrentNotActive { .. })), "{refused:?}");
         assert_eq!(db.local_certificate_status(&ids[0]).await.expect("read"), Some(CertStatus::Active));
     }

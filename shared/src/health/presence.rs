@@ -44,6 +44,10 @@ pub struct LifecycleEvent {
     pub disconnect_reason: Option<String>,
     #[serde(default)]
     pub client_initiated_disconnect: Option<bool>,
+    /// The credential the session authenticated with: for a device with an X.509 certificate,
+    /// the certificate's id.
+    #[serde(default)]
+    pub principal_identifier: Option<String>,
 }
 
 /// Why an event is not one presence can use.
@@ -119,6 +123,11 @@ pub struct Presence {
     /// presence function; [`crate::health::signals::presence`] moves the count with it).
     #[serde(default)]
     pub counted_in: Option<crate::health::tally::Cohort>,
+    /// The credential the latest session authenticated with (`principalIdentifier`: for a
+    /// device, its certificate's id), when its events carry one. After a certificate
+    /// rotation, the proof that the device uses its new certificate.
+    #[serde(default)]
+    pub principal: Option<String>,
 }
 
 /// Whether `e` is an event of the session `p` describes.
@@ -158,12 +167,12 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
                 disconnect_reason: None,
                 session: e.session_identifier.clone(),
                 counted_in: None,
+                principal: e.principal_identifier.clone(),
             },
             Kind::Disconnected => {
                 // Its connect seen (it is the state now): the session's start and length.
-                let started = (cur.place.kind == Kind::Connected && same_session(cur, e))
-                    .then_some(cur.session_started_ms)
-                    .flatten();
+                let same = cur.place.kind == Kind::Connected && same_session(cur, e);
+                let started = same.then_some(cur.session_started_ms).flatten();
                 Presence {
                     connected: false,
                     place,
@@ -172,6 +181,10 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
                     disconnect_reason: e.disconnect_reason.clone(),
                     session: e.session_identifier.clone(),
                     counted_in: None,
+                    principal: e
+                        .principal_identifier
+                        .clone()
+                        .or_else(|| same.then(|| cur.principal.clone()).flatten()),
                 }
             }
         };
@@ -186,6 +199,7 @@ pub fn apply(current: Option<&Presence>, e: &LifecycleEvent) -> Applied {
     {
         let mut next = cur.clone();
         next.session_started_ms = Some(e.timestamp);
+        next.principal = next.principal.or_else(|| e.principal_identifier.clone());
         next.session_ms = Some(cur.place.at_ms.saturating_sub(e.timestamp));
         return Applied::Enriched(next);
     }
@@ -202,6 +216,7 @@ fn first(e: &LifecycleEvent) -> Presence {
         disconnect_reason: if connected { None } else { e.disconnect_reason.clone() },
         session: e.session_identifier.clone(),
         counted_in: None,
+        principal: e.principal_identifier.clone(),
     }
 }
 

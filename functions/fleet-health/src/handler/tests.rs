@@ -82,6 +82,7 @@ impl Fleet {
                 disconnect_reason: None,
                 session: None,
                 counted_in: Some(Cohort::of(Some(d), None).without_fw()),
+                principal: None,
             };
             signals::presence(&mut delta, None, &p);
         }

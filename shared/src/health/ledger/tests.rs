@@ -127,6 +127,7 @@ fn slis_of_a_fixed_history_equal_hand_computed_values() {
             disconnect_reason: None,
             session: None,
             counted_in: Some(cohort.without_fw()),
+            principal: None,
         };
         signals::presence(&mut connected, None, &now);
     }

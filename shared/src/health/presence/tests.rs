@@ -12,6 +12,7 @@ fn event(kind: Kind, version: i64, at_ms: i64, reason: Option<&str>) -> Lifecycl
         session_identifier: Some(format!("s-{version}")),
         disconnect_reason: reason.map(str::to_owned),
         client_initiated_disconnect: reason.map(|r| r == "CLIENT_INITIATED_DISCONNECT"),
+        principal_identifier: Some(format!("cert-{version}")),
     }
 }
 
@@ -58,6 +59,7 @@ fn any_order_with_duplicates_ends_in_the_last_sessions_state() {
         disconnect_reason: Some("MQTT_KEEP_ALIVE_TIMEOUT".into()),
         session: Some("s-5".into()),
         counted_in: None,
+        principal: Some("cert-5".into()),
     };
     // 4 events, each twice: 8! orders of delivery.
     let events = [c1.clone(), d1.clone(), c2.clone(), d2.clone(), c1, d1, c2, d2];
@@ -141,4 +143,26 @@ fn a_version_reset_after_an_hour_offline_starts_a_newer_count() {
     // And a late event of the old count never flips the new one.
     let now = fold(None, [&c0]).expect("state");
     assert_eq!(apply(Some(&now), &d7), Applied::Stale);
+}
+
+#[test]
+fn the_principal_is_the_latest_sessions_certificate_whatever_arrives_late() {
+    // GIVEN a session with certificate cert-1, then (a rotation) one with cert-2
+    let c1 = event(Kind::Connected, 1, 100, None);
+    let d1 = event(Kind::Disconnected, 1, 200, Some("CLIENT_INITIATED_DISCONNECT"));
+    let c2 = event(Kind::Connected, 2, 300, None);
+    // THEN in any order the device is known to use cert-2
+    for order in permutations(&[c1.clone(), d1.clone(), c2.clone()]) {
+        let p = one_at_a_time(&order).expect("a state");
+        assert_eq!(p.principal.as_deref(), Some("cert-2"), "{order:?}");
+    }
+    // AND a disconnect that names no principal keeps its session's
+    let mut d2 = event(Kind::Disconnected, 2, 400, Some("CONNECTION_LOST"));
+    d2.principal_identifier = None;
+    let p = fold(None, [&c1, &d1, &c2, &d2]).expect("a state");
+    assert_eq!((p.connected, p.principal.as_deref()), (false, Some("cert-2")));
+    // AND events without one (as stored before principals were kept) leave it unknown
+    let mut bare = event(Kind::Connected, 3, 500, None);
+    bare.principal_identifier = None;
+    assert_eq!(fold(Some(&p), [&bare]).expect("a state").principal, None);
 }
