@@ -14,12 +14,24 @@
 //! is rejected with its reason (logged, counted `Rejected`), never retried: IoT Core wrote it,
 //! so retrying cannot change it. Metrics: `Events`, `Connects`, `Disconnects`,
 //! `DuplicateClientId` (sessions ended because another connection took the client id: a
-//! cloned identity), `PresenceChanged`, `StaleIgnored`, `Rejected`, `Failed`.
+//! cloned identity), `PresenceChanged`, `StaleIgnored`, `Rejected`, `Failed`,
+//! `CertificatesRetired`.
+//!
+//! Presence keeps the credential each session authenticated with (`principalIdentifier`: a
+//! device's certificate id). When a device connects with another one than before and it is the
+//! certificate its serial is provisioned with, i.e. its first connection after a certificate
+//! rotation, the certificates the rotation superseded are retired before its presence is
+//! written (`fleet_shared::certs::decommission::retire_on_connect`: `INACTIVE` in AWS IoT and
+//! the inventory, audited `retired`). A transient failure there retries the device's events,
+//! so the retirement is not lost; any other is logged and presence goes on.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fleet_shared::adapters::aws::{DevicesTable, HealthTable, PresenceTables};
+use fleet_shared::adapters::aws::{
+    CertificatesTable, DevicesTable, HealthTable, IotControlPlane, PresenceTables,
+};
+use fleet_shared::certs::decommission::{self, retire_on_connect};
 use fleet_shared::health::presence::{fold, Kind, LifecycleEvent, Presence};
 use fleet_shared::health::signals;
 use fleet_shared::health::tally::{Cohort, HealthDelta};
@@ -27,7 +39,10 @@ use fleet_shared::ingest::{parse_event, OwnedInbound, Trigger};
 use fleet_shared::lambda::{self, AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
 use fleet_shared::model::ThingName;
-use fleet_shared::ports::{DeviceRegistry, HealthCounters, PresenceStore};
+use fleet_shared::ports::{
+    Allowlist, CertificateControl, CertificateInventory, CertificateRegistry, DeviceRegistry, HealthCounters,
+    PresenceStore, ProvisioningAudit,
+};
 use fleet_shared::{time, StoreError};
 use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
@@ -40,21 +55,33 @@ pub const FUNCTION: &str = "presence";
 /// retried.
 pub const MAX_ATTEMPTS: usize = 5;
 
+/// What retiring a rotated device's superseded certificates reads and writes.
+pub trait CertStore: Allowlist + CertificateInventory + ProvisioningAudit {}
+impl<T: Allowlist + CertificateInventory + ProvisioningAudit> CertStore for T {}
+/// AWS IoT's certificate registry (or the local IoT Core's).
+pub trait CertRegistry: CertificateRegistry + CertificateControl {}
+impl<T: CertificateRegistry + CertificateControl> CertRegistry for T {}
+
 /// Everything the handler needs, built once per cold start.
-pub struct Deps<R, P, H> {
+pub struct Deps<R, P, H, C, G> {
     /// Devices table: each device's class, region and firmware (its health cohort).
     pub registry: R,
     /// Devices table (the `presence` item per device) with the Health table's connected gauge.
     pub presence: P,
     /// Health table: connects, disconnects, DUPLICATE_CLIENTID per cohort and minute.
     pub health: H,
+    /// Certificates table: the allowlist (a serial's current certificate), the inventory and
+    /// the audit trail, for retiring superseded certificates after a rotation.
+    pub certs: C,
+    /// AWS IoT's registry: a thing's certificates, their status.
+    pub cert_registry: G,
     pub clock: fn() -> i64,
     pub metrics: MetricsOut,
 }
 
-impl Deps<DevicesTable, PresenceTables, HealthTable> {
-    /// On AWS: the Devices table (`FLEET_DEVICES_TABLE`) and the Health table
-    /// (`FLEET_HEALTH_TABLE`).
+impl Deps<DevicesTable, PresenceTables, HealthTable, CertificatesTable, IotControlPlane> {
+    /// On AWS: the Devices table (`FLEET_DEVICES_TABLE`), the Health table
+    /// (`FLEET_HEALTH_TABLE`), the Certificates table (`FLEET_CERTIFICATES_TABLE`) and AWS IoT.
     pub fn on_aws(aws: &AwsBackend) -> Result<Self, StartupError> {
         let devices = DevicesTable::from_env(&aws.sdk, &aws.env)?;
         let health = HealthTable::from_env(&aws.sdk, &aws.env)?;
@@ -62,6 +89,8 @@ impl Deps<DevicesTable, PresenceTables, HealthTable> {
             registry: devices.clone(),
             presence: PresenceTables { devices, health: health.clone() },
             health,
+            certs: CertificatesTable::from_env(&aws.sdk, &aws.env)?,
+            cert_registry: IotControlPlane::new(&aws.sdk)?,
             clock: time::now_ms,
             metrics: MetricsOut::stdout(&aws.env)?,
         })
@@ -70,6 +99,8 @@ impl Deps<DevicesTable, PresenceTables, HealthTable> {
 
 #[cfg(feature = "embedded")]
 pub type EmbeddedDeps = Deps<
+    fleet_shared::adapters::embedded::SqliteStore,
+    fleet_shared::adapters::embedded::SqliteStore,
     fleet_shared::adapters::embedded::SqliteStore,
     fleet_shared::adapters::embedded::SqliteStore,
     fleet_shared::adapters::embedded::SqliteStore,
@@ -83,6 +114,8 @@ impl EmbeddedDeps {
             registry: e.db.clone(),
             presence: e.db.clone(),
             health: e.db.clone(),
+            certs: e.db.clone(),
+            cert_registry: e.db.clone(),
             clock: time::now_ms,
             metrics: MetricsOut::Stdout { stage: "local".to_owned() },
         })
@@ -104,6 +137,9 @@ pub struct Outcome {
     pub rejected: Vec<(String, String)>,
     /// Events whose device's write failed transiently: (message id, error), retried.
     pub failed: Vec<(String, Arc<StoreError>)>,
+    /// Certificates set `INACTIVE` because their device connected with the one a rotation
+    /// replaced them with.
+    pub retired: usize,
 }
 
 /// The answer to a direct invocation.
@@ -121,8 +157,8 @@ pub enum Response {
     Direct(DirectResponse),
 }
 
-pub async fn handle<R: DeviceRegistry, P: PresenceStore, H: HealthCounters>(
-    deps: &Deps<R, P, H>,
+pub async fn handle<R: DeviceRegistry, P: PresenceStore, H: HealthCounters, C: CertStore, G: CertRegistry>(
+    deps: &Deps<R, P, H, C, G>,
     event: LambdaEvent<Box<RawValue>>,
 ) -> Result<Response, Retryable> {
     let now = (deps.clock)();
@@ -146,8 +182,8 @@ pub async fn handle<R: DeviceRegistry, P: PresenceStore, H: HealthCounters>(
 }
 
 /// A batch's events, by device, into each device's presence; logged and measured.
-pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters>(
-    deps: &Deps<R, P, H>,
+pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters, C: CertStore, G: CertRegistry>(
+    deps: &Deps<R, P, H, C, G>,
     now: i64,
     messages: &[OwnedInbound],
 ) -> Outcome {
@@ -190,7 +226,15 @@ pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters>(
         // known yet when it connects.
         let cohort = Cohort::of(devices.get(thing), None).without_fw();
         let n = |kind: Kind| events.iter().filter(|(_, e)| e.event_type == kind).count() as i64;
-        match record(&deps.presence, thing, &cohort, events.iter().map(|(_, e)| e)).await {
+        let certs = Certs { store: &deps.certs, registry: &deps.cert_registry, now };
+        let recorded = record(&deps.presence, thing, &cohort, events.iter().map(|(_, e)| e), &certs).await;
+        let recorded = recorded.map(|r| {
+            r.map(|(presence, retired)| {
+                out.retired += retired;
+                presence
+            })
+        });
+        match recorded {
             Ok(Some(now_stored)) => {
                 out.changed += 1;
                 out.stale += events.len() - 1;
@@ -235,29 +279,71 @@ pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters>(
             ("StaleIgnored", out.stale as f64, Unit::Count),
             ("Rejected", out.rejected.len() as f64, Unit::Count),
             ("Failed", out.failed.len() as f64, Unit::Count),
+            ("CertificatesRetired", out.retired as f64, Unit::Count),
         ],
     }]);
     out
 }
 
+/// The certificate ports a device's new credential is checked against.
+pub struct Certs<'a, C, G> {
+    pub store: &'a C,
+    pub registry: &'a G,
+    pub now: i64,
+}
+
+impl<C: CertStore, G: CertRegistry> Certs<'_, C, G> {
+    /// `thing` connected with `principal`, another credential than before: retire what a
+    /// rotation to it superseded. How many certificates it set `INACTIVE`; only a transient
+    /// failure is an error (the device's events are retried), any other is logged.
+    async fn new_principal(&self, thing: &ThingName, principal: &str) -> Result<usize, StoreError> {
+        let ports = decommission::Ports {
+            allowlist: self.store,
+            registry: self.registry,
+            inventory: self.store,
+            audit: self.store,
+        };
+        match retire_on_connect(ports, thing, principal, self.now).await {
+            Ok(Some(r)) if !r.deactivated.is_empty() => {
+                info!(%thing, kept = %r.kept, deactivated = ?r.deactivated, "superseded certificates retired");
+                Ok(r.deactivated.len())
+            }
+            Ok(_) => Ok(0),
+            Err(e) if e.is_transient() => Err(e),
+            Err(e) => {
+                warn!(%thing, error = %e, "superseded certificates not retired");
+                Ok(0)
+            }
+        }
+    }
+}
+
 /// Fold one device's events into its stored presence and write it if it changed, on the
 /// presence read (re-read and fold again when another writer got there first), moving the
-/// connected gauge with it: a connected device counts in `cohort`. The presence stored now,
-/// if it changed.
-pub async fn record<'a, P: PresenceStore>(
+/// connected gauge with it: a connected device counts in `cohort`. A device now known to use
+/// another credential than the stored presence says goes through [`Certs::new_principal`]
+/// first (an error there writes nothing). The presence stored now, if it changed, and how many
+/// certificates were retired.
+pub async fn record<'a, P: PresenceStore, C: CertStore, G: CertRegistry>(
     store: &P,
     thing: &ThingName,
     cohort: &Cohort,
     events: impl Iterator<Item = &'a LifecycleEvent> + Clone,
-) -> Result<Option<Presence>, StoreError> {
+    certs: &Certs<'_, C, G>,
+) -> Result<Option<(Presence, usize)>, StoreError> {
+    let mut retired = 0;
     for _ in 0..MAX_ATTEMPTS {
         let stored = store.presence(thing).await?;
         let Some(mut next) = fold(stored.as_ref(), events.clone()) else { return Ok(None) };
+        let before = stored.as_ref().and_then(|p| p.principal.as_deref());
+        if let Some(principal) = next.principal.as_deref().filter(|p| Some(*p) != before) {
+            retired += certs.new_principal(thing, principal).await?;
+        }
         next.counted_in = next.connected.then(|| cohort.clone());
         let mut gauge = HealthDelta::default();
         signals::presence(&mut gauge, stored.as_ref(), &next);
         if store.put_presence(thing, &next, stored.as_ref().map(|p| &p.place), &gauge).await? {
-            return Ok(Some(next));
+            return Ok(Some((next, retired)));
         }
     }
     Err(StoreError::transient("presence write", "the device's presence kept changing underneath"))

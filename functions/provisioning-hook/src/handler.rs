@@ -12,8 +12,8 @@
 //! (conditional on the old one), the new certificate is recorded, the device's registration is
 //! left as it is, and the audit trail says `rotated` and from what (a retry of a rotation whose
 //! answer was lost is recognised by its claim, and recorded the same way). The old certificate
-//! stays active until an operator retires it (`fleetctl devices retire-certs`) once the device
-//! has moved to the new one. A claim that is a device's certificate (the inventory names its
+//! stays active until the device connects with the new one: then the presence function retires
+//! it (`fleet_shared::certs::decommission::retire_on_connect`). A claim that is a device's certificate (the inventory names its
 //! thing) provisions that thing only: `claim_of_another_thing` otherwise; a claim that is not a
 //! certificate id at all is `malformed_event`.
 //!

@@ -382,12 +382,22 @@ async fn a_provisioned_device_rotates_its_certificate_over_its_own_connection() 
     renewed.publish("dt/fleet/sensor-r01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
     until(&mut renewed_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
     renewed.disconnect().await?;
-    // AND once presence has seen it connect with the new certificate, the superseded one is
-    // retired (`fleetctl devices retire-certs`): it can no longer connect, the new one still can
-    let on_new = InUse::from_presence(Some(&presence_with(&stack, &thing, &new).await?));
-    let retired = retire_superseded(ports(), &thing, &on_new, fleet_shared::time::now_ms()).await?;
-    assert_eq!((&retired.kept, &retired.deactivated), (&new, &vec![old.clone()]));
-    assert_eq!(stack.store.local_certificate_status(&old).await?, Some(CertStatus::Inactive));
+    // AND as the presence function records that connection, the superseded certificate is
+    // retired on its own (as `fleetctl devices retire-certs` would, audited `retired`): it can
+    // no longer connect, the new one still can
+    presence_with(&stack, &thing, &new).await?;
+    eventually(async || {
+        Ok((stack.store.local_certificate_status(&old).await? == Some(CertStatus::Inactive)).then_some(()))
+    })
+    .await
+    .context("the old certificate was not retired")?;
+    let trail = fleet_shared::ports::ProvisioningAudit::trail(&stack.store, "sensor-r01").await?;
+    assert_eq!(trail.last().map(|e| e.outcome.as_str()), Some("retired"), "{trail:?}");
+    let again = retire_superseded(ports(), &thing, &InUse::Vouched, fleet_shared::time::now_ms()).await?;
+    assert_eq!(
+        (&again.kept, &again.deactivated, &again.already_inactive),
+        (&new, &vec![], &vec![old.clone()])
+    );
     let (_stale, mut stale_events) = client(&stack, "sensor-r01", Some(&format!("cert/{old}")));
     let refused = until(&mut stale_events, |e| match e {
         Event::Incoming(Packet::ConnAck(ack)) => Some(ack.code),

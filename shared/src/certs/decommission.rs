@@ -190,7 +190,8 @@ impl InUse {
 }
 
 /// After a rotation: deactivate every certificate attached to `thing` except the one its serial
-/// is provisioned with, if that one is `ACTIVE` and `in_use`. Idempotent.
+/// is provisioned with, if that one is `ACTIVE` and `in_use`; audited `retired` when it
+/// deactivated one. Idempotent.
 pub async fn retire_superseded<A, R, I, P>(
     ports: Ports<'_, A, R, I, P>,
     thing: &ThingName,
@@ -208,11 +209,21 @@ where
         _ => return Err(RetireError::NotProvisioned(thing.clone())),
     };
     in_use.check(thing, &current)?;
+    let attached = ports.registry.thing_certificates(thing).await?;
+    let mut out = Retired {
+        thing: thing.clone(),
+        kept: current,
+        deactivated: Vec::new(),
+        already_inactive: Vec::new(),
+    };
+    if attached.iter().all(|id| *id == out.kept) {
+        return Ok(out); // nothing else attached: nothing to retire
+    }
+    let current = out.kept.clone();
     let status = ports.registry.describe_certificate(&current).await?.map(|d| d.listed.status);
     if status != Some(CertStatus::Active) {
         return Err(RetireError::CurrentNotActive { thing: thing.clone(), current, status });
     }
-    let attached = ports.registry.thing_certificates(thing).await?;
     // A rotation finishing meanwhile would have moved the serial to a certificate the list may
     // hold: read the entry again, and touch nothing if it moved.
     match ports.allowlist.entry(thing).await? {
@@ -220,12 +231,6 @@ where
             if certificate == current => {}
         _ => return Err(RetireError::Moved(thing.clone())),
     }
-    let mut out = Retired {
-        thing: thing.clone(),
-        kept: current,
-        deactivated: Vec::new(),
-        already_inactive: Vec::new(),
-    };
     for id in attached {
         if id == out.kept {
             continue;
@@ -235,6 +240,9 @@ where
             Some(false) => out.already_inactive.push(id),
             None => {}
         }
+    }
+    if out.deactivated.is_empty() {
+        return Ok(out); // nothing changed: nothing for the trail
     }
     ports
         .audit
@@ -253,6 +261,36 @@ where
         })
         .await?;
     Ok(out)
+}
+
+/// `thing` connected with `principal`, another credential than its previous session's (presence
+/// saw it): if that is the certificate its serial is provisioned with, the certificates a
+/// rotation superseded are retired now ([`retire_superseded`]), the device having shown that it
+/// uses the new one. A device connecting with anything else, or a serial not provisioned, is
+/// left alone (`Ok(None)`), as is one a second rotation moved meanwhile (its next connect
+/// decides). A device that never rotated costs a read of its entry and of its thing's
+/// certificates, once per new credential.
+pub async fn retire_on_connect<A, R, I, P>(
+    ports: Ports<'_, A, R, I, P>,
+    thing: &ThingName,
+    principal: &str,
+    now_ms: i64,
+) -> Result<Option<Retired>, StoreError>
+where
+    A: Allowlist,
+    R: CertificateRegistry + CertificateControl,
+    I: CertificateInventory,
+    P: ProvisioningAudit,
+{
+    let in_use = InUse::LatestSession(Some(principal.to_owned()));
+    match retire_superseded(ports, thing, &in_use, now_ms).await {
+        Ok(retired) => Ok(Some(retired)),
+        Err(RetireError::Store(e)) => Err(e),
+        Err(why) => {
+            tracing::debug!(%thing, %why, "nothing retired on connect");
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -123,21 +123,25 @@ async fn reconciliation_adopts_into_dynamodb_and_reports_the_findings() -> Resul
     Ok(())
 }
 
+/// `thing`'s serial on the allowlist, not provisioned yet.
+async fn allow(table: &impl Allowlist, thing: &ThingName) -> Result<()> {
+    let entry = AllowlistEntry {
+        serial: thing.clone(),
+        class: "meter".into(),
+        region: "eu".into(),
+        added_ms: 0,
+        enrolment: Enrolment::Allowed,
+    };
+    Ok(table.allow(&[entry]).await?)
+}
+
 #[tokio::test]
 #[ignore = "needs the moto server started by scripts/test.sh"]
 async fn decommission_deactivates_the_certificate_in_aws_iot() -> Result<()> {
     let iot = iot().await?;
     let table = moto::fresh_adapters().await?.certs;
     let thing = fresh_thing("dec")?;
-    table
-        .allow(&[AllowlistEntry {
-            serial: thing.clone(),
-            class: "meter".into(),
-            region: "eu".into(),
-            added_ms: 0,
-            enrolment: Enrolment::Allowed,
-        }])
-        .await?;
+    allow(&table, &thing).await?;
     let id = registered(&iot, 100, CertStatus::Active, &[&thing]).await?;
     let ports = decommission::Ports { allowlist: &table, registry: &iot, inventory: &table, audit: &table };
     let done = decommission(ports, &thing, fleet_shared::time::now_ms()).await?;
@@ -146,6 +150,36 @@ async fn decommission_deactivates_the_certificate_in_aws_iot() -> Result<()> {
     assert_eq!(status, CertStatus::Inactive);
     let entry = table.entry(&thing).await?.context("entry gone")?;
     assert!(matches!(entry.enrolment, Enrolment::Decommissioned { .. }), "{entry:?}");
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs the moto server started by scripts/test.sh"]
+async fn a_rotated_device_connecting_with_its_new_certificate_retires_the_old_one_in_aws_iot() -> Result<()> {
+    // GIVEN a serial provisioned with `old`, rotated to `new`: both ACTIVE and attached
+    let iot = iot().await?;
+    let table = moto::fresh_adapters().await?.certs;
+    let thing = fresh_thing("rot")?;
+    allow(&table, &thing).await?;
+    let old = registered(&iot, 10, CertStatus::Active, &[&thing]).await?;
+    let new = registered(&iot, 365, CertStatus::Active, &[&thing]).await?;
+    table.enrol(&thing, &old, 1).await?;
+    table.rotate(&thing, &old, &new, 2).await?;
+    let ports =
+        || decommission::Ports { allowlist: &table, registry: &iot, inventory: &table, audit: &table };
+    let status = async |id| -> Result<CertStatus> {
+        Ok(iot.describe_certificate(id).await?.context("gone")?.listed.status)
+    };
+    // WHEN presence sees it connect with the old one: nothing is retired
+    let now = fleet_shared::time::now_ms();
+    let on_old = decommission::retire_on_connect(ports(), &thing, old.as_str(), now).await?;
+    ensure!(on_old.is_none(), "{on_old:?}");
+    assert_eq!((status(&old).await?, status(&new).await?), (CertStatus::Active, CertStatus::Active));
+    // WHEN it connects with the new one: the old one is INACTIVE in AWS IoT, the new one kept
+    let on_new = decommission::retire_on_connect(ports(), &thing, new.as_str(), now).await?;
+    let retired = on_new.context("nothing retired")?;
+    assert_eq!((&retired.kept, &retired.deactivated), (&new, &vec![old.clone()]));
+    assert_eq!((status(&old).await?, status(&new).await?), (CertStatus::Inactive, CertStatus::Active));
     Ok(())
 }
 

@@ -320,24 +320,81 @@ fn dynamodb_actions(r: &Rendered, role: &str) -> Vec<String> {
 }
 
 #[test]
-fn presence_reads_every_lifecycle_event_and_writes_only_device_presence() {
+fn presence_writes_device_presence_and_retires_only_certificates_a_rotation_superseded() {
     let r = render(&[]);
     // Devices table: BatchGetItem (cohorts), GetItem, then PutItem conditioned on the place
-    // read, in a transaction with the Health table's gauge (UpdateItem); nothing else.
+    // read, in a transaction with the Health table's gauge (UpdateItem). Certificates table:
+    // GetItem (the serial's current certificate, an inventory record) and PutItem (the record
+    // set INACTIVE, the audit trail) when a rotated device first connects with its new one.
     assert_eq!(
         dynamodb_actions(&r, "PresenceRole"),
-        ["dynamodb:BatchGetItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
+        [
+            "dynamodb:BatchGetItem",
+            "dynamodb:GetItem",
+            "dynamodb:GetItem",
+            "dynamodb:PutItem",
+            "dynamodb:PutItem",
+            "dynamodb:UpdateItem"
+        ]
     );
     assert_eq!(grant_resource(&r, "PresenceRole", "dynamodb:UpdateItem"), "HealthTable");
-    assert_eq!(grant_resource(&r, "PresenceRole", "dynamodb:PutItem"), "DevicesTable");
+    assert_eq!(
+        grant_resources(&r, "PresenceRole", "dynamodb:PutItem"),
+        ["DevicesTable", "CertificatesTable"]
+    );
+    // AWS IoT: a thing's certificates, and theirs only; no policy, thing or CA call.
+    for (action, resource) in [
+        ("iot:ListThingPrincipals", ":thing/*"),
+        ("iot:DescribeCertificate", ":cert/*"),
+        ("iot:UpdateCertificate", ":cert/*"),
+    ] {
+        let granted = grant_resources(&r, "PresenceRole", action);
+        assert!(granted.len() == 1 && granted[0].ends_with(resource), "{action}: {granted:?}");
+    }
+    let iot: Vec<String> =
+        role_actions(&r, "PresenceRole").into_iter().filter(|a| a.starts_with("iot:")).collect();
+    assert_eq!(iot, ["iot:DescribeCertificate", "iot:ListThingPrincipals", "iot:UpdateCertificate"]);
     let env = function_env(&r, "PresenceFunction");
     let vars: Vec<&str> = env.keys().filter_map(Value::as_str).collect();
-    assert_eq!(vars, ["FLEET_DEVICES_TABLE", "FLEET_HEALTH_TABLE"], "presence gets only its own resources");
+    assert_eq!(
+        vars,
+        ["FLEET_DEVICES_TABLE", "FLEET_HEALTH_TABLE", "FLEET_CERTIFICATES_TABLE"],
+        "presence gets only its own resources"
+    );
     let rule = &r.resources["PresenceRule"]["Properties"]["TopicRulePayload"];
     assert_eq!(rule["Sql"].as_str(), Some("SELECT * FROM '$aws/events/presence/+/+'"));
     assert!(rule.get("ErrorAction").is_some(), "the presence rule has an error action");
     let events = &r.resources["PresenceFunction"]["Properties"]["Events"]["LifecycleEvents"]["Properties"];
     assert_eq!(events["FunctionResponseTypes"][0].as_str(), Some("ReportBatchItemFailures"));
+}
+
+/// Every action `role` grants, sorted.
+fn role_actions(r: &Rendered, role: &str) -> Vec<String> {
+    let mut granted: Vec<String> = role_statements(r, role).iter().flat_map(actions).collect();
+    granted.sort();
+    granted
+}
+
+fn role_statements(r: &Rendered, role: &str) -> Vec<Value> {
+    r.resources[role]["Properties"]["Policies"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["PolicyDocument"]["Statement"].as_sequence().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The resource of each of `role`'s statements granting `action`: a logical id (`Fn::GetAtt`)
+/// or the `Fn::Sub` text.
+fn grant_resources(r: &Rendered, role: &str, action: &str) -> Vec<String> {
+    role_statements(r, role)
+        .iter()
+        .filter(|s| actions(s).iter().any(|a| a == action))
+        .map(|s| {
+            let resource = &s["Resource"];
+            resource["Fn::GetAtt"][0].as_str().or(resource["Fn::Sub"].as_str()).unwrap_or_default().to_owned()
+        })
+        .collect()
 }
 
 #[test]
