@@ -143,7 +143,9 @@ impl IotCore {
     /// IoT Core answers fleet-provisioning requests to the requesting connection only; this
     /// broker can only publish to every subscriber, and the answers carry private keys. So one
     /// claim session at a time may subscribe to a filter that can match them: another claim
-    /// session's subscription is refused until the first disconnects.
+    /// session's subscription is refused until the first disconnects. (A device that has
+    /// provisioned and connects again with its own certificate under the same client id no
+    /// longer holds it: it is the client id's newest session that must be a claim session.)
     async fn claim_may_listen(&self, client_id: &str, filter: &str) -> bool {
         if !may_match_provisioning_answers(filter) {
             return true;
@@ -152,10 +154,14 @@ impl IotCore {
         // pass.
         let mut holder = self.answer_listener.lock().await;
         if let Some(other) = holder.as_deref().filter(|h| *h != client_id) {
-            let connected = match self.router.get() {
-                Some(router) => router.is_connected(other).await,
-                None => false,
-            };
+            let claim = self.claim_user.as_deref().and_then(|u| u.strip_prefix(CERTIFICATE_USERNAME_PREFIX));
+            let claim_connected = claim.is_some()
+                && self.sessions.lock().unwrap_or_else(|p| p.into_inner()).newest_principal(other) == claim;
+            let connected = claim_connected
+                && match self.router.get() {
+                    Some(router) => router.is_connected(other).await,
+                    None => false,
+                };
             if connected {
                 warn!(client_id, other, filter, "refused: another claim session listens for provisioning answers (the local IoT Core cannot answer one connection only)");
                 return false;

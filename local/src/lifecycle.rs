@@ -114,6 +114,11 @@ impl Sessions {
         }
     }
 
+    /// The principal of `client_id`'s newest open session (`None`: none is open).
+    pub fn newest_principal(&self, client_id: &str) -> Option<&str> {
+        self.open.get(client_id)?.back().map(|s| s.principal.as_str())
+    }
+
     /// A connection of `client_id` ended (the oldest open one: a taken-over session ends first).
     /// `None` when no session of it is open (its connect was never seen).
     pub fn disconnect(

@@ -323,3 +323,30 @@ async fn the_demo_ticks_its_campaigns_so_stage_one_installs_while_devices_publis
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_devices_provision_one_after_another_and_connect_with_their_own_certificates() -> Result<()> {
+    use fleet_shared::model::Enrolment;
+    use fleet_shared::ports::{Allowlist, PresenceReader};
+    // GIVEN a demo of 6 devices holding only the provisioning claim
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("fleet.sqlite");
+    let demo =
+        Demo::start(dir.path(), &db, &["--provision", "--devices", "6", "--duration", "8s", "--rate", "1"])?;
+    // WHEN it ends
+    let report = demo.report(Duration::from_secs(120)).await?;
+    // THEN every device provisioned itself (each claim session leaves the answers to the next
+    // once its device is back on its own certificate under the same client id)
+    assert_eq!(report["provisioned"], json!(6), "{report:#}");
+    // AND each one's presence names the certificate its serial is provisioned with
+    let store = SqliteStore::open(&db)?;
+    for i in 0..6 {
+        let thing = fleet_shared::ingest::sim::thing_name(i);
+        let thing = ThingName::parse(&thing)?;
+        let entry = store.entry(&thing).await?.with_context(|| format!("{thing}: no entry"))?;
+        let Enrolment::Provisioned { certificate, .. } = entry.enrolment else { bail!("{thing}: {entry:?}") };
+        let principal = store.presence(&thing).await?.and_then(|p| p.principal);
+        assert_eq!(principal.as_deref(), Some(certificate.as_str()), "{thing}");
+    }
+    Ok(())
+}

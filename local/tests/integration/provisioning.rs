@@ -596,6 +596,33 @@ async fn a_second_claim_session_cannot_listen_for_answers_carrying_private_keys(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_back_on_its_own_certificate_leaves_the_answers_to_the_next_claim_session() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stack = start(&dir.path().join("fleet.sqlite")).await?;
+    let claim = provisioning(&stack)?.claim.clone();
+    allow(&stack, "sensor-q01").await?;
+    // GIVEN sensor-q01 provisioned by claim, then connected under the same client id with its
+    // own certificate (as `fleetctl demo --provision` devices do, one after another)
+    let cert = provision_with_csr(&stack, "sensor-q01").await?;
+    let (device, mut device_events) = client(&stack, "sensor-q01", Some(&format!("cert/{cert}")));
+    device.publish("dt/fleet/sensor-q01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut device_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    // WHEN the next device's claim session subscribes to the provisioning answers
+    // THEN it may: the client id that held them is a device's session now
+    let (_next, _next_events) = claim_holder(&stack, "sensor-q02").await?;
+    // AND while that claim session is connected, another one may not
+    let (eavesdropper, mut events) = client(&stack, "sensor-q03", Some(&format!("cert/{claim}")));
+    eavesdropper.subscribe(format!("{CREATE_TOPIC}/+"), QoS::AtLeastOnce).await?;
+    let refused = until(&mut events, |e| match e {
+        Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),
+        _ => None,
+    })
+    .await?;
+    assert!(refused.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)), "{refused:?}");
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_creating_certificates_in_a_loop_is_throttled() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let stack = start(&dir.path().join("fleet.sqlite")).await?;
