@@ -15,15 +15,18 @@
 //! so retrying cannot change it. Metrics: `Events`, `Connects`, `Disconnects`,
 //! `DuplicateClientId` (sessions ended because another connection took the client id: a
 //! cloned identity), `PresenceChanged`, `StaleIgnored`, `Rejected`, `Failed`,
-//! `CertificatesRetired`.
+//! `CertificatesRetired`, `RetireFailed`.
 //!
 //! Presence keeps the credential each session authenticated with (`principalIdentifier`: a
-//! device's certificate id). When a device connects with another one than before and it is the
-//! certificate its serial is provisioned with, i.e. its first connection after a certificate
-//! rotation, the certificates the rotation superseded are retired before its presence is
-//! written (`fleet_shared::certs::decommission::retire_on_connect`: `INACTIVE` in AWS IoT and
-//! the inventory, audited `retired`). A transient failure there retries the device's events,
-//! so the retirement is not lost; any other is logged and presence goes on.
+//! device's certificate id). When a device connects with another one than its stored presence
+//! names (a presence recorded before principals were kept names none: that first connection
+//! only records it) and it is the certificate its serial is provisioned with, i.e. its first
+//! connection after a certificate rotation, the certificates the rotation superseded are
+//! retired before its presence is written (`fleet_shared::certs::decommission::retire_on_connect`:
+//! `INACTIVE` in AWS IoT and the inventory, audited `retired`). A transient failure there
+//! retries the device's events, so the retirement is not lost; any other is logged and counted
+//! (`RetireFailed`), presence goes on, and the retirement is left to `fleetctl devices
+//! retire-certs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -140,6 +143,8 @@ pub struct Outcome {
     /// Certificates set `INACTIVE` because their device connected with the one a rotation
     /// replaced them with.
     pub retired: usize,
+    /// Devices whose superseded certificates could not be retired (not transiently).
+    pub retire_failed: usize,
 }
 
 /// The answer to a direct invocation.
@@ -229,9 +234,10 @@ pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters, C: Cert
         let certs = Certs { store: &deps.certs, registry: &deps.cert_registry, now };
         let recorded = record(&deps.presence, thing, &cohort, events.iter().map(|(_, e)| e), &certs).await;
         let recorded = recorded.map(|r| {
-            r.map(|(presence, retired)| {
-                out.retired += retired;
-                presence
+            r.map(|r| {
+                out.retired += r.retired;
+                out.retire_failed += usize::from(r.retire_failed);
+                r.presence
             })
         });
         match recorded {
@@ -280,6 +286,7 @@ pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters, C: Cert
             ("Rejected", out.rejected.len() as f64, Unit::Count),
             ("Failed", out.failed.len() as f64, Unit::Count),
             ("CertificatesRetired", out.retired as f64, Unit::Count),
+            ("RetireFailed", out.retire_failed as f64, Unit::Count),
         ],
     }]);
     out
@@ -294,9 +301,9 @@ pub struct Certs<'a, C, G> {
 
 impl<C: CertStore, G: CertRegistry> Certs<'_, C, G> {
     /// `thing` connected with `principal`, another credential than before: retire what a
-    /// rotation to it superseded. How many certificates it set `INACTIVE`; only a transient
-    /// failure is an error (the device's events are retried), any other is logged.
-    async fn new_principal(&self, thing: &ThingName, principal: &str) -> Result<usize, StoreError> {
+    /// rotation to it superseded. How many certificates it set `INACTIVE` (`None`: it failed,
+    /// logged); only a transient failure is an error (the device's events are retried).
+    async fn new_principal(&self, thing: &ThingName, principal: &str) -> Result<Option<usize>, StoreError> {
         let ports = decommission::Ports {
             allowlist: self.store,
             registry: self.registry,
@@ -306,44 +313,61 @@ impl<C: CertStore, G: CertRegistry> Certs<'_, C, G> {
         match retire_on_connect(ports, thing, principal, self.now).await {
             Ok(Some(r)) if !r.deactivated.is_empty() => {
                 info!(%thing, kept = %r.kept, deactivated = ?r.deactivated, "superseded certificates retired");
-                Ok(r.deactivated.len())
+                Ok(Some(r.deactivated.len()))
             }
-            Ok(_) => Ok(0),
+            Ok(_) => Ok(Some(0)),
             Err(e) if e.is_transient() => Err(e),
             Err(e) => {
-                warn!(%thing, error = %e, "superseded certificates not retired");
-                Ok(0)
+                warn!(%thing, error = %e, "superseded certificates not retired: run fleetctl devices retire-certs");
+                Ok(None)
             }
         }
     }
 }
 
+/// What [`record`] stored.
+#[derive(Debug)]
+pub struct Recorded {
+    pub presence: Presence,
+    /// Certificates retired on the way.
+    pub retired: usize,
+    /// Retiring them failed (not transiently).
+    pub retire_failed: bool,
+}
+
 /// Fold one device's events into its stored presence and write it if it changed, on the
 /// presence read (re-read and fold again when another writer got there first), moving the
 /// connected gauge with it: a connected device counts in `cohort`. A device now known to use
-/// another credential than the stored presence says goes through [`Certs::new_principal`]
-/// first (an error there writes nothing). The presence stored now, if it changed, and how many
-/// certificates were retired.
+/// another credential than the one its stored presence names goes through
+/// [`Certs::new_principal`] first (an error there writes nothing). What it stored, if anything
+/// changed.
 pub async fn record<'a, P: PresenceStore, C: CertStore, G: CertRegistry>(
     store: &P,
     thing: &ThingName,
     cohort: &Cohort,
     events: impl Iterator<Item = &'a LifecycleEvent> + Clone,
     certs: &Certs<'_, C, G>,
-) -> Result<Option<(Presence, usize)>, StoreError> {
-    let mut retired = 0;
+) -> Result<Option<Recorded>, StoreError> {
+    let (mut retired, mut retire_failed) = (0, false);
     for _ in 0..MAX_ATTEMPTS {
         let stored = store.presence(thing).await?;
         let Some(mut next) = fold(stored.as_ref(), events.clone()) else { return Ok(None) };
+        // Only a change from a known credential: a presence stored before principals were kept
+        // (or none at all) makes the first connection record it, not look anything up.
         let before = stored.as_ref().and_then(|p| p.principal.as_deref());
-        if let Some(principal) = next.principal.as_deref().filter(|p| Some(*p) != before) {
-            retired += certs.new_principal(thing, principal).await?;
+        if let (Some(before), Some(now)) = (before, next.principal.as_deref()) {
+            if before != now {
+                match certs.new_principal(thing, now).await? {
+                    Some(n) => retired += n,
+                    None => retire_failed = true,
+                }
+            }
         }
         next.counted_in = next.connected.then(|| cohort.clone());
         let mut gauge = HealthDelta::default();
         signals::presence(&mut gauge, stored.as_ref(), &next);
         if store.put_presence(thing, &next, stored.as_ref().map(|p| &p.place), &gauge).await? {
-            return Ok(Some((next, retired)));
+            return Ok(Some(Recorded { presence: next, retired, retire_failed }));
         }
     }
     Err(StoreError::transient("presence write", "the device's presence kept changing underneath"))

@@ -140,6 +140,10 @@ pub struct Retired {
     pub deactivated: Vec<CertificateId>,
     /// Certificates that were already inactive or revoked.
     pub already_inactive: Vec<CertificateId>,
+    /// Certificates attached to the thing and left as they are: on a device's connection
+    /// ([`retire_on_connect`]), those no rotation of its serial superseded.
+    #[serde(default)]
+    pub left: Vec<CertificateId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +193,16 @@ impl InUse {
     }
 }
 
+/// Which of a thing's other certificates retiring deactivates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every one attached (an operator's decision: `fleetctl devices retire-certs`).
+    Attached,
+    /// Only those a rotation of its serial superseded (the `from` of its `rotated` audit
+    /// events): one attached by other means is left alone.
+    Superseded,
+}
+
 /// After a rotation: deactivate every certificate attached to `thing` except the one its serial
 /// is provisioned with, if that one is `ACTIVE` and `in_use`; audited `retired` when it
 /// deactivated one. Idempotent.
@@ -196,6 +210,22 @@ pub async fn retire_superseded<A, R, I, P>(
     ports: Ports<'_, A, R, I, P>,
     thing: &ThingName,
     in_use: &InUse,
+    now_ms: i64,
+) -> Result<Retired, RetireError>
+where
+    A: Allowlist,
+    R: CertificateRegistry + CertificateControl,
+    I: CertificateInventory,
+    P: ProvisioningAudit,
+{
+    retire(ports, thing, in_use, Scope::Attached, now_ms).await
+}
+
+async fn retire<A, R, I, P>(
+    ports: Ports<'_, A, R, I, P>,
+    thing: &ThingName,
+    in_use: &InUse,
+    scope: Scope,
     now_ms: i64,
 ) -> Result<Retired, RetireError>
 where
@@ -215,6 +245,7 @@ where
         kept: current,
         deactivated: Vec::new(),
         already_inactive: Vec::new(),
+        left: Vec::new(),
     };
     if attached.iter().all(|id| *id == out.kept) {
         return Ok(out); // nothing else attached: nothing to retire
@@ -231,8 +262,25 @@ where
             if certificate == current => {}
         _ => return Err(RetireError::Moved(thing.clone())),
     }
+    let superseded: Option<std::collections::BTreeSet<String>> = match scope {
+        Scope::Attached => None,
+        Scope::Superseded => Some(
+            ports
+                .audit
+                .trail(thing.as_str())
+                .await?
+                .into_iter()
+                .filter(|e| e.outcome == "rotated")
+                .map(|e| e.claim_certificate)
+                .collect(),
+        ),
+    };
     for id in attached {
         if id == out.kept {
+            continue;
+        }
+        if superseded.as_ref().is_some_and(|s| !s.contains(id.as_str())) {
+            out.left.push(id);
             continue;
         }
         match deactivate(&ports, &id, now_ms).await? {
@@ -265,11 +313,11 @@ where
 
 /// `thing` connected with `principal`, another credential than its previous session's (presence
 /// saw it): if that is the certificate its serial is provisioned with, the certificates a
-/// rotation superseded are retired now ([`retire_superseded`]), the device having shown that it
-/// uses the new one. A device connecting with anything else, or a serial not provisioned, is
-/// left alone (`Ok(None)`), as is one a second rotation moved meanwhile (its next connect
-/// decides). A device that never rotated costs a read of its entry and of its thing's
-/// certificates, once per new credential.
+/// rotation of its serial superseded (its `rotated` audit events' `from`) are retired now, the
+/// device having shown that it uses the new one; any other certificate attached to the thing is
+/// left alone. A device connecting with anything else, or a serial not provisioned, is left
+/// alone (`Ok(None)`), as is one a second rotation moved meanwhile (its next connect decides).
+/// A device that never rotated costs a read of its entry and of its thing's certificates.
 pub async fn retire_on_connect<A, R, I, P>(
     ports: Ports<'_, A, R, I, P>,
     thing: &ThingName,
@@ -283,11 +331,17 @@ where
     P: ProvisioningAudit,
 {
     let in_use = InUse::LatestSession(Some(principal.to_owned()));
-    match retire_superseded(ports, thing, &in_use, now_ms).await {
+    match retire(ports, thing, &in_use, Scope::Superseded, now_ms).await {
         Ok(retired) => Ok(Some(retired)),
         Err(RetireError::Store(e)) => Err(e),
+        // Connected with something else than its current certificate, or not provisioned: the
+        // usual case for a claim session or a device that has not rotated.
+        Err(why @ (RetireError::NotInUse { .. } | RetireError::NotProvisioned(_))) => {
+            tracing::debug!(%thing, %why, "nothing to retire on connect");
+            Ok(None)
+        }
         Err(why) => {
-            tracing::debug!(%thing, %why, "nothing retired on connect");
+            tracing::warn!(%thing, %why, "superseded certificates not retired on connect");
             Ok(None)
         }
     }

@@ -17,7 +17,9 @@ use fleet_shared::certs::decommission::{self, decommission};
 use fleet_shared::certs::reconcile::{self, reconcile, Finding};
 use fleet_shared::certs::test_certs;
 use fleet_shared::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
-use fleet_shared::ports::{Allowlist, CertificateControl, CertificateInventory, CertificateRegistry};
+use fleet_shared::ports::{
+    Allowlist, AuditEvent, CertificateControl, CertificateInventory, CertificateRegistry, ProvisioningAudit,
+};
 use fleet_tests::moto;
 
 const DAY_S: i64 = 86_400;
@@ -165,6 +167,16 @@ async fn a_rotated_device_connecting_with_its_new_certificate_retires_the_old_on
     let new = registered(&iot, 365, CertStatus::Active, &[&thing]).await?;
     table.enrol(&thing, &old, 1).await?;
     table.rotate(&thing, &old, &new, 2).await?;
+    // (as the provisioning hook audits a rotation)
+    let rotation = AuditEvent {
+        at_ms: 2,
+        serial: thing.to_string(),
+        claim_certificate: old.to_string(),
+        certificate: Some(new.to_string()),
+        outcome: "rotated".into(),
+        reason: None,
+    };
+    table.audit(&rotation).await?;
     let ports =
         || decommission::Ports { allowlist: &table, registry: &iot, inventory: &table, audit: &table };
     let status = async |id| -> Result<CertStatus> {

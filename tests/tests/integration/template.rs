@@ -323,9 +323,10 @@ fn dynamodb_actions(r: &Rendered, role: &str) -> Vec<String> {
 fn presence_writes_device_presence_and_retires_only_certificates_a_rotation_superseded() {
     let r = render(&[]);
     // Devices table: BatchGetItem (cohorts), GetItem, then PutItem conditioned on the place
-    // read, in a transaction with the Health table's gauge (UpdateItem). Certificates table:
-    // GetItem (the serial's current certificate, an inventory record) and PutItem (the record
-    // set INACTIVE, the audit trail) when a rotated device first connects with its new one.
+    // read, in a transaction with the Health table's gauge (UpdateItem). Certificates table,
+    // when a rotated device first connects with its new certificate: GetItem (the serial's
+    // entry, an inventory record), Query (its audit trail), PutItem (the record set INACTIVE,
+    // the audit event), each held to the partition keys those items have.
     assert_eq!(
         dynamodb_actions(&r, "PresenceRole"),
         [
@@ -334,6 +335,7 @@ fn presence_writes_device_presence_and_retires_only_certificates_a_rotation_supe
             "dynamodb:GetItem",
             "dynamodb:PutItem",
             "dynamodb:PutItem",
+            "dynamodb:Query",
             "dynamodb:UpdateItem"
         ]
     );
@@ -342,6 +344,20 @@ fn presence_writes_device_presence_and_retires_only_certificates_a_rotation_supe
         grant_resources(&r, "PresenceRole", "dynamodb:PutItem"),
         ["DevicesTable", "CertificatesTable"]
     );
+    let leading_keys = |action: &str| -> Vec<String> {
+        let statements = role_statements(&r, "PresenceRole");
+        let on_certs = statements.iter().find(|s| {
+            actions(s).iter().any(|a| a == action)
+                && s["Resource"]["Fn::GetAtt"][0].as_str() == Some("CertificatesTable")
+        });
+        let keys = on_certs.map(|s| &s["Condition"]["ForAllValues:StringLike"]["dynamodb:LeadingKeys"]);
+        keys.and_then(Value::as_sequence)
+            .map(|k| k.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(leading_keys("dynamodb:GetItem"), ["serial#*", "cert#*", "audit#*"]);
+    assert_eq!(leading_keys("dynamodb:Query"), ["serial#*", "cert#*", "audit#*"]);
+    assert_eq!(leading_keys("dynamodb:PutItem"), ["cert#*", "audit#*"], "no allowlist or counter write");
     // AWS IoT: a thing's certificates, and theirs only; no policy, thing or CA call.
     for (action, resource) in [
         ("iot:ListThingPrincipals", ":thing/*"),

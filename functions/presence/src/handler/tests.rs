@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 
 use fleet_shared::certs::{parse_pem, test_certs};
 use fleet_shared::model::{AllowlistEntry, CertStatus, Certificate, CertificateId, Enrolment};
-use fleet_shared::ports::{Allowlist, CertificateInventory, PresenceReader, ProvisioningAudit};
+use fleet_shared::ports::{Allowlist, AuditEvent, CertificateInventory, PresenceReader, ProvisioningAudit};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU8, AtomicUsize};
 
 use super::*;
 
@@ -235,9 +237,16 @@ fn event_with(kind: &str, version: i64, at_ms: i64, principal: &str) -> String {
     e.to_string()
 }
 
-/// sensor-001 provisioned with certificate `old`, then rotated to `new`: both ACTIVE, attached
-/// to its thing and in the inventory. (`old`, `new`).
-async fn rotated(db: &SqliteStore) -> Result<(CertificateId, CertificateId)> {
+/// sensor-001 provisioned with certificate `old`, then rotated to `new` (as the provisioning
+/// hook does it: the serial moved, the rotation audited), and a `spare` certificate attached to
+/// its thing by other means: all three ACTIVE, attached and in the inventory.
+struct Rotated {
+    old: CertificateId,
+    new: CertificateId,
+    spare: CertificateId,
+}
+
+async fn rotated(db: &SqliteStore) -> Result<Rotated> {
     let t = thing("sensor-001");
     let entry = AllowlistEntry {
         serial: t.clone(),
@@ -249,7 +258,7 @@ async fn rotated(db: &SqliteStore) -> Result<(CertificateId, CertificateId)> {
     db.allow(&[entry]).await?;
     let now_s = fixed_clock() / 1000;
     let mut ids = Vec::new();
-    for n in 1..=2 {
+    for n in 1..=3 {
         let pem = test_certs::pem("sensor-001", n, now_s - 100, now_s + 86_400 * 100);
         let id = db.register_local_certificate(&pem, CertStatus::Active, 0).await?;
         db.attach_local_certificate(&t, &id).await?;
@@ -268,11 +277,19 @@ async fn rotated(db: &SqliteStore) -> Result<(CertificateId, CertificateId)> {
         .await?;
         ids.push(id);
     }
-    let new = ids.pop().context("two")?;
-    let old = ids.pop().context("two")?;
-    db.enrol(&t, &old, 1).await?;
-    db.rotate(&t, &old, &new, 2).await?;
-    Ok((old, new))
+    let r = Rotated { old: ids[0].clone(), new: ids[1].clone(), spare: ids[2].clone() };
+    db.enrol(&t, &r.old, 1).await?;
+    db.rotate(&t, &r.old, &r.new, 2).await?;
+    db.audit(&AuditEvent {
+        at_ms: 2,
+        serial: t.to_string(),
+        claim_certificate: r.old.to_string(),
+        certificate: Some(r.new.to_string()),
+        outcome: "rotated".into(),
+        reason: None,
+    })
+    .await?;
+    Ok(r)
 }
 
 /// A certificate's status in the registry and in the inventory.
@@ -285,48 +302,30 @@ const ACTIVE: (Option<CertStatus>, Option<CertStatus>) = (Some(CertStatus::Activ
 const INACTIVE: (Option<CertStatus>, Option<CertStatus>) =
     (Some(CertStatus::Inactive), Some(CertStatus::Inactive));
 
-#[tokio::test]
-async fn a_device_connecting_with_its_rotated_certificate_retires_the_one_it_replaced() -> Result<()> {
-    // GIVEN sensor-001 rotated from `old` to `new`
-    let deps = deps()?;
-    let (db, t) = (&deps.certs, thing("sensor-001"));
-    let (old, new) = rotated(db).await?;
-    // WHEN it connects with the old certificate (it has not switched yet)
-    invoke(&deps, &event_with("connected", 1, fixed_clock() - 3_000, old.as_str())).await?;
-    invoke(&deps, &event_with("disconnected", 1, fixed_clock() - 2_000, old.as_str())).await?;
-    // THEN nothing is retired
-    assert_eq!((status(db, &old).await?, status(db, &new).await?), (ACTIVE, ACTIVE));
-    // WHEN it connects with the new one
-    invoke(&deps, &event_with("connected", 2, fixed_clock() - 1_000, new.as_str())).await?;
-    // THEN the old one is INACTIVE in the registry and the inventory, the new one ACTIVE, and
-    // the trail says so
-    assert_eq!((status(db, &old).await?, status(db, &new).await?), (INACTIVE, ACTIVE));
-    let trail = db.trail("sensor-001").await?;
-    assert_eq!(trail.last().map(|e| e.outcome.as_str()), Some("retired"), "{trail:?}");
-    // AND its presence names the new certificate; a later session with it retires nothing more
-    let p = deps.presence.presence(&t).await?.context("presence")?;
-    assert_eq!(p.principal.as_deref(), Some(new.as_str()));
-    invoke(&deps, &event_with("connected", 3, fixed_clock(), new.as_str())).await?;
-    assert_eq!(db.trail("sensor-001").await?.len(), trail.len());
-    Ok(())
-}
-
-/// The local registry, throttled while `throttled` is set.
-struct Throttled {
+/// The local registry, answering as `mode` says (0: normally, 1: throttled, 2: refused for
+/// good), counting the calls it gets.
+struct Scripted {
     inner: SqliteStore,
-    throttled: std::sync::atomic::AtomicBool,
+    mode: AtomicU8,
+    calls: AtomicUsize,
 }
 
-impl Throttled {
+impl Scripted {
+    fn new(inner: SqliteStore) -> Self {
+        Self { inner, mode: AtomicU8::new(0), calls: AtomicUsize::new(0) }
+    }
+
     fn check(&self) -> Result<(), StoreError> {
-        if self.throttled.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(StoreError::transient("iot", "ThrottlingException"));
+        self.calls.fetch_add(1, Relaxed);
+        match self.mode.load(Relaxed) {
+            0 => Ok(()),
+            1 => Err(StoreError::transient("iot", "ThrottlingException")),
+            _ => Err(StoreError::permanent("iot", "AccessDeniedException")),
         }
-        Ok(())
     }
 }
 
-impl CertificateRegistry for Throttled {
+impl CertificateRegistry for Scripted {
     async fn list_certificates(
         &self,
         marker: Option<&str>,
@@ -352,39 +351,110 @@ impl CertificateRegistry for Throttled {
     }
 }
 
-impl CertificateControl for Throttled {
+impl CertificateControl for Scripted {
     async fn set_certificate_status(&self, id: &CertificateId, status: CertStatus) -> Result<(), StoreError> {
         self.check()?;
         self.inner.set_certificate_status(id, status).await
     }
 }
 
-#[tokio::test]
-async fn a_throttled_registry_retries_the_devices_events_and_loses_no_retirement() -> Result<()> {
-    // GIVEN sensor-001 rotated from `old` to `new`, and AWS IoT throttling
-    let db = SqliteStore::in_memory()?;
-    let (old, new) = rotated(&db).await?;
-    let deps = Deps {
+type WithRegistry = Deps<SqliteStore, SqliteStore, SqliteStore, SqliteStore, Scripted>;
+
+fn deps_with_registry(db: &SqliteStore) -> WithRegistry {
+    Deps {
         registry: db.clone(),
         presence: db.clone(),
         health: db.clone(),
         certs: db.clone(),
-        cert_registry: Throttled { inner: db.clone(), throttled: true.into() },
+        cert_registry: Scripted::new(db.clone()),
         clock: fixed_clock,
         metrics: MetricsOut::Off,
-    };
-    let connected = event_with("connected", 2, fixed_clock() - 1_000, new.as_str());
+    }
+}
+
+/// Run `events` (JSON lifecycle events) as one SQS batch: what the handler did.
+async fn batch(deps: &WithRegistry, events: &[String]) -> Outcome {
+    let messages: Vec<OwnedInbound> =
+        events.iter().enumerate().map(|(i, e)| OwnedInbound::new(format!("m{i}"), 0, e.as_bytes())).collect();
+    run(deps, fixed_clock(), &messages).await
+}
+
+#[tokio::test]
+async fn a_device_connecting_with_its_rotated_certificate_retires_the_one_it_replaced() -> Result<()> {
+    // GIVEN sensor-001 rotated from `old` to `new`, with a spare certificate attached too
+    let db = SqliteStore::in_memory()?;
+    let deps = deps_with_registry(&db);
+    let t = thing("sensor-001");
+    let r = rotated(&db).await?;
+    // WHEN it connects with the old certificate (it has not switched yet)
+    let old_session = [
+        event_with("connected", 1, fixed_clock() - 3_000, r.old.as_str()),
+        event_with("disconnected", 1, fixed_clock() - 2_000, r.old.as_str()),
+    ];
+    let out = batch(&deps, &old_session).await;
+    // THEN nothing is retired (its first recorded credential is only recorded)
+    assert_eq!((out.retired, out.retire_failed, out.changed), (0, 0, 1));
+    assert_eq!((status(&db, &r.old).await?, status(&db, &r.new).await?), (ACTIVE, ACTIVE));
+    // WHEN it connects with the new one
+    let out = batch(&deps, &[event_with("connected", 2, fixed_clock() - 1_000, r.new.as_str())]).await;
+    // THEN the old one is INACTIVE in the registry and the inventory, the new one ACTIVE, the
+    // spare (no rotation superseded it) left alone, and the trail says so
+    assert_eq!((out.retired, out.retire_failed), (1, 0));
+    assert_eq!((status(&db, &r.old).await?, status(&db, &r.new).await?), (INACTIVE, ACTIVE));
+    assert_eq!(status(&db, &r.spare).await?, ACTIVE);
+    let trail = db.trail("sensor-001").await?;
+    assert_eq!(trail.last().map(|e| e.outcome.as_str()), Some("retired"), "{trail:?}");
+    // AND its presence names the new certificate; a later session with it asks AWS IoT nothing
+    let p = deps.presence.presence(&t).await?.context("presence")?;
+    assert_eq!(p.principal.as_deref(), Some(r.new.as_str()));
+    let calls = deps.cert_registry.calls.load(Relaxed);
+    let out = batch(&deps, &[event_with("connected", 3, fixed_clock(), r.new.as_str())]).await;
+    assert_eq!((out.changed, out.retired), (1, 0));
+    assert_eq!(deps.cert_registry.calls.load(Relaxed), calls, "no registry call for a known credential");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_throttled_registry_retries_the_devices_events_and_loses_no_retirement() -> Result<()> {
+    // GIVEN sensor-001 rotated from `old` to `new`, seen on `old`, and AWS IoT throttling
+    let db = SqliteStore::in_memory()?;
+    let deps = deps_with_registry(&db);
+    let r = rotated(&db).await?;
+    batch(&deps, &[event_with("connected", 1, fixed_clock() - 3_000, r.old.as_str())]).await;
+    deps.cert_registry.mode.store(1, Relaxed);
     // WHEN it connects with the new certificate
-    let err = invoke(&deps, &connected).await.expect_err("throttled");
-    // THEN the invocation is retried, its presence not written, nothing retired yet
-    assert!(err.to_string().contains("presence not recorded"), "{err}");
-    assert_eq!(deps.presence.presence(&thing("sensor-001")).await?, None);
-    assert_eq!(status(&db, &old).await?, ACTIVE);
-    // AND the retry, AWS IoT answering again, retires the old certificate and records presence
-    deps.cert_registry.throttled.store(false, std::sync::atomic::Ordering::Relaxed);
-    invoke(&deps, &connected).await?;
-    assert_eq!(status(&db, &old).await?, INACTIVE);
+    let connected = [event_with("connected", 2, fixed_clock() - 1_000, r.new.as_str())];
+    let out = batch(&deps, &connected).await;
+    // THEN its event is retried, its presence not written, nothing retired yet
+    assert_eq!(out.failed.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["m0"]);
     let p = deps.presence.presence(&thing("sensor-001")).await?.context("presence")?;
-    assert_eq!(p.principal.as_deref(), Some(new.as_str()));
+    assert_eq!(p.principal.as_deref(), Some(r.old.as_str()));
+    assert_eq!(status(&db, &r.old).await?, ACTIVE);
+    // AND the retry, AWS IoT answering again, retires the old certificate and records presence
+    deps.cert_registry.mode.store(0, Relaxed);
+    let out = batch(&deps, &connected).await;
+    assert_eq!((out.failed.len(), out.retired), (0, 1));
+    assert_eq!(status(&db, &r.old).await?, INACTIVE);
+    let p = deps.presence.presence(&thing("sensor-001")).await?.context("presence")?;
+    assert_eq!(p.principal.as_deref(), Some(r.new.as_str()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_registry_refusing_for_good_is_counted_and_presence_goes_on() -> Result<()> {
+    // GIVEN sensor-001 rotated, seen on `old`, and AWS IoT refusing the presence function
+    let db = SqliteStore::in_memory()?;
+    let deps = deps_with_registry(&db);
+    let r = rotated(&db).await?;
+    batch(&deps, &[event_with("connected", 1, fixed_clock() - 3_000, r.old.as_str())]).await;
+    deps.cert_registry.mode.store(2, Relaxed);
+    // WHEN it connects with the new certificate
+    let out = batch(&deps, &[event_with("connected", 2, fixed_clock() - 1_000, r.new.as_str())]).await;
+    // THEN the failure is counted, not retried; presence is recorded; the old one stays ACTIVE
+    // (left to `fleetctl devices retire-certs`)
+    assert_eq!((out.retire_failed, out.failed.len(), out.changed), (1, 0, 1));
+    let p = deps.presence.presence(&thing("sensor-001")).await?.context("presence")?;
+    assert_eq!(p.principal.as_deref(), Some(r.new.as_str()));
+    assert_eq!(status(&db, &r.old).await?, ACTIVE);
     Ok(())
 }
