@@ -514,7 +514,8 @@ where
     } else {
         decommission::InUse::from_presence(presence.presence(&thing).await?.as_ref())
     };
-    let done = decommission::retire_superseded(ports, &thing, &in_use, time::now_ms()).await?;
+    let scope = decommission::Scope::Attached;
+    let done = decommission::retire_superseded(ports, &thing, &in_use, scope, time::now_ms()).await?;
     output::retired(&done, json)
 }
 

@@ -226,23 +226,17 @@ pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters, C: Cert
         }
     };
     let mut counts = HealthDelta::default();
+    let certs = Certs { store: &deps.certs, registry: &deps.cert_registry, now };
     for (thing, events) in &by_thing {
         // Connectivity is counted per class and region: a device's firmware is often not
         // known yet when it connects.
         let cohort = Cohort::of(devices.get(thing), None).without_fw();
         let n = |kind: Kind| events.iter().filter(|(_, e)| e.event_type == kind).count() as i64;
-        let certs = Certs { store: &deps.certs, registry: &deps.cert_registry, now };
-        let recorded = record(&deps.presence, thing, &cohort, events.iter().map(|(_, e)| e), &certs).await;
-        let recorded = recorded.map(|r| {
-            r.map(|r| {
-                out.retired += r.retired;
-                out.retire_failed += usize::from(r.retire_failed);
-                r.presence
-            })
-        });
-        match recorded {
-            Ok(Some(now_stored)) => {
+        match record(&deps.presence, thing, &cohort, events.iter().map(|(_, e)| e), &certs).await {
+            Ok(Some(Recorded { presence: now_stored, retired, retire_failed })) => {
                 out.changed += 1;
+                out.retired += retired;
+                out.retire_failed += usize::from(retire_failed);
                 out.stale += events.len() - 1;
                 // A session taken over by another connection with the same client id (a cloned
                 // identity), counted once however often its event is delivered.

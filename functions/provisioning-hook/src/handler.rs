@@ -217,7 +217,7 @@ where
         serial: serial.to_string(),
         claim_certificate: asked.claim.clone(),
         certificate: Some(cert.id.to_string()),
-        outcome: if rotated { "rotated" } else { "allowed" }.into(),
+        outcome: if rotated { hook::ROTATED } else { "allowed" }.into(),
         reason: rotated.then(|| format!("from certificate {claim}")),
     };
     deps.audit.audit(&event).await.map_err(retry("decision not audited"))?;

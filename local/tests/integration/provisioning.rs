@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use base64::Engine as _;
 use fleet_local::provisioning::{Provisioning, Request, CREATE_FROM_CSR_TOPIC, CREATE_TOPIC, TOKEN_LIFETIME};
 use fleet_local::LocalStack;
-use fleet_shared::certs::decommission::{retire_superseded, InUse, RetireError};
+use fleet_shared::certs::decommission::{retire_superseded, InUse, RetireError, Scope};
 use fleet_shared::health::presence::Presence;
 use fleet_shared::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
 use fleet_shared::ports::{Allowlist, DeviceAdmin, PresenceReader};
@@ -373,7 +373,8 @@ async fn a_provisioned_device_rotates_its_certificate_over_its_own_connection() 
     let ports =
         || fleet_shared::certs::decommission::Ports { allowlist: db, registry: db, inventory: db, audit: db };
     let on_old = InUse::from_presence(Some(&presence_with(&stack, &thing, &old).await?));
-    let early = retire_superseded(ports(), &thing, &on_old, fleet_shared::time::now_ms()).await;
+    let early =
+        retire_superseded(ports(), &thing, &on_old, Scope::Attached, fleet_shared::time::now_ms()).await;
     ensure!(matches!(early, Err(RetireError::NotInUse { .. })), "{early:?}");
     assert_eq!(stack.store.local_certificate_status(&old).await?, Some(CertStatus::Active));
     device.disconnect().await?;
@@ -393,7 +394,9 @@ async fn a_provisioned_device_rotates_its_certificate_over_its_own_connection() 
     .context("the old certificate was not retired")?;
     let trail = fleet_shared::ports::ProvisioningAudit::trail(&stack.store, "sensor-r01").await?;
     assert_eq!(trail.last().map(|e| e.outcome.as_str()), Some("retired"), "{trail:?}");
-    let again = retire_superseded(ports(), &thing, &InUse::Vouched, fleet_shared::time::now_ms()).await?;
+    let again =
+        retire_superseded(ports(), &thing, &InUse::Vouched, Scope::Attached, fleet_shared::time::now_ms())
+            .await?;
     assert_eq!(
         (&again.kept, &again.deactivated, &again.already_inactive),
         (&new, &vec![], &vec![old.clone()])

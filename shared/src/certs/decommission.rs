@@ -146,6 +146,19 @@ pub struct Retired {
     pub left: Vec<CertificateId>,
 }
 
+impl Retired {
+    /// `thing` with `kept`, before anything was done.
+    fn nothing(thing: &ThingName, kept: CertificateId) -> Self {
+        Self {
+            thing: thing.clone(),
+            kept,
+            deactivated: Vec::new(),
+            already_inactive: Vec::new(),
+            left: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RetireError {
     #[error("{0} is not provisioned: none of its certificates is the current one")]
@@ -195,7 +208,7 @@ impl InUse {
 
 /// Which of a thing's other certificates retiring deactivates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scope {
+pub enum Scope {
     /// Every one attached (an operator's decision: `fleetctl devices retire-certs`).
     Attached,
     /// Only those a rotation of its serial superseded (the `from` of its `rotated` audit
@@ -203,25 +216,10 @@ enum Scope {
     Superseded,
 }
 
-/// After a rotation: deactivate every certificate attached to `thing` except the one its serial
-/// is provisioned with, if that one is `ACTIVE` and `in_use`; audited `retired` when it
-/// deactivated one. Idempotent.
+/// After a rotation: deactivate the certificates attached to `thing` that `scope` names, never
+/// the one its serial is provisioned with, if that one is `ACTIVE` and `in_use`; audited
+/// `retired` when it deactivated one. Idempotent.
 pub async fn retire_superseded<A, R, I, P>(
-    ports: Ports<'_, A, R, I, P>,
-    thing: &ThingName,
-    in_use: &InUse,
-    now_ms: i64,
-) -> Result<Retired, RetireError>
-where
-    A: Allowlist,
-    R: CertificateRegistry + CertificateControl,
-    I: CertificateInventory,
-    P: ProvisioningAudit,
-{
-    retire(ports, thing, in_use, Scope::Attached, now_ms).await
-}
-
-async fn retire<A, R, I, P>(
     ports: Ports<'_, A, R, I, P>,
     thing: &ThingName,
     in_use: &InUse,
@@ -240,17 +238,9 @@ where
     };
     in_use.check(thing, &current)?;
     let attached = ports.registry.thing_certificates(thing).await?;
-    let mut out = Retired {
-        thing: thing.clone(),
-        kept: current,
-        deactivated: Vec::new(),
-        already_inactive: Vec::new(),
-        left: Vec::new(),
-    };
-    if attached.iter().all(|id| *id == out.kept) {
-        return Ok(out); // nothing else attached: nothing to retire
+    if attached.iter().all(|id| *id == current) {
+        return Ok(Retired::nothing(thing, current)); // nothing else attached
     }
-    let current = out.kept.clone();
     let status = ports.registry.describe_certificate(&current).await?.map(|d| d.listed.status);
     if status != Some(CertStatus::Active) {
         return Err(RetireError::CurrentNotActive { thing: thing.clone(), current, status });
@@ -262,6 +252,7 @@ where
             if certificate == current => {}
         _ => return Err(RetireError::Moved(thing.clone())),
     }
+    let mut out = Retired::nothing(thing, current);
     let superseded: Option<std::collections::BTreeSet<String>> = match scope {
         Scope::Attached => None,
         Scope::Superseded => Some(
@@ -270,7 +261,7 @@ where
                 .trail(thing.as_str())
                 .await?
                 .into_iter()
-                .filter(|e| e.outcome == "rotated")
+                .filter(|e| e.outcome == crate::certs::hook::ROTATED)
                 .map(|e| e.claim_certificate)
                 .collect(),
         ),
@@ -331,7 +322,7 @@ where
     P: ProvisioningAudit,
 {
     let in_use = InUse::LatestSession(Some(principal.to_owned()));
-    match retire(ports, thing, &in_use, Scope::Superseded, now_ms).await {
+    match retire_superseded(ports, thing, &in_use, Scope::Superseded, now_ms).await {
         Ok(retired) => Ok(Some(retired)),
         Err(RetireError::Store(e)) => Err(e),
         // Connected with something else than its current certificate, or not provisioned: the
@@ -446,7 +437,7 @@ mod tests {
         let (db, thing, ids) = allowed_with("sensor-2", &[CertStatus::Active, CertStatus::Active]).await;
         let ports = || Ports { allowlist: &db, registry: &db, inventory: &db, audit: &db };
         // (not provisioned yet: nothing is the current certificate, nothing is touched)
-        let early = retire_superseded(ports(), &thing, &InUse::Vouched, 1).await;
+        let early = retire_superseded(ports(), &thing, &InUse::Vouched, Scope::Attached, 1).await;
         assert!(matches!(early, Err(RetireError::NotProvisioned(_))), "{early:?}");
         assert_eq!(db.enrol(&thing, &ids[0], 1).await.expect("enrol"), crate::ports::Enrolled::Yes);
         assert_eq!(
@@ -456,7 +447,7 @@ mod tests {
         // (while its latest session is unknown or used certificate 1, nothing is touched)
         for latest in [None, Some(session_with(&ids[0]))] {
             let in_use = InUse::from_presence(latest.as_ref());
-            let refused = retire_superseded(ports(), &thing, &in_use, 3).await;
+            let refused = retire_superseded(ports(), &thing, &in_use, Scope::Attached, 3).await;
             assert!(
                 matches!(&refused, Err(RetireError::NotInUse { current, .. }) if *current == ids[1]),
                 "{latest:?}: {refused:?}"
@@ -465,7 +456,9 @@ mod tests {
         }
         // WHEN it has connected with certificate 2 and its superseded certificates are retired
         let in_use = InUse::from_presence(Some(&session_with(&ids[1])));
-        let r = retire_superseded(ports(), &thing, &in_use, NOW_S * 1000).await.expect("retired");
+        let r = retire_superseded(ports(), &thing, &in_use, Scope::Attached, NOW_S * 1000)
+            .await
+            .expect("retired");
         // THEN certificate 1 is INACTIVE, certificate 2 (the current one) still ACTIVE, the
         // serial still provisioned with it, the trail says so
         assert_eq!((&r.kept, &r.deactivated, r.already_inactive.len()), (&ids[1], &vec![ids[0].clone()], 0));
@@ -478,12 +471,14 @@ mod tests {
         let trail = db.trail("sensor-2").await.expect("trail");
         assert_eq!(trail.last().map(|e| e.outcome.as_str()), Some("retired"));
         // AND again: nothing left to do
-        let again = retire_superseded(ports(), &thing, &in_use, NOW_S * 1000).await.expect("again");
+        let again =
+            retire_superseded(ports(), &thing, &in_use, Scope::Attached, NOW_S * 1000).await.expect("again");
         assert!(again.deactivated.is_empty() && again.already_inactive == vec![ids[0].clone()], "{again:?}");
         // AND with the current certificate not ACTIVE nothing is touched
         db.set_certificate_status(&ids[1], CertStatus::Inactive).await.expect("deactivated");
         db.set_certificate_status(&ids[0], CertStatus::Active).await.expect("reactivated");
-        let refused = retire_superseded(ports(), &thing, &InUse::Vouched, NOW_S * 1000).await;
+        let refused =
+            retire_superseded(ports(), &thing, &InUse::Vouched, Scope::Attached, NOW_S * 1000).await;
         assert!(matches!(refused, Err(RetireError::CurrentNotActive { .. })), "{refused:?}");
         assert_eq!(db.local_certificate_status(&ids[0]).await.expect("read"), Some(CertStatus::Active));
     }

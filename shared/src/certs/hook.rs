@@ -24,6 +24,10 @@ use crate::model::{AllowlistEntry, CertificateId, Enrolment, ThingName};
 /// Unknown serials one claim certificate may ask for before it is reported as suspicious.
 pub const SUSPICIOUS_UNKNOWN_SERIALS: u64 = 5;
 
+/// The audit outcome of a rotation: its `claim_certificate` is the certificate it superseded
+/// (what [`crate::certs::decommission`] retires once the device uses the new one).
+pub const ROTATED: &str = "rotated";
+
 /// The hook's input, as AWS IoT sends it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]

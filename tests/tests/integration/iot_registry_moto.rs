@@ -173,7 +173,7 @@ async fn a_rotated_device_connecting_with_its_new_certificate_retires_the_old_on
         serial: thing.to_string(),
         claim_certificate: old.to_string(),
         certificate: Some(new.to_string()),
-        outcome: "rotated".into(),
+        outcome: fleet_shared::certs::hook::ROTATED.into(),
         reason: None,
     };
     table.audit(&rotation).await?;

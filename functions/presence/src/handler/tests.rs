@@ -285,7 +285,7 @@ async fn rotated(db: &SqliteStore) -> Result<Rotated> {
         serial: t.to_string(),
         claim_certificate: r.old.to_string(),
         certificate: Some(r.new.to_string()),
-        outcome: "rotated".into(),
+        outcome: fleet_shared::certs::hook::ROTATED.into(),
         reason: None,
     })
     .await?;
@@ -414,14 +414,20 @@ async fn a_device_connecting_with_its_rotated_certificate_retires_the_one_it_rep
     Ok(())
 }
 
-#[tokio::test]
-async fn a_throttled_registry_retries_the_devices_events_and_loses_no_retirement() -> Result<()> {
-    // GIVEN sensor-001 rotated from `old` to `new`, seen on `old`, and AWS IoT throttling
+/// sensor-001 [`rotated`], its session on `old` recorded, then the registry in `mode`.
+async fn seen_on_old(mode: u8) -> Result<(SqliteStore, WithRegistry, Rotated)> {
     let db = SqliteStore::in_memory()?;
     let deps = deps_with_registry(&db);
     let r = rotated(&db).await?;
     batch(&deps, &[event_with("connected", 1, fixed_clock() - 3_000, r.old.as_str())]).await;
-    deps.cert_registry.mode.store(1, Relaxed);
+    deps.cert_registry.mode.store(mode, Relaxed);
+    Ok((db, deps, r))
+}
+
+#[tokio::test]
+async fn a_throttled_registry_retries_the_devices_events_and_loses_no_retirement() -> Result<()> {
+    // GIVEN sensor-001 rotated from `old` to `new`, seen on `old`, and AWS IoT throttling
+    let (db, deps, r) = seen_on_old(1).await?;
     // WHEN it connects with the new certificate
     let connected = [event_with("connected", 2, fixed_clock() - 1_000, r.new.as_str())];
     let out = batch(&deps, &connected).await;
@@ -443,11 +449,7 @@ async fn a_throttled_registry_retries_the_devices_events_and_loses_no_retirement
 #[tokio::test]
 async fn a_registry_refusing_for_good_is_counted_and_presence_goes_on() -> Result<()> {
     // GIVEN sensor-001 rotated, seen on `old`, and AWS IoT refusing the presence function
-    let db = SqliteStore::in_memory()?;
-    let deps = deps_with_registry(&db);
-    let r = rotated(&db).await?;
-    batch(&deps, &[event_with("connected", 1, fixed_clock() - 3_000, r.old.as_str())]).await;
-    deps.cert_registry.mode.store(2, Relaxed);
+    let (db, deps, r) = seen_on_old(2).await?;
     // WHEN it connects with the new certificate
     let out = batch(&deps, &[event_with("connected", 2, fixed_clock() - 1_000, r.new.as_str())]).await;
     // THEN the failure is counted, not retried; presence is recorded; the old one stays ACTIVE
