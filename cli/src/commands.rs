@@ -663,7 +663,7 @@ async fn allowlist(store: &impl Allowlist, command: AllowlistCommand, json: bool
                 .iter()
                 .map(|s| {
                     Ok(AllowlistEntry {
-                        serial: ThingName::parse(s)?,
+                        serial: fleet_shared::certs::hook::serial(s)?,
                         class: class.clone(),
                         region: region.clone(),
                         added_ms: now,

@@ -240,7 +240,8 @@ impl Claim {
     /// with the serial and firmware; the MQTT username of the new certificate.
     async fn provision(&self, mqtt: std::net::SocketAddr, thing: &str, fw: &str) -> Result<String> {
         let _turn = self.one_at_a_time.lock().await;
-        let mut opts = MqttOptions::new(thing, mqtt.ip().to_string(), mqtt.port());
+        let client_id = format!("{}{thing}", fleet_shared::certs::hook::CLAIM_CLIENT_PREFIX);
+        let mut opts = MqttOptions::new(client_id, mqtt.ip().to_string(), mqtt.port());
         opts.set_credentials(self.username.clone(), "");
         let (client, mut events) = AsyncClient::new(opts, 16);
         let register = provision_topic(&self.template);

@@ -7,8 +7,8 @@
 //!   IAM principal (a person or tool, not a device) and is not bound by it. Without TLS there
 //!   is no client certificate, so a client names the certificate it stands for in its MQTT
 //!   username, `cert/<certificate id>` ([`CERTIFICATE_USERNAME_PREFIX`]): the fleet's claim
-//!   certificate makes it a claim holder, bound by the template's claim policy (the
-//!   provisioning topics only); any other certificate must be ACTIVE in the local registry
+//!   certificate makes it a claim holder, bound by the template's claim policy (client ids
+//!   `claim-*`, never a device's; the provisioning topics only); any other certificate must be ACTIVE in the local registry
 //!   and attached to the thing named by the client id, as IoT Core maps a certificate to its
 //!   thing. A client without a username is a device whose thing is its client id (no
 //!   certificate is checked: the local IoT Core's default, which `mosquitto_pub -i <thing>`
@@ -143,9 +143,10 @@ impl IotCore {
     /// IoT Core answers fleet-provisioning requests to the requesting connection only; this
     /// broker can only publish to every subscriber, and the answers carry private keys. So one
     /// claim session at a time may subscribe to a filter that can match them: another claim
-    /// session's subscription is refused until the first disconnects. (A device that has
-    /// provisioned and connects again with its own certificate under the same client id no
-    /// longer holds it: it is the client id's newest session that must be a claim session.)
+    /// session's subscription is refused until the first disconnects. (Under a template whose
+    /// claim policy lets the claim take any client id, a device that has provisioned and
+    /// connects again with its own certificate under the same client id no longer holds it: it
+    /// is the client id's newest session that must be a claim session.)
     async fn claim_may_listen(&self, client_id: &str, filter: &str) -> bool {
         if !may_match_provisioning_answers(filter) {
             return true;

@@ -15,7 +15,8 @@
 //! so retrying cannot change it. Metrics: `Events`, `Connects`, `Disconnects`,
 //! `DuplicateClientId` (sessions ended because another connection took the client id: a
 //! cloned identity), `PresenceChanged`, `StaleIgnored`, `Rejected`, `Failed`,
-//! `CertificatesRetired`, `RetireFailed`.
+//! `CertificatesRetired`, `RetireFailed`, `ClaimSessions` (events of fleet-provisioning claim
+//! sessions, client ids `claim-…`: skipped, as no device's).
 //!
 //! Presence keeps the credential each session authenticated with (`principalIdentifier`: a
 //! device's certificate id). When a device connects with another one than its stored presence
@@ -35,7 +36,7 @@ use fleet_shared::adapters::aws::{
     CertificatesTable, DevicesTable, HealthTable, IotControlPlane, PresenceTables,
 };
 use fleet_shared::certs::decommission::{self, retire_on_connect};
-use fleet_shared::health::presence::{fold, Kind, LifecycleEvent, Presence};
+use fleet_shared::health::presence::{fold, EventError, Kind, LifecycleEvent, Presence};
 use fleet_shared::health::signals;
 use fleet_shared::health::tally::{Cohort, HealthDelta};
 use fleet_shared::ingest::{parse_event, OwnedInbound, Trigger};
@@ -145,6 +146,8 @@ pub struct Outcome {
     pub retired: usize,
     /// Devices whose superseded certificates could not be retired (not transiently).
     pub retire_failed: usize,
+    /// Events of fleet-provisioning claim sessions (client ids `claim-…`): no device's.
+    pub claim_sessions: usize,
 }
 
 /// The answer to a direct invocation.
@@ -197,7 +200,14 @@ pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters, C: Cert
     for m in messages {
         let parsed = match m.defect.as_ref() {
             Some(defect) => Err(defect.detail.clone()),
-            None => LifecycleEvent::parse(&m.body).map_err(|e| e.to_string()),
+            None => match LifecycleEvent::parse(&m.body) {
+                // A device provisioning by claim: no device's presence, nothing wrong either.
+                Err(EventError::ClaimSession(_)) => {
+                    out.claim_sessions += 1;
+                    continue;
+                }
+                parsed => parsed.map_err(|e| e.to_string()),
+            },
         };
         match parsed {
             Ok((thing, e)) => {
@@ -281,6 +291,7 @@ pub async fn run<R: DeviceRegistry, P: PresenceStore, H: HealthCounters, C: Cert
             ("Failed", out.failed.len() as f64, Unit::Count),
             ("CertificatesRetired", out.retired as f64, Unit::Count),
             ("RetireFailed", out.retire_failed as f64, Unit::Count),
+            ("ClaimSessions", out.claim_sessions as f64, Unit::Count),
         ],
     }]);
     out

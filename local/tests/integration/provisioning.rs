@@ -10,6 +10,7 @@ use base64::Engine as _;
 use fleet_local::provisioning::{Provisioning, Request, CREATE_FROM_CSR_TOPIC, CREATE_TOPIC, TOKEN_LIFETIME};
 use fleet_local::LocalStack;
 use fleet_shared::certs::decommission::{retire_superseded, InUse, RetireError, Scope};
+use fleet_shared::certs::hook::CLAIM_CLIENT_PREFIX;
 use fleet_shared::health::presence::Presence;
 use fleet_shared::model::{AllowlistEntry, CertStatus, CertificateId, Enrolment, ThingName};
 use fleet_shared::ports::{Allowlist, DeviceAdmin, PresenceReader};
@@ -37,10 +38,15 @@ async fn allow(stack: &LocalStack, serial: &str) -> Result<()> {
     Ok(())
 }
 
-/// A claim holder, subscribed to the provisioning answers.
-async fn claim_holder(stack: &LocalStack, id: &str) -> Result<(AsyncClient, EventLoop)> {
+/// A claim session of the device `serial`: client id `claim-<serial>`, as the claim policy wants.
+fn claim_session(stack: &LocalStack, serial: &str) -> Result<(AsyncClient, EventLoop)> {
     let claim = &provisioning(stack)?.claim;
-    let (c, mut events) = client(stack, id, Some(&format!("cert/{claim}")));
+    Ok(client(stack, &format!("{CLAIM_CLIENT_PREFIX}{serial}"), Some(&format!("cert/{claim}"))))
+}
+
+/// A claim holder, subscribed to the provisioning answers.
+async fn claim_holder(stack: &LocalStack, serial: &str) -> Result<(AsyncClient, EventLoop)> {
+    let (c, mut events) = claim_session(stack, serial)?;
     c.subscribe(format!("{CREATE_TOPIC}/+"), QoS::AtLeastOnce).await?;
     c.subscribe(format!("$aws/provisioning-templates/{TEMPLATE}/provision/json/+"), QoS::AtLeastOnce).await?;
     for _ in 0..2 {
@@ -51,7 +57,7 @@ async fn claim_holder(stack: &LocalStack, id: &str) -> Result<(AsyncClient, Even
         .await?;
         anyhow::ensure!(
             codes.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
-            "{id}: subscription refused: {codes:?}"
+            "{serial}: subscription refused: {codes:?}"
         );
     }
     Ok((c, events))
@@ -572,10 +578,9 @@ async fn a_second_claim_session_cannot_listen_for_answers_carrying_private_keys(
     // GIVEN one claim session subscribed to the provisioning answers
     let dir = tempfile::tempdir()?;
     let stack = start(&dir.path().join("fleet.sqlite")).await?;
-    let claim = provisioning(&stack)?.claim.clone();
     let (first, mut first_events) = claim_holder(&stack, "sensor-l01").await?;
     // WHEN another claim session subscribes to them, even through a wildcard
-    let (eavesdropper, mut events) = client(&stack, "sensor-l02", Some(&format!("cert/{claim}")));
+    let (eavesdropper, mut events) = claim_session(&stack, "sensor-l02")?;
     eavesdropper.subscribe("$aws/certificates/#", QoS::AtLeastOnce).await?;
     let refused = until(&mut events, |e| match e {
         Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),
@@ -599,22 +604,36 @@ async fn a_second_claim_session_cannot_listen_for_answers_carrying_private_keys(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_back_on_its_own_certificate_leaves_the_answers_to_the_next_claim_session() -> Result<()> {
+async fn the_claim_cannot_take_a_devices_client_id_and_the_next_claim_session_may_listen() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let stack = start(&dir.path().join("fleet.sqlite")).await?;
     let claim = provisioning(&stack)?.claim.clone();
     allow(&stack, "sensor-q01").await?;
-    // GIVEN sensor-q01 provisioned by claim, then connected under the same client id with its
-    // own certificate (as `fleetctl demo --provision` devices do, one after another)
+    // GIVEN sensor-q01 provisioned by claim, then connected with its own certificate (as
+    // `fleetctl demo --provision` devices do, one after another)
     let cert = provision_with_csr(&stack, "sensor-q01").await?;
     let (device, mut device_events) = client(&stack, "sensor-q01", Some(&format!("cert/{cert}")));
     device.publish("dt/fleet/sensor-q01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
     until(&mut device_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
-    // WHEN the next device's claim session subscribes to the provisioning answers
-    // THEN it may: the client id that held them is a device's session now
+    // WHEN the claim, which every device carries, connects under the device's client id
+    let (_intruder, mut intruder_events) = client(&stack, "sensor-q01", Some(&format!("cert/{claim}")));
+    let answer = until(&mut intruder_events, |e| match e {
+        Event::Incoming(Packet::ConnAck(ack)) => Some(ack.code),
+        _ => None,
+    })
+    .await;
+    // THEN it is refused (the claim policy allows client ids `claim-*` only), and the device's
+    // session goes on
+    ensure!(
+        !matches!(answer, Ok(rumqttc::ConnectReturnCode::Success)),
+        "the claim took the device's client id: {answer:?}"
+    );
+    device.publish("dt/fleet/sensor-q01/telemetry", QoS::AtLeastOnce, false, reading()).await?;
+    until(&mut device_events, |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await?;
+    // AND the next device's claim session may listen for the provisioning answers (sensor-q01's
+    // has gone), while another one may not as long as it is connected
     let (_next, _next_events) = claim_holder(&stack, "sensor-q02").await?;
-    // AND while that claim session is connected, another one may not
-    let (eavesdropper, mut events) = client(&stack, "sensor-q03", Some(&format!("cert/{claim}")));
+    let (eavesdropper, mut events) = claim_session(&stack, "sensor-q03")?;
     eavesdropper.subscribe(format!("{CREATE_TOPIC}/+"), QoS::AtLeastOnce).await?;
     let refused = until(&mut events, |e| match e {
         Event::Incoming(Packet::SubAck(ack)) => Some(ack.return_codes.clone()),

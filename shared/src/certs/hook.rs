@@ -61,7 +61,10 @@ impl HookResponse {
 pub enum Refusal {
     #[error("malformed hook event: {0}")]
     MalformedEvent(String),
-    #[error("no SerialNumber parameter, or not a valid thing name: {0:?}")]
+    #[error(
+        "no SerialNumber parameter, or not a valid thing name (one starting {CLAIM_CLIENT_PREFIX:?} is \
+         a claim session's client id, never a serial): {0:?}"
+    )]
     BadSerial(String),
     #[error("serial number {0} is not on the allowlist")]
     UnknownSerial(String),
@@ -106,10 +109,24 @@ pub fn parse_request(event: &str) -> Result<HookRequest, Refusal> {
     serde_json::from_str(event).map_err(|e| Refusal::MalformedEvent(e.to_string()))
 }
 
+/// The client ids a session with the fleet's claim certificate may connect under
+/// (`ClaimPolicy` allows `client/claim-*` only). The claim is in every device's hands, so a
+/// claim session that could take any client id could take a running device's over (IoT Core
+/// disconnects the older session of a client id); no serial, hence no thing, starts with it.
+pub const CLAIM_CLIENT_PREFIX: &str = "claim-";
+
+/// A serial number: a valid thing name outside the claim sessions' client ids
+/// ([`CLAIM_CLIENT_PREFIX`]), since a device's client id is its thing name.
+pub fn serial(raw: &str) -> Result<ThingName, Refusal> {
+    ThingName::parse(raw)
+        .ok()
+        .filter(|t| !t.as_str().starts_with(CLAIM_CLIENT_PREFIX))
+        .ok_or_else(|| Refusal::BadSerial(raw.to_owned()))
+}
+
 /// The serial number a request provisions (the template's `SerialNumber` parameter).
 pub fn serial_of(request: &HookRequest) -> Result<ThingName, Refusal> {
-    let raw = request.parameters.get("SerialNumber").and_then(Value::as_str).unwrap_or_default();
-    ThingName::parse(raw).map_err(|_| Refusal::BadSerial(raw.to_owned()))
+    serial(request.parameters.get("SerialNumber").and_then(Value::as_str).unwrap_or_default())
 }
 
 /// The certificate a request presents, checked: readable, its id the one given, valid at `now_ms`.
@@ -276,6 +293,10 @@ mod tests {
         assert_eq!(serial_of(&r).map(|s| s.to_string()), Ok("dev-1".to_owned()));
         r.parameters.insert("SerialNumber".into(), "has space".into());
         assert_eq!(serial_of(&r).map_err(|e| e.code()), Err("bad_serial"));
+        // a claim session's client id is never a serial, so no thing can be taken over by one
+        r.parameters.insert("SerialNumber".into(), "claim-dev-1".into());
+        assert_eq!(serial_of(&r).map_err(|e| e.code()), Err("bad_serial"));
+        assert_eq!(serial("claimed-1").map(|s| s.to_string()), Ok("claimed-1".to_owned()));
         r.parameters.clear();
         assert_eq!(serial_of(&r).map_err(|e| e.code()), Err("bad_serial"));
         let allowed = allow(&entry("dev-1", Enrolment::Allowed));

@@ -19,6 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::certs::hook::CLAIM_CLIENT_PREFIX;
 use crate::model::ThingName;
 
 /// The lifecycle event's kind.
@@ -57,15 +58,21 @@ pub enum EventError {
     Malformed(String),
     #[error("client id {0:?} is not a thing name (presence is kept per thing)")]
     NotAThing(String),
+    /// A fleet-provisioning claim session's (`claim-…`), not a device's: nothing to record.
+    #[error("client id {0:?} is a claim session's (fleet provisioning), not a device's")]
+    ClaimSession(String),
     #[error("versionNumber {0} is negative")]
     BadVersion(i64),
 }
 
 impl LifecycleEvent {
     /// A lifecycle event's JSON; the client id must be a thing name (a device connects as its
-    /// thing), the version not negative.
+    /// thing) and not a claim session's ([`CLAIM_CLIENT_PREFIX`]), the version not negative.
     pub fn parse(json: &[u8]) -> Result<(ThingName, Self), EventError> {
         let e: Self = serde_json::from_slice(json).map_err(|err| EventError::Malformed(err.to_string()))?;
+        if e.client_id.starts_with(CLAIM_CLIENT_PREFIX) {
+            return Err(EventError::ClaimSession(e.client_id));
+        }
         let thing = ThingName::parse(&e.client_id).map_err(|_| EventError::NotAThing(e.client_id.clone()))?;
         if e.version_number < 0 {
             return Err(EventError::BadVersion(e.version_number));

@@ -618,6 +618,21 @@ fn fleet_provisioning_gives_each_device_a_thing_an_active_certificate_and_the_de
     assert!(claim.contains("$aws/certificates/create-from-csr/*"), "{claim}");
     assert!(claim.contains("$aws/provisioning-templates/fleetline-${Stage}-devices/provision/*"), "{claim}");
     assert!(!claim.contains("dt/fleet"), "a claim certificate cannot publish telemetry: {claim}");
+    // ... and connects under claim session client ids only, never a device's (it would take the
+    // device's session over).
+    let statements = r.resources["ClaimPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+        .as_sequence()
+        .expect("statements");
+    let connect: Vec<String> = statements
+        .iter()
+        .filter(|s| s["Action"].as_str() == Some("iot:Connect"))
+        .map(|s| format!("{:?}", s["Resource"]))
+        .collect();
+    let prefix = fleet_shared::certs::hook::CLAIM_CLIENT_PREFIX;
+    assert!(
+        connect.len() == 1 && connect[0].contains(&format!(":client/{prefix}*")),
+        "the claim connects as client/{prefix}* only: {connect:?}"
+    );
     // A device may rotate its certificate: a certificate for its CSR, then RegisterThing with
     // its own certificate as the claim; never CreateKeysAndCertificate (answers carry keys).
     let device = format!("{:?}", r.resources["DevicePolicy"]["Properties"]["PolicyDocument"]);

@@ -105,6 +105,33 @@ async fn a_late_connect_never_flips_a_disconnected_device() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_claim_sessions_events_are_skipped_as_no_devices_and_not_rejected() -> Result<()> {
+    let db = SqliteStore::in_memory()?;
+    let deps = deps_with_registry(&db);
+    // GIVEN sensor-001 provisioning by claim (client id claim-sensor-001), then connecting as itself
+    let claim = |kind: &str, v: i64| {
+        let mut e: Value =
+            serde_json::from_str(&event_with(kind, v, 1_764_000_000_000 + v, "claim-cert")).expect("json");
+        e["clientId"] = json!("claim-sensor-001");
+        e.to_string()
+    };
+    let events = [
+        claim("connected", 1),
+        claim("disconnected", 1),
+        event_with("connected", 1, 1_764_000_100_000, "c1"),
+    ];
+    // WHEN the three events come in one batch
+    let out = batch(&deps, &events).await;
+    // THEN the claim session's two are skipped (counted, not rejected: nothing is wrong), and
+    // only the device has a presence
+    assert_eq!((out.claim_sessions, out.rejected.len(), out.changed), (2, 0, 1), "{:?}", out.rejected);
+    assert!(db.presence(&thing("sensor-001")).await?.is_some_and(|p| p.connected));
+    let (page, _) = db.presence_page(None, 10).await?;
+    assert_eq!(page.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["sensor-001"]);
+    Ok(())
+}
+
 /// A store where another writer changes the presence once between each read and write.
 struct Racing {
     inner: SqliteStore,

@@ -116,6 +116,10 @@ fn events_are_parsed_strictly() {
             "not a thing name",
         ),
         (br#"{"clientId":"x","timestamp":1,"eventType":"connected","versionNumber":-1}"#, "negative"),
+        (
+            br#"{"clientId":"claim-sensor-001","timestamp":1,"eventType":"connected","versionNumber":1}"#,
+            "a claim session's",
+        ),
         (b"\xff", "not a lifecycle event"),
     ] {
         let err = LifecycleEvent::parse(bad).expect_err(what).to_string();
