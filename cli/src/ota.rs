@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::health::slo::Catalog;
 use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Preconditions, State};
-use fleet_shared::ota::engine::{count_finished, Engine};
+use fleet_shared::ota::engine::{count_finished, CampaignFleet, Engine};
 use fleet_shared::ota::manifest::{FirmwareManifest, ManifestVerifier};
-use fleet_shared::ports::{CampaignStore, DeviceAdmin, HealthCounters, JobsControl, SloReader};
+use fleet_shared::ports::{CampaignStore, HealthCounters, JobsControl, SloReader};
 use fleet_shared::time;
 
 use crate::output;
@@ -40,7 +40,7 @@ pub async fn run<S, F, J, H>(
 ) -> Result<()>
 where
     S: CampaignStore,
-    F: DeviceAdmin,
+    F: CampaignFleet,
     J: JobsControl,
     H: SloReader + HealthCounters,
 {

@@ -487,6 +487,10 @@ pub trait DeviceCertStatus: Send + Sync {
 
     /// Remove devices' marks (their certificate no longer expires: rotated, or deactivated).
     fn clear_cert_status(&self, things: &[ThingName]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every device marked `rotation_due`, by thing name: whom a certificate rotation campaign
+    /// takes. Read when a stage starts (as the fleet is), never per device.
+    fn rotation_due(&self) -> impl Future<Output = Result<Vec<(ThingName, CertMark)>, StoreError>> + Send;
 }
 
 /// Reports written next to the archive (`reports/...`, JSON).

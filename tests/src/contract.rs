@@ -721,8 +721,15 @@ pub async fn device_cert_status_round_trips_and_leaves_the_device_alone<S: Devic
     ensure!(s.cert_status(&t).await? == Some(mark(ExpiryClass::Critical, 100)), "the newest mark");
     let d = s.device(&t).await?.context("device")?;
     ensure!(d.registration.is_some_and(|r| r.class == "env-sensor"), "registration kept");
-    s.clear_cert_status(&[t.clone(), thing(851)]).await?;
+    // The rotation listing holds the marks due, and only those (other tests' devices aside).
+    let not_due = CertMark { rotation_due: false, ..mark(ExpiryClass::Warning, 200) };
+    s.mark_cert_status(&[(thing(852), not_due)]).await?;
+    let mine = [t.clone(), thing(852)];
+    let due: Vec<_> = s.rotation_due().await?.into_iter().filter(|(d, _)| mine.contains(d)).collect();
+    ensure!(due == [(t.clone(), mark(ExpiryClass::Critical, 100))], "{due:?}");
+    s.clear_cert_status(&[t.clone(), thing(851), thing(852)]).await?;
     ensure!(s.cert_status(&t).await?.is_none(), "the mark is cleared");
+    ensure!(!s.rotation_due().await?.iter().any(|(d, _)| mine.contains(d)), "no longer due");
     ensure!(s.device(&t).await?.is_some(), "clearing a mark keeps the device");
     Ok(())
 }

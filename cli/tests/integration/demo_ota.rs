@@ -258,15 +258,16 @@ async fn demo_devices_install_a_job_signed_by_the_local_firmware_key_and_refuse_
         );
         assert_eq!((s.gate.window_minutes, s.gate.min_events), (5, 20));
         assert_eq!((s.preconditions.min_battery_pct, s.preconditions.seen_within_minutes), (None, None));
-        trusted.verify(&c.firmware)?;
-        trusted.verify(&c.rollback)?;
+        let (firmware, rollback) = c.manifests().context("a firmware campaign's manifests")?;
+        trusted.verify(firmware)?;
+        trusted.verify(rollback)?;
         let device = DeviceFirmware {
             class: class.into(),
             fw: "1.4.2".into(),
             battery_pct: None,
             min_battery_pct: 20.0,
         };
-        let document = job_document(id, &c.firmware).to_string();
+        let document = job_document(id, firmware).to_string();
         let outcome = run_job(&document, &device, &trusted, |m| Ok(demo_image(m.class(), m.fw())));
         assert_eq!(outcome.action, Action::Install { fw: "1.5.0".into() }, "{id}: {outcome:?}");
     }

@@ -31,9 +31,9 @@ use fleet_shared::health::slo::Catalog;
 use fleet_shared::lambda::{AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
 use fleet_shared::ota::campaign::{campaign_of_job, Campaign, State};
-use fleet_shared::ota::engine::{count_finished, Engine, OtaError};
+use fleet_shared::ota::engine::{count_finished, CampaignFleet, Engine, OtaError};
 use fleet_shared::ota::manifest::{ManifestVerifier, FIRMWARE_KEYS_VAR};
-use fleet_shared::ports::{CampaignStore, DeviceAdmin, HealthCounters, JobsControl, SloReader};
+use fleet_shared::ports::{CampaignStore, HealthCounters, JobsControl, SloReader};
 use fleet_shared::{time, StoreError};
 use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
@@ -137,7 +137,7 @@ pub async fn handle<C, F, J, H>(
 ) -> Result<Answer, Retryable>
 where
     C: CampaignStore,
-    F: DeviceAdmin,
+    F: CampaignFleet,
     J: JobsControl,
     H: SloReader + HealthCounters,
 {
@@ -166,7 +166,7 @@ pub async fn run<C, F, J, H>(
 ) -> Result<Answer, StoreError>
 where
     C: CampaignStore,
-    F: DeviceAdmin,
+    F: CampaignFleet,
     J: JobsControl,
     H: SloReader + HealthCounters,
 {
@@ -281,7 +281,7 @@ mod tests {
     use fleet_shared::model::JobId;
     use fleet_shared::ota::campaign::CampaignSpec;
     use fleet_shared::ota::manifest::{ManifestSigner, UnsignedManifest};
-    use fleet_shared::ports::HealthLedger;
+    use fleet_shared::ports::{DeviceAdmin, HealthLedger};
     use lambda_runtime::Context;
 
     use super::*;

@@ -22,6 +22,15 @@
 //!
 //! Rolling back cancels what is still queued and sends the `from_fw` manifest to every device
 //! a stage reached (succeeded or in progress); the campaign is rolled back when that job settles.
+//!
+//! The same stages, preconditions, timeouts and failure limit rotate certificates
+//! ([`Change::Certificate`]): the devices of one class and firmware that the daily expiry check
+//! marked `rotation_due` get a `fleetline.rotate_cert` job, each makes a new key and rotates
+//! over its own connection (CreateCertificateFromCsr, RegisterThing with its current
+//! certificate as the claim), and a stage's gate is that every device reporting success has
+//! connected with a certificate other than the one that expires. There is nothing to roll back
+//! (a device that rotated keeps the new certificate, the others their current one): "rolling
+//! back" a rotation halts it, canceling what is queued.
 
 use std::collections::BTreeSet;
 
@@ -38,11 +47,26 @@ pub const MAX_CAMPAIGN_ID_LEN: usize = MAX_JOB_ID_LEN - 8;
 /// Entries kept in a campaign's log (the oldest go first).
 pub const MAX_LOG_ENTRIES: usize = 100;
 
+/// What a campaign changes on its devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// Install `to_fw` (signed manifests; rolled back to `from_fw`).
+    #[default]
+    Firmware,
+    /// Rotate the certificates of devices marked `rotation_due`, on `from_fw` (= `to_fw`: the
+    /// firmware that carries out the rotation job).
+    Certificate,
+}
+
 /// What an operator asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CampaignSpec {
     /// 1–56 characters of `[A-Za-z0-9_-]`.
     pub id: String,
+    /// What the campaign changes (campaigns stored before certificate rotation are firmware's).
+    #[serde(default)]
+    pub change: Change,
     /// Device class the firmware is built for.
     pub class: String,
     /// Firmware the devices run now; rolled back to.
@@ -87,6 +111,7 @@ impl CampaignSpec {
     pub fn new(id: &str, class: &str, from_fw: &str, to_fw: &str) -> Self {
         Self {
             id: id.to_owned(),
+            change: Change::Firmware,
             class: class.to_owned(),
             from_fw: from_fw.to_owned(),
             to_fw: to_fw.to_owned(),
@@ -99,6 +124,12 @@ impl CampaignSpec {
             preconditions: Preconditions::default(),
             gate: GatePolicy::default(),
         }
+    }
+
+    /// A certificate rotation of the `class` devices on `fw` that are due one, with the usual
+    /// stages and limits.
+    pub fn rotation(id: &str, class: &str, fw: &str) -> Self {
+        Self { change: Change::Certificate, ..Self::new(id, class, fw, fw) }
     }
 
     /// Every rule a spec must follow, the first one broken as an error.
@@ -116,8 +147,17 @@ impl CampaignSpec {
         for (what, v) in [("class", &self.class), ("from_fw", &self.from_fw), ("to_fw", &self.to_fw)] {
             validate_label(what, v).map_err(|e| InvalidSpec(e.to_string()))?;
         }
-        if self.from_fw == self.to_fw {
-            return bad(format!("from_fw and to_fw are both {}", self.to_fw));
+        match self.change {
+            Change::Firmware if self.from_fw == self.to_fw => {
+                return bad(format!("from_fw and to_fw are both {}", self.to_fw));
+            }
+            Change::Certificate if self.from_fw != self.to_fw => {
+                return bad(format!(
+                    "a certificate rotation changes no firmware: from_fw {} and to_fw {} must be one",
+                    self.from_fw, self.to_fw
+                ));
+            }
+            _ => {}
         }
         let increasing = self.stages.windows(2).all(|w| w[0] < w[1]);
         if self.stages.is_empty() || !increasing || self.stages[0] == 0 || self.stages.last() != Some(&100) {
@@ -261,10 +301,12 @@ pub struct LogEntry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Campaign {
     pub spec: CampaignSpec,
-    /// The signed manifest of `to_fw`, sent to the stages.
-    pub firmware: FirmwareManifest,
-    /// The signed manifest of `from_fw`, sent when rolling back.
-    pub rollback: FirmwareManifest,
+    /// The signed manifest of `to_fw`, sent to the stages (a firmware campaign's only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareManifest>,
+    /// The signed manifest of `from_fw`, sent when rolling back (a firmware campaign's only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<FirmwareManifest>,
     pub state: State,
     /// Set by an operator or a timeout: ticks look but change nothing until resumed.
     pub paused: Option<String>,
@@ -297,10 +339,9 @@ impl Campaign {
         rollback: FirmwareManifest,
         now_ms: i64,
     ) -> Result<Self, InvalidSpec> {
-        spec.check()?;
-        let mut token = [0u8; 16];
-        getrandom::fill(&mut token)
-            .map_err(|e| InvalidSpec(format!("no randomness for the campaign's owner stamp: {e}")))?;
+        if spec.change != Change::Firmware {
+            return Err(InvalidSpec("a firmware campaign needs a firmware spec".into()));
+        }
         for (m, fw) in [(&firmware, &spec.to_fw), (&rollback, &spec.from_fw)] {
             if m.fw() != fw || m.class() != spec.class {
                 return Err(InvalidSpec(format!(
@@ -311,6 +352,33 @@ impl Campaign {
                 )));
             }
         }
+        let created = format!("created: {} {} -> {}", spec.class, spec.from_fw, spec.to_fw);
+        Self::with(spec, Some(firmware), Some(rollback), created, now_ms)
+    }
+
+    /// A certificate rotation campaign for `spec` ([`CampaignSpec::rotation`]).
+    pub fn rotation(spec: CampaignSpec, now_ms: i64) -> Result<Self, InvalidSpec> {
+        if spec.change != Change::Certificate {
+            return Err(InvalidSpec("a certificate rotation needs a rotation spec".into()));
+        }
+        let created = format!(
+            "created: rotate the certificates of {} devices on {} that are due one",
+            spec.class, spec.from_fw
+        );
+        Self::with(spec, None, None, created, now_ms)
+    }
+
+    fn with(
+        spec: CampaignSpec,
+        firmware: Option<FirmwareManifest>,
+        rollback: Option<FirmwareManifest>,
+        created: String,
+        now_ms: i64,
+    ) -> Result<Self, InvalidSpec> {
+        spec.check()?;
+        let mut token = [0u8; 16];
+        getrandom::fill(&mut token)
+            .map_err(|e| InvalidSpec(format!("no randomness for the campaign's owner stamp: {e}")))?;
         let mut c = Self {
             spec,
             firmware,
@@ -326,8 +394,13 @@ impl Campaign {
             version: 0,
             owner: token.iter().map(|b| format!("{b:02x}")).collect(),
         };
-        c.note(now_ms, format!("created: {} {} -> {}", c.spec.class, c.spec.from_fw, c.spec.to_fw));
+        c.note(now_ms, created);
         Ok(c)
+    }
+
+    /// A firmware campaign's manifests: the one to install and the one to roll back to.
+    pub fn manifests(&self) -> Option<(&FirmwareManifest, &FirmwareManifest)> {
+        self.firmware.as_ref().zip(self.rollback.as_ref())
     }
 
     /// What this campaign's jobs' descriptions end with: ` [campaign <owner>]` (nothing for a

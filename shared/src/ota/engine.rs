@@ -6,12 +6,17 @@
 //! a job created by a tick whose campaign write was lost is found again (IoT Jobs answers a
 //! second create with a conflict) and adopted, and the campaign store refuses a write from a
 //! tick that read an older version.
+//!
+//! A certificate rotation ([`Change::Certificate`]) runs on the same stages: its devices are
+//! those of the class and firmware marked `rotation_due` ([`DeviceCertStatus::rotation_due`]),
+//! its jobs carry [`rotation_document`], its gate is [`Engine::rotation_verdict`], and a
+//! rollback halts it.
 
 use std::collections::BTreeSet;
 
 use serde_json::json;
 
-use super::campaign::{assess, plan_stage, Campaign, CampaignSpec, StageState, StageStep, State};
+use super::campaign::{assess, plan_stage, Campaign, CampaignSpec, Change, StageState, StageStep, State};
 use super::gate::{self, Verdict};
 use super::manifest::{FirmwareManifest, ManifestVerifier};
 use crate::error::{ErrorKind, StoreError};
@@ -19,10 +24,12 @@ use crate::health::gate::GateError;
 use crate::health::slo::Catalog;
 use crate::health::tally::{counter, minute_of, Bucket, Cohort, HealthDelta, UNKNOWN};
 use crate::model::{ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName};
-use crate::ports::{DeviceAdmin, HealthCounters, JobsControl, SloReader};
+use crate::ports::{DeviceAdmin, DeviceCertStatus, HealthCounters, JobsControl, PresenceReader, SloReader};
 
 /// What `operation` a Fleetline OTA job document carries.
 pub const OTA_OPERATION: &str = "fleetline.ota";
+/// What `operation` a certificate rotation job document carries.
+pub const ROTATE_OPERATION: &str = "fleetline.rotate_cert";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OtaError {
@@ -52,6 +59,13 @@ impl OtaError {
 /// The job document a device gets: the signed manifest it checks before it installs.
 pub fn job_document(campaign: &str, manifest: &FirmwareManifest) -> serde_json::Value {
     json!({ "operation": OTA_OPERATION, "campaign": campaign, "manifest": manifest })
+}
+
+/// The job document of a certificate rotation: the device makes a new key and rotates over its
+/// own connection (CreateCertificateFromCsr, then RegisterThing with its current certificate as
+/// the claim), connects with the new certificate, and reports from that connection.
+pub fn rotation_document(campaign: &str) -> serde_json::Value {
+    json!({ "operation": ROTATE_OPERATION, "campaign": campaign })
 }
 
 /// What one tick did.
@@ -111,6 +125,13 @@ fn newly(class: &str, fw: &str, now: &JobCounts, counted: &mut JobCounts) -> Opt
     })
 }
 
+/// What a campaign reads of the fleet: the devices (who a stage can pick), their certificate
+/// marks (who is due a rotation) and their presence (whom a rotation stage has seen on a new
+/// certificate). The Devices table holds all three.
+pub trait CampaignFleet: DeviceAdmin + DeviceCertStatus + PresenceReader {}
+
+impl<T: DeviceAdmin + DeviceCertStatus + PresenceReader> CampaignFleet for T {}
+
 /// The ports a tick reads and acts on.
 pub struct Engine<'a, F, J, H> {
     pub fleet: &'a F,
@@ -121,10 +142,18 @@ pub struct Engine<'a, F, J, H> {
     pub verifier: &'a ManifestVerifier,
 }
 
-impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
-    /// Check a new campaign's manifests (signed by a trusted key, for its class and firmware).
+impl<F: CampaignFleet, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
+    /// Check a new campaign's manifests (signed by a trusted key, for its class and firmware);
+    /// a certificate rotation has none.
     pub fn check_manifests(&self, c: &Campaign) -> Result<(), OtaError> {
-        for (m, fw) in [(&c.firmware, &c.spec.to_fw), (&c.rollback, &c.spec.from_fw)] {
+        if c.spec.change == Change::Certificate {
+            return Ok(());
+        }
+        let Some((firmware, rollback)) = c.manifests() else {
+            let why = "a firmware campaign stored without its manifests".to_owned();
+            return Err(OtaError::Manifest { fw: c.spec.to_fw.clone(), why });
+        };
+        for (m, fw) in [(firmware, &c.spec.to_fw), (rollback, &c.spec.from_fw)] {
             let fail = |why: String| Err(OtaError::Manifest { fw: m.fw().to_owned(), why });
             if m.fw() != fw || m.class() != c.spec.class {
                 return fail(format!(
@@ -228,11 +257,17 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         finished: &mut Vec<Finished>,
     ) -> Result<String, OtaError> {
         let counts = self.counts(&stage.job).await?;
-        finished.extend(newly(&c.spec.class, &c.spec.to_fw, &counts, &mut stage.counted));
+        // Installs feed the ota SLO; a rotation installs nothing.
+        if c.spec.change == Change::Firmware {
+            finished.extend(newly(&c.spec.class, &c.spec.to_fw, &counts, &mut stage.counted));
+        }
         c.state = State::Stage(stage.clone());
         let mut step = assess(&c.spec, &stage, &counts, None, now_ms);
         if step == StageStep::AskGate {
-            let verdict = self.verdict(&c.spec).await?;
+            let verdict = match c.spec.change {
+                Change::Firmware => self.verdict(&c.spec).await?,
+                Change::Certificate => self.rotation_verdict(&stage.job).await?,
+            };
             step = assess(&c.spec, &stage, &counts, Some(&verdict), now_ms);
         }
         match step {
@@ -279,6 +314,35 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         Ok(verdict)
     }
 
+    /// A rotation stage's gate: every device whose execution SUCCEEDED has connected with
+    /// another certificate than the one it was marked for (its latest session's principal, as
+    /// presence records it), or has lost its mark (the daily check clears it once the old
+    /// certificate is retired). The device's word is not enough: a device that reports success
+    /// and still connects with the expiring certificate holds the stage up, until it pauses.
+    /// Two reads per device that reported success, once per tick after the soak.
+    pub async fn rotation_verdict(&self, job: &JobId) -> Result<Verdict, OtaError> {
+        let (mut done, mut unseen) = (0usize, Vec::new());
+        for (thing, status) in self.jobs.job_executions(job).await? {
+            if status != ExecutionStatus::Succeeded {
+                continue;
+            }
+            done += 1;
+            let Some(mark) = self.fleet.cert_status(&thing).await? else { continue };
+            let principal = self.fleet.presence(&thing).await?.and_then(|p| p.principal);
+            if principal.is_none_or(|p| p == mark.certificate.as_str()) {
+                unseen.push(thing);
+            }
+        }
+        Ok(match unseen.first() {
+            None => Verdict::Advance,
+            Some(first) => Verdict::Wait(format!(
+                "{} of {done} devices that report a new certificate have not connected with one \
+                 yet (first: {first})",
+                unseen.len()
+            )),
+        })
+    }
+
     /// Things the stages' jobs reached, with their executions' status.
     async fn reached(&self, jobs: &[JobId]) -> Result<Vec<(ThingName, ExecutionStatus)>, OtaError> {
         let mut out = Vec::new();
@@ -315,7 +379,12 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
 
     /// Start stage `first` (or the next one with devices to take); complete after the last.
     async fn start_stage(&self, c: &mut Campaign, first: usize, now_ms: i64) -> Result<String, OtaError> {
-        let fleet = self.fleet.devices().await?;
+        let mut fleet = self.fleet.devices().await?;
+        if c.spec.change == Change::Certificate {
+            let due: BTreeSet<ThingName> =
+                self.fleet.rotation_due().await?.into_iter().map(|(t, _)| t).collect();
+            fleet.retain(|d| due.contains(&d.thing));
+        }
         // Devices the earlier stages' jobs reached (a stage's own job, if a lost write left it
         // behind, is adopted below, not counted as earlier).
         let mut earlier: Vec<(usize, BTreeSet<ThingName>)> = Vec::new();
@@ -330,8 +399,10 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
             let plan = plan_stage(&c.spec, &fleet, &already, stage, c.population, now_ms);
             if stage == 0 {
                 if plan.eligible == 0 {
+                    let due =
+                        if c.spec.change == Change::Certificate { " due a new certificate" } else { "" };
                     let why = format!(
-                        "no {} device on {} is eligible ({} skipped)",
+                        "no {} device on {}{due} is eligible ({} skipped)",
                         c.spec.class,
                         c.spec.from_fw,
                         plan.skipped.len()
@@ -347,18 +418,17 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
                 continue;
             }
             let job = c.spec.stage_job(stage);
+            let (document, change) = match c.manifests() {
+                Some((firmware, _)) if c.spec.change == Change::Firmware => {
+                    (job_document(&c.spec.id, firmware), format!("{} -> {}", c.spec.from_fw, c.spec.to_fw))
+                }
+                _ => (rotation_document(&c.spec.id), format!("rotate certificates on {}", c.spec.from_fw)),
+            };
             let new = NewJob {
                 job_id: job.clone(),
                 targets: plan.targets.clone(),
-                document: job_document(&c.spec.id, &c.firmware),
-                description: format!(
-                    "{} stage {}: {} -> {}{}",
-                    c.spec.id,
-                    stage + 1,
-                    c.spec.from_fw,
-                    c.spec.to_fw,
-                    c.job_stamp()
-                ),
+                document,
+                description: format!("{} stage {}: {change}{}", c.spec.id, stage + 1, c.job_stamp()),
                 max_per_minute: Some(c.spec.max_per_minute),
                 in_progress_timeout_minutes: Some(c.spec.install_timeout_minutes),
             };
@@ -386,7 +456,15 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
             });
             return Ok(text);
         }
-        c.note(now_ms, format!("completed: {} devices on {}", c.targeted, c.spec.to_fw));
+        c.note(
+            now_ms,
+            match c.spec.change {
+                Change::Firmware => format!("completed: {} devices on {}", c.targeted, c.spec.to_fw),
+                Change::Certificate => {
+                    format!("completed: {} devices rotated their certificates", c.targeted)
+                }
+            },
+        );
         c.state = State::Completed;
         Ok("completed".into())
     }
@@ -414,6 +492,22 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
     pub async fn roll_back(&self, c: &mut Campaign, reason: String, now_ms: i64) -> Result<String, OtaError> {
         self.check_manifests(c)?;
         let stage_jobs = self.cancel_stages(c).await?;
+        let Some((_, rollback)) = c.manifests().filter(|_| c.spec.change == Change::Firmware) else {
+            // A rotation has nothing to undo: it halts.
+            c.note(
+                now_ms,
+                format!(
+                    "halted: {reason} (nothing to roll back: devices that rotated keep their new \
+                 certificate, the others their current one)"
+                ),
+            );
+            for job in &stage_jobs {
+                self.retire(c, job, now_ms).await;
+            }
+            c.state = State::RolledBack { reason: reason.clone() };
+            return Ok(format!("halted: {reason}"));
+        };
+        let rollback = rollback.clone();
         // Every device that may run the new firmware: installed, installing, and those whose
         // install failed or timed out after writing it (a device reboots before it reports).
         // One that never changed answers the old manifest `already_installed`.
@@ -440,7 +534,7 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         let new = NewJob {
             job_id: job.clone(),
             targets: reached,
-            document: job_document(&c.spec.id, &c.rollback),
+            document: job_document(&c.spec.id, &rollback),
             description: format!(
                 "{} rollback: {} -> {}{}",
                 c.spec.id,
@@ -742,7 +836,7 @@ mod tests {
         let lost_stage = NewJob {
             job_id: c.spec.stage_job(1),
             targets: vec![stray.clone(), ThingName::parse("sensor-098")?],
-            document: job_document(&c.spec.id, &c.firmware),
+            document: job_document(&c.spec.id, c.firmware.as_ref().expect("a firmware campaign")),
             description: format!("stage 2 of a lost write{}", c.job_stamp()),
             max_per_minute: None,
             in_progress_timeout_minutes: None,
@@ -773,7 +867,7 @@ mod tests {
         let their_job = NewJob {
             job_id: theirs.spec.stage_job(0),
             targets: vec![ThingName::parse("sensor-001")?, ThingName::parse("sensor-002")?],
-            document: job_document("fw150", &theirs.firmware),
+            document: job_document("fw150", theirs.firmware.as_ref().expect("a firmware campaign")),
             description: format!("fw150 stage 1: 1.4.2 -> 1.5.0{}", theirs.job_stamp()),
             max_per_minute: None,
             in_progress_timeout_minutes: None,
@@ -806,6 +900,147 @@ mod tests {
         let (c, _) = w.tick("fw151", time::now_ms()).await?;
         let made = w.db.job_progress(&stage_of(&c).job).await?.expect("stage 1");
         assert!(made.description.ends_with(&mine.job_stamp()) && mine.owns_job(&made.description));
+        Ok(())
+    }
+
+    /// sensor-000..`due` marked rotation due for certificate `old-<n>`, and every sensor's
+    /// latest session on its old certificate.
+    async fn due_for_rotation(w: &World, n: usize, due: usize) -> anyhow::Result<Vec<ThingName>> {
+        use crate::certs::expiry::ExpiryClass;
+        use crate::ports::CertMark;
+        let things: Vec<ThingName> =
+            crate::ota::test_sensors(n, "1.4.2").into_iter().map(|(t, _)| t).collect();
+        let marks: Vec<(ThingName, CertMark)> = things
+            .iter()
+            .take(due)
+            .map(|t| {
+                let mark = CertMark {
+                    certificate: old_cert(t),
+                    class: ExpiryClass::Warning,
+                    not_after_ms: time::now_ms() + 20 * 24 * 60 * MIN,
+                    rotation_due: true,
+                    checked_ms: time::now_ms(),
+                };
+                (t.clone(), mark)
+            })
+            .collect();
+        w.db.mark_cert_status(&marks).await?;
+        for (i, t) in things.iter().enumerate() {
+            connect(w, t, old_cert(t).as_str(), i as i64 + 1).await?;
+        }
+        Ok(things[..due].to_vec())
+    }
+
+    fn old_cert(thing: &ThingName) -> crate::model::CertificateId {
+        crate::model::CertificateId::of_der(format!("old certificate of {thing}").as_bytes())
+    }
+
+    /// `thing` opens session `version` with `principal`, as presence records it.
+    async fn connect(w: &World, thing: &ThingName, principal: &str, version: i64) -> anyhow::Result<()> {
+        use crate::health::presence::{fold, LifecycleEvent};
+        use crate::ports::PresenceStore;
+        let event = serde_json::json!({"clientId": thing.as_str(), "timestamp": time::now_ms() + version,
+            "eventType": "connected", "versionNumber": version, "principalIdentifier": principal});
+        let (_, e) = LifecycleEvent::parse(event.to_string().as_bytes())?;
+        let stored = w.db.presence(thing).await?;
+        let next = fold(stored.as_ref(), [&e]).expect("a later session");
+        let expected = stored.as_ref().map(|p| p.place);
+        assert!(w.db.put_presence(thing, &next, expected.as_ref(), &HealthDelta::default()).await?);
+        Ok(())
+    }
+
+    fn rotation_spec(id: &str) -> CampaignSpec {
+        CampaignSpec {
+            stages: vec![50, 100],
+            soak_minutes: 0,
+            preconditions: Preconditions { min_battery_pct: None, seen_within_minutes: None },
+            ..CampaignSpec::rotation(id, "sensor", "1.4.2")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotation_takes_only_devices_due_and_widens_once_they_connect_with_a_new_certificate(
+    ) -> anyhow::Result<()> {
+        // GIVEN 20 sensors, 10 of them due a new certificate, and a rotation of 50 %, 100 %
+        let w = World::new(20).await?;
+        let due = due_for_rotation(&w, 20, 10).await?;
+        w.db.put_campaign(&Campaign::rotation(rotation_spec("rot1"), time::now_ms())?).await?;
+        let t0 = time::now_ms();
+        // WHEN it ticks: stage 1 sends the rotation job to 5 of the 10 due, no other device
+        let (c, _) = w.tick("rot1", t0).await?;
+        let s1 = stage_of(&c).clone();
+        assert_eq!((s1.targets, c.population), (5, 10));
+        let reached: Vec<ThingName> =
+            w.db.job_executions(&s1.job).await?.into_iter().map(|(t, _)| t).collect();
+        assert!(reached.iter().all(|t| due.contains(t)), "{reached:?}");
+        let first = &reached[0];
+        let started = w.db.start_next_job_execution(first, &StartNext::default(), time::now_ms()).await?;
+        assert_eq!(started.map(|e| e.document), Some(rotation_document("rot1")));
+        // AND the devices report success while their latest sessions still use the old certificates
+        w.answer(first, &s1.job, DeviceStatus::Succeeded).await?;
+        assert_eq!(w.devices_answer(&s1.job, DeviceStatus::Succeeded).await?, 4);
+        let (_, tick) = w.tick("rot1", t0 + MIN).await?;
+        assert!(tick.summary.contains("5 of 5 installed"), "{}", tick.summary);
+        // THEN the gate does not take their word for it
+        let (_, tick) = w.tick("rot1", t0 + 2 * MIN).await?;
+        assert!(
+            tick.summary.contains("5 of 5 devices that report a new certificate have not"),
+            "{}",
+            tick.summary
+        );
+        // WHEN four connect with a new certificate, and the fifth's mark is cleared by the daily
+        // check (its old certificate retired)
+        for (i, t) in reached.iter().take(4).enumerate() {
+            connect(&w, t, &format!("new-{i}"), 100).await?;
+        }
+        let (_, tick) = w.tick("rot1", t0 + 3 * MIN).await?;
+        assert!(tick.summary.contains("1 of 5 devices"), "{}", tick.summary);
+        w.db.clear_cert_status(std::slice::from_ref(&reached[4])).await?;
+        // THEN stage 2 takes the other 5 due devices, and only them
+        let (c, tick) = w.tick("rot1", t0 + 4 * MIN).await?;
+        let s2 = stage_of(&c).clone();
+        assert_eq!((s2.stage, s2.targets), (1, 5), "{}", tick.summary);
+        let second: Vec<ThingName> =
+            w.db.job_executions(&s2.job).await?.into_iter().map(|(t, _)| t).collect();
+        assert!(second.iter().all(|t| due.contains(t) && !reached.contains(t)), "{second:?}");
+        // AND no rotation counted as an install for the ota SLO
+        assert!(tick.finished.is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_failing_rotation_halts_with_nothing_to_roll_back() -> anyhow::Result<()> {
+        // GIVEN a rotation whose first stage's devices fail it
+        let w = World::new(20).await?;
+        due_for_rotation(&w, 20, 20).await?;
+        w.db.put_campaign(&Campaign::rotation(rotation_spec("rot2"), time::now_ms())?).await?;
+        let t0 = time::now_ms();
+        let (c, _) = w.tick("rot2", t0).await?;
+        let s1 = stage_of(&c).clone();
+        assert_eq!(w.devices_answer(&s1.job, DeviceStatus::Failed).await?, 10);
+        // WHEN it ticks
+        let (c, tick) = w.tick("rot2", t0 + MIN).await?;
+        // THEN it halts: rolled back with no rollback job (devices keep what they have)
+        assert!(matches!(c.state, State::RolledBack { .. }), "{:?}", c.state);
+        assert!(tick.summary.starts_with("halted"), "{}", tick.summary);
+        assert!(w.db.job_progress(&c.spec.rollback_job()).await?.is_none());
+        assert!(c.log.iter().any(|l| l.text.contains("nothing to roll back")), "{:?}", c.log);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_rotation_with_no_device_due_pauses_and_its_spec_keeps_the_firmware() -> anyhow::Result<()> {
+        let w = World::new(5).await?;
+        due_for_rotation(&w, 5, 0).await?;
+        w.db.put_campaign(&Campaign::rotation(rotation_spec("rot3"), time::now_ms())?).await?;
+        let (c, tick) = w.tick("rot3", time::now_ms()).await?;
+        assert!(tick.summary.contains("due a new certificate is eligible"), "{}", tick.summary);
+        assert!(c.paused.is_some());
+        // a rotation changes no firmware, a firmware campaign must
+        let mut bad = rotation_spec("rot4");
+        bad.to_fw = "1.5.0".into();
+        assert!(Campaign::rotation(bad, 0).is_err());
+        assert!(Campaign::rotation(spec("fw9"), 0).is_err(), "a firmware spec is no rotation");
         Ok(())
     }
 }

@@ -384,6 +384,23 @@ fn presence_writes_device_presence_and_retires_only_certificates_a_rotation_supe
     assert_eq!(events["FunctionResponseTypes"][0].as_str(), Some("ReportBatchItemFailures"));
 }
 
+#[test]
+fn the_ota_orchestrator_reads_the_devices_table_and_never_writes_it() {
+    // Stages pick from a Scan (devices, certificate marks); a rotation stage's gate reads a
+    // device's mark and presence (GetItem).
+    let r = render(&[]);
+    for action in ["dynamodb:Scan", "dynamodb:GetItem"] {
+        let granted = grant_resources(&r, "OtaOrchestratorRole", action);
+        assert!(granted.iter().any(|g| g == "DevicesTable"), "{action}: {granted:?}");
+    }
+    for action in
+        ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem"]
+    {
+        let granted = grant_resources(&r, "OtaOrchestratorRole", action);
+        assert!(!granted.iter().any(|g| g == "DevicesTable"), "{action}: {granted:?}");
+    }
+}
+
 /// Every action `role` grants, sorted.
 fn role_actions(r: &Rendered, role: &str) -> Vec<String> {
     let mut granted: Vec<String> = role_statements(r, role).iter().flat_map(actions).collect();

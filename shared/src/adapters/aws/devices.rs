@@ -625,6 +625,35 @@ impl crate::ports::DeviceCertStatus for DevicesTable {
         Ok(())
     }
 
+    /// A Scan of the table for the `cert` items marked due (filtered after it is read: the
+    /// whole table's read capacity, as [`DeviceAdmin::devices`] costs).
+    async fn rotation_due(&self) -> Result<Vec<(ThingName, crate::ports::CertMark)>, StoreError> {
+        let op = "dynamodb cert status due";
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .filter_expression("#i = :c AND rotation_due = :due")
+            .expression_attribute_names("#i", SK)
+            .expression_attribute_values(":c", AttributeValue::S(CERT.to_owned()))
+            .expression_attribute_values(":due", AttributeValue::Bool(true))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            for item in page.map_err(|e| classify(op, e))?.items() {
+                let thing = item.get(PK).and_then(|v| v.as_s().ok());
+                let mark = item.get("mark").and_then(|v| v.as_s().ok());
+                if let (Some(thing), Some(mark)) = (thing, mark) {
+                    let thing = ThingName::parse(thing).map_err(|e| StoreError::permanent(op, e))?;
+                    out.push((thing, serde_json::from_str(mark).map_err(|e| StoreError::permanent(op, e))?));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     async fn cert_status(&self, thing: &ThingName) -> Result<Option<crate::ports::CertMark>, StoreError> {
         let op = "dynamodb cert status get";
         let out = self

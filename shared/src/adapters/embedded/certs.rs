@@ -363,6 +363,25 @@ impl DeviceCertStatus for SqliteStore {
         .await
     }
 
+    async fn rotation_due(&self) -> Result<Vec<(ThingName, CertMark)>, StoreError> {
+        let marks: Vec<(String, CertMark)> = self
+            .with("sqlite cert status due", |c| {
+                let mut st = c.prepare_cached("SELECT thing, mark FROM device_cert_status ORDER BY thing")?;
+                let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, json_col(r, 1)?)))?;
+                rows.collect()
+            })
+            .await?;
+        marks
+            .into_iter()
+            .filter(|(_, m)| m.rotation_due)
+            .map(|(t, m)| {
+                let thing =
+                    ThingName::parse(&t).map_err(|e| StoreError::permanent("sqlite cert status due", e))?;
+                Ok((thing, m))
+            })
+            .collect()
+    }
+
     async fn cert_status(&self, thing: &ThingName) -> Result<Option<CertMark>, StoreError> {
         let thing = thing.to_string();
         self.with("sqlite cert status get", move |c| {
