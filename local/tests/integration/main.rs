@@ -5,5 +5,6 @@ mod iot_core;
 mod jobs;
 mod ota_device;
 mod provisioning;
+mod rotation_campaign;
 mod slo_page;
 mod support;

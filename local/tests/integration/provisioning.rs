@@ -26,7 +26,7 @@ fn provisioning(stack: &LocalStack) -> Result<Arc<Provisioning>> {
     stack.provisioning.clone().context("the template has a provisioning template")
 }
 
-async fn allow(stack: &LocalStack, serial: &str) -> Result<()> {
+pub(crate) async fn allow(stack: &LocalStack, serial: &str) -> Result<()> {
     let entry = AllowlistEntry {
         serial: ThingName::parse(serial)?,
         class: "env-sensor".into(),
@@ -312,7 +312,7 @@ async fn presence_with(stack: &LocalStack, thing: &ThingName, cert: &Certificate
 }
 
 /// Provision `serial` through the claim with a key it keeps: its certificate's id.
-async fn provision_with_csr(stack: &LocalStack, serial: &str) -> Result<CertificateId> {
+pub(crate) async fn provision_with_csr(stack: &LocalStack, serial: &str) -> Result<CertificateId> {
     let (claim, mut events) = claim_holder(stack, serial).await?;
     claim.subscribe(format!("{CREATE_FROM_CSR_TOPIC}/+"), QoS::AtLeastOnce).await?;
     until(&mut events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
@@ -324,6 +324,8 @@ async fn provision_with_csr(stack: &LocalStack, serial: &str) -> Result<Certific
         ask(&claim, &mut events, &register_topic(), register_body(token, serial)).await?;
     ensure!(answer == "accepted", "{answer}: {registered}");
     claim.disconnect().await?;
+    // Gone before the next claim session may listen for answers (one at a time).
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} }).await;
     Ok(CertificateId::parse(created["certificateId"].as_str().context("certificateId")?)?)
 }
 

@@ -43,6 +43,13 @@
 //! `…/jobs/<jobId>/update` with the status, `statusDetails` and the `expectedVersion` it
 //! started, counting what it did.
 //!
+//! A device built [`SimulatedJobs::with_rotation`] also carries out certificate rotation jobs
+//! (`fleetline.rotate_cert`, [`super::rotate`]): it rotates over its connection, hands the new
+//! certificate and key to its caller ([`Reaction::rotate`]: store them, reconnect with them),
+//! and reports SUCCEEDED when the job comes back to it on the new connection (`start-next`
+//! returns the execution in progress). Without it, such a job is REJECTED
+//! `unsupported_operation`, as any other it does not know.
+//!
 //! For the demo, images are synthetic: [`demo_image`] is a fixed-size byte pattern derived from
 //! class and firmware, so a manifest signed over `demo_image(class, fw)` checks out, and one
 //! whose digest or size is another's fails.
@@ -57,8 +64,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use super::engine::OTA_OPERATION;
+use super::engine::{OTA_OPERATION, ROTATE_OPERATION};
 use super::manifest::{check_image, FirmwareManifest, ManifestVerifier};
+use super::rotate::{NewCertificate, Rotation, Step, ROTATED, ROTATION_REFUSED};
 use crate::model::JobId;
 
 /// `statusDetails.reason` of a job that is not a Fleetline OTA job.
@@ -332,11 +340,30 @@ pub struct Publish {
     pub payload: String,
 }
 
-/// What one message makes a device do: install first (reboot on `install`), then publish.
+/// What one message makes a device do: install first (reboot on `install`), or store the
+/// certificate a rotation gave it and connect with it (`rotate`), then publish.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reaction {
     pub install: Option<String>,
+    pub rotate: Option<NewCertificate>,
     pub publish: Option<Publish>,
+}
+
+impl Reaction {
+    fn publish(p: Publish) -> Self {
+        Self { publish: Some(p), ..Self::default() }
+    }
+}
+
+/// A device's certificate rotations ([`super::rotate`]): the one in flight, and the last done.
+#[derive(Debug)]
+struct Rotations {
+    /// The provisioning template RegisterThing is asked of.
+    template: String,
+    /// (job, the execution's version, the rotation).
+    current: Option<(String, Option<u64>, Rotation)>,
+    /// (job, the new certificate's id): reported SUCCEEDED once the device is back with it.
+    done: Option<(String, String)>,
 }
 
 /// An execution as `start-next/accepted` carries it.
@@ -385,6 +412,9 @@ pub struct SimulatedJobs {
     pub failed: BTreeMap<&'static str, u64>,
     /// Updates the Jobs service refused (the job was cancelled meanwhile, a stale version).
     pub updates_refused: u64,
+    /// Certificate rotations done (jobs `fleetline.rotate_cert`).
+    pub rotated: u64,
+    rotations: Option<Rotations>,
 }
 
 impl SimulatedJobs {
@@ -402,7 +432,16 @@ impl SimulatedJobs {
             rejected: BTreeMap::new(),
             failed: BTreeMap::new(),
             updates_refused: 0,
+            rotated: 0,
+            rotations: None,
         }
+    }
+
+    /// A device whose firmware carries out certificate rotation jobs, registering with the
+    /// provisioning template `template` (without this, it rejects them `unsupported_operation`).
+    pub fn with_rotation(mut self, template: impl Into<String>) -> Self {
+        self.rotations = Some(Rotations { template: template.into(), current: None, done: None });
+        self
     }
 
     /// The firmware the device runs now.
@@ -425,7 +464,9 @@ impl SimulatedJobs {
             "+/update/rejected",
         ]
         .map(|rest| format!("{}{rest}", self.prefix))
-        .to_vec()
+        .into_iter()
+        .chain(self.rotations.iter().flat_map(|r| Rotation::subscriptions(&r.template)))
+        .collect()
     }
 
     /// StartNextPendingJobExecution: sent on connecting, and when `notify-next` names one.
@@ -445,13 +486,13 @@ impl SimulatedJobs {
     /// A message on one of [`Self::subscriptions`]; anything else, or a payload that is not
     /// the service's, is ignored.
     pub fn receive(&mut self, topic: &str, payload: &[u8]) -> Reaction {
-        let Some(rest) = topic.strip_prefix(&self.prefix) else { return Reaction::default() };
+        let Some(rest) = topic.strip_prefix(&self.prefix) else {
+            return self.rotation_answer(topic, payload);
+        };
         let Ok(text) = std::str::from_utf8(payload) else { return Reaction::default() };
         match rest {
             "notify-next" => match serde_json::from_str::<Notified>(text) {
-                Ok(Notified { execution: Some(_) }) => {
-                    Reaction { install: None, publish: Some(self.start_next()) }
-                }
+                Ok(Notified { execution: Some(_) }) => Reaction::publish(self.start_next()),
                 _ => Reaction::default(),
             },
             "start-next/accepted" => match serde_json::from_str::<Started>(text) {
@@ -472,10 +513,15 @@ impl SimulatedJobs {
         }
         if let Some((job, update)) = &self.answered {
             if *job == e.job_id {
-                return Reaction { install: None, publish: Some(update.clone()) };
+                return Reaction::publish(update.clone());
             }
         }
         let document = e.job_document.map_or("null", RawValue::get);
+        let rotate = serde_json::from_str::<Document>(document)
+            .is_ok_and(|d| d.operation.as_ref().and_then(Value::as_str) == Some(ROTATE_OPERATION));
+        if rotate && self.rotations.is_some() {
+            return self.rotate(e);
+        }
         let outcome = run_job(document, &self.device, &self.trusted, |m| Ok(demo_image(m.class(), m.fw())));
         let install = match outcome.action {
             Action::Install { fw } => {
@@ -493,13 +539,80 @@ impl SimulatedJobs {
                 None
             }
         };
+        let update = self.update(&e.job_id, e.version_number, &outcome.update);
+        Reaction { install, publish: Some(update), ..Reaction::default() }
+    }
+
+    /// The UpdateJobExecution request answering `job`, remembered to be sent again if the job
+    /// comes back.
+    fn update(&mut self, job: &str, version: Option<u64>, update: &JobUpdate) -> Publish {
         let token = self.token();
         let update = Publish {
-            topic: format!("{}{}/update", self.prefix, e.job_id),
-            payload: outcome.update.request(e.version_number, &token).to_string(),
+            topic: format!("{}{job}/update", self.prefix),
+            payload: update.request(version, &token).to_string(),
         };
-        self.answered = Some((e.job_id.clone(), update.clone()));
-        Reaction { install, publish: Some(update) }
+        self.answered = Some((job.to_owned(), update.clone()));
+        update
+    }
+
+    /// A rotation job started (or back after the device reconnected with its new certificate).
+    fn rotate(&mut self, e: &Execution) -> Reaction {
+        let Some(r) = self.rotations.as_mut() else { return Reaction::default() };
+        if let Some((_, certificate)) = r.done.as_ref().filter(|(job, _)| *job == e.job_id) {
+            // Back on the new certificate: now the rotation is done.
+            let details = BTreeMap::from([
+                ("result".to_owned(), ROTATED.to_owned()),
+                ("certificate".to_owned(), certificate.clone()),
+            ]);
+            let done = JobUpdate { status: OtaStatus::Succeeded, reason: None, details };
+            return Reaction::publish(self.update(&e.job_id, e.version_number, &done));
+        }
+        if r.current.as_ref().is_some_and(|(job, _, _)| *job == e.job_id) {
+            return Reaction::default(); // already under way
+        }
+        match Rotation::start(&self.thing, &r.template) {
+            Ok((rotation, step)) => {
+                r.current = Some((e.job_id.clone(), e.version_number, rotation));
+                self.rotation_step(step)
+            }
+            Err(err) => {
+                let update =
+                    JobUpdate::refused(OtaStatus::Failed, ROTATION_REFUSED, format!("no key: {err}"));
+                *self.failed.entry(ROTATION_REFUSED).or_default() += 1;
+                Reaction::publish(self.update(&e.job_id, e.version_number, &update))
+            }
+        }
+    }
+
+    /// An answer to the rotation in flight, if any.
+    fn rotation_answer(&mut self, topic: &str, payload: &[u8]) -> Reaction {
+        let step = match self.rotations.as_mut().and_then(|r| r.current.as_mut()) {
+            Some((_, _, rotation)) => rotation.receive(topic, payload),
+            None => return Reaction::default(),
+        };
+        self.rotation_step(step)
+    }
+
+    fn rotation_step(&mut self, step: Step) -> Reaction {
+        match step {
+            Step::Ask { topic, payload } => Reaction::publish(Publish { topic, payload }),
+            Step::Ignore => Reaction::default(),
+            Step::Rotated(new) => {
+                let Some(r) = self.rotations.as_mut() else { return Reaction::default() };
+                let Some((job, _, _)) = r.current.take() else { return Reaction::default() };
+                r.done = Some((job, new.certificate_id.clone()));
+                self.rotated += 1;
+                Reaction { rotate: Some(new), ..Reaction::default() }
+            }
+            Step::Refused(detail) => {
+                let Some((job, version, _)) = self.rotations.as_mut().and_then(|r| r.current.take()) else {
+                    return Reaction::default();
+                };
+                *self.failed.entry(ROTATION_REFUSED).or_default() += 1;
+                let update = JobUpdate::refused(OtaStatus::Failed, ROTATION_REFUSED, detail);
+                Reaction::publish(self.update(&job, version, &update))
+            }
+        }
     }
 }
 
@@ -793,7 +906,7 @@ mod tests {
             device.receive(&format!("{prefix}/start-next/accepted"), started("c1-s1", 2, &doc).as_bytes());
         device.receive(&format!("{prefix}/c1-s1/update/rejected"), br#"{"code":"InvalidStateTransition"}"#);
         // THEN the same update is sent again, nothing is installed or counted twice
-        assert_eq!(again, Reaction { install: None, publish: Some(update) });
+        assert_eq!(again, Reaction::publish(update));
         assert_eq!((device.installed, device.already_installed, device.updates_refused), (1, 0, 1));
         Ok(())
     }

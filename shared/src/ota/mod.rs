@@ -8,7 +8,8 @@
 //! answers advance, wait or roll back, with the readings it judged.
 //!
 //! A device's side of a job (feature `sim`, [`device`]): check the document and the manifest,
-//! then install or refuse, answering IoT Jobs with a status and a reason code.
+//! then install or refuse, answering IoT Jobs with a status and a reason code; and its side of a
+//! certificate rotation job ([`rotate`]).
 
 pub mod campaign;
 #[cfg(feature = "sim")]
@@ -16,6 +17,8 @@ pub mod device;
 pub mod engine;
 pub mod gate;
 pub mod manifest;
+#[cfg(feature = "sim")]
+pub mod rotate;
 
 /// `n` registered sensors (`sensor-000`…, class `sensor`, region `eu-west`) on `fw`: the fleet
 /// the OTA tests roll out over.
