@@ -171,6 +171,36 @@ pub enum OtaCommand {
     },
 }
 
+/// How a campaign rolls out: its stages, their timing and limits, and who may take part.
+#[derive(clap::Args)]
+pub struct RolloutArgs {
+    /// Cumulative percentages of the eligible devices, ending at 100.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10, 50, 100])]
+    pub stages: Vec<u32>,
+    /// How long a settled stage is watched before the gate is asked.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub soak: std::time::Duration,
+    /// Pause for an operator when a stage stays pending, or its gate waits, this long.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub stage_timeout: std::time::Duration,
+    /// Roll back (a rotation: halt) when more than this percentage of a stage's finished
+    /// executions failed.
+    #[arg(long, default_value_t = 5.0)]
+    pub max_failure_pct: f64,
+    /// Installs IoT Jobs starts per minute (1-1000).
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    /// An install in progress longer than this times out (counts as failed).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub install_timeout: std::time::Duration,
+    /// Devices whose last reported battery is below this are left out (0: no check).
+    #[arg(long, default_value_t = 30.0)]
+    pub min_battery: f64,
+    /// Only devices heard from within this time take part (0s: no check).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub seen_within: std::time::Duration,
+}
+
 /// How strictly a canary is judged against its control (`ota gate`, and a campaign's gate).
 #[derive(clap::Args)]
 pub struct GateArgs {
@@ -223,33 +253,28 @@ pub enum CampaignCommand {
         /// The manifest of the firmware the devices run now.
         #[arg(long)]
         rollback_manifest: PathBuf,
-        /// Cumulative percentages of the eligible devices, ending at 100.
-        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10, 50, 100])]
-        stages: Vec<u32>,
-        /// How long a settled stage is watched before the gate is asked.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        soak: std::time::Duration,
-        /// Pause for an operator when a stage stays pending, or its gate waits, this long.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-        stage_timeout: std::time::Duration,
-        /// Roll back when more than this percentage of a stage's finished installs failed.
-        #[arg(long, default_value_t = 5.0)]
-        max_failure_pct: f64,
-        /// Installs IoT Jobs starts per minute (1-1000).
-        #[arg(long, default_value_t = 100)]
-        rate: u32,
-        /// An install in progress longer than this times out (counts as failed).
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        install_timeout: std::time::Duration,
-        /// Devices whose last reported battery is below this are left out (0: no check).
-        #[arg(long, default_value_t = 30.0)]
-        min_battery: f64,
-        /// Only devices heard from within this time take part (0s: no check).
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
-        seen_within: std::time::Duration,
+        #[command(flatten)]
+        rollout: RolloutArgs,
         /// The gate each stage asks (canary class/*/new against control class/*/old).
         #[command(flatten)]
         gate: GateArgs,
+    },
+    /// Create a certificate rotation campaign: the devices of a class on a firmware that the
+    /// daily expiry check marked rotation_due get, stage by stage, a job to make a new key and
+    /// rotate over their own connection; a stage passes once its devices are seen connected
+    /// with their new certificates. It starts on the next tick.
+    RotateCerts {
+        /// 1-56 characters of A-Z a-z 0-9 _ -; its jobs are <id>-s<n>.
+        #[arg(long)]
+        id: String,
+        /// The device class.
+        #[arg(long)]
+        class: String,
+        /// The firmware the devices run (one that carries out fleetline.rotate_cert jobs).
+        #[arg(long)]
+        fw: String,
+        #[command(flatten)]
+        rollout: RolloutArgs,
     },
     /// Every campaign, newest first.
     List,

@@ -13,7 +13,7 @@ use fleet_shared::ports::{CampaignStore, HealthCounters, JobsControl, SloReader}
 use fleet_shared::time;
 
 use crate::output;
-use crate::CampaignCommand;
+use crate::{CampaignCommand, RolloutArgs};
 
 /// The firmware keys campaigns trust: `kid=public key` pairs (hex or base64), comma-separated,
 /// as `FLEET_FIRMWARE_KEYS` holds them.
@@ -25,6 +25,43 @@ pub fn trusted_keys(text: &str) -> Result<ManifestVerifier> {
 fn read_manifest(path: &Path) -> Result<FirmwareManifest> {
     let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     FirmwareManifest::parse(&raw).map_err(|e| anyhow!("{}: {} ({e})", path.display(), e.code()))
+}
+
+/// `spec` with the stages, timing, limits and preconditions an operator asked for.
+fn rolled_out(r: &RolloutArgs, spec: CampaignSpec) -> CampaignSpec {
+    let minutes = |d: std::time::Duration| i64::try_from(d.as_secs() / 60).unwrap_or(i64::MAX);
+    CampaignSpec {
+        stages: r.stages.clone(),
+        soak_minutes: minutes(r.soak),
+        stage_timeout_minutes: minutes(r.stage_timeout),
+        max_failure_pct: r.max_failure_pct,
+        max_per_minute: r.rate,
+        install_timeout_minutes: u32::try_from(minutes(r.install_timeout)).unwrap_or(u32::MAX),
+        preconditions: Preconditions {
+            min_battery_pct: (r.min_battery > 0.0).then_some(r.min_battery),
+            seen_within_minutes: (!r.seen_within.is_zero()).then(|| minutes(r.seen_within)),
+        },
+        ..spec
+    }
+}
+
+/// Store a new campaign once its manifests and job ids check out; print it as stored.
+async fn create<S, F, J, H>(
+    store: &S,
+    engine: &Engine<'_, F, J, H>,
+    campaign: Campaign,
+    json: bool,
+) -> Result<()>
+where
+    S: CampaignStore,
+    F: CampaignFleet,
+    J: JobsControl,
+    H: SloReader,
+{
+    engine.check_manifests(&campaign)?;
+    engine.check_ids_free(&campaign).await?;
+    store.put_campaign(&campaign).await.map_err(|e| anyhow!("{e}"))?;
+    output::campaign(&load(store, &campaign.spec.id).await?, json)
 }
 
 async fn load<S: CampaignStore>(store: &S, id: &str) -> Result<Campaign> {
@@ -46,43 +83,19 @@ where
 {
     let now = time::now_ms();
     match command {
-        CampaignCommand::Create {
-            id,
-            manifest,
-            rollback_manifest,
-            stages,
-            soak,
-            stage_timeout,
-            max_failure_pct,
-            rate,
-            install_timeout,
-            min_battery,
-            seen_within,
-            gate,
-        } => {
+        CampaignCommand::Create { id, manifest, rollback_manifest, rollout, gate } => {
             let firmware = read_manifest(&manifest)?;
             let rollback = read_manifest(&rollback_manifest)?;
-            let minutes = |d: std::time::Duration| i64::try_from(d.as_secs() / 60).unwrap_or(i64::MAX);
             let spec = CampaignSpec {
-                stages,
-                soak_minutes: minutes(soak),
-                stage_timeout_minutes: minutes(stage_timeout),
-                max_failure_pct,
-                max_per_minute: rate,
-                install_timeout_minutes: u32::try_from(minutes(install_timeout)).unwrap_or(u32::MAX),
-                preconditions: Preconditions {
-                    min_battery_pct: (min_battery > 0.0).then_some(min_battery),
-                    seen_within_minutes: (!seen_within.is_zero()).then(|| minutes(seen_within)),
-                },
                 gate: gate.policy(),
-                ..CampaignSpec::new(&id, firmware.class(), rollback.fw(), firmware.fw())
+                ..rolled_out(&rollout, CampaignSpec::new(&id, firmware.class(), rollback.fw(), firmware.fw()))
             };
             let campaign = Campaign::new(spec, firmware, rollback, now)?;
-            engine.check_manifests(&campaign)?;
-            engine.check_ids_free(&campaign).await?;
-            store.put_campaign(&campaign).await.map_err(|e| anyhow!("{e}"))?;
-            let stored = load(store, &id).await?;
-            output::campaign(&stored, json)
+            create(store, engine, campaign, json).await
+        }
+        CampaignCommand::RotateCerts { id, class, fw, rollout } => {
+            let spec = rolled_out(&rollout, CampaignSpec::rotation(&id, &class, &fw));
+            create(store, engine, Campaign::rotation(spec, now)?, json).await
         }
         CampaignCommand::List => output::campaigns(&store.campaigns().await?, json),
         CampaignCommand::Show { id } => output::campaign(&load(store, &id).await?, json),

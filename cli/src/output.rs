@@ -636,6 +636,7 @@ fn campaign_state(c: &fleet_shared::ota::campaign::Campaign) -> String {
 }
 
 pub fn campaigns(list: &[fleet_shared::ota::campaign::Campaign], json: bool) -> Result<()> {
+    use fleet_shared::ota::campaign::Change;
     if json {
         return print_json(&list);
     }
@@ -644,7 +645,10 @@ pub fn campaigns(list: &[fleet_shared::ota::campaign::Campaign], json: bool) -> 
         .map(|c| {
             vec![
                 c.spec.id.clone(),
-                format!("{} {} -> {}", c.spec.class, c.spec.from_fw, c.spec.to_fw),
+                match c.spec.change {
+                    Change::Firmware => format!("{} {} -> {}", c.spec.class, c.spec.from_fw, c.spec.to_fw),
+                    Change::Certificate => format!("{} {}: new certificates", c.spec.class, c.spec.from_fw),
+                },
                 campaign_state(c),
                 campaign_stage(c),
                 format!("{}/{}", c.targeted, c.population),
@@ -652,7 +656,7 @@ pub fn campaigns(list: &[fleet_shared::ota::campaign::Campaign], json: bool) -> 
             ]
         })
         .collect();
-    table(&["CAMPAIGN", "FIRMWARE", "STATE", "STAGE", "TARGETED/ELIGIBLE", "UPDATED"], &rows)
+    table(&["CAMPAIGN", "CHANGE", "STATE", "STAGE", "TARGETED/ELIGIBLE", "UPDATED"], &rows)
 }
 
 pub fn campaign(c: &fleet_shared::ota::campaign::Campaign, json: bool) -> Result<()> {

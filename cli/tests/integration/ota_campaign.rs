@@ -162,3 +162,60 @@ async fn an_operator_creates_ticks_pauses_and_aborts_a_campaign() -> Result<()> 
     ensure!(!ok, "a refused campaign was stored");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_operator_rotates_the_certificates_of_the_devices_due_without_any_manifest() -> Result<()> {
+    use fleet_shared::certs::expiry::ExpiryClass;
+    use fleet_shared::model::CertificateId;
+    use fleet_shared::ports::{CertMark, DeviceCertStatus};
+    // GIVEN 20 registered sensors on 1.4.2, the daily check having marked 6 of them rotation due
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("fleet.sqlite");
+    let store = SqliteStore::open(&db)?;
+    let registration = DeviceRegistration {
+        class: "sensor".into(),
+        region: "eu-west".into(),
+        fw: "1.4.2".into(),
+        registered_at_ms: 0,
+    };
+    let things: Vec<ThingName> =
+        (0..20).map(|i| ThingName::parse(&format!("sensor-{i:02}"))).collect::<Result<_, _>>()?;
+    store.register(&things.iter().map(|t| (t.clone(), registration.clone())).collect::<Vec<_>>()).await?;
+    let due: Vec<(ThingName, CertMark)> = things[..6]
+        .iter()
+        .map(|t| {
+            let mark = CertMark {
+                certificate: CertificateId::of_der(t.as_str().as_bytes()),
+                class: ExpiryClass::Critical,
+                not_after_ms: fleet_shared::time::now_ms() + 86_400_000,
+                rotation_due: true,
+                checked_ms: fleet_shared::time::now_ms(),
+            };
+            (t.clone(), mark)
+        })
+        .collect();
+    store.mark_cert_status(&due).await?;
+    let keys = manifests(dir.path(), 1)?;
+    // WHEN an operator creates a rotation of 50 %, 100 % (no manifest, no firmware keys needed)
+    let rotate = ["ota", "rotate-certs", "--id", "rot-2026", "--class", "sensor", "--fw", "1.4.2"];
+    let limits = ["--stages", "50,100", "--min-battery", "0", "--seen-within", "0s"];
+    let (ok, out, err) = fleetctl(&db, "", &[&rotate[..], &limits[..]].concat())?;
+    // THEN it is stored, shown as a certificate change
+    ensure!(ok && out.contains("sensor 1.4.2: new certificates") && out.contains("pending"), "{out}{err}");
+    // AND ticked, stage 1 sends the rotation job to 3 of the 6 due, and to no other sensor
+    let ticked = json(&db, &keys, &["ota", "tick"])?;
+    let summary = ticked[0]["summary"].as_str().unwrap_or_default();
+    ensure!(summary.contains("stage 1 of 2 (50%): 3 devices"), "{ticked}");
+    let job = JobId::parse("rot-2026-s1")?;
+    let reached = store.job_executions(&job).await?;
+    ensure!(reached.len() == 3 && reached.iter().all(|(t, _)| things[..6].contains(t)), "{reached:?}");
+    let progress = store.job_progress(&job).await?.expect("stage 1's job");
+    ensure!(
+        progress.description.starts_with("rot-2026 stage 1: rotate certificates on 1.4.2"),
+        "{progress:?}"
+    );
+    let shown = json(&db, &keys, &["ota", "show", "rot-2026"])?;
+    ensure!(shown["spec"]["change"] == "certificate" && shown["population"] == 6, "{shown}");
+    ensure!(shown.get("firmware").is_none(), "a rotation carries no manifest: {shown}");
+    Ok(())
+}

@@ -325,7 +325,8 @@ pub(crate) async fn provision_with_csr(stack: &LocalStack, serial: &str) -> Resu
     ensure!(answer == "accepted", "{answer}: {registered}");
     claim.disconnect().await?;
     // Gone before the next claim session may listen for answers (one at a time).
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} }).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} }).await;
     Ok(CertificateId::parse(created["certificateId"].as_str().context("certificateId")?)?)
 }
 
