@@ -45,22 +45,9 @@ fn rolled_out(r: &RolloutArgs, spec: CampaignSpec) -> CampaignSpec {
     }
 }
 
-/// Store a new campaign once its manifests and job ids check out; print it as stored.
-async fn create<S, F, J, H>(
-    store: &S,
-    engine: &Engine<'_, F, J, H>,
-    campaign: Campaign,
-    json: bool,
-) -> Result<()>
-where
-    S: CampaignStore,
-    F: CampaignFleet,
-    J: JobsControl,
-    H: SloReader,
-{
-    engine.check_manifests(&campaign)?;
-    engine.check_ids_free(&campaign).await?;
-    store.put_campaign(&campaign).await.map_err(|e| anyhow!("{e}"))?;
+/// Store a new campaign the engine checked; print it as stored.
+async fn store_new<S: CampaignStore>(store: &S, campaign: &Campaign, json: bool) -> Result<()> {
+    store.put_campaign(campaign).await.map_err(|e| anyhow!("{e}"))?;
     output::campaign(&load(store, &campaign.spec.id).await?, json)
 }
 
@@ -91,11 +78,14 @@ where
                 ..rolled_out(&rollout, CampaignSpec::new(&id, firmware.class(), rollback.fw(), firmware.fw()))
             };
             let campaign = Campaign::new(spec, firmware, rollback, now)?;
-            create(store, engine, campaign, json).await
+            engine.check_new(&campaign).await?;
+            store_new(store, &campaign, json).await
         }
         CampaignCommand::RotateCerts { id, class, fw, rollout } => {
             let spec = rolled_out(&rollout, CampaignSpec::rotation(&id, &class, &fw));
-            create(store, engine, Campaign::rotation(spec, now)?, json).await
+            let campaign = Campaign::rotation(spec, now)?;
+            engine.check_new(&campaign).await?;
+            store_new(store, &campaign, json).await
         }
         CampaignCommand::List => output::campaigns(&store.campaigns().await?, json),
         CampaignCommand::Show { id } => output::campaign(&load(store, &id).await?, json),

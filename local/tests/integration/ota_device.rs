@@ -19,7 +19,7 @@ use fleet_shared::ports::{DeviceAdmin, JobsControl};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
-use crate::support::{eventually, start};
+use crate::support::{eventually, start, subscribed};
 
 /// A job for `thing` installing `class`/`fw`, its manifest over `image` signed by `key`.
 fn job(
@@ -58,18 +58,7 @@ impl Device {
         let mut opts = MqttOptions::new(thing.as_str(), "127.0.0.1", stack.mqtt.port());
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut events) = AsyncClient::new(opts, 16);
-        let filters = jobs.subscriptions();
-        for filter in &filters {
-            client.subscribe(filter, QoS::AtLeastOnce).await?;
-        }
-        let mut acked = 0;
-        while acked < filters.len() {
-            let event =
-                tokio::time::timeout(Duration::from_secs(10), events.poll()).await.context("suback")??;
-            if matches!(event, Event::Incoming(Packet::SubAck(_))) {
-                acked += 1;
-            }
-        }
+        subscribed(&client, &mut events, &jobs.subscriptions()).await?;
         let jobs = Arc::new(Mutex::new(jobs));
         let installs: Arc<Mutex<Vec<String>>> = Arc::default();
         let (handler, installed, answers) = (Arc::clone(&jobs), Arc::clone(&installs), client.clone());

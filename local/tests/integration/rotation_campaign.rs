@@ -24,7 +24,7 @@ use fleet_shared::ports::{
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 use crate::provisioning::{allow, provision_with_csr};
-use crate::support::eventually;
+use crate::support::{eventually, subscribed};
 
 /// The template's provisioning template, deployed with `Stage=dev`.
 const TEMPLATE: &str = "fleetline-dev-devices";
@@ -40,15 +40,7 @@ async fn session(
     let mut opts = MqttOptions::new(thing.as_str(), "127.0.0.1", mqtt.port());
     opts.set_credentials(format!("cert/{cert}"), "");
     let (client, mut events) = AsyncClient::new(opts, 16);
-    let filters = jobs.subscriptions();
-    for filter in &filters {
-        client.subscribe(filter, QoS::AtLeastOnce).await?;
-    }
-    let mut acked = 0;
-    while acked < filters.len() {
-        let event = tokio::time::timeout(PATIENCE, events.poll()).await.context("suback")??;
-        acked += usize::from(matches!(event, Event::Incoming(Packet::SubAck(_))));
-    }
+    subscribed(&client, &mut events, &jobs.subscriptions()).await?;
     let ask = jobs.start_next();
     client.publish(ask.topic, QoS::AtLeastOnce, false, ask.payload).await?;
     Ok((client, events))
@@ -93,7 +85,6 @@ async fn rotating_device(mqtt: SocketAddr, thing: ThingName, first: CertificateI
     }
 }
 
-const PATIENCE: Duration = Duration::from_secs(10);
 const CAMPAIGN_PATIENCE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

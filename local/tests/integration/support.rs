@@ -24,6 +24,19 @@ pub fn client(stack: &LocalStack, id: &str, username: Option<&str>) -> (AsyncCli
     AsyncClient::new(opts, 16)
 }
 
+/// Subscribe to each of `filters`, and wait until every subscription is acknowledged.
+pub async fn subscribed(client: &AsyncClient, events: &mut EventLoop, filters: &[String]) -> Result<()> {
+    for filter in filters {
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await?;
+    }
+    let mut acked = 0;
+    while acked < filters.len() {
+        let event = tokio::time::timeout(PATIENCE, events.poll()).await.context("suback")??;
+        acked += usize::from(matches!(event, Event::Incoming(rumqttc::Packet::SubAck(_))));
+    }
+    Ok(())
+}
+
 /// Polls `events` until `want` picks one.
 pub async fn until<T>(events: &mut EventLoop, mut want: impl FnMut(&Event) -> Option<T>) -> Result<T> {
     let deadline = tokio::time::Instant::now() + PATIENCE;

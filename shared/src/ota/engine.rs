@@ -182,6 +182,13 @@ impl<F: CampaignFleet, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         Ok(())
     }
 
+    /// Check a new campaign before it is stored: its manifests ([`Self::check_manifests`]) and
+    /// its job ids ([`Self::check_ids_free`]).
+    pub async fn check_new(&self, c: &Campaign) -> Result<(), OtaError> {
+        self.check_manifests(c)?;
+        self.check_ids_free(c).await
+    }
+
     /// Move `c` on as far as it can go now.
     pub async fn tick(&self, c: &mut Campaign, now_ms: i64) -> Result<Tick, OtaError> {
         let before = c.clone();
