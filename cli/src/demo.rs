@@ -891,6 +891,9 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
     println!("  stored                     {} messages, {} readings", r.stored, r.readings);
     println!("  duplicates absorbed        {}", r.duplicates);
     println!("  quarantined                {}", r.quarantined);
+    if r.quarantined_by_reason.len() > 1 {
+        println!("    by reason (a message may have several):");
+    }
     for (reason, n) in &r.quarantined_by_reason {
         println!("    {reason:<24} {n}");
     }

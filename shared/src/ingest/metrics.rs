@@ -27,9 +27,14 @@ pub fn ingest_batch_metrics(
             ("BatchDuration", duration_ms, Unit::Milliseconds),
         ],
     }];
+    // Messages per reason: a message with several problems counts once under each reason it
+    // has (so the lines may add up to more than `Quarantined`), never twice under one.
     let mut by_reason: Vec<(Reason, usize)> = Vec::new();
     for q in &outcome.quarantined {
-        for p in &q.problems {
+        for (i, p) in q.problems.iter().enumerate() {
+            if q.problems[..i].iter().any(|earlier| earlier.reason == p.reason) {
+                continue;
+            }
             match by_reason.iter_mut().find(|(r, _)| *r == p.reason) {
                 Some((_, n)) => *n += 1,
                 None => by_reason.push((p.reason, 1)),
@@ -85,5 +90,24 @@ mod tests {
         assert_eq!(malformed["QuarantinedByReason"], 2.0);
         assert_eq!(malformed["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0][1], "Reason");
         Ok(())
+    }
+
+    #[test]
+    fn a_message_counts_once_under_each_of_its_reasons() {
+        // GIVEN one message with two out-of-range metrics and a bad firmware string
+        let problems = [Reason::ValueOutOfRange, Reason::ValueOutOfRange, Reason::InvalidLabel]
+            .map(|r| Problem::new(r, None, "x"))
+            .to_vec();
+        let outcome = BatchOutcome {
+            messages: 1,
+            quarantined: vec![QuarantinedMessage { message_id: "m".into(), thing: None, problems }],
+            ..BatchOutcome::default()
+        };
+        // THEN it is one message under each reason, not two under the first
+        let lines = ingest_batch_metrics("ingest-telemetry", &outcome, 1.0, 0);
+        let counts: Vec<(String, f64)> =
+            lines[1..].iter().map(|l| (l.dimensions[1].1.clone(), l.values[0].1)).collect();
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert!(counts.iter().all(|(_, n)| *n == 1.0), "{counts:?}");
     }
 }
