@@ -22,7 +22,7 @@ use fleet_shared::model::{
     validate_label, AllowlistEntry, CertificateId, DeviceRegistration, Enrolment, ShadowName, StaleAction,
     ThingName, Twin,
 };
-use fleet_shared::ota::engine::Engine;
+use fleet_shared::ota::engine::{Engine, RotationPorts};
 use fleet_shared::ota::gate::evaluate;
 use fleet_shared::ota::manifest::{ManifestVerifier, FIRMWARE_KEYS_VAR};
 use fleet_shared::ports::{
@@ -212,10 +212,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let catalog = crate::ota::catalog();
                     let (fleet, jobs) = (DevicesTable::from_env(sdk, env)?, IotJobs::from_env(sdk, env)?);
                     let health = HealthTable::from_env(sdk, env)?;
+                    let rotation = RotationPorts {
+                        marks: fleet.clone(),
+                        presence: fleet.clone(),
+                        allowlist: CertificatesTable::from_env(sdk, env)?,
+                    };
                     let engine = Engine {
                         fleet: &fleet,
                         jobs: &jobs,
                         health: &health,
+                        rotation: &rotation,
                         catalog: &catalog,
                         verifier: &verifier,
                     };
@@ -308,8 +314,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Ota { command: OtaCommand::Campaign(command) } => {
                     let verifier = campaign_verifier(&e.env, &command)?;
                     let catalog = crate::ota::catalog();
-                    let engine =
-                        Engine { fleet: db, jobs: db, health: db, catalog: &catalog, verifier: &verifier };
+                    let rotation =
+                        RotationPorts { marks: db.clone(), presence: db.clone(), allowlist: db.clone() };
+                    let engine = Engine {
+                        fleet: db,
+                        jobs: db,
+                        health: db,
+                        rotation: &rotation,
+                        catalog: &catalog,
+                        verifier: &verifier,
+                    };
                     crate::ota::run(db, &engine, command, json).await
                 }
                 Command::Ota { command } => ota(db, command, json).await,

@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::health::slo::Catalog;
 use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Preconditions, State};
-use fleet_shared::ota::engine::{count_finished, CampaignFleet, Engine};
+use fleet_shared::ota::engine::{count_finished, Engine, RotationReads};
 use fleet_shared::ota::manifest::{FirmwareManifest, ManifestVerifier};
-use fleet_shared::ports::{CampaignStore, HealthCounters, JobsControl, SloReader};
+use fleet_shared::ports::{CampaignStore, DeviceAdmin, HealthCounters, JobsControl, SloReader};
 use fleet_shared::time;
 
 use crate::output;
@@ -56,17 +56,18 @@ async fn load<S: CampaignStore>(store: &S, id: &str) -> Result<Campaign> {
 }
 
 /// Run one campaign command; `verifier` is needed by those that tick or create.
-pub async fn run<S, F, J, H>(
+pub async fn run<S, F, J, H, R>(
     store: &S,
-    engine: &Engine<'_, F, J, H>,
+    engine: &Engine<'_, F, J, H, R>,
     command: CampaignCommand,
     json: bool,
 ) -> Result<()>
 where
     S: CampaignStore,
-    F: CampaignFleet,
+    F: DeviceAdmin,
     J: JobsControl,
     H: SloReader + HealthCounters,
+    R: RotationReads,
 {
     let now = time::now_ms();
     match command {

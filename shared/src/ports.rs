@@ -474,23 +474,27 @@ pub struct CertMark {
     pub checked_ms: i64,
 }
 
-/// Devices' certificate status (`cert_status`, `rotation_due`), written by the daily check.
-pub trait DeviceCertStatus: Send + Sync {
-    fn mark_cert_status(
-        &self,
-        marks: &[(ThingName, CertMark)],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+/// Devices' certificate marks, read: what a certificate rotation campaign needs.
+pub trait CertMarks: Send + Sync {
     fn cert_status(
         &self,
         thing: &ThingName,
     ) -> impl Future<Output = Result<Option<CertMark>, StoreError>> + Send;
 
-    /// Remove devices' marks (their certificate no longer expires: rotated, or deactivated).
-    fn clear_cert_status(&self, things: &[ThingName]) -> impl Future<Output = Result<(), StoreError>> + Send;
-
     /// Every device marked `rotation_due`, by thing name: whom a certificate rotation campaign
     /// takes. Read when a stage starts (as the fleet is), never per device.
     fn rotation_due(&self) -> impl Future<Output = Result<Vec<(ThingName, CertMark)>, StoreError>> + Send;
+}
+
+/// Devices' certificate status (`cert_status`, `rotation_due`), written by the daily check.
+pub trait DeviceCertStatus: CertMarks {
+    fn mark_cert_status(
+        &self,
+        marks: &[(ThingName, CertMark)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Remove devices' marks (their certificate no longer expires: rotated, or deactivated).
+    fn clear_cert_status(&self, things: &[ThingName]) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Reports written next to the archive (`reports/...`, JSON).

@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::lambda::emulator::Emulator;
 use fleet_shared::model::{CertStatus, Certificate, CertificateId, ThingName};
-use fleet_shared::ports::{CertificateInventory, DeviceCertStatus, ReconcileProgress};
+use fleet_shared::ports::{CertMarks, CertificateInventory, ReconcileProgress};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

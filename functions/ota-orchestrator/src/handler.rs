@@ -25,15 +25,15 @@
 
 use std::sync::Arc;
 
-use fleet_shared::adapters::aws::{CampaignsTable, DevicesTable, HealthTable, IotJobs};
+use fleet_shared::adapters::aws::{CampaignsTable, CertificatesTable, DevicesTable, HealthTable, IotJobs};
 use fleet_shared::error::ErrorKind;
 use fleet_shared::health::slo::Catalog;
 use fleet_shared::lambda::{AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
 use fleet_shared::ota::campaign::{campaign_of_job, Campaign, State};
-use fleet_shared::ota::engine::{count_finished, CampaignFleet, Engine, OtaError};
+use fleet_shared::ota::engine::{count_finished, Engine, OtaError, RotationPorts, RotationReads};
 use fleet_shared::ota::manifest::{ManifestVerifier, FIRMWARE_KEYS_VAR};
-use fleet_shared::ports::{CampaignStore, HealthCounters, JobsControl, SloReader};
+use fleet_shared::ports::{CampaignStore, DeviceAdmin, HealthCounters, JobsControl, SloReader};
 use fleet_shared::{time, StoreError};
 use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
@@ -43,13 +43,16 @@ use tracing::{info, warn};
 pub const FUNCTION: &str = "ota-orchestrator";
 
 /// Everything the handler needs, built once per cold start.
-pub struct Deps<C, F, J, H> {
+pub struct Deps<C, F, J, H, R> {
     pub campaigns: C,
     /// The device registry: who a stage can pick.
     pub fleet: F,
     pub jobs: J,
     /// The SLO ledger the gate reads, and the counters finished installs add to (`ota` SLO).
     pub health: H,
+    /// What a certificate rotation reads: the daily check's marks and presence (Devices
+    /// table), the allowlist (Certificates table).
+    pub rotation: R,
     pub catalog: Catalog,
     /// The firmware keys manifests must be signed with (`FLEET_FIRMWARE_KEYS`).
     pub verifier: ManifestVerifier,
@@ -57,10 +60,14 @@ pub struct Deps<C, F, J, H> {
     pub metrics: MetricsOut,
 }
 
-impl Deps<CampaignsTable, DevicesTable, IotJobs, HealthTable> {
+/// A certificate rotation's reads on AWS.
+pub type AwsRotation = RotationPorts<DevicesTable, DevicesTable, CertificatesTable>;
+
+impl Deps<CampaignsTable, DevicesTable, IotJobs, HealthTable, AwsRotation> {
     /// On AWS: the Campaigns table (`FLEET_CAMPAIGNS_TABLE`), the Devices table
     /// (`FLEET_DEVICES_TABLE`), IoT Jobs (`FLEET_THING_ARN_PREFIX`), the Health table
-    /// (`FLEET_HEALTH_TABLE`), the trusted firmware keys (`FLEET_FIRMWARE_KEYS`, the template's
+    /// (`FLEET_HEALTH_TABLE`), the Certificates table (`FLEET_CERTIFICATES_TABLE`: serials'
+    /// allowlist entries, for rotations), the trusted firmware keys (`FLEET_FIRMWARE_KEYS`, the template's
     /// `FirmwareKeys`). Deployed without keys, it starts, and every campaign it ticks is paused
     /// for its manifest's unknown key: nothing is ever sent unsigned.
     pub fn on_aws(aws: &AwsBackend) -> Result<Self, StartupError> {
@@ -73,6 +80,11 @@ impl Deps<CampaignsTable, DevicesTable, IotJobs, HealthTable> {
         Ok(Self {
             campaigns: CampaignsTable::from_env(&aws.sdk, &aws.env)?,
             fleet: DevicesTable::from_env(&aws.sdk, &aws.env)?,
+            rotation: RotationPorts {
+                marks: DevicesTable::from_env(&aws.sdk, &aws.env)?,
+                presence: DevicesTable::from_env(&aws.sdk, &aws.env)?,
+                allowlist: CertificatesTable::from_env(&aws.sdk, &aws.env)?,
+            },
             jobs: IotJobs::from_env(&aws.sdk, &aws.env)?,
             health: HealthTable::from_env(&aws.sdk, &aws.env)?,
             catalog: Catalog::builtin(),
@@ -89,6 +101,11 @@ pub type EmbeddedDeps = Deps<
     fleet_shared::adapters::embedded::SqliteStore,
     fleet_shared::adapters::embedded::SqliteStore,
     fleet_shared::adapters::embedded::SqliteStore,
+    RotationPorts<
+        fleet_shared::adapters::embedded::SqliteStore,
+        fleet_shared::adapters::embedded::SqliteStore,
+        fleet_shared::adapters::embedded::SqliteStore,
+    >,
 >;
 
 #[cfg(feature = "embedded")]
@@ -99,6 +116,7 @@ impl EmbeddedDeps {
         Ok(Self {
             campaigns: e.db.clone(),
             fleet: e.db.clone(),
+            rotation: RotationPorts { marks: e.db.clone(), presence: e.db.clone(), allowlist: e.db.clone() },
             jobs: e.db.clone(),
             health: e.db.clone(),
             catalog: Catalog::builtin(),
@@ -131,15 +149,16 @@ struct JobEvent {
     job_id: Option<String>,
 }
 
-pub async fn handle<C, F, J, H>(
-    deps: &Deps<C, F, J, H>,
+pub async fn handle<C, F, J, H, R>(
+    deps: &Deps<C, F, J, H, R>,
     event: LambdaEvent<Box<RawValue>>,
 ) -> Result<Answer, Retryable>
 where
     C: CampaignStore,
-    F: CampaignFleet,
+    F: DeviceAdmin,
     J: JobsControl,
     H: SloReader + HealthCounters,
+    R: RotationReads,
 {
     // A job's event ticks its campaign; anything else (the schedule, an operator's invoke) all.
     let job = serde_json::from_str::<JobEvent>(event.payload.get()).ok().and_then(|e| e.job_id);
@@ -159,16 +178,17 @@ where
 }
 
 /// Tick the active campaigns (or only `only`), store what changed, emit the metrics.
-pub async fn run<C, F, J, H>(
-    deps: &Deps<C, F, J, H>,
+pub async fn run<C, F, J, H, R>(
+    deps: &Deps<C, F, J, H, R>,
     only: Option<&str>,
     now: i64,
 ) -> Result<Answer, StoreError>
 where
     C: CampaignStore,
-    F: CampaignFleet,
+    F: DeviceAdmin,
     J: JobsControl,
     H: SloReader + HealthCounters,
+    R: RotationReads,
 {
     let campaigns: Vec<Campaign> = match only {
         Some(id) => deps.campaigns.campaign(id).await?.into_iter().collect(),
@@ -178,6 +198,7 @@ where
         fleet: &deps.fleet,
         jobs: &deps.jobs,
         health: &deps.health,
+        rotation: &deps.rotation,
         catalog: &deps.catalog,
         verifier: &deps.verifier,
     };
@@ -290,7 +311,13 @@ mod tests {
     const JOB_COMPLETED: &str = include_str!("../../../events/ota-orchestrator/job-completed.json");
     const EXECUTION_FAILED: &str = include_str!("../../../events/ota-orchestrator/job-execution-failed.json");
 
-    type TestDeps = Deps<SqliteStore, SqliteStore, SqliteStore, SqliteStore>;
+    type TestDeps = Deps<
+        SqliteStore,
+        SqliteStore,
+        SqliteStore,
+        SqliteStore,
+        RotationPorts<SqliteStore, SqliteStore, SqliteStore>,
+    >;
 
     fn signer(seed: u8) -> ManifestSigner {
         ManifestSigner::from_bytes("fw", &[seed; 32]).expect("key")
@@ -303,6 +330,7 @@ mod tests {
         Ok(Deps {
             campaigns: db.clone(),
             fleet: db.clone(),
+            rotation: RotationPorts { marks: db.clone(), presence: db.clone(), allowlist: db.clone() },
             jobs: db.clone(),
             health: db,
             catalog: Catalog::builtin(),

@@ -62,8 +62,8 @@ pub enum Refusal {
     #[error("malformed hook event: {0}")]
     MalformedEvent(String),
     #[error(
-        "no SerialNumber parameter, or not a valid thing name (one starting {CLAIM_CLIENT_PREFIX:?} is \
-         a claim session's client id, never a serial): {0:?}"
+        "no SerialNumber parameter, or not a valid thing name of at most {MAX_SERIAL_LEN} characters \
+         (one starting {CLAIM_CLIENT_PREFIX:?} is a claim session's client id, never a serial): {0:?}"
     )]
     BadSerial(String),
     #[error("serial number {0} is not on the allowlist")]
@@ -115,12 +115,17 @@ pub fn parse_request(event: &str) -> Result<HookRequest, Refusal> {
 /// disconnects the older session of a client id); no serial, hence no thing, starts with it.
 pub const CLAIM_CLIENT_PREFIX: &str = "claim-";
 
+/// Longest serial: its claim session's client id, `claim-<serial>`, within IoT Core's 128
+/// characters.
+pub const MAX_SERIAL_LEN: usize = crate::model::MAX_THING_NAME_LEN - CLAIM_CLIENT_PREFIX.len();
+
 /// A serial number: a valid thing name outside the claim sessions' client ids
-/// ([`CLAIM_CLIENT_PREFIX`]), since a device's client id is its thing name.
+/// ([`CLAIM_CLIENT_PREFIX`]), since a device's client id is its thing name, and short enough
+/// to provision by claim ([`MAX_SERIAL_LEN`]).
 pub fn serial(raw: &str) -> Result<ThingName, Refusal> {
     ThingName::parse(raw)
         .ok()
-        .filter(|t| !t.as_str().starts_with(CLAIM_CLIENT_PREFIX))
+        .filter(|t| !t.as_str().starts_with(CLAIM_CLIENT_PREFIX) && t.as_str().len() <= MAX_SERIAL_LEN)
         .ok_or_else(|| Refusal::BadSerial(raw.to_owned()))
 }
 
@@ -297,6 +302,9 @@ mod tests {
         r.parameters.insert("SerialNumber".into(), "claim-dev-1".into());
         assert_eq!(serial_of(&r).map_err(|e| e.code()), Err("bad_serial"));
         assert_eq!(serial("claimed-1").map(|s| s.to_string()), Ok("claimed-1".to_owned()));
+        // its claim session's client id must fit IoT Core's 128 characters
+        assert!(serial(&"s".repeat(MAX_SERIAL_LEN)).is_ok());
+        assert_eq!(serial(&"s".repeat(MAX_SERIAL_LEN + 1)).map_err(|e| e.code()), Err("bad_serial"));
         r.parameters.clear();
         assert_eq!(serial_of(&r).map_err(|e| e.code()), Err("bad_serial"));
         let allowed = allow(&entry("dev-1", Enrolment::Allowed));

@@ -19,7 +19,7 @@ pub use job::{
     MAX_JOB_DOCUMENT_BYTES, MAX_JOB_ID_LEN, MAX_JOB_TARGETS, MAX_JOB_TIMEOUT_MINUTES, MAX_PER_MINUTE,
 };
 pub use telemetry::{MessageId, Metric, Reading, ReadingFlags, StoredReading};
-pub use thing::{InvalidThingName, ThingName};
+pub use thing::{InvalidThingName, ThingName, MAX_THING_NAME_LEN};
 pub use twin::{
     fingerprint, Divergence, DriftHistory, DriftSummary, Heard, InvalidShadowName, ShadowName, StaleAction,
     Twin, VersionDrift, MAX_SHADOW_NAME_LEN,

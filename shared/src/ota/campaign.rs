@@ -682,6 +682,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_campaign_stored_before_rotations_existed_reads_as_the_firmware_campaign_it_was() -> anyhow::Result<()>
+    {
+        // GIVEN a firmware campaign as stored before campaigns had a change (no `change` in its
+        // spec), and as stored now
+        let now = campaign(spec())?;
+        let mut before = serde_json::to_value(&now)?;
+        before["spec"].as_object_mut().map(|s| s.remove("change"));
+        // WHEN both are read back
+        let read: Campaign = serde_json::from_value(before)?;
+        // THEN the old one is the same firmware campaign, manifests and all
+        assert_eq!(read, now);
+        assert_eq!(read.spec.change, Change::Firmware);
+        // AND a firmware campaign written now keeps the fields older binaries read
+        let written = serde_json::to_value(&now)?;
+        assert!(written.get("firmware").is_some() && written.get("rollback").is_some(), "{written}");
+        Ok(())
+    }
+
+    #[test]
     fn a_spec_is_checked_before_a_campaign_exists() {
         assert!(campaign(spec()).is_ok());
         let broken: [fn(&mut CampaignSpec); 7] = [

@@ -360,10 +360,17 @@ impl Reaction {
 struct Rotations {
     /// The provisioning template RegisterThing is asked of.
     template: String,
-    /// (job, the execution's version, the rotation).
-    current: Option<(String, Option<u64>, Rotation)>,
-    /// (job, the new certificate's id): reported SUCCEEDED once the device is back with it.
-    done: Option<(String, String)>,
+    /// (job, the execution's version, the rotation, the session it asked on).
+    current: Option<(String, Option<u64>, Rotation, u64)>,
+    /// (job, the new credentials): reported SUCCEEDED once the device is back with them.
+    /// Firmware keeps this with the new pair, durably: a device that reboots after storing
+    /// them reports the job done instead of rotating again.
+    done: Option<(String, NewCertificate)>,
+    /// The certificate the current session authenticated with, as the caller says
+    /// ([`SimulatedJobs::connected_with`]).
+    session: Option<String>,
+    /// Sessions so far: a rotation asked on an earlier one lost its answers with it.
+    sessions: u64,
 }
 
 /// An execution as `start-next/accepted` carries it.
@@ -440,8 +447,23 @@ impl SimulatedJobs {
     /// A device whose firmware carries out certificate rotation jobs, registering with the
     /// provisioning template `template` (without this, it rejects them `unsupported_operation`).
     pub fn with_rotation(mut self, template: impl Into<String>) -> Self {
-        self.rotations = Some(Rotations { template: template.into(), current: None, done: None });
+        self.rotations = Some(Rotations {
+            template: template.into(),
+            current: None,
+            done: None,
+            session: None,
+            sessions: 0,
+        });
         self
+    }
+
+    /// The certificate this connection authenticated with (a rotating device says so on each
+    /// connect): a rotation is reported done only from a session on its new certificate.
+    pub fn connected_with(&mut self, certificate: &str) {
+        if let Some(r) = self.rotations.as_mut() {
+            r.session = Some(certificate.to_owned());
+            r.sessions += 1;
+        }
     }
 
     /// The firmware the device runs now.
@@ -558,21 +580,40 @@ impl SimulatedJobs {
     /// A rotation job started (or back after the device reconnected with its new certificate).
     fn rotate(&mut self, e: &Execution) -> Reaction {
         let Some(r) = self.rotations.as_mut() else { return Reaction::default() };
-        if let Some((_, certificate)) = r.done.as_ref().filter(|(job, _)| *job == e.job_id) {
+        if let Some((_, new)) = r.done.as_ref().filter(|(job, _)| *job == e.job_id) {
+            if r.session.as_deref().is_some_and(|s| s != new.certificate_id) {
+                // Still on the old certificate: connect with the new one first.
+                return Reaction { rotate: Some(new.clone()), ..Reaction::default() };
+            }
             // Back on the new certificate: now the rotation is done.
             let details = BTreeMap::from([
                 ("result".to_owned(), ROTATED.to_owned()),
-                ("certificate".to_owned(), certificate.clone()),
+                ("certificate".to_owned(), new.certificate_id.clone()),
             ]);
             let done = JobUpdate { status: OtaStatus::Succeeded, reason: None, details };
             return Reaction::publish(self.update(&e.job_id, e.version_number, &done));
         }
-        if r.current.as_ref().is_some_and(|(job, _, _)| *job == e.job_id) {
-            return Reaction::default(); // already under way
+        // The job again while its rotation is under way on this session (IoT Jobs notifies the
+        // execution in progress too): it goes on. On a later session, the answer it waits for
+        // was lost with the connection it asked on (IoT Core answers that connection only), so
+        // it starts over with a new key; the certificate asked for before is never registered.
+        if r.current.as_ref().is_some_and(|(job, _, _, asked_on)| *job == e.job_id && *asked_on == r.sessions)
+        {
+            return Reaction::default();
         }
-        match Rotation::start(&self.thing, &r.template) {
+        let key = match rcgen::KeyPair::generate() {
+            Ok(key) => key,
+            Err(err) => {
+                r.current = None;
+                let update =
+                    JobUpdate::refused(OtaStatus::Failed, ROTATION_REFUSED, format!("no key: {err}"));
+                *self.failed.entry(ROTATION_REFUSED).or_default() += 1;
+                return Reaction::publish(self.update(&e.job_id, e.version_number, &update));
+            }
+        };
+        match Rotation::start(&self.thing, &r.template, key) {
             Ok((rotation, step)) => {
-                r.current = Some((e.job_id.clone(), e.version_number, rotation));
+                r.current = Some((e.job_id.clone(), e.version_number, rotation, r.sessions));
                 self.rotation_step(step)
             }
             Err(err) => {
@@ -587,7 +628,7 @@ impl SimulatedJobs {
     /// An answer to the rotation in flight, if any.
     fn rotation_answer(&mut self, topic: &str, payload: &[u8]) -> Reaction {
         let step = match self.rotations.as_mut().and_then(|r| r.current.as_mut()) {
-            Some((_, _, rotation)) => rotation.receive(topic, payload),
+            Some((_, _, rotation, _)) => rotation.receive(topic, payload),
             None => return Reaction::default(),
         };
         self.rotation_step(step)
@@ -599,13 +640,14 @@ impl SimulatedJobs {
             Step::Ignore => Reaction::default(),
             Step::Rotated(new) => {
                 let Some(r) = self.rotations.as_mut() else { return Reaction::default() };
-                let Some((job, _, _)) = r.current.take() else { return Reaction::default() };
-                r.done = Some((job, new.certificate_id.clone()));
+                let Some((job, _, _, _)) = r.current.take() else { return Reaction::default() };
+                r.done = Some((job, new.clone()));
                 self.rotated += 1;
                 Reaction { rotate: Some(new), ..Reaction::default() }
             }
             Step::Refused(detail) => {
-                let Some((job, version, _)) = self.rotations.as_mut().and_then(|r| r.current.take()) else {
+                let Some((job, version, _, _)) = self.rotations.as_mut().and_then(|r| r.current.take())
+                else {
                     return Reaction::default();
                 };
                 *self.failed.entry(ROTATION_REFUSED).or_default() += 1;
@@ -939,6 +981,63 @@ mod tests {
         assert_eq!(ignored, std::array::from_fn(|_| Reaction::default()));
         assert_eq!(device.rejected, BTreeMap::from([("bad_signature", 1)]));
         assert_eq!((device.fw(), device.installed), ("1.4.2", 0));
+        Ok(())
+    }
+
+    /// `start-next/accepted` handing `thing` the rotation job `job` of campaign c1.
+    fn started_rotation(job: &str) -> (String, Vec<u8>) {
+        let body = json!({"execution": {"jobId": job, "versionNumber": 1,
+                          "jobDocument": crate::ota::engine::rotation_document("c1")}});
+        ("$aws/things/sensor-1/jobs/start-next/accepted".to_owned(), body.to_string().into_bytes())
+    }
+
+    #[test]
+    fn a_rotation_starts_over_when_its_job_comes_back_and_is_reported_only_from_the_new_certificate(
+    ) -> TestResult {
+        // GIVEN a sensor that rotates, on certificate old-1, handed a rotation job
+        let mut jobs =
+            SimulatedJobs::new("sensor-1", sensor("1.4.2", Some(80.0)), trusted()?).with_rotation("fleet");
+        jobs.connected_with("old-1");
+        let (topic, body) = started_rotation("rot-s1");
+        let first = jobs.receive(&topic, &body).publish.ok_or("no CSR request")?;
+        assert_eq!(first.topic, crate::ota::rotate::CREATE_FROM_CSR_TOPIC);
+        // WHEN the job is handed again on the same session, THEN the rotation goes on
+        assert_eq!(jobs.receive(&topic, &body), Reaction::default());
+        // WHEN the connection drops before the answer, and the job comes back on the next one
+        jobs.connected_with("old-1");
+        let again = jobs.receive(&topic, &body).publish.ok_or("no new CSR request")?;
+        // THEN it asks again, for a new key
+        assert_eq!(again.topic, first.topic);
+        assert_ne!(again.payload, first.payload, "a new key, a new CSR");
+        // WHEN its certificate comes and is registered
+        let key = jobs
+            .rotations
+            .as_ref()
+            .and_then(|r| r.current.as_ref())
+            .map(|(_, _, r, _)| r.key())
+            .ok_or("key")?;
+        let pem = rcgen::CertificateParams::new(vec!["sensor-1".to_owned()])?.self_signed(key)?.pem();
+        let created =
+            json!({"certificateId": "new-1", "certificatePem": pem, "certificateOwnershipToken": "t"});
+        let register = jobs.receive(
+            &format!("{}/accepted", crate::ota::rotate::CREATE_FROM_CSR_TOPIC),
+            created.to_string().as_bytes(),
+        );
+        let register = register.publish.ok_or("no RegisterThing")?;
+        let done = jobs.receive(&format!("{}/accepted", register.topic), br#"{"thingName":"sensor-1"}"#);
+        // THEN it hands over the new credentials, and reports nothing yet
+        assert_eq!(done.rotate.as_ref().map(|n| n.certificate_id.as_str()), Some("new-1"));
+        assert!(done.publish.is_none());
+        // WHEN the job comes back on a session still on the old certificate, THEN it is told
+        // to connect with the new one again; on the new one, it reports SUCCEEDED
+        let stale = jobs.receive(&topic, &body);
+        assert!(stale.publish.is_none() && stale.rotate.is_some(), "{stale:?}");
+        jobs.connected_with("new-1");
+        let update = jobs.receive(&topic, &body).publish.ok_or("no update")?;
+        let update: Value = serde_json::from_str(&update.payload)?;
+        assert_eq!(update["status"], "SUCCEEDED");
+        assert_eq!(update["statusDetails"], json!({"result": "rotated", "certificate": "new-1"}));
+        assert_eq!(jobs.rotated, 1);
         Ok(())
     }
 }

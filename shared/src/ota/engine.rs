@@ -8,7 +8,7 @@
 //! tick that read an older version.
 //!
 //! A certificate rotation ([`Change::Certificate`]) runs on the same stages: its devices are
-//! those of the class and firmware marked `rotation_due` ([`DeviceCertStatus::rotation_due`]),
+//! those of the class and firmware marked `rotation_due` ([`RotationReads::due`]),
 //! its jobs carry [`rotation_document`], its gate is [`Engine::rotation_verdict`], and a
 //! rollback halts it.
 
@@ -23,8 +23,11 @@ use crate::error::{ErrorKind, StoreError};
 use crate::health::gate::GateError;
 use crate::health::slo::Catalog;
 use crate::health::tally::{counter, minute_of, Bucket, Cohort, HealthDelta, UNKNOWN};
+use crate::model::Enrolment;
 use crate::model::{ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName};
-use crate::ports::{DeviceAdmin, DeviceCertStatus, HealthCounters, JobsControl, PresenceReader, SloReader};
+use crate::ports::{
+    Allowlist, CertMarks, DeviceAdmin, HealthCounters, JobsControl, PresenceReader, SloReader,
+};
 
 /// What `operation` a Fleetline OTA job document carries.
 pub const OTA_OPERATION: &str = "fleetline.ota";
@@ -125,24 +128,60 @@ fn newly(class: &str, fw: &str, now: &JobCounts, counted: &mut JobCounts) -> Opt
     })
 }
 
-/// What a campaign reads of the fleet: the devices (who a stage can pick), their certificate
-/// marks (who is due a rotation) and their presence (whom a rotation stage has seen on a new
-/// certificate). The Devices table holds all three.
-pub trait CampaignFleet: DeviceAdmin + DeviceCertStatus + PresenceReader {}
+/// What a certificate rotation campaign reads: who is due one, and whether a device has rotated.
+pub trait RotationReads: Send + Sync {
+    /// The devices marked `rotation_due`.
+    fn due(&self) -> impl std::future::Future<Output = Result<BTreeSet<ThingName>, StoreError>> + Send;
 
-impl<T: DeviceAdmin + DeviceCertStatus + PresenceReader> CampaignFleet for T {}
+    /// Whether `thing` has rotated: it has no mark any more (the daily check clears it once the
+    /// old certificate is retired), or its serial is provisioned with another certificate than
+    /// the one it was marked for and its latest session used that one.
+    fn rotated(
+        &self,
+        thing: &ThingName,
+    ) -> impl std::future::Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// The ports [`RotationReads`] is answered from: the daily check's marks (the Devices table),
+/// presence (the Devices table) and the allowlist (the Certificates table).
+pub struct RotationPorts<M, P, A> {
+    pub marks: M,
+    pub presence: P,
+    pub allowlist: A,
+}
+
+impl<M: CertMarks, P: PresenceReader, A: Allowlist> RotationReads for RotationPorts<M, P, A> {
+    async fn due(&self) -> Result<BTreeSet<ThingName>, StoreError> {
+        Ok(self.marks.rotation_due().await?.into_iter().map(|(t, _)| t).collect())
+    }
+
+    async fn rotated(&self, thing: &ThingName) -> Result<bool, StoreError> {
+        let Some(mark) = self.marks.cert_status(thing).await? else { return Ok(true) };
+        let current = match self.allowlist.entry(thing).await?.map(|e| e.enrolment) {
+            Some(Enrolment::Provisioned { certificate, .. }) if certificate != mark.certificate => {
+                certificate
+            }
+            _ => return Ok(false),
+        };
+        let principal = self.presence.presence(thing).await?.and_then(|p| p.principal);
+        Ok(principal.as_deref() == Some(current.as_str()))
+    }
+}
 
 /// The ports a tick reads and acts on.
-pub struct Engine<'a, F, J, H> {
+pub struct Engine<'a, F, J, H, R> {
+    /// The device registry: who a stage can pick.
     pub fleet: &'a F,
     pub jobs: &'a J,
     pub health: &'a H,
+    /// What a certificate rotation reads.
+    pub rotation: &'a R,
     pub catalog: &'a Catalog,
     /// The keys manifests must be signed with: a campaign sends only verified manifests.
     pub verifier: &'a ManifestVerifier,
 }
 
-impl<F: CampaignFleet, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
+impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, F, J, H, R> {
     /// Check a new campaign's manifests (signed by a trusted key, for its class and firmware);
     /// a certificate rotation has none.
     pub fn check_manifests(&self, c: &Campaign) -> Result<(), OtaError> {
@@ -321,12 +360,12 @@ impl<F: CampaignFleet, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
         Ok(verdict)
     }
 
-    /// A rotation stage's gate: every device whose execution SUCCEEDED has connected with
-    /// another certificate than the one it was marked for (its latest session's principal, as
-    /// presence records it), or has lost its mark (the daily check clears it once the old
-    /// certificate is retired). The device's word is not enough: a device that reports success
-    /// and still connects with the expiring certificate holds the stage up, until it pauses.
-    /// Two reads per device that reported success, once per tick after the soak.
+    /// A rotation stage's gate: every device whose execution SUCCEEDED has rotated
+    /// ([`RotationReads::rotated`]: its serial moved to another certificate than the one it was
+    /// marked for, and its latest session used that one; or its mark is gone). The device's
+    /// word is not enough: one that reports success and still connects with the expiring
+    /// certificate, or with another certificate attached to it, holds the stage up until it
+    /// pauses. Up to three reads per device that reported success, per tick after the soak.
     pub async fn rotation_verdict(&self, job: &JobId) -> Result<Verdict, OtaError> {
         let (mut done, mut unseen) = (0usize, Vec::new());
         for (thing, status) in self.jobs.job_executions(job).await? {
@@ -334,9 +373,7 @@ impl<F: CampaignFleet, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
                 continue;
             }
             done += 1;
-            let Some(mark) = self.fleet.cert_status(&thing).await? else { continue };
-            let principal = self.fleet.presence(&thing).await?.and_then(|p| p.principal);
-            if principal.is_none_or(|p| p == mark.certificate.as_str()) {
+            if !self.rotation.rotated(&thing).await? {
                 unseen.push(thing);
             }
         }
@@ -388,8 +425,7 @@ impl<F: CampaignFleet, J: JobsControl, H: SloReader> Engine<'_, F, J, H> {
     async fn start_stage(&self, c: &mut Campaign, first: usize, now_ms: i64) -> Result<String, OtaError> {
         let mut fleet = self.fleet.devices().await?;
         if c.spec.change == Change::Certificate {
-            let due: BTreeSet<ThingName> =
-                self.fleet.rotation_due().await?.into_iter().map(|(t, _)| t).collect();
+            let due = self.rotation.due().await?;
             fleet.retain(|d| due.contains(&d.thing));
         }
         // Devices the earlier stages' jobs reached (a stage's own job, if a lost write left it
@@ -600,6 +636,7 @@ mod tests {
     struct World {
         _dir: tempfile::TempDir,
         db: SqliteStore,
+        rotation: RotationPorts<SqliteStore, SqliteStore, SqliteStore>,
         catalog: Catalog,
         verifier: ManifestVerifier,
     }
@@ -612,14 +649,25 @@ mod tests {
             db.register(&crate::ota::test_sensors(n, "1.4.2")).await?;
             let key = ManifestSigner::from_bytes("test", &[7; 32])?.verifying_key();
             let verifier = ManifestVerifier::new(vec![("test".into(), key)]);
-            Ok(Self { _dir: dir, db, catalog: Catalog::builtin(), verifier })
+            let rotation = RotationPorts { marks: db.clone(), presence: db.clone(), allowlist: db.clone() };
+            Ok(Self { _dir: dir, db, rotation, catalog: Catalog::builtin(), verifier })
         }
 
-        fn engine(&self) -> Engine<'_, SqliteStore, SqliteStore, SqliteStore> {
+        #[allow(clippy::type_complexity)]
+        fn engine(
+            &self,
+        ) -> Engine<
+            '_,
+            SqliteStore,
+            SqliteStore,
+            SqliteStore,
+            RotationPorts<SqliteStore, SqliteStore, SqliteStore>,
+        > {
             Engine {
                 fleet: &self.db,
                 jobs: &self.db,
                 health: &self.db,
+                rotation: &self.rotation,
                 catalog: &self.catalog,
                 verifier: &self.verifier,
             }
@@ -914,7 +962,7 @@ mod tests {
     /// latest session on its old certificate.
     async fn due_for_rotation(w: &World, n: usize, due: usize) -> anyhow::Result<Vec<ThingName>> {
         use crate::certs::expiry::ExpiryClass;
-        use crate::ports::CertMark;
+        use crate::ports::{Allowlist, CertMark, DeviceCertStatus};
         let things: Vec<ThingName> =
             crate::ota::test_sensors(n, "1.4.2").into_iter().map(|(t, _)| t).collect();
         let marks: Vec<(ThingName, CertMark)> = things
@@ -933,6 +981,15 @@ mod tests {
             .collect();
         w.db.mark_cert_status(&marks).await?;
         for (i, t) in things.iter().enumerate() {
+            let entry = crate::model::AllowlistEntry {
+                serial: t.clone(),
+                class: "sensor".into(),
+                region: "eu-west".into(),
+                added_ms: 1,
+                enrolment: Enrolment::Allowed,
+            };
+            w.db.allow(&[entry]).await?;
+            w.db.enrol(t, &old_cert(t), 2).await?;
             connect(w, t, old_cert(t).as_str(), i as i64 + 1).await?;
         }
         Ok(things[..due].to_vec())
@@ -940,6 +997,22 @@ mod tests {
 
     fn old_cert(thing: &ThingName) -> crate::model::CertificateId {
         crate::model::CertificateId::of_der(format!("old certificate of {thing}").as_bytes())
+    }
+
+    fn new_cert(thing: &ThingName) -> crate::model::CertificateId {
+        crate::model::CertificateId::of_der(format!("new certificate of {thing}").as_bytes())
+    }
+
+    /// `thing` rotates (the hook moves its serial to its new certificate), then opens session
+    /// `version` with `principal`.
+    async fn rotate_then_connect(
+        w: &World,
+        thing: &ThingName,
+        principal: &str,
+        version: i64,
+    ) -> anyhow::Result<()> {
+        w.db.rotate(thing, &old_cert(thing), &new_cert(thing), 3).await?;
+        connect(w, thing, principal, version).await
     }
 
     /// `thing` opens session `version` with `principal`, as presence records it.
@@ -995,14 +1068,18 @@ mod tests {
             "{}",
             tick.summary
         );
-        // WHEN four connect with a new certificate, and the fifth's mark is cleared by the daily
+        // WHEN three rotate and connect with their new certificates, a fourth rotates but connects
+        // with another certificate attached to it, and the fifth's mark is cleared by the daily
         // check (its old certificate retired)
-        for (i, t) in reached.iter().take(4).enumerate() {
-            connect(&w, t, &format!("new-{i}"), 100).await?;
+        for t in reached.iter().take(3) {
+            rotate_then_connect(&w, t, new_cert(t).as_str(), 100).await?;
         }
+        rotate_then_connect(&w, &reached[3], "a-spare-certificate", 100).await?;
         let (_, tick) = w.tick("rot1", t0 + 3 * MIN).await?;
-        assert!(tick.summary.contains("1 of 5 devices"), "{}", tick.summary);
-        w.db.clear_cert_status(std::slice::from_ref(&reached[4])).await?;
+        // THEN the gate still waits for the one not seen on its new certificate
+        assert!(tick.summary.contains("2 of 5 devices"), "{}", tick.summary);
+        connect(&w, &reached[3], new_cert(&reached[3]).as_str(), 101).await?;
+        crate::ports::DeviceCertStatus::clear_cert_status(&w.db, std::slice::from_ref(&reached[4])).await?;
         // THEN stage 2 takes the other 5 due devices, and only them
         let (c, tick) = w.tick("rot1", t0 + 4 * MIN).await?;
         let s2 = stage_of(&c).clone();
@@ -1036,18 +1113,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_rotation_with_no_device_due_pauses_and_its_spec_keeps_the_firmware() -> anyhow::Result<()> {
+    async fn a_rotation_with_no_device_due_pauses_for_an_operator() -> anyhow::Result<()> {
+        // GIVEN five sensors, none due a new certificate, and a rotation
         let w = World::new(5).await?;
         due_for_rotation(&w, 5, 0).await?;
         w.db.put_campaign(&Campaign::rotation(rotation_spec("rot3"), time::now_ms())?).await?;
+        // WHEN it ticks
         let (c, tick) = w.tick("rot3", time::now_ms()).await?;
+        // THEN it pauses, saying why, and sends nothing
         assert!(tick.summary.contains("due a new certificate is eligible"), "{}", tick.summary);
-        assert!(c.paused.is_some());
-        // a rotation changes no firmware, a firmware campaign must
-        let mut bad = rotation_spec("rot4");
-        bad.to_fw = "1.5.0".into();
-        assert!(Campaign::rotation(bad, 0).is_err());
-        assert!(Campaign::rotation(spec("fw9"), 0).is_err(), "a firmware spec is no rotation");
+        assert!(c.paused.is_some() && c.jobs.is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn a_rotation_changes_no_firmware_and_a_firmware_spec_is_no_rotation() {
+        // GIVEN a rotation spec naming another firmware to go to, and a firmware campaign's spec
+        let mut moves_firmware = rotation_spec("rot4");
+        moves_firmware.to_fw = "1.5.0".into();
+        // WHEN either is made a rotation, THEN it is refused
+        assert!(Campaign::rotation(moves_firmware, 0).is_err());
+        assert!(Campaign::rotation(spec("fw9"), 0).is_err());
     }
 }

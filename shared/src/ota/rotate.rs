@@ -76,9 +76,8 @@ impl std::fmt::Debug for Rotation {
 }
 
 impl Rotation {
-    /// Make a new key for `thing` and ask for a certificate for it (step 1).
-    pub fn start(thing: &str, template: &str) -> Result<(Self, Step), rcgen::Error> {
-        let key = KeyPair::generate()?;
+    /// Ask for a certificate for `key`, made for this rotation, for `thing` (step 1).
+    pub fn start(thing: &str, template: &str, key: KeyPair) -> Result<(Self, Step), rcgen::Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, thing);
         let csr = params.serialize_request(&key)?.pem()?;
@@ -148,6 +147,12 @@ impl Rotation {
         }
     }
 
+    /// The key this rotation asks a certificate for.
+    #[cfg(test)]
+    pub(crate) fn key(&self) -> &KeyPair {
+        &self.key
+    }
+
     /// Whether `pem` certifies this rotation's key (its SubjectPublicKeyInfo is the key's).
     fn is_for_my_key(&self, pem: &str) -> bool {
         use x509_parser::prelude::{FromDer, X509Certificate};
@@ -162,33 +167,34 @@ mod tests {
     use super::*;
 
     /// A self-signed certificate for `key`.
-    fn certificate_for(key: &KeyPair) -> String {
-        let params = CertificateParams::new(vec!["device".to_owned()]).expect("params");
-        params.self_signed(key).expect("certificate").pem()
+    fn certificate_for(key: &KeyPair) -> Result<String, rcgen::Error> {
+        Ok(CertificateParams::new(vec!["device".to_owned()])?.self_signed(key)?.pem())
     }
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     #[test]
-    fn a_rotation_asks_for_a_certificate_registers_it_and_hands_over_the_new_credentials() {
+    fn a_rotation_asks_for_a_certificate_registers_it_and_hands_over_the_new_credentials() -> TestResult {
         // GIVEN a rotation started: a CSR for a key made here
-        let (mut r, ask) = Rotation::start("sensor-1", "fleet").expect("key");
-        let Step::Ask { topic, payload } = ask else { panic!("{ask:?}") };
+        let (mut r, ask) = Rotation::start("sensor-1", "fleet", KeyPair::generate()?)?;
+        let Step::Ask { topic, payload } = ask else { return Err(format!("{ask:?}").into()) };
         assert_eq!(topic, CREATE_FROM_CSR_TOPIC);
-        let csr: Value = serde_json::from_str(&payload).expect("json");
+        let csr: Value = serde_json::from_str(&payload)?;
         assert!(csr["certificateSigningRequest"].as_str().is_some_and(|c| c.contains("CERTIFICATE REQUEST")));
         // WHEN a certificate for another device's key comes first (the local IoT Core answers
         // every subscriber), THEN it is not taken
-        let others = certificate_for(&KeyPair::generate().expect("key"));
+        let others = certificate_for(&KeyPair::generate()?)?;
         let created =
             json!({"certificateId": "c1", "certificatePem": others, "certificateOwnershipToken": "t1"});
         let csr_accepted = format!("{CREATE_FROM_CSR_TOPIC}/accepted");
         assert_eq!(r.receive(&csr_accepted, created.to_string().as_bytes()), Step::Ignore);
         // WHEN its own certificate is created, THEN it registers it for its own serial
-        let pem = certificate_for(&r.key);
+        let pem = certificate_for(&r.key)?;
         let created = json!({"certificateId": "c2", "certificatePem": pem, "certificateOwnershipToken": "t"});
         let next = r.receive(&csr_accepted, created.to_string().as_bytes());
-        let Step::Ask { topic, payload } = next else { panic!("{next:?}") };
+        let Step::Ask { topic, payload } = next else { return Err(format!("{next:?}").into()) };
         assert_eq!(topic, register_topic("fleet"));
-        let body: Value = serde_json::from_str(&payload).expect("json");
+        let body: Value = serde_json::from_str(&payload)?;
         assert_eq!(
             body,
             json!({"certificateOwnershipToken": "t", "parameters": {"SerialNumber": "sensor-1"}})
@@ -198,16 +204,20 @@ mod tests {
         let accepted = format!("{}/accepted", register_topic("fleet"));
         assert_eq!(r.receive(&accepted, br#"{"thingName":"sensor-2"}"#), Step::Ignore);
         let done = r.receive(&accepted, br#"{"thingName":"sensor-1"}"#);
-        let Step::Rotated(new) = done else { panic!("{done:?}") };
+        let Step::Rotated(new) = done else { return Err(format!("{done:?}").into()) };
         assert_eq!((new.certificate_id.as_str(), new.certificate_pem.as_str()), ("c2", pem.as_str()));
         assert!(new.private_key_pem.contains("PRIVATE KEY"));
         // AND the key never shows in its debug output
         assert!(!format!("{r:?}").contains("PRIVATE"));
+        Ok(())
     }
 
     #[test]
-    fn a_refusal_or_a_malformed_answer_fails_the_rotation_and_other_topics_are_ignored() {
-        let (mut r, _) = Rotation::start("sensor-1", "fleet").expect("key");
+    fn a_refusal_or_a_malformed_answer_fails_the_rotation_and_other_topics_are_ignored() -> TestResult {
+        // GIVEN a rotation under way
+        let (mut r, _) = Rotation::start("sensor-1", "fleet", KeyPair::generate()?)?;
+        // WHEN other topics, a garbled answer and a refusal come, THEN it ignores the first,
+        // and fails on the others with what the service said
         assert_eq!(r.receive("dt/fleet/sensor-1/telemetry", b"{}"), Step::Ignore);
         assert_eq!(r.receive(&format!("{}/accepted", register_topic("other")), b"{}"), Step::Ignore);
         let garbled = r.receive(&format!("{CREATE_FROM_CSR_TOPIC}/accepted"), b"not json");
@@ -220,5 +230,6 @@ mod tests {
             br#"{"statusCode":403,"errorCode":"AccessDenied","errorMessage":"not_provisioned"}"#,
         );
         assert_eq!(refused, Step::Refused("RegisterThing: AccessDenied not_provisioned".into()));
+        Ok(())
     }
 }

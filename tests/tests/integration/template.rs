@@ -385,9 +385,9 @@ fn presence_writes_device_presence_and_retires_only_certificates_a_rotation_supe
 }
 
 #[test]
-fn the_ota_orchestrator_reads_the_devices_table_and_never_writes_it() {
+fn the_ota_orchestrator_reads_the_devices_and_certificates_tables_and_never_writes_them() {
     // Stages pick from a Scan (devices, certificate marks); a rotation stage's gate reads a
-    // device's mark and presence (GetItem).
+    // device's mark and presence (GetItem), and its serial's allowlist entry.
     let r = render(&[]);
     for action in ["dynamodb:Scan", "dynamodb:GetItem"] {
         let granted = grant_resources(&r, "OtaOrchestratorRole", action);
@@ -397,8 +397,19 @@ fn the_ota_orchestrator_reads_the_devices_table_and_never_writes_it() {
         ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem"]
     {
         let granted = grant_resources(&r, "OtaOrchestratorRole", action);
-        assert!(!granted.iter().any(|g| g == "DevicesTable"), "{action}: {granted:?}");
+        let written = granted.iter().any(|g| g == "DevicesTable" || g == "CertificatesTable");
+        assert!(!written, "{action}: {granted:?}");
     }
+    // Of the Certificates table, a serial's allowlist entry only (its current certificate).
+    let statements = role_statements(&r, "OtaOrchestratorRole");
+    let certs: Vec<&Value> =
+        statements.iter().filter(|s| format!("{:?}", s["Resource"]).contains("CertificatesTable")).collect();
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    assert_eq!(actions(certs[0]), ["dynamodb:GetItem"]);
+    let keys = format!("{:?}", certs[0]["Condition"]["ForAllValues:StringLike"]["dynamodb:LeadingKeys"]);
+    assert!(keys.contains("serial#*") && !keys.contains("cert#") && !keys.contains("audit#"), "{keys}");
+    let env = function_env(&r, "OtaOrchestratorFunction");
+    assert!(env.keys().any(|k| k.as_str() == Some("FLEET_CERTIFICATES_TABLE")), "{env:?}");
 }
 
 /// Every action `role` grants, sorted.

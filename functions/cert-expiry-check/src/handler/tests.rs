@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::certs::expiry::ExpiryClass;
 use fleet_shared::model::{CertStatus, Certificate, CertificateId, ThingName};
-use fleet_shared::ports::ArchiveReader;
+use fleet_shared::ports::{ArchiveReader, CertMarks};
 use lambda_runtime::{Context, LambdaEvent};
 
 use super::*;

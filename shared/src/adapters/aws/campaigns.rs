@@ -77,7 +77,11 @@ impl CampaignStore for CampaignsTable {
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
             for item in page.map_err(|e| classify(OP, e))?.items.unwrap_or_default() {
-                out.push(decode(OP, item)?);
+                // One campaign this binary cannot read (written by a newer one) holds up no other.
+                match decode(OP, item) {
+                    Ok(c) => out.push(c),
+                    Err(e) => tracing::warn!(error = %e, "campaign skipped: this binary cannot read it"),
+                }
             }
         }
         // Newest first; campaigns created in the same millisecond by id.

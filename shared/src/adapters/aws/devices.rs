@@ -624,7 +624,9 @@ impl crate::ports::DeviceCertStatus for DevicesTable {
         }
         Ok(())
     }
+}
 
+impl crate::ports::CertMarks for DevicesTable {
     /// A Scan of the table for the `cert` items marked due (filtered after it is read: the
     /// whole table's read capacity, as [`DeviceAdmin::devices`] costs).
     async fn rotation_due(&self) -> Result<Vec<(ThingName, crate::ports::CertMark)>, StoreError> {

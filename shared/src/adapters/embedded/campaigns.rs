@@ -18,7 +18,7 @@ CREATE TABLE campaigns (
 ) WITHOUT ROWID;
 ";
 
-fn decode(op: &'static str, json: &str) -> Result<Campaign, StoreError> {
+pub(super) fn decode(op: &'static str, json: &str) -> Result<Campaign, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::permanent(op, e))
 }
 
@@ -43,7 +43,17 @@ impl CampaignStore for SqliteStore {
                 Ok(rows)
             })
             .await?;
-        rows.iter().map(|j| decode(OP, j)).collect()
+        // One campaign this binary cannot read (written by a newer one) holds up no other.
+        Ok(rows
+            .iter()
+            .filter_map(|j| {
+                decode(OP, j)
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "campaign skipped: this binary cannot read it"),
+                    )
+                    .ok()
+            })
+            .collect())
     }
 
     async fn put_campaign(&self, campaign: &Campaign) -> Result<u64, StoreError> {
@@ -78,5 +88,35 @@ impl CampaignStore for SqliteStore {
             return Err(StoreError::conflict(OP, format!("campaign {} {what}", campaign.spec.id)));
         }
         Ok(read_at + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ota::campaign::CampaignSpec;
+
+    #[tokio::test]
+    async fn a_campaign_this_binary_cannot_read_holds_up_no_other() -> anyhow::Result<()> {
+        // GIVEN a campaign, and one written by a newer binary with a change this one lacks
+        let db = SqliteStore::in_memory()?;
+        let good =
+            crate::ota::campaign::tests::campaign(CampaignSpec::new("fw1", "sensor", "1.4.2", "1.5.0"))?;
+        db.put_campaign(&good).await?;
+        db.with("test insert", |c| {
+            c.execute(
+                "INSERT INTO campaigns (id, version, created_ms, body) VALUES ('future', 1, 0, ?1)",
+                [r#"{"spec":{"id":"future","change":"teleport"}}"#],
+            )
+            .map(|_| ())
+        })
+        .await?;
+        // WHEN every campaign is listed, THEN the readable one is, and the other is skipped
+        let listed = db.campaigns().await?;
+        assert_eq!(listed.iter().map(|c| c.spec.id.as_str()).collect::<Vec<_>>(), ["fw1"]);
+        // AND read alone, it is an error that names the problem
+        let alone = db.campaign("future").await.expect_err("unreadable");
+        assert!(alone.to_string().contains("teleport"), "{alone}");
+        Ok(())
     }
 }

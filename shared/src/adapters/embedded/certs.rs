@@ -8,8 +8,8 @@ use super::SqliteStore;
 use crate::error::StoreError;
 use crate::model::{AllowlistEntry, Certificate, CertificateId, Enrolment, ThingName};
 use crate::ports::{
-    rotation_settled, Allowlist, AuditEvent, CertMark, CertificateInventory, DeviceCertStatus, Enrolled,
-    ProvisioningAudit, Reports,
+    rotation_settled, Allowlist, AuditEvent, CertMark, CertMarks, CertificateInventory, DeviceCertStatus,
+    Enrolled, ProvisioningAudit, Reports,
 };
 
 /// Migration step 7 (see `MIGRATIONS` in `sqlite.rs`).
@@ -362,7 +362,9 @@ impl DeviceCertStatus for SqliteStore {
         })
         .await
     }
+}
 
+impl CertMarks for SqliteStore {
     async fn rotation_due(&self) -> Result<Vec<(ThingName, CertMark)>, StoreError> {
         let marks: Vec<(String, CertMark)> = self
             .with("sqlite cert status due", |c| {
