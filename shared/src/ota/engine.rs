@@ -23,8 +23,7 @@ use crate::error::{ErrorKind, StoreError};
 use crate::health::gate::GateError;
 use crate::health::slo::Catalog;
 use crate::health::tally::{counter, minute_of, Bucket, Cohort, HealthDelta, UNKNOWN};
-use crate::model::Enrolment;
-use crate::model::{ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName};
+use crate::model::{Enrolment, ExecutionStatus, JobCounts, JobId, JobProgress, JobStatus, NewJob, ThingName};
 use crate::ports::{
     Allowlist, CertMarks, DeviceAdmin, HealthCounters, JobsControl, PresenceReader, SloReader,
 };
