@@ -314,8 +314,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Command::Ota { command: OtaCommand::Campaign(command) } => {
                     let verifier = campaign_verifier(&e.env, &command)?;
                     let catalog = crate::ota::catalog();
-                    let rotation =
-                        RotationPorts { marks: db.clone(), presence: db.clone(), allowlist: db.clone() };
+                    let rotation = RotationPorts::of(db);
                     let engine = Engine {
                         fleet: db,
                         jobs: db,

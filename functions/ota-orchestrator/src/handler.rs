@@ -77,14 +77,16 @@ impl Deps<CampaignsTable, DevicesTable, IotJobs, HealthTable, AwsRotation> {
             warn!("{FIRMWARE_KEYS_VAR} is empty: no firmware key is trusted, campaigns will pause");
             ManifestVerifier::new(Vec::new())
         };
+        // One Devices table client: the registry, the marks and presence are its items.
+        let devices = DevicesTable::from_env(&aws.sdk, &aws.env)?;
         Ok(Self {
             campaigns: CampaignsTable::from_env(&aws.sdk, &aws.env)?,
-            fleet: DevicesTable::from_env(&aws.sdk, &aws.env)?,
             rotation: RotationPorts {
-                marks: DevicesTable::from_env(&aws.sdk, &aws.env)?,
-                presence: DevicesTable::from_env(&aws.sdk, &aws.env)?,
+                marks: devices.clone(),
+                presence: devices.clone(),
                 allowlist: CertificatesTable::from_env(&aws.sdk, &aws.env)?,
             },
+            fleet: devices,
             jobs: IotJobs::from_env(&aws.sdk, &aws.env)?,
             health: HealthTable::from_env(&aws.sdk, &aws.env)?,
             catalog: Catalog::builtin(),
@@ -116,7 +118,7 @@ impl EmbeddedDeps {
         Ok(Self {
             campaigns: e.db.clone(),
             fleet: e.db.clone(),
-            rotation: RotationPorts { marks: e.db.clone(), presence: e.db.clone(), allowlist: e.db.clone() },
+            rotation: RotationPorts::of(&e.db),
             jobs: e.db.clone(),
             health: e.db.clone(),
             catalog: Catalog::builtin(),
@@ -330,7 +332,7 @@ mod tests {
         Ok(Deps {
             campaigns: db.clone(),
             fleet: db.clone(),
-            rotation: RotationPorts { marks: db.clone(), presence: db.clone(), allowlist: db.clone() },
+            rotation: RotationPorts::of(&db),
             jobs: db.clone(),
             health: db,
             catalog: Catalog::builtin(),

@@ -141,7 +141,7 @@ async fn a_rotation_campaign_moves_the_devices_due_to_new_certificates_stage_by_
     stack.store.put_campaign(&Campaign::rotation(spec, fleet_shared::time::now_ms())?).await?;
     let (catalog, verifier) = (Catalog::builtin(), ManifestVerifier::new(vec![]));
     let db = &stack.store;
-    let rotation = RotationPorts { marks: db.clone(), presence: db.clone(), allowlist: db.clone() };
+    let rotation = RotationPorts::of(db);
     let engine = Engine {
         fleet: db,
         jobs: db,

@@ -149,6 +149,13 @@ pub struct RotationPorts<M, P, A> {
     pub allowlist: A,
 }
 
+impl<S: Clone> RotationPorts<S, S, S> {
+    /// All three from one store (SQLite holds them all).
+    pub fn of(store: &S) -> Self {
+        Self { marks: store.clone(), presence: store.clone(), allowlist: store.clone() }
+    }
+}
+
 impl<M: CertMarks, P: PresenceReader, A: Allowlist> RotationReads for RotationPorts<M, P, A> {
     async fn due(&self) -> Result<BTreeSet<ThingName>, StoreError> {
         Ok(self.marks.rotation_due().await?.into_iter().map(|(t, _)| t).collect())
@@ -648,7 +655,7 @@ mod tests {
             db.register(&crate::ota::test_sensors(n, "1.4.2")).await?;
             let key = ManifestSigner::from_bytes("test", &[7; 32])?.verifying_key();
             let verifier = ManifestVerifier::new(vec![("test".into(), key)]);
-            let rotation = RotationPorts { marks: db.clone(), presence: db.clone(), allowlist: db.clone() };
+            let rotation = RotationPorts::of(&db);
             Ok(Self { _dir: dir, db, rotation, catalog: Catalog::builtin(), verifier })
         }
 

@@ -626,6 +626,19 @@ impl crate::ports::DeviceCertStatus for DevicesTable {
     }
 }
 
+/// A device item's thing and its JSON attribute `attribute`, read; `None` if it lacks either.
+fn thing_and_json<T: serde::de::DeserializeOwned>(
+    op: &'static str,
+    item: &Item,
+    attribute: &str,
+) -> Result<Option<(ThingName, T)>, StoreError> {
+    let thing = item.get(PK).and_then(|v| v.as_s().ok());
+    let json = item.get(attribute).and_then(|v| v.as_s().ok());
+    let (Some(thing), Some(json)) = (thing, json) else { return Ok(None) };
+    let thing = ThingName::parse(thing).map_err(|e| StoreError::permanent(op, e))?;
+    Ok(Some((thing, serde_json::from_str(json).map_err(|e| StoreError::permanent(op, e))?)))
+}
+
 impl crate::ports::CertMarks for DevicesTable {
     /// A Scan of the table for the `cert` items marked due (filtered after it is read: the
     /// whole table's read capacity, as [`DeviceAdmin::devices`] costs).
@@ -644,12 +657,7 @@ impl crate::ports::CertMarks for DevicesTable {
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
             for item in page.map_err(|e| classify(op, e))?.items() {
-                let thing = item.get(PK).and_then(|v| v.as_s().ok());
-                let mark = item.get("mark").and_then(|v| v.as_s().ok());
-                if let (Some(thing), Some(mark)) = (thing, mark) {
-                    let thing = ThingName::parse(thing).map_err(|e| StoreError::permanent(op, e))?;
-                    out.push((thing, serde_json::from_str(mark).map_err(|e| StoreError::permanent(op, e))?));
-                }
+                out.extend(thing_and_json(op, item, "mark")?);
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -720,12 +728,7 @@ impl DevicesTable {
                 .await
                 .map_err(|e| classify(op, e))?;
             for item in page.items() {
-                let thing = item.get(PK).and_then(|v| v.as_s().ok());
-                let state = item.get("state").and_then(|v| v.as_s().ok());
-                if let (Some(thing), Some(state)) = (thing, state) {
-                    let thing = ThingName::parse(thing).map_err(|e| StoreError::permanent(op, e))?;
-                    out.push((thing, serde_json::from_str(state).map_err(|e| StoreError::permanent(op, e))?));
-                }
+                out.extend(thing_and_json(op, item, "state")?);
             }
             start = page.last_evaluated_key;
             if start.is_none() || out.len() >= limit {
