@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use fleet_tests::load::{ingest_on_mocks, ingest_on_moto, Load, LoadFigures};
+use fleet_tests::load::{ingest_on_mocks, ingest_on_moto, runtime, Load, LoadFigures};
 
 const DEVICES: usize = 100;
 const MESSAGES: usize = 1_000;
@@ -21,14 +21,14 @@ const BATCHES: usize = 10;
 const REQUEST_TARGET: f64 = 25.0;
 const CPU_RATIO_TARGET: f64 = 3.0;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let rt = runtime()?;
     println!("ingest handler: {BATCHES} SQS batches of {MESSAGES} messages from {DEVICES} devices");
     for timestream in [true, false] {
         let load = Load { devices: DEVICES, messages_per_batch: MESSAGES, batches: BATCHES, timestream };
         println!("\nHotStore={}", if timestream { "timestream" } else { "none" });
         let started = Instant::now();
-        let figures = ingest_on_moto(load).await?;
+        let figures = ingest_on_moto(&rt, load)?;
         for (op, n) in &figures.requests {
             println!("  {op:<40} {:>6.1} per batch", *n as f64 / BATCHES as f64);
         }
@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
         println!("  (wall time for the run, moto included: {:.1} s)", started.elapsed().as_secs_f64());
         // The same handler and adapters, the SDK clients answered in process: every request
         // is still built, serialised and signed, but none crosses a socket to a server.
-        let mocked = ingest_on_mocks(load).await?;
+        let mocked = ingest_on_mocks(&rt, load)?;
         anyhow::ensure!(
             same_requests(&mocked.requests, &figures.requests),
             "the mocked run made other requests: {:?}, on moto {:?}",

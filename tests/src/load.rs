@@ -6,6 +6,12 @@
 //! (`cargo bench -p fleet-tests --features test-support --bench ingest_moto`, via
 //! `scripts/bench-moto.sh`), which also runs the same handler with the SDK clients answered in
 //! process ([`ingest_on_mocks`]) to separate the handler's own work from the network path.
+//!
+//! The runs are synchronous on a current-thread runtime that runs only inside
+//! [`handler_turn`]: everything one invocation causes (the SDK's connection tasks included)
+//! happens inside that call, and nothing else does. So the CPU clock read around it, and the
+//! instructions `benches/ingest_instructions.rs` counts inside it by name under callgrind,
+//! are the invocation's whole cost; [`pipeline_turn`] is the reference it is compared with.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,6 +38,7 @@ use fleet_shared::time;
 use ingest_telemetry::handler::{handle, Deps, Response};
 use lambda_runtime::{Context as LambdaContext, LambdaEvent};
 use serde_json::value::RawValue;
+use tokio::runtime::Runtime;
 
 use crate::moto;
 
@@ -135,8 +142,21 @@ pub struct Load {
     pub timestream: bool,
 }
 
+/// A runtime for [`ingest_on_moto`] and [`ingest_on_mocks`]: one thread, as a Lambda function
+/// with one vCPU or less has, so the process CPU clock measures one invocation at a time.
+pub fn runtime() -> Result<Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
 /// Run `load` through the ingest handler on fresh moto resources, the devices registered.
-pub async fn ingest_on_moto(load: Load) -> Result<LoadFigures> {
+pub fn ingest_on_moto(rt: &Runtime, load: Load) -> Result<LoadFigures> {
+    let (deps, registrations, counter) = rt.block_on(moto_deps(load))?;
+    run(rt, &deps, &registrations, load, &counter)
+}
+
+type AwsDeps = Deps<DevicesTable, HotStore, S3Archive, S3Archive, HealthTable>;
+
+async fn moto_deps(load: Load) -> Result<(AwsDeps, Vec<(ThingName, DeviceRegistration)>, RequestCounter)> {
     let resources = moto::fresh_resources().await?;
     let sdk = moto::sdk_config().await?;
     let counter = RequestCounter::default();
@@ -161,7 +181,7 @@ pub async fn ingest_on_moto(load: Load) -> Result<LoadFigures> {
     );
     let registrations = sim::registrations(load.devices);
     deps.registry.register(&registrations).await?;
-    run(&deps, &registrations, load, &counter).await
+    Ok((deps, registrations, counter))
 }
 
 /// Run `load` through the same handler on the same AWS adapters, each SDK client answered in
@@ -169,7 +189,7 @@ pub async fn ingest_on_moto(load: Load) -> Result<LoadFigures> {
 /// serialises and signs every request, but nothing crosses a socket. Against
 /// [`ingest_on_moto`], what the network and the server's connection handling cost the handler.
 #[cfg(feature = "test-support")]
-pub async fn ingest_on_mocks(load: Load) -> Result<LoadFigures> {
+pub fn ingest_on_mocks(rt: &Runtime, load: Load) -> Result<LoadFigures> {
     let registrations = sim::registrations(load.devices);
     // Each thing's registration, and the firmware its simulated device reports (sim-00007: 7).
     let registered: HashMap<String, (String, String, &'static str)> = registrations
@@ -237,7 +257,7 @@ pub async fn ingest_on_mocks(load: Load) -> Result<LoadFigures> {
         sink,
         S3Archive::new(s3, "archive"),
     );
-    run(&deps, &registrations, load, &counter).await
+    run(rt, &deps, &registrations, load, &counter)
 }
 
 /// The ingest function's deps on these adapters (`HotStore=timestream` when a sink is given).
@@ -246,7 +266,7 @@ fn ingest_deps(
     health: HealthTable,
     timestream: Option<TimestreamSink>,
     archive: S3Archive,
-) -> Deps<DevicesTable, HotStore, S3Archive, S3Archive, HealthTable> {
+) -> AwsDeps {
     Deps {
         registry,
         health,
@@ -261,7 +281,8 @@ fn ingest_deps(
 
 /// One unmeasured batch, then `load.batches` measured ones through `deps`' handler, each
 /// followed by the in-memory pipeline on the same messages.
-async fn run<R, S, A, Q, H>(
+fn run<R, S, A, Q, H>(
+    rt: &Runtime,
     deps: &Deps<R, S, A, Q, H>,
     registrations: &[(ThingName, DeviceRegistration)],
     load: Load,
@@ -298,15 +319,19 @@ where
             k as u64 + 1,
         );
         let event = LambdaEvent::new(sqs_event(&batch)?, LambdaContext::default());
-        let before = process_cpu();
-        let response = handle(deps, event).await.context("handler failed")?;
-        let handled = process_cpu();
-        sim::in_memory_pipeline(&batch, &devices, &deps.policy, now);
-        if k > 0 {
+        let response = if k == 0 {
+            // The warm-up, outside the two measured functions.
+            rt.block_on(handle(deps, event)).context("handler failed")?
+        } else {
+            let before = process_cpu();
+            let response = handler_turn(rt, deps, event).context("handler failed")?;
+            let handled = process_cpu();
+            pipeline_turn(&batch, &devices, &deps.policy, now);
             cpu += handled - before;
             in_memory_cpu += process_cpu() - handled;
             messages += batch.len();
-        }
+            response
+        };
         let Response::Sqs(r) = response else { anyhow::bail!("expected an SQS response") };
         ensure!(
             r.batch_item_failures.is_empty(),
@@ -315,4 +340,32 @@ where
         );
     }
     Ok(LoadFigures { batches: load.batches, messages, requests: counter.take(), cpu, in_memory_cpu })
+}
+
+/// One invocation of the handler, and the only place the runtime runs (see the module docs).
+#[inline(never)]
+pub fn handler_turn<R, S, A, Q, H>(
+    rt: &Runtime,
+    deps: &Deps<R, S, A, Q, H>,
+    event: LambdaEvent<Box<RawValue>>,
+) -> Result<Response>
+where
+    R: DeviceRegistry,
+    S: TelemetrySink,
+    A: RawArchive,
+    Q: Quarantine,
+    H: HealthCounters,
+{
+    Ok(rt.block_on(handle(deps, event))?)
+}
+
+/// The in-memory pipeline on the batch the handler just took: the reference.
+#[inline(never)]
+pub fn pipeline_turn(
+    batch: &[OwnedInbound],
+    devices: &HashMap<ThingName, Device>,
+    policy: &IngestPolicy,
+    now_ms: i64,
+) -> usize {
+    sim::in_memory_pipeline(batch, devices, policy, now_ms)
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{ensure, Result};
-use fleet_tests::load::{ingest_on_moto, Load};
+use fleet_tests::load::{ingest_on_moto, runtime, Load};
 
 const BATCHES: usize = 3;
 
@@ -14,14 +14,14 @@ fn per_batch(requests: &BTreeMap<String, usize>) -> BTreeMap<&str, usize> {
     requests.iter().map(|(op, n)| (op.as_str(), n / BATCHES)).collect()
 }
 
-#[tokio::test]
+#[test]
 #[ignore = "needs the moto server started by scripts/test.sh"]
-async fn a_batch_of_1000_messages_from_100_devices_takes_at_most_25_requests() -> Result<()> {
+fn a_batch_of_1000_messages_from_100_devices_takes_at_most_25_requests() -> Result<()> {
     for timestream in [true, false] {
         // GIVEN 100 registered devices whose state items exist (one warm-up batch)
         let load = Load { devices: 100, messages_per_batch: 1_000, batches: BATCHES, timestream };
         // WHEN three more batches of 1,000 messages go through the handler
-        let figures = ingest_on_moto(load).await?;
+        let figures = ingest_on_moto(&runtime()?, load)?;
         // THEN each batch made: 2 enrichment reads (200 keys), 4 state writes (25 devices
         // each), 1 archive object, with Timestream 10 writes of 100 records, and one health
         // counter update per bucket the batch touched (its arrival minute; the minute and
