@@ -675,7 +675,7 @@ pub fn campaign(c: &fleet_shared::ota::campaign::Campaign, json: bool) -> Result
         State::RollingBack { reason, job, .. } => {
             emit(&format!("rolling back with job {job}: {}", printable(reason)))?
         }
-        State::RolledBack { reason } | State::Aborted { reason } => {
+        State::RolledBack { reason } | State::Halted { reason } | State::Aborted { reason } => {
             emit(&format!("why: {}", printable(reason)))?
         }
         State::Pending | State::Completed => {}

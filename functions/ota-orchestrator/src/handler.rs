@@ -21,7 +21,8 @@
 //! (`ota_ok`, `ota_fail`) of `<class>/-/<fw>`, which fleet-health turns into the `ota` SLO.
 //!
 //! Metrics (dimensions `Stage`, `Function`): `CampaignsActive`, `CampaignsPaused`,
-//! `CampaignsRolledBack` (campaigns this run moved to rolling back: an alarm worth having).
+//! `CampaignsRolledBack` (firmware campaigns this run moved to rolling back) and
+//! `CampaignsHalted` (certificate rotations this run halted): each an alarm worth having.
 
 use std::sync::Arc;
 
@@ -206,7 +207,7 @@ where
     };
     let mut ticked = Vec::new();
     let mut retry = None;
-    let (mut paused, mut rolled_back) = (0, 0);
+    let (mut paused, mut rolled_back, mut halted) = (0, 0, 0);
     for mut c in campaigns.into_iter().filter(|c| !c.state.is_final()) {
         let was_rolling_back = matches!(c.state, State::RollingBack { .. });
         let read = c.clone();
@@ -262,6 +263,8 @@ where
         rolled_back += u32::from(
             !was_rolling_back && matches!(c.state, State::RollingBack { .. } | State::RolledBack { .. }),
         );
+        // Final states are not ticked: halted now is halted by this run.
+        halted += u32::from(matches!(c.state, State::Halted { .. }));
         info!(campaign = %c.spec.id, state = c.state.name(), summary = %summary, "ticked");
         ticked.push(Ticked {
             campaign: c.spec.id.clone(),
@@ -277,6 +280,7 @@ where
             ("CampaignsActive", ticked.len() as f64, Unit::Count),
             ("CampaignsPaused", f64::from(paused), Unit::Count),
             ("CampaignsRolledBack", f64::from(rolled_back), Unit::Count),
+            ("CampaignsHalted", f64::from(halted), Unit::Count),
         ],
     }]);
     match retry {
@@ -427,6 +431,77 @@ mod tests {
         let counters = deps.health.buckets(&[Bucket::Minute(minute)]).await?;
         let ota = &counters[&Bucket::Minute(minute)][&Cohort::new("sensor", UNKNOWN, "1.5.0")];
         assert_eq!((ota.get(counter::OTA_SUCCEEDED), ota.get(counter::OTA_FAILED)), (4, 1));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_failing_rotation_ends_halted_and_is_counted_as_halted_not_rolled_back() -> anyhow::Result<()> {
+        use fleet_shared::certs::expiry::ExpiryClass;
+        use fleet_shared::model::{CertificateId, ThingName};
+        use fleet_shared::ports::{CertMark, DeviceCertStatus};
+        // GIVEN 10 of the 50 sensors due to rotate, a rotation over them, and its first stage
+        // out, the handler's metrics collected
+        let dir = tempfile::tempdir()?;
+        let mut deps = fleet(&dir).await?;
+        let sets: Arc<std::sync::Mutex<Vec<MetricSet>>> = Arc::default();
+        let seen = Arc::clone(&sets);
+        deps.metrics = MetricsOut::Collect(Arc::new(move |m| seen.lock().expect("lock").push(m.clone())));
+        let due: Vec<(ThingName, CertMark)> = fleet_shared::ota::test_sensors(10, "1.4.2")
+            .into_iter()
+            .map(|(t, _)| -> anyhow::Result<_> {
+                let mark = CertMark {
+                    certificate: CertificateId::parse(&format!("{:0>64}", t.as_str().len()))?,
+                    class: ExpiryClass::Warning,
+                    not_after_ms: time::now_ms() + 86_400_000,
+                    rotation_due: true,
+                    checked_ms: time::now_ms(),
+                };
+                Ok((t, mark))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        deps.fleet.mark_cert_status(&due).await?;
+        let mut spec = CampaignSpec::rotation("rot", "sensor", "1.4.2");
+        spec.stages = vec![50, 100];
+        spec.preconditions.min_battery_pct = None;
+        spec.preconditions.seen_within_minutes = None;
+        deps.campaigns.put_campaign(&Campaign::rotation(spec, time::now_ms())?).await?;
+        handle(&deps, event(SCHEDULED)?).await?;
+        // WHEN the stage's devices fail to rotate and the schedule ticks
+        let job = JobId::parse("rot-s1")?;
+        deps.jobs.sweep_jobs(time::now_ms()).await?;
+        let executions = deps.jobs.job_executions(&job).await?;
+        assert_eq!(executions.len(), 5);
+        for (thing, _) in executions {
+            deps.jobs.start_next_job_execution(&thing, &StartNext::default(), time::now_ms()).await?;
+            let update = ExecutionUpdate {
+                status: DeviceStatus::Failed,
+                status_details: None,
+                expected_version: None,
+                execution_number: None,
+                step_timeout_minutes: None,
+            };
+            deps.jobs
+                .update_job_execution(&thing, &job, &update, time::now_ms())
+                .await?
+                .map_err(|r| anyhow::anyhow!("{r:?}"))?;
+        }
+        sets.lock().expect("lock").clear();
+        let answer = handle(&deps, event(SCHEDULED)?).await?;
+        // THEN it ends halted, and this run counts one halted campaign and none rolled back
+        assert_eq!(state(&answer, "rot"), Some(("halted".into(), false)));
+        let metric = |name: &str| -> Option<f64> {
+            sets.lock()
+                .expect("lock")
+                .iter()
+                .flat_map(|s| s.values.clone())
+                .find(|v| v.0 == name)
+                .map(|v| v.1)
+        };
+        assert_eq!((metric("CampaignsHalted"), metric("CampaignsRolledBack")), (Some(1.0), Some(0.0)));
+        // AND the next run counts it no more
+        sets.lock().expect("lock").clear();
+        handle(&deps, event(SCHEDULED)?).await?;
+        assert_eq!(metric("CampaignsHalted"), Some(0.0));
         Ok(())
     }
 

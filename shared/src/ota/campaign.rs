@@ -249,6 +249,12 @@ pub enum State {
     RolledBack {
         reason: String,
     },
+    /// A certificate rotation stopped for its failures (or by an operator's roll back): its
+    /// queued jobs canceled, nothing undone (devices that rotated keep their new certificate,
+    /// the others their current one).
+    Halted {
+        reason: String,
+    },
     Completed,
     /// Stopped by an operator; devices keep what they have.
     Aborted {
@@ -263,6 +269,7 @@ impl State {
             State::Stage(_) => "stage",
             State::RollingBack { .. } => "rolling_back",
             State::RolledBack { .. } => "rolled_back",
+            State::Halted { .. } => "halted",
             State::Completed => "completed",
             State::Aborted { .. } => "aborted",
         }
@@ -270,7 +277,10 @@ impl State {
 
     /// No tick changes it any more.
     pub fn is_final(&self) -> bool {
-        matches!(self, State::RolledBack { .. } | State::Completed | State::Aborted { .. })
+        matches!(
+            self,
+            State::RolledBack { .. } | State::Halted { .. } | State::Completed | State::Aborted { .. }
+        )
     }
 }
 

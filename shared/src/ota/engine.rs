@@ -274,7 +274,7 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, 
                     format!("rolling back: {} of {} pending", counts.pending(), counts.total())
                 }
             }
-            State::RolledBack { .. } | State::Completed | State::Aborted { .. } => {
+            State::RolledBack { .. } | State::Halted { .. } | State::Completed | State::Aborted { .. } => {
                 unreachable!("final states return above")
             }
         };
@@ -553,7 +553,7 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, 
             for job in &stage_jobs {
                 self.retire(c, job, now_ms).await;
             }
-            c.state = State::RolledBack { reason: reason.clone() };
+            c.state = State::Halted { reason: reason.clone() };
             return Ok(format!("halted: {reason}"));
         };
         let rollback = rollback.clone();
@@ -1110,8 +1110,8 @@ mod tests {
         assert_eq!(w.devices_answer(&s1.job, DeviceStatus::Failed).await?, 10);
         // WHEN it ticks
         let (c, tick) = w.tick("rot2", t0 + MIN).await?;
-        // THEN it halts: rolled back with no rollback job (devices keep what they have)
-        assert!(matches!(c.state, State::RolledBack { .. }), "{:?}", c.state);
+        // THEN it halts, with no rollback job (devices keep what they have)
+        assert!(matches!(c.state, State::Halted { .. }), "{:?}", c.state);
         assert!(tick.summary.starts_with("halted"), "{}", tick.summary);
         assert!(w.db.job_progress(&c.spec.rollback_job()).await?.is_none());
         assert!(c.log.iter().any(|l| l.text.contains("nothing to roll back")), "{:?}", c.log);

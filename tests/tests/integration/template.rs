@@ -63,6 +63,8 @@ fn every_alarm_notifies_and_says_when_it_is_ok_again() {
         "ApproximateAgeOfOldestMessage",
         "ApproximateNumberOfMessagesVisible",
         "TopicRuleErrors",
+        "CampaignsRolledBack",
+        "CampaignsHalted",
     ] {
         assert!(watched.iter().any(|m| m == metric), "no alarm on {metric}: {watched:?}");
     }
