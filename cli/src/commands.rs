@@ -82,6 +82,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             provision,
             ota,
             ota_every,
+            rotate,
         } => {
             let opts = crate::demo::DemoOptions {
                 devices: *devices,
@@ -91,9 +92,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 keep_running: *keep_running,
                 seed: *seed,
                 quirks: fleet_shared::ingest::sim::Quirks::default(),
-                provision: *provision,
+                provision: *provision || *rotate,
                 ota: ota.clone(),
                 ota_every: *ota_every,
+                rotate: *rotate,
             };
             return crate::demo::run(local_options(&cli, stack)?, opts, cli.json).await;
         }

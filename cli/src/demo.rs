@@ -20,6 +20,15 @@
 //! and answer the execution. With `--ota FROM:TO` the demo also creates a campaign per class of
 //! the devices on FROM, and runs the local ota-orchestrator every `--ota-every` (15 s) while
 //! devices publish, so stage 1 goes out during the demo (0s leaves it to the 5-minute schedule).
+//!
+//! With `--rotate` (which implies `--provision`) the local IoT Core issues certificates valid
+//! [`ROTATE_VALIDITY_DAYS`] days (unless `FLEET_LOCAL_CERT_VALIDITY_DAYS` says otherwise), so
+//! once every device has provisioned, the daily expiry check (run then by the demo) finds them
+//! inside its 30-day threshold and marks them `rotation_due`; the demo then creates a
+//! certificate rotation campaign per class and firmware, ticked as `--ota`'s are. Each device
+//! told to rotate makes a new key, gets a certificate for it over its own connection
+//! (CreateCertificateFromCsr, RegisterThing), reconnects with it once nothing it published is
+//! awaiting an acknowledgement, and reports the job done from the new session.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -41,9 +50,11 @@ use fleet_shared::{time, ErrorKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 
-use fleet_local::provisioning::{provision_topic, CREATE_TOPIC};
+use fleet_local::broker::CERTIFICATE_USERNAME_PREFIX;
+use fleet_local::provisioning::{provision_topic, CREATE_TOPIC, VALIDITY_VARIABLE};
 use fleet_local::rules::BASIC_INGEST_PREFIX;
 use fleet_local::{LocalOptions, LocalStack};
+use fleet_shared::ota::rotate::CREATE_FROM_CSR_TOPIC;
 
 const CLASSES: [&str; 3] = ["env-sensor", "air-quality", "gateway"];
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
@@ -55,6 +66,11 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 const OTA_ORCHESTRATOR: &str = "OtaOrchestratorFunction";
 /// How long a device waits for each provisioning answer.
 const PROVISIONING_TIMEOUT: Duration = Duration::from_secs(10);
+/// The template's logical id of the daily certificate expiry check.
+const CERT_EXPIRY_CHECK: &str = "CertExpiryCheckFunction";
+/// `--rotate`: the validity of the certificates devices provision with, inside the expiry
+/// check's default 30-day threshold.
+pub const ROTATE_VALIDITY_DAYS: &str = "20";
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -73,6 +89,9 @@ pub struct DemoOptions {
     pub ota: Option<OtaUpgrade>,
     /// `--ota-every`: how often the demo ticks the campaigns (zero: never, the schedule does).
     pub ota_every: Duration,
+    /// `--rotate`: rotate the devices' certificates once they have provisioned (see the module
+    /// docs); needs `provision`.
+    pub rotate: bool,
 }
 
 /// `--ota FROM:TO`: the firmware a campaign takes the demo's devices from, and to.
@@ -104,6 +123,8 @@ struct OtaCounts {
     rejected: BTreeMap<&'static str, u64>,
     failed: BTreeMap<&'static str, u64>,
     updates_refused: u64,
+    /// Certificate rotations done (a new certificate in hand).
+    rotated: u64,
 }
 
 #[derive(Default)]
@@ -158,6 +179,9 @@ pub struct Report {
     pub ota_rejected: BTreeMap<String, u64>,
     pub ota_failed: BTreeMap<String, u64>,
     pub ota_updates_refused: u64,
+    /// Devices that rotated their certificate (`--rotate`) and reconnected with the new one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificates_rotated: Option<u64>,
     /// Campaigns `--ota` created (or found from an earlier demo on the same database).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ota_campaigns: Vec<String>,
@@ -329,7 +353,12 @@ async fn answer(events: &mut rumqttc::EventLoop, topic: &str) -> Result<serde_js
 
 /// One simulated device: provision first if it holds only the claim, connect, sample at
 /// `period` until `stop`, publish what the device sends (a pack goes out when full), then wait
-/// for every ack. Meanwhile it obeys signed commands and takes OTA jobs.
+/// for every ack. Meanwhile it obeys signed commands and takes OTA jobs, rotating its
+/// certificate when one tells it to (then reconnecting with the new one).
+///
+/// After any reconnection (a rotation, a connection error) the new session is a clean one: the
+/// device subscribes again and asks for its next job, and what it had published without an
+/// acknowledgement yet goes out again first (rumqttc drops it on a clean session).
 #[allow(clippy::too_many_arguments)]
 async fn device(
     mut sim: DeviceSim,
@@ -341,13 +370,16 @@ async fn device(
     counters: Arc<Counters>,
     claim: Option<Claim>,
     commands: SimulatedCommands,
-    jobs: SimulatedJobs,
+    mut jobs: SimulatedJobs,
 ) {
     let mut opts = MqttOptions::new(sim.thing.clone(), mqtt.ip().to_string(), mqtt.port());
+    // The certificate the current session authenticates with (a provisioned device's).
+    let mut certificate: Option<String> = None;
     if let Some(claim) = claim {
         match claim.provision(mqtt, &sim.thing, firmware(sim.index)).await {
             Ok(username) => {
                 counters.provisioned.fetch_add(1, Relaxed);
+                certificate = username.strip_prefix(CERTIFICATE_USERNAME_PREFIX).map(str::to_owned);
                 opts.set_credentials(username, "");
             }
             Err(e) => {
@@ -366,12 +398,19 @@ async fn device(
     // (firmware changes only through OTA, so a desired firmware stays a drift). Shadow traffic
     // is QoS 0: only telemetry is acknowledged and counted.
     let shadow = format!("$aws/things/{}/shadow/update", sim.thing);
-    let _ = client.subscribe(format!("{shadow}/delta"), QoS::AtMostOnce).await;
+    let requests = request_topic(&sim.thing);
+    // Shadow deltas, signed commands, and IoT Jobs' (and rotations') answers.
+    let filters: Vec<(String, QoS)> =
+        [(format!("{shadow}/delta"), QoS::AtMostOnce), (requests.clone(), QoS::AtLeastOnce)]
+            .into_iter()
+            .chain(jobs.subscriptions().into_iter().map(|f| (f, QoS::AtLeastOnce)))
+            .collect();
+    for (filter, qos) in &filters {
+        let _ = client.subscribe(filter.clone(), *qos).await;
+    }
     let reported = serde_json::json!({"state": {"reported": {"fw": firmware(sim.index), "mode": "normal"}}});
     let _ = client.publish(shadow.clone(), QoS::AtMostOnce, false, reported.to_string()).await;
     // Signed commands: verified, obeyed, acknowledged (fleet_shared::commands::sim).
-    let requests = request_topic(&sim.thing);
-    let _ = client.subscribe(requests.clone(), QoS::AtLeastOnce).await;
     let commands = Arc::new(std::sync::Mutex::new(commands));
     let reboots = Arc::new(AtomicU64::new(0));
     let (device_commands, reboot_requests) = (Arc::clone(&commands), Arc::clone(&reboots));
@@ -380,8 +419,8 @@ async fn device(
     // every notify-next. An install waits for the next sample: the device reboots on the new
     // firmware, then answers SUCCEEDED. Jobs traffic is QoS 0, like the shadow's.
     let jobs_prefix = format!("$aws/things/{}/jobs/", sim.thing);
-    for filter in jobs.subscriptions() {
-        let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
+    if let Some(c) = &certificate {
+        jobs.connected_with(c);
     }
     let jobs = Arc::new(Mutex::new(jobs));
     let ask = jobs.lock().expect("lock").start_next();
@@ -393,8 +432,41 @@ async fn device(
     let responder = client.clone();
     let delta_shadow = shadow.clone();
     let events = tokio::spawn(async move {
+        let mut connects = 0u32;
+        // Unacknowledged requests of the last connection, sent again on the next.
+        let mut carried: Vec<rumqttc::Request> = Vec::new();
+        // A rotation's new certificate, used once nothing published awaits an acknowledgement
+        // (a message stored but acknowledged on the old connection only would be counted twice).
+        let mut rotate_to: Option<String> = None;
         loop {
+            if rotate_to.is_some() && eventloop.state.inflight() == 0 {
+                let new = rotate_to.take().unwrap_or_default();
+                eventloop.mqtt_options.set_credentials(format!("{CERTIFICATE_USERNAME_PREFIX}{new}"), "");
+                certificate = Some(new);
+                // Leave; the next poll connects with the new certificate.
+                eventloop.clean();
+                carried.extend(eventloop.pending.drain(..));
+            }
             match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connects += 1;
+                    for request in carried.drain(..).rev() {
+                        eventloop.pending.push_front(request);
+                    }
+                    if connects > 1 {
+                        for (filter, qos) in &filters {
+                            let _ = responder.try_subscribe(filter.clone(), *qos);
+                        }
+                        let ask = {
+                            let mut jobs = device_jobs.lock().expect("lock");
+                            if let Some(c) = &certificate {
+                                jobs.connected_with(c);
+                            }
+                            jobs.start_next()
+                        };
+                        let _ = responder.try_publish(ask.topic, QoS::AtMostOnce, false, ask.payload);
+                    }
+                }
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
                     acked.fetch_add(1, Relaxed);
                     loop_counters.acked.fetch_add(1, Relaxed);
@@ -416,13 +488,22 @@ async fn device(
                         let _ = responder.try_publish(answer.topic, QoS::AtMostOnce, false, ack.to_json());
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.starts_with(&jobs_prefix) => {
+                Ok(Event::Incoming(Packet::Publish(p)))
+                    if p.topic.starts_with(&jobs_prefix) || is_rotation_answer(&p.topic) =>
+                {
                     let battery = battery_of(&sent.lock().expect("lock"));
                     let reaction = {
                         let mut jobs = device_jobs.lock().expect("lock");
                         jobs.set_battery(battery);
                         jobs.receive(&p.topic, &p.payload)
                     };
+                    // A rotation done (or a job handed to the session on the old certificate):
+                    // store the new pair (here: keep it in memory) and come back with it.
+                    if let Some(new) =
+                        reaction.rotate.filter(|n| certificate.as_deref() != Some(&n.certificate_id))
+                    {
+                        rotate_to = Some(new.certificate_id);
+                    }
                     match (reaction.install, reaction.publish) {
                         (Some(fw), update) => {
                             *install_requests.lock().expect("lock") = Some(Install { fw, update })
@@ -456,6 +537,7 @@ async fn device(
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
+                    carried.extend(eventloop.pending.drain(..));
                     loop_counters.connection_errors.fetch_add(1, Relaxed);
                     tracing::debug!(error = %e, "device connection error; reconnecting");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -509,6 +591,7 @@ async fn device(
     ota.installed += jobs.installed;
     ota.already_installed += jobs.already_installed;
     ota.updates_refused += jobs.updates_refused;
+    ota.rotated += jobs.rotated;
     for (code, n) in &jobs.rejected {
         *ota.rejected.entry(code).or_default() += n;
     }
@@ -583,9 +666,14 @@ async fn operator_commands(stack: &LocalStack, devices: usize) -> usize {
     sent
 }
 
+/// An answer to a certificate rotation's requests (CreateCertificateFromCsr, RegisterThing).
+fn is_rotation_answer(topic: &str) -> bool {
+    topic.starts_with(CREATE_FROM_CSR_TOPIC) || topic.starts_with("$aws/provisioning-templates/")
+}
+
 /// Simulated device `sim`'s OTA jobs: its class, the firmware it ships with, and the firmware
-/// keys it trusts.
-fn device_jobs(sim: &DeviceSim, trusted: &ManifestVerifier) -> SimulatedJobs {
+/// keys it trusts; with `rotation`, the provisioning template it rotates its certificate with.
+fn device_jobs(sim: &DeviceSim, trusted: &ManifestVerifier, rotation: Option<&str>) -> SimulatedJobs {
     let (class, _) = class_and_region(sim.index);
     let device = DeviceFirmware {
         class: class.to_owned(),
@@ -593,7 +681,42 @@ fn device_jobs(sim: &DeviceSim, trusted: &ManifestVerifier) -> SimulatedJobs {
         battery_pct: None,
         min_battery_pct: DEFAULT_MIN_BATTERY_PCT,
     };
-    SimulatedJobs::new(sim.thing.clone(), device, trusted.clone())
+    let jobs = SimulatedJobs::new(sim.thing.clone(), device, trusted.clone());
+    match rotation {
+        Some(template) => jobs.with_rotation(template),
+        None => jobs,
+    }
+}
+
+/// `--rotate`, once every device has provisioned: the daily expiry check marks the devices
+/// whose certificates expire within its threshold `rotation_due`, then a rotation campaign per
+/// class and firmware of the demo's devices (stages of 10, 50 and 100 %, no soak, no battery or
+/// last-seen precondition) rotates them. The ids of the campaigns, those left from an earlier
+/// demo on the same database included.
+async fn start_rotations(stack: &LocalStack, devices: usize) -> Result<Vec<String>> {
+    stack.run_schedule(CERT_EXPIRY_CHECK).await.context("the certificate expiry check")?;
+    let cohorts: BTreeSet<(&str, &str)> =
+        (0..devices).map(|i| (class_and_region(i).0, firmware(i))).collect();
+    let now = time::now_ms();
+    let mut ids = Vec::new();
+    for (class, fw) in cohorts {
+        let id = format!("demo-rotate-{class}-{}", fw.replace('.', "_"));
+        let mut spec = CampaignSpec::rotation(&id, class, fw);
+        spec.stages = vec![10, 50, 100];
+        spec.soak_minutes = 0;
+        spec.preconditions = Preconditions { min_battery_pct: None, seen_within_minutes: None };
+        match stack.store.put_campaign(&Campaign::rotation(spec, now)?).await {
+            Ok(_) => eprintln!("\n  campaign {id}: new certificates for {class} {fw} devices due one"),
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                eprintln!(
+                    "\n  campaign {id} exists already (an earlier demo on this database): left as it is"
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("storing campaign {id}")),
+        }
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// Where a demo image would be downloaded from (nothing serves it: devices make
@@ -701,9 +824,19 @@ fn progress(started: Instant, counters: &Counters, stack: &LocalStack) {
     );
 }
 
-pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Result<()> {
+pub async fn run(mut local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Result<()> {
     if opts.devices == 0 || opts.rate <= 0.0 {
         bail!("--devices and --rate must be positive");
+    }
+    if opts.rotate && !opts.provision {
+        bail!("--rotate needs --provision: only devices with certificates of their own rotate them");
+    }
+    if opts.rotate {
+        let env = local_opts.env.clone();
+        local_opts.env = fleet_shared::Env::from_fn(move |var| match env.optional(var) {
+            None if var == VALIDITY_VARIABLE => Some(ROTATE_VALIDITY_DAYS.to_owned()),
+            other => other,
+        });
     }
     let stack = fleet_local::start(&local_opts).await?;
     let claim = if opts.provision {
@@ -716,7 +849,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     // Devices trust the local firmware key; `--ota` signs its campaigns' manifests with it.
     let firmware_key = fleet_local::firmware_signer(&local_opts.db)?;
     let trusted = ManifestVerifier::new(vec![(firmware_key.kid().to_owned(), firmware_key.verifying_key())]);
-    let campaigns = match &opts.ota {
+    let mut campaigns = match &opts.ota {
         Some(upgrade) => create_campaigns(&stack, &firmware_key, opts.devices, upgrade).await?,
         None => Vec::new(),
     };
@@ -746,7 +879,8 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
             let config = VerifierConfig::new(sim.thing.clone(), vec![(kid.clone(), key)]);
             let verifier = CommandVerifier::new(config, ReplayState::default()).expect("the default window");
             let commands = SimulatedCommands::new(sim.thing.clone(), verifier);
-            let jobs = device_jobs(&sim, &trusted);
+            let rotation = claim.as_ref().filter(|_| opts.rotate).map(|c| c.template.as_str());
+            let jobs = device_jobs(&sim, &trusted, rotation);
             tokio::spawn(device(
                 sim,
                 topic,
@@ -766,10 +900,18 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut sustained: Option<f64> = None;
     // `--ota-every`: the orchestrator's scheduled event, sooner than its 5 minutes.
-    let ticking = !campaigns.is_empty() && !opts.ota_every.is_zero();
     let (mut next_ota, mut ota_ticks) = (started + opts.ota_every, 0u64);
+    let mut rotations_started = !opts.rotate;
     while !tasks.iter().all(|t| t.is_finished()) {
         ticker.tick().await;
+        if !rotations_started && counters.provisioned.load(Relaxed) == opts.devices as u64 {
+            rotations_started = true;
+            match start_rotations(&stack, opts.devices).await {
+                Ok(ids) => campaigns.extend(ids),
+                Err(e) => eprintln!("\n  rotation not started: {e:#}"),
+            }
+        }
+        let ticking = !campaigns.is_empty() && !opts.ota_every.is_zero();
         if ticking && Instant::now() >= next_ota && Instant::now() < stop {
             next_ota += opts.ota_every;
             ota_ticks += 1;
@@ -848,6 +990,7 @@ pub async fn run(local_opts: LocalOptions, opts: DemoOptions, json: bool) -> Res
         ota_rejected: codes(ota.rejected),
         ota_failed: codes(ota.failed),
         ota_updates_refused: ota.updates_refused,
+        certificates_rotated: opts.rotate.then_some(ota.rotated),
         ota_campaign_states,
         ota_campaigns: campaigns,
         ota_ticks,
@@ -939,6 +1082,12 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
             String::new()
         }
     );
+    if let Some(n) = r.certificates_rotated {
+        println!(
+            "  certificates rotated       {n} of {} devices (a new key and certificate each)",
+            r.devices
+        );
+    }
     let firmware: Vec<String> = r.firmware_reported.iter().map(|(fw, n)| format!("{n} on {fw}")).collect();
     println!(
         "  firmware reported          {}",
@@ -949,7 +1098,7 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
             0 => "left to ota-orchestrator's schedule".to_owned(),
             n => format!("ota-orchestrator run {n} times by the demo"),
         };
-        println!("  OTA campaigns (--ota)      {ticked} (fleetctl ota show <id>)");
+        println!("  OTA campaigns              {ticked} (fleetctl ota show <id>)");
         for (id, state) in &r.ota_campaign_states {
             println!("    {id:<26} {state}");
         }

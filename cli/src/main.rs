@@ -109,6 +109,14 @@ pub enum Command {
         /// campaigns to that schedule).
         #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
         ota_every: std::time::Duration,
+        /// Rotate the devices' certificates (implies --provision): they provision with
+        /// certificates valid 20 days (unless FLEET_LOCAL_CERT_VALIDITY_DAYS says otherwise);
+        /// once all have, the demo runs the daily expiry check, which marks them due, and
+        /// creates a rotation campaign per class and firmware, ticked like --ota's (see
+        /// --ota-every). Each device makes a new key, gets a certificate for it over its own
+        /// connection, and reconnects with it.
+        #[arg(long)]
+        rotate: bool,
     },
     /// Re-ingest the raw archive (the source of truth) into the hot store, device state and
     /// quarantine. Idempotent; also the path to a new hot store.

@@ -351,3 +351,50 @@ async fn demo_devices_provision_one_after_another_and_connect_with_their_own_cer
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rotate_every_demo_device_moves_to_a_new_certificate_and_the_old_one_is_retired() -> Result<()> {
+    use fleet_shared::model::{CertStatus, Enrolment};
+    use fleet_shared::ports::{Allowlist, CertificateInventory, PresenceReader};
+    // GIVEN a demo of 6 devices that provision themselves, with --rotate, ticked every 2 s
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("fleet.sqlite");
+    let args = ["--rotate", "--devices", "6", "--duration", "30s", "--rate", "1", "--ota-every", "2s"];
+    let demo = Demo::start(dir.path(), &db, &args)?;
+    // WHEN it ends
+    let report = demo.report(Duration::from_secs(180)).await?;
+    // THEN all six provisioned and rotated, and every message still reconciles
+    assert_eq!(report["provisioned"], json!(6), "{report:#}");
+    assert_eq!(report["certificates_rotated"], json!(6), "{report:#}");
+    assert_eq!(report["reconciled"], json!(true), "{report:#}");
+    // AND a rotation campaign per class and firmware completed
+    let states = report["ota_campaign_states"].as_object().context("campaign states")?;
+    assert_eq!(states.len(), 6, "{report:#}");
+    assert!(
+        states.iter().all(|(id, s)| id.starts_with("demo-rotate-")
+            && s.as_str().is_some_and(|s| s.starts_with("completed"))),
+        "{states:?}"
+    );
+    // AND each device's serial is provisioned with an active certificate its latest session
+    // used, while the one it provisioned with first (marked due: 20 days) is inactive
+    let store = SqliteStore::open(&db)?;
+    let now = fleet_shared::time::now_ms();
+    let certificates = store.expiring(now - 86_400_000, now + 30 * 86_400_000, 100).await?;
+    for i in 0..6 {
+        let thing = ThingName::parse(&fleet_shared::ingest::sim::thing_name(i))?;
+        let entry = store.entry(&thing).await?.with_context(|| format!("{thing}: no entry"))?;
+        let Enrolment::Provisioned { certificate, .. } = entry.enrolment else { bail!("{thing}: {entry:?}") };
+        let principal = store.presence(&thing).await?.and_then(|p| p.principal);
+        assert_eq!(principal.as_deref(), Some(certificate.as_str()), "{thing}");
+        let mut held: Vec<(String, CertStatus)> = certificates
+            .iter()
+            .filter(|c| c.thing.as_ref() == Some(&thing))
+            .map(|c| (c.id.as_str().to_owned(), c.status))
+            .collect();
+        held.sort_by_key(|(id, _)| id.as_str() != certificate.as_str());
+        assert_eq!(held.len(), 2, "{thing}: {held:?}");
+        assert_eq!(held[0], (certificate.as_str().to_owned(), CertStatus::Active), "{thing}: {held:?}");
+        assert_eq!(held[1].1, CertStatus::Inactive, "{thing}: {held:?}");
+    }
+    Ok(())
+}
