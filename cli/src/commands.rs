@@ -852,18 +852,20 @@ async fn commands_read(store: &impl CommandStore, command: CommandCommand, json:
     }
 }
 
-/// The firmware keys a campaign command trusts (`FLEET_FIRMWARE_KEYS`): required by those that
-/// check manifests (create, tick, rollback); the others only read and write campaigns.
+/// The firmware keys a campaign command trusts (`FLEET_FIRMWARE_KEYS`), for those that check
+/// manifests: required to create a firmware campaign; tick and rollback ask for them per
+/// campaign (only firmware campaigns carry manifests: a certificate rotation moves without
+/// them), and when set they must parse. The other commands only read and write campaigns.
 fn campaign_verifier(env: &Env, command: &CampaignCommand) -> Result<ManifestVerifier> {
-    let needs_keys = matches!(
-        command,
-        CampaignCommand::Create { .. } | CampaignCommand::Tick { .. } | CampaignCommand::Rollback { .. }
-    );
-    let keys = env.optional(FIRMWARE_KEYS_VAR).unwrap_or_default();
-    match crate::ota::trusted_keys(&keys) {
-        Ok(v) => Ok(v),
-        Err(err) if needs_keys => Err(err),
-        Err(_) => Ok(ManifestVerifier::new(Vec::new())),
+    use CampaignCommand::*;
+    let none = ManifestVerifier::new(Vec::new());
+    if !matches!(command, Create { .. } | Tick { .. } | Rollback { .. }) {
+        return Ok(none);
+    }
+    match env.optional(FIRMWARE_KEYS_VAR) {
+        Some(keys) => crate::ota::trusted_keys(&keys),
+        None if matches!(command, Create { .. }) => crate::ota::trusted_keys(""),
+        None => Ok(none),
     }
 }
 

@@ -244,8 +244,9 @@ impl GateArgs {
 }
 
 /// Campaigns, on either backend (on AWS the Campaigns, Devices and Health tables and IoT Jobs,
-/// from the functions' variables); they trust the firmware keys in FLEET_FIRMWARE_KEYS,
-/// `kid=public-key[,...]`.
+/// from the functions' variables); firmware campaigns trust the firmware keys in
+/// FLEET_FIRMWARE_KEYS, `kid=public-key[,...]` (creating one needs them; a tick without them
+/// moves only certificate rotations).
 #[derive(Subcommand)]
 pub enum CampaignCommand {
     /// Create a campaign from two signed manifests (`fleetctl firmware sign`): the firmware to

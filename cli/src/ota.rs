@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use fleet_shared::health::slo::Catalog;
-use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Preconditions, State};
+use fleet_shared::ota::campaign::{Campaign, CampaignSpec, Change, Preconditions, State};
 use fleet_shared::ota::engine::{count_finished, Engine, RotationReads};
 use fleet_shared::ota::manifest::{FirmwareManifest, ManifestVerifier};
 use fleet_shared::ports::{CampaignStore, DeviceAdmin, HealthCounters, JobsControl, SloReader};
@@ -91,12 +91,21 @@ where
         CampaignCommand::List => output::campaigns(&store.campaigns().await?, json),
         CampaignCommand::Show { id } => output::campaign(&load(store, &id).await?, json),
         CampaignCommand::Tick { id } => {
+            let one = id.is_some();
             let campaigns = match id {
                 Some(id) => vec![load(store, &id).await?],
                 None => store.campaigns().await?,
             };
             let mut lines = Vec::new();
             for mut c in campaigns.into_iter().filter(|c| !c.state.is_final() && c.paused.is_none()) {
+                if let Err(why) = keys_for(&c, engine.verifier) {
+                    // Asked for by id, it is an error; among all, the others still tick.
+                    if one {
+                        return Err(why);
+                    }
+                    lines.push((c.spec.id.clone(), c.state.name(), format!("skipped: {why}")));
+                    continue;
+                }
                 let tick =
                     engine.tick(&mut c, now).await.with_context(|| format!("campaign {}", c.spec.id))?;
                 // As the orchestrator does: finished installs feed the ota SLO before the store.
@@ -147,12 +156,25 @@ where
             if !matches!(c.state, State::Stage(_)) {
                 bail!("campaign {id} is {}: only a campaign in a stage can be rolled back", c.state.name());
             }
+            keys_for(&c, engine.verifier)?;
             c.paused = None;
             engine.roll_back(&mut c, format!("by an operator: {reason}"), now).await?;
             store.put_campaign(&c).await?;
             output::campaign(&load(store, &id).await?, json)
         }
     }
+}
+
+/// A firmware campaign's manifests are checked on every tick and rollback, so without a
+/// trusted key (`FLEET_FIRMWARE_KEYS` unset) it is not touched; a rotation carries none.
+fn keys_for(c: &Campaign, verifier: &ManifestVerifier) -> Result<()> {
+    if c.spec.change == Change::Firmware && verifier.is_empty() {
+        bail!(
+            "campaign {} is a firmware campaign: set FLEET_FIRMWARE_KEYS to kid=public-key[,kid=public-key] to move it",
+            c.spec.id
+        );
+    }
+    Ok(())
 }
 
 /// The built-in SLO catalog the gate reads (as `fleetctl ota gate` does).

@@ -202,10 +202,29 @@ async fn an_operator_rotates_the_certificates_of_the_devices_due_without_any_man
     let (ok, out, err) = fleetctl(&db, "", &[&rotate[..], &limits[..]].concat())?;
     // THEN it is stored, shown as a certificate change
     ensure!(ok && out.contains("sensor 1.4.2: new certificates") && out.contains("pending"), "{out}{err}");
-    // AND ticked, stage 1 sends the rotation job to 3 of the 6 due, and to no other sensor
-    let ticked = json(&db, &keys, &["ota", "tick"])?;
-    let summary = ticked[0]["summary"].as_str().unwrap_or_default();
-    ensure!(summary.contains("stage 1 of 2 (50%): 3 devices"), "{ticked}");
+    // AND a firmware campaign on the same sensors, created with the trusted key
+    let (to, from) = (dir.path().join("1.5.0-1.json"), dir.path().join("1.4.2-1.json"));
+    let firmware =
+        ["ota", "create", "--id", "fw150", "--manifest", &to.to_string_lossy(), "--rollback-manifest"];
+    let (ok, _, err) =
+        fleetctl(&db, &keys, &[&firmware[..], &[&from.to_string_lossy()], &limits[..]].concat())?;
+    ensure!(ok, "{err}");
+    // WHEN both are ticked without FLEET_FIRMWARE_KEYS
+    let ticked = json(&db, "", &["ota", "tick"])?;
+    let line = |id: &str| {
+        let found = ticked.as_array().into_iter().flatten().find(|t| t["campaign"] == id);
+        found.and_then(|t| t["summary"].as_str()).unwrap_or_default().to_owned()
+    };
+    // THEN the rotation's stage 1 sends its job to 3 of the 6 due, and to no other sensor
+    ensure!(line("rot-2026").contains("stage 1 of 2 (50%): 3 devices"), "{ticked}");
+    // AND the firmware campaign is left as it was, saying what it needs; asked for by id, an error
+    ensure!(
+        line("fw150").starts_with("skipped:") && line("fw150").contains("FLEET_FIRMWARE_KEYS"),
+        "{ticked}"
+    );
+    ensure!(store.job_progress(&JobId::parse("fw150-s1")?).await?.is_none(), "fw150 sent nothing");
+    let (ok, _, err) = fleetctl(&db, "", &["ota", "tick", "fw150"])?;
+    ensure!(!ok && err.contains("FLEET_FIRMWARE_KEYS"), "{err}");
     let job = JobId::parse("rot-2026-s1")?;
     let reached = store.job_executions(&job).await?;
     ensure!(reached.len() == 3 && reached.iter().all(|(t, _)| things[..6].contains(t)), "{reached:?}");

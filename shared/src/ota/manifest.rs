@@ -449,6 +449,11 @@ impl ManifestVerifier {
         Self { trusted }
     }
 
+    /// No key is trusted: every manifest is refused.
+    pub fn is_empty(&self) -> bool {
+        self.trusted.is_empty()
+    }
+
     /// From `kid=public-key` pairs, comma-separated (the keys as [`verifying_key_from_text`]
     /// reads them), as [`FIRMWARE_KEYS_VAR`] holds them; at least one.
     pub fn from_keys_text(text: &str) -> Result<Self, String> {
