@@ -620,23 +620,7 @@ pub fn ota_gate(
 }
 
 /// A campaign's stage as a short text: `2/4 (10%)`.
-fn campaign_stage(c: &fleet_shared::ota::campaign::Campaign) -> String {
-    use fleet_shared::ota::campaign::State;
-    match &c.state {
-        State::Stage(s) => format!("{}/{} ({}%)", s.stage + 1, c.spec.stages.len(), c.spec.stages[s.stage]),
-        _ => "-".to_owned(),
-    }
-}
-
-fn campaign_state(c: &fleet_shared::ota::campaign::Campaign) -> String {
-    match &c.paused {
-        Some(_) => format!("{} (paused)", c.state.name()),
-        None => c.state.name().to_owned(),
-    }
-}
-
 pub fn campaigns(list: &[fleet_shared::ota::campaign::Campaign], json: bool) -> Result<()> {
-    use fleet_shared::ota::campaign::Change;
     if json {
         return print_json(&list);
     }
@@ -645,12 +629,9 @@ pub fn campaigns(list: &[fleet_shared::ota::campaign::Campaign], json: bool) -> 
         .map(|c| {
             vec![
                 c.spec.id.clone(),
-                match c.spec.change {
-                    Change::Firmware => format!("{} {} -> {}", c.spec.class, c.spec.from_fw, c.spec.to_fw),
-                    Change::Certificate => format!("{} {}: new certificates", c.spec.class, c.spec.from_fw),
-                },
-                campaign_state(c),
-                campaign_stage(c),
+                c.change_text(),
+                c.state_text(),
+                c.stage_text(),
                 format!("{}/{}", c.targeted, c.population),
                 rfc3339_ms(c.updated_ms),
             ]
@@ -675,10 +656,10 @@ pub fn campaign(c: &fleet_shared::ota::campaign::Campaign, json: bool) -> Result
         State::RollingBack { reason, job, .. } => {
             emit(&format!("rolling back with job {job}: {}", printable(reason)))?
         }
-        State::RolledBack { reason } | State::Halted { reason } | State::Aborted { reason } => {
-            emit(&format!("why: {}", printable(reason)))?
-        }
-        State::Pending | State::Completed => {}
+        _ => {}
+    }
+    if let Some(reason) = c.end_reason() {
+        emit(&format!("why: {}", printable(reason)))?;
     }
     for entry in &c.log {
         emit(&format!("  {}  {}", rfc3339_ms(entry.at_ms), printable(&entry.text)))?;

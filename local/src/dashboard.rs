@@ -17,6 +17,8 @@ use serde_json::{Map, Value};
 
 use crate::http::{FleetHealth, ONLINE_WINDOW_MS};
 
+pub mod ota;
+
 /// Readings charted on a device page: the newest ones ...
 pub const CHART_POINTS: usize = 300;
 /// ... within this long before the device's newest reading.
@@ -88,7 +90,10 @@ pub fn fleet_page(h: &FleetHealth, devices: &[Device], drifting: u64, now: i64) 
     ];
     let body = html! {
         h1 { "Fleetline — local fleet" }
-        p.nav { a href="/twins" { "Twins drifting →" } " · " a href="/slo" { "SLOs →" } }
+        p.nav {
+            a href="/twins" { "Twins drifting →" } " · " a href="/slo" { "SLOs →" } " · "
+            a href="/ota" { "OTA campaigns →" }
+        }
         div.cards { @for (id, label, value) in &cards { (card(id, label, value)) } }
         h2 { "Quarantine by reason" }
         (reason_table(&h.quarantined_by_reason))

@@ -7,11 +7,14 @@
 //! | `GET /twins` | dashboard: drifting twins, oldest drift first (at most [`dashboard::TWIN_ROWS`]) |
 //! | `GET /twins/{thing}?shadow=` | dashboard: one twin (classic shadow unless `shadow` names one) |
 //! | `GET /slo` | dashboard: fleet-health's last evaluation, the fleet's SLIs charted from the SLO ledger |
+//! | `GET /ota` | dashboard: OTA campaigns and certificate rotations, newest first (at most [`dashboard::ota::CAMPAIGN_ROWS`]) |
+//! | `GET /ota/{id}` | dashboard: one campaign, its rollout settings, jobs and newest log lines |
 //! | `GET /api/slo` | fleet-health's last evaluation (`HealthReport`, at most [`MAX_PAGE`] cohorts, the fleet first); 404 before its first run |
 //! | `GET /api/health` | fleet health summary (JSON) |
 //! | `GET /api/devices?limit=&cursor=` | devices by thing name |
 //! | `GET /api/devices/{thing}/telemetry?since_ms=&limit=&cursor=` | a device's readings, oldest first |
 //! | `GET /api/quarantine?reason=&limit=&cursor=` | quarantined messages, oldest first, optionally of one reason |
+//! | `GET /api/campaigns?limit=&cursor=` | OTA campaigns (as `fleetctl --json ota show` prints them) by id |
 //!
 //! Every list is one page: `{"items":[...],"next":"<cursor>"}`, at most `limit` items
 //! (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]); pass `next` as `cursor` for the next page.
@@ -31,7 +34,8 @@ use fleet_shared::health::slo::Catalog;
 use fleet_shared::health::tally::Cohort;
 use fleet_shared::ingest::{QuarantineLine, Reason};
 use fleet_shared::model::{Device, ShadowName, StoredReading, ThingName};
-use fleet_shared::ports::{DeviceAdmin, SloReader, TelemetryQuery, TwinStore};
+use fleet_shared::ota::campaign::Campaign;
+use fleet_shared::ports::{CampaignStore, DeviceAdmin, SloReader, TelemetryQuery, TwinStore};
 use fleet_shared::time;
 use serde::{Deserialize, Serialize};
 
@@ -309,6 +313,27 @@ async fn page_slo(State(state): State<AppState>) -> Result<maud::Markup, ApiErro
     Ok(dashboard::slo_page(&catalog, &report, &rows, time::now_ms()))
 }
 
+async fn page_campaigns(State(state): State<AppState>) -> Result<maud::Markup, ApiError> {
+    let (campaigns, total) = state.store.newest_campaigns(dashboard::ota::CAMPAIGN_ROWS).await?;
+    Ok(dashboard::ota::campaigns_page(&campaigns, total, time::now_ms()))
+}
+
+async fn page_campaign(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(match state.store.campaign(&id).await? {
+        Some(c) => dashboard::ota::campaign_page(&c, time::now_ms()).into_response(),
+        None => (StatusCode::NOT_FOUND, dashboard::ota::no_campaign_page(&id)).into_response(),
+    })
+}
+
+async fn api_campaigns(
+    State(state): State<AppState>,
+    Query(p): Query<PageParams>,
+) -> Result<Json<Page<Campaign>>, ApiError> {
+    let limit = page_limit(p.limit)?;
+    let campaigns = state.store.campaigns_page(p.cursor.clone(), limit + 1).await?;
+    Ok(Json(page(campaigns, limit, |c| c.spec.id.clone())))
+}
+
 /// `/api/slo`: the last evaluation, at most [`MAX_PAGE`] cohorts (the report lists the fleet
 /// first); `cohorts_omitted` says how many more it held.
 #[derive(Debug, Serialize)]
@@ -338,11 +363,14 @@ pub fn router(state: AppState) -> Router {
         .route("/twins", get(page_twins))
         .route("/twins/{thing}", get(page_twin))
         .route("/slo", get(page_slo))
+        .route("/ota", get(page_campaigns))
+        .route("/ota/{id}", get(page_campaign))
         .route("/api/health", get(api_health))
         .route("/api/devices", get(api_devices))
         .route("/api/devices/{thing}/telemetry", get(api_telemetry))
         .route("/api/quarantine", get(api_quarantine))
         .route("/api/slo", get(api_slo))
+        .route("/api/campaigns", get(api_campaigns))
         .with_state(state)
 }
 

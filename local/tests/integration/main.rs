@@ -4,6 +4,7 @@ mod commands;
 mod iot_core;
 mod jobs;
 mod ota_device;
+mod ota_page;
 mod provisioning;
 mod rotation_campaign;
 mod slo_page;

@@ -3,14 +3,8 @@
 //! on loopback, plain HTTP GETs.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fleet_local::http::{serve, AppState};
-use fleet_local::stats::Stats;
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::health::ledger::{evaluate, HealthReport};
 use fleet_shared::health::slo::Catalog;
@@ -19,31 +13,7 @@ use fleet_shared::ports::{HealthLedger, SloReader};
 use fleet_shared::time;
 use serde_json::Value;
 
-/// The dashboard on a free loopback port.
-async fn dashboard(store: &SqliteStore) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let state =
-        AppState { store: store.clone(), stats: Arc::new(Stats::default()), started_ms: time::now_ms() };
-    tokio::spawn(serve(listener, state));
-    Ok(addr)
-}
-
-/// A plain HTTP/1.1 GET: the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
-        let status = head.split(' ').nth(1).context("no status")?.parse()?;
-        Ok((status, body.to_owned()))
-    })
-    .await?
-}
+use crate::support::{dashboard, get};
 
 /// What each minute of the last two hours adds, for the fleet and `env-sensor/eu-west/*`:
 /// 9 of 10 active devices fresh, all 10 connected, 2 of 100 messages quarantined.

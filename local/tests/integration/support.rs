@@ -1,11 +1,19 @@
-//! What the local IoT Core's tests share: a stack on ephemeral ports, an MQTT client of it, and
-//! waiting (10 s at most) for an MQTT event or a condition.
+//! What the local IoT Core's tests share: a stack on ephemeral ports, an MQTT client of it,
+//! waiting (10 s at most) for an MQTT event or a condition, and the dashboard alone on a store,
+//! read with plain HTTP GETs.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use fleet_local::http::{serve, AppState};
+use fleet_local::stats::Stats;
 use fleet_local::{LocalOptions, LocalStack};
+use fleet_shared::adapters::embedded::SqliteStore;
+use fleet_shared::time;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -60,4 +68,30 @@ pub async fn eventually<T>(mut check: impl AsyncFnMut() -> Result<Option<T>>) ->
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The dashboard on a free loopback port.
+pub async fn dashboard(store: &SqliteStore) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let state =
+        AppState { store: store.clone(), stats: Arc::new(Stats::default()), started_ms: time::now_ms() };
+    tokio::spawn(serve(listener, state));
+    Ok(addr)
+}
+
+/// A plain HTTP/1.1 GET: the status code and the body.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+        let status = head.split(' ').nth(1).context("no status")?.parse()?;
+        Ok((status, body.to_owned()))
+    })
+    .await?
 }

@@ -59,6 +59,17 @@ pub enum Change {
     Certificate,
 }
 
+impl Change {
+    /// What a stage's logs call the devices' work: (`installs`, `installed`) for firmware,
+    /// (`rotations`, `rotated`) for certificates.
+    pub fn work(self) -> (&'static str, &'static str) {
+        match self {
+            Change::Firmware => ("installs", "installed"),
+            Change::Certificate => ("rotations", "rotated"),
+        }
+    }
+}
+
 /// What an operator asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CampaignSpec {
@@ -408,6 +419,44 @@ impl Campaign {
         Ok(c)
     }
 
+    /// What it changes, for people: `sensor 1.4.2 -> 1.5.0`, `sensor 1.4.2: new certificates`.
+    pub fn change_text(&self) -> String {
+        let s = &self.spec;
+        match s.change {
+            Change::Firmware => format!("{} {} -> {}", s.class, s.from_fw, s.to_fw),
+            Change::Certificate => format!("{} {}: new certificates", s.class, s.from_fw),
+        }
+    }
+
+    /// The stage it is in, for people: `2/3 (50%)`, or `-` outside the stages.
+    pub fn stage_text(&self) -> String {
+        match &self.state {
+            State::Stage(s) => {
+                let pct = self.spec.stages.get(s.stage).map_or_else(String::new, |p| format!(" ({p}%)"));
+                format!("{}/{}{pct}", s.stage + 1, self.spec.stages.len())
+            }
+            _ => "-".to_owned(),
+        }
+    }
+
+    /// Its state's name, `(paused)` added while paused.
+    pub fn state_text(&self) -> String {
+        match &self.paused {
+            Some(_) => format!("{} (paused)", self.state.name()),
+            None => self.state.name().to_owned(),
+        }
+    }
+
+    /// Why it ended, for a campaign that rolled back, halted or was aborted.
+    pub fn end_reason(&self) -> Option<&str> {
+        match &self.state {
+            State::RolledBack { reason } | State::Halted { reason } | State::Aborted { reason } => {
+                Some(reason)
+            }
+            _ => None,
+        }
+    }
+
     /// A firmware campaign's manifests: the one to install and the one to roll back to.
     pub fn manifests(&self) -> Option<(&FirmwareManifest, &FirmwareManifest)> {
         self.firmware.as_ref().zip(self.rollback.as_ref())
@@ -560,13 +609,14 @@ pub fn assess(
     now_ms: i64,
 ) -> StageStep {
     let n = stage.stage + 1;
+    let (work, done) = spec.change.work();
     // Installs that ended: a device that refused (REJECTED) or was never reached (CANCELED,
     // REMOVED) tried nothing, and must not dilute the failures of those that did.
     let bad = counts.failed + counts.timed_out;
     let finished = counts.succeeded + bad;
     if bad > 0 && bad as f64 * 100.0 > spec.max_failure_pct * finished as f64 {
         return StageStep::RollBack(format!(
-            "stage {n}: {bad} of {finished} finished installs failed or timed out (limit {}%)",
+            "stage {n}: {bad} of {finished} finished {work} failed or timed out (limit {}%)",
             spec.max_failure_pct
         ));
     }
@@ -577,14 +627,14 @@ pub fn assess(
         if counts.pending() > 0 || counts.total() < stage.targets.max(1) {
             if now_ms - stage.started_ms > timeout_ms {
                 return StageStep::Pause(format!(
-                    "stage {n}: {} of {} installs still pending after {} min",
+                    "stage {n}: {} of {} {work} still pending after {} min",
                     counts.pending(),
                     stage.targets,
                     spec.stage_timeout_minutes
                 ));
             }
             return StageStep::Wait(format!(
-                "stage {n}: {} of {} installs pending, {} succeeded",
+                "stage {n}: {} of {} {work} pending, {} succeeded",
                 counts.pending(),
                 stage.targets,
                 counts.succeeded
@@ -592,12 +642,18 @@ pub fn assess(
         }
         if counts.succeeded == 0 {
             return StageStep::Pause(format!(
-                "stage {n}: no device installed {}: {} rejected, {} canceled, {} removed",
-                spec.to_fw, counts.rejected, counts.canceled, counts.removed
+                "stage {n}: no device {done} {}: {} rejected, {} canceled, {} removed",
+                match spec.change {
+                    Change::Firmware => spec.to_fw.as_str(),
+                    Change::Certificate => "its certificate",
+                },
+                counts.rejected,
+                counts.canceled,
+                counts.removed
             ));
         }
         return StageStep::Settled(format!(
-            "stage {n}: {} of {} installed; soaking {} min",
+            "stage {n}: {} of {} {done}; soaking {} min",
             counts.succeeded, stage.targets, spec.soak_minutes
         ));
     };

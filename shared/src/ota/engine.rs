@@ -16,7 +16,9 @@ use std::collections::BTreeSet;
 
 use serde_json::json;
 
-use super::campaign::{assess, plan_stage, Campaign, CampaignSpec, Change, StageState, StageStep, State};
+use super::campaign::{
+    assess, plan_stage, Campaign, CampaignSpec, Change, Skip, StageState, StageStep, State,
+};
 use super::gate::{self, Verdict};
 use super::manifest::{FirmwareManifest, ManifestVerifier};
 use crate::error::{ErrorKind, StoreError};
@@ -486,12 +488,13 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, 
                 c.jobs.push(job.clone());
             }
             c.targeted = already.len() as u64 + targets;
+            let taken = plan.skipped.iter().filter(|(_, why)| *why == Skip::AlreadyTargeted).count();
             let text = format!(
-                "stage {} of {} ({}%): {targets} devices, {} skipped by preconditions",
+                "stage {} of {} ({}%): {targets} devices, {taken} taken by earlier stages, {} skipped by preconditions",
                 stage + 1,
                 c.spec.stages.len(),
                 c.spec.stages[stage],
-                plan.skipped.len()
+                plan.skipped.len() - taken
             );
             c.note(now_ms, &text);
             c.state = State::Stage(StageState {
@@ -1066,7 +1069,7 @@ mod tests {
         w.answer(first, &s1.job, DeviceStatus::Succeeded).await?;
         assert_eq!(w.devices_answer(&s1.job, DeviceStatus::Succeeded).await?, 4);
         let (_, tick) = w.tick("rot1", t0 + MIN).await?;
-        assert!(tick.summary.contains("5 of 5 installed"), "{}", tick.summary);
+        assert!(tick.summary.contains("5 of 5 rotated"), "{}", tick.summary);
         // THEN the gate does not take their word for it
         let (_, tick) = w.tick("rot1", t0 + 2 * MIN).await?;
         assert!(

@@ -22,6 +22,55 @@ pub(super) fn decode(op: &'static str, json: &str) -> Result<Campaign, StoreErro
     serde_json::from_str(json).map_err(|e| StoreError::permanent(op, e))
 }
 
+/// Rows that decode; one this binary cannot read (written by a newer one) holds up no other.
+fn readable(op: &'static str, rows: &[String]) -> Vec<Campaign> {
+    rows.iter()
+        .filter_map(|j| {
+            decode(op, j)
+                .inspect_err(|e| tracing::warn!(error = %e, "campaign skipped: this binary cannot read it"))
+                .ok()
+        })
+        .collect()
+}
+
+/// Pages of campaigns for the local stack's API and dashboard, which never load them all.
+impl SqliteStore {
+    /// Campaigns by id, those after `after`, at most `limit`.
+    pub async fn campaigns_page(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Campaign>, StoreError> {
+        const OP: &str = "sqlite campaigns page";
+        let rows: Vec<String> = self
+            .with(OP, move |c| {
+                let mut stmt = c.prepare("SELECT body FROM campaigns WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+                let rows = stmt
+                    .query_map(params![after.unwrap_or_default(), limit as i64], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        Ok(readable(OP, &rows))
+    }
+
+    /// The `limit` newest campaigns, newest first, and how many there are in all.
+    pub async fn newest_campaigns(&self, limit: usize) -> Result<(Vec<Campaign>, usize), StoreError> {
+        const OP: &str = "sqlite newest campaigns";
+        let (rows, total): (Vec<String>, i64) = self
+            .with(OP, move |c| {
+                let total = c.query_row("SELECT COUNT(*) FROM campaigns", [], |r| r.get(0))?;
+                let mut stmt =
+                    c.prepare("SELECT body FROM campaigns ORDER BY created_ms DESC, id LIMIT ?1")?;
+                let rows =
+                    stmt.query_map([limit as i64], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+                Ok((rows, total))
+            })
+            .await?;
+        Ok((readable(OP, &rows), usize::try_from(total).unwrap_or(0)))
+    }
+}
+
 impl CampaignStore for SqliteStore {
     async fn campaign(&self, id: &str) -> Result<Option<Campaign>, StoreError> {
         const OP: &str = "sqlite campaign get";
@@ -43,17 +92,7 @@ impl CampaignStore for SqliteStore {
                 Ok(rows)
             })
             .await?;
-        // One campaign this binary cannot read (written by a newer one) holds up no other.
-        Ok(rows
-            .iter()
-            .filter_map(|j| {
-                decode(OP, j)
-                    .inspect_err(
-                        |e| tracing::warn!(error = %e, "campaign skipped: this binary cannot read it"),
-                    )
-                    .ok()
-            })
-            .collect())
+        Ok(readable(OP, &rows))
     }
 
     async fn put_campaign(&self, campaign: &Campaign) -> Result<u64, StoreError> {
