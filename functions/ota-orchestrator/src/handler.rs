@@ -370,6 +370,31 @@ mod tests {
         Ok(LambdaEvent::new(RawValue::from_string(json.to_owned())?, Context::default()))
     }
 
+    /// Every device `job` reached starts it and answers `status(i)` (the i-th of them); how many.
+    async fn devices_answer(
+        deps: &TestDeps,
+        job: &JobId,
+        status: impl Fn(usize) -> DeviceStatus,
+    ) -> anyhow::Result<usize> {
+        deps.jobs.sweep_jobs(time::now_ms()).await?;
+        let reached = deps.jobs.job_executions(job).await?;
+        for (i, (thing, _)) in reached.iter().enumerate() {
+            deps.jobs.start_next_job_execution(thing, &StartNext::default(), time::now_ms()).await?;
+            let update = ExecutionUpdate {
+                status: status(i),
+                status_details: None,
+                expected_version: None,
+                execution_number: None,
+                step_timeout_minutes: None,
+            };
+            deps.jobs
+                .update_job_execution(thing, job, &update, time::now_ms())
+                .await?
+                .map_err(|r| anyhow::anyhow!("{r:?}"))?;
+        }
+        Ok(reached.len())
+    }
+
     fn state(answer: &Answer, id: &str) -> Option<(String, bool)> {
         answer.ticked.iter().find(|t| t.campaign == id).map(|t| (t.state.clone(), t.paused))
     }
@@ -406,22 +431,8 @@ mod tests {
 
         // WHEN fw150's five devices install it (four succeed, one fails) and the schedule ticks
         let job = JobId::parse("fw150-s1")?;
-        deps.jobs.sweep_jobs(time::now_ms()).await?;
-        for (i, (thing, _)) in deps.jobs.job_executions(&job).await?.into_iter().enumerate() {
-            deps.jobs.start_next_job_execution(&thing, &StartNext::default(), time::now_ms()).await?;
-            let status = if i == 0 { DeviceStatus::Failed } else { DeviceStatus::Succeeded };
-            let update = ExecutionUpdate {
-                status,
-                status_details: None,
-                expected_version: None,
-                execution_number: None,
-                step_timeout_minutes: None,
-            };
-            deps.jobs
-                .update_job_execution(&thing, &job, &update, time::now_ms())
-                .await?
-                .map_err(|r| anyhow::anyhow!("{r:?}"))?;
-        }
+        let status = |i| if i == 0 { DeviceStatus::Failed } else { DeviceStatus::Succeeded };
+        assert_eq!(devices_answer(&deps, &job, status).await?, 5);
         let now = time::now_ms();
         let answer = run(&deps, Some("fw150"), now).await?;
         // THEN the campaign rolls back (1 of 5 failed, over the 5 % limit) and fleet health
@@ -468,23 +479,7 @@ mod tests {
         handle(&deps, event(SCHEDULED)?).await?;
         // WHEN the stage's devices fail to rotate and the schedule ticks
         let job = JobId::parse("rot-s1")?;
-        deps.jobs.sweep_jobs(time::now_ms()).await?;
-        let executions = deps.jobs.job_executions(&job).await?;
-        assert_eq!(executions.len(), 5);
-        for (thing, _) in executions {
-            deps.jobs.start_next_job_execution(&thing, &StartNext::default(), time::now_ms()).await?;
-            let update = ExecutionUpdate {
-                status: DeviceStatus::Failed,
-                status_details: None,
-                expected_version: None,
-                execution_number: None,
-                step_timeout_minutes: None,
-            };
-            deps.jobs
-                .update_job_execution(&thing, &job, &update, time::now_ms())
-                .await?
-                .map_err(|r| anyhow::anyhow!("{r:?}"))?;
-        }
+        assert_eq!(devices_answer(&deps, &job, |_| DeviceStatus::Failed).await?, 5);
         sets.lock().expect("lock").clear();
         let answer = handle(&deps, event(SCHEDULED)?).await?;
         // THEN it ends halted, and this run counts one halted campaign and none rolled back
