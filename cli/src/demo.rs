@@ -54,7 +54,6 @@ use fleet_local::broker::CERTIFICATE_USERNAME_PREFIX;
 use fleet_local::provisioning::{provision_topic, CREATE_TOPIC, VALIDITY_VARIABLE};
 use fleet_local::rules::BASIC_INGEST_PREFIX;
 use fleet_local::{LocalOptions, LocalStack};
-use fleet_shared::ota::rotate::CREATE_FROM_CSR_TOPIC;
 
 const CLASSES: [&str; 3] = ["env-sensor", "air-quality", "gateway"];
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
@@ -123,13 +122,15 @@ struct OtaCounts {
     rejected: BTreeMap<&'static str, u64>,
     failed: BTreeMap<&'static str, u64>,
     updates_refused: u64,
-    /// Certificate rotations done (a new certificate in hand).
-    rotated: u64,
 }
 
 #[derive(Default)]
 struct Counters {
     provisioned: AtomicU64,
+    /// Devices that gave up provisioning.
+    provision_failed: AtomicU64,
+    /// Devices that connected with the certificate a rotation gave them.
+    rotated: AtomicU64,
     published: AtomicU64,
     acked: AtomicU64,
     connection_errors: AtomicU64,
@@ -179,7 +180,7 @@ pub struct Report {
     pub ota_rejected: BTreeMap<String, u64>,
     pub ota_failed: BTreeMap<String, u64>,
     pub ota_updates_refused: u64,
-    /// Devices that rotated their certificate (`--rotate`) and reconnected with the new one.
+    /// Devices that rotated their certificate (`--rotate`) and connected with the new one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certificates_rotated: Option<u64>,
     /// Campaigns `--ota` created (or found from an earlier demo on the same database).
@@ -383,6 +384,7 @@ async fn device(
                 opts.set_credentials(username, "");
             }
             Err(e) => {
+                counters.provision_failed.fetch_add(1, Relaxed);
                 eprintln!("\n  {} did not provision: {e:#}", sim.thing);
                 return;
             }
@@ -418,7 +420,6 @@ async fn device(
     // next job once connected (one queued while it was away is not announced again), then on
     // every notify-next. An install waits for the next sample: the device reboots on the new
     // firmware, then answers SUCCEEDED. Jobs traffic is QoS 0, like the shadow's.
-    let jobs_prefix = format!("$aws/things/{}/jobs/", sim.thing);
     if let Some(c) = &certificate {
         jobs.connected_with(c);
     }
@@ -433,30 +434,37 @@ async fn device(
     let delta_shadow = shadow.clone();
     let events = tokio::spawn(async move {
         let mut connects = 0u32;
-        // Unacknowledged requests of the last connection, sent again on the next.
+        // What the last connection left unsent or unacknowledged that a new one sends again.
         let mut carried: Vec<rumqttc::Request> = Vec::new();
         // A rotation's new certificate, used once nothing published awaits an acknowledgement
-        // (a message stored but acknowledged on the old connection only would be counted twice).
+        // (a message stored but acknowledged on the old connection only would be counted twice),
+        // and not once the demo is ending.
         let mut rotate_to: Option<String> = None;
+        // The certificate before a rotation, until a session on the new one is up; and the
+        // connection attempts the new one failed.
+        let mut fallback: Option<(String, u32)> = None;
         loop {
-            if rotate_to.is_some() && eventloop.state.inflight() == 0 {
+            if rotate_to.is_some() && eventloop.state.inflight() == 0 && Instant::now() < stop {
                 let new = rotate_to.take().unwrap_or_default();
                 eventloop.mqtt_options.set_credentials(format!("{CERTIFICATE_USERNAME_PREFIX}{new}"), "");
-                certificate = Some(new);
+                fallback = certificate.replace(new).map(|old| (old, 0));
                 // Leave; the next poll connects with the new certificate.
                 eventloop.clean();
-                carried.extend(eventloop.pending.drain(..));
+                carried.extend(resendable(&mut eventloop.pending));
             }
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connects += 1;
-                    for request in carried.drain(..).rev() {
-                        eventloop.pending.push_front(request);
+                    if fallback.take().is_some() {
+                        loop_counters.rotated.fetch_add(1, Relaxed);
                     }
+                    // A clean session: subscribe again and ask for the next job, ahead of what
+                    // the last connection left, which then follows in its order.
+                    let mut first = Vec::new();
                     if connects > 1 {
-                        for (filter, qos) in &filters {
-                            let _ = responder.try_subscribe(filter.clone(), *qos);
-                        }
+                        let filters =
+                            filters.iter().map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q));
+                        first.push(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
                         let ask = {
                             let mut jobs = device_jobs.lock().expect("lock");
                             if let Some(c) = &certificate {
@@ -464,7 +472,11 @@ async fn device(
                             }
                             jobs.start_next()
                         };
-                        let _ = responder.try_publish(ask.topic, QoS::AtMostOnce, false, ask.payload);
+                        let ask = rumqttc::Publish::new(ask.topic, QoS::AtMostOnce, ask.payload);
+                        first.push(rumqttc::Request::Publish(ask));
+                    }
+                    for request in first.into_iter().chain(carried.drain(..)).rev() {
+                        eventloop.pending.push_front(request);
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
@@ -489,7 +501,7 @@ async fn device(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p)))
-                    if p.topic.starts_with(&jobs_prefix) || is_rotation_answer(&p.topic) =>
+                    if device_jobs.lock().expect("lock").handles(&p.topic) =>
                 {
                     let battery = battery_of(&sent.lock().expect("lock"));
                     let reaction = {
@@ -537,7 +549,20 @@ async fn device(
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
-                    carried.extend(eventloop.pending.drain(..));
+                    carried.extend(resendable(&mut eventloop.pending));
+                    // A new certificate refused three times: back to the one before.
+                    if let Some((old, failures)) = fallback.as_mut() {
+                        *failures += 1;
+                        if *failures >= 3 {
+                            tracing::warn!(error = %e, "the rotated certificate is refused; back to the old one");
+                            let old = std::mem::take(old);
+                            eventloop
+                                .mqtt_options
+                                .set_credentials(format!("{CERTIFICATE_USERNAME_PREFIX}{old}"), "");
+                            certificate = Some(old);
+                            fallback = None;
+                        }
+                    }
                     loop_counters.connection_errors.fetch_add(1, Relaxed);
                     tracing::debug!(error = %e, "device connection error; reconnecting");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -580,7 +605,10 @@ async fn device(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), events).await;
+    let mut events = events;
+    if tokio::time::timeout(Duration::from_secs(2), &mut events).await.is_err() {
+        events.abort();
+    }
     let refused = std::mem::take(&mut commands.lock().expect("lock").refused);
     let mut all = counters.commands_refused.lock().expect("lock");
     for (code, n) in refused {
@@ -591,7 +619,6 @@ async fn device(
     ota.installed += jobs.installed;
     ota.already_installed += jobs.already_installed;
     ota.updates_refused += jobs.updates_refused;
-    ota.rotated += jobs.rotated;
     for (code, n) in &jobs.rejected {
         *ota.rejected.entry(code).or_default() += n;
     }
@@ -666,9 +693,19 @@ async fn operator_commands(stack: &LocalStack, devices: usize) -> usize {
     sent
 }
 
-/// An answer to a certificate rotation's requests (CreateCertificateFromCsr, RegisterThing).
-fn is_rotation_answer(topic: &str) -> bool {
-    topic.starts_with(CREATE_FROM_CSR_TOPIC) || topic.starts_with("$aws/provisioning-templates/")
+/// What a new (clean) session sends again of what the last one left in `pending`: telemetry
+/// (QoS 1) not yet acknowledged, and a disconnect asked for. The rest (subscriptions, the
+/// device's QoS 0 requests to IoT Jobs and to provisioning) belonged to the old session: the
+/// new one subscribes and asks for its job afresh.
+fn resendable(pending: &mut std::collections::VecDeque<rumqttc::Request>) -> Vec<rumqttc::Request> {
+    pending
+        .drain(..)
+        .filter(|r| match r {
+            rumqttc::Request::Publish(p) => p.qos != QoS::AtMostOnce,
+            rumqttc::Request::Disconnect(_) => true,
+            _ => false,
+        })
+        .collect()
 }
 
 /// Simulated device `sim`'s OTA jobs: its class, the firmware it ships with, and the firmware
@@ -775,10 +812,10 @@ async fn campaign_states(stack: &LocalStack, ids: &[String]) -> Result<BTreeMap<
     let mut out = BTreeMap::new();
     for id in ids {
         if let Some(c) = stack.store.campaign(id).await? {
-            let paused = c.paused.as_deref().map(|why| format!(", paused: {why}")).unwrap_or_default();
+            let why = c.paused.as_deref().map(|why| format!(": {why}")).unwrap_or_default();
             out.insert(
                 id.clone(),
-                format!("{}: {} of {} devices targeted{paused}", c.state.name(), c.targeted, c.population),
+                format!("{}: {} of {} devices targeted{why}", c.state_text(), c.targeted, c.population),
             );
         }
     }
@@ -904,7 +941,12 @@ pub async fn run(mut local_opts: LocalOptions, opts: DemoOptions, json: bool) ->
     let mut rotations_started = !opts.rotate;
     while !tasks.iter().all(|t| t.is_finished()) {
         ticker.tick().await;
-        if !rotations_started && counters.provisioned.load(Relaxed) == opts.devices as u64 {
+        let (provisioned, failed) =
+            (counters.provisioned.load(Relaxed), counters.provision_failed.load(Relaxed));
+        if !rotations_started && provisioned + failed == opts.devices as u64 {
+            if failed > 0 {
+                eprintln!("\n  {failed} devices did not provision: the others rotate");
+            }
             rotations_started = true;
             match start_rotations(&stack, opts.devices).await {
                 Ok(ids) => campaigns.extend(ids),
@@ -990,7 +1032,7 @@ pub async fn run(mut local_opts: LocalOptions, opts: DemoOptions, json: bool) ->
         ota_rejected: codes(ota.rejected),
         ota_failed: codes(ota.failed),
         ota_updates_refused: ota.updates_refused,
-        certificates_rotated: opts.rotate.then_some(ota.rotated),
+        certificates_rotated: opts.rotate.then(|| counters.rotated.load(Relaxed)),
         ota_campaign_states,
         ota_campaigns: campaigns,
         ota_ticks,
@@ -1084,7 +1126,7 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
     );
     if let Some(n) = r.certificates_rotated {
         println!(
-            "  certificates rotated       {n} of {} devices (a new key and certificate each)",
+            "  certificates rotated       {n} of {} devices (new key and certificate, reconnected with them)",
             r.devices
         );
     }

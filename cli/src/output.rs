@@ -656,7 +656,11 @@ pub fn campaign(c: &fleet_shared::ota::campaign::Campaign, json: bool) -> Result
         State::RollingBack { reason, job, .. } => {
             emit(&format!("rolling back with job {job}: {}", printable(reason)))?
         }
-        _ => {}
+        State::Pending
+        | State::RolledBack { .. }
+        | State::Halted { .. }
+        | State::Completed
+        | State::Aborted { .. } => {}
     }
     if let Some(reason) = c.end_reason() {
         emit(&format!("why: {}", printable(reason)))?;

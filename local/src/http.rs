@@ -7,14 +7,14 @@
 //! | `GET /twins` | dashboard: drifting twins, oldest drift first (at most [`dashboard::TWIN_ROWS`]) |
 //! | `GET /twins/{thing}?shadow=` | dashboard: one twin (classic shadow unless `shadow` names one) |
 //! | `GET /slo` | dashboard: fleet-health's last evaluation, the fleet's SLIs charted from the SLO ledger |
-//! | `GET /ota` | dashboard: OTA campaigns and certificate rotations, newest first (at most [`dashboard::ota::CAMPAIGN_ROWS`]) |
+//! | `GET /ota` | dashboard: OTA campaigns and certificate rotations counted by state; listed those not ended first, newest first (at most [`dashboard::ota::CAMPAIGN_ROWS`]) |
 //! | `GET /ota/{id}` | dashboard: one campaign, its rollout settings, jobs and newest log lines |
 //! | `GET /api/slo` | fleet-health's last evaluation (`HealthReport`, at most [`MAX_PAGE`] cohorts, the fleet first); 404 before its first run |
 //! | `GET /api/health` | fleet health summary (JSON) |
 //! | `GET /api/devices?limit=&cursor=` | devices by thing name |
 //! | `GET /api/devices/{thing}/telemetry?since_ms=&limit=&cursor=` | a device's readings, oldest first |
 //! | `GET /api/quarantine?reason=&limit=&cursor=` | quarantined messages, oldest first, optionally of one reason |
-//! | `GET /api/campaigns?limit=&cursor=` | OTA campaigns (as `fleetctl --json ota show` prints them) by id |
+//! | `GET /api/campaigns?limit=&cursor=` | OTA campaigns (as `fleetctl --json ota show` prints them) by id, at most [`MAX_CAMPAIGN_PAGE`] a page |
 //!
 //! Every list is one page: `{"items":[...],"next":"<cursor>"}`, at most `limit` items
 //! (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]); pass `next` as `cursor` for the next page.
@@ -45,6 +45,8 @@ use crate::stats::{Snapshot, Stats};
 /// Items per page when `limit` is not given, and the most a page holds.
 pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1_000;
+/// The most campaigns a page of `/api/campaigns` holds.
+pub const MAX_CAMPAIGN_PAGE: usize = 100;
 
 /// One page of a list.
 #[derive(Debug, Serialize)]
@@ -314,8 +316,9 @@ async fn page_slo(State(state): State<AppState>) -> Result<maud::Markup, ApiErro
 }
 
 async fn page_campaigns(State(state): State<AppState>) -> Result<maud::Markup, ApiError> {
-    let (campaigns, total) = state.store.newest_campaigns(dashboard::ota::CAMPAIGN_ROWS).await?;
-    Ok(dashboard::ota::campaigns_page(&campaigns, total, time::now_ms()))
+    let campaigns = state.store.campaigns_to_show(dashboard::ota::CAMPAIGN_ROWS).await?;
+    let counts = state.store.campaign_counts().await?;
+    Ok(dashboard::ota::campaigns_page(&campaigns, &counts, time::now_ms()))
 }
 
 async fn page_campaign(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -329,9 +332,10 @@ async fn api_campaigns(
     State(state): State<AppState>,
     Query(p): Query<PageParams>,
 ) -> Result<Json<Page<Campaign>>, ApiError> {
-    let limit = page_limit(p.limit)?;
-    let campaigns = state.store.campaigns_page(p.cursor.clone(), limit + 1).await?;
-    Ok(Json(page(campaigns, limit, |c| c.spec.id.clone())))
+    // A campaign holds up to 100 log lines and two signed manifests: smaller pages.
+    let limit = page_limit(p.limit)?.min(MAX_CAMPAIGN_PAGE);
+    let (items, next) = state.store.campaigns_page(p.cursor.clone(), limit).await?;
+    Ok(Json(Page { items, next }))
 }
 
 /// `/api/slo`: the last evaluation, at most [`MAX_PAGE`] cohorts (the report lists the fleet

@@ -7,11 +7,14 @@
 //! `scripts/bench-moto.sh`), which also runs the same handler with the SDK clients answered in
 //! process ([`ingest_on_mocks`]) to separate the handler's own work from the network path.
 //!
-//! The runs are synchronous on a current-thread runtime that runs only inside
-//! [`handler_turn`]: everything one invocation causes (the SDK's connection tasks included)
-//! happens inside that call, and nothing else does. So the CPU clock read around it, and the
-//! instructions `benches/ingest_instructions.rs` counts inside it by name under callgrind,
-//! are the invocation's whole cost; [`pipeline_turn`] is the reference it is compared with.
+//! The runs are synchronous on a current-thread runtime, so it runs only when blocked on: to set
+//! up, for the unmeasured warm-up batch, and for each measured invocation inside
+//! [`handler_turn`]. Everything an invocation causes (the SDK's connection tasks included, on
+//! this one thread) happens inside that call; what a connection task still had to do when the
+//! previous call returned runs at the start of the next (negligible: the end of a response
+//! already read). So the CPU clock read around it, and the instructions
+//! `benches/ingest_instructions.rs` counts inside it by name under callgrind, are the
+//! invocation's cost; [`pipeline_turn`] is the reference it is compared with.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -22,7 +22,9 @@
 //!
 //! Metrics (dimensions `Stage`, `Function`): `CampaignsActive`, `CampaignsPaused`,
 //! `CampaignsRolledBack` (firmware campaigns this run moved to rolling back) and
-//! `CampaignsHalted` (certificate rotations this run halted): each an alarm worth having.
+//! `CampaignsHalted` (certificate rotations this run halted), each counted by the run that
+//! stored the change: each an alarm worth having. (A campaign an operator rolls back or halts
+//! with `fleetctl` is not counted: the operator knows.)
 
 use std::sync::Arc;
 
@@ -211,6 +213,9 @@ where
     for mut c in campaigns.into_iter().filter(|c| !c.state.is_final()) {
         let was_rolling_back = matches!(c.state, State::RollingBack { .. });
         let read = c.clone();
+        // Whether this run wrote what the tick changed: a change is counted by the run that
+        // stored it, not by each run that tries.
+        let mut written = false;
         let summary = if c.paused.is_some() {
             format!("paused: {}", c.paused.as_deref().unwrap_or_default())
         } else {
@@ -218,7 +223,10 @@ where
                 Ok(tick) => match count_finished(&deps.health, &tick.finished, now).await {
                     Ok(()) if !tick.changed => tick.summary,
                     Ok(()) => match store(&deps.campaigns, &c).await {
-                        Ok(()) => tick.summary,
+                        Ok(stored) => {
+                            written = stored;
+                            tick.summary
+                        }
                         Err(e) => {
                             warn!(campaign = %c.spec.id, error = %e, "not stored; the next tick redoes it");
                             let summary = format!("not stored: {e}");
@@ -261,10 +269,12 @@ where
         };
         paused += u32::from(c.paused.is_some());
         rolled_back += u32::from(
-            !was_rolling_back && matches!(c.state, State::RollingBack { .. } | State::RolledBack { .. }),
+            written
+                && !was_rolling_back
+                && matches!(c.state, State::RollingBack { .. } | State::RolledBack { .. }),
         );
-        // Final states are not ticked: halted now is halted by this run.
-        halted += u32::from(matches!(c.state, State::Halted { .. }));
+        // Final states are not ticked: halted now, and written, is halted by this run.
+        halted += u32::from(written && matches!(c.state, State::Halted { .. }));
         info!(campaign = %c.spec.id, state = c.state.name(), summary = %summary, "ticked");
         ticked.push(Ticked {
             campaign: c.spec.id.clone(),
@@ -289,13 +299,13 @@ where
     }
 }
 
-/// Write a ticked campaign; another writer in between (an operator) wins.
-async fn store<C: CampaignStore>(campaigns: &C, c: &Campaign) -> Result<(), StoreError> {
+/// Write a ticked campaign; another writer in between (an operator) wins: `false`.
+async fn store<C: CampaignStore>(campaigns: &C, c: &Campaign) -> Result<bool, StoreError> {
     match campaigns.put_campaign(c).await {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(true),
         Err(e) if e.kind == ErrorKind::Conflict => {
             warn!(campaign = %c.spec.id, "changed by someone else during the tick; the next tick starts from that");
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(e),
     }
@@ -459,9 +469,10 @@ mod tests {
         deps.metrics = MetricsOut::Collect(Arc::new(move |m| seen.lock().expect("lock").push(m.clone())));
         let due: Vec<(ThingName, CertMark)> = fleet_shared::ota::test_sensors(10, "1.4.2")
             .into_iter()
-            .map(|(t, _)| -> anyhow::Result<_> {
+            .enumerate()
+            .map(|(i, (t, _))| -> anyhow::Result<_> {
                 let mark = CertMark {
-                    certificate: CertificateId::parse(&format!("{:0>64}", t.as_str().len()))?,
+                    certificate: CertificateId::parse(&format!("{i:064x}"))?,
                     class: ExpiryClass::Warning,
                     not_after_ms: time::now_ms() + 86_400_000,
                     rotation_due: true,

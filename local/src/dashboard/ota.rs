@@ -8,7 +8,7 @@ use maud::{html, Markup};
 
 use super::{age, card, page};
 
-/// Campaigns `/ota` lists: the newest ones.
+/// Campaigns `/ota` lists: those not ended first, newest first.
 pub const CAMPAIGN_ROWS: usize = 100;
 /// Log lines a campaign's page shows: the newest ones.
 pub const LOG_ROWS: usize = 50;
@@ -22,12 +22,15 @@ fn nav() -> Markup {
 /// A CSS class for a state worth a glance: failures red, pauses amber.
 fn state_class(c: &Campaign) -> &'static str {
     match (&c.state, &c.paused) {
-        (State::RollingBack { .. } | State::RolledBack { .. } | State::Halted { .. }, _) => "over",
+        (s, _) if s.is_failure() => "over",
         (_, Some(_)) => "drift",
         (State::Completed, _) => "online",
         _ => "",
     }
 }
+
+/// `(state tag, paused, campaigns)`, as the local store counts them.
+pub type Counts = [(String, bool, u64)];
 
 fn shortened(text: &str, max: usize) -> String {
     let text = printable(text);
@@ -37,27 +40,27 @@ fn shortened(text: &str, max: usize) -> String {
     }
 }
 
-/// `/ota`: campaigns' states at a glance, newest first (at most [`CAMPAIGN_ROWS`] of `total`;
-/// the cards count those listed, but for the total).
-pub fn campaigns_page(campaigns: &[Campaign], total: usize, now: i64) -> Markup {
-    let count = |f: &dyn Fn(&Campaign) -> bool| campaigns.iter().filter(|c| f(c)).count().to_string();
+/// `/ota`: every campaign counted by state (`counts`), and `campaigns` listed (at most
+/// [`CAMPAIGN_ROWS`]: those not ended first, newest first).
+pub fn campaigns_page(campaigns: &[Campaign], counts: &Counts, now: i64) -> Markup {
+    let count = |f: &dyn Fn(&str, bool) -> bool| -> u64 {
+        counts.iter().filter(|(s, p, _)| f(s, *p)).map(|(_, _, n)| n).sum()
+    };
+    let ended = |s: &str| State::FINAL_NAMES.contains(&s);
+    let failed = |s: &str| matches!(s, "rolling_back" | "rolled_back" | "halted");
+    let total = count(&|_, _| true);
     let cards = [
-        ("campaigns-total", "campaigns", total.to_string()),
-        ("campaigns-active", "active", count(&|c| !c.state.is_final() && c.paused.is_none())),
-        ("campaigns-paused", "paused", count(&|c| c.paused.is_some() && !c.state.is_final())),
-        ("campaigns-completed", "completed", count(&|c| c.state == State::Completed)),
-        (
-            "campaigns-failed",
-            "rolled back or halted",
-            count(&|c| {
-                matches!(c.state, State::RollingBack { .. } | State::RolledBack { .. } | State::Halted { .. })
-            }),
-        ),
+        ("campaigns-total", "campaigns", total),
+        ("campaigns-active", "rolling out", count(&|s, p| !ended(s) && !failed(s) && !p)),
+        ("campaigns-paused", "paused", count(&|s, p| !ended(s) && p)),
+        ("campaigns-completed", "completed", count(&|s, _| s == "completed")),
+        ("campaigns-failed", "rolling back, rolled back or halted", count(&|s, _| failed(s))),
+        ("campaigns-aborted", "aborted", count(&|s, _| s == "aborted")),
     ];
     let body = html! {
         h1 { "OTA campaigns" }
         (nav())
-        div.cards { @for (id, label, value) in &cards { (card(id, label, value)) } }
+        div.cards { @for (id, label, value) in &cards { (card(id, label, &value.to_string())) } }
         @if campaigns.is_empty() {
             p #campaigns-none {
                 "No campaign yet: " code { "fleetctl ota create" } " (firmware) or "
@@ -65,8 +68,8 @@ pub fn campaigns_page(campaigns: &[Campaign], total: usize, now: i64) -> Markup 
                 code { "fleetctl demo --ota 1.4.2:1.5.0" } " or " code { "--rotate" } " makes some."
             }
         } @else {
-            @if total > campaigns.len() {
-                p.muted { "The " (campaigns.len()) " newest of " (total) "." }
+            @if total > campaigns.len() as u64 {
+                p.muted { (campaigns.len()) " of " (total) ": those not ended first, newest first." }
             }
             table #campaigns {
                 tr {
@@ -217,8 +220,10 @@ mod tests {
         live.note(NOW - 30_000, "device <b>x</b>\u{1b}[31m waits");
         let mut halted = rotation("rot-b")?;
         halted.state = State::Halted { reason: "5 of 5 failed".into() };
-        // WHEN the list is rendered
-        let html = campaigns_page(&[live, halted], 2, NOW).into_string();
+        // WHEN the list is rendered, with the counts of these two and 200 completed ones
+        let counts =
+            [("stage".into(), false, 1), ("halted".into(), false, 1), ("completed".into(), false, 200)];
+        let html = campaigns_page(&[live, halted], &counts, NOW).into_string();
         // THEN each row links to its page and says what, where and how far
         for part in [
             r#"<a href="/ota/rot-a">rot-a</a>"#,
@@ -229,6 +234,9 @@ mod tests {
             r#"class="state over">halted<"#,
             r#"id="campaigns-failed">1<"#,
             r#"id="campaigns-active">1<"#,
+            r#"id="campaigns-completed">200<"#,
+            r#"id="campaigns-total">202<"#,
+            "2 of 202: those not ended first",
         ] {
             assert!(html.contains(part), "lacks {part}:\n{html}");
         }

@@ -25,7 +25,7 @@ async fn rotations(store: &SqliteStore, n: usize) -> Result<()> {
 }
 
 #[tokio::test]
-async fn the_ota_pages_list_the_campaigns_newest_first_and_show_one_with_why_it_ended() -> Result<()> {
+async fn the_ota_pages_list_the_campaigns_running_ones_first_and_show_one_with_why_it_ended() -> Result<()> {
     // GIVEN three stored rotations, the newest halted, and the dashboard on their store
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(&dir.path().join("fleet.sqlite"))?;
@@ -33,10 +33,10 @@ async fn the_ota_pages_list_the_campaigns_newest_first_and_show_one_with_why_it_
     let addr = dashboard(&store).await?;
     // WHEN /ota is read
     let (status, html) = get(addr, "/ota").await?;
-    // THEN all three are listed, newest first, each linking to its page
+    // THEN all three are listed, those not ended first, newest first, each linking to its page
     assert_eq!(status, 200, "{html}");
     let at = |id: &str| html.find(&format!(r#"href="/ota/{id}""#)).with_context(|| format!("{id}: {html}"));
-    assert!(at("rot-2")? < at("rot-1")? && at("rot-1")? < at("rot-0")?, "{html}");
+    assert!(at("rot-1")? < at("rot-0")? && at("rot-0")? < at("rot-2")?, "{html}");
     assert!(
         html.contains(r#"id="campaigns-total">3<"#) && html.contains(r#"id="campaigns-failed">1<"#),
         "{html}"

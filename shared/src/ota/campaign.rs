@@ -286,12 +286,20 @@ impl State {
         }
     }
 
+    /// The names ([`Self::name`], also the stored `state` tag) of the states no tick changes.
+    pub const FINAL_NAMES: [&'static str; 4] = ["rolled_back", "halted", "completed", "aborted"];
+
     /// No tick changes it any more.
     pub fn is_final(&self) -> bool {
         matches!(
             self,
             State::RolledBack { .. } | State::Halted { .. } | State::Completed | State::Aborted { .. }
         )
+    }
+
+    /// It went wrong: rolling back, rolled back, or halted.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, State::RollingBack { .. } | State::RolledBack { .. } | State::Halted { .. })
     }
 }
 
@@ -745,6 +753,29 @@ pub(crate) mod tests {
             last: None,
             counted: JobCounts::default(),
         }
+    }
+
+    #[test]
+    fn the_final_names_are_the_final_states_names_and_their_stored_tags() -> anyhow::Result<()> {
+        let reason = || "r".to_owned();
+        let all = [
+            State::Pending,
+            State::RollingBack {
+                reason: reason(),
+                job: JobId::parse("j")?,
+                started_ms: 0,
+                counted: JobCounts::default(),
+            },
+            State::RolledBack { reason: reason() },
+            State::Halted { reason: reason() },
+            State::Completed,
+            State::Aborted { reason: reason() },
+        ];
+        for s in &all {
+            assert_eq!(State::FINAL_NAMES.contains(&s.name()), s.is_final(), "{s:?}");
+            assert_eq!(serde_json::to_value(s)?["state"], s.name(), "{s:?}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -491,6 +491,13 @@ impl SimulatedJobs {
         .collect()
     }
 
+    /// Whether a message on `topic` is for [`Self::receive`]: this thing's jobs topics, and for a
+    /// device that rotates, the answers to its rotation's requests.
+    pub fn handles(&self, topic: &str) -> bool {
+        topic.starts_with(&self.prefix)
+            || self.rotations.as_ref().is_some_and(|r| Rotation::is_answer(&r.template, topic))
+    }
+
     /// StartNextPendingJobExecution: sent on connecting, and when `notify-next` names one.
     pub fn start_next(&mut self) -> Publish {
         let token = self.token();

@@ -489,8 +489,10 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, 
             }
             c.targeted = already.len() as u64 + targets;
             let taken = plan.skipped.iter().filter(|(_, why)| *why == Skip::AlreadyTargeted).count();
+            let earlier =
+                if taken > 0 { format!(", {taken} taken by earlier stages") } else { String::new() };
             let text = format!(
-                "stage {} of {} ({}%): {targets} devices, {taken} taken by earlier stages, {} skipped by preconditions",
+                "stage {} of {} ({}%): {targets} devices{earlier}, {} skipped by preconditions",
                 stage + 1,
                 c.spec.stages.len(),
                 c.spec.stages[stage],

@@ -95,6 +95,16 @@ impl Rotation {
         vec![format!("{CREATE_FROM_CSR_TOPIC}/+"), format!("{}/+", register_topic(template))]
     }
 
+    /// Whether `topic` is an answer on one of [`Self::subscriptions`].
+    pub fn is_answer(template: &str, topic: &str) -> bool {
+        [CREATE_FROM_CSR_TOPIC.to_owned(), register_topic(template)].iter().any(|request| {
+            topic
+                .strip_prefix(request.as_str())
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|answer| !answer.is_empty() && !answer.contains('/'))
+        })
+    }
+
     /// An answer on one of [`Self::subscriptions`].
     pub fn receive(&mut self, topic: &str, payload: &[u8]) -> Step {
         let body: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
@@ -172,6 +182,23 @@ mod tests {
     }
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    #[test]
+    fn only_the_answers_to_its_own_requests_are_a_rotations() {
+        let fleet = "$aws/provisioning-templates/fleet/provision/json";
+        for topic in ["$aws/certificates/create-from-csr/json/accepted", &format!("{fleet}/rejected")] {
+            assert!(Rotation::is_answer("fleet", topic), "{topic}");
+        }
+        for topic in [
+            "$aws/certificates/create-from-csr/json",
+            "$aws/certificates/create/json/accepted",
+            "$aws/provisioning-templates/other/provision/json/accepted",
+            &format!("{fleet}/accepted/more"),
+            &format!("{fleet}/"),
+        ] {
+            assert!(!Rotation::is_answer("fleet", topic), "{topic}");
+        }
+    }
 
     #[test]
     fn a_rotation_asks_for_a_certificate_registers_it_and_hands_over_the_new_credentials() -> TestResult {
