@@ -1152,3 +1152,40 @@ fn print_report(r: &Report, connection_errors: u64, json: bool) -> Result<()> {
     println!("  dashboard                  {}", r.dashboard);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::{Disconnect, Publish, Request, Subscribe};
+
+    use super::*;
+
+    #[test]
+    fn a_new_session_sends_again_unacknowledged_telemetry_and_a_disconnect_and_nothing_else() {
+        // GIVEN what a connection left: telemetry on both topics, a QoS 0 job request, a
+        // subscription, and the device's disconnect
+        let publish = |topic: &str, qos| Request::Publish(Publish::new(topic, qos, "x"));
+        let mut pending: std::collections::VecDeque<Request> = [
+            publish("dt/fleet/t/telemetry", QoS::AtLeastOnce),
+            publish("$aws/things/t/jobs/start-next", QoS::AtMostOnce),
+            Request::Subscribe(Subscribe::new("$aws/things/t/jobs/notify-next", QoS::AtLeastOnce)),
+            publish("$aws/rules/r/dt/fleet/t/telemetry", QoS::AtLeastOnce),
+            Request::Disconnect(Disconnect),
+        ]
+        .into();
+        // WHEN the new session takes what to send again
+        let kept = resendable(&mut pending);
+        // THEN the telemetry (in order) and the disconnect, nothing of the old session's own
+        let kept: Vec<String> = kept
+            .iter()
+            .map(|r| match r {
+                Request::Publish(p) => p.topic.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            ["dt/fleet/t/telemetry", "$aws/rules/r/dt/fleet/t/telemetry", "Disconnect(Disconnect)"]
+        );
+        assert!(pending.is_empty());
+    }
+}
