@@ -317,14 +317,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let verifier = campaign_verifier(&e.env, &command)?;
                     let catalog = crate::ota::catalog();
                     let rotation = RotationPorts::of(db);
-                    let engine = Engine {
-                        fleet: db,
-                        jobs: db,
-                        health: db,
-                        rotation: &rotation,
-                        catalog: &catalog,
-                        verifier: &verifier,
-                    };
+                    let engine = Engine::over(db, &rotation, &catalog, &verifier);
                     crate::ota::run(db, &engine, command, json).await
                 }
                 Command::Ota { command } => ota(db, command, json).await,

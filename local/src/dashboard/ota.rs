@@ -47,7 +47,7 @@ pub fn campaigns_page(campaigns: &[Campaign], counts: &Counts, now: i64) -> Mark
         counts.iter().filter(|(s, p, _)| f(s, *p)).map(|(_, _, n)| n).sum()
     };
     let ended = |s: &str| State::FINAL_NAMES.contains(&s);
-    let failed = |s: &str| matches!(s, "rolling_back" | "rolled_back" | "halted");
+    let failed = |s: &str| State::FAILURE_NAMES.contains(&s);
     let total = count(&|_, _| true);
     let cards = [
         ("campaigns-total", "campaigns", total),

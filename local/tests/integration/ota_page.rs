@@ -1,6 +1,8 @@
 //! The dashboard's OTA pages and `/api/campaigns` over a real SQLite store: campaigns written
 //! through [`CampaignStore`], the local stack's router served on loopback, plain HTTP GETs.
 
+use std::net::SocketAddr;
+
 use anyhow::{Context, Result};
 use fleet_shared::adapters::embedded::SqliteStore;
 use fleet_shared::ota::campaign::{Campaign, CampaignSpec, State};
@@ -10,9 +12,12 @@ use serde_json::Value;
 
 use crate::support::{dashboard, get};
 
-/// Rotations `rot-0` .. `rot-<n-1>`, created a second apart; the last one halted.
-async fn rotations(store: &SqliteStore, n: usize) -> Result<()> {
-    let now = time::now_ms();
+/// Rotations `rot-0` .. `rot-2` stored a second apart, the newest halted, and the dashboard on
+/// their store (kept while the directory lives).
+async fn three_rotations_served() -> Result<(tempfile::TempDir, SocketAddr)> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(&dir.path().join("fleet.sqlite"))?;
+    let (n, now) = (3, time::now_ms());
     for i in 0..n {
         let spec = CampaignSpec::rotation(&format!("rot-{i}"), "sensor", "1.4.2");
         let mut c = Campaign::rotation(spec, now - (n - i) as i64 * 1_000)?;
@@ -21,16 +26,13 @@ async fn rotations(store: &SqliteStore, n: usize) -> Result<()> {
         }
         store.put_campaign(&c).await?;
     }
-    Ok(())
+    Ok((dir, dashboard(&store).await?))
 }
 
 #[tokio::test]
 async fn the_ota_pages_list_the_campaigns_running_ones_first_and_show_one_with_why_it_ended() -> Result<()> {
     // GIVEN three stored rotations, the newest halted, and the dashboard on their store
-    let dir = tempfile::tempdir()?;
-    let store = SqliteStore::open(&dir.path().join("fleet.sqlite"))?;
-    rotations(&store, 3).await?;
-    let addr = dashboard(&store).await?;
+    let (_dir, addr) = three_rotations_served().await?;
     // WHEN /ota is read
     let (status, html) = get(addr, "/ota").await?;
     // THEN all three are listed, those not ended first, newest first, each linking to its page
@@ -58,11 +60,8 @@ async fn the_ota_pages_list_the_campaigns_running_ones_first_and_show_one_with_w
 
 #[tokio::test]
 async fn api_campaigns_pages_through_every_campaign_by_id() -> Result<()> {
-    // GIVEN three stored rotations
-    let dir = tempfile::tempdir()?;
-    let store = SqliteStore::open(&dir.path().join("fleet.sqlite"))?;
-    rotations(&store, 3).await?;
-    let addr = dashboard(&store).await?;
+    // GIVEN three stored rotations, served
+    let (_dir, addr) = three_rotations_served().await?;
     // WHEN they are read two at a time
     let (status, body) = get(addr, "/api/campaigns?limit=2").await?;
     assert_eq!(status, 200, "{body}");

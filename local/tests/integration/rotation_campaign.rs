@@ -142,14 +142,7 @@ async fn a_rotation_campaign_moves_the_devices_due_to_new_certificates_stage_by_
     let (catalog, verifier) = (Catalog::builtin(), ManifestVerifier::new(vec![]));
     let db = &stack.store;
     let rotation = RotationPorts::of(db);
-    let engine = Engine {
-        fleet: db,
-        jobs: db,
-        health: db,
-        rotation: &rotation,
-        catalog: &catalog,
-        verifier: &verifier,
-    };
+    let engine = Engine::over(db, &rotation, &catalog, &verifier);
     let deadline = tokio::time::Instant::now() + CAMPAIGN_PATIENCE;
     let campaign = loop {
         let mut c = stack.store.campaign("rotate-k").await?.context("stored")?;

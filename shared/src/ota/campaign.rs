@@ -297,6 +297,9 @@ impl State {
         )
     }
 
+    /// The names of the states where it went wrong.
+    pub const FAILURE_NAMES: [&'static str; 3] = ["rolling_back", "rolled_back", "halted"];
+
     /// It went wrong: rolling back, rolled back, or halted.
     pub fn is_failure(&self) -> bool {
         matches!(self, State::RollingBack { .. } | State::RolledBack { .. } | State::Halted { .. })
@@ -756,7 +759,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_final_names_are_the_final_states_names_and_their_stored_tags() -> anyhow::Result<()> {
+    fn the_final_and_failure_names_are_those_states_names_and_their_stored_tags() -> anyhow::Result<()> {
         let reason = || "r".to_owned();
         let all = [
             State::Pending,
@@ -773,6 +776,7 @@ pub(crate) mod tests {
         ];
         for s in &all {
             assert_eq!(State::FINAL_NAMES.contains(&s.name()), s.is_final(), "{s:?}");
+            assert_eq!(State::FAILURE_NAMES.contains(&s.name()), s.is_failure(), "{s:?}");
             assert_eq!(serde_json::to_value(s)?["state"], s.name(), "{s:?}");
         }
         Ok(())

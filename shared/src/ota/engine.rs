@@ -189,6 +189,14 @@ pub struct Engine<'a, F, J, H, R> {
     pub verifier: &'a ManifestVerifier,
 }
 
+impl<'a, S, R> Engine<'a, S, S, S, R> {
+    /// An engine over one store that is the registry, IoT Jobs and the SLO ledger at once
+    /// (SQLite: the CLI's embedded backend, the local IoT Core, tests).
+    pub fn over(store: &'a S, rotation: &'a R, catalog: &'a Catalog, verifier: &'a ManifestVerifier) -> Self {
+        Engine { fleet: store, jobs: store, health: store, rotation, catalog, verifier }
+    }
+}
+
 impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, F, J, H, R> {
     /// Check a new campaign's manifests (signed by a trusted key, for its class and firmware);
     /// a certificate rotation has none.
@@ -674,14 +682,7 @@ mod tests {
             SqliteStore,
             RotationPorts<SqliteStore, SqliteStore, SqliteStore>,
         > {
-            Engine {
-                fleet: &self.db,
-                jobs: &self.db,
-                health: &self.db,
-                rotation: &self.rotation,
-                catalog: &self.catalog,
-                verifier: &self.verifier,
-            }
+            Engine::over(&self.db, &self.rotation, &self.catalog, &self.verifier)
         }
 
         /// Tick, store, and read back (as the orchestrator does).

@@ -96,13 +96,19 @@ impl Rotation {
     }
 
     /// Whether `topic` is an answer on one of [`Self::subscriptions`].
+    /// (Called on every message a device gets: it builds no topic.)
     pub fn is_answer(template: &str, topic: &str) -> bool {
-        [CREATE_FROM_CSR_TOPIC.to_owned(), register_topic(template)].iter().any(|request| {
+        let register = || {
             topic
-                .strip_prefix(request.as_str())
-                .and_then(|rest| rest.strip_prefix('/'))
-                .is_some_and(|answer| !answer.is_empty() && !answer.contains('/'))
-        })
+                .strip_prefix("$aws/provisioning-templates/")?
+                .strip_prefix(template)?
+                .strip_prefix("/provision/json")
+        };
+        topic
+            .strip_prefix(CREATE_FROM_CSR_TOPIC)
+            .or_else(register)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(|answer| !answer.is_empty() && !answer.contains('/'))
     }
 
     /// An answer on one of [`Self::subscriptions`].
