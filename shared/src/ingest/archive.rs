@@ -1,8 +1,10 @@
-//! Archive objects: one gzip NDJSON object per batch, named by its content hash, so the same
-//! batch always lands on the same key with the same bytes (replays overwrite, never add).
+//! Archive objects: one gzip NDJSON object per batch, named by the SHA-256 of its body. The lines
+//! are sorted and flate2 writes no time or name, so the same batch always gives the same bytes
+//! and lands on the same key (replays overwrite, never add). The one digest also signs the
+//! upload (an object store's request signature hashes the body): the body is hashed once.
 //!
-//! - raw:        `raw/dt=YYYY-MM-DD/hour=HH/<sha256[..32]>.ndjson.gz`, one original body per line
-//! - quarantine: `quarantine/dt=YYYY-MM-DD/hour=HH/<sha256[..32]>.ndjson.gz`, one [`QuarantineLine`] per line
+//! - raw:        `raw/dt=YYYY-MM-DD/hour=HH/<sha256(body)[..32]>.ndjson.gz`, one original body per line
+//! - quarantine: `quarantine/dt=YYYY-MM-DD/hour=HH/<sha256(body)[..32]>.ndjson.gz`, one [`QuarantineLine`] per line
 
 use std::io::Write;
 
@@ -25,6 +27,21 @@ pub struct ArchiveObject {
     /// gzip-compressed NDJSON.
     pub body: Vec<u8>,
     pub lines: usize,
+    /// SHA-256 of `body` (private: it always matches the body).
+    sha256: [u8; 32],
+}
+
+impl ArchiveObject {
+    /// An object holding `body` under `key`.
+    pub fn new(key: String, body: Vec<u8>, lines: usize) -> Self {
+        let sha256 = Sha256::digest(&body).into();
+        Self { key, body, lines, sha256 }
+    }
+
+    /// SHA-256 of the body, lowercase hex: the payload hash a SigV4 upload of it carries.
+    pub fn body_sha256_hex(&self) -> String {
+        hex(&self.sha256)
+    }
 }
 
 /// One quarantined message as archived: the original bytes and every reason.
@@ -123,26 +140,35 @@ fn encode(prefix: &str, lines: &[Vec<u8>], received_ms: i64) -> Option<ArchiveOb
         ndjson.extend_from_slice(l);
         ndjson.push(b'\n');
     }
-    let hex = content_id(&ndjson);
     let (date, hour) = utc_date_hour(received_ms);
-    // flate2 writes mtime 0 and no name: the same input always gives the same bytes.
+    // flate2 writes mtime 0 and no name: the same input always gives the same bytes. The body
+    // is named by its own hash (a fifth of the lines' bytes to hash), which signs it too.
     let mut gz = GzEncoder::new(Vec::with_capacity(ndjson.len() / 4), Compression::fast());
     gz.write_all(&ndjson).expect("writing to a Vec cannot fail");
     let body = gz.finish().expect("writing to a Vec cannot fail");
+    let sha256: [u8; 32] = Sha256::digest(&body).into();
     Some(ArchiveObject {
-        key: format!("{prefix}dt={date}/hour={hour:02}/{hex}.ndjson.gz"),
+        key: format!("{prefix}dt={date}/hour={hour:02}/{}.ndjson.gz", hex(&sha256[..16])),
         body,
         lines: lines.len(),
+        sha256,
     })
 }
 
 /// A short, stable id of some bytes (first 128 bits of SHA-256, hex).
 pub fn content_id(bytes: &[u8]) -> String {
-    hex16(&Sha256::digest(bytes))
+    hex(&Sha256::digest(bytes)[..16])
 }
 
-fn hex16(hash: &[u8]) -> String {
-    hash[..16].iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// Decode an archive object's body back into its lines.
@@ -170,6 +196,16 @@ mod tests {
         assert!(a.key.starts_with("raw/dt=2025-11-24/hour=16/"), "{}", a.key);
         assert!(a.key.ends_with(".ndjson.gz"));
         assert_eq!(decode_lines(&a.body)?, vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]);
+        Ok(())
+    }
+
+    #[test]
+    fn the_key_and_the_upload_signature_carry_the_body_hash() -> anyhow::Result<()> {
+        let o = raw_object([&b"{\"a\":1}"[..]], 0).ok_or_else(|| anyhow::anyhow!("empty"))?;
+        let digest: String = Sha256::digest(&o.body).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(o.body_sha256_hex(), digest);
+        assert_eq!(o.key, format!("raw/dt=1970-01-01/hour=00/{}.ndjson.gz", &digest[..32]));
+        assert_eq!(ArchiveObject::new(o.key.clone(), o.body.clone(), o.lines), o);
         Ok(())
     }
 

@@ -90,16 +90,35 @@ struct SqsAttributes {
     sent_timestamp: Option<String>,
 }
 
-/// The common case in one pass: an SQS event whose every record is a well-formed SQS message.
+/// The common case in one pass: an SQS event whose every record is a well-formed SQS message
+/// (its source and sent time borrowed from the event: they never hold escapes; one that does
+/// takes the careful path).
 #[derive(Deserialize)]
-struct WellFormedSqsEvent {
-    #[serde(rename = "Records")]
-    records: Vec<SqsRecord>,
+struct WellFormedSqsEvent<'a> {
+    #[serde(rename = "Records", borrow)]
+    records: Vec<WellFormedRecord<'a>>,
     #[serde(default)]
     thing: Option<serde::de::IgnoredAny>,
 }
 
-impl WellFormedSqsEvent {
+#[derive(Deserialize)]
+struct WellFormedRecord<'a> {
+    #[serde(rename = "messageId")]
+    message_id: Option<String>,
+    #[serde(rename = "eventSource")]
+    event_source: Option<&'a str>,
+    #[serde(default, borrow)]
+    attributes: WellFormedAttributes<'a>,
+    body: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct WellFormedAttributes<'a> {
+    #[serde(rename = "SentTimestamp")]
+    sent_timestamp: Option<&'a str>,
+}
+
+impl WellFormedSqsEvent<'_> {
     /// The messages, if there is no `thing` and every record has an id, the SQS source and a body.
     fn into_messages(self, now_ms: i64) -> Option<Vec<OwnedInbound>> {
         if self.thing.is_some() {
@@ -107,7 +126,7 @@ impl WellFormedSqsEvent {
         }
         self.records
             .into_iter()
-            .map(|r| match (r.message_id, r.event_source.as_deref(), r.body) {
+            .map(|r| match (r.message_id, r.event_source, r.body) {
                 (Some(id), Some(SQS_EVENT_SOURCE), Some(body)) => Some(OwnedInbound {
                     message_id: id,
                     received_ms: r.attributes.sent_timestamp.and_then(|t| t.parse().ok()).unwrap_or(now_ms),
@@ -249,6 +268,16 @@ mod tests {
         // A retried event gives the broken records the same ids.
         let Trigger::Sqs(again) = parse_event(event, 99) else { panic!("not a batch") };
         assert_eq!(again[1].message_id, m[1].message_id);
+    }
+
+    #[test]
+    fn escapes_where_sqs_never_writes_them_give_the_same_messages() {
+        // The fast path borrows eventSource and SentTimestamp; escaped, they take the careful one.
+        let plain = r#"{"Records":[{"eventSource":"aws:sqs","messageId":"a","attributes":{"SentTimestamp":"7"},"body":"{}"}]}"#;
+        let escaped = r#"{"Records":[{"eventSource":"aws:sqs","messageId":"a","attributes":{"SentTimestamp":"7"},"body":"{}"}]}"#;
+        let expected = Trigger::Sqs(vec![OwnedInbound::new("a", 7, &b"{}"[..])]);
+        assert_eq!(parse_event(plain, 1), expected);
+        assert_eq!(parse_event(escaped, 1), expected);
     }
 
     #[test]

@@ -99,6 +99,13 @@ struct MessageFate {
     of: Option<usize>,
 }
 
+impl MessageFate {
+    /// Message `m`'s fate in `fates` (by message index), started when it has none yet.
+    fn at(fates: &mut [Option<MessageFate>], m: usize) -> &mut MessageFate {
+        fates[m].get_or_insert_with(MessageFate::default)
+    }
+}
+
 /// A message on its way to the quarantine.
 struct ToQuarantine {
     index: usize,
@@ -133,7 +140,7 @@ where
 
     let mut readings = std::mem::take(&mut plan.readings);
     let mut devices: HashMap<ThingName, Device> = HashMap::new();
-    let mut settled: Vec<ThingName> = Vec::new();
+    let mut settled: Vec<&ThingName> = Vec::new();
     if !readings.is_empty() {
         let span = info_span!("store", readings = readings.len());
         let (fates, stored, known) =
@@ -144,8 +151,9 @@ where
         let mut unknown: HashSet<&ThingName> = HashSet::new();
         // A message's fate is its readings' (a v2 pack carries several): retried if any failed
         // transiently, quarantined if any was refused for good, accepted if any was newly
-        // stored, a duplicate when all were already there.
-        let mut per_message: std::collections::BTreeMap<usize, MessageFate> = Default::default();
+        // stored, a duplicate when all were already there. (By message index.)
+        let mut per_message: Vec<Option<MessageFate>> = Vec::new();
+        per_message.resize_with(messages.len(), || None);
         let repeats = plan.repeats();
         for (r, fate) in fates.iter().enumerate() {
             let origin = plan.origin[r];
@@ -161,17 +169,17 @@ where
                         out.unregistered += 1;
                         unknown.insert(&reading.id.thing);
                     }
-                    per_message.entry(origin).or_default().stored_new = true;
-                    carriers().for_each(|m| per_message.entry(m).or_default().of = Some(r));
+                    MessageFate::at(&mut per_message, origin).stored_new = true;
+                    carriers().for_each(|m| MessageFate::at(&mut per_message, m).of = Some(r));
                 }
                 WriteStatus::Duplicate => carriers().for_each(|m| {
-                    per_message.entry(m).or_default().of = Some(r);
+                    MessageFate::at(&mut per_message, m).of = Some(r);
                 }),
                 WriteStatus::Refused(e) if e.is_transient() => carriers().for_each(|m| {
-                    per_message.entry(m).or_default().transient = Some(Arc::clone(e));
+                    MessageFate::at(&mut per_message, m).transient = Some(Arc::clone(e));
                 }),
                 WriteStatus::Refused(e) => carriers().for_each(|m| {
-                    let f = per_message.entry(m).or_default();
+                    let f = MessageFate::at(&mut per_message, m);
                     f.thing = Some(readings[r].id.thing.as_str().to_owned());
                     let problem = refusal_problem(e);
                     if !f.refused.contains(&problem) {
@@ -180,17 +188,17 @@ where
                 }),
             }
         }
-        for (index, f) in per_message {
+        for (index, f) in per_message.into_iter().enumerate().filter_map(|(i, f)| Some((i, f?))) {
             if let Some(error) = f.transient {
                 out.failed.push(FailedMessage { message_id: messages[index].message_id.to_owned(), error });
             } else if !f.refused.is_empty() {
                 to_quarantine.push(ToQuarantine { index, thing: f.thing, problems: f.refused });
             } else if f.stored_new {
                 out.accepted += 1;
-                settled.extend(f.of.map(|r| readings[r].id.thing.clone()));
+                settled.extend(f.of.map(|r| &readings[r].id.thing));
             } else {
                 out.duplicates += 1;
-                settled.extend(f.of.map(|r| readings[r].id.thing.clone()));
+                settled.extend(f.of.map(|r| &readings[r].id.thing));
             }
         }
         out.unknown_devices = unknown.len();
@@ -243,7 +251,7 @@ where
 async fn count_settled<R: DeviceRegistry>(
     registry: &R,
     out: &mut BatchOutcome,
-    settled: &[ThingName],
+    settled: &[&ThingName],
     mut devices: HashMap<ThingName, Device>,
     now_ms: i64,
 ) {
@@ -261,15 +269,21 @@ async fn count_settled<R: DeviceRegistry>(
             }
         }
     }
-    let cohort = |thing: Option<&ThingName>| Cohort::of(thing.and_then(|t| devices.get(t)), None);
-    let mut counts: std::collections::BTreeMap<Cohort, (i64, i64)> = Default::default();
-    for thing in settled {
-        counts.entry(cohort(Some(thing))).or_default().0 += 1;
+    // Counted per thing first: a thing's cohort is looked up once, not once per message.
+    let mut per_thing: HashMap<Option<&ThingName>, (i64, i64)> = HashMap::new();
+    for &thing in settled {
+        per_thing.entry(Some(thing)).or_default().0 += 1;
     }
     for thing in &quarantined {
-        let c = counts.entry(cohort(thing.as_ref())).or_default();
+        let c = per_thing.entry(thing.as_ref()).or_default();
         c.0 += 1;
         c.1 += 1;
+    }
+    let mut counts: std::collections::BTreeMap<Cohort, (i64, i64)> = Default::default();
+    for (thing, (rx, bad)) in per_thing {
+        let c = counts.entry(Cohort::of(thing.and_then(|t| devices.get(t)), None)).or_default();
+        c.0 += rx;
+        c.1 += bad;
     }
     for (c, (rx, bad)) in counts {
         signals::received(&mut out.health, now_ms, &c, rx, bad);
@@ -302,9 +316,10 @@ where
 
     // 1. Enrich from the registry (one batched lookup) and, at the same time, pin each
     // skew-corrected message to its first arrival (only when the batch has such messages).
-    let mut things: Vec<ThingName> = readings.iter().map(|r| r.id.thing.clone()).collect();
+    let mut things: Vec<&ThingName> = readings.iter().map(|r| &r.id.thing).collect();
     things.sort_unstable();
     things.dedup();
+    let things: Vec<ThingName> = things.into_iter().cloned().collect();
     let (pins, pin_of) = skew_pins(readings, &plan.origin);
     let (devices, pinned) = futures_util::join!(ports.registry.get_many(&things), async {
         if pins.is_empty() {

@@ -69,7 +69,7 @@ async fn the_raw_archive_alone_rebuilds_the_hot_store() -> Result<()> {
     let rebuilt = registered_store().await?;
     for key in original.archive_keys("raw/").await? {
         let body = original.archive_object(&key).await?;
-        rebuilt.put_raw(&ArchiveObject { key, body, lines: 0 }).await?;
+        rebuilt.put_raw(&ArchiveObject::new(key, body, 0)).await?;
     }
 
     // WHEN the archive is replayed

@@ -7,7 +7,9 @@
 //! - `item = "arrival#<boot>#<seq>"`: a skew-corrected message's first arrival, inserted once
 //!   (see [`arrival_statement`]) and expired by the table's TTL.
 //!
-//! Items map to and from Rust structs with `serde_dynamo`.
+//! Items map to and from Rust structs with `serde_dynamo`, except the registration and state
+//! items every ingest batch reads for each of its devices, which are decoded by hand
+//! ([`devices_from`]): serde_dynamo first copies an item into a map of its own.
 
 use std::collections::HashMap;
 
@@ -83,20 +85,54 @@ struct RegistrationItem {
     registered_at_ms: i64,
 }
 
-/// The state item as stored (written by the statements of [`state_statement`]).
-#[derive(Debug, Deserialize)]
-struct StateItem {
-    last_ts_ms: i64,
-    last_rx_ms: Option<i64>,
-    #[serde(default)]
-    boot: u32,
-    #[serde(default)]
-    seq: u64,
-    battery_pct: Option<f64>,
-    fw_reported: Option<String>,
+/// An item's attributes, taken by name with the type they must have. A missing or NULL
+/// attribute is `None`; one of another type, or a number that does not fit, is an error.
+struct Attributes(Item);
+
+impl Attributes {
+    fn text(&mut self, name: &str) -> Result<Option<String>, String> {
+        match self.0.remove(name) {
+            None | Some(AttributeValue::Null(_)) => Ok(None),
+            Some(AttributeValue::S(s)) => Ok(Some(s)),
+            Some(other) => Err(format!("{name} is not a string: {other:?}")),
+        }
+    }
+
+    fn number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, String> {
+        match self.0.get(name) {
+            None | Some(AttributeValue::Null(_)) => Ok(None),
+            Some(AttributeValue::N(n)) => {
+                n.parse().map(Some).map_err(|_| format!("{name} = {n} is out of range"))
+            }
+            Some(other) => Err(format!("{name} is not a number: {other:?}")),
+        }
+    }
+
+    /// The registration item as stored (see [`RegistrationItem`]).
+    fn registration(mut self) -> Result<DeviceRegistration, String> {
+        Ok(DeviceRegistration {
+            class: self.text("class")?.ok_or("no class")?,
+            region: self.text("region")?.unwrap_or_default(),
+            fw: self.text("fw")?.unwrap_or_default(),
+            registered_at_ms: self.number("registered_at_ms")?.unwrap_or_default(),
+        })
+    }
+
+    /// The state item as stored (written by the statements of [`state_statement`]).
+    fn state(mut self) -> Result<DeviceState, String> {
+        let last_ts_ms = self.number("last_ts_ms")?.ok_or("no last_ts_ms")?;
+        Ok(DeviceState {
+            last_ts_ms,
+            last_rx_ms: self.number("last_rx_ms")?.unwrap_or(last_ts_ms),
+            boot: self.number("boot")?.unwrap_or_default(),
+            seq: self.number("seq")?.unwrap_or_default(),
+            battery_pct: self.number("battery_pct")?,
+            fw: self.text("fw_reported")?,
+        })
+    }
 }
 
-fn registration_item(thing: &ThingName, r: &DeviceRegistration) -> Result<Item, StoreError> {
+pub(super) fn registration_item(thing: &ThingName, r: &DeviceRegistration) -> Result<Item, StoreError> {
     let item = RegistrationItem {
         thing: thing.as_str().to_owned(),
         item: REGISTRATION.to_owned(),
@@ -110,36 +146,26 @@ fn registration_item(thing: &ThingName, r: &DeviceRegistration) -> Result<Item, 
 
 /// Fold the items of many partitions into devices. Items that do not decode are skipped
 /// (logged): one corrupt item must not hide the rest of the fleet.
-fn devices_from(items: impl IntoIterator<Item = Item>) -> HashMap<ThingName, Device> {
+pub(super) fn devices_from(items: impl IntoIterator<Item = Item>) -> HashMap<ThingName, Device> {
     let mut out: HashMap<ThingName, Device> = HashMap::new();
     for item in items {
-        let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
-        let (Some(thing), Some(kind)) = (text(PK), text(SK)) else { continue };
+        let mut item = Attributes(item);
+        let (Ok(Some(thing)), Ok(Some(kind))) = (item.text(PK), item.text(SK)) else { continue };
         let Ok(thing) = ThingName::parse(&thing) else { continue };
-        let d = out.entry(thing.clone()).or_insert(Device { thing, registration: None, state: None });
+        let d = match out.entry(thing) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let thing = e.key().clone();
+                e.insert(Device { thing, registration: None, state: None })
+            }
+        };
         match kind.as_str() {
-            REGISTRATION => match serde_dynamo::from_item::<_, RegistrationItem>(item) {
-                Ok(r) => {
-                    d.registration = Some(DeviceRegistration {
-                        class: r.class,
-                        region: r.region,
-                        fw: r.fw,
-                        registered_at_ms: r.registered_at_ms,
-                    })
-                }
+            REGISTRATION => match item.registration() {
+                Ok(r) => d.registration = Some(r),
                 Err(e) => tracing::warn!(thing = %d.thing, error = %e, "registration item skipped"),
             },
-            STATE => match serde_dynamo::from_item::<_, StateItem>(item) {
-                Ok(s) => {
-                    d.state = Some(DeviceState {
-                        last_ts_ms: s.last_ts_ms,
-                        last_rx_ms: s.last_rx_ms.unwrap_or(s.last_ts_ms),
-                        boot: s.boot,
-                        seq: s.seq,
-                        battery_pct: s.battery_pct,
-                        fw: s.fw_reported,
-                    })
-                }
+            STATE => match item.state() {
+                Ok(s) => d.state = Some(s),
                 Err(e) => tracing::warn!(thing = %d.thing, error = %e, "state item skipped"),
             },
             _ => {}

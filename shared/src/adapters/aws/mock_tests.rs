@@ -25,7 +25,7 @@ use aws_sdk_timestreamwrite::types::error::{
 use aws_sdk_timestreamwrite::types::RejectedRecord;
 use aws_smithy_mocks::{mock, mock_client, MockResponse, Rule, RuleMode};
 
-use super::devices::{state_statement, StateStep};
+use super::devices::{devices_from, registration_item, state_statement, StateStep};
 use super::{DevicesTable, TimestreamQuery, TimestreamSink};
 use crate::error::ErrorKind;
 use crate::model::{
@@ -485,4 +485,155 @@ async fn an_operator_write_rereads_and_retries_on_conflicts_then_reports_the_ver
     // THEN each try carried the version it had just read, and the third was applied
     assert_eq!(*sent.lock().expect("lock"), [Some(4), Some(5), Some(6)]);
     assert_eq!(outcome, WriteOutcome::Applied { version: 7, attempts: 3 });
+}
+
+/// The headers and body of every request an SDK client is about to send (after signing).
+#[derive(Debug, Clone, Default)]
+struct Sent(Arc<Mutex<Vec<SentRequest>>>);
+
+/// A request's headers and body.
+type SentRequest = (http::HeaderMap, Vec<u8>);
+
+impl aws_sdk_s3::config::Intercept for Sent {
+    fn name(&self) -> &'static str {
+        "Sent"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<
+            '_,
+        >,
+        _components: &aws_sdk_s3::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let request = context.request();
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in request.headers() {
+            headers
+                .insert(http::HeaderName::from_bytes(name.as_bytes())?, http::HeaderValue::from_str(value)?);
+        }
+        let body = request.body().bytes().unwrap_or_default().to_vec();
+        self.0.lock().expect("lock").push((headers, body));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_archive_upload_is_signed_with_the_hash_that_names_it() {
+    use crate::ingest::archive::raw_object;
+    use crate::ports::RawArchive;
+    use aws_sdk_s3::operation::put_object::PutObjectOutput;
+    use sha2::{Digest, Sha256};
+
+    // GIVEN an S3 archive whose client records what it sends
+    let put = mock!(aws_sdk_s3::Client::put_object).then_output(|| PutObjectOutput::builder().build());
+    let sent = Sent::default();
+    let client = mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put], |conf| conf.interceptor(sent.clone()));
+    let archive = super::S3Archive::new(client, "archive");
+    // WHEN a batch's raw object is put
+    let object = raw_object([&b"{\"a\":1}"[..], b"{\"b\":2}"], 1_764_000_000_000).expect("two lines");
+    archive.put_raw(&object).await.expect("put");
+    // THEN the signed payload hash is the SHA-256 of the body sent, which names the object
+    let sent = sent.0.lock().expect("lock").clone();
+    let [(headers, body)] = sent.as_slice() else { panic!("{} requests", sent.len()) };
+    assert_eq!(body, &object.body);
+    let digest: String = Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()), Some(digest.as_str()));
+    assert!(object.key.contains(&digest[..32]), "{}", object.key);
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(authorization.contains("x-amz-content-sha256"), "the hash is not signed: {authorization}");
+}
+
+#[tokio::test]
+async fn the_sdk_signs_with_the_precomputed_hash_instead_of_hashing_the_body() {
+    use aws_sdk_s3::operation::put_object::PutObjectOutput;
+
+    // GIVEN a put whose precomputed payload hash is not the body's
+    let put = mock!(aws_sdk_s3::Client::put_object).then_output(|| PutObjectOutput::builder().build());
+    let sent = Sent::default();
+    let client = mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put], |conf| conf.interceptor(sent.clone()));
+    let stand_in = "ab".repeat(32);
+    // WHEN it is sent
+    client
+        .put_object()
+        .bucket("archive")
+        .key("k")
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"body"))
+        .customize()
+        .interceptor(super::s3::PrecomputedPayloadHash(stand_in.clone()))
+        .send()
+        .await
+        .expect("put");
+    // THEN the request carries that hash: the SDK took it and did not hash the body itself
+    let sent = sent.0.lock().expect("lock").clone();
+    let hash = sent.first().and_then(|(h, _)| h.get("x-amz-content-sha256")).and_then(|v| v.to_str().ok());
+    assert_eq!(hash, Some(stand_in.as_str()));
+}
+
+#[test]
+fn reads_registration_and_state_items_and_skips_only_a_corrupt_one() {
+    let s = |v: &str| AttributeValue::S(v.to_owned());
+    let n = |v: &str| AttributeValue::N(v.to_owned());
+    let item = |attrs: Vec<(&str, AttributeValue)>| -> HashMap<String, AttributeValue> {
+        attrs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    };
+    let registered = DeviceRegistration {
+        class: "pump".into(),
+        region: "eu".into(),
+        fw: "1.0".into(),
+        registered_at_ms: 5,
+    };
+    let items = vec![
+        // dev-0001: a registration as the adapter writes it, and a full state
+        registration_item(&thing(1), &registered).expect("encodes"),
+        item(vec![
+            ("thing", s("dev-0001")),
+            ("item", s("state")),
+            ("last_ts_ms", n("100")),
+            ("boot", n("2")),
+            ("seq", n("9")),
+            ("battery_pct", n("87.5")),
+            ("fw_reported", s("1.1")),
+            ("something_else", s("ignored")),
+        ]),
+        // dev-0002: a registration whose class is a number (skipped), a state without options
+        item(vec![("thing", s("dev-0002")), ("item", s("registration")), ("class", n("7"))]),
+        item(vec![
+            ("thing", s("dev-0002")),
+            ("item", s("state")),
+            ("last_ts_ms", n("50")),
+            ("last_rx_ms", n("60")),
+        ]),
+        // dev-0003: only a presence item, and a state whose seq does not fit: no device
+        item(vec![
+            ("thing", s("dev-0003")),
+            ("item", s("presence")),
+            ("connected", AttributeValue::Bool(true)),
+        ]),
+        item(vec![("thing", s("dev-0003")), ("item", s("state")), ("last_ts_ms", n("1")), ("seq", n("-1"))]),
+    ];
+    let devices = devices_from(items);
+    let mut things: Vec<&str> = devices.keys().map(ThingName::as_str).collect();
+    things.sort_unstable();
+    assert_eq!(things, ["dev-0001", "dev-0002"]);
+    let one = &devices[&thing(1)];
+    assert_eq!(one.registration.as_ref(), Some(&registered));
+    assert_eq!(
+        one.state,
+        Some(DeviceState {
+            last_ts_ms: 100,
+            last_rx_ms: 100,
+            boot: 2,
+            seq: 9,
+            battery_pct: Some(87.5),
+            fw: Some("1.1".into())
+        })
+    );
+    let two = &devices[&thing(2)];
+    assert_eq!(two.registration, None);
+    assert_eq!(
+        two.state,
+        Some(DeviceState { last_ts_ms: 50, last_rx_ms: 60, boot: 0, seq: 0, battery_pct: None, fw: None })
+    );
 }

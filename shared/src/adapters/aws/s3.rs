@@ -3,7 +3,11 @@
 //! key with the same bytes).
 
 use aws_config::SdkConfig;
+use aws_runtime::auth::PayloadSigningOverride;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_runtime_api::box_error::BoxError;
 
 use super::{classify, endpoint_overridden};
 use crate::env::{ConfigError, Env};
@@ -41,6 +45,8 @@ impl S3Archive {
             .key(&object.key)
             .content_type("application/gzip")
             .body(ByteStream::from(object.body.clone()))
+            .customize()
+            .interceptor(PrecomputedPayloadHash(object.body_sha256_hex()))
             .send()
             .await
             .map_err(|e| classify(op, e))?;
@@ -106,6 +112,27 @@ impl S3Archive {
         }
         out.sort_by(|a, b| (a.received_ms, &a.message_id).cmp(&(b.received_ms, &b.message_id)));
         Ok(out)
+    }
+}
+
+/// Signs a request with the payload hash computed beforehand: an archive object's SHA-256 names
+/// it, so the SDK need not hash the body a second time. S3 checks the body against it.
+#[derive(Debug)]
+pub(super) struct PrecomputedPayloadHash(pub(super) String);
+
+impl Intercept for PrecomputedPayloadHash {
+    fn name(&self) -> &'static str {
+        "PrecomputedPayloadHash"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state().store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
     }
 }
 

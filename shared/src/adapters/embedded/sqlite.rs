@@ -367,7 +367,7 @@ impl SqliteStore {
             let mut st =
                 c.prepare_cached("SELECT key, body, lines FROM archive WHERE key LIKE ?1 ORDER BY key")?;
             let rows = st.query_map([like], |r| {
-                Ok(ArchiveObject { key: r.get(0)?, body: r.get(1)?, lines: r.get::<_, i64>(2)? as usize })
+                Ok(ArchiveObject::new(r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as usize))
             })?;
             rows.collect()
         })
@@ -849,7 +849,7 @@ mod tests {
         let store = SqliteStore::open(&path)?;
         let empty = std::fs::metadata(&path)?.len();
         for i in 0..4 {
-            let object = ArchiveObject { key: format!("raw/{i}"), body: vec![i as u8; 1 << 20], lines: 1 };
+            let object = ArchiveObject::new(format!("raw/{i}"), vec![i as u8; 1 << 20], 1);
             store.put_raw(&object).await?;
         }
         // WHEN the checkpointer has had a turn (the writer itself never checkpoints)
