@@ -30,7 +30,9 @@ use aws_smithy_mocks::{mock, mock_client, RuleMode};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
-use fleet_shared::adapters::aws::{DevicesTable, HealthTable, HotStore, S3Archive, TimestreamSink};
+use fleet_shared::adapters::aws::{
+    DevicesTable, HealthTable, HotStore, S3Archive, TimestreamSink, REGISTRATION_CACHE_TTL,
+};
 use fleet_shared::ingest::{sim, IngestPolicy, OwnedInbound};
 use fleet_shared::metrics::MetricsOut;
 use fleet_shared::model::{Device, DeviceRegistration, ThingName};
@@ -177,7 +179,8 @@ async fn moto_deps(load: Load) -> Result<(AwsDeps, Vec<(ThingName, DeviceRegistr
         .then(|| TimestreamSink::new(timestream, &resources.telemetry_database, &resources.telemetry_table));
     let archive = S3Archive::new(s3, &resources.archive_bucket);
     let deps = ingest_deps(
-        DevicesTable::new(dynamodb.clone(), &resources.devices_table),
+        DevicesTable::new(dynamodb.clone(), &resources.devices_table)
+            .caching_registrations(REGISTRATION_CACHE_TTL),
         HealthTable::new(dynamodb, &resources.health_table),
         sink,
         archive,
@@ -195,10 +198,10 @@ async fn moto_deps(load: Load) -> Result<(AwsDeps, Vec<(ThingName, DeviceRegistr
 pub fn ingest_on_mocks(rt: &Runtime, load: Load) -> Result<LoadFigures> {
     let registrations = sim::registrations(load.devices);
     // Each thing's registration, and the firmware its simulated device reports (sim-00007: 7).
-    let registered: HashMap<String, (String, String, &'static str)> = registrations
+    let registered: HashMap<String, (DeviceRegistration, &'static str)> = registrations
         .iter()
         .enumerate()
-        .map(|(i, (t, r))| (t.as_str().to_owned(), (r.class.clone(), r.region.clone(), sim::firmware(i))))
+        .map(|(i, (t, r))| (t.as_str().to_owned(), (r.clone(), sim::firmware(i))))
         .collect();
     let batch_get = mock!(aws_sdk_dynamodb::Client::batch_get_item).then_compute_output(move |req| {
         let mut out = aws_sdk_dynamodb::operation::batch_get_item::BatchGetItemOutput::builder();
@@ -207,13 +210,14 @@ pub fn ingest_on_mocks(rt: &Runtime, load: Load) -> Result<LoadFigures> {
             // after the warm-up batch).
             let last_ms = AttributeValue::N((time::now_ms() - 1_000).to_string());
             let items = keys.keys().iter().filter_map(|k| {
-                let (class, region, fw) = registered.get(k.get("thing")?.as_s().ok()?)?;
+                let (registration, fw) = registered.get(k.get("thing")?.as_s().ok()?)?;
                 let mut item = k.clone();
                 match k.get("item")?.as_s().ok()?.as_str() {
                     "registration" => {
-                        item.insert("class".into(), AttributeValue::S(class.clone()));
-                        item.insert("region".into(), AttributeValue::S(region.clone()));
-                        item.insert("registered_at_ms".into(), AttributeValue::N("1".into()));
+                        item.insert("class".into(), AttributeValue::S(registration.class.clone()));
+                        item.insert("region".into(), AttributeValue::S(registration.region.clone()));
+                        let at = registration.registered_at_ms.to_string();
+                        item.insert("registered_at_ms".into(), AttributeValue::N(at));
                     }
                     "state" => {
                         item.insert("last_ts_ms".into(), last_ms.clone());
@@ -255,7 +259,7 @@ pub fn ingest_on_mocks(rt: &Runtime, load: Load) -> Result<LoadFigures> {
         TimestreamSink::new(client, "fleet", "telemetry")
     });
     let deps = ingest_deps(
-        DevicesTable::new(dynamodb.clone(), "Devices"),
+        DevicesTable::new(dynamodb.clone(), "Devices").caching_registrations(REGISTRATION_CACHE_TTL),
         HealthTable::new(dynamodb, "Health"),
         sink,
         S3Archive::new(s3, "archive"),

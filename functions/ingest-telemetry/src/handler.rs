@@ -10,7 +10,9 @@
 use std::time::Instant;
 
 use aws_lambda_events::event::sqs::SqsBatchResponse;
-use fleet_shared::adapters::aws::{DevicesTable, HealthTable, HotStore, HotStoreKind, S3Archive};
+use fleet_shared::adapters::aws::{
+    registration_cache_ttl, DevicesTable, HealthTable, HotStore, HotStoreKind, S3Archive,
+};
 use fleet_shared::ingest::metrics::ingest_batch_metrics;
 use fleet_shared::ingest::{
     ingest_batch, parse_event, BatchOutcome, IngestPolicy, IngestPorts, OwnedInbound, Problem, Trigger,
@@ -53,7 +55,8 @@ impl Deps<DevicesTable, HotStore, S3Archive, S3Archive, HealthTable> {
         let archive = S3Archive::from_env(&aws.sdk, &aws.env)?;
         let hot = HotStoreKind::from_env(&aws.env)?;
         Ok(Self {
-            registry: DevicesTable::from_env(&aws.sdk, &aws.env)?,
+            registry: DevicesTable::from_env(&aws.sdk, &aws.env)?
+                .caching_registrations(registration_cache_ttl(&aws.env)?),
             sink: HotStore::from_env(&aws.sdk, &aws.env).await?,
             quarantine: archive.clone(),
             archive,

@@ -110,10 +110,17 @@ pub fn rule_fields(body: &[u8]) -> (Option<String>, Option<String>) {
 /// Encode raw bodies (one message each) as the batch's raw archive object.
 /// Lines are sorted, so the key does not depend on delivery order.
 pub fn raw_object<'a>(bodies: impl IntoIterator<Item = &'a [u8]>, received_ms: i64) -> Option<ArchiveObject> {
-    let mut lines: Vec<Vec<u8>> = bodies.into_iter().map(one_line).collect();
-    lines.sort_unstable();
-    lines.dedup();
-    encode(RAW_PREFIX, &lines, received_ms)
+    let mut bodies: Vec<&[u8]> = bodies.into_iter().collect();
+    if bodies.iter().any(|b| b.contains(&b'\n') || b.contains(&b'\r')) {
+        let mut lines: Vec<Vec<u8>> = bodies.into_iter().map(one_line).collect();
+        lines.sort_unstable();
+        lines.dedup();
+        return encode(RAW_PREFIX, &lines, received_ms);
+    }
+    // The usual batch: every body is one line already, sorted and written without a copy.
+    bodies.sort_unstable();
+    bodies.dedup();
+    encode(RAW_PREFIX, &bodies, received_ms)
 }
 
 /// Encode quarantined messages as the batch's quarantine object.
@@ -131,13 +138,13 @@ pub fn one_line(body: &[u8]) -> Vec<u8> {
     body.iter().map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }).collect()
 }
 
-fn encode(prefix: &str, lines: &[Vec<u8>], received_ms: i64) -> Option<ArchiveObject> {
+fn encode(prefix: &str, lines: &[impl AsRef<[u8]>], received_ms: i64) -> Option<ArchiveObject> {
     if lines.is_empty() {
         return None;
     }
-    let mut ndjson = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    let mut ndjson = Vec::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum());
     for l in lines {
-        ndjson.extend_from_slice(l);
+        ndjson.extend_from_slice(l.as_ref());
         ndjson.push(b'\n');
     }
     let (date, hour) = utc_date_hour(received_ms);
@@ -217,6 +224,24 @@ mod tests {
         assert_eq!(lines.len(), 1);
         let v: serde_json::Value = serde_json::from_slice(&lines[0])?;
         assert_eq!(v["a"], "x\ny");
+        Ok(())
+    }
+
+    #[test]
+    fn bodies_are_sorted_and_deduplicated_as_their_lines_with_or_without_newlines() -> anyhow::Result<()> {
+        let reference = |bodies: &[&[u8]]| {
+            let mut lines: Vec<Vec<u8>> = bodies.iter().map(|b| one_line(b)).collect();
+            lines.sort_unstable();
+            lines.dedup();
+            lines
+        };
+        let one_line_bodies: [&[u8]; 3] = [b"{\"b\":1}", b"{ \"a\":1}", b"{\"b\":1}"];
+        let with_newlines: [&[u8]; 3] = [b"{\"b\":1}", b"{\n\"a\":1}", b"{ \"a\":1}"];
+        for bodies in [&one_line_bodies[..], &with_newlines[..]] {
+            let o = raw_object(bodies.iter().copied(), 0).ok_or_else(|| anyhow::anyhow!("empty"))?;
+            assert_eq!(decode_lines(&o.body)?, reference(bodies));
+            assert_eq!(o.lines, 2);
+        }
         Ok(())
     }
 

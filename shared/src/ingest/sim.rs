@@ -336,7 +336,9 @@ pub fn registrations(devices: usize) -> Vec<(ThingName, DeviceRegistration)> {
                 class: "env-sensor".into(),
                 region: "eu-west".into(),
                 fw: "1.4.0".into(),
-                registered_at_ms: 1,
+                // A minute apart, as a fleet is registered over time: each device's records
+                // carry their own version (the registration time).
+                registered_at_ms: 1_700_000_000_000 + i as i64 * 60_000,
             };
             (thing, registration)
         })

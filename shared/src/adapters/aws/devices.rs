@@ -7,11 +7,16 @@
 //! - `item = "arrival#<boot>#<seq>"`: a skew-corrected message's first arrival, inserted once
 //!   (see [`arrival_statement`]) and expired by the table's TTL.
 //!
+//! The ingest function keeps the registrations it read for a while ([`RegistrationCache`]):
+//! its batches then read only their devices' state items.
+//!
 //! Items map to and from Rust structs with `serde_dynamo`, except the registration and state
 //! items every ingest batch reads for each of its devices, which are decoded by hand
 //! ([`devices_from`]): serde_dynamo first copies an item into a map of its own.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::error::DisplayErrorContext;
@@ -47,6 +52,7 @@ type Item = HashMap<String, AttributeValue>;
 pub struct DevicesTable {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    registrations: Option<Arc<RegistrationCache>>,
 }
 
 impl DevicesTable {
@@ -56,7 +62,94 @@ impl DevicesTable {
     }
 
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
-        Self { client, table: table.into() }
+        Self { client, table: table.into(), registrations: None }
+    }
+
+    /// The same table, keeping each registration [`DeviceRegistry::get_many`] reads for `ttl`
+    /// (see [`RegistrationCache`]).
+    pub fn caching_registrations(self, ttl: Duration) -> Self {
+        Self { registrations: Some(Arc::new(RegistrationCache::new(ttl))), ..self }
+    }
+}
+
+/// Registrations read recently, so that a warm ingest function's batches read only their
+/// devices' state items: half the keys, half the items to decode, and half the read units.
+/// A registration changed meanwhile (a re-registration, a removal) reaches ingest within the
+/// time to live: until then readings are enriched with the one read before. Only found
+/// registrations are kept: a device registered a moment ago is found by the next batch.
+/// Registering through the same table drops the devices' entries at once.
+#[derive(Debug)]
+pub struct RegistrationCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<ThingName, (DeviceRegistration, Instant)>>,
+}
+
+/// At most this many registrations are kept; past it the cache starts again empty.
+pub const REGISTRATION_CACHE_MAX: usize = 100_000;
+/// How long the ingest function keeps a registration unless `FLEET_REGISTRATION_CACHE_S` says.
+pub const REGISTRATION_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// `FLEET_REGISTRATION_CACHE_S`: how long the ingest function keeps the registrations it read
+/// ([`REGISTRATION_CACHE_TTL`] when unset; 0 keeps none).
+pub fn registration_cache_ttl(env: &Env) -> Result<Duration, ConfigError> {
+    const VAR: &str = "FLEET_REGISTRATION_CACHE_S";
+    match env.optional(VAR) {
+        None => Ok(REGISTRATION_CACHE_TTL),
+        Some(v) => v.parse::<u64>().map(Duration::from_secs).map_err(|_| ConfigError::Invalid {
+            var: VAR,
+            value: v,
+            expected: "a whole number of seconds (0: keep none)",
+        }),
+    }
+}
+
+impl RegistrationCache {
+    fn new(ttl: Duration) -> Self {
+        Self { ttl, entries: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ThingName, (DeviceRegistration, Instant)>> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Each of `things`' registration read less than the time to live ago (or `None`).
+    fn fresh(&self, things: &[ThingName], now: Instant) -> Vec<Option<DeviceRegistration>> {
+        let entries = self.lock();
+        things
+            .iter()
+            .map(|t| {
+                entries
+                    .get(t)
+                    .filter(|(_, read)| now.saturating_duration_since(*read) < self.ttl)
+                    .map(|(r, _)| r.clone())
+            })
+            .collect()
+    }
+
+    /// What a read of `things` found: their registrations are kept from `now`, and the things
+    /// found without one are forgotten.
+    fn found(&self, things: &[&ThingName], devices: &HashMap<ThingName, Device>, now: Instant) {
+        let mut entries = self.lock();
+        if entries.len() + things.len() > REGISTRATION_CACHE_MAX {
+            entries.clear();
+        }
+        for &thing in things {
+            match devices.get(thing).and_then(|d| d.registration.as_ref()) {
+                Some(r) => {
+                    entries.insert(thing.clone(), (r.clone(), now));
+                }
+                None => {
+                    entries.remove(thing);
+                }
+            }
+        }
+    }
+
+    fn forget<'a>(&self, things: impl IntoIterator<Item = &'a ThingName>) {
+        let mut entries = self.lock();
+        for thing in things {
+            entries.remove(thing);
+        }
     }
 }
 
@@ -274,10 +367,21 @@ pub fn state_statement(
     let thing = AttributeValue::S(thing.as_str().to_owned());
     match step {
         StateStep::Update | StateStep::UpdateAgain => {
-            let sets: String = attrs.iter().map(|(name, _)| format!(" SET \"{name}\" = ?")).collect();
-            let statement = format!(
-                "UPDATE \"{table}\"{sets} WHERE \"{PK}\" = ? AND \"{SK}\" = '{STATE}' AND \"last_ts_ms\" < ?"
-            );
+            // Appended piece by piece (no formatting): this runs for each device of each batch.
+            let mut statement = String::with_capacity(160 + table.len());
+            statement.extend(["UPDATE \"", table, "\""]);
+            for (name, _) in &attrs {
+                statement.extend([" SET \"", name, "\" = ?"]);
+            }
+            statement.extend([
+                " WHERE \"",
+                PK,
+                "\" = ? AND \"",
+                SK,
+                "\" = '",
+                STATE,
+                "' AND \"last_ts_ms\" < ?",
+            ]);
             let mut params: Vec<AttributeValue> = attrs.into_iter().map(|(_, v)| v).collect();
             params.extend([thing, num(s.last_ts_ms)]);
             (statement, params)
@@ -402,19 +506,44 @@ impl DevicesTable {
 
 impl DeviceRegistry for DevicesTable {
     async fn get_many(&self, things: &[ThingName]) -> Result<HashMap<ThingName, Device>, StoreError> {
-        let keys: Vec<Item> =
-            things.iter().flat_map(|t| [key(t.as_str(), REGISTRATION), key(t.as_str(), STATE)]).collect();
-        let chunks: Vec<Vec<Item>> = keys.chunks(BATCH_GET_MAX_KEYS).map(<[Item]>::to_vec).collect();
+        let now = Instant::now();
+        let cached = match &self.registrations {
+            Some(cache) => cache.fresh(things, now),
+            None => vec![None; things.len()],
+        };
+        let mut keys = things.iter().zip(&cached).flat_map(|(t, cached)| {
+            let registration = cached.is_none().then(|| key(t.as_str(), REGISTRATION));
+            registration.into_iter().chain([key(t.as_str(), STATE)])
+        });
+        let chunks: Vec<Vec<Item>> = std::iter::from_fn(|| {
+            let chunk: Vec<Item> = keys.by_ref().take(BATCH_GET_MAX_KEYS).collect();
+            (!chunk.is_empty()).then_some(chunk)
+        })
+        .collect();
         let results: Vec<Result<Vec<Item>, StoreError>> = stream::iter(chunks)
             .map(|chunk| self.batch_get(chunk, false))
             .buffer_unordered(MAX_CONCURRENT_REQUESTS)
             .collect()
             .await;
-        let mut items = Vec::with_capacity(keys.len());
+        let mut items = Vec::with_capacity(things.len() * 2);
         for r in results {
             items.extend(r?);
         }
-        Ok(devices_from(items))
+        let mut devices = devices_from(items);
+        if let Some(cache) = &self.registrations {
+            let read: Vec<&ThingName> =
+                things.iter().zip(&cached).filter(|(_, c)| c.is_none()).map(|(t, _)| t).collect();
+            cache.found(&read, &devices, now);
+            for (thing, registration) in things.iter().zip(cached) {
+                if let Some(registration) = registration {
+                    devices
+                        .entry(thing.clone())
+                        .or_insert_with(|| Device { thing: thing.clone(), registration: None, state: None })
+                        .registration = Some(registration);
+                }
+            }
+        }
+        Ok(devices)
     }
 
     async fn record_states(&self, states: &[(ThingName, DeviceState)]) -> Vec<(ThingName, StoreError)> {
@@ -556,8 +685,11 @@ impl DevicesTable {
     }
 }
 
-impl DeviceAdmin for DevicesTable {
-    async fn register(&self, devices: &[(ThingName, DeviceRegistration)]) -> Result<(), StoreError> {
+impl DevicesTable {
+    async fn write_registrations(
+        &self,
+        devices: &[(ThingName, DeviceRegistration)],
+    ) -> Result<(), StoreError> {
         for chunk in devices.chunks(BATCH_WRITE_MAX_ITEMS) {
             let requests = chunk
                 .iter()
@@ -572,6 +704,16 @@ impl DeviceAdmin for DevicesTable {
             self.batch_write(requests).await?;
         }
         Ok(())
+    }
+}
+
+impl DeviceAdmin for DevicesTable {
+    async fn register(&self, devices: &[(ThingName, DeviceRegistration)]) -> Result<(), StoreError> {
+        let written = self.write_registrations(devices).await;
+        if let Some(cache) = &self.registrations {
+            cache.forget(devices.iter().map(|(t, _)| t));
+        }
+        written
     }
 
     async fn device(&self, thing: &ThingName) -> Result<Option<Device>, StoreError> {

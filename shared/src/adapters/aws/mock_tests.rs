@@ -637,3 +637,108 @@ fn reads_registration_and_state_items_and_skips_only_a_corrupt_one() {
         Some(DeviceState { last_ts_ms: 50, last_rx_ms: 60, boot: 0, seq: 0, battery_pct: None, fw: None })
     );
 }
+
+/// The keys of each BatchGetItem request, as `(thing, item)`.
+type KeysRequested = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
+/// A Devices table answering BatchGetItem from `registered` things (registration and state)
+/// and `state_only` things (state), recording each request's keys.
+fn recording_devices_table(
+    registered: &'static [usize],
+    state_only: &'static [usize],
+) -> (Rule, Rule, KeysRequested) {
+    let requests: KeysRequested = Arc::default();
+    let seen = Arc::clone(&requests);
+    let get = mock!(aws_sdk_dynamodb::Client::batch_get_item).then_compute_output(move |req| {
+        let keys: Vec<(String, String)> = req
+            .request_items()
+            .and_then(|r| r.get("Devices"))
+            .map(|k| k.keys().to_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|k| {
+                let text = |n: &str| k.get(n).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+                (text("thing"), text("item"))
+            })
+            .collect();
+        seen.lock().expect("lock").push(keys.clone());
+        let items: Vec<HashMap<String, AttributeValue>> = keys
+            .into_iter()
+            .filter_map(|(thing, item)| {
+                let n: usize = thing.strip_prefix("dev-")?.parse().ok()?;
+                let mut i = HashMap::from([
+                    ("thing".to_owned(), AttributeValue::S(thing.clone())),
+                    ("item".to_owned(), AttributeValue::S(item.clone())),
+                ]);
+                match item.as_str() {
+                    "registration" if registered.contains(&n) => {
+                        i.insert("class".into(), AttributeValue::S(format!("class-{n}")));
+                    }
+                    "state" if registered.contains(&n) || state_only.contains(&n) => {
+                        i.insert("last_ts_ms".into(), AttributeValue::N("5".into()));
+                    }
+                    _ => return None,
+                }
+                Some(i)
+            })
+            .collect();
+        BatchGetItemOutput::builder().responses("Devices", items).build()
+    });
+    let put = mock!(aws_sdk_dynamodb::Client::batch_write_item)
+        .then_output(|| BatchWriteItemOutput::builder().build());
+    (get, put, requests)
+}
+
+#[tokio::test]
+async fn a_warm_ingest_reads_registrations_once_per_time_to_live_and_at_once_after_registering() {
+    let (get, put, requests) = recording_devices_table(&[1, 2], &[3]);
+    let table = devices(&[&get, &put]).caching_registrations(std::time::Duration::from_secs(60));
+    let keys = |n: usize| -> Vec<(String, String)> {
+        let mut k = requests.lock().expect("lock")[n].clone();
+        k.sort();
+        k
+    };
+    let k = |t: &str, item: &str| (t.to_owned(), item.to_owned());
+    let things = [thing(1), thing(2), thing(3)];
+
+    // WHEN three devices are looked up twice
+    let first = table.get_many(&things).await.expect("looked up");
+    let second = table.get_many(&things).await.expect("looked up");
+    // THEN the second read asks only for states, and for the registration not found before
+    assert_eq!(keys(0).len(), 6);
+    assert_eq!(
+        keys(1),
+        [
+            k("dev-0001", "state"),
+            k("dev-0002", "state"),
+            k("dev-0003", "registration"),
+            k("dev-0003", "state")
+        ]
+    );
+    // AND finds the same devices
+    for t in &things {
+        assert_eq!(first[t], second[t], "{t}");
+    }
+    assert_eq!(second[&thing(2)].class(), "class-2");
+    assert!(second[&thing(3)].registration.is_none() && second[&thing(3)].state.is_some());
+
+    // WHEN a device is registered through the same table
+    table.register(&[(thing(2), registration())]).await.expect("registered");
+    table.get_many(&things[..2]).await.expect("looked up");
+    // THEN its registration is read again at once
+    assert_eq!(keys(2), [k("dev-0001", "state"), k("dev-0002", "registration"), k("dev-0002", "state")]);
+}
+
+#[tokio::test]
+async fn without_a_registration_cache_every_read_asks_for_registrations() {
+    let (get, put, requests) = recording_devices_table(&[1], &[]);
+    for table in
+        [devices(&[&get, &put]), devices(&[&get, &put]).caching_registrations(std::time::Duration::ZERO)]
+    {
+        table.get_many(&[thing(1)]).await.expect("looked up");
+        table.get_many(&[thing(1)]).await.expect("looked up");
+    }
+    let requests = requests.lock().expect("lock");
+    assert_eq!(requests.len(), 4);
+    assert!(requests.iter().all(|keys| keys.len() == 2), "{requests:?}");
+}

@@ -39,7 +39,7 @@ use crate::error::StoreError;
 pub use campaigns::CampaignsTable;
 pub use certs::CertificatesTable;
 pub use commands::CommandsTable;
-pub use devices::DevicesTable;
+pub use devices::{registration_cache_ttl, DevicesTable, REGISTRATION_CACHE_TTL};
 pub use health::{HealthTable, PresenceTables};
 #[cfg(feature = "operator")]
 pub use hot_store::TelemetryReader;
