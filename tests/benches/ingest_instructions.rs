@@ -13,7 +13,7 @@
 //! against moto. It prints both per message and their ratio.
 //!
 //! Valgrind does not emulate SHA-NI, so under it sha2 computes SHA-256 (request signing, the
-//! archive's content id) in software, at many times the instructions the native SHA-NI path
+//! archive's name) in software, at many times the instructions the native SHA-NI path
 //! takes: the bench also prints the handler without that part, for comparison. The ratio it
 //! judges is the one with software SHA-256, i.e. the handler's count overstated.
 

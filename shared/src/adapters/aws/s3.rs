@@ -1,6 +1,6 @@
 //! Cold archive (S3): raw batches under `raw/`, quarantined payloads under `quarantine/`,
-//! one gzip NDJSON object per batch named by its content hash (a replay overwrites the same
-//! key with the same bytes).
+//! one gzip NDJSON object per batch named by the SHA-256 of its body (a replay overwrites the
+//! same key with the same bytes), which also signs the upload.
 
 use aws_config::SdkConfig;
 use aws_runtime::auth::PayloadSigningOverride;
