@@ -12,6 +12,7 @@
 //! | `FLEET_TELEMETRY_DB`, `FLEET_TELEMETRY_TABLE` | `TimestreamSink`, `TimestreamQuery` | Timestream database and table (`timestream` only) |
 //! | `FLEET_ARCHIVE_BUCKET` | `S3Archive` | S3 bucket for `raw/` and `quarantine/` |
 //! | `FLEET_SKEW_TOLERANCE_S`, `FLEET_HOT_WINDOW_DAYS` | ingest-telemetry | its time rules (`IngestPolicy::from_env`) |
+//! | `FLEET_REGISTRATION_CACHE_S` | ingest-telemetry | how long it keeps the registrations it read (`registration_cache_ttl`) |
 //!
 //! AWS endpoints follow the SDK's own `AWS_ENDPOINT_URL*` variables.
 

@@ -78,7 +78,7 @@ proptest! {
         prop_assert!(first.is_ok(), "a valid envelope was refused: {:?}\n{}", first, String::from_utf8_lossy(&body));
         // The archive stores it as one NDJSON line (newlines folded), gzip, content-addressed.
         let object = raw_object([body.as_slice()], RX).expect("one line");
-        let lines = decode_lines(&object.body).expect("the archive object reads back");
+        let lines = decode_lines(object.body()).expect("the archive object reads back");
         prop_assert_eq!(lines.len(), 1);
         let replayed = decode(&lines[0], &policy, now);
         prop_assert_eq!(first, replayed);

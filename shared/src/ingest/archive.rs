@@ -1,7 +1,10 @@
 //! Archive objects: one gzip NDJSON object per batch, named by the SHA-256 of its body. The lines
 //! are sorted and flate2 writes no time or name, so the same batch always gives the same bytes
-//! and lands on the same key (replays overwrite, never add). The one digest also signs the
-//! upload (an object store's request signature hashes the body): the body is hashed once.
+//! and lands on the same key (replays overwrite, never add) within one build: another gzip
+//! encoder or level (a flate2 upgrade) gives other bytes, so a batch archived before and
+//! replayed after such a change lands on a second key. (Replays read the readings' own
+//! identities, so the hot store is unaffected; a query over `raw/` would see the batch twice.)
+//! The one digest also signs the upload (an object store's request signature hashes the body).
 //!
 //! - raw:        `raw/dt=YYYY-MM-DD/hour=HH/<sha256(body)[..32]>.ndjson.gz`, one original body per line
 //! - quarantine: `quarantine/dt=YYYY-MM-DD/hour=HH/<sha256(body)[..32]>.ndjson.gz`, one [`QuarantineLine`] per line
@@ -23,11 +26,11 @@ pub const QUARANTINE_PREFIX: &str = "quarantine/";
 /// An encoded archive object, ready for any object store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveObject {
-    pub key: String,
+    key: String,
     /// gzip-compressed NDJSON.
-    pub body: Vec<u8>,
-    pub lines: usize,
-    /// SHA-256 of `body` (private: it always matches the body).
+    body: Vec<u8>,
+    lines: usize,
+    /// SHA-256 of `body` (the fields are private so that it always matches the body).
     sha256: [u8; 32],
 }
 
@@ -36,6 +39,20 @@ impl ArchiveObject {
     pub fn new(key: String, body: Vec<u8>, lines: usize) -> Self {
         let sha256 = Sha256::digest(&body).into();
         Self { key, body, lines, sha256 }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// gzip-compressed NDJSON.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// How many lines (messages) it holds.
+    pub fn lines(&self) -> usize {
+        self.lines
     }
 
     /// SHA-256 of the body, lowercase hex: the payload hash a SigV4 upload of it carries.

@@ -274,9 +274,10 @@ mod tests {
     fn escapes_where_sqs_never_writes_them_give_the_same_messages() {
         // The fast path borrows eventSource and SentTimestamp; escaped, they take the careful one.
         let plain = r#"{"Records":[{"eventSource":"aws:sqs","messageId":"a","attributes":{"SentTimestamp":"7"},"body":"{}"}]}"#;
-        let escaped = r#"{"Records":[{"eventSource":"aws:sqs","messageId":"a","attributes":{"SentTimestamp":"7"},"body":"{}"}]}"#;
+        let escaped = r#"{"Records":[{"eventSource":"aws:sq\u0073","messageId":"a","attributes":{"SentTimestamp":"\u0037"},"body":"{}"}]}"#;
         let expected = Trigger::Sqs(vec![OwnedInbound::new("a", 7, &b"{}"[..])]);
         assert_eq!(parse_event(plain, 1), expected);
+        assert_ne!(plain, escaped);
         assert_eq!(parse_event(escaped, 1), expected);
     }
 

@@ -22,10 +22,11 @@ fn a_batch_of_1000_messages_from_100_devices_takes_at_most_25_requests() -> Resu
         let load = Load { devices: 100, messages_per_batch: 1_000, batches: BATCHES, timestream };
         // WHEN three more batches of 1,000 messages go through the handler
         let figures = ingest_on_moto(&runtime()?, load)?;
-        // THEN each batch made: 1 enrichment read (100 state keys: the registrations were
-        // read by the warm-up and are kept), 4 state writes (25 devices each), 1 archive object, with Timestream 10 writes of 100 records, and one health
-        // counter update per bucket the batch touched (its arrival minute; the minute and
-        // hour its devices' newest data moved from): 1 to 3
+        // THEN each batch made: 1 enrichment read (100 state keys: the registrations were read
+        // by the warm-up and are kept), 4 state writes (25 devices each), 1 archive object,
+        // with Timestream 10 writes of 100 records, and one health counter update per bucket
+        // the batch touched (its arrival minute; the minute and hour its devices' newest data
+        // moved from): 1 to 3
         let mut requests = figures.requests.clone();
         let health = requests.remove("DynamoDB:UpdateItem").unwrap_or(0);
         ensure!((BATCHES..=3 * BATCHES).contains(&health), "{health} health updates in {BATCHES} batches");

@@ -122,8 +122,8 @@ async fn stores_every_reading_of_a_valid_v1_batch() -> Result<()> {
     // AND the batch is archived as one object holding every line
     let raw = deps.registry.archive_objects("raw/").await?;
     assert_eq!(raw.len(), 1);
-    assert_eq!(raw[0].lines, 4);
-    assert!(raw[0].key.starts_with("raw/dt=2025-11-24/hour=16/"), "{}", raw[0].key);
+    assert_eq!(raw[0].lines(), 4);
+    assert!(raw[0].key().starts_with("raw/dt=2025-11-24/hour=16/"), "{}", raw[0].key());
     Ok(())
 }
 
@@ -295,7 +295,7 @@ async fn replaying_a_duplicate_batch_leaves_identical_stored_state() -> Result<(
     let archive = deps.registry.archive_objects("").await?;
     assert_eq!(archive, archive_once);
     assert_eq!(archive.len(), 1);
-    assert_eq!(decode_lines(&archive[0].body)?.len(), 3, "distinct messages only");
+    assert_eq!(decode_lines(archive[0].body())?.len(), 3, "distinct messages only");
     Ok(())
 }
 

@@ -25,7 +25,7 @@ use aws_sdk_dynamodb::types::{
     DeleteRequest, KeysAndAttributes, PutRequest, WriteRequest,
 };
 use futures_util::stream::{self, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{batch_backoff, classify, MAX_CONCURRENT_REQUESTS};
 use crate::env::{ConfigError, Env};
@@ -66,25 +66,38 @@ impl DevicesTable {
     }
 
     /// The same table, keeping each registration [`DeviceRegistry::get_many`] reads for `ttl`
-    /// (see [`RegistrationCache`]).
+    /// (see [`RegistrationCache`]); a zero `ttl` keeps none.
     pub fn caching_registrations(self, ttl: Duration) -> Self {
-        Self { registrations: Some(Arc::new(RegistrationCache::new(ttl))), ..self }
+        let registrations = (!ttl.is_zero()).then(|| Arc::new(RegistrationCache::new(ttl)));
+        Self { registrations, ..self }
     }
 }
 
 /// Registrations read recently, so that a warm ingest function's batches read only their
 /// devices' state items: half the keys, half the items to decode, and half the read units.
 /// A registration changed meanwhile (a re-registration, a removal) reaches ingest within the
-/// time to live: until then readings are enriched with the one read before. Only found
-/// registrations are kept: a device registered a moment ago is found by the next batch.
-/// Registering through the same table drops the devices' entries at once.
+/// time to live: until then readings are enriched with the one read before. (A redelivered
+/// message enriched that way after another instance stored it with the newer registration
+/// is refused by Timestream with the higher version, and retried: the SQS visibility timeout
+/// is longer than the time to live.) Only found registrations are kept: a device registered a
+/// moment ago is found by the next batch. Registering through the same table drops the
+/// devices' entries at once, and what a read in flight found is then not kept.
 #[derive(Debug)]
 pub struct RegistrationCache {
     ttl: Duration,
-    entries: Mutex<HashMap<ThingName, (DeviceRegistration, Instant)>>,
+    state: Mutex<Entries>,
 }
 
-/// At most this many registrations are kept; past it the cache starts again empty.
+#[derive(Debug, Default)]
+struct Entries {
+    by_thing: HashMap<ThingName, (DeviceRegistration, Instant)>,
+    /// Bumped by every [`RegistrationCache::forget`]: a read that started before it does not
+    /// keep what it found (it may be the registration just replaced).
+    generation: u64,
+}
+
+/// At most this many registrations are kept: past it the expired ones are dropped, and if that
+/// is not enough, all of them.
 pub const REGISTRATION_CACHE_MAX: usize = 100_000;
 /// How long the ingest function keeps a registration unless `FLEET_REGISTRATION_CACHE_S` says.
 pub const REGISTRATION_CACHE_TTL: Duration = Duration::from_secs(60);
@@ -105,41 +118,57 @@ pub fn registration_cache_ttl(env: &Env) -> Result<Duration, ConfigError> {
 
 impl RegistrationCache {
     fn new(ttl: Duration) -> Self {
-        Self { ttl, entries: Mutex::new(HashMap::new()) }
+        Self { ttl, state: Mutex::default() }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ThingName, (DeviceRegistration, Instant)>> {
-        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Each of `things`' registration read less than the time to live ago (or `None`).
-    fn fresh(&self, things: &[ThingName], now: Instant) -> Vec<Option<DeviceRegistration>> {
+    /// Each of `things`' registration read less than the time to live ago (or `None`), and the
+    /// generation to hand back to [`Self::found`].
+    fn fresh(&self, things: &[ThingName], now: Instant) -> (Vec<Option<DeviceRegistration>>, u64) {
         let entries = self.lock();
-        things
+        let fresh = things
             .iter()
             .map(|t| {
                 entries
+                    .by_thing
                     .get(t)
                     .filter(|(_, read)| now.saturating_duration_since(*read) < self.ttl)
                     .map(|(r, _)| r.clone())
             })
-            .collect()
+            .collect();
+        (fresh, entries.generation)
     }
 
-    /// What a read of `things` found: their registrations are kept from `now`, and the things
-    /// found without one are forgotten.
-    fn found(&self, things: &[&ThingName], devices: &HashMap<ThingName, Device>, now: Instant) {
+    /// What a read of `things` that started at `now` (in `generation`) found: their
+    /// registrations are kept from `now`, and the things found without one are forgotten.
+    /// Nothing is kept if a registration was written meanwhile.
+    fn found(
+        &self,
+        things: &[&ThingName],
+        devices: &HashMap<ThingName, Device>,
+        now: Instant,
+        generation: u64,
+    ) {
         let mut entries = self.lock();
-        if entries.len() + things.len() > REGISTRATION_CACHE_MAX {
-            entries.clear();
+        if entries.generation != generation {
+            return;
+        }
+        if entries.by_thing.len() + things.len() > REGISTRATION_CACHE_MAX {
+            entries.by_thing.retain(|_, (_, read)| now.saturating_duration_since(*read) < self.ttl);
+            if entries.by_thing.len() + things.len() > REGISTRATION_CACHE_MAX {
+                entries.by_thing.clear();
+            }
         }
         for &thing in things {
             match devices.get(thing).and_then(|d| d.registration.as_ref()) {
                 Some(r) => {
-                    entries.insert(thing.clone(), (r.clone(), now));
+                    entries.by_thing.insert(thing.clone(), (r.clone(), now));
                 }
                 None => {
-                    entries.remove(thing);
+                    entries.by_thing.remove(thing);
                 }
             }
         }
@@ -147,8 +176,9 @@ impl RegistrationCache {
 
     fn forget<'a>(&self, things: impl IntoIterator<Item = &'a ThingName>) {
         let mut entries = self.lock();
+        entries.generation += 1;
         for thing in things {
-            entries.remove(thing);
+            entries.by_thing.remove(thing);
         }
     }
 }
@@ -164,8 +194,8 @@ fn num(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-/// The registration item as stored.
-#[derive(Debug, Serialize, Deserialize)]
+/// The registration item as stored (read back by [`Attributes::registration`]).
+#[derive(Debug, Serialize)]
 struct RegistrationItem {
     thing: String,
     item: String,
@@ -507,9 +537,9 @@ impl DevicesTable {
 impl DeviceRegistry for DevicesTable {
     async fn get_many(&self, things: &[ThingName]) -> Result<HashMap<ThingName, Device>, StoreError> {
         let now = Instant::now();
-        let cached = match &self.registrations {
+        let (cached, generation) = match &self.registrations {
             Some(cache) => cache.fresh(things, now),
-            None => vec![None; things.len()],
+            None => (vec![None; things.len()], 0),
         };
         let mut keys = things.iter().zip(&cached).flat_map(|(t, cached)| {
             let registration = cached.is_none().then(|| key(t.as_str(), REGISTRATION));
@@ -533,7 +563,7 @@ impl DeviceRegistry for DevicesTable {
         if let Some(cache) = &self.registrations {
             let read: Vec<&ThingName> =
                 things.iter().zip(&cached).filter(|(_, c)| c.is_none()).map(|(t, _)| t).collect();
-            cache.found(&read, &devices, now);
+            cache.found(&read, &devices, now, generation);
             for (thing, registration) in things.iter().zip(cached) {
                 if let Some(registration) = registration {
                     devices
@@ -956,5 +986,66 @@ impl DevicesTable {
                 .expression_attribute_values(":read", AttributeValue::S(encode(place)?)),
         };
         put.build().map_err(|e| StoreError::permanent("dynamodb presence put", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registered(things: &[&ThingName]) -> HashMap<ThingName, Device> {
+        things
+            .iter()
+            .map(|&t| {
+                let registration = DeviceRegistration {
+                    class: format!("class-{t}"),
+                    region: "eu".into(),
+                    fw: "1.0".into(),
+                    registered_at_ms: 1,
+                };
+                (t.clone(), Device { thing: t.clone(), registration: Some(registration), state: None })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_registration_is_kept_for_its_time_to_live_and_not_when_a_write_overtook_the_read() {
+        let cache = RegistrationCache::new(Duration::from_secs(60));
+        let (a, b) = (ThingName::parse("a").unwrap(), ThingName::parse("b").unwrap());
+        let t0 = Instant::now();
+        let (_, generation) = cache.fresh(std::slice::from_ref(&a), t0);
+        cache.found(&[&a], &registered(&[&a]), t0, generation);
+        // kept until its time to live has passed
+        let kept = |at: Instant| cache.fresh(std::slice::from_ref(&a), at).0[0].is_some();
+        assert!(kept(t0 + Duration::from_secs(59)));
+        assert!(!kept(t0 + Duration::from_secs(60)));
+        // a read that started before a registration was written keeps nothing
+        let (_, generation) = cache.fresh(std::slice::from_ref(&b), t0);
+        cache.forget([&b]);
+        cache.found(&[&b], &registered(&[&b]), t0, generation);
+        assert!(cache.fresh(std::slice::from_ref(&b), t0).0[0].is_none());
+        // and a thing found without a registration is forgotten
+        let (_, generation) = cache.fresh(std::slice::from_ref(&a), t0);
+        cache.found(&[&a], &HashMap::new(), t0, generation);
+        assert!(!kept(t0));
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_registrations_first() {
+        let cache = RegistrationCache::new(Duration::from_secs(60));
+        let things: Vec<ThingName> =
+            (0..REGISTRATION_CACHE_MAX).map(|i| ThingName::parse(&format!("t{i}")).unwrap()).collect();
+        let t0 = Instant::now();
+        let (old, new) = things.split_at(REGISTRATION_CACHE_MAX / 2);
+        let old: Vec<&ThingName> = old.iter().collect();
+        let new: Vec<&ThingName> = new.iter().collect();
+        cache.found(&old, &registered(&old), t0, 0);
+        let later = t0 + Duration::from_secs(61);
+        cache.found(&new, &registered(&new), later, 0);
+        // full: one more read drops the expired half, not the fresh one
+        let one = ThingName::parse("one-more").unwrap();
+        cache.found(&[&one], &registered(&[&one]), later, 0);
+        assert_eq!(cache.lock().by_thing.len(), new.len() + 1);
+        assert!(cache.fresh(std::slice::from_ref(new[0]), later).0[0].is_some());
     }
 }

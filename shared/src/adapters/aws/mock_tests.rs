@@ -116,6 +116,52 @@ async fn rejected_records_fail_only_the_affected_readings_and_duplicates_are_not
 }
 
 #[tokio::test]
+async fn rejections_reach_the_right_readings_after_grouping_and_a_newer_stored_version_is_retried() {
+    // GIVEN readings of two firmwares and two registration versions, interleaved, and a table
+    // whose stored records for seq 1 and seq 4 came from registrations of version 2
+    let readings: Vec<StoredReading> = (0..6)
+        .map(|n| {
+            let mut r = reading(n);
+            r.reading.fw = Some(if n % 2 == 0 { "1.0.0" } else { "2.0.0" }.into());
+            r.enrichment_version = if n == 1 || n == 5 { 2 } else { 1 };
+            r
+        })
+        .collect();
+    let sent: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
+    let seen = Arc::clone(&sent);
+    let rule = mock!(aws_sdk_timestreamwrite::Client::write_records).then_compute_response(move |req| {
+        // Each record's seq, in the request's order; the request's records share `test` only.
+        let seq = |r: &aws_sdk_timestreamwrite::types::Record| -> u64 {
+            let m = r.measure_values().iter().find(|m| m.name() == "seq");
+            m.and_then(|m| m.value().parse().ok()).unwrap_or(u64::MAX)
+        };
+        let seqs: Vec<u64> = req.records().iter().map(seq).collect();
+        seen.lock().expect("lock").push(seqs.clone());
+        let at = |s: u64| seqs.iter().position(|&x| x == s).expect("sent") as i32;
+        MockResponse::Error(WriteRecordsError::RejectedRecordsException(
+            RejectedRecordsException::builder()
+                .rejected_records(rejected(at(1), "A record with the same key exists", Some(2)))
+                .rejected_records(rejected(at(4), "A record with the same key exists", Some(2)))
+                .build(),
+        ))
+    });
+    // WHEN they are written
+    let statuses = sink(&[&rule]).write(&readings).await;
+    // THEN one request carries them grouped by firmware, then version
+    assert_eq!(*sent.lock().expect("lock"), [vec![0, 2, 4, 3, 1, 5]]);
+    // AND each rejection lands on its own reading: seq 1 (version 2, as stored) is a conflict,
+    // seq 4 (version 1, older than the stored 2: enriched from a stale registration) is retried
+    for (n, status) in statuses.iter().enumerate() {
+        let expected = match n {
+            1 => Some(ErrorKind::Conflict),
+            4 => Some(ErrorKind::Transient),
+            _ => None,
+        };
+        assert_eq!(status.kind(), expected, "seq {n}: {status:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_request_refused_as_a_whole_is_split_until_only_the_bad_record_is_refused() {
     // GIVEN Timestream refuses any request that carries the record of seq 37
     let bad_time = super::timestream::record_time_nanos(&reading(37).reading).to_string();
@@ -537,10 +583,10 @@ async fn an_archive_upload_is_signed_with_the_hash_that_names_it() {
     // THEN the signed payload hash is the SHA-256 of the body sent, which names the object
     let sent = sent.0.lock().expect("lock").clone();
     let [(headers, body)] = sent.as_slice() else { panic!("{} requests", sent.len()) };
-    assert_eq!(body, &object.body);
+    assert_eq!(body.as_slice(), object.body());
     let digest: String = Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()), Some(digest.as_str()));
-    assert!(object.key.contains(&digest[..32]), "{}", object.key);
+    assert!(object.key().contains(&digest[..32]), "{}", object.key());
     let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
     assert!(authorization.contains("x-amz-content-sha256"), "the hash is not signed: {authorization}");
 }

@@ -42,9 +42,9 @@ impl S3Archive {
         self.client
             .put_object()
             .bucket(&self.bucket)
-            .key(&object.key)
+            .key(object.key())
             .content_type("application/gzip")
-            .body(ByteStream::from(object.body.clone()))
+            .body(ByteStream::from(object.body().to_vec()))
             .customize()
             .interceptor(PrecomputedPayloadHash(object.body_sha256_hex()))
             .send()
@@ -116,7 +116,9 @@ impl S3Archive {
 }
 
 /// Signs a request with the payload hash computed beforehand: an archive object's SHA-256 names
-/// it, so the SDK need not hash the body a second time. S3 checks the body against it.
+/// it, so the SDK need not compute it a second time (it still adds its CRC32 checksum). S3
+/// checks the body against it. Only for a body held in memory (the archive's always is): a
+/// streamed body keeps the SDK's own signing.
 #[derive(Debug)]
 pub(super) struct PrecomputedPayloadHash(pub(super) String);
 
@@ -127,11 +129,13 @@ impl Intercept for PrecomputedPayloadHash {
 
     fn modify_before_signing(
         &self,
-        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        cfg.interceptor_state().store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        if context.request().body().bytes().is_some() {
+            cfg.interceptor_state().store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        }
         Ok(())
     }
 }

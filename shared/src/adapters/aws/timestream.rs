@@ -156,7 +156,7 @@ pub fn record_for(s: &StoredReading) -> Record {
         .set_dimensions(Some(dims))
         .time(record_time_nanos(r).to_string())
         .set_measure_values(Some(values))
-        .version(s.enrichment_version.max(1))
+        .version(record_version(s))
         .build()
 }
 
@@ -310,9 +310,10 @@ pub fn hoist_common(records: &mut [Record]) -> Record {
     common
 }
 
-/// Readings that write the same common attributes sort together (see [`hoist_common`]).
+/// Readings that write the same common attributes sort together (see [`hoist_common`]): the
+/// `test` and `fw` dimensions and the version as [`record_for`] writes them.
 fn group_key(s: &StoredReading) -> (bool, Option<&str>, i64) {
-    (s.reading.test, s.reading.fw.as_deref(), s.enrichment_version)
+    (s.reading.test, s.reading.fw.as_deref().filter(|v| !v.is_empty()), record_version(s))
 }
 
 /// A record the service rejected: what it means for the reading.
@@ -323,11 +324,25 @@ pub struct RecordRejected {
     pub existing_version: Option<i64>,
 }
 
-/// A rejection's meaning: the same key holds other values (conflict), the time is outside
-/// what the table accepts (late), or the record itself is invalid (permanent).
-fn rejected_status(reason: Option<&str>, existing_version: Option<i64>) -> WriteStatus {
+/// The version a reading's record is written with: its enrichment's (the registration time).
+pub fn record_version(s: &StoredReading) -> i64 {
+    s.enrichment_version.max(1)
+}
+
+/// A rejection's meaning for a record written with `version`: the same key holds a higher
+/// version (this reading was enriched from a registration older than the one the stored record
+/// came from: a read before a re-registration reached it, e.g. from a warm function's cache,
+/// so it is retried and read again: transient), holds other values under the same or a lower
+/// version (conflict), the time is outside what the table accepts (late), or the record itself
+/// is invalid (permanent).
+fn rejected_status(reason: Option<&str>, existing_version: Option<i64>, version: i64) -> WriteStatus {
     let reason = reason.unwrap_or("rejected without a reason").to_owned();
-    if existing_version.is_some() {
+    if existing_version.is_some_and(|existing| existing > version) {
+        WriteStatus::Refused(Arc::new(StoreError::transient(
+            "timestream write",
+            RecordRejected { reason, existing_version },
+        )))
+    } else if existing_version.is_some() {
         WriteStatus::Refused(Arc::new(StoreError::conflict(
             "timestream write",
             RecordRejected { reason, existing_version },
@@ -372,10 +387,10 @@ impl TimestreamSink {
                         // Records not listed were written.
                         let mut out = vec![WriteStatus::Written; n];
                         for rr in ex.rejected_records() {
-                            if let Some(slot) =
-                                usize::try_from(rr.record_index()).ok().and_then(|i| out.get_mut(i))
-                            {
-                                *slot = rejected_status(rr.reason(), rr.existing_version());
+                            let index = usize::try_from(rr.record_index()).ok();
+                            if let Some((i, slot)) = index.and_then(|i| Some((i, out.get_mut(i)?))) {
+                                let version = readings.get(i).map_or(1, |r| record_version(r));
+                                *slot = rejected_status(rr.reason(), rr.existing_version(), version);
                             }
                         }
                         return out;
@@ -632,14 +647,18 @@ mod tests {
 
     #[test]
     fn classifies_rejections() {
+        let same_key = Some("A record with the same key exists");
+        assert_eq!(rejected_status(same_key, Some(1), 1).kind(), Some(ErrorKind::Conflict));
+        assert_eq!(rejected_status(same_key, Some(1), 2).kind(), Some(ErrorKind::Conflict));
+        // A newer registration wrote the stored record: this reading's enrichment is stale.
+        assert_eq!(rejected_status(same_key, Some(3), 2).kind(), Some(ErrorKind::Transient));
         assert_eq!(
-            rejected_status(Some("A record with the same key exists"), Some(1)).kind(),
-            Some(ErrorKind::Conflict)
-        );
-        assert_eq!(
-            rejected_status(Some("The record timestamp is outside the time range [..) of the data ingestion window / retention"), None),
+            rejected_status(Some("The record timestamp is outside the time range [..) of the data ingestion window / retention"), None, 1),
             WriteStatus::TooLate
         );
-        assert_eq!(rejected_status(Some("Measure name too long"), None).kind(), Some(ErrorKind::Permanent));
+        assert_eq!(
+            rejected_status(Some("Measure name too long"), None, 1).kind(),
+            Some(ErrorKind::Permanent)
+        );
     }
 }

@@ -638,7 +638,7 @@ impl RawArchive for SqliteStore {
         let o = object.clone();
         self.with("sqlite archive put", move |c| {
             c.prepare_cached("INSERT OR REPLACE INTO archive (key, body, lines) VALUES (?1, ?2, ?3)")?
-                .execute(params![o.key, o.body, o.lines as i64])
+                .execute(params![o.key(), o.body(), o.lines() as i64])
                 .map(drop)
         })
         .await
@@ -647,7 +647,7 @@ impl RawArchive for SqliteStore {
 
 impl ArchiveReader for SqliteStore {
     async fn archive_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self.archive_objects(prefix).await?.into_iter().map(|o| o.key).collect())
+        Ok(self.archive_objects(prefix).await?.into_iter().map(|o| o.key().to_owned()).collect())
     }
 
     async fn archive_keys_after(
