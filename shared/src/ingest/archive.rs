@@ -127,26 +127,18 @@ pub fn rule_fields(body: &[u8]) -> (Option<String>, Option<String>) {
 /// Encode raw bodies (one message each) as the batch's raw archive object.
 /// Lines are sorted, so the key does not depend on delivery order.
 pub fn raw_object<'a>(bodies: impl IntoIterator<Item = &'a [u8]>, received_ms: i64) -> Option<ArchiveObject> {
-    let mut bodies: Vec<&[u8]> = bodies.into_iter().collect();
+    let bodies: Vec<&[u8]> = bodies.into_iter().collect();
     if bodies.iter().any(|b| b.contains(&b'\n') || b.contains(&b'\r')) {
-        let mut lines: Vec<Vec<u8>> = bodies.into_iter().map(one_line).collect();
-        lines.sort_unstable();
-        lines.dedup();
-        return encode(RAW_PREFIX, &lines, received_ms);
+        return encode(RAW_PREFIX, bodies.into_iter().map(one_line).collect(), received_ms);
     }
     // The usual batch: every body is one line already, sorted and written without a copy.
-    bodies.sort_unstable();
-    bodies.dedup();
-    encode(RAW_PREFIX, &bodies, received_ms)
+    encode(RAW_PREFIX, bodies, received_ms)
 }
 
 /// Encode quarantined messages as the batch's quarantine object.
 pub fn quarantine_object(entries: &[QuarantineLine], received_ms: i64) -> Option<ArchiveObject> {
-    let mut lines: Vec<Vec<u8>> =
-        entries.iter().map(|e| serde_json::to_vec(e).expect("QuarantineLine serialises")).collect();
-    lines.sort_unstable();
-    lines.dedup();
-    encode(QUARANTINE_PREFIX, &lines, received_ms)
+    let lines = entries.iter().map(|e| serde_json::to_vec(e).expect("QuarantineLine serialises")).collect();
+    encode(QUARANTINE_PREFIX, lines, received_ms)
 }
 
 /// JSON never needs a raw newline (inside strings they are escaped), so any CR/LF byte is
@@ -155,12 +147,16 @@ pub fn one_line(body: &[u8]) -> Vec<u8> {
     body.iter().map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }).collect()
 }
 
-fn encode(prefix: &str, lines: &[impl AsRef<[u8]>], received_ms: i64) -> Option<ArchiveObject> {
+/// The object of `lines`, sorted and without repeats (so the key depends neither on delivery
+/// order nor on redeliveries within the batch).
+fn encode<L: AsRef<[u8]> + Ord>(prefix: &str, mut lines: Vec<L>, received_ms: i64) -> Option<ArchiveObject> {
+    lines.sort_unstable();
+    lines.dedup();
     if lines.is_empty() {
         return None;
     }
     let mut ndjson = Vec::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum());
-    for l in lines {
+    for l in &lines {
         ndjson.extend_from_slice(l.as_ref());
         ndjson.push(b'\n');
     }

@@ -275,13 +275,11 @@ pub(super) fn devices_from(items: impl IntoIterator<Item = Item>) -> HashMap<Thi
         let mut item = Attributes(item);
         let (Ok(Some(thing)), Ok(Some(kind))) = (item.text(PK), item.text(SK)) else { continue };
         let Ok(thing) = ThingName::parse(&thing) else { continue };
-        let d = match out.entry(thing) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let thing = e.key().clone();
-                e.insert(Device { thing, registration: None, state: None })
-            }
-        };
+        let d = out.entry(thing).or_insert_with_key(|t| Device {
+            thing: t.clone(),
+            registration: None,
+            state: None,
+        });
         match kind.as_str() {
             REGISTRATION => match item.registration() {
                 Ok(r) => d.registration = Some(r),

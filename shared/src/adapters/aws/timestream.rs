@@ -387,11 +387,11 @@ impl TimestreamSink {
                         // Records not listed were written.
                         let mut out = vec![WriteStatus::Written; n];
                         for rr in ex.rejected_records() {
-                            let index = usize::try_from(rr.record_index()).ok();
-                            if let Some((i, slot)) = index.and_then(|i| Some((i, out.get_mut(i)?))) {
-                                let version = readings.get(i).map_or(1, |r| record_version(r));
-                                *slot = rejected_status(rr.reason(), rr.existing_version(), version);
-                            }
+                            let Some(i) = usize::try_from(rr.record_index()).ok().filter(|&i| i < n) else {
+                                continue;
+                            };
+                            let version = record_version(readings[i]);
+                            out[i] = rejected_status(rr.reason(), rr.existing_version(), version);
                         }
                         return out;
                     }
