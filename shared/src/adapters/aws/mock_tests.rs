@@ -224,6 +224,27 @@ async fn writes_timestream_in_chunks_of_100_and_throttling_fails_only_its_chunk(
     assert!((1..=3).contains(&throttled.num_calls()), "{}", throttled.num_calls());
 }
 
+#[tokio::test]
+async fn a_record_over_the_limits_is_refused_before_sending_and_its_request_carries_the_rest() {
+    // GIVEN 150 readings, of which seq 5 would make a record over Timestream's size limit
+    let ok = mock!(aws_sdk_timestreamwrite::Client::write_records)
+        .match_requests(|r| r.records().len() == 99 || r.records().len() == 50)
+        .then_output(|| WriteRecordsOutput::builder().build());
+    let mut readings: Vec<StoredReading> = (0..150).map(reading).collect();
+    readings[5].class = "c".repeat(super::timestream::MAX_RECORD_BYTES);
+    let s = sink(&[&ok]);
+    // WHEN they are written
+    let statuses = s.write(&readings).await;
+    // THEN seq 5 alone is refused for good, by the check, and the other 149 are written
+    let WriteStatus::Refused(e) = &statuses[5] else { panic!("{:?}", statuses[5]) };
+    assert_eq!(e.kind, ErrorKind::Permanent);
+    assert!(e.to_string().contains("timestream record check"), "{e}");
+    assert_eq!(statuses.iter().filter(|s| **s == WriteStatus::Written).count(), 149);
+    // AND the two requests carried 99 and 50 records: the refused one was never sent, and any
+    // other request shape would match no rule and fail a reading
+    assert_eq!(ok.num_calls(), 2);
+}
+
 fn unprocessed_put() -> HashMap<String, Vec<aws_sdk_dynamodb::types::WriteRequest>> {
     let put = aws_sdk_dynamodb::types::PutRequest::builder()
         .item("thing", AttributeValue::S("dev-0000".into()))

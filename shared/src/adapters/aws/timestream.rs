@@ -412,44 +412,18 @@ impl TimestreamSink {
 
 impl TelemetrySink for TimestreamSink {
     async fn write(&self, readings: &[StoredReading]) -> Vec<WriteStatus> {
-        let mut statuses: Vec<Option<WriteStatus>> = vec![None; readings.len()];
         // Requests take the readings grouped by what their records share (a stable order).
         let mut order: Vec<usize> = (0..readings.len()).collect();
         order.sort_by_key(|&i| group_key(&readings[i]));
-        // Records that cannot fit the service's limits are refused alone, before sending.
-        let mut indices: Vec<usize> = Vec::with_capacity(readings.len());
-        let mut sent: Vec<&StoredReading> = Vec::with_capacity(readings.len());
-        let mut records: Vec<Record> = Vec::with_capacity(readings.len());
-        for i in order {
-            let r = &readings[i];
-            let record = record_for(r);
-            match validate_record(&record) {
-                Ok(()) => {
-                    indices.push(i);
-                    sent.push(r);
-                    records.push(record);
-                }
-                Err(problem) => {
-                    statuses[i] = Some(WriteStatus::Refused(Arc::new(StoreError::permanent(
-                        "timestream record check",
-                        problem,
-                    ))))
-                }
-            }
-        }
-        let mut records = records.into_iter();
-        let writes: Vec<_> = indices
+        let writes: Vec<_> = order
             .chunks(WRITE_RECORDS_MAX)
-            .zip(sent.chunks(WRITE_RECORDS_MAX))
-            .map(|(indices, readings)| {
-                let chunk: Vec<Record> = records.by_ref().take(readings.len()).collect();
-                async move { (indices, self.write_chunk(readings, chunk).await) }
-            })
+            .map(|request| async move { (request, self.write_request(readings, request).await) })
             .collect();
         let done: Vec<(&[usize], Vec<WriteStatus>)> =
             stream::iter(writes).buffer_unordered(MAX_CONCURRENT_REQUESTS).collect().await;
-        for (indices, chunk_statuses) in done {
-            for (&i, s) in indices.iter().zip(chunk_statuses) {
+        let mut statuses: Vec<Option<WriteStatus>> = vec![None; readings.len()];
+        for (request, request_statuses) in done {
+            for (&i, s) in request.iter().zip(request_statuses) {
                 statuses[i] = Some(s);
             }
         }
@@ -461,6 +435,41 @@ impl TelemetrySink for TimestreamSink {
                 })
             })
             .collect()
+    }
+}
+
+impl TimestreamSink {
+    /// The statuses of `readings[request]` (≤ 100, in that order): their records are built
+    /// right before their request is sent, so each is serialised while still in cache and only
+    /// the requests in flight hold records. A record that cannot fit the service's limits is
+    /// refused alone, before sending.
+    async fn write_request(&self, readings: &[StoredReading], request: &[usize]) -> Vec<WriteStatus> {
+        let mut statuses = vec![WriteStatus::Written; request.len()];
+        let mut positions: Vec<usize> = Vec::with_capacity(request.len());
+        let mut sent: Vec<&StoredReading> = Vec::with_capacity(request.len());
+        let mut records: Vec<Record> = Vec::with_capacity(request.len());
+        for (k, &i) in request.iter().enumerate() {
+            let record = record_for(&readings[i]);
+            match validate_record(&record) {
+                Ok(()) => {
+                    positions.push(k);
+                    sent.push(&readings[i]);
+                    records.push(record);
+                }
+                Err(problem) => {
+                    statuses[k] = WriteStatus::Refused(Arc::new(StoreError::permanent(
+                        "timestream record check",
+                        problem,
+                    )))
+                }
+            }
+        }
+        if !records.is_empty() {
+            for (k, s) in positions.into_iter().zip(self.write_chunk(&sent, records).await) {
+                statuses[k] = s;
+            }
+        }
+        statuses
     }
 }
 
