@@ -316,18 +316,33 @@ where
 
     // 1. Enrich from the registry (one batched lookup) and, at the same time, pin each
     // skew-corrected message to its first arrival (only when the batch has such messages).
+    // 2. Meanwhile, the archive: it is the source of truth replays read, so nothing reaches the
+    // hot store before it, and it needs nothing from the registry. Filed under the batch's
+    // latest arrival, so every message in it arrived no later than its partition's hour ends:
+    // a reader of "since T" finds it at T's hour or later. (Its object is compressed while the
+    // lookup is in flight.)
     let mut things: Vec<&ThingName> = readings.iter().map(|r| &r.id.thing).collect();
     things.sort_unstable();
     things.dedup();
     let things: Vec<ThingName> = things.into_iter().cloned().collect();
     let (pins, pin_of) = skew_pins(readings, &plan.origin);
-    let (devices, pinned) = futures_util::join!(ports.registry.get_many(&things), async {
-        if pins.is_empty() {
-            Vec::new()
-        } else {
-            ports.registry.first_arrivals(&pins).await
+    let lookup = async {
+        futures_util::join!(ports.registry.get_many(&things), async {
+            if pins.is_empty() {
+                Vec::new()
+            } else {
+                ports.registry.first_arrivals(&pins).await
+            }
+        })
+    };
+    let archive = async {
+        let received_ms = plan.origin.iter().map(|&i| messages[i].received_ms).max().unwrap_or(now_ms);
+        match raw_object(plan.origin.iter().map(|&i| messages[i].body), received_ms) {
+            Some(object) => ports.archive.put_raw(&object).await,
+            None => Ok(()),
         }
-    });
+    };
+    let ((devices, pinned), archived) = futures_util::join!(lookup, archive);
     let devices = match devices {
         Ok(d) => d,
         Err(e) => return (all(e), Vec::new(), HashMap::new()),
@@ -348,15 +363,8 @@ where
     }
     let readings = &*readings;
     let stored: Vec<StoredReading> = readings.iter().map(|r| enrich(r, devices.get(&r.id.thing))).collect();
-
-    // 2. Archive first: it is the source of truth replays read. Filed under the batch's latest
-    // arrival, so every message in it arrived no later than its partition's hour ends: a
-    // reader of "since T" finds it at T's hour or later.
-    let received_ms = plan.origin.iter().map(|&i| messages[i].received_ms).max().unwrap_or(now_ms);
-    if let Some(object) = raw_object(plan.origin.iter().map(|&i| messages[i].body), received_ms) {
-        if let Err(e) = ports.archive.put_raw(&object).await {
-            return (all(e), stored, devices);
-        }
+    if let Err(e) = archived {
+        return (all(e), stored, devices);
     }
 
     // 3. Hot store, for what is not too old for it (and not left unpinned).

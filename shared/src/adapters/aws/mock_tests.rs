@@ -508,6 +508,34 @@ async fn a_batch_of_packs_stores_ten_readings_per_message_with_the_same_requests
 }
 
 #[tokio::test]
+async fn when_the_archive_cannot_be_written_nothing_reaches_the_hot_store_and_the_batch_is_retried() {
+    use super::counting::CountingAws;
+    use crate::ingest::{ingest_batch, IngestPolicy, IngestPorts, OwnedInbound};
+    use aws_sdk_s3::operation::put_object::PutObjectError;
+
+    // GIVEN 100 registered devices and an archive bucket that answers SlowDown to every upload
+    let aws = CountingAws::new((0..100).map(crate::ingest::sim::thing_name).collect());
+    let slow_down = mock!(aws_sdk_s3::Client::put_object).then_error(|| {
+        PutObjectError::generic(aws_sdk_s3::error::ErrorMetadata::builder().code("SlowDown").build())
+    });
+    let archive =
+        super::S3Archive::new(mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&slow_down]), "archive");
+    let batch = crate::ingest::sim::fleet_batch(100, 200, 1_764_000_000_000, 1);
+    let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
+    let ports =
+        IngestPorts { registry: &aws.devices, sink: &aws.sink, archive: &archive, quarantine: &archive };
+    // WHEN a batch is ingested (the registry lookup and the upload run at the same time)
+    let outcome = ingest_batch(ports, &IngestPolicy::default(), 1_764_000_020_000, &inbound).await;
+    // THEN every message fails transiently, to be delivered again
+    assert_eq!((outcome.messages, outcome.accepted, outcome.failed.len()), (200, 0, 200), "{outcome:?}");
+    assert!(outcome.failed.iter().all(|f| f.error.kind == ErrorKind::Transient));
+    // AND nothing was written to Timestream or to the devices' state
+    let calls = aws.calls();
+    assert_eq!((calls.write_records, calls.batch_execute_statement), (0, 0), "{calls:?}");
+    assert!(slow_down.num_calls() >= 1);
+}
+
+#[tokio::test]
 async fn an_operator_write_rereads_and_retries_on_conflicts_then_reports_the_version() {
     use aws_sdk_iotdataplane::operation::get_thing_shadow::GetThingShadowOutput;
     use aws_sdk_iotdataplane::operation::update_thing_shadow::{
