@@ -8,10 +8,15 @@
 //! single-threaded runtime; moto runs in its own process) against the in-memory pipeline's
 //! on the same batches, measured right after the handler took each (target <= 3x). Then the
 //! same load with every SDK client answered in process (aws-smithy-mocks): what the handler
-//! costs without sockets, i.e. how much of the figure is the requests' network path.
+//! costs without sockets, i.e. how much of the figure is the requests' network path. And once
+//! more with a pause of 10 ms before each request is answered (the thread sleeps, so the pause
+//! costs no CPU): the same work, but resumed after idle waits, as against moto. On the machines
+//! this was measured on, resuming costs CPU time the pause itself does not show (caches and
+//! predictors gone cold while the vCPU idled), which the in-memory pipeline, never waiting,
+//! does not pay.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fleet_tests::load::{ingest_on_mocks, ingest_on_moto, runtime, Load, LoadFigures};
 
@@ -20,6 +25,8 @@ const MESSAGES: usize = 1_000;
 const BATCHES: usize = 10;
 const REQUEST_TARGET: f64 = 25.0;
 const CPU_RATIO_TARGET: f64 = 3.0;
+/// How long the in-process answers wait in the last run.
+const PAUSE: Duration = Duration::from_millis(10);
 
 fn main() -> anyhow::Result<()> {
     let rt = runtime()?;
@@ -41,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         println!("  (wall time for the run, moto included: {:.1} s)", started.elapsed().as_secs_f64());
         // The same handler and adapters, the SDK clients answered in process: every request
         // is still built, serialised and signed, but none crosses a socket to a server.
-        let mocked = ingest_on_mocks(&rt, load)?;
+        let mocked = ingest_on_mocks(&rt, load, Duration::ZERO)?;
         anyhow::ensure!(
             same_requests(&mocked.requests, &figures.requests),
             "the mocked run made other requests: {:?}, on moto {:?}",
@@ -49,6 +56,12 @@ fn main() -> anyhow::Result<()> {
             figures.requests
         );
         print_cpu("AWS answered in process (no socket)", &mocked, false);
+        let paused = ingest_on_mocks(&rt, load, PAUSE)?;
+        print_cpu(
+            &format!("AWS answered in process after {} ms idle (the same work)", PAUSE.as_millis()),
+            &paused,
+            false,
+        );
     }
     Ok(())
 }

@@ -69,6 +69,33 @@ impl Intercept for RequestCounter {
     }
 }
 
+/// Sleeps the thread for a while before each request is transmitted: a server that takes that
+/// long to answer, without the server. The thread is asleep, so the pause itself costs no CPU
+/// time; what it changes is that the handler resumes after an idle wait, as it does against
+/// moto (requests go one at a time, as the sleep blocks the runtime's only thread).
+#[cfg(feature = "test-support")]
+#[derive(Debug, Clone, Copy)]
+struct PauseBeforeTransmit(Duration);
+
+#[cfg(feature = "test-support")]
+impl Intercept for PauseBeforeTransmit {
+    fn name(&self) -> &'static str {
+        "PauseBeforeTransmit"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if !self.0.is_zero() {
+            std::thread::sleep(self.0);
+        }
+        Ok(())
+    }
+}
+
 impl RequestCounter {
     /// The counts so far, and start again from zero.
     pub fn take(&self) -> BTreeMap<String, usize> {
@@ -195,7 +222,10 @@ async fn moto_deps(load: Load) -> Result<(AwsDeps, Vec<(ThingName, DeviceRegistr
 /// serialises and signs every request, but nothing crosses a socket. Against
 /// [`ingest_on_moto`], what the network and the server's connection handling cost the handler.
 #[cfg(feature = "test-support")]
-pub fn ingest_on_mocks(rt: &Runtime, load: Load) -> Result<LoadFigures> {
+///
+/// `pause`: how long each request waits before it is answered (see [`PauseBeforeTransmit`]);
+/// zero answers at once.
+pub fn ingest_on_mocks(rt: &Runtime, load: Load, pause: Duration) -> Result<LoadFigures> {
     let registrations = sim::registrations(load.devices);
     // Each thing's registration, and the firmware its simulated device reports (sim-00007: 7).
     let registered: HashMap<String, (DeviceRegistration, &'static str)> = registrations
@@ -247,14 +277,17 @@ pub fn ingest_on_mocks(rt: &Runtime, load: Load) -> Result<LoadFigures> {
     let put = mock!(aws_sdk_s3::Client::put_object)
         .then_output(|| aws_sdk_s3::operation::put_object::PutObjectOutput::builder().build());
     let counter = RequestCounter::default();
+    let pause = PauseBeforeTransmit(pause);
     let dynamodb =
         mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&batch_get, &statements, &update], |conf| {
-            conf.interceptor(counter.clone())
+            conf.interceptor(counter.clone()).interceptor(pause)
         });
-    let s3 = mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put], |conf| conf.interceptor(counter.clone()));
+    let s3 = mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put], |conf| {
+        conf.interceptor(counter.clone()).interceptor(pause)
+    });
     let sink = load.timestream.then(|| {
         let client = mock_client!(aws_sdk_timestreamwrite, RuleMode::MatchAny, [&write], |conf| {
-            conf.interceptor(counter.clone())
+            conf.interceptor(counter.clone()).interceptor(pause)
         });
         TimestreamSink::new(client, "fleet", "telemetry")
     });
