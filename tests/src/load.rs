@@ -221,10 +221,10 @@ async fn moto_deps(load: Load) -> Result<(AwsDeps, Vec<(ThingName, DeviceRegistr
 /// process by aws-smithy-mocks (success, the devices registered): the SDK still builds,
 /// serialises and signs every request, but nothing crosses a socket. Against
 /// [`ingest_on_moto`], what the network and the server's connection handling cost the handler.
-#[cfg(feature = "test-support")]
 ///
-/// `pause`: how long each request waits before it is answered (see [`PauseBeforeTransmit`]);
-/// zero answers at once.
+/// `pause`: how long each request waits before it is answered (see [`PauseBeforeTransmit`]:
+/// the requests then go one at a time); zero answers at once.
+#[cfg(feature = "test-support")]
 pub fn ingest_on_mocks(rt: &Runtime, load: Load, pause: Duration) -> Result<LoadFigures> {
     let registrations = sim::registrations(load.devices);
     // Each thing's registration, and the firmware its simulated device reports (sim-00007: 7).

@@ -317,10 +317,15 @@ where
     // 1. Enrich from the registry (one batched lookup) and, at the same time, pin each
     // skew-corrected message to its first arrival (only when the batch has such messages).
     // 2. Meanwhile, the archive: it is the source of truth replays read, so nothing reaches the
-    // hot store before it, and it needs nothing from the registry. Filed under the batch's
-    // latest arrival, so every message in it arrived no later than its partition's hour ends:
-    // a reader of "since T" finds it at T's hour or later. (Its object is compressed while the
-    // lookup is in flight.)
+    // hot store or the devices' state before it is written, and it needs nothing from the
+    // registry. It holds every valid message that arrived, whatever the stores then make of it
+    // (a lookup that fails, like a hot store that refuses, leaves the message archived and
+    // retried or quarantined; objects are named by their content, so a redelivery writes the
+    // same one again). Its failure fails the batch with its own kind: transient (S3 throttling)
+    // is retried, permanent (access denied) quarantined. Filed under the batch's latest
+    // arrival, so every message in it arrived no later than its partition's hour ends: a reader
+    // of "since T" finds it at T's hour or later. The two requests wait together: one round
+    // trip instead of two.
     let mut things: Vec<&ThingName> = readings.iter().map(|r| &r.id.thing).collect();
     things.sort_unstable();
     things.dedup();
@@ -345,7 +350,12 @@ where
     let ((devices, pinned), archived) = futures_util::join!(lookup, archive);
     let devices = match devices {
         Ok(d) => d,
-        Err(e) => return (all(e), Vec::new(), HashMap::new()),
+        Err(e) => {
+            if let Err(a) = &archived {
+                warn!(error = %a, "archive not written either");
+            }
+            return (all(e), Vec::new(), HashMap::new());
+        }
     };
     let mut unpinned: HashMap<usize, Arc<StoreError>> = HashMap::new();
     let pinned: Vec<Result<i64, Arc<StoreError>>> = pinned.into_iter().map(|p| p.map_err(Arc::new)).collect();

@@ -226,11 +226,15 @@ async fn writes_timestream_in_chunks_of_100_and_throttling_fails_only_its_chunk(
 
 #[tokio::test]
 async fn a_record_over_the_limits_is_refused_before_sending_and_its_request_carries_the_rest() {
-    // GIVEN 150 readings, of which seq 5 would make a record over Timestream's size limit
+    // GIVEN 150 readings of two firmwares (requests take them grouped: the even seqs first),
+    // of which seq 5, the 78th sent, would make a record over Timestream's size limit
     let ok = mock!(aws_sdk_timestreamwrite::Client::write_records)
         .match_requests(|r| r.records().len() == 99 || r.records().len() == 50)
         .then_output(|| WriteRecordsOutput::builder().build());
     let mut readings: Vec<StoredReading> = (0..150).map(reading).collect();
+    for (n, r) in readings.iter_mut().enumerate() {
+        r.reading.fw = Some(if n % 2 == 0 { "1.0.0" } else { "2.0.0" }.into());
+    }
     readings[5].class = "c".repeat(super::timestream::MAX_RECORD_BYTES);
     let s = sink(&[&ok]);
     // WHEN they are written
@@ -526,13 +530,54 @@ async fn when_the_archive_cannot_be_written_nothing_reaches_the_hot_store_and_th
         IngestPorts { registry: &aws.devices, sink: &aws.sink, archive: &archive, quarantine: &archive };
     // WHEN a batch is ingested (the registry lookup and the upload run at the same time)
     let outcome = ingest_batch(ports, &IngestPolicy::default(), 1_764_000_020_000, &inbound).await;
-    // THEN every message fails transiently, to be delivered again
+    // THEN every message fails transiently with the archive's error, to be delivered again
     assert_eq!((outcome.messages, outcome.accepted, outcome.failed.len()), (200, 0, 200), "{outcome:?}");
-    assert!(outcome.failed.iter().all(|f| f.error.kind == ErrorKind::Transient));
+    assert!(outcome
+        .failed
+        .iter()
+        .all(|f| f.error.kind == ErrorKind::Transient && f.error.to_string().contains("s3 put raw")));
     // AND nothing was written to Timestream or to the devices' state
     let calls = aws.calls();
     assert_eq!((calls.write_records, calls.batch_execute_statement), (0, 0), "{calls:?}");
     assert!(slow_down.num_calls() >= 1);
+}
+
+#[tokio::test]
+async fn a_registry_that_refuses_for_good_quarantines_the_batch_which_stays_archived() {
+    use super::counting::CountingAws;
+    use crate::ingest::{ingest_batch, IngestPolicy, IngestPorts, OwnedInbound, Reason};
+    use aws_sdk_dynamodb::operation::batch_get_item::BatchGetItemError;
+
+    // GIVEN a Devices table this function may not read (AccessDenied), and working S3 and
+    // Timestream
+    let aws = CountingAws::new((0..100).map(crate::ingest::sim::thing_name).collect());
+    let denied = mock!(aws_sdk_dynamodb::Client::batch_get_item).then_error(|| {
+        BatchGetItemError::generic(
+            aws_sdk_dynamodb::error::ErrorMetadata::builder().code("AccessDeniedException").build(),
+        )
+    });
+    let registry = devices(&[&denied]);
+    let batch = crate::ingest::sim::fleet_batch(100, 200, 1_764_000_000_000, 1);
+    let inbound: Vec<_> = batch.iter().map(OwnedInbound::borrow).collect();
+    let ports =
+        IngestPorts { registry: &registry, sink: &aws.sink, archive: &aws.archive, quarantine: &aws.archive };
+    // WHEN a batch is ingested
+    let outcome = ingest_batch(ports, &IngestPolicy::default(), 1_764_000_020_000, &inbound).await;
+    // THEN every message is quarantined as refused by a store, none is retried
+    assert_eq!(
+        (outcome.accepted, outcome.quarantined.len(), outcome.failed.len()),
+        (0, 200, 0),
+        "{outcome:?}"
+    );
+    assert!(outcome.quarantined.iter().all(|q| q.problems.iter().any(|p| p.reason == Reason::StoreRejected)));
+    // AND nothing reached Timestream or the devices' state, while the raw archive holds the batch
+    // (the lookup and the upload run together): 2 objects, the raw one and the quarantine's
+    let calls = aws.calls();
+    assert_eq!(
+        (calls.write_records, calls.batch_execute_statement, calls.put_object),
+        (0, 0, 2),
+        "{calls:?}"
+    );
 }
 
 #[tokio::test]

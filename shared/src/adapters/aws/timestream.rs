@@ -19,8 +19,10 @@
 //!   duplicate); a higher version (a re-registration, then a replay) updates the record.
 //!
 //! Requests are checked before they are sent ([`validate_record`]): a record that cannot fit
-//! Timestream's limits is refused alone instead of failing its 99 neighbours, and a request
-//! the service refuses as a whole (ValidationException) is split until the bad record is found.
+//! Timestream's limits is refused alone instead of failing its 99 neighbours (its request then
+//! carries 99), and a request the service refuses as a whole (ValidationException) is split
+//! until the bad record is found. A request's records are built just before it is sent, so
+//! only the requests in flight hold records.
 
 use std::sync::Arc;
 
@@ -439,12 +441,12 @@ impl TelemetrySink for TimestreamSink {
 }
 
 impl TimestreamSink {
-    /// The statuses of `readings[request]` (≤ 100, in that order): their records are built
-    /// right before their request is sent, so each is serialised while still in cache and only
-    /// the requests in flight hold records. A record that cannot fit the service's limits is
-    /// refused alone, before sending.
+    /// The statuses of `readings[request]` (≤ 100, in that order), their records built just
+    /// before their request is sent. A record that cannot fit the service's limits is refused
+    /// alone, before sending; a reading left without an answer is failed, to be retried.
     async fn write_request(&self, readings: &[StoredReading], request: &[usize]) -> Vec<WriteStatus> {
-        let mut statuses = vec![WriteStatus::Written; request.len()];
+        let unanswered = Arc::new(StoreError::transient("timestream write", "no status"));
+        let mut statuses = vec![WriteStatus::Refused(unanswered); request.len()];
         let mut positions: Vec<usize> = Vec::with_capacity(request.len());
         let mut sent: Vec<&StoredReading> = Vec::with_capacity(request.len());
         let mut records: Vec<Record> = Vec::with_capacity(request.len());
