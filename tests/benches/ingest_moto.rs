@@ -50,29 +50,22 @@ fn main() -> anyhow::Result<()> {
         println!("  (wall time for the run, moto included: {:.1} s)", started.elapsed().as_secs_f64());
         // The same handler and adapters, the SDK clients answered in process: every request
         // is still built, serialised and signed, but none crosses a socket to a server.
-        let mocked = ingest_on_mocks(&rt, load, Duration::ZERO)?;
-        anyhow::ensure!(
-            same_requests(&mocked.requests, &figures.requests),
-            "the mocked run made other requests: {:?}, on moto {:?}",
-            mocked.requests,
-            figures.requests
+        // Then once more after an idle pause before each request: the same work, resumed cold.
+        let idle = format!(
+            "AWS answered in process, {} ms idle before each request (the same work)",
+            PAUSE.as_millis()
         );
-        print_cpu("AWS answered in process (no socket)", &mocked, false);
-        let paused = ingest_on_mocks(&rt, load, PAUSE)?;
-        anyhow::ensure!(
-            same_requests(&paused.requests, &figures.requests),
-            "the paused run made other requests: {:?}, on moto {:?}",
-            paused.requests,
-            figures.requests
-        );
-        print_cpu(
-            &format!(
-                "AWS answered in process, {} ms idle before each request (the same work)",
-                PAUSE.as_millis()
-            ),
-            &paused,
-            false,
-        );
+        for (run, pause) in [("AWS answered in process (no socket)", Duration::ZERO), (idle.as_str(), PAUSE)]
+        {
+            let mocked = ingest_on_mocks(&rt, load, pause)?;
+            anyhow::ensure!(
+                same_requests(&mocked.requests, &figures.requests),
+                "{run}: other requests than on moto: {:?}, on moto {:?}",
+                mocked.requests,
+                figures.requests
+            );
+            print_cpu(run, &mocked, false);
+        }
     }
     Ok(())
 }

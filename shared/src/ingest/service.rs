@@ -331,14 +331,12 @@ where
     things.dedup();
     let things: Vec<ThingName> = things.into_iter().cloned().collect();
     let (pins, pin_of) = skew_pins(readings, &plan.origin);
-    let lookup = async {
-        futures_util::join!(ports.registry.get_many(&things), async {
-            if pins.is_empty() {
-                Vec::new()
-            } else {
-                ports.registry.first_arrivals(&pins).await
-            }
-        })
+    let pinning = async {
+        if pins.is_empty() {
+            Vec::new()
+        } else {
+            ports.registry.first_arrivals(&pins).await
+        }
     };
     let archive = async {
         let received_ms = plan.origin.iter().map(|&i| messages[i].received_ms).max().unwrap_or(now_ms);
@@ -347,7 +345,7 @@ where
             None => Ok(()),
         }
     };
-    let ((devices, pinned), archived) = futures_util::join!(lookup, archive);
+    let (devices, pinned, archived) = futures_util::join!(ports.registry.get_many(&things), pinning, archive);
     let devices = match devices {
         Ok(d) => d,
         Err(e) => {

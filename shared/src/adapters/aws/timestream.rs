@@ -429,15 +429,13 @@ impl TelemetrySink for TimestreamSink {
                 statuses[i] = Some(s);
             }
         }
-        statuses
-            .into_iter()
-            .map(|s| {
-                s.unwrap_or_else(|| {
-                    WriteStatus::Refused(Arc::new(StoreError::transient("timestream write", "no status")))
-                })
-            })
-            .collect()
+        statuses.into_iter().map(|s| s.unwrap_or_else(unanswered)).collect()
     }
+}
+
+/// The status of a reading no request answered for: failed, to be retried.
+fn unanswered() -> WriteStatus {
+    WriteStatus::Refused(Arc::new(StoreError::transient("timestream write", "no status")))
 }
 
 impl TimestreamSink {
@@ -445,8 +443,7 @@ impl TimestreamSink {
     /// before their request is sent. A record that cannot fit the service's limits is refused
     /// alone, before sending; a reading left without an answer is failed, to be retried.
     async fn write_request(&self, readings: &[StoredReading], request: &[usize]) -> Vec<WriteStatus> {
-        let unanswered = Arc::new(StoreError::transient("timestream write", "no status"));
-        let mut statuses = vec![WriteStatus::Refused(unanswered); request.len()];
+        let mut statuses = vec![unanswered(); request.len()];
         let mut positions: Vec<usize> = Vec::with_capacity(request.len());
         let mut sent: Vec<&StoredReading> = Vec::with_capacity(request.len());
         let mut records: Vec<Record> = Vec::with_capacity(request.len());
