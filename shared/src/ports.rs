@@ -6,7 +6,7 @@
 //! | trait | AWS adapter | AWS grant (template) |
 //! |---|---|---|
 //! | [`DeviceRegistry`] | `DevicesTable` | `dynamodb:BatchGetItem`, `dynamodb:PartiQLUpdate` + `dynamodb:PartiQLInsert` (BatchExecuteStatement) on the Devices table (items `state`, `arrival#<boot>#<seq>`) |
-//! | [`DeviceAdmin`] | `DevicesTable` | `dynamodb:BatchWriteItem`, `Query`, `Scan` (operators, fleetctl) |
+//! | [`DeviceAdmin`] | `DevicesTable` | `dynamodb:BatchWriteItem`, `Query`, `Scan` (operators, fleetctl); `Scan` (a firmware campaign's stage), `BatchGetItem` (a rotation's stage: the devices due) |
 //! | [`TelemetrySink`] | `HotStore`: `TimestreamSink`, or none (the archive holds it) | `timestream:WriteRecords` on the table (+ `DescribeEndpoints`), only with `HotStore=timestream` |
 //! | [`TelemetryQuery`] | `TelemetryReader`: `TimestreamQuery`, or `ArchiveTelemetry` over the archive | `timestream:Select`, or `s3:ListBucket` + `s3:GetObject` on `raw/*` (operators) |
 //! | [`RawArchive`] | `S3Archive` | `s3:PutObject` on `raw/*` |
@@ -182,6 +182,12 @@ pub trait DeviceAdmin: Send + Sync {
     fn device(&self, thing: &ThingName) -> impl Future<Output = Result<Option<Device>, StoreError>> + Send;
     /// Every device, all pages, sorted by thing name.
     fn devices(&self) -> impl Future<Output = Result<Vec<Device>, StoreError>> + Send;
+    /// The devices among `things` (those the registry knows), sorted by thing name: read by key,
+    /// so it costs what `things` holds, not what the fleet holds (a rotation's devices due).
+    fn devices_among(
+        &self,
+        things: &[ThingName],
+    ) -> impl Future<Output = Result<Vec<Device>, StoreError>> + Send;
 }
 
 /// Twins: mirrored shadows, written only by conditional writes on their store revision.
@@ -482,7 +488,8 @@ pub trait CertMarks: Send + Sync {
     ) -> impl Future<Output = Result<Option<CertMark>, StoreError>> + Send;
 
     /// Every device marked `rotation_due`, by thing name: whom a certificate rotation campaign
-    /// takes. Read when a stage starts (as the fleet is), never per device.
+    /// takes. Read when a stage starts, never per device; it costs what is due, not the fleet
+    /// (on AWS a Query of the sparse index `by_rotation_due`).
     fn rotation_due(&self) -> impl Future<Output = Result<Vec<(ThingName, CertMark)>, StoreError>> + Send;
 }
 

@@ -152,13 +152,19 @@ fn state(ts: i64, battery: Option<f64>) -> DeviceState {
     }
 }
 
-/// Registering more devices than one batch request holds; listing returns all, sorted.
+/// Registering more devices than one batch request holds; listing returns all, sorted; read by
+/// key, the known ones among those asked, sorted, as the listing has them.
 pub async fn registration_round_trips_and_lists_sorted<S: DeviceAdmin>(s: &S) -> Result<()> {
     let devices: Vec<_> = (0..30).rev().map(|n| (thing(n), registration("env"))).collect();
     s.register(&devices).await?;
     let listed = s.devices().await?;
     ensure!(listed.len() == 30, "listed {} devices, registered 30", listed.len());
     ensure!(listed.windows(2).all(|w| w[0].thing < w[1].thing), "not sorted by thing");
+    let asked = [thing(12), thing(999), thing(3), thing(29)];
+    let among = s.devices_among(&asked).await?;
+    let expected: Vec<_> = listed.iter().filter(|d| asked.contains(&d.thing)).cloned().collect();
+    ensure!(among.len() == 3 && among == expected, "among {asked:?}: {among:?}");
+    ensure!(s.devices_among(&[]).await?.is_empty(), "none asked, none read");
     let one = s.device(&thing(7)).await?.context("device 7 missing")?;
     ensure!(one.registration == Some(registration("env")), "registration differs: {:?}", one.registration);
     s.register(&[(thing(7), registration("gateway"))]).await?;
@@ -727,6 +733,12 @@ pub async fn device_cert_status_round_trips_and_leaves_the_device_alone<S: Devic
     let mine = [t.clone(), thing(852)];
     let due: Vec<_> = s.rotation_due().await?.into_iter().filter(|(d, _)| mine.contains(d)).collect();
     ensure!(due == [(t.clone(), mark(ExpiryClass::Critical, 100))], "{due:?}");
+    // A mark replaced by one not due leaves the listing; marked due again, it is back.
+    s.mark_cert_status(&[(t.clone(), CertMark { rotation_due: false, ..mark(ExpiryClass::Critical, 100) })])
+        .await?;
+    ensure!(!s.rotation_due().await?.iter().any(|(d, _)| mine.contains(d)), "no longer due once re-marked");
+    s.mark_cert_status(&[(t.clone(), mark(ExpiryClass::Critical, 100))]).await?;
+    ensure!(s.rotation_due().await?.iter().any(|(d, _)| *d == t), "due again");
     s.clear_cert_status(&[t.clone(), thing(851), thing(852)]).await?;
     ensure!(s.cert_status(&t).await?.is_none(), "the mark is cleared");
     ensure!(!s.rotation_due().await?.iter().any(|(d, _)| mine.contains(d)), "no longer due");

@@ -11,6 +11,7 @@ use aws_sdk_dynamodb::types::{
     ProjectionType, ScalarAttributeType,
 };
 use fleet_shared::adapters::aws::certs::{EXPIRY_INDEX, KIND_INDEX};
+use fleet_shared::adapters::aws::devices::{ROTATION_DUE_INDEX, ROTATION_QUEUE};
 use fleet_shared::adapters::aws::twins::{DRIFT_INDEX, FW_INDEX};
 use fleet_shared::adapters::aws::{
     CampaignsTable, CertificatesTable, CommandsTable, DevicesTable, HealthTable, IotJobs, PresenceTables,
@@ -198,13 +199,23 @@ pub async fn create_resources(config: &SdkConfig, r: &AwsResources) -> Result<()
         AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build()
     };
     let key = |name: &str, kind| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
+    let rotation_due = GlobalSecondaryIndex::builder()
+        .index_name(ROTATION_DUE_INDEX)
+        .key_schema(key(ROTATION_QUEUE, KeyType::Hash)?)
+        .key_schema(key("thing", KeyType::Range)?)
+        .projection(
+            Projection::builder().projection_type(ProjectionType::Include).non_key_attributes("mark").build(),
+        )
+        .build()?;
     aws_sdk_dynamodb::Client::new(config)
         .create_table()
         .table_name(&r.devices_table)
         .attribute_definitions(attr("thing")?)
         .attribute_definitions(attr("item")?)
+        .attribute_definitions(attr(ROTATION_QUEUE)?)
         .key_schema(key("thing", KeyType::Hash)?)
         .key_schema(key("item", KeyType::Range)?)
+        .global_secondary_indexes(rotation_due)
         .billing_mode(BillingMode::PayPerRequest)
         .send()
         .await

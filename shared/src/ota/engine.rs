@@ -8,8 +8,8 @@
 //! tick that read an older version.
 //!
 //! A certificate rotation ([`Change::Certificate`]) runs on the same stages: its devices are
-//! those of the class and firmware marked `rotation_due` ([`RotationReads::due`]),
-//! its jobs carry [`rotation_document`], its gate is [`Engine::rotation_verdict`], and a
+//! those of the class and firmware marked `rotation_due` ([`RotationReads::due`]; only those
+//! are read, by key, [`DeviceAdmin::devices_among`]), its jobs carry [`rotation_document`], its gate is [`Engine::rotation_verdict`], and a
 //! rollback halts it.
 
 use std::collections::BTreeSet;
@@ -439,11 +439,14 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, 
 
     /// Start stage `first` (or the next one with devices to take); complete after the last.
     async fn start_stage(&self, c: &mut Campaign, first: usize, now_ms: i64) -> Result<String, OtaError> {
-        let mut fleet = self.fleet.devices().await?;
-        if c.spec.change == Change::Certificate {
-            let due = self.rotation.due().await?;
-            fleet.retain(|d| due.contains(&d.thing));
-        }
+        let fleet = match c.spec.change {
+            Change::Firmware => self.fleet.devices().await?,
+            // A rotation may take only the devices due: it reads those, not the whole registry.
+            Change::Certificate => {
+                let due: Vec<ThingName> = self.rotation.due().await?.into_iter().collect();
+                self.fleet.devices_among(&due).await?
+            }
+        };
         // Devices the earlier stages' jobs reached (a stage's own job, if a lost write left it
         // behind, is adopted below, not counted as earlier).
         let mut earlier: Vec<(usize, BTreeSet<ThingName>)> = Vec::new();
@@ -1048,6 +1051,62 @@ mod tests {
             preconditions: Preconditions { min_battery_pct: None, seen_within_minutes: None },
             ..CampaignSpec::rotation(id, "sensor", "1.4.2")
         }
+    }
+
+    /// The registry on SQLite, except that listing it fails: what reads only by key passes.
+    struct ByKeyOnly<'a>(&'a SqliteStore);
+
+    impl DeviceAdmin for ByKeyOnly<'_> {
+        async fn register(
+            &self,
+            devices: &[(ThingName, crate::model::DeviceRegistration)],
+        ) -> Result<(), StoreError> {
+            self.0.register(devices).await
+        }
+
+        async fn device(&self, thing: &ThingName) -> Result<Option<crate::model::Device>, StoreError> {
+            self.0.device(thing).await
+        }
+
+        async fn devices(&self) -> Result<Vec<crate::model::Device>, StoreError> {
+            Err(StoreError::permanent("devices", "the whole registry was listed"))
+        }
+
+        async fn devices_among(&self, things: &[ThingName]) -> Result<Vec<crate::model::Device>, StoreError> {
+            self.0.devices_among(things).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotation_reads_the_devices_due_by_key_never_the_whole_registry() -> anyhow::Result<()> {
+        // GIVEN 40 sensors, 4 of them due a new certificate, and a registry that cannot be listed
+        let w = World::new(40).await?;
+        let due = due_for_rotation(&w, 40, 4).await?;
+        let fleet = ByKeyOnly(&w.db);
+        let engine = Engine {
+            fleet: &fleet,
+            jobs: &w.db,
+            health: &w.db,
+            rotation: &w.rotation,
+            catalog: &w.catalog,
+            verifier: &w.verifier,
+        };
+        // WHEN a rotation of one stage (100 %) ticks
+        let one_stage = CampaignSpec { stages: vec![100], ..rotation_spec("rot-keys") };
+        let mut c = Campaign::rotation(one_stage, time::now_ms())?;
+        let tick = engine.tick(&mut c, time::now_ms()).await?;
+        // THEN its stage reaches the 4 due, and only them
+        let s1 = stage_of(&c);
+        assert_eq!((s1.targets, c.population), (4, 4), "{}", tick.summary);
+        let mut reached: Vec<ThingName> =
+            w.db.job_executions(&s1.job).await?.into_iter().map(|(t, _)| t).collect();
+        reached.sort();
+        assert_eq!(reached, due);
+        // AND a firmware campaign, which picks from the whole registry, does list it
+        let mut firmware = campaign(CampaignSpec { stages: vec![100], ..spec("fw-keys") })?;
+        let listed = engine.tick(&mut firmware, time::now_ms()).await;
+        assert!(listed.is_err_and(|e| e.to_string().contains("the whole registry was listed")));
+        Ok(())
     }
 
     #[tokio::test]

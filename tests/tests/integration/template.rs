@@ -2,6 +2,7 @@
 //! when it fails, nothing whose name blocks the next attempt, and every alarm notifying someone.
 //! (cfn-lint in scripts/test.sh checks the template against CloudFormation's schemas.)
 
+use fleet_shared::adapters::aws::devices::{ROTATION_DUE_INDEX, ROTATION_QUEUE};
 use serde_yaml_ng::{Mapping, Value};
 
 fn resources() -> Mapping {
@@ -388,13 +389,30 @@ fn presence_writes_device_presence_and_retires_only_certificates_a_rotation_supe
 
 #[test]
 fn the_ota_orchestrator_reads_the_devices_and_certificates_tables_and_never_writes_them() {
-    // Stages pick from a Scan (devices, certificate marks); a rotation stage's gate reads a
-    // device's mark and presence (GetItem), and its serial's allowlist entry.
+    // A firmware stage picks from a Scan of the registry; a rotation's from the marks due (a
+    // Query of the sparse index, never of the table) and those devices by key; a rotation
+    // stage's gate reads a device's mark and presence (GetItem), and its serial's allowlist entry.
     let r = render(&[]);
-    for action in ["dynamodb:Scan", "dynamodb:GetItem"] {
+    for action in ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem"] {
         let granted = grant_resources(&r, "OtaOrchestratorRole", action);
         assert!(granted.iter().any(|g| g == "DevicesTable"), "{action}: {granted:?}");
     }
+    let queried = grant_resources(&r, "OtaOrchestratorRole", "dynamodb:Query");
+    let index = format!("${{DevicesTable.Arn}}/index/{ROTATION_DUE_INDEX}");
+    assert!(queried.contains(&index), "{queried:?}");
+    assert!(!queried.iter().any(|g| g == "DevicesTable"), "{queried:?}");
+    // The index is the adapter's: sparse on its partition key, sorted by thing, with the mark.
+    let table = &r.resources["DevicesTable"]["Properties"];
+    let indexes = table["GlobalSecondaryIndexes"].as_sequence().cloned().unwrap_or_default();
+    let due = indexes.iter().find(|i| i["IndexName"].as_str() == Some(ROTATION_DUE_INDEX)).expect("index");
+    let keys: Vec<(&str, &str)> = due["KeySchema"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| Some((k["AttributeName"].as_str()?, k["KeyType"].as_str()?)))
+        .collect();
+    assert_eq!(keys, [(ROTATION_QUEUE, "HASH"), ("thing", "RANGE")]);
+    assert_eq!(due["Projection"]["NonKeyAttributes"][0].as_str(), Some("mark"));
     for action in
         ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem"]
     {

@@ -6,6 +6,10 @@
 //!   statement with its own condition and its own answer (see [`StateStep`]).
 //! - `item = "arrival#<boot>#<seq>"`: a skew-corrected message's first arrival, inserted once
 //!   (see [`arrival_statement`]) and expired by the table's TTL.
+//! - `item = "cert"`: the daily expiry check's mark. A mark due a rotation also carries
+//!   `rotation_queue = "due"`, the partition key of the sparse index [`ROTATION_DUE_INDEX`]
+//!   (sort key `thing`, projecting `mark`): a rotation's stage reads what is due by a Query of
+//!   it and those devices by key, never the whole table.
 //!
 //! The ingest function keeps the registrations it read for a while ([`RegistrationCache`]):
 //! its batches then read only their devices' state items.
@@ -39,6 +43,12 @@ pub const BATCH_GET_MAX_KEYS: usize = 100;
 pub const BATCH_WRITE_MAX_ITEMS: usize = 25;
 /// BatchExecuteStatement: at most 25 statements per request.
 pub const BATCH_STATEMENT_MAX: usize = 25;
+
+/// The sparse index of the marks due a rotation (the template's `by_rotation_due`).
+pub const ROTATION_DUE_INDEX: &str = "by_rotation_due";
+/// Its partition key, present only on the marks due, always with the value [`DUE`].
+pub const ROTATION_QUEUE: &str = "rotation_queue";
+const DUE: &str = "due";
 
 const PK: &str = "thing";
 const SK: &str = "item";
@@ -771,6 +781,13 @@ impl DeviceAdmin for DevicesTable {
         devices.sort_by(|a, b| a.thing.cmp(&b.thing));
         Ok(devices)
     }
+
+    /// BatchGetItem of their `registration` and `state` items, 50 devices per request.
+    async fn devices_among(&self, things: &[ThingName]) -> Result<Vec<Device>, StoreError> {
+        let mut devices: Vec<Device> = self.get_many(things).await?.into_values().collect();
+        devices.sort_by(|a, b| a.thing.cmp(&b.thing));
+        Ok(devices)
+    }
 }
 
 /// The `cert` item of a device: what the daily expiry check said about its certificate.
@@ -791,6 +808,9 @@ impl crate::ports::DeviceCertStatus for DevicesTable {
                     item.insert("mark".into(), AttributeValue::S(json));
                     item.insert("cert_status".into(), AttributeValue::S(m.class.as_str().to_owned()));
                     item.insert("rotation_due".into(), AttributeValue::Bool(m.rotation_due));
+                    if m.rotation_due {
+                        item.insert(ROTATION_QUEUE.into(), AttributeValue::S(DUE.to_owned()));
+                    }
                     let put = PutRequest::builder()
                         .set_item(Some(item))
                         .build()
@@ -836,18 +856,18 @@ fn thing_and_json<T: serde::de::DeserializeOwned>(
 }
 
 impl crate::ports::CertMarks for DevicesTable {
-    /// A Scan of the table for the `cert` items marked due (filtered after it is read: the
-    /// whole table's read capacity, as [`DeviceAdmin::devices`] costs).
+    /// A Query of the sparse index [`ROTATION_DUE_INDEX`]: it holds the marks due and nothing
+    /// else, in thing order, so it reads what is due, however large the fleet.
     async fn rotation_due(&self) -> Result<Vec<(ThingName, crate::ports::CertMark)>, StoreError> {
         let op = "dynamodb cert status due";
         let mut pages = self
             .client
-            .scan()
+            .query()
             .table_name(&self.table)
-            .filter_expression("#i = :c AND rotation_due = :due")
-            .expression_attribute_names("#i", SK)
-            .expression_attribute_values(":c", AttributeValue::S(CERT.to_owned()))
-            .expression_attribute_values(":due", AttributeValue::Bool(true))
+            .index_name(ROTATION_DUE_INDEX)
+            .key_condition_expression("#q = :due")
+            .expression_attribute_names("#q", ROTATION_QUEUE)
+            .expression_attribute_values(":due", AttributeValue::S(DUE.to_owned()))
             .into_paginator()
             .send();
         let mut out = Vec::new();

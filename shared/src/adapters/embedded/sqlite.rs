@@ -748,6 +748,12 @@ impl DeviceAdmin for SqliteStore {
         })
         .await
     }
+
+    async fn devices_among(&self, things: &[ThingName]) -> Result<Vec<Device>, StoreError> {
+        let mut devices: Vec<Device> = self.get_many(things).await?.into_values().collect();
+        devices.sort_by(|a, b| a.thing.cmp(&b.thing));
+        Ok(devices)
+    }
 }
 
 fn reading_from_row(r: &Row<'_>) -> rusqlite::Result<StoredReading> {
