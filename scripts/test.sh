@@ -19,7 +19,7 @@ df -h . | tail -1
 # Checked first, so a full disk is named here instead of failing a build minutes in. What a
 # previous run left under target/ and .venv counts towards it.
 need_mb=5120
-have_mb=$(du -smc target .venv 2>/dev/null | tail -1 | cut -f1)
+have_mb=$({ du -smc target .venv 2>/dev/null || true; } | tail -1 | cut -f1)
 free_mb=$(df -Pm . | awk 'NR == 2 { print $4 }')
 if [ $((free_mb + have_mb)) -lt "$need_mb" ]; then
   echo "error: not enough disk space: a run needs about $((need_mb / 1024)) GB here, ${free_mb} MB are free (and ${have_mb} MB already under target/ and .venv); free some space and run again" >&2
