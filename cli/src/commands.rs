@@ -872,7 +872,7 @@ async fn ota<R: SloReader>(reader: &R, command: OtaCommand, json: bool) -> Resul
         p.parse().map_err(|e| anyhow!("{p:?} is not a cohort (class/region/firmware, * for any): {e}"))
     };
     let (canary, control) = (parse(&canary)?, parse(&control)?);
-    let policy = gate.policy();
+    let policy = gate.policy()?;
     let Some(report) = reader.latest_health().await? else {
         bail!("fleet-health has not closed a minute yet: no ledger to judge from");
     };

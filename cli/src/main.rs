@@ -232,14 +232,23 @@ pub struct GateArgs {
 }
 
 impl GateArgs {
-    pub fn policy(self) -> fleet_shared::ota::gate::GatePolicy {
-        fleet_shared::ota::gate::GatePolicy {
+    /// The policy these flags give, refused (with why) if it cannot judge anything.
+    pub fn policy(self) -> anyhow::Result<fleet_shared::ota::gate::GatePolicy> {
+        if !self.window.as_secs().is_multiple_of(60) || self.window.subsec_nanos() != 0 {
+            anyhow::bail!(
+                "--window {}: the SLO ledger is kept per minute; give whole minutes (e.g. 90m)",
+                humantime::format_duration(self.window)
+            );
+        }
+        let policy = fleet_shared::ota::gate::GatePolicy {
             slos: self.slos,
             window_minutes: i64::try_from(self.window.as_secs() / 60).unwrap_or(i64::MAX),
             min_events: self.min_events,
             max_ratio: self.max_ratio,
             max_burn: self.max_burn,
-        }
+        };
+        policy.check(&fleet_shared::health::slo::Catalog::builtin()).map_err(anyhow::Error::msg)?;
+        Ok(policy)
     }
 }
 

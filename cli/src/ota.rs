@@ -75,7 +75,7 @@ where
             let firmware = read_manifest(&manifest)?;
             let rollback = read_manifest(&rollback_manifest)?;
             let spec = CampaignSpec {
-                gate: gate.policy(),
+                gate: gate.policy()?,
                 ..rolled_out(&rollout, CampaignSpec::new(&id, firmware.class(), rollback.fw(), firmware.fw()))
             };
             let campaign = Campaign::new(spec, firmware, rollback, now)?;

@@ -667,6 +667,16 @@ pub trait HealthLedger: SloReader {
         rows: &[(crate::health::tally::Cohort, crate::health::tally::Tally)],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Write these rows again as they are (each cohort's newest, at its own minute), to be kept
+    /// as long as `minute`'s: a cohort quiet for a day or more is active again, and its last row
+    /// is where every window reaching back into the quiet time starts. Where rows expire (on
+    /// AWS, 30 days after their minute), it would otherwise go while windows still need it.
+    fn renew_rows(
+        &self,
+        minute: i64,
+        rows: &[(crate::health::tally::Cohort, LedgerRow)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     fn put_health(
         &self,
         report: &crate::health::ledger::HealthReport,

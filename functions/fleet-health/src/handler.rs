@@ -35,7 +35,7 @@ use fleet_shared::health::slo::Catalog;
 use fleet_shared::health::tally::{counter, minute_of, Bucket, Cohort, Tally, MINUTE_MS};
 use fleet_shared::lambda::{AwsBackend, Retryable, StartupError};
 use fleet_shared::metrics::{MetricSet, MetricsOut, Unit};
-use fleet_shared::ports::HealthLedger;
+use fleet_shared::ports::{HealthLedger, LedgerRow};
 use fleet_shared::{time, StoreError};
 use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,10 @@ pub const FUNCTION: &str = "fleet-health";
 pub const GRACE_MS: i64 = 10_000;
 /// Minutes one run closes at most (an hour of backlog after an outage of this function).
 pub const MAX_CATCH_UP: i64 = 60;
+/// A cohort active again after this long has its last row renewed. On AWS rows expire 30 days
+/// after their minute and windows reach 28 days back, so a row must be renewed when its cohort
+/// resumes within 2 days of it falling quiet or later; one day leaves a margin.
+pub const RENEW_AFTER_QUIET_MINUTES: i64 = 24 * 60;
 
 /// Everything the handler needs, built once per cold start.
 pub struct Deps<L> {
@@ -107,6 +111,22 @@ pub async fn handle<L: HealthLedger>(
         .map_err(|e| Retryable { what: "fleet health not evaluated", source: Arc::new(e) })
 }
 
+/// The newest rows of the cohorts in `rows` that were quiet for [`RENEW_AFTER_QUIET_MINUTES`]
+/// or more before `minute`: renewed before `minute` is written (see
+/// [`HealthLedger::renew_rows`]).
+fn quiet_rows(
+    before: &BTreeMap<Cohort, LedgerRow>,
+    rows: &[(Cohort, Tally)],
+    minute: i64,
+) -> Vec<(Cohort, LedgerRow)> {
+    rows.iter()
+        .filter_map(|(cohort, _)| {
+            let head = before.get(cohort)?;
+            (head.0 <= minute - RENEW_AFTER_QUIET_MINUTES).then(|| (cohort.clone(), head.clone()))
+        })
+        .collect()
+}
+
 /// Close every minute that ended, evaluate, emit and store.
 pub async fn run<L: HealthLedger>(deps: &Deps<L>, now: i64) -> Result<Answer, StoreError> {
     let last = minute_of(now - GRACE_MS) - 1;
@@ -125,6 +145,10 @@ pub async fn run<L: HealthLedger>(deps: &Deps<L>, now: i64) -> Result<Answer, St
         let reads = minute_reads(&deps.ledger, minute, minute == last).await?;
         let before = heads.clone();
         let rows = close_minute(&mut heads, &reads);
+        let renewed = quiet_rows(&before, &rows, minute);
+        if !renewed.is_empty() {
+            deps.ledger.renew_rows(minute, &renewed).await?;
+        }
         deps.ledger.close_minute(minute, &rows).await?;
         minutes_closed += 1;
         if minute == last {

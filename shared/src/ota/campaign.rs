@@ -192,8 +192,8 @@ impl CampaignSpec {
                 self.install_timeout_minutes
             ));
         }
-        if self.gate.slos.is_empty() || self.gate.window_minutes < 1 {
-            return bad("the gate needs at least one SLO and a window of at least 1 minute".into());
+        if let Err(why) = self.gate.check(&crate::health::slo::Catalog::builtin()) {
+            return bad(why);
         }
         Ok(())
     }

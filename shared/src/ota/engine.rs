@@ -327,7 +327,7 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, 
         let mut step = assess(&c.spec, &stage, &counts, None, now_ms);
         if step == StageStep::AskGate {
             let verdict = match c.spec.change {
-                Change::Firmware => self.verdict(&c.spec).await?,
+                Change::Firmware => self.verdict(&c.spec, now_ms).await?,
                 Change::Certificate => self.rotation_verdict(&stage.job).await?,
             };
             step = assess(&c.spec, &stage, &counts, Some(&verdict), now_ms);
@@ -360,10 +360,18 @@ impl<F: DeviceAdmin, J: JobsControl, H: SloReader, R: RotationReads> Engine<'_, 
         }
     }
 
-    async fn verdict(&self, spec: &CampaignSpec) -> Result<Verdict, OtaError> {
+    async fn verdict(&self, spec: &CampaignSpec, now_ms: i64) -> Result<Verdict, OtaError> {
         let Some(report) = self.health.latest_health().await? else {
             return Ok(Verdict::Wait("fleet-health has not closed a minute yet".into()));
         };
+        let age = minute_of(now_ms) - report.minute;
+        if age > gate::MAX_HEALTH_AGE_MINUTES {
+            return Ok(Verdict::Wait(format!(
+                "fleet-health's newest closed minute is {age} minutes old (more than {}): it is failing \
+                 or behind, and an older window may end before this stage began",
+                gate::MAX_HEALTH_AGE_MINUTES
+            )));
+        }
         let (verdict, _) = gate::evaluate(
             self.health,
             self.catalog,
@@ -802,9 +810,15 @@ mod tests {
         let (_, tick) = w.tick("fw150", t0 + 10 * MIN).await?;
         assert!(tick.summary.contains("soaking"), "{}", tick.summary);
         assert_eq!(tick.finished, []);
-        // AND after the soak, a healthy canary opens stage 2: 18 more devices, none twice
+        // AND after the soak, while fleet-health's newest closed minute is 40 minutes old (it
+        // stopped), the gate waits: that window ends before the stage began
         w.ledger(crate::health::tally::minute_of(t0), 0).await?;
-        let (c, _) = w.tick("fw150", t0 + 40 * MIN).await?;
+        let (_, tick) = w.tick("fw150", t0 + 40 * MIN).await?;
+        assert!(tick.summary.contains("newest closed minute is 40 minutes old"), "{}", tick.summary);
+        // AND once it closes minutes again, a healthy canary opens stage 2: 18 more devices,
+        // none twice
+        w.ledger(crate::health::tally::minute_of(t0) + 40, 0).await?;
+        let (c, _) = w.tick("fw150", t0 + 41 * MIN).await?;
         let s2 = stage_of(&c).clone();
         assert_eq!((s2.stage, s2.targets, c.targeted), (1, 18, 20));
         let first: BTreeSet<_> = execs.iter().map(|(t, _)| t.clone()).collect();
@@ -813,7 +827,7 @@ mod tests {
 
         // WHEN stage 2 installs and then burns 1 % of its messages (10x the ingest budget)
         assert_eq!(w.devices_answer(&s2.job, DeviceStatus::Succeeded).await?, 18);
-        w.tick("fw150", t0 + 41 * MIN).await?;
+        w.tick("fw150", t0 + 42 * MIN).await?;
         w.ledger(crate::health::tally::minute_of(t0) + 80, 10).await?;
         let (c, tick) = w.tick("fw150", t0 + 80 * MIN).await?;
         // THEN the gate rolls it back: the old firmware goes to all 20 devices the stages reached

@@ -4,10 +4,17 @@
 //! the same `window_minutes` ending at the same minute:
 //! - too few canary events to judge: **wait** (a quiet canary proves nothing);
 //! - the canary burns budget (burn rate > 1) *and* more than `max_ratio` times the control
-//!   (or the control burns none): **roll back**, the new firmware is the likely cause;
+//!   (or the control burns none): **roll back**, the new firmware is the likely cause; but
+//!   with fewer than [`MIN_BAD_EVENTS`] bad canary events, **wait** (one bad event among 600
+//!   is already 1.67x a 99.9 % objective: chance, until more follow);
+//! - a control with fewer than `min_events` events is no baseline (one bad event among 50 is
+//!   20x): the canary is then held to its budget, as if the control burned exactly 1x;
 //! - the canary burns more than `max_burn` but so does the control: **wait**, the fleet has
 //!   an incident the firmware did not cause, and no rollout should widen into it;
 //! - otherwise the SLO passes. The gate advances only when every SLO passes.
+//!
+//! The window ends at the last minute fleet-health closed; the engine waits instead of judging
+//! when that minute is more than [`MAX_HEALTH_AGE_MINUTES`] old.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +22,15 @@ use crate::health::gate::{burn_rate, BurnReading, GateError};
 use crate::health::slo::Catalog;
 use crate::health::tally::Cohort;
 use crate::ports::SloReader;
+
+/// A rollback needs at least this many bad canary events in the window. Fewer can be chance;
+/// the gate waits instead, and the window moves on: a fluke leaves it, a fault adds more.
+pub const MIN_BAD_EVENTS: i64 = 3;
+
+/// fleet-health closes each minute 10 s after it ends. A newest closed minute older than this
+/// means it is failing or behind; the gate then waits rather than judge a window that may end
+/// before the stage it is asked about began.
+pub const MAX_HEALTH_AGE_MINUTES: i64 = 5;
 
 /// What a campaign's gate checks, and how strictly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +48,37 @@ pub struct GatePolicy {
     pub max_ratio: f64,
     /// Above this burn rate nothing widens, whoever burns (the ticket alert's 6x by default).
     pub max_burn: f64,
+}
+
+impl GatePolicy {
+    /// Why this policy cannot judge anything, if it cannot.
+    pub fn check(&self, catalog: &Catalog) -> Result<(), String> {
+        if self.slos.is_empty() {
+            return Err("the gate needs at least one SLO".into());
+        }
+        if let Some(unknown) = self.slos.iter().find(|s| catalog.slo(s).is_none()) {
+            return Err(format!("no SLO named {unknown:?} in infra/slos.json"));
+        }
+        if !(1..=catalog.window_minutes()).contains(&self.window_minutes) {
+            return Err(format!(
+                "a gate window of {} minutes: expected 1 minute to the SLOs' window ({} minutes)",
+                self.window_minutes,
+                catalog.window_minutes()
+            ));
+        }
+        if self.min_events < 1 {
+            return Err(format!(
+                "min_events {}: at least 1 (a canary without events proves nothing)",
+                self.min_events
+            ));
+        }
+        for (name, value) in [("max_ratio", self.max_ratio), ("max_burn", self.max_burn)] {
+            if !(value.is_finite() && value >= 1.0) {
+                return Err(format!("{name} {value}: expected a number of at least 1"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for GatePolicy {
@@ -87,10 +134,27 @@ pub fn judge(policy: &GatePolicy, canary: &BurnReading, control: &BurnReading) -
         ));
     }
     let c = canary.burn_rate.unwrap_or(0.0);
-    let k = control.burn_rate.unwrap_or(0.0);
+    let (k, control_burns) = if control.total >= policy.min_events {
+        let k = control.burn_rate.unwrap_or(0.0);
+        (k, format!("the control {k:.2}x"))
+    } else {
+        let thin = format!(
+            "the control has {} events, too few to compare: its budget (1x) stands in",
+            control.total
+        );
+        (1.0, thin)
+    };
     if c > 1.0 && c > policy.max_ratio * k {
+        let bad = canary.total - canary.good;
+        if bad < MIN_BAD_EVENTS {
+            return Verdict::Wait(format!(
+                "{slo}: the canary burns {c:.2}x its budget, {control_burns}, but from {bad} bad events in \
+                 {}: fewer than {MIN_BAD_EVENTS}, too few to blame the firmware yet",
+                canary.total
+            ));
+        }
         return Verdict::RollBack(format!(
-            "{slo}: the canary burns {c:.2}x its budget, the control {k:.2}x (limit {}x the control's)",
+            "{slo}: the canary burns {c:.2}x its budget, {control_burns} (limit {}x the control's)",
             policy.max_ratio
         ));
     }
@@ -251,21 +315,69 @@ mod tests {
         assert_eq!(Verdict::of_all([]), Verdict::Advance);
     }
 
-    #[test]
-    fn a_control_without_events_is_no_excuse() {
-        // a canary burning 3x against a control with no events at all is rolled back
-        let reading = |burn: Option<f64>, total| BurnReading {
+    /// An ingest reading (objective 99.9 %): `total` events, `bad` of them bad.
+    fn reading(total: i64, bad: i64) -> BurnReading {
+        let burn_rate = (total > 0).then(|| bad as f64 / total as f64 / 0.001);
+        BurnReading {
             slo: "ingest".into(),
             cohort: Cohort::fleet(),
             window_minutes: 60,
             minute: 0,
-            good: total,
+            good: total - bad,
             total,
-            burn_rate: burn,
-        };
-        let v = judge(&policy(), &reading(Some(3.0), 500), &reading(None, 0));
-        assert!(matches!(v, Verdict::RollBack(_)), "{v:?}");
+            burn_rate,
+        }
+    }
+
+    #[test]
+    fn a_control_without_events_is_no_excuse() {
+        // a canary burning 3x against a control with no events at all is rolled back
+        let v = judge(&policy(), &reading(5_000, 15), &reading(0, 0));
+        let Verdict::RollBack(reason) = v else { panic!("{v:?}") };
+        assert!(reason.contains("the control has 0 events, too few to compare"), "{reason}");
         // and a canary within its budget advances whatever the control does
-        assert_eq!(judge(&policy(), &reading(Some(0.9), 500), &reading(Some(0.0), 500)), Verdict::Advance);
+        assert_eq!(judge(&policy(), &reading(10_000, 9), &reading(500, 0)), Verdict::Advance);
+    }
+
+    #[test]
+    fn a_control_too_small_to_compare_neither_shields_nor_condemns_the_canary() {
+        // GIVEN late in a campaign a control of 50 messages, one of them bad (20x)
+        let control = reading(50, 1);
+        // WHEN the canary quarantines 0.5 % of 10,000 (5x): THEN it is held to its budget and
+        // rolled back, where 2x the control's 20x would have let it through
+        let v = judge(&policy(), &reading(10_000, 50), &control);
+        assert!(matches!(v, Verdict::RollBack(_)), "{v:?}");
+        // AND a control of 3 clean events condemns no canary within 2x its budget
+        assert_eq!(judge(&policy(), &reading(10_000, 15), &reading(3, 0)), Verdict::Advance);
+    }
+
+    #[test]
+    fn one_bad_event_is_not_yet_a_reason_to_roll_back() {
+        // GIVEN a canary of 600 events in the hour against a clean control
+        let control = reading(100_000, 0);
+        // WHEN one of them is bad (1.67x): THEN the gate waits for more evidence
+        let v = judge(&policy(), &reading(600, 1), &control);
+        let Verdict::Wait(reason) = v else { panic!("{v:?}") };
+        assert!(reason.contains("from 1 bad events in 600: fewer than 3"), "{reason}");
+        // WHEN three are: THEN it rolls back
+        assert!(matches!(judge(&policy(), &reading(600, 3), &control), Verdict::RollBack(_)));
+    }
+
+    #[test]
+    fn a_policy_that_cannot_judge_is_refused() {
+        let catalog = Catalog::builtin();
+        assert_eq!(policy().check(&catalog), Ok(()));
+        assert_eq!(GatePolicy::default().check(&catalog), Ok(()));
+        let refused = |p: GatePolicy, says: &str| {
+            let why = p.check(&catalog).expect_err("refused");
+            assert!(why.contains(says), "{why}");
+        };
+        refused(GatePolicy { min_events: 0, ..policy() }, "min_events 0");
+        refused(GatePolicy { window_minutes: 0, ..policy() }, "window of 0 minutes");
+        refused(GatePolicy { window_minutes: catalog.window_minutes() + 1, ..policy() }, "expected 1 minute");
+        refused(GatePolicy { slos: vec![], ..policy() }, "at least one SLO");
+        refused(GatePolicy { slos: vec!["ingets".into()], ..policy() }, "no SLO named \"ingets\"");
+        refused(GatePolicy { max_ratio: f64::NAN, ..policy() }, "max_ratio NaN");
+        refused(GatePolicy { max_burn: 0.5, ..policy() }, "max_burn 0.5");
     }
 }

@@ -5,6 +5,7 @@
 mod contract_aws;
 mod contract_embedded;
 mod iot_registry_moto;
+mod ledger_aws;
 mod load_moto;
 mod ota_aws;
 mod pipeline_aws;

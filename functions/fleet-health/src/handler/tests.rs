@@ -234,6 +234,31 @@ async fn minutes_closed_late_keep_their_counts_and_do_not_book_todays_levels() -
 }
 
 #[test]
+fn a_cohort_active_again_after_a_quiet_day_has_its_last_row_renewed() {
+    let row = |minute: i64, received: i64| {
+        let mut t = Tally::default();
+        t.add(counter::RECEIVED, received);
+        (minute, t)
+    };
+    let cohort = |fw: &str| Cohort::new("sensor", "eu-west", fw);
+    let now = START_MINUTE;
+    // GIVEN a cohort quiet for a day, one quiet for a minute short of it, one active a minute
+    // ago, and one quiet for a day that stays quiet
+    let before: BTreeMap<Cohort, LedgerRow> = [
+        (cohort("1.0"), row(now - RENEW_AFTER_QUIET_MINUTES, 10)),
+        (cohort("1.1"), row(now - RENEW_AFTER_QUIET_MINUTES + 1, 20)),
+        (cohort("1.2"), row(now - 1, 30)),
+        (cohort("1.3"), row(now - 5 * RENEW_AFTER_QUIET_MINUTES, 40)),
+    ]
+    .into();
+    // WHEN the first three and a new cohort have rows at this minute
+    let rows: Vec<(Cohort, Tally)> =
+        ["1.0", "1.1", "1.2", "2.0"].iter().map(|fw| (cohort(fw), row(now, 99).1)).collect();
+    // THEN only the one quiet for a day has its last row renewed, as it was
+    assert_eq!(quiet_rows(&before, &rows, now), [(cohort("1.0"), row(now - RENEW_AFTER_QUIET_MINUTES, 10))]);
+}
+
+#[test]
 fn windows_are_named_as_the_alarms_name_them() {
     assert_eq!(window_name(5), "5m");
     assert_eq!(window_name(30), "30m");

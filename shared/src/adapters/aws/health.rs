@@ -324,6 +324,23 @@ impl HealthLedger for HealthTable {
         self.put(OP, cursor).await
     }
 
+    async fn renew_rows(&self, minute: i64, rows: &[(Cohort, LedgerRow)]) -> Result<(), StoreError> {
+        const OP: &str = "dynamodb ledger renew";
+        let ttl = minute * MINUTE_MS / 1000 + LEDGER_TTL_S;
+        let mut requests = Vec::with_capacity(rows.len());
+        for (cohort, (at, tally)) in rows {
+            let mut row = key(format!("l#{cohort}"), minute_sk(*at));
+            row.insert("tally".into(), s(encode(OP, tally)?));
+            row.insert("ttl".into(), n(ttl));
+            let put = PutRequest::builder().set_item(Some(row)).build().expect("item is set");
+            requests.push(WriteRequest::builder().put_request(put).build());
+        }
+        for chunk in requests.chunks(BATCH_WRITE_MAX) {
+            super::batch_write(&self.client, &self.table, chunk.to_vec()).await?;
+        }
+        Ok(())
+    }
+
     async fn put_health(&self, report: &HealthReport) -> Result<(), StoreError> {
         const OP: &str = "dynamodb health report put";
         let mut item = key("meta", "report");

@@ -210,6 +210,12 @@ impl HealthLedger for SqliteStore {
         .await
     }
 
+    /// Nothing to do: rows here never expire (the hourly prune keeps each cohort's newest row
+    /// older than any window's start).
+    async fn renew_rows(&self, _minute: i64, _rows: &[(Cohort, LedgerRow)]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn put_health(&self, report: &HealthReport) -> Result<(), StoreError> {
         const OP: &str = "sqlite health report put";
         let json = serde_json::to_string(report).map_err(|e| StoreError::permanent(OP, e))?;
