@@ -356,8 +356,13 @@ impl BrokerEventHandler for Hooks {
                 return PublishAction::Handled;
             }
             // The shadow service answers requests on its topics (accepted/rejected, delta,
-            // documents), as IoT Core's Device Shadow service does.
+            // documents), as IoT Core's Device Shadow service does. While stopping, a request is
+            // neither applied nor acknowledged: the device sends it again to the next broker,
+            // which applies it once.
             if let Some(request) = ShadowRequest::parse(&event.topic) {
+                if self.0.stopping.load(SeqCst) {
+                    std::future::pending::<()>().await;
+                }
                 let now_s = fleet_shared::time::now_ms() / 1000;
                 let (answers, changes) = {
                     let mut shadows = self.0.shadows.lock().unwrap_or_else(|p| p.into_inner());
@@ -623,5 +628,91 @@ mod answer_filter_tests {
         ] {
             assert!(!m(no), "{no}");
         }
+    }
+}
+
+#[cfg(test)]
+mod stopping_tests {
+    use super::*;
+    use anyhow::Context as _;
+    use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+    use serde_json::Value;
+
+    /// The next event `want` picks, within 10 s.
+    async fn until<T>(
+        events: &mut EventLoop,
+        mut want: impl FnMut(&Event) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(t) = want(&events.poll().await?) {
+                    return anyhow::Ok(t);
+                }
+            }
+        })
+        .await?
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shadow_request_arriving_while_stopping_is_neither_applied_nor_acknowledged(
+    ) -> anyhow::Result<()> {
+        // GIVEN a broker, and a device whose first shadow update was applied and acknowledged
+        let opts = BrokerOptions {
+            addr: "127.0.0.1:0".parse()?,
+            policy: None,
+            max_payload_bytes: 128 * 1024,
+            shadows: Shadows::default(),
+            shadow_store: None,
+            claim_policy: None,
+            provisioning: None,
+            jobs: None,
+        };
+        let (broker, _intake) = Broker::start(opts, Arc::new(Stats::default())).await?;
+        let (device, mut events) =
+            AsyncClient::new(MqttOptions::new("d1", "127.0.0.1", broker.addr.port()), 16);
+        device.subscribe("$aws/things/d1/shadow/update/+", QoS::AtLeastOnce).await?;
+        until(&mut events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await?;
+        let update = "$aws/things/d1/shadow/update";
+        device.publish(update, QoS::AtLeastOnce, false, r#"{"state":{"reported":{"x":1}}}"#).await?;
+        // (accepted, then documents; the acknowledgement before, between or after them)
+        let (mut accepted, mut documents, mut acknowledged) = (None, false, false);
+        until(&mut events, |e| {
+            match e {
+                Event::Incoming(Packet::Publish(p)) if p.topic.ends_with("/update/accepted") => {
+                    accepted = serde_json::from_slice::<Value>(&p.payload).ok();
+                }
+                Event::Incoming(Packet::Publish(p)) if p.topic.ends_with("/update/documents") => {
+                    documents = true
+                }
+                Event::Incoming(Packet::PubAck(_)) => acknowledged = true,
+                _ => {}
+            }
+            (documents && acknowledged).then_some(())
+        })
+        .await?;
+        assert_eq!(accepted.context("accepted")?["version"], 1);
+
+        // WHEN the broker starts stopping and the device sends a second update
+        broker.stop_intake();
+        device.publish(update, QoS::AtLeastOnce, false, r#"{"state":{"reported":{"x":2}}}"#).await?;
+
+        // THEN neither an answer nor an acknowledgement comes (the device keeps the update for
+        // the next broker)
+        let heard = tokio::time::timeout(
+            Duration::from_millis(500),
+            until(&mut events, |e| match e {
+                Event::Incoming(Packet::Publish(p)) => Some(p.topic.clone()),
+                Event::Incoming(Packet::PubAck(_)) => Some("PUBACK".to_owned()),
+                _ => None,
+            }),
+        )
+        .await;
+        assert!(heard.is_err(), "heard {heard:?} for an update sent while stopping");
+        // AND the shadow is still at version 1
+        let get = ShadowRequest::parse("$aws/things/d1/shadow/get").context("get topic")?;
+        let answers = broker.iot.shadows.lock().unwrap_or_else(|p| p.into_inner()).handle(&get, b"", 0);
+        let current: Value = serde_json::from_slice(&answers[0].1)?;
+        assert_eq!((&current["version"], &current["state"]["reported"]["x"]), (&1.into(), &1.into()));
+        Ok(())
     }
 }

@@ -45,6 +45,10 @@ const NOTIFY_LIST_MAX: usize = 15;
 /// no control characters (AWS's `DetailsKey` and `DetailsValue`).
 const MAX_DETAILS_KEY_LEN: usize = 128;
 const MAX_DETAILS_VALUE_LEN: usize = 1024;
+/// A `clientToken`: at most 64 characters (AWS's `ClientToken`).
+const MAX_CLIENT_TOKEN_LEN: usize = 64;
+/// `stepTimeoutInMinutes` of an update that cancels the step timer.
+const CANCEL_STEP_TIMER: i64 = -1;
 /// The job id that stands for the thing's next pending execution in `DescribeJobExecution`.
 pub const NEXT: &str = "$next";
 
@@ -226,7 +230,10 @@ fn body(payload: &[u8]) -> Result<Map<String, Value>, Rejection> {
 fn client_token(m: &Map<String, Value>) -> Result<Option<Value>, Rejection> {
     match m.get("clientToken") {
         None | Some(Value::Null) => Ok(None),
-        Some(t @ Value::String(_)) => Ok(Some(t.clone())),
+        Some(t @ Value::String(s)) if s.chars().count() <= MAX_CLIENT_TOKEN_LEN => Ok(Some(t.clone())),
+        Some(Value::String(_)) => {
+            Err(invalid(format!("clientToken must be at most {MAX_CLIENT_TOKEN_LEN} characters")))
+        }
         Some(_) => Err(invalid("clientToken must be a string")),
     }
 }
@@ -253,6 +260,7 @@ fn number(m: &Map<String, Value>, name: &str) -> Result<Option<u64>, Rejection> 
     }
 }
 
+/// `stepTimeoutInMinutes` of `StartNextPendingJobExecution`: 1–10080 minutes.
 fn step_timeout(m: &Map<String, Value>) -> Result<Option<u32>, Rejection> {
     let minutes = number(m, "stepTimeoutInMinutes")?;
     match minutes.map(u32::try_from) {
@@ -260,6 +268,19 @@ fn step_timeout(m: &Map<String, Value>) -> Result<Option<u32>, Rejection> {
         Some(Ok(t)) if (1..=MAX_JOB_TIMEOUT_MINUTES).contains(&t) => Ok(Some(t)),
         Some(_) => Err(invalid(format!("stepTimeoutInMinutes must be 1-{MAX_JOB_TIMEOUT_MINUTES}"))),
     }
+}
+
+/// `stepTimeoutInMinutes` of `UpdateJobExecution`: as [`step_timeout`] (`Some(Some(t))`), or -1,
+/// which cancels the current step timer (`Some(None)`).
+fn update_step_timeout(m: &Map<String, Value>) -> Result<Option<Option<u32>>, Rejection> {
+    if m.get("stepTimeoutInMinutes").and_then(Value::as_i64) == Some(CANCEL_STEP_TIMER) {
+        return Ok(Some(None));
+    }
+    step_timeout(m).map(|t| t.map(Some)).map_err(|_| {
+        invalid(format!(
+            "stepTimeoutInMinutes must be 1-{MAX_JOB_TIMEOUT_MINUTES}, or {CANCEL_STEP_TIMER} to cancel the step timer"
+        ))
+    })
 }
 
 fn status_details(m: &Map<String, Value>) -> Result<Option<StatusDetails>, Rejection> {
@@ -468,7 +489,7 @@ impl Jobs {
                     status_details: status_details(m)?,
                     expected_version: number(m, "expectedVersion")?,
                     execution_number: number(m, "executionNumber")?,
-                    step_timeout_minutes: step_timeout(m)?,
+                    step_timeout_minutes: update_step_timeout(m)?,
                 };
                 let (state, document) =
                     (flag(m, "includeJobExecutionState", false)?, flag(m, "includeJobDocument", false)?);
@@ -942,7 +963,9 @@ mod tests {
         store.create_job_at(&new_job("job-a", &["d1"])?, T0).await?;
         let jobs = Jobs::new(store);
         let update = "$aws/things/d1/jobs/job-a/update";
+        let long_token = json!({"status": "FAILED", "clientToken": "t".repeat(65)}).to_string();
         let cases: Vec<(&str, &[u8], &str)> = vec![
+            (update, long_token.as_bytes(), "InvalidRequest"),
             (update, b"{not json", "InvalidJson"),
             (update, b"\xff\xfe", "InvalidJson"),
             (update, b"[1, 2]", "InvalidRequest"),
@@ -961,6 +984,8 @@ mod tests {
             (update, br#"{"status": "FAILED", "expectedVersion": 1.5}"#, "InvalidRequest"),
             (update, br#"{"status": "IN_PROGRESS", "stepTimeoutInMinutes": 0}"#, "InvalidRequest"),
             (update, br#"{"status": "IN_PROGRESS", "stepTimeoutInMinutes": 10081}"#, "InvalidRequest"),
+            (update, br#"{"status": "IN_PROGRESS", "stepTimeoutInMinutes": -2}"#, "InvalidRequest"),
+            ("$aws/things/d1/jobs/start-next", br#"{"stepTimeoutInMinutes": -1}"#, "InvalidRequest"),
             (update, br#"{"status": "FAILED", "includeJobDocument": "yes"}"#, "InvalidRequest"),
             ("$aws/things/d1/jobs/$next/update", br#"{"status": "FAILED"}"#, "InvalidRequest"),
             ("$aws/things/d1/jobs/job.a/get", b"", "InvalidRequest"),
@@ -983,6 +1008,37 @@ mod tests {
         assert_eq!(
             (&d["execution"]["status"], &d["execution"]["versionNumber"]),
             (&json!("QUEUED"), &json!(1))
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_update_with_a_step_timeout_of_minus_one_cancels_the_step_timer() -> anyhow::Result<()> {
+        // GIVEN d1 and d2 in progress on a job, each with a one-minute step timer
+        let store = SqliteStore::in_memory()?;
+        store.create_job_at(&new_job("job-a", &["d1", "d2"])?, T0).await?;
+        let (jobs, sent) = (Jobs::new(store.clone()), Sent::default());
+        for thing in ["d1", "d2"] {
+            let start = json!({"stepTimeoutInMinutes": 1});
+            let (topic, _) = ask(&jobs, &format!("$aws/things/{thing}/jobs/start-next"), start, T0).await;
+            assert_eq!(topic, format!("$aws/things/{thing}/jobs/start-next/accepted"));
+        }
+        // WHEN d1 cancels its step timer, with a token of 64 characters (128 bytes)
+        let token = "é".repeat(64);
+        let cancel = json!({"status": "IN_PROGRESS", "stepTimeoutInMinutes": -1, "clientToken": token});
+        let (topic, answer) = ask(&jobs, "$aws/things/d1/jobs/job-a/update", cancel, T0 + 1_000).await;
+        // THEN the update is accepted, its token echoed
+        assert_eq!(topic, "$aws/things/d1/jobs/job-a/update/accepted", "{answer}");
+        assert_eq!(answer["clientToken"], json!(token));
+        // AND when the minute has passed, only d2 timed out
+        jobs.tick(T0 + 60_000, &sent).await;
+        let timed_out: Vec<String> = sent.take().into_iter().filter(|m| m.2).map(|m| m.0).collect();
+        assert_eq!(timed_out, ["$aws/events/jobExecution/job-a/timed_out"]);
+        let (_, d1) = ask(&jobs, "$aws/things/d1/jobs/job-a/get", json!({}), T0 + 60_000).await;
+        let (_, d2) = ask(&jobs, "$aws/things/d2/jobs/job-a/get", json!({}), T0 + 60_000).await;
+        assert_eq!(
+            (&d1["execution"]["status"], &d2["execution"]["status"]),
+            (&json!("IN_PROGRESS"), &json!("TIMED_OUT"))
         );
         Ok(())
     }

@@ -9,7 +9,9 @@
 //! per-leaf metadata timestamps, versions (+1 per accepted update; `version` in a request must
 //! equal the current one or the update is rejected with 409; a deleted shadow's next version
 //! continues its numbering), `clientToken` echoed, error bodies `{code, message, timestamp,
-//! clientToken}` with 400 (invalid JSON, missing `state`, nesting deeper than 6), 404 (no
+//! clientToken}` with 400 (invalid JSON, missing `state`, a `state` node other than `desired`
+//! and `reported`, a `version` that is no non-negative whole number, a `clientToken` that is
+//! no string of at most 64 bytes, an array holding `null`, nesting deeper than 6), 404 (no
 //! shadow), 409 (version conflict), 413 (desired + reported over 8 KB after the merge).
 //! A shadow deleted less than 48 hours ago and created again continues its version numbers.
 //! Shadows are kept in the local database (`local_shadows`), so they outlive a restart: every
@@ -21,7 +23,7 @@ use std::collections::HashMap;
 use serde_json::{json, Map, Value};
 
 use fleet_shared::adapters::embedded::LocalShadow;
-use fleet_shared::twin::write::{depth, MAX_DEPTH, MAX_STATE_BYTES};
+use fleet_shared::twin::write::{depth, MAX_CLIENT_TOKEN_BYTES, MAX_DEPTH, MAX_STATE_BYTES};
 
 /// How long AWS remembers a deleted shadow's version: created again within this time, a shadow
 /// continues its numbering; later, it starts again at 1.
@@ -213,6 +215,16 @@ fn delta_metadata(delta: &Map<String, Value>, meta: &Map<String, Value>) -> Valu
     Value::Object(out)
 }
 
+/// Whether an array anywhere in `v` has a `null` element (AWS refuses such a state: a `null`
+/// deletes a key, and an array's elements have none).
+fn holds_null_in_array(v: &Value) -> bool {
+    match v {
+        Value::Array(a) => a.iter().any(|e| e.is_null() || holds_null_in_array(e)),
+        Value::Object(m) => m.values().any(holds_null_in_array),
+        _ => false,
+    }
+}
+
 /// The shadows of the local IoT Core.
 #[derive(Default)]
 pub struct Shadows {
@@ -299,7 +311,12 @@ impl Shadows {
                 _ => return rejected(&base, 400, "Payload contains invalid json", None, now_s),
             }
         };
-        let token = body.get("clientToken").filter(|t| t.is_string());
+        // `null` stands for no token; anything else must be a string of at most 64 bytes.
+        let token = match body.get("clientToken") {
+            None | Some(Value::Null) => None,
+            Some(t @ Value::String(s)) if s.len() <= MAX_CLIENT_TOKEN_BYTES => Some(t),
+            Some(_) => return rejected(&base, 400, "Invalid clientToken", None, now_s),
+        };
         let missing = || {
             format!(
                 "No shadow exists with name: '{}'",
@@ -343,6 +360,9 @@ impl Shadows {
         let Some(state) = body.get("state").and_then(Value::as_object) else {
             return rejected(base, 400, "Missing required node: state", token, now_s);
         };
+        if let Some(node) = state.keys().find(|k| !matches!(k.as_str(), "desired" | "reported")) {
+            return rejected(base, 400, &format!("State contains an invalid node: '{node}'"), token, now_s);
+        }
         let section = |name: &str| match state.get(name) {
             None => Ok(None),
             Some(Value::Null) => Ok(Some(None)),
@@ -353,6 +373,14 @@ impl Shadows {
             (Ok(d), Ok(r)) => (d, r),
             (Err(e), _) | (_, Err(e)) => return rejected(base, 400, &e, token, now_s),
         };
+        // `null` stands for no version; anything else must be a non-negative whole number.
+        let expected_version = match body.get("version") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(n) => Some(n),
+                None => return rejected(base, 400, "Invalid version", token, now_s),
+            },
+        };
         if state.values().any(|v| depth(v) > MAX_DEPTH) {
             return rejected(
                 base,
@@ -362,10 +390,13 @@ impl Shadows {
                 now_s,
             );
         }
+        if state.values().any(holds_null_in_array) {
+            return rejected(base, 400, "Invalid JSON: arrays can't contain null", token, now_s);
+        }
         let previous = self.docs.get(&key).cloned();
         let current_version = previous.as_ref().map(|d| d.version);
         // A request's version must be the shadow's current one (none for a new shadow: conflict).
-        if body.get("version").is_some_and(|v| v.as_u64() != current_version) {
+        if expected_version.is_some_and(|v| Some(v) != current_version) {
             return rejected(base, 409, "Version conflict", token, now_s);
         }
         let mut doc = previous.clone().unwrap_or_default();
@@ -537,6 +568,56 @@ mod tests {
         );
         let big = json!({"state":{"reported":{"blob":"x".repeat(MAX_STATE_BYTES)}}});
         assert_eq!(code(&answers(&mut s, "$aws/things/d1/shadow/update", big)).1, Some(413));
+    }
+
+    #[test]
+    fn rejects_with_400_what_aws_refuses_and_leaves_the_shadow_as_it_was() {
+        // GIVEN a shadow at version 1
+        let mut s = Shadows::default();
+        let update = "$aws/things/d1/shadow/update";
+        answers(&mut s, update, json!({"state":{"reported":{"x":1}}}));
+        let refusals = [
+            (
+                json!({"state":{"reported":{"x":2},"delta":{"x":2}}}),
+                "State contains an invalid node: 'delta'",
+            ),
+            (json!({"state":{"reportd":{"x":2}}}), "State contains an invalid node: 'reportd'"),
+            (json!({"state":{"reported":{"x":2}},"version":"1"}), "Invalid version"),
+            (json!({"state":{"reported":{"x":2}},"version":-1}), "Invalid version"),
+            (json!({"state":{"reported":{"x":2}},"version":3.5}), "Invalid version"),
+            (json!({"state":{"reported":{"x":2}},"clientToken":"t".repeat(65)}), "Invalid clientToken"),
+            // 33 characters, 66 bytes: the limit is in bytes
+            (json!({"state":{"reported":{"x":2}},"clientToken":"é".repeat(33)}), "Invalid clientToken"),
+            (json!({"state":{"reported":{"x":2}},"clientToken":7}), "Invalid clientToken"),
+            (json!({"state":{"reported":{"x":[1,null]}}}), "Invalid JSON: arrays can't contain null"),
+            (json!({"state":{"desired":{"a":{"b":[[2,null]]}}}}), "Invalid JSON: arrays can't contain null"),
+            (json!({"state":{"desired":{"a":[{"b":[null]}]}}}), "Invalid JSON: arrays can't contain null"),
+        ];
+        for (body, message) in refusals {
+            // WHEN an update breaks one of AWS's rules
+            let a = answers(&mut s, update, body.clone());
+            // THEN it is rejected with 400 and AWS's message, and nothing else is published
+            assert_eq!(a.len(), 1, "{body}");
+            assert_eq!(a[0].0, "$aws/things/d1/shadow/update/rejected", "{body}");
+            assert_eq!((&a[0].1["code"], &a[0].1["message"]), (&json!(400), &json!(message)), "{body}");
+        }
+        // AND a get or delete with an invalid token is rejected as well, the shadow kept
+        let get = answers(&mut s, "$aws/things/d1/shadow/get", json!({"clientToken":"t".repeat(65)}));
+        assert_eq!(
+            (get[0].0.as_str(), &get[0].1["code"]),
+            ("$aws/things/d1/shadow/get/rejected", &json!(400))
+        );
+        let del = answers(&mut s, "$aws/things/d1/shadow/delete", json!({"clientToken":["t"]}));
+        assert_eq!(del[0].1["code"], 400);
+        // AND the shadow is still at version 1; a 64-byte token and a `null` version are accepted
+        let token = "t".repeat(64);
+        let a = answers(
+            &mut s,
+            update,
+            json!({"state":{"reported":{"x":[2]}},"clientToken":token,"version":null}),
+        );
+        assert_eq!(a[0].0, "$aws/things/d1/shadow/update/accepted");
+        assert_eq!((a[0].1["version"].as_u64(), &a[0].1["clientToken"]), (Some(2), &json!(token)));
     }
 
     #[test]

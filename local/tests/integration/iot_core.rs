@@ -283,6 +283,20 @@ async fn a_device_keeps_its_shadow_over_mqtt_and_twin_sync_mirrors_it() -> Resul
         .await?;
     let rejected = until(&mut events, answer("$aws/things/sensor-001/shadow/update/rejected")).await?;
     assert_eq!(rejected["code"], 409);
+    // a state node other than desired and reported (a typo) is refused with 400, as on AWS
+    device
+        .publish(
+            update,
+            QoS::AtLeastOnce,
+            false,
+            r#"{"state":{"reportd":{"fw":"1.4.2"}},"clientToken":"d-2"}"#,
+        )
+        .await?;
+    let rejected = until(&mut events, answer("$aws/things/sensor-001/shadow/update/rejected")).await?;
+    assert_eq!(
+        (&rejected["code"], &rejected["message"], &rejected["clientToken"]),
+        (&Value::from(400), &Value::from("State contains an invalid node: 'reportd'"), &Value::from("d-2"))
+    );
     device
         .publish(update, QoS::AtLeastOnce, false, r#"{"state":{"reported":{"fw":"1.4.2"}},"version":1}"#)
         .await?;

@@ -72,8 +72,17 @@ async fn a_device_is_told_of_a_job_starts_it_and_reports_success_once() -> Resul
     ensure!(started["execution"]["thingName"] == "sensor-001", "{started}");
     let version = started["execution"]["versionNumber"].as_u64().context("versionNumber")?;
 
-    // WHEN it reports success with the version it holds
+    // WHEN it reports progress and cancels the step timer (AWS's -1)
     let update = format!("$aws/things/sensor-001/jobs/{job}/update");
+    let progress = json!({"status": "IN_PROGRESS", "stepTimeoutInMinutes": -1, "expectedVersion": version,
+                          "includeJobExecutionState": true, "clientToken": "p1"});
+    device.publish(&update, QoS::AtLeastOnce, false, progress.to_string()).await?;
+    // THEN the update is accepted
+    let accepted = message(&mut events, &format!("{update}/accepted")).await?;
+    ensure!(accepted["clientToken"] == "p1", "{accepted}");
+    let version = accepted["executionState"]["versionNumber"].as_u64().context("versionNumber")?;
+
+    // WHEN it reports success with the version it holds
     let done = json!({"status": "SUCCEEDED", "expectedVersion": version, "statusDetails": {"fw": "2.1.0"},
                       "clientToken": "u1"});
     device.publish(&update, QoS::AtLeastOnce, false, done.to_string()).await?;

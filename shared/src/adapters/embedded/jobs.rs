@@ -142,8 +142,9 @@ pub struct ExecutionUpdate {
     pub expected_version: Option<u64>,
     /// The update applies only to this execution number.
     pub execution_number: Option<u64>,
-    /// With `IN_PROGRESS`, a new step timer from now.
-    pub step_timeout_minutes: Option<u32>,
+    /// With `IN_PROGRESS`: `Some(Some(m))` a new step timer of `m` minutes from now,
+    /// `Some(None)` no step timer any more (AWS's -1); `None`: the timer stands.
+    pub step_timeout_minutes: Option<Option<u32>>,
 }
 
 /// Why an update changed nothing (AWS's error codes).
@@ -584,10 +585,12 @@ impl SqliteStore {
             let in_progress = status == ExecutionStatus::InProgress;
             let started =
                 if in_progress { current.started_at_ms.or(Some(now_ms)) } else { current.started_at_ms };
-            let step = if in_progress { step_deadline(now_ms, update.step_timeout_minutes) } else { None };
+            // `Some(deadline)`: the step deadline is replaced (by none when the timer is cancelled).
+            let step = update.step_timeout_minutes.filter(|_| in_progress).map(|t| step_deadline(now_ms, t));
             tx.prepare_cached(
                 "UPDATE job_executions SET status = ?3, status_details = ?4, started_at_ms = ?5,
-                    last_updated_at_ms = ?6, step_deadline_ms = COALESCE(?7, step_deadline_ms),
+                    last_updated_at_ms = ?6,
+                    step_deadline_ms = CASE WHEN ?9 THEN ?7 ELSE step_deadline_ms END,
                     version = version + 1, event_due = ?8
                  WHERE job_id = ?1 AND thing = ?2",
             )?
@@ -598,8 +601,9 @@ impl SqliteStore {
                 details_json(&details),
                 started,
                 now_ms,
-                step,
-                status.is_terminal()
+                step.flatten(),
+                status.is_terminal(),
+                step.is_some()
             ])?;
             mark_dirty(&tx, &thing)?;
             if status.is_terminal() {
@@ -1110,6 +1114,34 @@ mod tests {
         assert_eq!(report, SweepReport { timed_out: 1, released: 0, completed: 1 });
         let progress = s.job_progress(&id("job-a")).await?.context("known job")?;
         assert_eq!((progress.status, progress.counts.timed_out), (JobStatus::Completed, 2));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_update_resets_or_cancels_the_step_timer_and_one_without_a_timeout_keeps_it(
+    ) -> anyhow::Result<()> {
+        // GIVEN d1 and d2 each started with a one-minute step timer (no in-progress timeout)
+        let s = SqliteStore::in_memory()?;
+        s.create_job_at(&new_job("job-a", &["d1", "d2"]), T0).await?;
+        let start = StartNext { status_details: None, step_timeout_minutes: Some(1) };
+        for t in ["d1", "d2"] {
+            s.start_next_job_execution(&thing(t), &start, T0).await?.context("one pending")?;
+        }
+        // WHEN d1 cancels its timer (AWS's -1) and d2 reports progress without a timeout
+        let cancel = ExecutionUpdate { step_timeout_minutes: Some(None), ..update(DeviceStatus::InProgress) };
+        updated(&s, "d1", "job-a", cancel, T0 + 1_000).await?;
+        updated(&s, "d2", "job-a", update(DeviceStatus::InProgress), T0 + 1_000).await?;
+        // THEN at the minute d2 times out and d1 does not, then or a day later
+        assert_eq!(s.sweep_jobs(T0 + MINUTE).await?.timed_out, 1);
+        assert_eq!(status_of(&s, "job-a", "d2").await?, Some(ExecutionStatus::TimedOut));
+        assert_eq!(s.sweep_jobs(T0 + 24 * 60 * MINUTE).await?.timed_out, 0);
+        assert_eq!(status_of(&s, "job-a", "d1").await?, Some(ExecutionStatus::InProgress));
+        // AND a new timer set by an update runs from that update
+        let reset =
+            ExecutionUpdate { step_timeout_minutes: Some(Some(2)), ..update(DeviceStatus::InProgress) };
+        updated(&s, "d1", "job-a", reset, T0 + 30 * 60 * MINUTE).await?;
+        assert_eq!(s.sweep_jobs(T0 + 30 * 60 * MINUTE + 2 * MINUTE - 1).await?.timed_out, 0);
+        assert_eq!(s.sweep_jobs(T0 + 30 * 60 * MINUTE + 2 * MINUTE).await?.timed_out, 1);
         Ok(())
     }
 
