@@ -28,6 +28,23 @@ pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 pub const RULE_FIELDS_MAX_BYTES: usize = 4096;
 /// The largest body a rule can forward: a full device payload plus the rule's fields.
 pub const MAX_BODY_BYTES: usize = MAX_PAYLOAD_BYTES + RULE_FIELDS_MAX_BYTES;
+
+/// The firmware a body says its device runs (`fw`, at the top of a v1 or v2 envelope), read
+/// even when the body is refused for something else: whose quarantine it is, for fleet health.
+/// `None` when the body is no JSON object, names no valid firmware, or names one twice.
+pub fn claimed_fw(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Claimed {
+        fw: Option<String>,
+    }
+    // An object only (serde would read a struct from an array too); unknown fields are
+    // skipped; a second `fw` is an error (so `None`).
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    let claimed: Claimed = serde_json::from_slice(body).ok()?;
+    claimed.fw.filter(|fw| crate::model::validate_label("fw", fw).is_ok())
+}
 pub use super::strict::MAX_NESTING;
 /// Metrics one reading may carry: bounded so one reading fits one 2 KB Timestream record.
 pub const MAX_METRICS: usize = 32;
@@ -1039,5 +1056,22 @@ mod tests {
         let r = decode(body.as_bytes(), &policy, NOW).expect("late data is valid").remove(0);
         assert!(r.flags.late);
         assert_eq!(r.time_ms, RX - 7_200_000, "never re-stamped");
+    }
+
+    #[test]
+    fn the_firmware_a_body_claims_is_read_whatever_else_is_wrong_with_it() {
+        assert_eq!(claimed_fw(br#"{"v":1,"fw":"1.5.0","bat":150}"#).as_deref(), Some("1.5.0"));
+        assert_eq!(claimed_fw(br#"{"v":2,"e":"not a pack","fw":"2.0"}"#).as_deref(), Some("2.0"));
+        for body in [
+            &br#"{"fw":"1.5.0","fw":"1.6.0"}"#[..],
+            br#"{"fw":"\u001b[31m"}"#,
+            br#"{"fw":15}"#,
+            br#"{"v":1}"#,
+            br#"["fw"]"#,
+            b"{\"fw\":\"1.5.0\"",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(claimed_fw(body), None, "{}", String::from_utf8_lossy(body));
+        }
     }
 }

@@ -65,6 +65,7 @@ mod tests {
         let q = |r| QuarantinedMessage {
             message_id: "m".into(),
             thing: None,
+            fw: None,
             problems: vec![Problem::new(r, None, "x")],
         };
         let outcome = BatchOutcome {
@@ -100,7 +101,7 @@ mod tests {
             .to_vec();
         let outcome = BatchOutcome {
             messages: 1,
-            quarantined: vec![QuarantinedMessage { message_id: "m".into(), thing: None, problems }],
+            quarantined: vec![QuarantinedMessage { message_id: "m".into(), thing: None, fw: None, problems }],
             ..BatchOutcome::default()
         };
         // THEN it is one message under each reason, not two under the first

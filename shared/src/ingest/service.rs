@@ -11,7 +11,7 @@ use tracing::{info_span, warn, Instrument};
 
 use super::archive::{raw_object, rule_fields, QuarantineLine};
 use super::batch::{plan, Inbound, Plan};
-use super::envelope::IngestPolicy;
+use super::envelope::{claimed_fw, IngestPolicy};
 use super::reason::{Problem, Reason};
 use crate::error::{ErrorKind, StoreError};
 use crate::health::signals;
@@ -39,6 +39,11 @@ impl<R, S, A, Q> Copy for IngestPorts<'_, R, S, A, Q> {}
 pub struct QuarantinedMessage {
     pub message_id: String,
     pub thing: Option<String>,
+    /// The firmware the payload says it runs, when it says so readably: the cohort fleet
+    /// health counts the quarantine in (else the device's stored firmware, which only stored
+    /// messages move: a firmware whose every message is refused would otherwise never be
+    /// blamed for it).
+    pub fw: Option<String>,
     pub problems: Vec<Problem>,
 }
 
@@ -226,7 +231,8 @@ where
         let received_ms = messages.iter().map(|m| m.received_ms).min().unwrap_or(now_ms);
         match ports.quarantine.put_quarantined(&lines, received_ms).await {
             Ok(()) => out.quarantined.extend(to_quarantine.into_iter().zip(lines).map(|(q, l)| {
-                QuarantinedMessage { message_id: l.message_id, thing: l.thing, problems: q.problems }
+                let fw = l.body.as_deref().and_then(|b| claimed_fw(b.as_bytes()));
+                QuarantinedMessage { message_id: l.message_id, thing: l.thing, fw, problems: q.problems }
             })),
             Err(e) => {
                 warn!(error = %e, messages = lines.len(), "quarantine not written; those messages will be retried");
@@ -255,10 +261,17 @@ async fn count_settled<R: DeviceRegistry>(
     mut devices: HashMap<ThingName, Device>,
     now_ms: i64,
 ) {
-    let quarantined: Vec<Option<ThingName>> =
-        out.quarantined.iter().map(|q| q.thing.as_deref().and_then(|t| ThingName::parse(t).ok())).collect();
-    let mut missing: Vec<ThingName> =
-        quarantined.iter().flatten().filter(|t| !devices.contains_key(*t)).cloned().collect();
+    let quarantined: Vec<(Option<ThingName>, Option<&str>)> = out
+        .quarantined
+        .iter()
+        .map(|q| (q.thing.as_deref().and_then(|t| ThingName::parse(t).ok()), q.fw.as_deref()))
+        .collect();
+    let mut missing: Vec<ThingName> = quarantined
+        .iter()
+        .filter_map(|(t, _)| t.as_ref())
+        .filter(|t| !devices.contains_key(*t))
+        .cloned()
+        .collect();
     missing.sort_unstable();
     missing.dedup();
     if !missing.is_empty() {
@@ -269,19 +282,22 @@ async fn count_settled<R: DeviceRegistry>(
             }
         }
     }
-    // Counted per thing first: a thing's cohort is looked up once, not once per message.
-    let mut per_thing: HashMap<Option<&ThingName>, (i64, i64)> = HashMap::new();
+    // Counted per thing (and claimed firmware) first: a thing's cohort is looked up once, not
+    // once per message.
+    // (thing, the firmware a quarantined message claimed) -> (received, quarantined)
+    type Who<'a> = (Option<&'a ThingName>, Option<&'a str>);
+    let mut per_thing: HashMap<Who<'_>, (i64, i64)> = HashMap::new();
     for &thing in settled {
-        per_thing.entry(Some(thing)).or_default().0 += 1;
+        per_thing.entry((Some(thing), None)).or_default().0 += 1;
     }
-    for thing in &quarantined {
-        let c = per_thing.entry(thing.as_ref()).or_default();
+    for (thing, fw) in &quarantined {
+        let c = per_thing.entry((thing.as_ref(), *fw)).or_default();
         c.0 += 1;
         c.1 += 1;
     }
     let mut counts: std::collections::BTreeMap<Cohort, (i64, i64)> = Default::default();
-    for (thing, (rx, bad)) in per_thing {
-        let c = counts.entry(Cohort::of(thing.and_then(|t| devices.get(t)), None)).or_default();
+    for ((thing, fw), (rx, bad)) in per_thing {
+        let c = counts.entry(Cohort::of(thing.and_then(|t| devices.get(t)), fw)).or_default();
         c.0 += rx;
         c.1 += bad;
     }

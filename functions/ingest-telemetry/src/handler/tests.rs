@@ -128,6 +128,41 @@ async fn stores_every_reading_of_a_valid_v1_batch() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_quarantined_message_counts_against_the_firmware_it_says_it_runs() -> Result<()> {
+    use fleet_shared::health::tally::{counter, minute_of, Bucket, Cohort};
+    use fleet_shared::ports::HealthLedger;
+    // GIVEN sensor-001 stored on 1.4.2
+    let deps = deps_with_fleet().await?;
+    sqs(&deps, VALID_V1).await?;
+    // WHEN it sends, after an update, a message on 1.5.0 that is refused (battery 150 %), and
+    // one naming two firmwares (refused: duplicate key)
+    let mut event: serde_json::Value = serde_json::from_str(VALID_V1)?;
+    let records = event["Records"].as_array_mut().context("records")?;
+    records.truncate(2);
+    let body = |fw: &str, seq: u32| {
+        format!(
+            r#"{{"v":1,"seq":{seq},"boot":7,"ts":1764000000500,{fw},"m":{{"temp_c":21.5}},"bat":150,"thing":"sensor-001","rx_ms":1764000000600,"client_id":"sensor-001"}}"#
+        )
+    };
+    records[0]["body"] = body(r#""fw":"1.5.0""#, 2001).into();
+    records[0]["messageId"] = msg(901).into();
+    records[1]["body"] = body(r#""fw":"1.5.0","fw":"1.6.0""#, 2002).into();
+    records[1]["messageId"] = msg(902).into();
+    let response = sqs(&deps, &event.to_string()).await?;
+    assert!(response.batch_item_failures.is_empty());
+    // THEN the first counts as quarantined for 1.5.0's cohort, the second for the stored 1.4.2's
+    let minute = Bucket::Minute(minute_of(fixed_clock()));
+    let buckets = deps.health.buckets(&[minute]).await?;
+    let counts = buckets.get(&minute).context("the minute's counters")?;
+    let quarantined =
+        |fw: &str| counts.get(&Cohort::new("env-sensor", "eu-west", fw)).map(|t| t.get(counter::QUARANTINED));
+    assert_eq!(quarantined("1.5.0"), Some(1), "{counts:?}");
+    assert_eq!(quarantined("1.4.2"), Some(1), "{counts:?}");
+    assert_eq!(quarantined("1.6.0"), None, "{counts:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn counts_settled_and_quarantined_messages_and_fresh_devices_for_fleet_health() -> Result<()> {
     use fleet_shared::health::tally::{counter, minute_of, Bucket, Cohort};
     use fleet_shared::ports::HealthLedger;
