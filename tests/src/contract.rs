@@ -160,7 +160,7 @@ pub async fn registration_round_trips_and_lists_sorted<S: DeviceAdmin>(s: &S) ->
     let listed = s.devices().await?;
     ensure!(listed.len() == 30, "listed {} devices, registered 30", listed.len());
     ensure!(listed.windows(2).all(|w| w[0].thing < w[1].thing), "not sorted by thing");
-    let asked = [thing(12), thing(999), thing(3), thing(29)];
+    let asked = [thing(12), thing(999), thing(3), thing(29), thing(3)];
     let among = s.devices_among(&asked).await?;
     let expected: Vec<_> = listed.iter().filter(|d| asked.contains(&d.thing)).cloned().collect();
     ensure!(among.len() == 3 && among == expected, "among {asked:?}: {among:?}");

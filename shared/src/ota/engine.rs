@@ -9,8 +9,8 @@
 //!
 //! A certificate rotation ([`Change::Certificate`]) runs on the same stages: its devices are
 //! those of the class and firmware marked `rotation_due` ([`RotationReads::due`]; only those
-//! are read, by key, [`DeviceAdmin::devices_among`]), its jobs carry [`rotation_document`], its gate is [`Engine::rotation_verdict`], and a
-//! rollback halts it.
+//! are read, by key, [`DeviceAdmin::devices_among`]), its jobs carry [`rotation_document`],
+//! its gate is [`Engine::rotation_verdict`], and a rollback halts it.
 
 use std::collections::BTreeSet;
 

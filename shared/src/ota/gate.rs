@@ -160,7 +160,7 @@ pub fn judge(policy: &GatePolicy, canary: &BurnReading, control: &BurnReading) -
     }
     if c > policy.max_burn {
         return Verdict::Wait(format!(
-            "{slo}: the canary burns {c:.2}x and the control {k:.2}x: a fleet-wide burn above {}x, not the firmware's",
+            "{slo}: the canary burns {c:.2}x and {control_burns}: a fleet-wide burn above {}x, not the firmware's",
             policy.max_burn
         ));
     }

@@ -10,6 +10,7 @@ mod load_moto;
 mod ota_aws;
 mod pipeline_aws;
 mod replay;
+mod rotation_marks_aws;
 mod shadows_moto;
 mod slo_template;
 mod template;

@@ -7,7 +7,7 @@ use fleet_shared::health::presence::{Kind, Place, Presence};
 use fleet_shared::health::signals;
 use fleet_shared::health::tally::HealthDelta;
 use fleet_shared::model::{Device, DeviceRegistration, DeviceState, ThingName};
-use fleet_shared::ports::{HealthCounters, SloReader};
+use fleet_shared::ports::{HealthCounters, HealthLedger, LedgerRow, SloReader};
 use lambda_runtime::{Context, LambdaEvent};
 
 use super::*;
@@ -288,5 +288,79 @@ async fn metrics_carry_burn_rates_per_slo_cohort_and_window() -> Result<()> {
     assert!(!sets
         .iter()
         .any(|s| s.dimension("Slo") == Some("command-latency") && s.dimension("Window").is_some()));
+    Ok(())
+}
+
+/// The SQLite ledger, recording what the handler renews (rows there never expire, so SQLite
+/// itself renews nothing).
+struct Renewals {
+    store: SqliteStore,
+    /// Each call: the minute, and the rows renewed.
+    renewed: std::sync::Mutex<Vec<Renewal>>,
+}
+
+type Renewal = (i64, Vec<(Cohort, LedgerRow)>);
+
+impl SloReader for Renewals {
+    async fn row_at(&self, cohort: &Cohort, minute: i64) -> Result<Option<LedgerRow>, StoreError> {
+        self.store.row_at(cohort, minute).await
+    }
+
+    async fn heads(&self) -> Result<BTreeMap<Cohort, LedgerRow>, StoreError> {
+        self.store.heads().await
+    }
+
+    async fn latest_health(&self) -> Result<Option<HealthReport>, StoreError> {
+        self.store.latest_health().await
+    }
+}
+
+impl HealthLedger for Renewals {
+    async fn buckets(
+        &self,
+        buckets: &[Bucket],
+    ) -> Result<BTreeMap<Bucket, BTreeMap<Cohort, Tally>>, StoreError> {
+        self.store.buckets(buckets).await
+    }
+
+    async fn closed_through(&self) -> Result<Option<i64>, StoreError> {
+        self.store.closed_through().await
+    }
+
+    async fn close_minute(&self, minute: i64, rows: &[(Cohort, Tally)]) -> Result<(), StoreError> {
+        self.store.close_minute(minute, rows).await
+    }
+
+    async fn renew_rows(&self, minute: i64, rows: &[(Cohort, LedgerRow)]) -> Result<(), StoreError> {
+        self.renewed.lock().expect("not poisoned").push((minute, rows.to_vec()));
+        self.store.renew_rows(minute, rows).await
+    }
+
+    async fn put_health(&self, report: &HealthReport) -> Result<(), StoreError> {
+        self.store.put_health(report).await
+    }
+}
+
+#[tokio::test]
+async fn a_cohort_reporting_again_after_a_quiet_day_has_its_last_rows_renewed_in_that_minute() -> Result<()> {
+    // GIVEN two sensors that reported in one minute, closed into the ledger
+    let ledger = Renewals { store: SqliteStore::in_memory()?, renewed: Default::default() };
+    let deps = Deps { ledger, catalog: Catalog::builtin(), clock: time::now_ms, metrics: MetricsOut::Off };
+    let mut fleet = Fleet::new(2);
+    fleet.report(&deps.ledger.store, START_MINUTE, 2).await?;
+    run(&deps, (START_MINUTE + 1) * MINUTE_MS + GRACE_MS).await?;
+    let first = deps.ledger.store.heads().await?;
+    // WHEN they report again an hour after a quiet day, and the minute is closed
+    let again = START_MINUTE + RENEW_AFTER_QUIET_MINUTES + 60;
+    fleet.report(&deps.ledger.store, again, 2).await?;
+    run(&deps, (again + 1) * MINUTE_MS + GRACE_MS).await?;
+    // THEN their cohort's rows (base and aggregates) as they were are renewed, in that minute
+    let renewed = deps.ledger.renewed.lock().expect("not poisoned").clone();
+    assert_eq!(renewed.len(), 1, "{renewed:?}");
+    let (minute, rows) = &renewed[0];
+    assert_eq!(*minute, again);
+    let cohort = Cohort::new("sensor", "eu-west", "1.0");
+    assert!(rows.iter().any(|(c, _)| *c == cohort), "{rows:?}");
+    assert!(rows.iter().all(|(c, row)| first.get(c) == Some(row) && row.0 == START_MINUTE), "{rows:?}");
     Ok(())
 }

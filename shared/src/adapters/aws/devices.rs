@@ -782,9 +782,13 @@ impl DeviceAdmin for DevicesTable {
         Ok(devices)
     }
 
-    /// BatchGetItem of their `registration` and `state` items, 50 devices per request.
+    /// BatchGetItem of their `registration` and `state` items, 50 devices per request (each
+    /// thing once: DynamoDB refuses a request naming a key twice).
     async fn devices_among(&self, things: &[ThingName]) -> Result<Vec<Device>, StoreError> {
-        let mut devices: Vec<Device> = self.get_many(things).await?.into_values().collect();
+        let mut things = things.to_vec();
+        things.sort_unstable();
+        things.dedup();
+        let mut devices: Vec<Device> = self.get_many(&things).await?.into_values().collect();
         devices.sort_by(|a, b| a.thing.cmp(&b.thing));
         Ok(devices)
     }
@@ -855,10 +859,9 @@ fn thing_and_json<T: serde::de::DeserializeOwned>(
     Ok(Some((thing, serde_json::from_str(json).map_err(|e| StoreError::permanent(op, e))?)))
 }
 
-impl crate::ports::CertMarks for DevicesTable {
-    /// A Query of the sparse index [`ROTATION_DUE_INDEX`]: it holds the marks due and nothing
-    /// else, in thing order, so it reads what is due, however large the fleet.
-    async fn rotation_due(&self) -> Result<Vec<(ThingName, crate::ports::CertMark)>, StoreError> {
+impl DevicesTable {
+    /// The marks due in the sparse index [`ROTATION_DUE_INDEX`] (a Query), by thing.
+    async fn marks_indexed(&self) -> Result<Vec<(ThingName, crate::ports::CertMark)>, StoreError> {
         let op = "dynamodb cert status due";
         let mut pages = self
             .client
@@ -874,6 +877,52 @@ impl crate::ports::CertMarks for DevicesTable {
         while let Some(page) = pages.next().await {
             for item in page.map_err(|e| classify(op, e))?.items() {
                 out.extend(thing_and_json(op, item, "mark")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The marks due anywhere in the table (a Scan, filtered after it is read): also those
+    /// written before the index existed.
+    async fn marks_scanned(&self) -> Result<Vec<(ThingName, crate::ports::CertMark)>, StoreError> {
+        let op = "dynamodb cert status due scan";
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .filter_expression("#i = :c AND rotation_due = :due")
+            .expression_attribute_names("#i", SK)
+            .expression_attribute_values(":c", AttributeValue::S(CERT.to_owned()))
+            .expression_attribute_values(":due", AttributeValue::Bool(true))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            for item in page.map_err(|e| classify(op, e))?.items() {
+                out.extend(thing_and_json(op, item, "mark")?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl crate::ports::CertMarks for DevicesTable {
+    /// A Query of the sparse index [`ROTATION_DUE_INDEX`]: it holds the marks due and nothing
+    /// else, so it reads what is due, however large the fleet. When it holds none, the table is
+    /// scanned once for marks due written before the index existed (the daily check adds each
+    /// to the index when it marks its device again): a deploy cannot make a running rotation
+    /// find nobody due and complete. So a stage start that finds somebody due reads only them;
+    /// one that finds nobody (a rotation about to pause or complete) costs a Scan.
+    async fn rotation_due(&self) -> Result<Vec<(ThingName, crate::ports::CertMark)>, StoreError> {
+        let mut out = self.marks_indexed().await?;
+        if out.is_empty() {
+            out = self.marks_scanned().await?;
+            if !out.is_empty() {
+                tracing::warn!(
+                    marks = out.len(),
+                    "marks due found by a Scan, none in by_rotation_due: written before the index existed; \
+                     the daily expiry check adds them when it marks their devices again"
+                );
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
