@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step says when it starts, in seconds since the run began (what grew, when a run slows).
+step() { printf '\n==> %s (+%ss)\n' "$*" "$SECONDS"; }
 
 # Disk: a clean run must fit a machine with a few GB free. Incremental compilation caches are
 # of no use to a one-off build (2.4 GB of the 7.2 GB a run took before they were turned off).
@@ -67,3 +68,5 @@ find target/deploy-build -mindepth 1 -maxdepth 1 ! -name lambda -exec rm -rf {} 
 
 step "tests: domain, handler, adapter (moto + mocks), end-to-end (cargo lambda, fleetctl local, chromium)"
 cargo test --workspace --features fleet-shared/test-support --locked -- --include-ignored
+
+step "all passed"
