@@ -282,9 +282,8 @@ async fn count_settled<R: DeviceRegistry>(
             }
         }
     }
-    // Counted per thing (and claimed firmware) first: a thing's cohort is looked up once, not
-    // once per message.
-    // (thing, the firmware a quarantined message claimed) -> (received, quarantined)
+    // Counted per thing first (and the firmware a quarantined message claimed): a thing's
+    // cohort is looked up once, not once per message. Values: (received, quarantined).
     type Who<'a> = (Option<&'a ThingName>, Option<&'a str>);
     let mut per_thing: HashMap<Who<'_>, (i64, i64)> = HashMap::new();
     for &thing in settled {

@@ -863,23 +863,15 @@ impl DevicesTable {
     /// The marks due in the sparse index [`ROTATION_DUE_INDEX`] (a Query), by thing.
     async fn marks_indexed(&self) -> Result<Vec<(ThingName, crate::ports::CertMark)>, StoreError> {
         let op = "dynamodb cert status due";
-        let mut pages = self
+        let req = self
             .client
             .query()
             .table_name(&self.table)
             .index_name(ROTATION_DUE_INDEX)
             .key_condition_expression("#q = :due")
             .expression_attribute_names("#q", ROTATION_QUEUE)
-            .expression_attribute_values(":due", AttributeValue::S(DUE.to_owned()))
-            .into_paginator()
-            .send();
-        let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            for item in page.map_err(|e| classify(op, e))?.items() {
-                out.extend(thing_and_json(op, item, "mark")?);
-            }
-        }
-        Ok(out)
+            .expression_attribute_values(":due", AttributeValue::S(DUE.to_owned()));
+        super::query_items(req, op, usize::MAX, |item| thing_and_json(op, item, "mark")).await
     }
 
     /// The marks due anywhere in the table (a Scan, filtered after it is read): also those

@@ -83,6 +83,16 @@ fn minute_sk(minute: i64) -> String {
     format!("{minute:010}")
 }
 
+/// `cohort`'s ledger row at `minute` (its cumulative tally, as JSON), kept until
+/// [`LEDGER_TTL_S`] after `kept_from` (the minute it is written in: its own when closed, a
+/// later one when renewed).
+fn ledger_row(cohort: &Cohort, minute: i64, tally_json: String, kept_from: i64) -> Item {
+    let mut row = key(format!("l#{cohort}"), minute_sk(minute));
+    row.insert("tally".into(), s(tally_json));
+    row.insert("ttl".into(), n(kept_from * MINUTE_MS / 1000 + LEDGER_TTL_S));
+    row
+}
+
 const COUNTER_PREFIX: &str = "c_";
 
 /// The UpdateItem that adds `tally` to a bucket's cohort item.
@@ -147,6 +157,24 @@ impl HealthTable {
             .await
             .map_err(|e| classify(op, e))?;
         Ok(out.item)
+    }
+
+    /// Put every item, 25 per BatchWriteItem, requests in parallel.
+    async fn put_all(&self, items: Vec<Item>) -> Result<(), StoreError> {
+        let requests: Vec<WriteRequest> = items
+            .into_iter()
+            .map(|item| {
+                let put = PutRequest::builder().set_item(Some(item)).build().expect("item is set");
+                WriteRequest::builder().put_request(put).build()
+            })
+            .collect();
+        let chunks: Vec<Vec<WriteRequest>> = requests.chunks(BATCH_WRITE_MAX).map(<[_]>::to_vec).collect();
+        let results: Vec<Result<(), StoreError>> = stream::iter(chunks)
+            .map(|c| super::batch_write(&self.client, &self.table, c))
+            .buffer_unordered(MAX_CONCURRENT_REQUESTS)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     async fn put(&self, op: &'static str, item: Item) -> Result<(), StoreError> {
@@ -297,28 +325,15 @@ impl HealthLedger for HealthTable {
 
     async fn close_minute(&self, minute: i64, rows: &[(Cohort, Tally)]) -> Result<(), StoreError> {
         const OP: &str = "dynamodb ledger close";
-        let ttl = minute * MINUTE_MS / 1000 + LEDGER_TTL_S;
-        let mut requests = Vec::with_capacity(rows.len() * 2);
+        let mut items = Vec::with_capacity(rows.len() * 2);
         for (cohort, tally) in rows {
             let json = encode(OP, tally)?;
-            let mut row = key(format!("l#{cohort}"), minute_sk(minute));
-            row.insert("tally".into(), s(json.clone()));
-            row.insert("ttl".into(), n(ttl));
             let mut head = key("head", cohort.to_string());
-            head.insert("tally".into(), s(json));
+            head.insert("tally".into(), s(json.clone()));
             head.insert("minute".into(), n(minute));
-            for item in [row, head] {
-                let put = PutRequest::builder().set_item(Some(item)).build().expect("item is set");
-                requests.push(WriteRequest::builder().put_request(put).build());
-            }
+            items.extend([ledger_row(cohort, minute, json, minute), head]);
         }
-        let chunks: Vec<Vec<WriteRequest>> = requests.chunks(BATCH_WRITE_MAX).map(<[_]>::to_vec).collect();
-        let results: Vec<Result<(), StoreError>> = stream::iter(chunks)
-            .map(|c| super::batch_write(&self.client, &self.table, c))
-            .buffer_unordered(MAX_CONCURRENT_REQUESTS)
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<(), StoreError>>()?;
+        self.put_all(items).await?;
         let mut cursor = key("meta", "closed_through");
         cursor.insert("minute".into(), n(minute));
         self.put(OP, cursor).await
@@ -326,19 +341,11 @@ impl HealthLedger for HealthTable {
 
     async fn renew_rows(&self, minute: i64, rows: &[(Cohort, LedgerRow)]) -> Result<(), StoreError> {
         const OP: &str = "dynamodb ledger renew";
-        let ttl = minute * MINUTE_MS / 1000 + LEDGER_TTL_S;
-        let mut requests = Vec::with_capacity(rows.len());
-        for (cohort, (at, tally)) in rows {
-            let mut row = key(format!("l#{cohort}"), minute_sk(*at));
-            row.insert("tally".into(), s(encode(OP, tally)?));
-            row.insert("ttl".into(), n(ttl));
-            let put = PutRequest::builder().set_item(Some(row)).build().expect("item is set");
-            requests.push(WriteRequest::builder().put_request(put).build());
-        }
-        for chunk in requests.chunks(BATCH_WRITE_MAX) {
-            super::batch_write(&self.client, &self.table, chunk.to_vec()).await?;
-        }
-        Ok(())
+        let items = rows
+            .iter()
+            .map(|(cohort, (at, tally))| Ok(ledger_row(cohort, *at, encode(OP, tally)?, minute)))
+            .collect::<Result<Vec<Item>, StoreError>>()?;
+        self.put_all(items).await
     }
 
     async fn put_health(&self, report: &HealthReport) -> Result<(), StoreError> {
